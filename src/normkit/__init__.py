@@ -1,0 +1,44 @@
+"""normkit — normalization techniques in deep learning, as one PyTorch library.
+
+Every normalization is a composition of an area partition (:mod:`normkit.nap`), an operation
+(:mod:`normkit.nop`) and a representation recovery (:mod:`normkit.nrr`) in
+:class:`normkit.Normalization`; named methods are registered presets::
+
+    >>> import normkit as nk
+    >>> layer = nk.create("gn", 64, num_groups=8)
+    >>> "bn" in nk.list_methods()
+    True
+"""
+
+from . import functional as functional
+from . import nap as nap
+from . import nop as nop
+from . import nrr as nrr
+from .errors import ConfigError as ConfigError
+from .errors import NormkitError as NormkitError
+from .errors import ShapeError as ShapeError
+from .errors import UnknownMethodError as UnknownMethodError
+from .methods import BatchGroupNorm as BatchGroupNorm
+from .methods import BatchNorm as BatchNorm
+from .methods import DivisiveNorm as DivisiveNorm
+from .methods import GroupNorm as GroupNorm
+from .methods import InstanceNorm as InstanceNorm
+from .methods import L1BatchNorm as L1BatchNorm
+from .methods import LayerNorm as LayerNorm
+from .methods import LocalContextNorm as LocalContextNorm
+from .methods import LocalResponseNorm as LocalResponseNorm
+from .methods import MeanOnlyBatchNorm as MeanOnlyBatchNorm
+from .methods import PositionalNorm as PositionalNorm
+from .methods import RangeBatchNorm as RangeBatchNorm
+from .methods import RMSNorm as RMSNorm
+from .methods import ScaleNorm as ScaleNorm
+from .normalization import Normalization as Normalization
+from .registry import create as create
+from .registry import get as get
+from .registry import info as info
+from .registry import list_families as list_families
+from .registry import list_methods as list_methods
+from .registry import parse_spec as parse_spec
+from .registry import partial as partial
+
+__version__ = "0.1.0"

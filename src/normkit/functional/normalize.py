@@ -1,0 +1,113 @@
+"""The stateless composition: normalize a tensor with a partition, an operation and an affine.
+
+This is what :class:`normkit.Normalization` runs on batch statistics, exposed as a pure function
+that works under ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeError
+from .partition import canonical_view, check_input, restore_view
+from .standardize import affine_transform
+
+__all__ = ["normalize", "apply_normalization", "check_eps", "check_spread"]
+
+
+def check_eps(eps: float, nop: Any) -> None:
+    """Raise :class:`ConfigError` unless ``eps`` is finite, ≥ 0, and > 0 where ``nop`` divides."""
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
+    if eps == 0 and getattr(nop, "uses_eps", False):
+        raise ConfigError(
+            f"eps=0 with {nop!r} divides by zero on constant input; use a small eps such as 1e-5"
+        )
+
+
+def check_spread(x: Tensor, m: int, nap: Any, nop: Any) -> None:
+    """Raise :class:`ShapeError` when a variance-like statistic would be taken over one value."""
+    if m <= 1 and nop.needs_spread:
+        where = "spatial element" if nap.roles[0] == "G" and nap.roles[1] == "G" else "value"
+        raise ShapeError(
+            f"Expected more than 1 {where} per statistic when training, got input of shape "
+            f"{tuple(x.shape)} ({m} sample per {type(nap).__name__} group for {nop!r}); use a "
+            f"larger batch or spatial size, or call .eval() to use running statistics"
+        )
+
+
+def apply_normalization(
+    x: Tensor,
+    v: Tensor,
+    stats: dict[str, Tensor],
+    *,
+    nop: Any,
+    eps: float,
+    m: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    channel_axis: int,
+) -> Tensor:
+    """Apply fitted (or running) ``stats`` and the recovery to the canonical view ``v`` of ``x``.
+
+    ``weight``/``bias`` are already viewed against ``v`` (``(1, A, B, 1)`` or broadcastable).
+    Returns a tensor shaped and typed like ``x``.
+    """
+    scale, shift = nop.coefficients(stats, eps, m)
+    out = affine_transform(v, scale, shift, weight, bias)
+    return restore_view(out.to(x.dtype), x.shape, channel_axis)
+
+
+def normalize(
+    x: Tensor,
+    *,
+    nap: Any,
+    nop: Any,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+) -> Tensor:
+    r"""Normalize ``x`` with batch statistics: ``y = nop(x over nap's area) · weight + bias``.
+
+    Args:
+        x: input ``(N, C, *spatial)`` (``channel_axis=1``) or ``(N, *spatial, C)`` (``-1``).
+        nap: a :mod:`normkit.nap` partition (``Batch()``, ``Group(num_groups=8)``, ...).
+        nop: a :mod:`normkit.nop` operation (``Standardize()``, ``Scale("rms")``, ...).
+        weight, bias: optional per-channel ``(C,)`` affine recovery (or any shape broadcastable
+            against the canonical ``(N, A, B, S)`` view).
+        eps: added inside the square root (or to the scale) for stability.
+        channel_axis: ``1`` or ``-1``.
+
+    Shape:
+        output has the shape, dtype and layout semantics of ``x``.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> x = torch.randn(4, 6, 5, 5)
+        >>> y = nk.functional.normalize(x, nap=nk.nap.Group(num_groups=1), nop=nk.nop.Standardize())
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
+        True
+    """
+    check_eps(eps, nop)
+    num_features = x.shape[channel_axis] if x.dim() >= 2 else -1
+    check_input(x, num_features, channel_axis)
+    groups = nap.groups(num_features)
+    v = canonical_view(x, groups, channel_axis)
+    spatial: Sequence[int] = tuple(x.shape[2:] if channel_axis == 1 else x.shape[1:-1])
+    m = nap.count(v, spatial)
+    if x.numel() > 0:
+        stats = nop.fit(v, nap, spatial)
+    else:
+        stats = {}
+    shape = (1, groups[0], groups[1], 1)
+    w = None if weight is None else (weight.reshape(shape) if weight.dim() == 1 else weight)
+    b = None if bias is None else (bias.reshape(shape) if bias.dim() == 1 else bias)
+    if not stats:
+        return restore_view(affine_transform(v, None, None, w, b).to(x.dtype), x.shape, channel_axis)
+    return apply_normalization(
+        x, v, stats, nop=nop, eps=eps, m=m, weight=w, bias=b, channel_axis=channel_axis
+    )

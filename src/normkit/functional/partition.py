@@ -1,0 +1,130 @@
+"""Area partitioning (NAP) as pure tensor functions: the canonical ``(N, A, B, S)`` view.
+
+An input of shape ``(N, C, *spatial)`` (or channels-last ``(N, *spatial, C)``) is viewed as
+``(N, A, B, S)`` with ``C = A·B`` and ``S`` the flattened spatial positions. Channel ``c`` sits at
+``(a, b) = divmod(c, B)``. Each axis then has a role: ``G`` (independent problems), ``D`` (features
+normalized jointly) or ``M`` (samples the statistics are taken over). Standardization reduces over
+the ``M`` axes; ``G`` and ``D`` axes both keep separate statistics.
+
+The view is a free ``reshape`` for contiguous NCHW, channels-last and ``channel_axis=-1`` inputs;
+nothing is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeError
+
+__all__ = ["Role", "resolve_groups", "canonical_view", "restore_view", "reduce_dims", "check_input"]
+
+Role = Literal["G", "D", "M"]
+AXES = ("N", "A", "B", "S")
+
+
+def resolve_groups(
+    num_features: int, num_groups: int | None = None, group_size: int | None = None
+) -> tuple[int, int]:
+    """Split ``num_features`` channels into ``(num_groups, group_size)``.
+
+    Exactly one of ``num_groups`` / ``group_size`` must be given; it must be positive and divide
+    ``num_features``.
+
+    Example:
+        >>> resolve_groups(64, num_groups=8)
+        (8, 8)
+        >>> resolve_groups(64, group_size=16)
+        (4, 16)
+
+    Raises:
+        ConfigError: if both or neither are given, a value is not positive, or it does not divide.
+    """
+    if num_groups is not None and group_size is not None:
+        raise ConfigError(
+            f"pass either num_groups ({num_groups}) or group_size ({group_size}), not both"
+        )
+    if num_groups is None and group_size is None:
+        raise ConfigError("pass one of num_groups= or group_size=")
+    if not isinstance(num_features, int) or num_features <= 0:
+        raise ConfigError(f"num_features must be a positive int, got {num_features!r}")
+    what, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{what} must be a positive int, got {value!r}")
+    if num_features % value:
+        divisors = [d for d in range(1, num_features + 1) if num_features % d == 0]
+        raise ConfigError(
+            f"num_features ({num_features}) must be divisible by {what} ({value}); "
+            f"divisors of {num_features}: {divisors}"
+        )
+    other = num_features // value
+    return (value, other) if num_groups is not None else (other, value)
+
+
+def check_input(x: Tensor, num_features: int, channel_axis: int) -> None:
+    """Raise :class:`ShapeError` unless ``x`` has rank ≥ 2 and ``num_features`` channels."""
+    if x.dim() < 2:
+        raise ShapeError(
+            f"expected an input of rank >= 2 (N, C, *spatial), got shape {tuple(x.shape)}; "
+            f"add a batch dimension with x.unsqueeze(0)"
+        )
+    if x.shape[channel_axis] != num_features:
+        raise ShapeError(
+            f"expected {num_features} channels at axis {channel_axis}, got input of shape "
+            f"{tuple(x.shape)} with {x.shape[channel_axis]}; check num_features or channel_axis"
+        )
+
+
+def canonical_view(x: Tensor, groups: tuple[int, int], channel_axis: int = 1) -> Tensor:
+    """View ``x`` as ``(N, A, B, S)`` with ``(A, B) = groups`` and ``A·B = C``.
+
+    ``channel_axis`` is ``1`` (``(N, C, *spatial)``) or ``-1`` (``(N, *spatial, C)``, e.g.
+    ``(B, T, D)``). Returns a view whenever the strides allow (contiguous, channels-last,
+    ``movedim`` of contiguous) and a copy otherwise.
+
+    Shape:
+        - x: ``(N, C, *spatial)`` or ``(N, *spatial, C)``
+        - output: ``(N, A, B, prod(spatial))``
+    """
+    if channel_axis not in (1, -1, x.dim() - 1):
+        raise ConfigError(f"channel_axis must be 1 or -1, got {channel_axis}")
+    if channel_axis != 1:
+        x = x.movedim(-1, 1)
+    n, a, b = x.shape[0], groups[0], groups[1]
+    s = 1
+    for d in x.shape[2:]:
+        s *= d
+    return x.reshape(n, a, b, s)
+
+
+def restore_view(v: Tensor, shape: Sequence[int], channel_axis: int = 1) -> Tensor:
+    """Inverse of :func:`canonical_view`: back to ``shape`` (the original input's shape)."""
+    if channel_axis == 1:
+        return v.reshape(shape)
+    moved = (shape[0], shape[-1], *shape[1:-1])
+    return v.reshape(moved).movedim(1, -1)
+
+
+def reduce_dims(roles: Sequence[Role]) -> tuple[int, ...]:
+    """Indices of the ``M`` axes among ``(N, A, B, S)``: what statistics reduce over."""
+    return tuple(i for i, r in enumerate(roles) if r == "M")
+
+
+def stat_count(v: Tensor, dims: Sequence[int]) -> int:
+    """Number of samples each statistic is taken over (product of the reduced sizes)."""
+    m = 1
+    for d in dims:
+        m *= v.shape[d]
+    return m
+
+
+def param_view(t: Tensor, groups: tuple[int, int]) -> Tensor:
+    """A per-channel tensor ``(C,)`` as ``(1, A, B, 1)``, broadcastable against the view."""
+    return t.reshape(1, groups[0], groups[1], 1)
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype: at least float32 (float64 stays float64)."""
+    return torch.promote_types(x.dtype, torch.float32)

@@ -1,0 +1,100 @@
+"""Normalization operations (NOP) and recovery as pure functions.
+
+Every standardization-family operation is affine in ``x`` once its statistics are fixed:
+``x̂ = x·scale + shift``. The functions here turn statistics into ``(scale, shift)`` and apply them
+together with the affine recovery ``y = x̂·γ + β`` in one fused multiply-add when the folded
+coefficients are smaller than the input (the eval-mode fold of DESIGN §5 comes for free).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "standardize_coefficients",
+    "center_coefficients",
+    "rms_coefficients",
+    "inverse_scale_coefficients",
+    "divisive_coefficients",
+    "affine_transform",
+]
+
+
+def standardize_coefficients(mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``x̂ = (x − μ)/√(σ² + ε)`` as ``(scale, shift) = (1/√(σ²+ε), −μ/√(σ²+ε))``."""
+    scale = torch.rsqrt(var + eps)
+    return scale, -mean * scale
+
+
+def center_coefficients(mean: Tensor) -> tuple[None, Tensor]:
+    """``x̂ = x − μ`` as ``(None, −μ)``."""
+    return None, -mean
+
+
+def rms_coefficients(mean_square: Tensor, eps: float) -> tuple[Tensor, None]:
+    """``x̂ = x/√(E[x²] + ε)`` as ``(1/√(E[x²]+ε), None)``."""
+    return torch.rsqrt(mean_square + eps), None
+
+
+def inverse_scale_coefficients(
+    scale: Tensor, eps: float, mean: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``x̂ = (x − μ)/(s + ε)`` for a non-quadratic scale ``s`` (L1, range)."""
+    inv = 1.0 / (scale + eps)
+    return inv, (None if mean is None else -mean * inv)
+
+
+def divisive_coefficients(
+    mean: Tensor | None, second: Tensor, k: float, alpha: float, beta: float
+) -> tuple[Tensor, Tensor | None]:
+    """Divisive normalization ``x̂ = (x − μ)/(k + α·v)^β`` (``v`` a local second moment)."""
+    scale = torch.pow(k + alpha * second, -beta)
+    return scale, (None if mean is None else -mean * scale)
+
+
+def _numel(shape: torch.Size) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def affine_transform(
+    x: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``y = (x·scale + shift)·weight + bias``, every factor optional and broadcastable.
+
+    When ``scale·weight`` is smaller than ``x`` (per-channel or per-group statistics) the two
+    affine maps are folded into one ``addcmul``; otherwise (per-position statistics) they are
+    applied one after the other. The result has the promoted dtype of the inputs.
+    """
+    if weight is not None or bias is not None:
+        fold_shape = torch.broadcast_shapes(
+            *(t.shape for t in (scale, shift, weight, bias) if t is not None)
+        )
+        if _numel(fold_shape) < x.numel():
+            w = weight if weight is not None else None
+            if w is not None:
+                scale = w if scale is None else scale * w
+                shift = None if shift is None else shift * w
+            if bias is not None:
+                shift = bias if shift is None else shift + bias
+            return _scale_shift(x, scale, shift)
+        x = _scale_shift(x, scale, shift)
+        return _scale_shift(x, weight, bias)
+    return _scale_shift(x, scale, shift)
+
+
+def _scale_shift(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    if scale is not None and shift is not None:
+        return torch.addcmul(shift, x, scale)
+    if scale is not None:
+        return x * scale
+    if shift is not None:
+        return x + shift
+    return x

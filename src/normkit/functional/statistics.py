@@ -1,0 +1,143 @@
+"""Statistics over a partition: the numerics policy, written once.
+
+Policy (every normkit method follows it):
+
+* Statistics accumulate in at least float32 (float64 stays float64); half and bfloat16 inputs are
+  upcast for the reduction only.
+* Variance is computed by ``torch.var_mean`` (a two-pass / Welford reduction, stable under a mean
+  offset of 1e4 in float32) and is never negative.
+* Batch statistics use the **biased** variance (``correction=0``) for normalizing; running
+  estimates of the variance store the **unbiased** one (``× m/(m−1)``), as torch's BatchNorm does.
+* ``eps`` goes inside the square root: ``x̂ = (x − μ) / √(σ² + ε)``.
+* Local (sliding-window) moments subtract a per-sample mean first, so ``E[x²] − E[x]²`` does not
+  cancel catastrophically.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .partition import stats_dtype
+
+__all__ = [
+    "moments",
+    "mean_square",
+    "mean_abs_deviation",
+    "value_range",
+    "range_constant",
+    "unbiased_variance",
+    "ema_update",
+    "box_mean",
+    "local_moments",
+]
+
+
+def _up(x: Tensor) -> Tensor:
+    return x.to(stats_dtype(x))
+
+
+def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over ``dims`` (kept as size-1 axes), in ≥ float32.
+
+    Example:
+        >>> x = torch.randn(8, 3, 5) + 1e4
+        >>> mean, var = moments(x, (0, 2))
+        >>> bool((var >= 0).all()), tuple(mean.shape)
+        (True, (1, 3, 1))
+    """
+    var, mean = torch.var_mean(_up(x), dim=tuple(dims), correction=0, keepdim=True)
+    return mean, var
+
+
+def mean_square(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """``E[x²]`` over ``dims`` (kept), in ≥ float32."""
+    xf = _up(x)
+    return (xf * xf).mean(dim=tuple(dims), keepdim=True)
+
+
+def mean_abs_deviation(x: Tensor, mean: Tensor, dims: Sequence[int]) -> Tensor:
+    """``E|x − μ|`` over ``dims`` (kept), in ≥ float32."""
+    return (_up(x) - mean).abs().mean(dim=tuple(dims), keepdim=True)
+
+
+def value_range(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """``max − min`` over ``dims`` (kept), in ≥ float32."""
+    xf = _up(x)
+    return xf.amax(dim=tuple(dims), keepdim=True) - xf.amin(dim=tuple(dims), keepdim=True)
+
+
+def range_constant(m: int) -> float:
+    """Range-BN's ``C(m) = 1/√(2 ln m)`` (Hoffer et al. 2018), for ``m ≥ 2`` samples."""
+    return 1.0 / math.sqrt(2.0 * math.log(m)) if m > 1 else 1.0
+
+
+def unbiased_variance(var: Tensor, m: int) -> Tensor:
+    """``var · m/(m−1)``: the unbiased estimate stored in running buffers (``m`` samples)."""
+    return var * (m / (m - 1)) if m > 1 else var
+
+
+@torch.no_grad()
+def ema_update(running: Tensor, batch: Tensor, factor: float) -> None:
+    """``running ← (1 − factor)·running + factor·batch`` in place (torch's momentum meaning)."""
+    running.lerp_(batch.to(running.dtype), factor)
+
+
+def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad: bool) -> Tensor:
+    """Sliding-window mean of ``x`` over each ``dims[i]`` with window ``windows[i]`` ("same" size).
+
+    The window is centred (``w//2`` before, ``(w−1)//2`` after, like torch's
+    ``local_response_norm``). With ``include_pad=True`` positions outside the tensor count as
+    zeros (divide by ``w``); otherwise the mean is over the positions that exist. Separable, so it
+    works for any number of dimensions.
+    """
+    for dim, w in zip(dims, windows):
+        if w == 1:
+            continue
+        moved = x.movedim(dim, -1)
+        shape = moved.shape
+        flat = moved.reshape(-1, 1, shape[-1])
+        pooled = F.avg_pool1d(F.pad(flat, (w // 2, (w - 1) // 2)), w, stride=1)
+        if not include_pad:
+            ones = torch.ones(1, 1, shape[-1], dtype=x.dtype, device=x.device)
+            pooled = pooled / F.avg_pool1d(F.pad(ones, (w // 2, (w - 1) // 2)), w, stride=1)
+        x = pooled.reshape(shape).movedim(-1, dim)
+    return x
+
+
+def local_moments(
+    x: Tensor,
+    full_dims: Sequence[int],
+    window_dims: Sequence[int],
+    windows: Sequence[int],
+    include_pad: bool,
+    *,
+    center: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance (or ``E[x²]`` if ``center=False``) over a sliding window.
+
+    Statistics are averaged fully over ``full_dims`` (kept as size 1) and over a centred window
+    along ``window_dims``. ``x`` is shifted by its mean over ``full_dims`` and ``window_dims``
+    first, so ``E[x²] − E[x]²`` stays accurate under large offsets; variance is clamped at 0.
+    Returns ``(mean, var)``; with ``center=False`` returns ``(zeros, E[x²])``.
+    """
+    xf = _up(x)
+    if center:
+        shift = xf.mean(dim=tuple(full_dims) + tuple(window_dims), keepdim=True).detach()
+        xs = xf - shift
+    else:
+        shift, xs = torch.zeros((), dtype=xf.dtype, device=xf.device), xf
+    if full_dims:
+        m1 = xs.mean(dim=tuple(full_dims), keepdim=True)
+        m2 = (xs * xs).mean(dim=tuple(full_dims), keepdim=True)
+    else:
+        m1, m2 = xs, xs * xs
+    m2 = box_mean(m2, window_dims, windows, include_pad)
+    if not center:
+        return torch.zeros_like(m2), m2
+    m1 = box_mean(m1, window_dims, windows, include_pad)
+    return m1 + shift, (m2 - m1 * m1).clamp_min(0)

@@ -1,0 +1,16 @@
+"""Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
+
+from .local import DivisiveNorm as DivisiveNorm
+from .local import LocalContextNorm as LocalContextNorm
+from .local import LocalResponseNorm as LocalResponseNorm
+from .scaling import L1BatchNorm as L1BatchNorm
+from .scaling import MeanOnlyBatchNorm as MeanOnlyBatchNorm
+from .scaling import RangeBatchNorm as RangeBatchNorm
+from .scaling import RMSNorm as RMSNorm
+from .scaling import ScaleNorm as ScaleNorm
+from .standard import BatchGroupNorm as BatchGroupNorm
+from .standard import BatchNorm as BatchNorm
+from .standard import GroupNorm as GroupNorm
+from .standard import InstanceNorm as InstanceNorm
+from .standard import LayerNorm as LayerNorm
+from .standard import PositionalNorm as PositionalNorm

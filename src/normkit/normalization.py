@@ -1,0 +1,294 @@
+"""The one composition module: ``Normalization(num_features, nap=..., nop=..., nrr=...)``.
+
+It owns the state — recovery parameters, running statistics, momentum, train/eval — and runs the
+pure math of :mod:`normkit.functional`. Every named method of :mod:`normkit.methods` is a preset of
+this class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import nap as nap_
+from . import nop as nop_
+from . import nrr as nrr_
+from .errors import ConfigError
+from .functional import statistics as S
+from .functional.normalize import apply_normalization, check_eps, check_spread
+from .functional.partition import canonical_view, check_input
+from .functional.standardize import affine_transform
+
+__all__ = ["Normalization"]
+
+Native = Literal["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
+
+
+class Normalization(nn.Module):
+    r"""Normalization composed from an area partition, an operation and a recovery.
+
+    .. math::
+        y = \mathrm{NRR}\big(\mathrm{NOP}(x;\ \text{statistics over } \mathrm{NAP}(x))\big)
+
+    e.g. BN is ``nap=Batch(), nop=Standardize(), nrr=Affine()``:
+    :math:`y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta`.
+
+    Training fits statistics on the batch (biased variance) and, when ``track_running_stats``,
+    updates running estimates ``running_<stat>`` (the variance unbiased) with
+    ``running ← (1 − momentum)·running + momentum·batch`` (``momentum=None``: cumulative average).
+    Evaluation uses the running estimates when they exist, batch statistics otherwise — torch's
+    rule, including when ``track_running_stats`` is toggled after construction. Where the
+    composition equals a torch kernel (BN, IN, GN, LN, RMSNorm) it dispatches to it; the generic
+    path gives the same numbers. Running buffers are updated with whatever the batch holds: a NaN
+    input propagates into them, as in torch; :meth:`reset_running_stats` recovers.
+
+    Args:
+        num_features: number of channels ``C``.
+        nap: area partition (:mod:`normkit.nap`).
+        nop: normalization operation (:mod:`normkit.nop`), default :class:`~normkit.nop.Standardize`.
+        nrr: representation recovery (:mod:`normkit.nrr`), default :class:`~normkit.nrr.Affine`;
+            ``None`` for none.
+        eps: stability constant (inside the square root). Default ``1e-5``.
+        momentum: weight of the new batch in running estimates, in ``[0, 1]``; ``None`` for a
+            cumulative moving average. Default ``0.1``.
+        track_running_stats: keep running estimates for evaluation. ``None`` (default) tracks
+            them iff the partition is batch-dependent.
+        channel_axis: ``1`` for ``(N, C, *spatial)``, ``-1`` for channels-last ``(N, *spatial, C)``
+            and transformer ``(B, T, D)`` inputs.
+        native: dispatch to torch's kernel where one computes the same thing (default ``True``).
+        device, dtype: factory arguments for parameters and buffers.
+
+    Shape:
+        - Input: ``(N, C, *)`` with ``channel_axis=1`` or ``(N, *, C)`` with ``channel_axis=-1``.
+        - Output: same shape and dtype as the input.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> gn = nk.Normalization(6, nap=nk.nap.Group(num_groups=1), nop=nk.nop.Standardize())
+        >>> x = torch.randn(4, 6, 5, 5)
+        >>> torch.allclose(gn(x), torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
+        True
+    """
+
+    _version = 2  # torch's BatchNorm version: state_dicts carry num_batches_tracked
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        nap: nap_.Partition,
+        nop: nop_.Operation | None = None,
+        nrr: nrr_.Recovery | None = nrr_.Affine(),
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        track_running_stats: bool | None = None,
+        channel_axis: int = 1,
+        native: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        nop = nop_.Standardize() if nop is None else nop
+        nrr = nrr_.Identity() if nrr is None else nrr
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ConfigError(f"num_features must be a positive int, got {num_features!r}")
+        for what, obj, base in (("nap", nap, nap_.Partition), ("nop", nop, nop_.Operation),
+                                ("nrr", nrr, nrr_.Recovery)):
+            if not isinstance(obj, base):
+                raise ConfigError(f"{what} must be a normkit.{what}.{base.__name__}, got {obj!r}")
+        check_eps(eps, nop)
+        if momentum is not None and not (0.0 <= momentum <= 1.0):
+            raise ConfigError(
+                f"momentum must be in [0, 1] (weight of the new batch) or None for a cumulative "
+                f"average, got {momentum!r}"
+            )
+        if channel_axis not in (1, -1):
+            raise ConfigError(f"channel_axis must be 1 or -1, got {channel_axis!r}")
+        self.num_features = num_features
+        self.nap, self.nop, self.nrr = nap, nop, nrr
+        self.groups = nap.groups(num_features)  # validates the grouping at construction
+        self.eps = eps
+        self.momentum = momentum
+        self.channel_axis = channel_axis
+        self.native = native
+        if track_running_stats is None:
+            track_running_stats = nap.batch_dependent
+        self.track_running_stats = track_running_stats
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        for name, p in nrr.create(num_features, factory).items():
+            self.register_parameter(name, p)
+        if track_running_stats:
+            size = nap.stat_size(num_features)  # raises for areas that vary with position
+            if nap.roles[3] != "M":
+                raise ConfigError(
+                    f"{nap!r} keeps separate statistics per position, which vary with the input "
+                    f"size and cannot be tracked; pass track_running_stats=False"
+                )
+            for stat in nop.stat_names:
+                init = torch.ones if stat in ("var", "ms", "scale") else torch.zeros
+                self.register_buffer(f"running_{stat}", init(size, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            for stat in nop.stat_names:
+                self.register_buffer(f"running_{stat}", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._native: Native | None = self._native_kind() if native else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def affine(self) -> bool:
+        """Whether the module has learnable recovery parameters (torch's ``affine``)."""
+        return not isinstance(self.nrr, nrr_.Identity)
+
+    def _recovery_params(self) -> dict[str, Tensor | None]:
+        return {"weight": getattr(self, "weight", None), "bias": getattr(self, "bias", None)}
+
+    def _running(self) -> dict[str, Tensor] | None:
+        bufs = {s: getattr(self, f"running_{s}") for s in self.nop.stat_names}
+        return None if any(b is None for b in bufs.values()) else bufs
+
+    def reset_running_stats(self) -> None:
+        """Reset running estimates to mean 0, variance/scale 1 and the batch counter to 0."""
+        running = self._running()
+        if running is None:
+            return
+        for stat, buf in running.items():
+            buf.fill_(1.0 if stat in ("var", "ms", "scale") else 0.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics and re-initialize the recovery parameters."""
+        self.reset_running_stats()
+        self.nrr.reset(self._recovery_params(), self.num_features)
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, nap={self.nap!r}, nop={self.nop!r}, nrr={self.nrr!r}, eps={self.eps}"
+        s += f", momentum={self.momentum}, track_running_stats={self.track_running_stats}"
+        return s + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kw):  # type: ignore[no-untyped-def]
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.num_batches_tracked is not None:
+            # torch BN checkpoints before version 2 have no counter; start it at 0 like torch.
+            state_dict.setdefault(key, torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kw)
+
+    # ---------------------------------------------------------------- forward
+    def _native_kind(self) -> Native | None:
+        nap, nop, nrr = self.nap, self.nop, self.nrr
+        plain_affine = isinstance(nrr, nrr_.Identity) or (
+            type(nrr) is nrr_.Affine and nrr.weight and nrr.bias)
+        if type(nop) is nop_.Standardize and plain_affine:
+            if type(nap) is nap_.Batch and self.groups[1] == 1:
+                return "batch_norm"
+            if type(nap) is nap_.Instance and self.channel_axis == 1:
+                return "instance_norm"
+            if not self.track_running_stats:
+                if type(nap) in (nap_.Group, nap_.Layer) and self.channel_axis == 1:
+                    return "group_norm"
+                if type(nap) is nap_.Position:
+                    return "layer_norm"
+        if (type(nop) is nop_.Scale and nop.kind == "rms" and type(nap) is nap_.Position
+                and not self.track_running_stats and self.channel_axis == -1
+                and (isinstance(nrr, nrr_.Identity)
+                     or (type(nrr) is nrr_.Affine and nrr.weight and not nrr.bias))):
+            return "rms_norm"
+        return None
+
+    def _factor(self) -> float:
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see the class docstring for shapes)."""
+        check_input(x, self.num_features, self.channel_axis)
+        running = self._running()
+        use_batch = self.training or running is None
+        update = self.training and self.track_running_stats and running is not None
+        if update:
+            self.num_batches_tracked.add_(1)
+        if self._native is not None and x.numel() > 0 and self._native_ok(x):
+            return self._forward_native(x, use_batch, update)
+        return self._forward_generic(x, running, use_batch, update)
+
+    def _native_ok(self, x: Tensor) -> bool:
+        w = getattr(self, "weight", None)
+        return w is None or w.dtype == x.dtype or (
+            x.dtype in (torch.float16, torch.bfloat16) and w.dtype == torch.float32
+        )
+
+    def _forward_generic(
+        self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool
+    ) -> Tensor:
+        v = canonical_view(x, self.groups, self.channel_axis)
+        spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
+        w, b = self.nrr.views(self._recovery_params(), self.groups)
+        if x.numel() == 0:  # defined result: empty output, buffers untouched
+            if update:
+                self.num_batches_tracked.sub_(1)
+            return affine_transform(v, None, None, w, b).to(x.dtype).reshape(x.shape)
+        m = self.nap.count(v, spatial)
+        if use_batch:
+            if self.training:
+                check_spread(x, m, self.nap, self.nop)
+            stats = self.nop.fit(v, self.nap, spatial)
+            if update:
+                self._update_running(running, stats, m)
+        else:
+            shape = self.nap.stat_view_shape(self.num_features)
+            stats = {k: t.reshape(shape) for k, t in running.items()}
+        return apply_normalization(
+            x, v, stats, nop=self.nop, eps=self.eps, m=m, weight=w, bias=b,
+            channel_axis=self.channel_axis,
+        )
+
+    @torch.no_grad()
+    def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:
+        factor = self._factor()
+        # Statistics kept per sample (N is a G axis, e.g. IN) are averaged over the batch, as torch.
+        for k, t in self.nop.running(stats, m).items():
+            t = t.mean(0) if t.shape[0] > 1 else t[0]
+            S.ema_update(running[k], t.reshape(-1), factor)
+
+    def _forward_native(self, x: Tensor, use_batch: bool, update: bool) -> Tensor:
+        w, b = getattr(self, "weight", None), getattr(self, "bias", None)
+        kind = self._native
+        if kind == "batch_norm":
+            xc = x if self.channel_axis == 1 else x.movedim(-1, 1)
+            if use_batch and self.training:
+                check_spread(x, x.numel() // x.shape[self.channel_axis], self.nap, self.nop)
+            running = self._running()
+            rm, rv = (None, None) if running is None or (use_batch and not update) else (
+                running["mean"], running["var"])
+            y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, self.eps)
+            return y if self.channel_axis == 1 else y.movedim(1, -1)
+        if kind == "instance_norm":
+            if use_batch and self.training:
+                check_spread(x, math.prod(x.shape[2:]), self.nap, self.nop)
+            running = self._running()
+            rm, rv = (None, None) if running is None else (running["mean"], running["var"])
+            if use_batch and not update:
+                rm, rv = None, None
+            return F.instance_norm(x, rm, rv, w, b, use_batch, self._factor() if update else 0.0,
+                                   self.eps)
+        if kind == "group_norm":
+            if self.training:
+                check_spread(x, math.prod(x.shape[1:]) // self.groups[0], self.nap, self.nop)
+            return F.group_norm(x, self.groups[0], w, b, self.eps)
+        if kind == "layer_norm":
+            if self.training:
+                check_spread(x, self.num_features, self.nap, self.nop)
+            if self.channel_axis == 1:
+                return F.layer_norm(x.movedim(1, -1), (self.num_features,), w, b, self.eps).movedim(-1, 1)
+            return F.layer_norm(x, (self.num_features,), w, b, self.eps)
+        return F.rms_norm(x, (self.num_features,), w, self.eps)
