@@ -27,8 +27,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import Tensor
 
@@ -232,7 +232,7 @@ class Local(Partition):
 
     def count(self, v: Tensor, spatial: Sequence[int]) -> int:
         m = min(self.channel_window or v.shape[2], v.shape[2])
-        for w, s in zip(self._windows(spatial), spatial):
+        for w, s in zip(self._windows(spatial), spatial, strict=True):
             m *= min(w, s)
         return m
 

@@ -25,6 +25,8 @@ from .functional.standardize import affine_transform
 
 __all__ = ["Normalization"]
 
+_AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
+
 Native = Literal["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
 
 
@@ -82,7 +84,7 @@ class Normalization(nn.Module):
         *,
         nap: nap_.Partition,
         nop: nop_.Operation | None = None,
-        nrr: nrr_.Recovery | None = nrr_.Affine(),
+        nrr: nrr_.Recovery | None = _AFFINE,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         track_running_stats: bool | None = None,

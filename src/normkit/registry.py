@@ -20,8 +20,9 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 

@@ -7,7 +7,8 @@ that works under ``torch.func`` transforms.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 

@@ -16,7 +16,7 @@ Policy (every normkit method follows it):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,7 @@ def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad
     zeros (divide by ``w``); otherwise the mean is over the positions that exist. Separable, so it
     works for any number of dimensions.
     """
-    for dim, w in zip(dims, windows):
+    for dim, w in zip(dims, windows, strict=True):
         if w == 1:
             continue
         moved = x.movedim(dim, -1)
