@@ -214,6 +214,8 @@ class Normalization(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` (see the class docstring for shapes)."""
         check_input(x, self.num_features, self.channel_axis)
+        if x.dim() == 1:  # a single (C,) vector with channel_axis=-1: one sample
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         running = self._running()
         use_batch = self.training or running is None
         update = self.training and self.track_running_stats and running is not None

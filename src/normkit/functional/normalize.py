@@ -94,8 +94,11 @@ def normalize(
         True
     """
     check_eps(eps, nop)
-    num_features = x.shape[channel_axis] if x.dim() >= 2 else -1
+    num_features = x.shape[channel_axis] if x.dim() >= 1 else -1
     check_input(x, num_features, channel_axis)
+    if x.dim() == 1:  # a single (C,) vector with channel_axis=-1: one sample
+        return normalize(x.unsqueeze(0), nap=nap, nop=nop, weight=weight, bias=bias, eps=eps,
+                         channel_axis=channel_axis).squeeze(0)
     groups = nap.groups(num_features)
     v = canonical_view(x, groups, channel_axis)
     spatial: Sequence[int] = tuple(x.shape[2:] if channel_axis == 1 else x.shape[1:-1])

@@ -65,8 +65,10 @@ def resolve_groups(
 
 
 def check_input(x: Tensor, num_features: int, channel_axis: int) -> None:
-    """Raise :class:`ShapeError` unless ``x`` has rank ≥ 2 and ``num_features`` channels."""
-    if x.dim() < 2:
+    """Raise :class:`ShapeError` unless ``x`` has ``num_features`` channels and rank ≥ 2 (rank ≥ 1
+    with ``channel_axis=-1``, where a single vector ``(C,)`` is one sample, as ``torch.nn.LayerNorm``
+    accepts)."""
+    if x.dim() < (1 if channel_axis == -1 else 2):
         raise ShapeError(
             f"expected an input of rank >= 2 (N, C, *spatial), got shape {tuple(x.shape)}; "
             f"add a batch dimension with x.unsqueeze(0)"
