@@ -1,0 +1,205 @@
+"""Whitening as pure functions on batches of covariances ``(G, D, D)``.
+
+Shared by batch/group/instance whitening (DBN, IterNorm, CD), by orthogonal weight normalization
+(OWN, ONI) and by WCT style transfer. Every function takes ``Σ`` of shape ``(G, D, D)`` (symmetric
+positive semi-definite) and returns a whitening matrix ``W`` with ``W (Σ + εI) Wᵀ = I``:
+
+===========  ===================================================  ==========================
+method       W                                                    backward
+===========  ===================================================  ==========================
+``zca``      U Λ^{-1/2} Uᵀ   (Σ + εI = U Λ Uᵀ)                    divided differences (exact,
+                                                                  finite for equal eigenvalues)
+``pca``      Λ^{-1/2} Uᵀ                                          eigenvector gradient with
+                                                                  near-equal pairs masked
+``cholesky`` L^{-1}   (Σ + εI = L Lᵀ)                             autograd (triangular solve)
+``newton``   P_T / √tr Σ,  P_{k+1} = ½(3P_k − P_k³ Σ_N),          autograd through T steps
+             Σ_N = Σ/tr Σ, P_0 = I  (IterNorm)
+===========  ===================================================  ==========================
+
+Computations run in at least float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+__all__ = [
+    "WhiteningMethod",
+    "covariance",
+    "zca_matrix",
+    "pca_matrix",
+    "cholesky_matrix",
+    "newton_schulz_matrix",
+    "whitening_matrix",
+    "coloring_matrix",
+    "MAX_ITERATIONS",
+]
+
+WhiteningMethod = Literal["zca", "pca", "cholesky", "newton"]
+MAX_ITERATIONS = 64  # Newton–Schulz steps beyond this only amplify float32 rounding
+
+
+def _eye_like(s: Tensor) -> Tensor:
+    return torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+
+
+def _sym(a: Tensor) -> Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+def covariance(xc: Tensor) -> Tensor:
+    """``Σ = X Xᵀ / m`` of centred ``xc`` of shape ``(G, D, m)`` → ``(G, D, D)`` (biased)."""
+    m = max(xc.shape[-1], 1)
+    return torch.bmm(xc, xc.transpose(-1, -2)) / m
+
+
+def _gap_tolerance(lam: Tensor) -> Tensor:
+    scale = lam.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
+    return scale * (torch.finfo(lam.dtype).eps * 64)
+
+
+class _InvSqrtEigh(torch.autograd.Function):
+    """``(Σ + εI)^{-1/2}`` by eigendecomposition, with the divided-difference backward.
+
+    For ``F = U f(Λ) Uᵀ`` the gradient is ``U (K ∘ Uᵀ sym(G) U) Uᵀ`` with
+    ``K_ij = (f(λ_i) − f(λ_j))/(λ_i − λ_j)`` and ``K_ii = f'(λ_i)`` (Daleckii–Krein); near-equal
+    pairs use ``f'`` at their mean, so repeated eigenvalues give finite, correct gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, sigma: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        lam, u = torch.linalg.eigh(sigma + eps * _eye_like(sigma))
+        lam = lam.clamp_min(eps if eps > 0 else torch.finfo(lam.dtype).tiny)
+        f = lam.rsqrt()
+        ctx.save_for_backward(lam, u, f)
+        return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        lam, u, f = ctx.saved_tensors
+        li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+        diff = li - lj
+        close = diff.abs() <= _gap_tolerance(lam)
+        mid = 0.5 * (li + lj)
+        deriv = -0.5 * mid.pow(-1.5)
+        k = torch.where(close, deriv, (f.unsqueeze(-1) - f.unsqueeze(-2)) / torch.where(close, 1, diff))
+        inner = u.transpose(-1, -2) @ _sym(grad) @ u
+        return u @ (k * inner) @ u.transpose(-1, -2), None
+
+
+class _SafeEigh(torch.autograd.Function):
+    """``eigh`` whose eigenvector backward masks near-equal eigenvalue pairs (finite gradients)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        lam, u = torch.linalg.eigh(a)
+        ctx.save_for_backward(lam, u)
+        return lam, u
+
+    @staticmethod
+    def backward(ctx, g_lam: Tensor, g_u: Tensor) -> Tensor:  # type: ignore[override]
+        lam, u = ctx.saved_tensors
+        diff = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # E_ij = λ_j − λ_i
+        close = diff.abs() <= _gap_tolerance(lam)
+        inv = torch.where(close, 0, 1 / torch.where(close, 1, diff))
+        inner = torch.diag_embed(g_lam) if g_lam is not None else torch.zeros_like(u)
+        if g_u is not None:
+            inner = inner + inv * (u.transpose(-1, -2) @ g_u)
+        return _sym(u @ inner @ u.transpose(-1, -2))
+
+
+def _check(sigma: Tensor, eps: float) -> Tensor:
+    if sigma.dim() != 3 or sigma.shape[-1] != sigma.shape[-2]:
+        raise ConfigError(f"expected covariances of shape (G, D, D), got {tuple(sigma.shape)}")
+    if eps < 0:
+        raise ConfigError(f"eps must be >= 0, got {eps}")
+    return sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+
+
+def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
+    """ZCA whitening matrix ``U Λ^{-1/2} Uᵀ`` of ``Σ + εI`` (Huang et al. 2018, DBN).
+
+    Example:
+        >>> x = torch.randn(1, 3, 500, dtype=torch.float64)
+        >>> xc = x - x.mean(-1, keepdim=True)
+        >>> w = zca_matrix(covariance(xc), eps=0.0)
+        >>> torch.allclose(covariance(w @ xc), torch.eye(3, dtype=torch.float64).expand(1, 3, 3))
+        True
+    """
+    return _InvSqrtEigh.apply(_check(sigma, eps), eps)
+
+
+def pca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
+    """PCA whitening matrix ``Λ^{-1/2} Uᵀ`` of ``Σ + εI`` (eigenvalues ascending, as ``eigh``)."""
+    sigma = _check(sigma, eps)
+    lam, u = _SafeEigh.apply(sigma + eps * _eye_like(sigma))
+    return lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt().unsqueeze(-1) * u.transpose(-1, -2)
+
+
+def cholesky_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
+    """Cholesky whitening matrix ``L^{-1}`` with ``Σ + εI = LLᵀ`` (lower-triangular).
+
+    Computed by a triangular solve, never an explicit inverse (Huang et al. 2020, CD).
+    """
+    sigma = _check(sigma, eps)
+    if eps == 0:
+        raise ConfigError("Cholesky whitening needs eps > 0 (Σ may be singular)")
+    chol = torch.linalg.cholesky(sigma + eps * _eye_like(sigma))
+    return torch.linalg.solve_triangular(chol, _eye_like(chol), upper=False)
+
+
+def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) -> Tensor:
+    """IterNorm's Newton–Schulz approximation of ``(Σ + εI)^{-1/2}`` (Huang et al. 2019).
+
+    ``Σ_N = Σ/tr Σ``, ``P_0 = I``, ``P_{k+1} = ½(3P_k − P_k³ Σ_N)``, ``W = P_T/√tr Σ``. Trace
+    normalization puts the spectrum in (0, 1], where the iteration converges; ``iterations`` is
+    capped at :data:`MAX_ITERATIONS`.
+
+    Computed in the coupled form ``T_k = ½(3I − Z_k Y_k)``, ``Y_{k+1} = Y_k T_k``,
+    ``Z_{k+1} = T_k Z_k`` (``Y_0 = Σ_N``, ``Z_0 = I``), which equals ``P_k`` in exact arithmetic
+    (``Y_k = Σ_N P_k``) but does not amplify rounding: the uncoupled ``P³Σ_N`` form drifts off
+    after convergence (NaN by T≈40 even in float64) because rounding breaks ``P Σ = Σ P``.
+    """
+    sigma = _check(sigma, eps)
+    if not isinstance(iterations, int) or not 0 < iterations <= MAX_ITERATIONS:
+        raise ConfigError(
+            f"iterations must be an int in [1, {MAX_ITERATIONS}], got {iterations!r}; "
+            f"5 is the paper's default"
+        )
+    sigma = sigma + eps * _eye_like(sigma)
+    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(sigma.dtype).tiny)
+    y = sigma / tr[:, None, None]
+    eye = _eye_like(y)
+    z = eye
+    for _ in range(iterations):
+        t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)  # ½(3I − Z_k Y_k)
+        y, z = torch.bmm(y, t), torch.bmm(t, z)
+    return z * tr.rsqrt()[:, None, None]
+
+
+def whitening_matrix(
+    sigma: Tensor, method: WhiteningMethod, *, eps: float = 1e-5, iterations: int = 5
+) -> Tensor:
+    """Dispatch to :func:`zca_matrix`, :func:`pca_matrix`, :func:`cholesky_matrix` or
+    :func:`newton_schulz_matrix`."""
+    if method == "zca":
+        return zca_matrix(sigma, eps)
+    if method == "pca":
+        return pca_matrix(sigma, eps)
+    if method == "cholesky":
+        return cholesky_matrix(sigma, eps)
+    if method == "newton":
+        return newton_schulz_matrix(sigma, iterations, eps)
+    raise ConfigError(f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', got {method!r}")
+
+
+def coloring_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
+    """``(Σ + εI)^{1/2}``: the inverse of ZCA whitening (re-colors white data to covariance Σ)."""
+    sigma = _check(sigma, eps)
+    lam, u = torch.linalg.eigh(sigma + eps * _eye_like(sigma))
+    return (u * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ u.transpose(-1, -2)
