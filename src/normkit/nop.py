@@ -67,9 +67,46 @@ class Operation(ABC):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         """``(scale, shift)`` of ``x̂ = x·scale + shift`` (either may be ``None``)."""
 
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Running buffers ``running_<name>``: name → (shape, initial value ``"0"``/``"1"``/``"eye"``).
+
+        Raises:
+            ConfigError: when the partition's statistics cannot be tracked (they vary with
+                position).
+        """
+        size = nap.stat_size(num_features)
+        return {s: ((size,), "1" if s in ("var", "ms", "scale") else "0") for s in self.stat_names}
+
     def running(self, stats: Stats, m: int) -> Stats:
-        """The values running buffers track (the variance unbiased, like torch's BatchNorm)."""
-        return {k: (S.unbiased_variance(t, m) if k == "var" else t) for k, t in stats.items()}
+        """Batch statistics as the values running buffers track, shaped like the buffers.
+
+        The variance is unbiased (``× m/(m−1)``, as torch's BatchNorm); statistics kept per sample
+        (``N`` a ``G`` axis, e.g. IN) are averaged over the batch, as torch's InstanceNorm.
+        """
+        out = {}
+        for k, t in stats.items():
+            t = S.unbiased_variance(t, m) if k == "var" else t
+            out[k] = (t.mean(0) if t.shape[0] > 1 else t[0]).reshape(-1)
+        return out
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        """Running buffers viewed as statistics against the canonical view (for evaluation)."""
+        shape = nap.stat_view_shape(num_features)
+        return {k: t.reshape(shape) for k, t in running.items()}
+
+    def transform(
+        self,
+        v: Tensor,
+        stats: Stats,
+        *,
+        eps: float,
+        m: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> Tensor:
+        """``y = (v·scale + shift)·weight + bias`` on the canonical view (fused where smaller)."""
+        scale, shift = self.coefficients(stats, eps, m)
+        return Fs.affine_transform(v, scale, shift, weight, bias)
 
     def __repr__(self) -> str:
         fields = getattr(self, "__dataclass_fields__", {})

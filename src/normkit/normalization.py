@@ -124,20 +124,20 @@ class Normalization(nn.Module):
         for name, p in nrr.create(num_features, factory).items():
             self.register_parameter(name, p)
         if track_running_stats:
-            size = nap.stat_size(num_features)  # raises for areas that vary with position
             if nap.roles[3] != "M":
                 raise ConfigError(
                     f"{nap!r} keeps separate statistics per position, which vary with the input "
                     f"size and cannot be tracked; pass track_running_stats=False"
                 )
-            for stat in nop.stat_names:
-                init = torch.ones if stat in ("var", "ms", "scale") else torch.zeros
-                self.register_buffer(f"running_{stat}", init(size, **factory))
+            self._buffer_init = nop.buffers(nap, num_features)
+            for stat, (shape, _) in self._buffer_init.items():
+                self.register_buffer(f"running_{stat}", torch.empty(shape, **factory))
             self.register_buffer(
                 "num_batches_tracked",
                 torch.tensor(0, dtype=torch.long, device=device),
             )
         else:
+            self._buffer_init = {}
             for stat in nop.stat_names:
                 self.register_buffer(f"running_{stat}", None)
             self.register_buffer("num_batches_tracked", None)
@@ -163,7 +163,11 @@ class Normalization(nn.Module):
         if running is None:
             return
         for stat, buf in running.items():
-            buf.fill_(1.0 if stat in ("var", "ms", "scale") else 0.0)
+            init = self._buffer_init[stat][1]
+            if init == "eye":
+                buf.copy_(torch.eye(buf.shape[-1], dtype=buf.dtype, device=buf.device).expand_as(buf))
+            else:
+                buf.fill_(float(init))
         self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
@@ -249,8 +253,7 @@ class Normalization(nn.Module):
             if update:
                 self._update_running(running, stats, m)
         else:
-            shape = self.nap.stat_view_shape(self.num_features)
-            stats = {k: t.reshape(shape) for k, t in running.items()}
+            stats = self.nop.from_running(running, self.nap, self.num_features)
         return apply_normalization(
             x, v, stats, nop=self.nop, eps=self.eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,
@@ -259,10 +262,8 @@ class Normalization(nn.Module):
     @torch.no_grad()
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:
         factor = self._factor()
-        # Statistics kept per sample (N is a G axis, e.g. IN) are averaged over the batch, as torch.
         for k, t in self.nop.running(stats, m).items():
-            t = t.mean(0) if t.shape[0] > 1 else t[0]
-            S.ema_update(running[k], t.reshape(-1), factor)
+            S.ema_update(running[k], t, factor)
 
     def _forward_native(self, x: Tensor, use_batch: bool, update: bool) -> Tensor:
         w, b = getattr(self, "weight", None), getattr(self, "bias", None)

@@ -57,8 +57,7 @@ def apply_normalization(
     ``weight``/``bias`` are already viewed against ``v`` (``(1, A, B, 1)`` or broadcastable).
     Returns a tensor shaped and typed like ``x``.
     """
-    scale, shift = nop.coefficients(stats, eps, m)
-    out = affine_transform(v, scale, shift, weight, bias)
+    out = nop.transform(v, stats, eps=eps, m=m, weight=weight, bias=bias)
     return restore_view(out.to(x.dtype), x.shape, channel_axis)
 
 
