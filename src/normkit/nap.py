@@ -1,5 +1,10 @@
 """NAP — normalization area partitioning: over which elements are statistics taken?
 
+``D`` axes hold features normalized jointly: standardization keeps separate statistics per ``D``
+feature (so ``Batch()`` is BN and ``Group(g)`` is GN), whitening decorrelates them (batch
+whitening in groups of ``d``, group whitening of the ``g`` group-vectors). One partition, two
+operations. ``Batch()`` and ``Instance()`` default to ``d = 1``.
+
 A partition is a small immutable description. It says how the ``C`` channels split into ``(A, B)``
 and which role each canonical axis ``(N, A, B, S)`` plays (see
 :mod:`normkit.functional.partition`), and provides the reductions over its area that operations
@@ -8,11 +13,11 @@ and which role each canonical axis ``(N, A, B, S)`` plays (see
 =====================  ======  ========  ========  ======
 partition              N       A         B         S
 =====================  ======  ========  ========  ======
-``Batch()`` (BN)       M       G (C)     — (1)     M
+``Batch(group_size=d)`` M     G (C/d)   D (d)     M
 ``BatchGroup(g)``      M       G (g)     M (C/g)   M
 ``Layer()``            G       M (1)     M (C)     M
-``Instance()``         G       G (C)     — (1)     M
-``Group(g)``           G       G (g)     M (C/g)   M
+``Instance(group_size=d)`` G   G (C/d)   D (d)     M
+``Group(g)``           G       D (g)     M (C/g)   M
 ``Position()``         G       M (1)     M (C)     G
 ``Local(...)``         G       sliding windows over channels and space
 =====================  ======  ========  ========  ======
@@ -20,7 +25,7 @@ partition              N       A         B         S
 Example:
     >>> import normkit as nk
     >>> nk.nap.Group(num_groups=4).roles
-    ('G', 'G', 'M', 'M')
+    ('G', 'D', 'M', 'M')
     >>> nk.nap.Batch().batch_dependent
     True
 """
@@ -143,17 +148,24 @@ class Layer(Partition):
 
 
 @dataclass(frozen=True, repr=False)
-class Instance(Partition):
-    """Instance: per sample and channel over positions (IN)."""
+class Instance(_Grouped):
+    """Instance: per sample and channel over positions (IN). ``group_size`` > 1 makes ``D``
+    groups of channels (instance whitening whitens each group over the positions)."""
 
-    roles = ("G", "G", "G", "M")
+    roles = ("G", "G", "D", "M")
+
+    def groups(self, num_features: int) -> tuple[int, int]:
+        if self.num_groups is None and self.group_size is None:
+            return num_features, 1
+        return resolve_groups(num_features, self.num_groups, self.group_size)
 
 
 @dataclass(frozen=True, repr=False)
 class Group(_Grouped):
-    """Group: per sample and group of ``C/g`` channels over ``(C/g, spatial)`` (GN)."""
+    """Group: per sample and group of ``C/g`` channels over ``(C/g, spatial)`` (GN; with
+    whitening, group whitening of the ``g`` group-vectors)."""
 
-    roles = ("G", "G", "M", "M")
+    roles = ("G", "D", "M", "M")
 
     def __post_init__(self) -> None:
         if self.num_groups is None and self.group_size is None:

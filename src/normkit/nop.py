@@ -33,14 +33,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from .errors import ConfigError
 from .functional import standardize as Fs
 from .functional import statistics as S
+from .functional import whiten as W
+from .functional.partition import matrix_sizes, matrix_view, unmatrix_view
 from .nap import Partition
 
-__all__ = ["Operation", "Standardize", "Center", "Scale", "L1", "Range", "Divisive"]
+__all__ = ["Operation", "Standardize", "Center", "Scale", "L1", "Range", "Divisive", "Whiten"]
 
 Stats = dict[str, Tensor]
 Coefficients = tuple["Tensor | None", "Tensor | None"]
@@ -60,8 +63,11 @@ class Operation(ABC):
     uses_eps: bool = True
 
     @abstractmethod
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
-        """Statistics of the canonical view ``v`` over ``nap``'s area (≥ float32, kept dims)."""
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        """Statistics of the canonical view ``v`` over ``nap``'s area (≥ float32, kept dims).
+
+        ``eps`` is given for operations whose statistics depend on it (whitening matrices).
+        """
 
     @abstractmethod
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -99,6 +105,7 @@ class Operation(ABC):
         v: Tensor,
         stats: Stats,
         *,
+        nap: Partition,
         eps: float,
         m: int,
         weight: Tensor | None,
@@ -119,7 +126,7 @@ class Standardize(Operation):
 
     stat_names = ("mean", "var")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
         mean, var = nap.moments(v, spatial)
         return {"mean": mean, "var": var}
 
@@ -135,7 +142,7 @@ class Center(Operation):
     needs_spread = False
     uses_eps = False
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
         return {"mean": nap.moments(v, spatial)[0]}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -156,7 +163,7 @@ class Scale(Operation):
         if self.kind not in ("rms", "l2"):
             raise ConfigError(f"Scale kind must be 'rms' or 'l2', got {self.kind!r}")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
         return {"ms": nap.mean_square(v, spatial)}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -174,7 +181,7 @@ class L1(Operation):
 
     stat_names = ("mean", "scale")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
         mean = nap.moments(v, spatial)[0]
         mad = nap.mean_abs_deviation(v, mean, spatial)
         return {"mean": mean, "scale": mad * math.sqrt(math.pi / 2)}
@@ -190,7 +197,7 @@ class Range(Operation):
 
     stat_names = ("mean", "scale")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
         mean = nap.moments(v, spatial)[0]
         c = S.range_constant(nap.count(v, spatial))
         return {"mean": mean, "scale": nap.value_range(v, spatial) * c}
@@ -231,7 +238,7 @@ class Divisive(Operation):
     def needs_spread(self) -> bool:  # type: ignore[override]
         return self.center
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> Stats:
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
         if self.center:
             mean, var = nap.moments(v, spatial)
             return {"mean": mean, "var": var}
@@ -240,3 +247,97 @@ class Divisive(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         second = stats["var"] if self.center else stats["ms"]
         return Fs.divisive_coefficients(stats.get("mean"), second, self.k, self.alpha, self.beta)
+
+
+@dataclass(frozen=True, repr=False)
+class Whiten(Operation):
+    r"""Whitening ``x̂ = W (x − μ)`` with ``W (Σ + εI) Wᵀ = I``: decorrelates the ``D`` features.
+
+    The partition's ``D`` axes are whitened jointly (``Batch(group_size=d)``: groups of ``d``
+    channels over the batch; ``Group(g)``: the ``g`` group-vectors of each sample;
+    ``Instance(group_size=d)``: groups of channels over positions). ``D = 1`` is standardization.
+
+    Args:
+        method: ``"zca"`` (``UΛ^{-1/2}Uᵀ``), ``"pca"`` (``Λ^{-1/2}Uᵀ``), ``"cholesky"``
+            (``L^{-1}``) or ``"newton"`` (IterNorm's Newton–Schulz, ``iterations`` steps); see
+            :mod:`normkit.functional.whiten`.
+        iterations: Newton–Schulz steps ``T`` (``method="newton"`` only).
+        estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
+            matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
+            recomputed from it at evaluation: the book's "Sigma" variants).
+    """
+
+    method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
+    iterations: int = 5
+    estimate: Literal["matrix", "covariance"] = "matrix"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("zca", "pca", "cholesky", "newton"):
+            raise ConfigError(
+                f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', got {self.method!r}"
+            )
+        if self.estimate not in ("matrix", "covariance"):
+            raise ConfigError(f"estimate must be 'matrix' or 'covariance', got {self.estimate!r}")
+        if not isinstance(self.iterations, int) or not 0 < self.iterations <= W.MAX_ITERATIONS:
+            raise ConfigError(
+                f"iterations must be an int in [1, {W.MAX_ITERATIONS}], got {self.iterations!r}"
+            )
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("mean", "matrix") if self.estimate == "matrix" else ("mean", "cov")
+
+    def _matrix(self, cov: Tensor, eps: float) -> Tensor:
+        flat = cov.reshape(-1, *cov.shape[-2:])
+        w = W.whitening_matrix(flat, self.method, eps=eps, iterations=self.iterations)
+        return w.reshape(cov.shape)
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
+        return {"mean": ((gc * d,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        mat = matrix_view(v, nap.roles)
+        mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
+        mean = mat.mean(-1, keepdim=True)
+        cov = W.covariance((mat - mean).flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
+        return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps)}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        mean = stats["mean"].mean(0).reshape(-1)
+        if self.estimate == "covariance":
+            return {"mean": mean, "cov": S.unbiased_variance(stats["cov"].mean(0), m)}
+        return {"mean": mean, "matrix": stats["matrix"].mean(0)}
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
+        out = {"mean": running["mean"].reshape(1, gc, d, 1)}
+        key = self.stat_names[1]
+        return {**out, key: running[key].unsqueeze(0)}
+
+    def whitening(self, stats: Stats, eps: float) -> Tensor:
+        """The whitening matrix ``(Gn, Gc, D, D)`` of fitted or running statistics (from the
+        running covariance when that is what is tracked)."""
+        if "matrix" in stats:
+            return stats["matrix"]
+        return self._matrix(stats["cov"], eps)
+
+    def transform(
+        self,
+        v: Tensor,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        m: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> Tensor:
+        mat = matrix_view(v, nap.roles)
+        w = self.whitening(stats, eps)
+        out = torch.matmul(w, mat.to(w.dtype) - stats["mean"])
+        out = unmatrix_view(out, v.shape, nap.roles)
+        return Fs.affine_transform(out, None, None, weight, bias)
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        raise ConfigError("whitening is a matrix transform; use transform() or fold()")

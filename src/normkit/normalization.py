@@ -249,13 +249,13 @@ class Normalization(nn.Module):
         if use_batch:
             if self.training:
                 check_spread(x, m, self.nap, self.nop)
-            stats = self.nop.fit(v, self.nap, spatial)
+            stats = self.nop.fit(v, self.nap, spatial, eps=self.eps)
             if update:
                 self._update_running(running, stats, m)
         else:
             stats = self.nop.from_running(running, self.nap, self.num_features)
         return apply_normalization(
-            x, v, stats, nop=self.nop, eps=self.eps, m=m, weight=w, bias=b,
+            x, v, stats, nop=self.nop, nap=self.nap, eps=self.eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,
         )
 

@@ -46,6 +46,7 @@ def apply_normalization(
     stats: dict[str, Tensor],
     *,
     nop: Any,
+    nap: Any,
     eps: float,
     m: int,
     weight: Tensor | None,
@@ -57,7 +58,7 @@ def apply_normalization(
     ``weight``/``bias`` are already viewed against ``v`` (``(1, A, B, 1)`` or broadcastable).
     Returns a tensor shaped and typed like ``x``.
     """
-    out = nop.transform(v, stats, eps=eps, m=m, weight=weight, bias=bias)
+    out = nop.transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
     return restore_view(out.to(x.dtype), x.shape, channel_axis)
 
 
@@ -103,7 +104,7 @@ def normalize(
     spatial: Sequence[int] = tuple(x.shape[2:] if channel_axis == 1 else x.shape[1:-1])
     m = nap.count(v, spatial)
     if x.numel() > 0:
-        stats = nop.fit(v, nap, spatial)
+        stats = nop.fit(v, nap, spatial, eps=eps)
     else:
         stats = {}
     shape = (1, groups[0], groups[1], 1)
@@ -112,5 +113,5 @@ def normalize(
     if not stats:
         return restore_view(affine_transform(v, None, None, w, b).to(x.dtype), x.shape, channel_axis)
     return apply_normalization(
-        x, v, stats, nop=nop, eps=eps, m=m, weight=w, bias=b, channel_axis=channel_axis
+        x, v, stats, nop=nop, nap=nap, eps=eps, m=m, weight=w, bias=b, channel_axis=channel_axis
     )

@@ -12,6 +12,7 @@ nothing is copied.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,7 +21,16 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 
-__all__ = ["Role", "resolve_groups", "canonical_view", "restore_view", "reduce_dims", "check_input"]
+__all__ = [
+    "Role",
+    "resolve_groups",
+    "canonical_view",
+    "restore_view",
+    "reduce_dims",
+    "check_input",
+    "matrix_view",
+    "unmatrix_view",
+]
 
 Role = Literal["G", "D", "M"]
 AXES = ("N", "A", "B", "S")
@@ -131,3 +141,46 @@ def param_view(t: Tensor, groups: tuple[int, int]) -> Tensor:
 def stats_dtype(x: Tensor) -> torch.dtype:
     """Accumulation dtype: at least float32 (float64 stays float64)."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _matrix_perm(roles: Sequence[Role]) -> tuple[list[int], list[int], list[int]]:
+    g = [i for i in (1, 2, 3) if roles[i] == "G"]
+    d = [i for i in (1, 2, 3) if roles[i] == "D"]
+    m = [i for i in range(4) if roles[i] == "M"]
+    return g, d, m
+
+
+def matrix_view(v: Tensor, roles: Sequence[Role]) -> Tensor:
+    """The canonical view as a batch of matrices ``(Gn, Gc, D, M)`` for whitening.
+
+    ``Gn`` is ``N`` when the batch axis is a ``G`` axis (per-sample problems) and 1 otherwise;
+    ``Gc`` the product of the other ``G`` axes, ``D`` of the ``D`` axes (features whitened
+    jointly) and ``M`` of the ``M`` axes (samples). Copies when the permutation requires it.
+
+    Example:
+        >>> v = torch.randn(8, 4, 16, 9)       # (N, A, B, S)
+        >>> matrix_view(v, ("M", "G", "D", "M")).shape   # batch whitening, 4 groups of 16
+        torch.Size([1, 4, 16, 72])
+        >>> matrix_view(v, ("G", "D", "M", "M")).shape   # group whitening, 4 groups
+        torch.Size([8, 1, 4, 144])
+    """
+    g, d, m = _matrix_perm(roles)
+    lead = [0] if roles[0] == "G" else []
+    p = v.permute(*lead, *g, *d, *m)
+    sizes = [math.prod(v.shape[i] for i in axes) for axes in (g, d, m)]
+    return p.reshape(v.shape[0] if lead else 1, *sizes)
+
+
+def unmatrix_view(mat: Tensor, shape: Sequence[int], roles: Sequence[Role]) -> Tensor:
+    """Inverse of :func:`matrix_view`: back to the canonical ``(N, A, B, S)`` of ``shape``."""
+    g, d, m = _matrix_perm(roles)
+    perm = ([0] if roles[0] == "G" else []) + g + d + m
+    inverse = sorted(range(4), key=perm.__getitem__)
+    return mat.reshape([shape[i] for i in perm]).permute(*inverse)
+
+
+def matrix_sizes(groups: tuple[int, int], roles: Sequence[Role]) -> tuple[int, int]:
+    """``(Gc, D)`` of :func:`matrix_view` for the channel split ``groups = (A, B)``."""
+    gc = math.prod(n for n, r in zip(groups, roles[1:3], strict=True) if r == "G")
+    d = math.prod(n for n, r in zip(groups, roles[1:3], strict=True) if r == "D")
+    return gc, d
