@@ -231,9 +231,11 @@ class Normalization(nn.Module):
 
     def _native_ok(self, x: Tensor) -> bool:
         w = getattr(self, "weight", None)
-        return w is None or w.dtype == x.dtype or (
-            x.dtype in (torch.float16, torch.bfloat16) and w.dtype == torch.float32
-        )
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # torch's CPU kernels reduce in the input precision unless a float32 parameter makes
+            # them take the mixed-precision path; the generic path always reduces in float32.
+            return w is not None and w.dtype == torch.float32
+        return w is None or w.dtype == x.dtype
 
     def _forward_generic(
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool

@@ -84,11 +84,13 @@ def register(
     def decorator(cls: T) -> T:
         doc = (cls.__doc__ or "").strip().splitlines()
         meta = MethodInfo(name, cls, family, tuple(aliases), paper, doc[0] if doc else "")
-        for n in (name, *aliases):
+        names = (name, *aliases)
+        for n in names:  # check every name before writing any, so a failure changes nothing
             k = _key(n)
             if k in _KEYS and _KEYS[k] != name and _METHODS[_KEYS[k]].cls is not cls:
                 raise ConfigError(f"method name {n!r} is already registered to {_KEYS[k]!r}")
-            _KEYS[k] = name
+        for n in names:
+            _KEYS[_key(n)] = name
         _METHODS[name] = meta
         return cls
 

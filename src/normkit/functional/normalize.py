@@ -94,7 +94,8 @@ def normalize(
         True
     """
     check_eps(eps, nop)
-    num_features = x.shape[channel_axis] if x.dim() >= 1 else -1
+    min_rank = 1 if channel_axis == -1 else 2
+    num_features = x.shape[channel_axis] if x.dim() >= min_rank else -1
     check_input(x, num_features, channel_axis)
     if x.dim() == 1:  # a single (C,) vector with channel_axis=-1: one sample
         return normalize(x.unsqueeze(0), nap=nap, nop=nop, weight=weight, bias=bias, eps=eps,
