@@ -115,6 +115,33 @@ class Operation(ABC):
         scale, shift = self.coefficients(stats, eps, m)
         return Fs.affine_transform(v, scale, shift, weight, bias)
 
+    def fold(
+        self,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Statistics and recovery as one per-channel ``y = x·a + b``: ``(a, b)``, each ``(C,)``.
+
+        Raises:
+            ConfigError: when the statistics are not per channel (they depend on the input).
+        """
+        scale, shift = self.coefficients(stats, eps, 1)
+        one = next(t for t in (scale, shift, weight, bias) if t is not None)
+        a = torch.ones((), dtype=one.dtype, device=one.device) if scale is None else scale
+        b = torch.zeros((), dtype=one.dtype, device=one.device) if shift is None else shift
+        if weight is not None:
+            a, b = a * weight, b * weight
+        if bias is not None:
+            b = b + bias
+        shape = torch.broadcast_shapes(a.shape, b.shape, *(t.shape for t in (weight, bias) if t is not None))
+        if shape[0] != 1 or shape[3] != 1:
+            raise ConfigError("statistics vary with the sample or position; nothing to fold")
+        return a.expand(shape).reshape(-1), b.expand(shape).reshape(-1)
+
     def __repr__(self) -> str:
         fields = getattr(self, "__dataclass_fields__", {})
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in fields)})"
@@ -335,9 +362,44 @@ class Whiten(Operation):
     ) -> Tensor:
         mat = matrix_view(v, nap.roles)
         w = self.whitening(stats, eps)
+        folded = self._fold(w, stats["mean"], weight, bias, nap)
+        if folded is not None:  # one matmul: y = (γ ⊙ W) x + (β − (γ ⊙ W) μ)
+            lead = mat.shape[:2]
+            m_, b_ = (t.expand(*lead, *t.shape[2:]).flatten(0, 1) for t in folded)
+            out = torch.baddbmm(b_, m_, mat.to(w.dtype).flatten(0, 1))
+            return unmatrix_view(out.reshape(mat.shape), v.shape, nap.roles)
         out = torch.matmul(w, mat.to(w.dtype) - stats["mean"])
         out = unmatrix_view(out, v.shape, nap.roles)
         return Fs.affine_transform(out, None, None, weight, bias)
+
+    @staticmethod
+    def _fold(
+        w: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None, nap: Partition
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(γ ⊙ W, β − (γ ⊙ W) μ)`` in the matrix layout, or ``None`` when the recovery varies
+        along a sample axis (e.g. group whitening's per-channel γ) and cannot be folded."""
+        rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
+        if any(r is not None and r.shape[-1] != 1 for r in rows):
+            return None
+        g, b = rows
+        mat = w if g is None else w * g.to(w.dtype)
+        shift = -torch.matmul(mat, mean)
+        return mat, (shift if b is None else shift + b.to(w.dtype))
+
+    def fold(
+        self,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(M, b)`` with ``y = M x + b`` per group: ``M`` of shape ``(Gc, D, D)``, ``b`` ``(C,)``."""
+        folded = self._fold(self.whitening(stats, eps), stats["mean"], weight, bias, nap)
+        if folded is None:
+            raise ConfigError(f"the recovery of {nap!r} varies within a whitening group; cannot fold")
+        return folded[0][0], folded[1][0].reshape(-1)
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         raise ConfigError("whitening is a matrix transform; use transform() or fold()")

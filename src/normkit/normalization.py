@@ -175,6 +175,35 @@ class Normalization(nn.Module):
         self.reset_running_stats()
         self.nrr.reset(self._recovery_params(), self.num_features)
 
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The evaluation transform as one affine map, for folding into a neighbouring layer.
+
+        Standardization-family methods give per-channel ``(a, b)``, each ``(C,)``, with
+        ``y = a ⊙ x + b``; whitening gives ``(M, b)`` with ``M`` of shape ``(C/d, d, d)`` (one block
+        of a block-diagonal matrix per group) and ``b`` of shape ``(C,)``, with ``y = M x + b``
+        per group. Uses the running statistics.
+
+        Raises:
+            ConfigError: when there are no running statistics (nothing fixed to fold).
+
+        Example:
+            >>> import torch, normkit as nk
+            >>> bn = nk.BatchNorm(4).eval()
+            >>> a, b = bn.folded()
+            >>> x = torch.randn(2, 4, 3)
+            >>> torch.allclose(bn(x), x * a[:, None] + b[:, None], atol=1e-6)
+            True
+        """
+        running = self._running()
+        if running is None or not self.nap.batch_dependent:
+            raise ConfigError(
+                f"{type(self).__name__} has no running statistics to fold (statistics depend on "
+                f"each input); only batch-dependent methods with track_running_stats fold"
+            )
+        stats = self.nop.from_running(running, self.nap, self.num_features)
+        w, b = self.nrr.views(self._recovery_params(), self.groups)
+        return self.nop.fold(stats, nap=self.nap, eps=self.eps, weight=w, bias=b)
+
     def extra_repr(self) -> str:
         s = f"{self.num_features}, nap={self.nap!r}, nop={self.nop!r}, nrr={self.nrr!r}, eps={self.eps}"
         s += f", momentum={self.momentum}, track_running_stats={self.track_running_stats}"
