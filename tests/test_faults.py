@@ -13,7 +13,9 @@ import torch
 
 import normkit as nk
 
-METHODS = sorted(nk.list_methods())
+# Whitening has its own fault suite (tests/test_whitening.py: rank-deficient, repeated
+# eigenvalues, offsets, NaN); its error bounds grow with the group size.
+METHODS = sorted(set(nk.list_methods()) - set(nk.list_methods(family="whitening")))
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
 C = 16
 CENTERED = {"bn", "ln", "in", "gn", "pn", "batch_group_norm", "lcn", "divisive_norm",

@@ -12,13 +12,15 @@ import torch
 
 import normkit as nk
 
-ALL = ["batch_group_norm", "bn", "divisive_norm", "gn", "in", "l1_bn", "lcn", "ln", "lrn",
-       "mean_only_bn", "pn", "range_bn", "rms_norm", "scale_norm"]
+STANDARDIZATION = ["batch_group_norm", "bn", "divisive_norm", "gn", "in", "l1_bn", "lcn", "ln",
+                   "lrn", "mean_only_bn", "pn", "range_bn", "rms_norm", "scale_norm"]
+WHITENING = ["cd_bw", "dbn", "group_whitening", "instance_whitening", "iternorm", "pca_bw"]
+ALL = STANDARDIZATION + WHITENING
 
 
-def test_list_methods_is_exactly_the_14_presets():
+def test_list_methods_is_exactly_the_catalog():
     assert nk.list_methods() == sorted(ALL)
-    assert len(nk.list_methods()) == 14
+    assert nk.list_methods(family="whitening") == sorted(WHITENING)
 
 
 def test_list_methods_by_family():

@@ -208,7 +208,7 @@ class Local(Partition):
                 f"({self.channel_window})"
             )
         windows = self.window if isinstance(self.window, tuple) else (self.window,)
-        for w in (self.channel_window or 1, *windows):
+        for w in (1 if self.channel_window is None else self.channel_window, *windows):
             if not isinstance(w, int) or w < 1:
                 raise ConfigError(f"window sizes must be positive ints, got {w!r}")
 

@@ -7,7 +7,6 @@ this class.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -247,23 +246,34 @@ class Normalization(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` (see the class docstring for shapes)."""
         check_input(x, self.num_features, self.channel_axis)
-        if x.dim() == 1:  # a single (C,) vector with channel_axis=-1: one sample
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+        shape = tuple(x.shape)
+        vector = x.dim() == 1  # a single (C,) vector with channel_axis=-1: one sample
+        if vector:
+            x = x.unsqueeze(0)
         running = self._running()
         use_batch = self.training or running is None
         update = self.training and self.track_running_stats and running is not None
+        if x.numel() == 0:  # defined result: empty output, buffers untouched
+            update = False
+        elif use_batch:  # before any state changes; also in eval without running stats (torch)
+            v = canonical_view(x, self.groups, self.channel_axis)
+            spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
+            check_spread(shape, self.nap.count(v, spatial), self.nap, self.nop)
         if update:
             self.num_batches_tracked.add_(1)
         if self._native is not None and x.numel() > 0 and self._native_ok(x):
-            return self._forward_native(x, use_batch, update)
-        return self._forward_generic(x, running, use_batch, update)
+            y = self._forward_native(x, use_batch, update)
+        else:
+            y = self._forward_generic(x, running, use_batch, update)
+        return y.squeeze(0) if vector else y
 
     def _native_ok(self, x: Tensor) -> bool:
         w = getattr(self, "weight", None)
         if x.dtype in (torch.float16, torch.bfloat16):
             # torch's CPU kernels reduce in the input precision unless a float32 parameter makes
             # them take the mixed-precision path; the generic path always reduces in float32.
-            return w is not None and w.dtype == torch.float32
+            # (torch's rms_norm has no mixed-precision kernel and warns: generic path too).
+            return w is not None and w.dtype == torch.float32 and self._native != "rms_norm"
         return w is None or w.dtype == x.dtype
 
     def _forward_generic(
@@ -272,14 +282,10 @@ class Normalization(nn.Module):
         v = canonical_view(x, self.groups, self.channel_axis)
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
         w, b = self.nrr.views(self._recovery_params(), self.groups)
-        if x.numel() == 0:  # defined result: empty output, buffers untouched
-            if update:
-                self.num_batches_tracked.sub_(1)
+        if x.numel() == 0:
             return affine_transform(v, None, None, w, b).to(x.dtype).reshape(x.shape)
         m = self.nap.count(v, spatial)
         if use_batch:
-            if self.training:
-                check_spread(x, m, self.nap, self.nop)
             stats = self.nop.fit(v, self.nap, spatial, eps=self.eps)
             if update:
                 self._update_running(running, stats, m)
@@ -301,16 +307,12 @@ class Normalization(nn.Module):
         kind = self._native
         if kind == "batch_norm":
             xc = x if self.channel_axis == 1 else x.movedim(-1, 1)
-            if use_batch and self.training:
-                check_spread(x, x.numel() // x.shape[self.channel_axis], self.nap, self.nop)
             running = self._running()
             rm, rv = (None, None) if running is None or (use_batch and not update) else (
                 running["mean"], running["var"])
             y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, self.eps)
             return y if self.channel_axis == 1 else y.movedim(1, -1)
         if kind == "instance_norm":
-            if use_batch and self.training:
-                check_spread(x, math.prod(x.shape[2:]), self.nap, self.nop)
             running = self._running()
             rm, rv = (None, None) if running is None else (running["mean"], running["var"])
             if use_batch and not update:
@@ -318,12 +320,8 @@ class Normalization(nn.Module):
             return F.instance_norm(x, rm, rv, w, b, use_batch, self._factor() if update else 0.0,
                                    self.eps)
         if kind == "group_norm":
-            if self.training:
-                check_spread(x, math.prod(x.shape[1:]) // self.groups[0], self.nap, self.nop)
             return F.group_norm(x, self.groups[0], w, b, self.eps)
         if kind == "layer_norm":
-            if self.training:
-                check_spread(x, self.num_features, self.nap, self.nop)
             if self.channel_axis == 1:
                 return F.layer_norm(x.movedim(1, -1), (self.num_features,), w, b, self.eps).movedim(-1, 1)
             return F.layer_norm(x, (self.num_features,), w, b, self.eps)

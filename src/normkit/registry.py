@@ -161,7 +161,9 @@ def get(method: str | type | functools.partial | None) -> Callable[..., nn.Modul
     )
 
 
-def create(method: str | type | functools.partial, num_features: int, **kwargs: Any) -> nn.Module:
+def create(
+    method: str | type | functools.partial, num_features: int, /, **kwargs: Any
+) -> nn.Module:
     """Build a registered method: ``create("gn", 64, num_groups=8)``.
 
     Keyword arguments override those of a spec string or partial.
@@ -172,7 +174,7 @@ def create(method: str | type | functools.partial, num_features: int, **kwargs: 
     return factory(num_features, **kwargs)
 
 
-def partial(method: str | type, **kwargs: Any) -> functools.partial:
+def partial(method: str | type, /, **kwargs: Any) -> functools.partial:
     """``functools.partial`` of the preset class with keyword arguments only.
 
     Model libraries call ``norm_layer(num_features)`` and may rebind a partial's keywords, so the

@@ -29,14 +29,16 @@ def check_eps(eps: float, nop: Any) -> None:
         )
 
 
-def check_spread(x: Tensor, m: int, nap: Any, nop: Any) -> None:
-    """Raise :class:`ShapeError` when a variance-like statistic would be taken over one value."""
+def check_spread(shape: Sequence[int], m: int, nap: Any, nop: Any) -> None:
+    """Raise :class:`ShapeError` when a variance-like statistic would be taken over one value
+    (torch's rule for batch statistics, in training and in eval without running estimates)."""
     if m <= 1 and nop.needs_spread:
         where = "spatial element" if nap.roles[0] == "G" and nap.roles[1] == "G" else "value"
         raise ShapeError(
-            f"Expected more than 1 {where} per statistic when training, got input of shape "
-            f"{tuple(x.shape)} ({m} sample per {type(nap).__name__} group for {nop!r}); use a "
-            f"larger batch or spatial size, or call .eval() to use running statistics"
+            f"Expected more than 1 {where} per statistic when using batch statistics, got input "
+            f"of shape {tuple(shape)} ({m} sample per {type(nap).__name__} group for {nop!r}); "
+            f"use a larger batch or spatial size, or running statistics (track_running_stats "
+            f"and .eval())"
         )
 
 
@@ -105,6 +107,7 @@ def normalize(
     spatial: Sequence[int] = tuple(x.shape[2:] if channel_axis == 1 else x.shape[1:-1])
     m = nap.count(v, spatial)
     if x.numel() > 0:
+        check_spread(x.shape, m, nap, nop)
         stats = nop.fit(v, nap, spatial, eps=eps)
     else:
         stats = {}

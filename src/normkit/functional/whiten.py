@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError
 
@@ -69,6 +70,7 @@ class _InvSqrtEigh(torch.autograd.Function):
     For ``F = U f(Λ) Uᵀ`` the gradient is ``U (K ∘ Uᵀ sym(G) U) Uᵀ`` with
     ``K_ij = (f(λ_i) − f(λ_j))/(λ_i − λ_j)`` and ``K_ii = f'(λ_i)`` (Daleckii–Krein); near-equal
     pairs use ``f'`` at their mean, so repeated eigenvalues give finite, correct gradients.
+    First-order only: a second derivative raises (``once_differentiable``) instead of being wrong.
     """
 
     @staticmethod
@@ -80,6 +82,7 @@ class _InvSqrtEigh(torch.autograd.Function):
         return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         lam, u, f = ctx.saved_tensors
         li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
@@ -121,6 +124,24 @@ def _check(sigma: Tensor, eps: float) -> Tensor:
     return sigma.to(torch.promote_types(sigma.dtype, torch.float32))
 
 
+def _finite_guard(fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` on finite covariances only: a NaN/Inf ``Σ`` (from NaN/Inf input) gives a NaN
+    matrix instead of a LAPACK convergence error, so non-finite input propagates to the output
+    like every other normalization. No host synchronization."""
+
+    def wrapped(sigma: Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _check(sigma, 0.0)
+        bad = ~torch.isfinite(sigma).all(-1).all(-1)
+        safe = torch.where(bad[:, None, None], _eye_like(sigma), sigma)
+        out = fn(safe, *args, **kwargs)
+        return torch.where(bad[:, None, None], torch.full_like(out, float("nan")), out)
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapped
+
+
+@_finite_guard
 def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     """ZCA whitening matrix ``U Λ^{-1/2} Uᵀ`` of ``Σ + εI`` (Huang et al. 2018, DBN).
 
@@ -134,13 +155,21 @@ def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     return _InvSqrtEigh.apply(_check(sigma, eps), eps)
 
 
+@_finite_guard
 def pca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
-    """PCA whitening matrix ``Λ^{-1/2} Uᵀ`` of ``Σ + εI`` (eigenvalues ascending, as ``eigh``)."""
+    """PCA whitening matrix ``Λ^{-1/2} Uᵀ`` of ``Σ + εI`` (eigenvalues ascending, as ``eigh``;
+    each eigenvector's sign fixed so its largest-magnitude entry is positive)."""
     sigma = _check(sigma, eps)
     lam, u = _SafeEigh.apply(sigma + eps * _eye_like(sigma))
-    return lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt().unsqueeze(-1) * u.transpose(-1, -2)
+    # Eigenvectors are defined up to sign: make each one's largest-magnitude entry positive, so
+    # the output does not flip between dtypes, devices or nearby batches.
+    pivot = u.gather(-2, u.abs().argmax(-2, keepdim=True))
+    u = u * torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
+    floor = eps if eps > 0 else torch.finfo(lam.dtype).tiny  # rounding can push λ below ε
+    return lam.clamp_min(floor).rsqrt().unsqueeze(-1) * u.transpose(-1, -2)
 
 
+@_finite_guard
 def cholesky_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     """Cholesky whitening matrix ``L^{-1}`` with ``Σ + εI = LLᵀ`` (lower-triangular).
 
@@ -149,10 +178,15 @@ def cholesky_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     sigma = _check(sigma, eps)
     if eps == 0:
         raise ConfigError("Cholesky whitening needs eps > 0 (Σ may be singular)")
-    chol = torch.linalg.cholesky(sigma + eps * _eye_like(sigma))
+    # A covariance computed in float32 carries rounding of ~d·u·max Σ_ii, which can exceed ε on a
+    # rank-deficient batch and make Σ + εI indefinite; add that much more to the diagonal.
+    diag = sigma.diagonal(dim1=-2, dim2=-1)
+    jitter = sigma.shape[-1] * torch.finfo(sigma.dtype).eps * diag.amax(-1).clamp_min(0).detach()
+    chol = torch.linalg.cholesky(sigma + (eps + jitter)[:, None, None] * _eye_like(sigma))
     return torch.linalg.solve_triangular(chol, _eye_like(chol), upper=False)
 
 
+@_finite_guard
 def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) -> Tensor:
     """IterNorm's Newton–Schulz approximation of ``(Σ + εI)^{-1/2}`` (Huang et al. 2019).
 

@@ -14,3 +14,10 @@ from .standard import GroupNorm as GroupNorm
 from .standard import InstanceNorm as InstanceNorm
 from .standard import LayerNorm as LayerNorm
 from .standard import PositionalNorm as PositionalNorm
+from .whitening import BatchWhitening as BatchWhitening
+from .whitening import CholeskyBatchWhitening as CholeskyBatchWhitening
+from .whitening import DecorrelatedBatchNorm as DecorrelatedBatchNorm
+from .whitening import GroupWhitening as GroupWhitening
+from .whitening import InstanceWhitening as InstanceWhitening
+from .whitening import IterNorm as IterNorm
+from .whitening import PCABatchWhitening as PCABatchWhitening

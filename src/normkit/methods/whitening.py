@@ -37,8 +37,8 @@ class BatchWhitening(Normalization):
 
     Args:
         num_features: channels ``C``.
-        group_size: channels whitened jointly ``d`` (must divide ``C``). Default ``16`` or
-            ``C`` when smaller.
+        group_size: channels whitened jointly ``d`` (must divide ``C``). Default: the largest
+            divisor of ``C`` up to 16.
         method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"``.
         iterations: Newton–Schulz steps (``"newton"`` only). Default ``5``.
         estimate: running estimate kept for evaluation: ``"matrix"`` or ``"covariance"``.
@@ -68,8 +68,8 @@ class BatchWhitening(Normalization):
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if group_size is None:
-            group_size = min(16, num_features) if isinstance(num_features, int) else 16
+        if group_size is None and isinstance(num_features, int) and num_features > 0:
+            group_size = max(d for d in range(1, 17) if num_features % d == 0)
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
@@ -221,7 +221,7 @@ class GroupWhitening(Normalization):
 
     Args:
         num_features: channels ``C``.
-        num_groups: ``g`` (must divide ``C``). Default ``min(C, 16)`` groups dividing ``C``.
+        num_groups: ``g`` (must divide ``C``). Default: the largest divisor of ``C`` up to 16.
         method, iterations: as :class:`BatchWhitening`.
         affine: per-channel ``γ, β``. Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.

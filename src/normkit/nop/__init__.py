@@ -1,0 +1,39 @@
+"""NOP — normalization operation: what is done with the statistics of an area?
+
+Each operation splits into ``fit`` (statistics of the area a partition defines) and
+``coefficients`` (statistics → ``(scale, shift)`` with ``x̂ = x·scale + shift``). Training fits on
+the batch and may track running estimates; evaluation feeds the running estimates to the same
+``coefficients``, so train and eval cannot drift apart.
+
+===================  ===========================================  ==================
+operation            x̂                                            statistics
+===================  ===========================================  ==================
+``Standardize()``    (x − μ)/√(σ² + ε)                            mean, var
+``Center()``         x − μ                                        mean
+``Scale("rms")``     x/√(E[x²] + ε)                               ms
+``Scale("l2")``      x/√(Σx² + ε)                                 ms
+``L1()``             (x − μ)/(√(π/2)·E|x − μ| + ε)                mean, scale
+``Range()``          (x − μ)/((max − min)·C(m) + ε)               mean, scale
+``Divisive(...)``    (x − μ)/(k + α·σ²)^β   (``center=False``: x/(k + α·E[x²])^β)  mean, var / ms
+===================  ===========================================  ==================
+
+Example:
+    >>> import torch, normkit as nk
+    >>> x = torch.randn(4, 3, 5)
+    >>> y = nk.functional.normalize(x, nap=nk.nap.Layer(), nop=nk.nop.Scale("rms"), eps=1e-6)
+    >>> torch.allclose(y, x / (x.pow(2).mean((1, 2), keepdim=True) + 1e-6).sqrt())
+    True
+"""
+
+from ._base import Coefficients as Coefficients
+from ._base import Operation as Operation
+from ._base import Stats as Stats
+from ._standard import L1 as L1
+from ._standard import Center as Center
+from ._standard import Divisive as Divisive
+from ._standard import Range as Range
+from ._standard import Scale as Scale
+from ._standard import Standardize as Standardize
+from ._whiten import Whiten as Whiten
+
+__all__ = ["Operation", "Standardize", "Center", "Scale", "L1", "Range", "Divisive", "Whiten"]

@@ -1,0 +1,117 @@
+"""The base class of normalization operations."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..functional import standardize as Fs
+from ..functional import statistics as S
+from ..nap import Partition
+
+__all__ = ["Operation", "Stats", "Coefficients"]
+
+Stats = dict[str, Tensor]
+Coefficients = tuple["Tensor | None", "Tensor | None"]
+
+
+class Operation(ABC):
+    """Base class of normalization operations.
+
+    Attributes:
+        stat_names: names of the statistics; running buffers are ``running_<name>``.
+        needs_spread: whether a statistic needs more than one sample (variance-like).
+        uses_eps: whether ``eps`` enters the formula (then it must be > 0).
+    """
+
+    stat_names: tuple[str, ...] = ()
+    needs_spread: bool = True
+    uses_eps: bool = True
+
+    @abstractmethod
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        """Statistics of the canonical view ``v`` over ``nap``'s area (≥ float32, kept dims).
+
+        ``eps`` is given for operations whose statistics depend on it (whitening matrices).
+        """
+
+    @abstractmethod
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        """``(scale, shift)`` of ``x̂ = x·scale + shift`` (either may be ``None``)."""
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Running buffers ``running_<name>``: name → (shape, initial value ``"0"``/``"1"``/``"eye"``).
+
+        Raises:
+            ConfigError: when the partition's statistics cannot be tracked (they vary with
+                position).
+        """
+        size = nap.stat_size(num_features)
+        return {s: ((size,), "1" if s in ("var", "ms", "scale") else "0") for s in self.stat_names}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        """Batch statistics as the values running buffers track, shaped like the buffers.
+
+        The variance is unbiased (``× m/(m−1)``, as torch's BatchNorm); statistics kept per sample
+        (``N`` a ``G`` axis, e.g. IN) are averaged over the batch, as torch's InstanceNorm.
+        """
+        out = {}
+        for k, t in stats.items():
+            t = S.unbiased_variance(t, m) if k == "var" else t
+            out[k] = (t.mean(0) if t.shape[0] > 1 else t[0]).reshape(-1)
+        return out
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        """Running buffers viewed as statistics against the canonical view (for evaluation)."""
+        shape = nap.stat_view_shape(num_features)
+        return {k: t.reshape(shape) for k, t in running.items()}
+
+    def transform(
+        self,
+        v: Tensor,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        m: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> Tensor:
+        """``y = (v·scale + shift)·weight + bias`` on the canonical view (fused where smaller)."""
+        scale, shift = self.coefficients(stats, eps, m)
+        return Fs.affine_transform(v, scale, shift, weight, bias)
+
+    def fold(
+        self,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Statistics and recovery as one per-channel ``y = x·a + b``: ``(a, b)``, each ``(C,)``.
+
+        Raises:
+            ConfigError: when the statistics are not per channel (they depend on the input).
+        """
+        scale, shift = self.coefficients(stats, eps, 1)
+        one = next(t for t in (scale, shift, weight, bias) if t is not None)
+        a = torch.ones((), dtype=one.dtype, device=one.device) if scale is None else scale
+        b = torch.zeros((), dtype=one.dtype, device=one.device) if shift is None else shift
+        if weight is not None:
+            a, b = a * weight, b * weight
+        if bias is not None:
+            b = b + bias
+        shape = torch.broadcast_shapes(a.shape, b.shape, *(t.shape for t in (weight, bias) if t is not None))
+        if shape[0] != 1 or shape[3] != 1:
+            raise ConfigError("statistics vary with the sample or position; nothing to fold")
+        return a.expand(shape).reshape(-1), b.expand(shape).reshape(-1)
+
+    def __repr__(self) -> str:
+        fields = getattr(self, "__dataclass_fields__", {})
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in fields)})"

@@ -1,0 +1,147 @@
+"""Standardization-family operations: every one is ``x̂ = x·scale + shift`` given its statistics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..functional import standardize as Fs
+from ..functional import statistics as S
+from ..nap import Partition
+from ._base import Coefficients, Operation, Stats
+
+__all__ = ["Standardize", "Center", "Scale", "L1", "Range", "Divisive"]
+
+
+@dataclass(frozen=True, repr=False)
+class Standardize(Operation):
+    """Standardization ``x̂ = (x − μ)/√(σ² + ε)`` (biased batch variance)."""
+
+    stat_names = ("mean", "var")
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        mean, var = nap.moments(v, spatial)
+        return {"mean": mean, "var": var}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        return Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
+
+
+@dataclass(frozen=True, repr=False)
+class Center(Operation):
+    """Centering only ``x̂ = x − μ`` (mean-only BN, Salimans & Kingma 2016)."""
+
+    stat_names = ("mean",)
+    needs_spread = False
+    uses_eps = False
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        return {"mean": nap.moments(v, spatial)[0]}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        return Fs.center_coefficients(stats["mean"])
+
+
+@dataclass(frozen=True, repr=False)
+class Scale(Operation):
+    """Scaling only by the quadratic mean: ``"rms"`` ``x/√(E[x²] + ε)`` (RMSNorm) or ``"l2"``
+    ``x/√(Σx² + ε)`` (ScaleNorm's ``x/‖x‖``)."""
+
+    kind: Literal["rms", "l2"] = "rms"
+
+    stat_names = ("ms",)
+    needs_spread = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("rms", "l2"):
+            raise ConfigError(f"Scale kind must be 'rms' or 'l2', got {self.kind!r}")
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        return {"ms": nap.mean_square(v, spatial)}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        ms = stats["ms"] if self.kind == "rms" else stats["ms"] * m
+        return Fs.rms_coefficients(ms, eps)
+
+
+@dataclass(frozen=True, repr=False)
+class L1(Operation):
+    """L1 standardization ``x̂ = (x − μ)/(√(π/2)·E|x − μ| + ε)`` (Wu et al. 2018).
+
+    For Gaussian ``x``, ``√(π/2)·E|x − μ| = σ``, so it matches BN in distribution while avoiding
+    squares (cheaper, more stable in low precision).
+    """
+
+    stat_names = ("mean", "scale")
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        mean = nap.moments(v, spatial)[0]
+        mad = nap.mean_abs_deviation(v, mean, spatial)
+        return {"mean": mean, "scale": mad * math.sqrt(math.pi / 2)}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
+
+
+@dataclass(frozen=True, repr=False)
+class Range(Operation):
+    """Range (L∞) standardization ``x̂ = (x − μ)/((max − min)·C(m) + ε)``, ``C(m) = 1/√(2 ln m)``
+    (Hoffer et al. 2018)."""
+
+    stat_names = ("mean", "scale")
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        mean = nap.moments(v, spatial)[0]
+        c = S.range_constant(nap.count(v, spatial))
+        return {"mean": mean, "scale": nap.value_range(v, spatial) * c}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
+
+
+@dataclass(frozen=True, repr=False)
+class Divisive(Operation):
+    """Divisive normalization ``x̂ = (x − μ)/(k + α·σ²)^β`` over the area.
+
+    With ``center=False`` the second moment is ``E[x²]`` and nothing is subtracted, which over a
+    window of ``n`` neighbouring channels is Krizhevsky's local response normalization
+    ``x/(k + α/n·Σx²)^β`` (torch's ``local_response_norm``). ``eps`` is unused: ``k`` plays its
+    role and must be > 0 when ``β > 0``.
+    """
+
+    k: float = 1.0
+    alpha: float = 1.0
+    beta: float = 0.5
+    center: bool = True
+
+    uses_eps = False
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.alpha < 0 or (self.k == 0 and self.beta > 0):
+            raise ConfigError(
+                f"Divisive needs k > 0 and alpha >= 0 (got k={self.k}, alpha={self.alpha}); "
+                f"k is the constant that keeps the denominator away from 0"
+            )
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("mean", "var") if self.center else ("ms",)
+
+    @property
+    def needs_spread(self) -> bool:  # type: ignore[override]
+        return self.center
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        if self.center:
+            mean, var = nap.moments(v, spatial)
+            return {"mean": mean, "var": var}
+        return {"ms": nap.mean_square(v, spatial)}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        second = stats["var"] if self.center else stats["ms"]
+        return Fs.divisive_coefficients(stats.get("mean"), second, self.k, self.alpha, self.beta)

@@ -1,0 +1,162 @@
+"""Whitening operations: ``x̂ = W (x − μ)`` on the ``(Gn, Gc, D, M)`` matrix view."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..functional import standardize as Fs
+from ..functional import statistics as S
+from ..functional import whiten as W
+from ..functional.partition import matrix_sizes, matrix_view, unmatrix_view
+from ..nap import Partition
+from ._base import Coefficients, Operation, Stats
+
+__all__ = ["Whiten"]
+
+
+@dataclass(frozen=True, repr=False)
+class Whiten(Operation):
+    r"""Whitening ``x̂ = W (x − μ)`` with ``W (Σ + εI) Wᵀ = I``: decorrelates the ``D`` features.
+
+    The partition's ``D`` axes are whitened jointly (``Batch(group_size=d)``: groups of ``d``
+    channels over the batch; ``Group(g)``: the ``g`` group-vectors of each sample;
+    ``Instance(group_size=d)``: groups of channels over positions). ``D = 1`` is standardization.
+
+    Args:
+        method: ``"zca"`` (``UΛ^{-1/2}Uᵀ``), ``"pca"`` (``Λ^{-1/2}Uᵀ``), ``"cholesky"``
+            (``L^{-1}``) or ``"newton"`` (IterNorm's Newton–Schulz, ``iterations`` steps); see
+            :mod:`normkit.functional.whiten`.
+        iterations: Newton–Schulz steps ``T`` (``method="newton"`` only).
+        estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
+            matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
+            recomputed from it at evaluation: the book's "Sigma" variants).
+    """
+
+    method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
+    iterations: int = 5
+    estimate: Literal["matrix", "covariance"] = "matrix"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("zca", "pca", "cholesky", "newton"):
+            raise ConfigError(
+                f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', got {self.method!r}"
+            )
+        if self.estimate not in ("matrix", "covariance"):
+            raise ConfigError(f"estimate must be 'matrix' or 'covariance', got {self.estimate!r}")
+        if not isinstance(self.iterations, int) or not 0 < self.iterations <= W.MAX_ITERATIONS:
+            raise ConfigError(
+                f"iterations must be an int in [1, {W.MAX_ITERATIONS}], got {self.iterations!r}"
+            )
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("mean", "matrix") if self.estimate == "matrix" else ("mean", "cov")
+
+    def _matrix(self, cov: Tensor, eps: float) -> Tensor:
+        flat = cov.reshape(-1, *cov.shape[-2:])
+        w = W.whitening_matrix(flat, self.method, eps=eps, iterations=self.iterations)
+        return w.reshape(cov.shape)
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
+        return {"mean": ((gc * d,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+        mat = matrix_view(v, nap.roles)
+        mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
+        mean = mat.mean(-1, keepdim=True)
+        centered = mat - mean
+        cov = W.covariance(centered.flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
+        # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
+        # large offsets, and autograd saves the one tensor for both products.
+        return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        mean = stats["mean"].mean(0).reshape(-1)
+        if self.estimate == "covariance":
+            return {"mean": mean, "cov": S.unbiased_variance(stats["cov"].mean(0), m)}
+        return {"mean": mean, "matrix": stats["matrix"].mean(0)}
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
+        out = {"mean": running["mean"].reshape(1, gc, d, 1)}
+        key = self.stat_names[1]
+        return {**out, key: running[key].unsqueeze(0)}
+
+    def whitening(self, stats: Stats, eps: float) -> Tensor:
+        """The whitening matrix ``(Gn, Gc, D, D)`` of fitted or running statistics (from the
+        running covariance when that is what is tracked)."""
+        if "matrix" in stats:
+            return stats["matrix"]
+        return self._matrix(stats["cov"], eps)
+
+    def transform(
+        self,
+        v: Tensor,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        m: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> Tensor:
+        w = self.whitening(stats, eps)
+        centered = stats.get("centered")
+        if centered is None:  # running statistics: fold μ into the bias, one matmul over x
+            mat = matrix_view(v, nap.roles).to(w.dtype)
+            folded = self._fold(w, stats["mean"], weight, bias, nap)
+        else:  # batch statistics: whiten the centred batch fit() already made
+            mat = centered
+            folded = self._fold(w, None, weight, bias, nap)
+        if folded is not None:  # y = (γ ⊙ W) x + (β − (γ ⊙ W) μ)
+            lead = mat.shape[:2]
+            m_, b_ = (None if t is None else t.expand(*lead, *t.shape[2:]).flatten(0, 1)
+                      for t in folded)
+            out = torch.baddbmm(b_, m_, mat.flatten(0, 1)) if b_ is not None else torch.bmm(
+                m_, mat.flatten(0, 1))
+            return unmatrix_view(out.reshape(mat.shape), v.shape, nap.roles)
+        out = torch.matmul(w, mat if centered is not None else mat - stats["mean"])
+        out = unmatrix_view(out, v.shape, nap.roles)
+        return Fs.affine_transform(out, None, None, weight, bias)
+
+    @staticmethod
+    def _fold(
+        w: Tensor, mean: Tensor | None, weight: Tensor | None, bias: Tensor | None, nap: Partition
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """``(γ ⊙ W, β − (γ ⊙ W) μ)`` in the matrix layout, or ``None`` when the recovery varies
+        along a sample axis (e.g. group whitening's per-channel γ) and cannot be folded."""
+        rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
+        if any(r is not None and r.shape[-1] != 1 for r in rows):
+            return None
+        g, b = rows
+        mat = w if g is None else w * g.to(w.dtype)
+        shift = None if mean is None else -torch.matmul(mat, mean)
+        if b is not None:
+            shift = b.to(w.dtype) if shift is None else shift + b.to(w.dtype)
+        return mat, shift
+
+    def fold(
+        self,
+        stats: Stats,
+        *,
+        nap: Partition,
+        eps: float,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(M, b)`` with ``y = M x + b`` per group: ``M`` of shape ``(Gc, D, D)``, ``b`` ``(C,)``."""
+        folded = self._fold(self.whitening(stats, eps), stats["mean"], weight, bias, nap)
+        if folded is None:
+            raise ConfigError(f"the recovery of {nap!r} varies within a whitening group; cannot fold")
+        shift = folded[1] if folded[1] is not None else torch.zeros_like(stats["mean"])
+        return folded[0][0], shift[0].reshape(-1)
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        raise ConfigError("whitening is a matrix transform; use transform() or fold()")
