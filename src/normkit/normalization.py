@@ -26,7 +26,9 @@ __all__ = ["Normalization"]
 
 _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
 
-Native = Literal["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
+Native = Literal[
+    "batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"
+]
 
 
 class Normalization(nn.Module):
@@ -224,6 +226,8 @@ class Normalization(nn.Module):
         if type(nop) is nop_.Standardize and plain_affine:
             if type(nap) is nap_.Batch and self.groups[1] == 1:
                 return "batch_norm"
+            if type(nap) is nap_.BatchGroup and self.channel_axis == 1:
+                return "batch_group_norm"  # BN kernel over (N, g, C/g·S), then the affine
             if type(nap) is nap_.Instance and self.channel_axis == 1:
                 return "instance_norm"
             if not self.track_running_stats:
@@ -272,8 +276,10 @@ class Normalization(nn.Module):
         if x.dtype in (torch.float16, torch.bfloat16):
             # torch's CPU kernels reduce in the input precision unless a float32 parameter makes
             # them take the mixed-precision path; the generic path always reduces in float32.
-            # (torch's rms_norm has no mixed-precision kernel and warns: generic path too).
-            return w is not None and w.dtype == torch.float32 and self._native != "rms_norm"
+            # torch's rms_norm has no mixed-precision kernel and warns, and batch-group calls the
+            # BN kernel without the parameters: generic path for both.
+            return (w is not None and w.dtype == torch.float32
+                    and self._native not in ("rms_norm", "batch_group_norm"))
         return w is None or w.dtype == x.dtype
 
     def _forward_generic(
@@ -312,6 +318,17 @@ class Normalization(nn.Module):
                 running["mean"], running["var"])
             y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, self.eps)
             return y if self.channel_axis == 1 else y.movedim(1, -1)
+        if kind == "batch_group_norm":
+            g, per = self.groups
+            running = self._running()
+            rm, rv = (None, None) if running is None or (use_batch and not update) else (
+                running["mean"], running["var"])
+            y = F.batch_norm(x.reshape(x.shape[0], g, -1), rm, rv, None, None, use_batch,
+                             self._factor() if update else 0.0, self.eps)
+            if w is not None:
+                shape = (1, g, per, 1)
+                y = torch.addcmul(b.reshape(shape), y.reshape(x.shape[0], g, per, -1), w.reshape(shape))
+            return y.reshape(x.shape)
         if kind == "instance_norm":
             running = self._running()
             rm, rv = (None, None) if running is None else (running["mean"], running["var"])

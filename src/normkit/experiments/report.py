@@ -1,0 +1,292 @@
+"""Tables, plots and reports of a comparison sweep.
+
+From the run records of :func:`normkit.experiments.sweep.run_sweep` this writes, in the run
+directory: ``results.csv`` (one row per run), ``error_vs_batch_size.png`` (test error against
+batch size on a log2 axis, mean ± std over seeds), ``training_curves.png`` (train loss and test
+error per epoch), and ``report.md`` / ``report.html`` embedding them (the HTML is self-contained:
+images are base64 data URIs). :func:`results_table` gives the same summary as a rich table.
+Example::
+
+    >>> from normkit.experiments.report import summarize
+    >>> rows = summarize([{"method": "bn", "batch_size": 2, "seed": 0, "status": "ok",
+    ...                    "test_error": 10.0, "time_per_step_ms": 1.0}])
+    >>> rows[0]["error_mean"], rows[0]["ok"]
+    (10.0, 1)
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+__all__ = ["summarize", "results_table", "write_csv", "plot_error_vs_batch_size",
+           "plot_training_curves", "write_report"]
+
+Record = dict[str, Any]
+_CSV_FIELDS = ["method", "batch_size", "seed", "status", "test_error", "test_acc", "test_loss",
+               "test_error_batch_stats", "lr", "epochs", "steps", "time_per_step_ms", "wall_s",
+               "num_params", "error", "config_hash"]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
+    """One row per (method, batch size): mean ± std over the seeds that finished.
+
+    Returns:
+        Rows in first-seen method order, then by batch size, with ``method``, ``batch_size``,
+        ``ok`` (finished runs), ``runs``, ``error_mean``/``error_std`` (test error, percent),
+        ``bstats_mean``/``bstats_std`` (with batch statistics, when measured),
+        ``ms_per_step`` and ``problems`` (``status: error`` of each run that did not finish).
+    """
+    groups: dict[tuple[str, int], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["batch_size"]), []).append(r)
+    order = list(dict.fromkeys(m for m, _ in groups))
+    rows = []
+    for (method, bs), runs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]),
+                                                                      kv[0][1])):
+        ok = [r for r in runs if r["status"] == "ok"]
+        err_mean, err_std = _mean_std([r["test_error"] for r in ok])
+        bs_mean, bs_std = _mean_std([r["test_error_batch_stats"] for r in ok
+                                     if r.get("test_error_batch_stats") is not None])
+        ms, _ = _mean_std([r["time_per_step_ms"] for r in ok])
+        rows.append({
+            "method": method, "batch_size": bs, "ok": len(ok), "runs": len(runs),
+            "error_mean": err_mean, "error_std": err_std, "bstats_mean": bs_mean,
+            "bstats_std": bs_std, "ms_per_step": ms,
+            "problems": [f"seed {r['seed']} {r['status']}: {r.get('error')}"
+                         for r in runs if r["status"] != "ok"],
+        })
+    return rows
+
+
+def _cell(row: dict[str, Any], key: str = "error") -> str:
+    """``"12.3 ± 0.4"`` (one seed: ``"12.3"``), with ``(k/n)`` when only k of n seeds finished,
+    ``"failed"`` if none did."""
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if mean is None:
+        return "—" if key == "bstats" and row["ok"] else "failed"
+    text = f"{mean:.1f} ± {std:.1f}" if row["ok"] > 1 else f"{mean:.1f}"
+    return text if row["ok"] == row["runs"] else f"{text} ({row['ok']}/{row['runs']})"
+
+
+def _grid(rows: list[dict[str, Any]], key: str = "error") -> tuple[list[int], list[list[str]]]:
+    """Method × batch size matrix of cells, plus a ms/step column, for tables."""
+    sizes = sorted({r["batch_size"] for r in rows})
+    by = {(r["method"], r["batch_size"]): r for r in rows}
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [_cell(by[method, b], key) if (method, b) in by else "" for b in sizes]
+        times = [by[method, b]["ms_per_step"] for b in sizes
+                 if (method, b) in by and by[method, b]["ms_per_step"] is not None]
+        lines.append([method, *cells, f"{statistics.fmean(times):.2f}" if times else "—"])
+    return sizes, lines
+
+
+def results_table(records: Iterable[Record], title: str = "test error (%)") -> Table:
+    """Rich table: a row per method, a column per batch size, cells "mean ± std" test error."""
+    rows = summarize(records)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    sizes, lines = _grid(rows)
+    width = max(len(line[0]) for line in lines) + (len(" (batch stats)") if any(
+        r["bstats_mean"] is not None for r in rows) else 0)
+    table.add_column("method", min_width=width, no_wrap=True)
+    for header in [*(f"bs={b}" for b in sizes), "ms/step"]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for line in lines:
+        table.add_row(*line)
+    if any(r["bstats_mean"] is not None for r in rows):
+        for line in _grid(rows, "bstats")[1]:
+            table.add_row(f"{line[0]} (batch stats)", *line[1:-1], "", style="dim")
+    return table
+
+
+def write_csv(records: Iterable[Record], path: str | Path) -> Path:
+    """One CSV row per run with the scalar fields (no per-epoch history)."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def _figure(ncols: int = 1, nrows: int = 1, figsize: tuple[float, float] | None = None,
+            **kw: Any) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
+
+    fig = Figure(figsize=figsize or (3.6 * ncols + 1.6, 3.0 * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
+
+
+def _colors(methods: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_error_vs_batch_size(records: list[Record], path: str | Path) -> Path:
+    """Test error against batch size (log2 axis), one line per method, mean ± std over seeds.
+
+    Dashed lines show the error with batch statistics when it was measured.
+    """
+    rows = summarize(records)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = _colors(methods)
+    fig, axes = _figure(figsize=(7.5, 4))
+    ax = axes[0][0]
+    for method in methods:
+        for key, style, suffix in (("error", "-o", ""), ("bstats", "--x", " (batch stats)")):
+            pts = [r for r in rows if r["method"] == method and r[f"{key}_mean"] is not None]
+            if pts:
+                ax.errorbar([r["batch_size"] for r in pts], [r[f"{key}_mean"] for r in pts],
+                            yerr=[r[f"{key}_std"] for r in pts], fmt=style, capsize=3,
+                            color=colors[method], label=method + suffix)
+    sizes = sorted({r["batch_size"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set(xlabel="batch size", ylabel="test error (%)", title="test error vs batch size")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize="small")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_training_curves(records: list[Record], path: str | Path) -> Path:
+    """Per batch size (columns): train loss (top) and test error (bottom) per epoch, mean over
+    seeds, one line per method."""
+    from matplotlib.ticker import MaxNLocator
+
+    sizes = sorted({r["batch_size"] for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    colors = _colors(methods)
+    fig, axes = _figure(len(sizes), 2, sharey="row")
+    for col, bs in enumerate(sizes):
+        for method in methods:
+            runs = [r["history"] for r in records
+                    if r["method"] == method and r["batch_size"] == bs and r.get("history")]
+            for row, (key, scale) in enumerate((("train_loss", 1.0), ("test_acc", -100.0))):
+                epochs = max((len(h) for h in runs), default=0)
+                means = [statistics.fmean(h[e][key] for h in runs if len(h) > e)
+                         for e in range(epochs)]
+                ys = [100 + m * scale if scale < 0 else m for m in means]
+                ys = [y if math.isfinite(y) else float("nan") for y in ys]
+                axes[row][col].plot(range(1, epochs + 1), ys, "-o", ms=3, color=colors[method],
+                                    label=method)
+        axes[0][col].set_title(f"batch size {bs}")
+        axes[1][col].set_xlabel("epoch")
+        for row in (0, 1):
+            axes[row][col].xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].set_ylabel("train loss")
+    axes[1][0].set_ylabel("test error (%)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper",
+               fontsize="small")
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+def _blocks(records: list[Record], meta: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The report's content as (kind, value) blocks, rendered to Markdown and to HTML."""
+    rows = summarize(records)
+    sizes, lines = _grid(rows)
+    header = ["method", *(f"bs={b}" for b in sizes), "ms/step"]
+    blocks: list[tuple[str, Any]] = [
+        ("h1", f"normkit compare: {meta.get('dataset', '')} / {meta.get('model', '')}"),
+        ("p", meta.get("summary", "")),
+        ("h2", "Test error (%), mean ± std over seeds (eval-mode statistics)"),
+        ("table", (header, lines)),
+    ]
+    if any(r["bstats_mean"] is not None for r in rows):
+        blocks += [("h2", "Test error (%) with batch statistics (train mode, run's batch size)"),
+                   ("table", (header[:-1], [line[:-1] for line in _grid(rows, "bstats")[1]]))]
+    blocks += [("h2", "Test error vs batch size"), ("img", "error_vs_batch_size.png"),
+               ("h2", "Training curves"), ("img", "training_curves.png")]
+    problems = [f"{r['method']} bs={r['batch_size']} {p}" for r in rows for p in r["problems"]]
+    if problems:
+        blocks += [("h2", "Runs that did not finish"), ("ul", problems)]
+    blocks += [("h2", "Configuration"), ("ul", [f"{k}: {v}" for k, v in meta.items()
+                                                 if k != "summary"])]
+    return blocks
+
+
+def _markdown(blocks: list[tuple[str, Any]]) -> str:
+    out = []
+    for kind, value in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"{'#' * int(kind[1])} {value}")
+        elif kind == "p":
+            out.append(value)
+        elif kind == "table":
+            head, lines = value
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(line) + " |" for line in lines]
+        elif kind == "img":
+            out.append(f"![{value}]({value})")
+        elif kind == "ul":
+            out += [f"- {item}" for item in value]
+        out.append("")
+    return "\n".join(out)
+
+
+def _html(blocks: list[tuple[str, Any]], out_dir: Path) -> str:
+    esc = html.escape
+    body = []
+    for kind, value in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{esc(str(value))}</{kind}>")
+        elif kind == "table":
+            head, lines = value
+            body.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in line) + "</tr>"
+                                  for line in lines) + "</table>")
+        elif kind == "img":
+            data = base64.b64encode((out_dir / value).read_bytes()).decode()
+            body.append(f'<img alt="{esc(value)}" src="data:image/png;base64,{data}">')
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{esc(str(i))}</li>" for i in value) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
+             "text-align:right}td:first-child{text-align:left}img{max-width:100%}")
+    title = esc(str(blocks[0][1]))
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(records: list[Record], out_dir: str | Path,
+                 meta: dict[str, Any]) -> dict[str, Path]:
+    """Write ``results.csv``, both plots, ``report.md`` and a self-contained ``report.html``.
+
+    Args:
+        records: run records (see :func:`normkit.experiments.runner.train_run`).
+        out_dir: the run directory.
+        meta: configuration shown in the report; ``dataset``, ``model`` and ``summary`` (one
+            sentence under the title) are used in the header.
+
+    Returns:
+        The written paths by name (``csv``, ``error_plot``, ``curves_plot``, ``markdown``,
+        ``html``).
+    """
+    out = Path(out_dir)
+    paths = {"csv": write_csv(records, out / "results.csv"),
+             "error_plot": plot_error_vs_batch_size(records, out / "error_vs_batch_size.png"),
+             "curves_plot": plot_training_curves(records, out / "training_curves.png")}
+    blocks = _blocks(records, meta)
+    (out / "report.md").write_text(_markdown(blocks))
+    (out / "report.html").write_text(_html(blocks, out))
+    return paths | {"markdown": out / "report.md", "html": out / "report.html"}

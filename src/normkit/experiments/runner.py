@@ -1,0 +1,320 @@
+"""One training run and its configuration: the unit ``normkit compare`` sweeps over.
+
+A run trains one model (one normalization method, batch size and seed) with SGD + momentum and a
+cosine learning-rate decay, evaluates the test set after every epoch and returns a JSON-able record.
+A run never raises for a training failure: a non-finite loss gives ``status="diverged"``, an
+exception ``status="failed"`` with the error text. Example::
+
+    >>> from normkit.experiments.data import load_dataset
+    >>> from normkit.experiments.runner import CompareConfig, train_run
+    >>> cfg = CompareConfig(methods=["none"], dataset="gaussian", epochs=1)
+    >>> data = load_dataset("gaussian", subset=256)
+    >>> record = train_run(data, cfg, "none", batch_size=32, seed=0)
+    >>> record["status"], record["steps"]
+    ('ok', 8)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import registry
+from ..errors import ConfigError
+from .data import DATASETS, IDX_DATASETS, Dataset
+from .models import MODELS, build_model
+
+__all__ = ["DEFAULT_METHODS", "CompareConfig", "canonical_method", "validate_methods", "train_run",
+           "evaluate"]
+
+DEFAULT_METHODS = ("bn", "gn:num_groups=8", "ln", "none")
+_EVAL_CHUNK = 1024
+
+
+@dataclass
+class CompareConfig:
+    """Everything that defines a comparison sweep.
+
+    The grid (``methods`` × ``batch_sizes`` × ``seeds``) says which runs to do; every other field
+    is a *setting* that changes what a run computes and is hashed into :meth:`config_hash`, so
+    results of different settings are never mixed.
+
+    Attributes:
+        methods: normalization specs (``"bn"``, ``"gn:num_groups=8"``, ``"none"``, ...).
+        dataset: a name of :data:`normkit.experiments.data.DATASETS`.
+        data_dir: directory of IDX files (``mnist``, ``fashion-mnist``); not a setting.
+        model: a name of :data:`normkit.experiments.models.MODELS`.
+        batch_sizes: training batch sizes.
+        seeds: run seeds (model initialization and data order).
+        epochs: passes over the training set, the same for every batch size.
+        lr: learning rate at ``base_batch_size``.
+        base_batch_size: batch size at which ``lr`` applies when ``lr_scaling`` is on.
+        lr_scaling: scale the learning rate linearly with the batch size.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        subset: keep at most this many training and test examples (``None``: all).
+        data_seed: seed of the dataset (generation, split and subset), shared by all runs.
+        eval_batch_stats: also measure test accuracy with batch statistics (train mode).
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    model: str = "mlp"
+    batch_sizes: list[int] = field(default_factory=lambda: [2, 4, 16, 64])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 4
+    lr: float = 0.1
+    base_batch_size: int = 64
+    lr_scaling: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    subset: int | None = None
+    data_seed: int = 0
+    eval_batch_stats: bool = False
+
+    _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that change what a run computes (all but the grid and ``data_dir``)."""
+        values = asdict(self)
+        return {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
+
+    def config_hash(self) -> str:
+        """Short stable hash of :meth:`settings`; part of every result's key."""
+        text = json.dumps(self.settings(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def validate(self) -> None:
+        """Check every value; canonicalize method specs in place.
+
+        Raises:
+            ConfigError: naming the option, the value received and what is allowed.
+            UnknownMethodError: for an unknown method name.
+        """
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of "
+                              f"{', '.join(DATASETS)}")
+        if self.data_dir is not None and self.dataset not in IDX_DATASETS:
+            raise ConfigError(f"--data-dir is only read by mnist and fashion-mnist, but the "
+                              f"dataset is {self.dataset!r}; drop --data-dir or change --dataset")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        for name, values in (("methods", self.methods), ("batch sizes", self.batch_sizes),
+                             ("seeds", self.seeds)):
+            if not values:
+                raise ConfigError(f"the list of {name} is empty; give at least one")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"the list of {name} has duplicates: {values}")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"batch sizes must be ≥ 1, got {self.batch_sizes}")
+        checks = [("epochs", self.epochs, self.epochs >= 1, "≥ 1"),
+                  ("lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "> 0"),
+                  ("base batch size", self.base_batch_size, self.base_batch_size >= 1, "≥ 1"),
+                  ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
+                  ("weight decay", self.weight_decay, self.weight_decay >= 0, "≥ 0")]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {allowed}, got {value}")
+        if self.subset is not None and self.subset < 2:
+            raise ConfigError(f"subset must be ≥ 2 examples, got {self.subset}")
+        self.methods = [canonical_method(m) for m in self.methods]
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"the list of methods names one method twice: {self.methods}")
+
+    def run_lr(self, batch_size: int) -> float:
+        """Learning rate of a run: ``lr · batch_size / base_batch_size`` when scaling is on."""
+        return self.lr * batch_size / self.base_batch_size if self.lr_scaling else self.lr
+
+
+def canonical_method(spec: str) -> str:
+    """Canonical form of a method spec: registry name, sorted ``key=value`` arguments.
+
+    Example: ``canonical_method("GroupNorm: num_groups=8")`` == ``"gn:num_groups=8"`` (if
+    ``groupnorm`` is an alias of ``gn``); ``canonical_method("none")`` == ``"none"``.
+
+    Raises:
+        UnknownMethodError: for an unknown name, listing close matches.
+        ConfigError: for a malformed spec or arguments given to ``none``.
+    """
+    name, kwargs = registry.parse_spec(spec)
+    if name.lower() == "none":
+        if kwargs:
+            raise ConfigError(f"method 'none' takes no arguments, got {spec!r}")
+        return "none"
+    canon = registry.info(name).name
+    args = ",".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+    return f"{canon}:{args}" if args else canon
+
+
+def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
+    """Build the model with every method and run one training step on two examples.
+
+    Catches what would otherwise fail mid-sweep: arguments a method rejects (e.g. groups that do
+    not divide the channels), methods that cannot take the model's shapes (e.g. a spatial method
+    on an MLP's ``(N, C)`` activations), batch sizes larger than the training set.
+
+    Returns:
+        Number of parameters of the model for each method.
+
+    Raises:
+        ConfigError: naming the method, the model, the input shape and the underlying error,
+            or saying which models fit the data.
+    """
+    n_train = len(dataset.x_train)
+    if max(cfg.batch_sizes) > n_train:
+        raise ConfigError(f"batch size {max(cfg.batch_sizes)} exceeds the {n_train} training "
+                          "examples; lower --batch-sizes or raise --subset")
+    build_model(cfg.model, dataset.input_shape, dataset.num_classes, "none")  # model vs data
+    sizes = {}
+    x, y = dataset.x_train[:2], dataset.y_train[:2]
+    for method in cfg.methods:
+        try:
+            model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, method)
+            F.cross_entropy(model.train()(x), y).backward()
+            with torch.no_grad():
+                model.eval()(x)
+        except Exception as err:  # any failure here is a configuration the user must change
+            raise ConfigError(
+                f"method {method!r} does not work in model {cfg.model!r} on {dataset.name} "
+                f"inputs of shape {dataset.input_shape}: {_one_line(err)}; change its arguments, "
+                "the --model or drop it from --methods"
+            ) from err
+        sizes[method] = sum(p.numel() for p in model.parameters())
+    return sizes
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+             batch_size: int = _EVAL_CHUNK) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in its current mode.
+
+    Runs under ``torch.no_grad`` in chunks of ``batch_size``; a last chunk smaller than that is
+    dropped when the model is in training mode (batch statistics of a tiny chunk are meaningless).
+
+    Returns:
+        ``(loss, accuracy)`` with accuracy in ``[0, 1]``.
+    """
+    n = len(x) - len(x) % batch_size if model.training and len(x) >= batch_size else len(x)
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            logits = model(x[start:start + batch_size])
+            target = y[start:start + batch_size]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(1) == target).sum())
+    return loss_sum / n, correct / n
+
+
+def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int, seed: int, *,
+              on_steps: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate one model; never raises for a failed or diverged run.
+
+    Args:
+        dataset: the data (the same for every run of a sweep).
+        cfg: the sweep's settings (``epochs``, ``lr``, ...).
+        method: canonical method spec (see :func:`canonical_method`).
+        batch_size: training batch size; the last incomplete batch of an epoch is dropped.
+        seed: seeds the model initialization and the data order.
+        on_steps: called with the number of optimizer steps done since its last call.
+
+    Returns:
+        A JSON-able record: ``method``, ``batch_size``, ``seed``, ``config_hash``, ``status``
+        (``ok``/``diverged``/``failed``), ``error``, ``lr``, ``steps``, ``test_acc``,
+        ``test_error`` (percent), ``test_acc_batch_stats``/``test_error_batch_stats`` (with
+        ``cfg.eval_batch_stats``), ``time_per_step_ms``, ``wall_s`` and ``history`` (per epoch).
+    """
+    start = time.perf_counter()
+    record: dict[str, Any] = {
+        "method": method, "batch_size": batch_size, "seed": seed,
+        "config_hash": cfg.config_hash(), "status": "ok", "error": None,
+        "lr": cfg.run_lr(batch_size), "epochs": cfg.epochs, "steps": 0, "history": [],
+        "test_loss": None, "test_acc": None, "test_error": None, "time_per_step_ms": None,
+    }
+    if cfg.eval_batch_stats:
+        record |= {"test_acc_batch_stats": None, "test_error_batch_stats": None}
+    try:
+        _train(dataset, cfg, record, on_steps or (lambda n: None))
+    except Exception as err:  # one broken run must not end the sweep; KeyboardInterrupt does
+        record |= {"status": "failed", "error": f"{type(err).__name__}: {_one_line(err)}"}
+    record["wall_s"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
+           on_steps: Callable[[int], None]) -> None:
+    """The training loop of :func:`train_run`; fills ``record`` as it goes."""
+    batch_size, seed = record["batch_size"], record["seed"]
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"])
+    record["num_params"] = sum(p.numel() for p in model.parameters())
+    steps_per_epoch = len(ds.x_train) // batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=record["lr"], momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    order = torch.Generator().manual_seed(seed)
+    train_time = 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        tic = time.perf_counter()
+        perm = torch.randperm(len(ds.x_train), generator=order)
+        loss_sum, correct, pending = 0.0, 0, 0
+        for step in range(steps_per_epoch):
+            idx = perm[step * batch_size:(step + 1) * batch_size]
+            logits, target = model(ds.x_train[idx]), ds.y_train[idx]
+            loss = F.cross_entropy(logits, target)
+            value = loss.item()
+            if not math.isfinite(value):
+                record |= {"status": "diverged",
+                           "error": f"loss became {value} at epoch {epoch}, step {step + 1}"}
+                return
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += value
+            correct += int((logits.argmax(1) == target).sum())
+            record["steps"] += 1
+            pending += 1
+            if pending == 100:
+                on_steps(pending)
+                pending = 0
+        on_steps(pending)
+        train_time += time.perf_counter() - tic
+        model.eval()
+        test_loss, test_acc = evaluate(model, ds.x_test, ds.y_test)
+        if not math.isfinite(test_loss):  # records stay strict JSON: no NaN in the history
+            record |= {"status": "diverged", "error": f"test loss became {test_loss} at epoch "
+                                                      f"{epoch}"}
+            return
+        record["history"].append({
+            "epoch": epoch, "train_loss": loss_sum / steps_per_epoch,
+            "train_acc": correct / (steps_per_epoch * batch_size),
+            "test_loss": test_loss, "test_acc": test_acc,
+        })
+    record |= {"test_loss": test_loss, "test_acc": test_acc, "test_error": _percent(test_acc),
+               "time_per_step_ms": 1e3 * train_time / max(record["steps"], 1)}
+    if cfg.eval_batch_stats:  # a copy, so the model's running statistics stay untouched
+        _, acc = evaluate(copy.deepcopy(model).train(), ds.x_test, ds.y_test,
+                          batch_size=batch_size)
+        record |= {"test_acc_batch_stats": acc, "test_error_batch_stats": _percent(acc)}
+
+
+def _percent(accuracy: float) -> float:
+    """Error rate in percent, rounded to hide float noise (8.999999999999996 -> 9.0)."""
+    return round(100 * (1 - accuracy), 6)
+
+
+def _one_line(err: BaseException) -> str:
+    """First line of an exception's message (torch errors can span many lines)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,109 @@
+"""One training run and the compare configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+import normkit  # noqa: F401  (registers the methods)
+from normkit.errors import ConfigError, UnknownMethodError
+from normkit.experiments import runner
+from normkit.experiments.data import load_dataset
+from normkit.experiments.runner import CompareConfig, canonical_method, train_run
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    return load_dataset("gaussian", subset=256)
+
+
+def tiny(**kw) -> CompareConfig:
+    return CompareConfig(**{"methods": ["bn"], "dataset": "gaussian", "epochs": 1, **kw})
+
+
+def test_tiny_run_trains_and_records_everything(gaussian):
+    record = train_run(gaussian, tiny(epochs=2), "bn", batch_size=16, seed=0)
+    assert record["status"] == "ok" and record["error"] is None
+    assert record["steps"] == 2 * (256 // 16) and len(record["history"]) == 2
+    assert record["lr"] == pytest.approx(0.1 * 16 / 64)
+    assert 0 <= record["test_error"] <= 100 and record["test_error"] < 60
+    assert record["time_per_step_ms"] > 0 and record["num_params"] > 0
+    assert set(record["history"][0]) == {"epoch", "train_loss", "train_acc", "test_loss",
+                                         "test_acc"}
+
+
+def test_same_seed_same_result_and_lr_scaling_off(gaussian):
+    cfg = tiny(lr_scaling=False)
+    a, b = (train_run(gaussian, cfg, "bn", 8, seed=3) for _ in range(2))
+    assert a["history"] == b["history"] and a["lr"] == 0.1
+
+
+def test_batch_stats_eval_leaves_eval_mode_metrics_alone(gaussian):
+    plain = train_run(gaussian, tiny(), "bn", 8, seed=0)
+    both = train_run(gaussian, tiny(eval_batch_stats=True), "bn", 8, seed=0)
+    assert both["test_acc"] == plain["test_acc"] and both["history"] == plain["history"]
+    assert 0 <= both["test_error_batch_stats"] <= 100
+    assert "test_error_batch_stats" not in plain
+
+
+def test_nan_loss_is_recorded_as_diverged(gaussian):
+    record = train_run(gaussian, tiny(lr=1e6, lr_scaling=False), "none", 32, seed=0)
+    assert record["status"] == "diverged" and "loss became" in record["error"]
+    assert record["test_error"] is None
+
+
+def test_exception_in_a_run_is_recorded_as_failed(gaussian):
+    record = train_run(gaussian, tiny(), "bn", batch_size=1, seed=0)  # BN needs 2 samples
+    assert record["status"] == "failed"
+    assert record["error"].startswith("ShapeError: Expected more than 1 value")
+
+
+def test_any_exception_is_caught(gaussian, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory\nlong torch trace")
+
+    monkeypatch.setattr(runner, "build_model", broken)
+    record = train_run(gaussian, tiny(), "bn", 8, seed=0)
+    assert (record["status"], record["error"]) == ("failed", "RuntimeError: out of memory")
+
+
+def test_canonical_method():
+    assert canonical_method("GN: num_groups=8") == "gn:num_groups=8"
+    assert canonical_method("gn:eps=1e-3,num_groups=4") == "gn:eps=0.001,num_groups=4"
+    assert canonical_method("None") == "none"
+    with pytest.raises(ConfigError, match="'none' takes no arguments"):
+        canonical_method("none:eps=1")
+    with pytest.raises(UnknownMethodError, match="'bnn'"):
+        canonical_method("bnn")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"batch_sizes": []}, r"list of batch sizes is empty"),
+    ({"batch_sizes": [4, 0]}, r"batch sizes must be ≥ 1, got \[4, 0\]"),
+    ({"seeds": [1, 1]}, r"list of seeds has duplicates: \[1, 1\]"),
+    ({"methods": ["gn", "GroupNorm"]}, r"names one method twice"),
+    ({"lr": -1.0}, r"lr must be > 0, got -1.0"),
+    ({"momentum": 1.5}, r"momentum must be in \[0, 1\), got 1.5"),
+    ({"epochs": 0}, r"epochs must be ≥ 1, got 0"),
+    ({"dataset": "cifar"}, r"unknown dataset 'cifar'"),
+    ({"model": "vit"}, r"unknown model 'vit'"),
+    ({"data_dir": "/data"}, r"--data-dir is only read by mnist and fashion-mnist"),
+])
+def test_bad_config_values(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny(**kw).validate()
+
+
+def test_config_hash_ignores_the_grid_only():
+    base = tiny()
+    assert tiny(methods=["ln"], seeds=[5], batch_sizes=[3]).config_hash() == base.config_hash()
+    assert tiny(dataset="mnist", data_dir="/x").settings() == tiny(dataset="mnist").settings()
+    assert tiny(epochs=2).config_hash() != base.config_hash()
+
+
+def test_batch_larger_than_training_set_is_refused():
+    ds = load_dataset("gaussian", subset=20)
+    cfg = tiny(batch_sizes=[64])
+    cfg.validate()
+    with pytest.raises(ConfigError, match=r"batch size 64 exceeds the 20 training examples"):
+        runner.validate_methods(ds, cfg)
+
