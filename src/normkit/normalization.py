@@ -266,7 +266,7 @@ class Normalization(nn.Module):
         if update:
             self.num_batches_tracked.add_(1)
         if self._native is not None and x.numel() > 0 and self._native_ok(x):
-            y = self._forward_native(x, use_batch, update)
+            y = self._forward_native(x, running, use_batch, update)
         else:
             y = self._forward_generic(x, running, use_batch, update)
         return y.squeeze(0) if vector else y
@@ -308,19 +308,19 @@ class Normalization(nn.Module):
         for k, t in self.nop.running(stats, m).items():
             S.ema_update(running[k], t, factor)
 
-    def _forward_native(self, x: Tensor, use_batch: bool, update: bool) -> Tensor:
+    def _forward_native(
+        self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool
+    ) -> Tensor:
         w, b = getattr(self, "weight", None), getattr(self, "bias", None)
         kind = self._native
         if kind == "batch_norm":
             xc = x if self.channel_axis == 1 else x.movedim(-1, 1)
-            running = self._running()
             rm, rv = (None, None) if running is None or (use_batch and not update) else (
                 running["mean"], running["var"])
             y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, self.eps)
             return y if self.channel_axis == 1 else y.movedim(1, -1)
         if kind == "batch_group_norm":
             g, per = self.groups
-            running = self._running()
             rm, rv = (None, None) if running is None or (use_batch and not update) else (
                 running["mean"], running["var"])
             y = F.batch_norm(x.reshape(x.shape[0], g, -1), rm, rv, None, None, use_batch,
@@ -330,7 +330,6 @@ class Normalization(nn.Module):
                 y = torch.addcmul(b.reshape(shape), y.reshape(x.shape[0], g, per, -1), w.reshape(shape))
             return y.reshape(x.shape)
         if kind == "instance_norm":
-            running = self._running()
             rm, rv = (None, None) if running is None else (running["mean"], running["var"])
             if use_batch and not update:
                 rm, rv = None, None
