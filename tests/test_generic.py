@@ -59,7 +59,7 @@ EDGE = [(c, s) for c in CASES for s in c.edge_shapes]
 EDGE_IDS = [f"{c.name}-{'x'.join(map(str, s))}" for c, s in EDGE]
 COMPILE = [(c, "eager") for c in CASES] + [(c, "inductor") for c in CASES if c.inductor]
 COMPILE_IDS = [f"{c.name}-{b}" for c, b in COMPILE]
-KERNELS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
+KERNELS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "local_response_norm")
 
 cases = pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 running_cases = pytest.mark.parametrize("case", RUNNING, ids=RUNNING_IDS)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .functional import statistics as S
-from .functional.partition import Role, reduce_dims, resolve_groups, stat_count
+from .functional.partition import Role, reduce_dims, resolve_groups, stat_count, stats_dtype
 
 __all__ = ["Partition", "Batch", "BatchGroup", "Layer", "Instance", "Group", "Position", "Local"]
 
@@ -82,6 +82,10 @@ class Partition:
         return 1, (a if self.roles[1] != "M" else 1), (b if self.roles[2] != "M" else 1), 1
 
     # -- reductions over the area (``spatial`` is the unflattened S, used by local windows) --
+    def mean(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
+        """Mean over the area (≥ float32), kept broadcastable against ``v``."""
+        return v.to(stats_dtype(v)).mean(dim=self.dims, keepdim=True)
+
     def moments(self, v: Tensor, spatial: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Mean and biased variance over the area, kept broadcastable against ``v``."""
         return S.moments(v, self.dims)
@@ -250,6 +254,9 @@ class Local(Partition):
 
     def moments(self, v: Tensor, spatial: Sequence[int]) -> tuple[Tensor, Tensor]:
         return self._local(v, spatial, center=True)
+
+    def mean(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
+        return self._local(v, spatial, center=True)[0]
 
     def mean_square(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
         return self._local(v, spatial, center=False)[1]

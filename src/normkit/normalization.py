@@ -27,7 +27,8 @@ __all__ = ["Normalization"]
 _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
 
 Native = Literal[
-    "batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"
+    "batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
+    "local_response_norm",
 ]
 
 
@@ -240,6 +241,11 @@ class Normalization(nn.Module):
                 and (isinstance(nrr, nrr_.Identity)
                      or (type(nrr) is nrr_.Affine and nrr.weight and not nrr.bias))):
             return "rms_norm"
+        if (type(nop) is nop_.Divisive and not nop.center and type(nap) is nap_.Local
+                and nap.channel_window is not None and nap.include_pad
+                and nap.window in (1, (1,), (1, 1), (1, 1, 1))
+                and isinstance(nrr, nrr_.Identity) and self.channel_axis == 1):
+            return "local_response_norm"
         return None
 
     def _factor(self) -> float:
@@ -273,6 +279,10 @@ class Normalization(nn.Module):
 
     def _native_ok(self, x: Tensor) -> bool:
         w = getattr(self, "weight", None)
+        if self._native == "local_response_norm":
+            # torch's kernel needs rank >= 3, views its input (contiguous only), no upcast
+            return (x.dim() >= 3 and x.is_contiguous()
+                    and x.dtype not in (torch.float16, torch.bfloat16))
         if x.dtype in (torch.float16, torch.bfloat16):
             # torch's CPU kernels reduce in the input precision unless a float32 parameter makes
             # them take the mixed-precision path; the generic path always reduces in float32.
@@ -341,4 +351,7 @@ class Normalization(nn.Module):
             if self.channel_axis == 1:
                 return F.layer_norm(x.movedim(1, -1), (self.num_features,), w, b, self.eps).movedim(-1, 1)
             return F.layer_norm(x, (self.num_features,), w, b, self.eps)
+        if kind == "local_response_norm":
+            nop = self.nop
+            return F.local_response_norm(x, self.nap.channel_window, nop.alpha, nop.beta, nop.k)
         return F.rms_norm(x, (self.num_features,), w, self.eps)

@@ -93,8 +93,19 @@ def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad
     The window is centred (``w//2`` before, ``(w−1)//2`` after, like torch's
     ``local_response_norm``). With ``include_pad=True`` positions outside the tensor count as
     zeros (divide by ``w``); otherwise the mean is over the positions that exist. Separable, so it
-    works for any number of dimensions.
+    works for any number of dimensions; windows over up to three trailing dimensions, all odd,
+    take one ``avg_pool`` kernel instead.
     """
+    k = len(dims)
+    trailing = tuple(dims) == tuple(range(x.dim() - k, x.dim()))
+    fits = all(w % 2 == 1 and w <= x.shape[d] for d, w in zip(dims, windows, strict=True))
+    if 0 < k <= 3 and trailing and fits:
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
+        lead = x.shape[: x.dim() - k]
+        flat = x.reshape(-1, 1, *x.shape[x.dim() - k:])
+        out = pool(flat, tuple(windows), stride=1, padding=tuple(w // 2 for w in windows),
+                   count_include_pad=include_pad)
+        return out.reshape(*lead, *out.shape[2:])
     for dim, w in zip(dims, windows, strict=True):
         if w == 1:
             continue

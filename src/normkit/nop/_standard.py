@@ -41,7 +41,7 @@ class Center(Operation):
     uses_eps = False
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
-        return {"mean": nap.moments(v, spatial)[0]}
+        return {"mean": nap.mean(v, spatial)}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.center_coefficients(stats["mean"])
@@ -80,7 +80,7 @@ class L1(Operation):
     stat_names = ("mean", "scale")
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
-        mean = nap.moments(v, spatial)[0]
+        mean = nap.mean(v, spatial)
         mad = nap.mean_abs_deviation(v, mean, spatial)
         return {"mean": mean, "scale": mad * math.sqrt(math.pi / 2)}
 
@@ -96,7 +96,7 @@ class Range(Operation):
     stat_names = ("mean", "scale")
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
-        mean = nap.moments(v, spatial)[0]
+        mean = nap.mean(v, spatial)
         c = S.range_constant(nap.count(v, spatial))
         return {"mean": mean, "scale": nap.value_range(v, spatial) * c}
 
