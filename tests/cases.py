@@ -610,6 +610,48 @@ CASES.append(Case(
     errors=_common_errors(4, (3, 4, 5), 1, affine=False) + _whitening_errors(4)[:2],
 ))
 
+
+
+def _sw_eval_ref(d: int) -> Callable[[Any, Tensor], Tensor]:
+    """Switchable whitening in eval: softmax-mixed running batch and per-sample instance
+    statistics (BN/IN = diagonals of BW/IW), ZCA of the mixture, then ``γ, β``."""
+
+    def ref(m: Any, x: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        xi = x.reshape(n, c // d, d, -1)
+        mi = xi.mean(-1, keepdim=True)
+        ci = (xi - mi) @ (xi - mi).transpose(-1, -2) / xi.shape[-1]
+        mb = m.running_mean.double().reshape(1, c // d, d, 1)
+        cb = m.running_cov.double().unsqueeze(0)
+        wm = torch.softmax(m.mean_weight.detach().double(), 0)
+        wc = torch.softmax(m.cov_weight.detach().double(), 0)
+        means = {"bw": mb, "bn": mb, "iw": mi, "in": mi}
+        covs = {"bw": cb, "iw": ci, "bn": torch.diag_embed(cb.diagonal(dim1=-2, dim2=-1)),
+                "in": torch.diag_embed(ci.diagonal(dim1=-2, dim2=-1))}
+        modes = m.nop.modes
+        mean = sum(wm[i] * means[k] for i, k in enumerate(modes))
+        cov = sum(wc[i] * covs[k] for i, k in enumerate(modes)).expand(n, -1, -1, -1)
+        w = _whitening_matrix("zca", cov.reshape(-1, d, d), m.eps, 0).reshape(cov.shape)
+        y = (w @ (xi - mean)).reshape(n, c, -1)
+        y = y * m.weight.detach().double()[:, None] + m.bias.detach().double()[:, None]
+        return y.reshape(x.shape)
+
+    return ref
+
+
+CASES.append(Case(
+    name="switchable_whitening", method="switchable_whitening", num_features=4,
+    kwargs={"group_size": 2}, shapes=SP4, grad_shape=(3, 4, 3),
+    batch_dependent=True, running=("mean", "cov"),
+    params=("weight", "bias", "mean_weight", "cov_weight"), takes_affine=True, native=None,
+    degenerate_shapes=((2, 4, 1), (2, 4, 1, 1)), edge_shapes=((1, 4, 3),), double_backward=False,
+    batch_stats=_whiten_stats("zca", 2, estimate="covariance"), eval_ref=_sw_eval_ref(2),
+    errors=_common_errors(4, (3, 4, 5), 1) + _whitening_errors(4)[:2] + (
+        ErrorInput("mode_unknown", ConfigError, r"modes must be distinct names from .*'gn'",
+                   ctor={"modes": ("bw", "gn")}),
+    ),
+))
+
 CASE_IDS = [c.name for c in CASES]
 ERROR_PARAMS = [(c, e) for c in CASES for e in c.errors]
 ERROR_IDS = [f"{c.name}-{e.desc}" for c, e in ERROR_PARAMS]

@@ -733,11 +733,13 @@ def test_zero_batch(case: Case) -> None:
 
 @pytest.mark.parametrize("case", AFFINE, ids=AFFINE_IDS)
 def test_affine_false(case: Case) -> None:
-    """``affine=False``: no parameters, and the same function as ``affine=True`` at its
-    initialization (γ = 1, β = 0)."""
+    """``affine=False``: no recovery parameters (an operation's own, e.g. switchable mixing
+    weights, stay), and the same function as ``affine=True`` at its initialization
+    (γ = 1, β = 0)."""
     plain = build(case, dtype=F64, randomize=False, affine=False)
     init = build(case, dtype=F64, randomize=False, affine=True)
-    assert list(plain.parameters()) == [] and not plain.affine
+    own = [p for p in case.params if p not in ("weight", "bias")]
+    assert [n for n, _ in plain.named_parameters()] == own and not plain.affine
     assert len(list(init.parameters())) > 0 and init.affine
     for train in (True, False):
         plain.train(train)

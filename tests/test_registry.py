@@ -14,7 +14,8 @@ import normkit as nk
 
 STANDARDIZATION = ["batch_group_norm", "bn", "divisive_norm", "gn", "in", "l1_bn", "lcn", "ln",
                    "lrn", "mean_only_bn", "pn", "range_bn", "rms_norm", "scale_norm"]
-WHITENING = ["cd_bw", "dbn", "group_whitening", "instance_whitening", "iternorm", "pca_bw"]
+WHITENING = ["cd_bw", "dbn", "group_whitening", "instance_whitening", "iternorm", "pca_bw",
+             "switchable_whitening"]
 ALL = STANDARDIZATION + WHITENING
 
 

@@ -39,6 +39,7 @@ from .methods import PositionalNorm as PositionalNorm
 from .methods import RangeBatchNorm as RangeBatchNorm
 from .methods import RMSNorm as RMSNorm
 from .methods import ScaleNorm as ScaleNorm
+from .methods import SwitchableWhitening as SwitchableWhitening
 from .normalization import Normalization as Normalization
 from .registry import create as create
 from .registry import get as get

@@ -125,6 +125,10 @@ class Normalization(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         for name, p in nrr.create(num_features, factory).items():
             self.register_parameter(name, p)
+        nop_params = nop.create_parameters(num_features, nap, factory)
+        self._nop_param_names = tuple(nop_params)
+        for name, p in nop_params.items():
+            self.register_parameter(name, p)
         if track_running_stats:
             if nap.roles[3] != "M":
                 raise ConfigError(
@@ -176,6 +180,10 @@ class Normalization(nn.Module):
         """Reset running statistics and re-initialize the recovery parameters."""
         self.reset_running_stats()
         self.nrr.reset(self._recovery_params(), self.num_features)
+        self.nop.reset_parameters(self._nop_params())
+
+    def _nop_params(self) -> dict[str, Tensor]:
+        return {n: getattr(self, n) for n in self._nop_param_names}
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """The evaluation transform as one affine map, for folding into a neighbouring layer.
@@ -268,7 +276,7 @@ class Normalization(nn.Module):
         elif use_batch:  # before any state changes; also in eval without running stats (torch)
             v = canonical_view(x, self.groups, self.channel_axis)
             spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-            check_spread(shape, self.nap.count(v, spatial), self.nap, self.nop)
+            check_spread(shape, self.nop.count(v, self.nap, spatial), self.nap, self.nop)
         if update:
             self.num_batches_tracked.add_(1)
         if self._native is not None and x.numel() > 0 and self._native_ok(x):
@@ -299,14 +307,20 @@ class Normalization(nn.Module):
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
         w, b = self.nrr.views(self._recovery_params(), self.groups)
         if x.numel() == 0:
-            return affine_transform(v, None, None, w, b).to(x.dtype).reshape(x.shape)
+            out = affine_transform(v, None, None, w, b)
+            for p in self._nop_params().values():  # connected, so every parameter gets a 0 grad
+                out = out + 0 * p.sum()
+            return out.to(x.dtype).reshape(x.shape)
         m = self.nap.count(v, spatial)
         if use_batch:
-            stats = self.nop.fit(v, self.nap, spatial, eps=self.eps)
+            stats = self.nop.fit(v, self.nap, spatial, eps=self.eps, params=self._nop_params())
             if update:
                 self._update_running(running, stats, m)
         else:
-            stats = self.nop.from_running(running, self.nap, self.num_features)
+            stats = self.nop.eval_stats(
+                v, running, nap=self.nap, spatial=spatial, num_features=self.num_features,
+                eps=self.eps, params=self._nop_params(),
+            )
         return apply_normalization(
             x, v, stats, nop=self.nop, nap=self.nap, eps=self.eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,

@@ -6,13 +6,13 @@ is (method spec, batch size, seed, config hash): restarting the same command ski
 runs, so a sweep killed midway loses at most the runs in progress. A directory whose
 ``config.json`` has other settings is refused, never mixed. Example::
 
-    >>> from normkit.experiments.runner import CompareConfig
-    >>> from normkit.experiments.sweep import run_sweep
-    >>> cfg = CompareConfig(methods=["none"], dataset="gaussian", batch_sizes=[32], seeds=[0],
-    ...                     epochs=1)
-    >>> records = run_sweep(cfg, "/tmp/normkit-doc-sweep", show_progress=False)  # doctest: +SKIP
-    >>> [r["status"] for r in records]  # doctest: +SKIP
-    ['ok']
+    from normkit.experiments.runner import CompareConfig
+    from normkit.experiments.sweep import run_sweep
+
+    cfg = CompareConfig(methods=["none"], dataset="gaussian", batch_sizes=[32], seeds=[0],
+                        epochs=1)
+    records = run_sweep(cfg, "runs/doc-sweep", show_progress=False)
+    [r["status"] for r in records]   # ['ok']
 """
 
 from __future__ import annotations

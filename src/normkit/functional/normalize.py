@@ -107,7 +107,7 @@ def normalize(
     spatial: Sequence[int] = tuple(x.shape[2:] if channel_axis == 1 else x.shape[1:-1])
     m = nap.count(v, spatial)
     if x.numel() > 0:
-        check_spread(x.shape, m, nap, nop)
+        check_spread(x.shape, nop.count(v, nap, spatial), nap, nop)
         stats = nop.fit(v, nap, spatial, eps=eps)
     else:
         stats = {}

@@ -21,3 +21,4 @@ from .whitening import GroupWhitening as GroupWhitening
 from .whitening import InstanceWhitening as InstanceWhitening
 from .whitening import IterNorm as IterNorm
 from .whitening import PCABatchWhitening as PCABatchWhitening
+from .whitening import SwitchableWhitening as SwitchableWhitening

@@ -19,6 +19,7 @@ __all__ = [
     "IterNorm",
     "GroupWhitening",
     "InstanceWhitening",
+    "SwitchableWhitening",
 ]
 
 Estimate = Literal["matrix", "covariance"]
@@ -306,6 +307,70 @@ class InstanceWhitening(Normalization):
             num_features,
             nap=nap.Instance(group_size=num_features if group_size is None else group_size),
             nop=nop.Whiten(method=method, iterations=iterations),
+            nrr=affine_recovery(affine),
+            **kw,
+        )
+
+
+@register("switchable_whitening", family="whitening", aliases=("sw",),
+          paper="Pan, Zhan, Shi, Tang & Luo 2019, arXiv:1904.09739")
+class SwitchableWhitening(Normalization):
+    r"""Switchable whitening: learn to mix batch/instance whitening and BN/IN statistics.
+
+    .. math::
+        \mu_n = \sum_{k\in\Omega} \omega_k \mu_k,\quad
+        \Sigma_n = \sum_{k\in\Omega} \omega'_k \Sigma_k,\quad
+        y_n = \gamma \odot W(\Sigma_n)(x_n - \mu_n) + \beta
+
+    with ``Ω = modes`` ⊆ {``bw``, ``iw``, ``bn``, ``in``}: batch whitening (``μ_B, Σ_B``),
+    instance whitening (per-sample ``μ_n, Σ_n`` over positions), BN (``diag Σ_B``) and IN
+    (``diag Σ_n``); ``ω = softmax(mean_weight)``, ``ω' = softmax(cov_weight)`` are learned
+    (init: equal weights). ``W`` is ZCA by default. Running estimates track ``μ_B`` and ``Σ_B``
+    (``running_mean``, ``running_cov``); evaluation mixes them with the input's instance
+    statistics, so the output still depends on each sample's own statistics.
+
+    Paper: Pan et al., *Switchable Whitening for Deep Representation Learning*, ICCV 2019.
+    arXiv:1904.09739.
+
+    Args:
+        num_features: channels ``C``.
+        group_size: channels whitened jointly (must divide ``C``). Default: the largest divisor
+            of ``C`` up to 16.
+        modes: the statistics mixed. Default ``("bw", "iw", "bn", "in")``.
+        method, iterations: as :class:`BatchWhitening`.
+        affine: per-channel ``γ, β``. Default ``True``.
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *spatial)`` → same; needs more than one position (instance statistics).
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
+        >>> sw = nk.SwitchableWhitening(4, group_size=4, modes=("bw",), dtype=torch.float64)
+        >>> bw = nk.DecorrelatedBatchNorm(4, group_size=4, dtype=torch.float64)
+        >>> torch.allclose(sw(x), bw(x), atol=1e-9)
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        group_size: int | None = None,
+        modes: tuple[str, ...] = ("bw", "iw", "bn", "in"),
+        method: Literal["zca", "pca", "cholesky", "newton"] = "zca",
+        iterations: int = 5,
+        affine: bool = True,
+        **kw: Unpack[NormKwargs],
+    ) -> None:
+        if group_size is None and isinstance(num_features, int) and num_features > 0:
+            group_size = max(d for d in range(1, 17) if num_features % d == 0)
+        super().__init__(
+            num_features,
+            nap=nap.Batch(group_size=group_size),
+            nop=nop.SwitchableWhiten(method=method, iterations=iterations, estimate="covariance",
+                                     modes=tuple(modes)),
             nrr=affine_recovery(affine),
             **kw,
         )

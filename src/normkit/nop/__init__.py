@@ -34,6 +34,7 @@ from ._standard import Divisive as Divisive
 from ._standard import Range as Range
 from ._standard import Scale as Scale
 from ._standard import Standardize as Standardize
+from ._whiten import SwitchableWhiten as SwitchableWhiten
 from ._whiten import Whiten as Whiten
 
-__all__ = ["Operation", "Standardize", "Center", "Scale", "L1", "Range", "Divisive", "Whiten"]
+__all__ = ["Operation", "Standardize", "Center", "Scale", "L1", "Range", "Divisive", "Whiten", "SwitchableWhiten"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
@@ -33,10 +34,14 @@ class Operation(ABC):
     uses_eps: bool = True
 
     @abstractmethod
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         """Statistics of the canonical view ``v`` over ``nap``'s area (≥ float32, kept dims).
 
-        ``eps`` is given for operations whose statistics depend on it (whitening matrices).
+        ``eps`` is given for operations whose statistics depend on it (whitening matrices);
+        ``params`` holds the operation's own learnable parameters (:meth:`create_parameters`).
         """
 
     @abstractmethod
@@ -64,6 +69,29 @@ class Operation(ABC):
             t = S.unbiased_variance(t, m) if k == "var" else t
             out[k] = (t.mean(0) if t.shape[0] > 1 else t[0]).reshape(-1)
         return out
+
+    def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
+        """The fewest samples any statistic of this operation is taken over (checked > 1)."""
+        return nap.count(v, spatial)
+
+    def create_parameters(
+        self, num_features: int, nap: Partition, factory: dict[str, Any]
+    ) -> dict[str, nn.Parameter]:
+        """Learnable parameters of the operation itself (e.g. mixing weights), registered on the
+        module under these names and passed back to :meth:`fit` as ``params``. Default: none."""
+        return {}
+
+    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
+        """Initialize :meth:`create_parameters`' parameters in place (default: nothing to do)."""
+        return None
+
+    def eval_stats(
+        self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
+        num_features: int, eps: float, params: Stats | None = None,
+    ) -> Stats:
+        """Statistics for evaluation: the running estimates (operations mixing in per-input
+        statistics override this)."""
+        return self.from_running(running, nap, num_features)
 
     def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
         """Running buffers viewed as statistics against the canonical view (for evaluation)."""

@@ -24,7 +24,10 @@ class Standardize(Operation):
 
     stat_names = ("mean", "var")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         mean, var = nap.moments(v, spatial)
         return {"mean": mean, "var": var}
 
@@ -40,7 +43,10 @@ class Center(Operation):
     needs_spread = False
     uses_eps = False
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         return {"mean": nap.mean(v, spatial)}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -61,7 +67,10 @@ class Scale(Operation):
         if self.kind not in ("rms", "l2"):
             raise ConfigError(f"Scale kind must be 'rms' or 'l2', got {self.kind!r}")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         return {"ms": nap.mean_square(v, spatial)}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -79,7 +88,10 @@ class L1(Operation):
 
     stat_names = ("mean", "scale")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         mean = nap.mean(v, spatial)
         mad = nap.mean_abs_deviation(v, mean, spatial)
         return {"mean": mean, "scale": mad * math.sqrt(math.pi / 2)}
@@ -95,7 +107,10 @@ class Range(Operation):
 
     stat_names = ("mean", "scale")
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         mean = nap.mean(v, spatial)
         c = S.range_constant(nap.count(v, spatial))
         return {"mean": mean, "scale": nap.value_range(v, spatial) * c}
@@ -136,7 +151,10 @@ class Divisive(Operation):
     def needs_spread(self) -> bool:  # type: ignore[override]
         return self.center
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         if self.center:
             mean, var = nap.moments(v, spatial)
             return {"mean": mean, "var": var}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
@@ -17,7 +17,7 @@ from ..functional.partition import matrix_sizes, matrix_view, unmatrix_view
 from ..nap import Partition
 from ._base import Coefficients, Operation, Stats
 
-__all__ = ["Whiten"]
+__all__ = ["Whiten", "SwitchableWhiten"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -67,7 +67,10 @@ class Whiten(Operation):
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
         return {"mean": ((gc * d,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
 
-    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0) -> Stats:
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
         mat = matrix_view(v, nap.roles)
         mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
         mean = mat.mean(-1, keepdim=True)
@@ -160,3 +163,109 @@ class Whiten(Operation):
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         raise ConfigError("whitening is a matrix transform; use transform() or fold()")
+
+
+_MODES = ("bw", "iw", "bn", "in")
+
+
+@dataclass(frozen=True, repr=False)
+class SwitchableWhiten(Whiten):
+    r"""Switchable whitening: whiten with a learned mixture of batch and instance statistics.
+
+    .. math::
+        \mu_n = \sum_k \omega_k \mu_k,\quad
+        \Sigma_n = \sum_k \omega'_k \Sigma_k,\quad
+        \hat{x}_n = W(\Sigma_n)(x_n - \mu_n),\quad \omega = \mathrm{softmax}(\lambda),\
+        \omega' = \mathrm{softmax}(\lambda')
+
+    over ``modes`` ⊆ {``"bw"`` batch whitening, ``"iw"`` instance whitening, ``"bn"``
+    (``diag Σ_bw``), ``"in"`` (``diag Σ_iw``)}; BN/IN share the means of BW/IW. The logits
+    ``mean_weight``, ``cov_weight`` (one per mode, init 0: equal mixture) are parameters of the
+    module. Running estimates track the batch mean and covariance; evaluation mixes them with the
+    input's instance statistics. Use with ``Batch(group_size=d)``.
+    """
+
+    modes: tuple[str, ...] = ("bw", "iw")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.modes or len(set(self.modes)) != len(self.modes) or not set(self.modes) <= set(_MODES):
+            raise ConfigError(f"modes must be distinct names from {_MODES}, got {self.modes!r}")
+        if self.estimate != "covariance":
+            raise ConfigError("SwitchableWhiten tracks the batch covariance: use estimate='covariance'")
+
+    def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
+        m = nap.count(v, spatial)
+        return min(m, v.shape[3]) if {"iw", "in"} & set(self.modes) else m
+
+    def create_parameters(
+        self, num_features: int, nap: Partition, factory: dict
+    ) -> dict[str, nn.Parameter]:
+        k = len(self.modes)
+        return {"mean_weight": nn.Parameter(torch.zeros(k, **factory)),
+                "cov_weight": nn.Parameter(torch.zeros(k, **factory))}
+
+    @torch.no_grad()
+    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
+        for p in params.values():
+            p.zero_()
+
+    @staticmethod
+    def _instance(v: Tensor, nap: Partition) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample ``(N, Gc, D, S)`` view with its mean and covariance over positions."""
+        mat = matrix_view(v, nap.roles)
+        mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
+        gc, d = mat.shape[1:3]
+        inst = mat.reshape(gc, d, v.shape[0], -1).permute(2, 0, 1, 3)
+        mean = inst.mean(-1, keepdim=True)
+        cov = W.covariance((inst - mean).flatten(0, 1)).reshape(*inst.shape[:2], d, d)
+        return inst, mean, cov
+
+    def _mix(self, batch_mean: Tensor, batch_cov: Tensor, inst_mean: Tensor, inst_cov: Tensor,
+             params: Stats, eps: float) -> Stats:
+        uniform = torch.zeros(len(self.modes), dtype=inst_mean.dtype, device=inst_mean.device)
+        wm = torch.softmax(params.get("mean_weight", uniform), 0).to(inst_mean.dtype)
+        wc = torch.softmax(params.get("cov_weight", uniform), 0).to(inst_cov.dtype)
+        parts_m = {"bw": batch_mean, "bn": batch_mean, "iw": inst_mean, "in": inst_mean}
+        parts_c = {"bw": batch_cov, "iw": inst_cov,
+                   "bn": torch.diag_embed(batch_cov.diagonal(dim1=-2, dim2=-1)),
+                   "in": torch.diag_embed(inst_cov.diagonal(dim1=-2, dim2=-1))}
+        mean = sum(wm[i] * parts_m[k] for i, k in enumerate(self.modes))
+        cov = sum(wc[i] * parts_c[k] for i, k in enumerate(self.modes))
+        return {"mix_mean": mean, "matrix": self._matrix(cov, eps)}
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        batch = super().fit(v, nap, spatial, eps=eps)
+        _, inst_mean, inst_cov = self._instance(v, nap)
+        mixed = self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps)
+        return {"mean": batch["mean"], "cov": batch["cov"], **mixed}
+
+    def eval_stats(
+        self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
+        num_features: int, eps: float, params: Stats | None = None,
+    ) -> Stats:
+        batch = self.from_running(running, nap, num_features)
+        _, inst_mean, inst_cov = self._instance(v, nap)
+        return self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps)
+
+    def transform(
+        self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+        weight: Tensor | None, bias: Tensor | None,
+    ) -> Tensor:
+        inst, _, _ = self._instance(v, nap)
+        folded = self._fold(stats["matrix"], stats["mix_mean"], weight, bias, nap)
+        if folded is None:
+            raise ConfigError("switchable whitening needs a per-channel recovery foldable per group")
+        mat, shift = folded
+        out = torch.matmul(mat, inst)
+        out = out if shift is None else out + shift
+        gc, d = out.shape[1:3]
+        out = out.permute(1, 2, 0, 3).reshape(1, gc, d, -1)
+        return unmatrix_view(out, v.shape, nap.roles)
+
+    def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
+             bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise ConfigError("switchable whitening mixes in each input's own statistics; nothing fixed to fold")
