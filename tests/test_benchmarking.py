@@ -1,0 +1,62 @@
+"""Smoke test of the benchmark harness: tiny shapes, one round, the JSON structure (never timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from normkit import benchmarking as B
+
+
+def test_parse_shape() -> None:
+    assert B.parse_shape("4x8x3x3") == B.ShapeSpec((4, 8, 3, 3), "nchw")
+    assert B.parse_shape("4x8x3x3:cl").layout == "channels_last"
+    assert B.parse_shape("16x32").layout == "rows"
+    for bad in ("4x8x3", "16x32:cl", "ax8", "4x0x3x3"):
+        with pytest.raises(ValueError, match="bad"):
+            B.parse_shape(bad)
+
+
+def test_main_writes_json(tmp_path, capsys) -> None:
+    path = tmp_path / "out.json"
+    threads = torch.get_num_threads()
+    rc = B.main(["--shapes", "4x32x4x4,4x32x4x4:cl", "16x32", "--methods", "bn,gn,rms_norm,lrn,l1_bn",
+                 "--repeats", "1", "--warmup", "1", "--no-compile", "--plain", "--threads", "1",
+                 "--json", str(path)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # restored
+    out = capsys.readouterr().out
+    assert "targets" in out and "rms_norm" in out
+    r = json.loads(path.read_text())
+    assert r["schema"] == 1
+    assert {"cpu", "torch", "threads", "cpu_count"} <= set(r["machine"])
+    assert r["config"]["shapes"] == ["4x32x4x4", "4x32x4x4:cl", "16x32"]
+    assert r["copy_bandwidth_gbs"] > 0
+    assert not r["errors"], r["errors"]
+    cells = {(c["method"], c["shape"], c["mode"]): c for c in r["cells"]}
+    assert set(B.MODES) == {m for (_, _, m) in cells}
+    # native methods are judged against torch, the others against torch BN at the same shape
+    bn = cells[("bn", "4x32x4x4", "fb-train")]
+    assert bn["native"] and bn["ref"] == "torch"
+    assert {"ours", "torch", "plain", "generic"} <= set(bn["medians_ms"])
+    assert "target_met" in bn and bn["target"] == B.NATIVE_TARGET
+    l1 = cells[("l1_bn", "16x32", "fb-train")]
+    assert not l1["native"] and l1["ref"] == "bn_torch"
+    assert {"ours", "plain", "bn_torch"} <= set(l1["medians_ms"])
+    assert ("lrn", "16x32", "fb-train") not in cells  # spatial-only methods skip row shapes
+    for row in r["results"]:
+        assert {"method", "shape", "layout", "mode", "impl", "median_ms", "times_ms", "gbs",
+                "bw_fraction"} <= set(row)
+        assert len(row["times_ms"]) == 1
+        diff = row["max_abs_diff"]
+        assert diff is None or diff < 1e-3, row  # every formulation computes the same thing
+    mem = {(m["method"], m["shape"], m["impl"]): m for m in r["memory"]}
+    assert mem[("bn", "4x32x4x4", "plain")]["saved_bytes"] > 0
+    assert r["targets"]["judged"] == len([c for c in r["cells"] if "target_met" in c])
+
+
+def test_bad_arguments() -> None:
+    assert B.main(["--shapes", "3x3x3", "--json", "/dev/null"]) == 2
+    assert B.main(["--modes", "sideways", "--json", "/dev/null"]) == 2
