@@ -64,8 +64,11 @@ class Case:
         running: names of the tracked statistics (buffers ``running_<name>``), ``()`` for none.
         params: names of the learnable parameters.
         takes_affine: the constructor has an ``affine`` argument.
-        native: the ``torch.nn.functional`` kernel the default (``native=True``) path must call,
-            or ``None`` where no kernel computes the same thing.
+        native: the ``torch.nn.functional`` kernel the default (``native=True``) path must call
+            on CPU, or ``None`` where none is used (no kernel computes the same thing, or the
+            kernel is slower than the generic path on CPU, as ``rms_norm``'s composite one).
+        native_eval: the kernel is also used in eval (batch-group folds its running statistics
+            on the generic path instead).
         channel_axis: the case's channel axis (1 or -1).
         axis_swap_kwargs: extra kwargs that keep the area fixed when ``channel_axis`` is flipped
             (``over`` of LN/RMS/ScaleNorm defaults differently per axis).
@@ -92,6 +95,7 @@ class Case:
     params: tuple[str, ...]
     takes_affine: bool
     native: str | None
+    native_eval: bool = True
     channel_axis: int = 1
     axis_swap_kwargs: dict[str, Any] = field(default_factory=dict)
     degenerate_shapes: tuple[Shape, ...] = ()
@@ -375,7 +379,7 @@ CASES: list[Case] = [
         name="batch_group_norm", method="batch_group_norm", num_features=6,
         kwargs={"num_groups": 3}, shapes=((5, 6), (3, 6, 4), (2, 6, 3, 3), (2, 6, 2, 2, 2)),
         grad_shape=(3, 6, 2), batch_dependent=True, running=("mean", "var"),
-        params=("weight", "bias"), takes_affine=True, native="batch_norm",
+        params=("weight", "bias"), takes_affine=True, native="batch_norm", native_eval=False,
         edge_shapes=((1, 6), (2, 6, 1, 1)),  # 2 channels per group: batch 1 has 2 values
         batch_stats=_batch_group_stats(3), eval_ref=_eval_ref("std"),
         errors=_common_errors(6, (3, 6, 4), 1) + _group_errors(6),
@@ -384,7 +388,7 @@ CASES: list[Case] = [
         name="batch_group_norm_gs1", method="batch_group_norm", num_features=6,
         kwargs={"group_size": 1}, shapes=((5, 6), (3, 6, 4)), grad_shape=(3, 6, 2),
         batch_dependent=True, running=("mean", "var"), params=("weight", "bias"),
-        takes_affine=True, native="batch_norm", degenerate_shapes=((1, 6),), edge_shapes=((1, 6, 2),),
+        takes_affine=True, native="batch_norm", native_eval=False, degenerate_shapes=((1, 6),), edge_shapes=((1, 6, 2),),
         batch_stats=_batch_group_stats(6), eval_ref=_eval_ref("std"),
     ),
     Case(
@@ -458,7 +462,7 @@ CASES: list[Case] = [
         name="rms_norm_channels_last", method="rms_norm", num_features=4,
         kwargs={"channel_axis": -1, "eps": 1e-6}, shapes=S4, grad_shape=(3, 4, 3),
         batch_dependent=False, running=(), params=("weight",), takes_affine=True,
-        native="rms_norm", channel_axis=-1, axis_swap_kwargs={"over": "channels"},
+        native=None, channel_axis=-1, axis_swap_kwargs={"over": "channels"},
         edge_shapes=((1, 4), (1, 4, 1)),
         errors=_common_errors(4, (3, 4, 5), -1),
     ),

@@ -46,8 +46,9 @@ class Normalization(nn.Module):
     ``running ← (1 − momentum)·running + momentum·batch`` (``momentum=None``: cumulative average).
     Evaluation uses the running estimates when they exist, batch statistics otherwise — torch's
     rule, including when ``track_running_stats`` is toggled after construction. Where the
-    composition equals a torch kernel (BN, IN, GN, LN, RMSNorm) it dispatches to it; the generic
-    path gives the same numbers. Running buffers are updated with whatever the batch holds: a NaN
+    composition equals a torch kernel (BN, batch-group via BN, IN, GN, LN, LRN; RMSNorm off CPU,
+    where torch's composite is slower) it dispatches to it; the generic path gives the same
+    numbers. Running buffers are updated with whatever the batch holds: a NaN
     input propagates into them, as in torch; :meth:`reset_running_stats` recovers.
 
     Args:
@@ -287,6 +288,10 @@ class Normalization(nn.Module):
 
     def _native_ok(self, x: Tensor) -> bool:
         w = getattr(self, "weight", None)
+        if self._native == "rms_norm" and x.device.type == "cpu":
+            return False  # composite on CPU: the generic path is faster (benchmarks/)
+        if self._native == "batch_group_norm" and not (self.training or self._running() is None):
+            return False  # eval: the generic path folds running stats and affine into one FMA
         if self._native == "local_response_norm":
             # torch's kernel needs rank >= 3, views its input (contiguous only), no upcast
             return (x.dim() >= 3 and x.is_contiguous()

@@ -53,10 +53,17 @@ def divisive_coefficients(
     return scale, (None if mean is None else -mean * scale)
 
 
-def _numel(shape: torch.Size) -> int:
+def _broadcast_numel(*tensors: Tensor | None) -> int:
+    """Elements of the broadcast of coefficient tensors (axes of size 1 or equal sizes).
+
+    A plain max over axes: ``torch.broadcast_shapes`` costs tens of µs per call on the hot path.
+    """
+    shapes = [tuple(t.shape) for t in tensors if t is not None]
+    rank = max(len(sh) for sh in shapes)
+    shapes = [(1,) * (rank - len(sh)) + sh for sh in shapes]
     n = 1
-    for d in shape:
-        n *= d
+    for sizes in zip(*shapes, strict=True):
+        n *= max(sizes)
     return n
 
 
@@ -74,10 +81,7 @@ def affine_transform(
     applied one after the other. The result has the promoted dtype of the inputs.
     """
     if weight is not None or bias is not None:
-        fold_shape = torch.broadcast_shapes(
-            *(t.shape for t in (scale, shift, weight, bias) if t is not None)
-        )
-        if _numel(fold_shape) < x.numel():
+        if _broadcast_numel(scale, shift, weight, bias) < x.numel():
             w = weight if weight is not None else None
             if w is not None:
                 scale = w if scale is None else scale * w

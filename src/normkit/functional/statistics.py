@@ -4,8 +4,8 @@ Policy (every normkit method follows it):
 
 * Statistics accumulate in at least float32 (float64 stays float64); half and bfloat16 inputs are
   upcast for the reduction only.
-* Variance is computed by ``torch.var_mean`` (a two-pass / Welford reduction, stable under a mean
-  offset of 1e4 in float32) and is never negative.
+* Variance is computed in two passes (the mean, then the mean of squared deviations: stable under
+  a mean offset of 1e4 in float32) and is never negative.
 * Batch statistics use the **biased** variance (``correction=0``) for normalizing; running
   estimates of the variance store the **unbiased** one (``× m/(m−1)``), as torch's BatchNorm does.
 * ``eps`` goes inside the square root: ``x̂ = (x − μ) / √(σ² + ε)``.
@@ -50,8 +50,12 @@ def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
         >>> bool((var >= 0).all()), tuple(mean.shape)
         (True, (1, 3, 1))
     """
-    var, mean = torch.var_mean(_up(x), dim=tuple(dims), correction=0, keepdim=True)
-    return mean, var
+    # Two passes (mean, then the mean of squared deviations): as stable as Welford under large
+    # offsets and, on CPU, several times faster than torch.var_mean over several dimensions.
+    xf = _up(x)
+    mean = xf.mean(dim=tuple(dims), keepdim=True)
+    d = xf - mean
+    return mean, (d * d).mean(dim=tuple(dims), keepdim=True)
 
 
 def mean_square(x: Tensor, dims: Sequence[int]) -> Tensor:
