@@ -19,6 +19,8 @@ from ._base import Coefficients, Operation, Stats
 
 __all__ = ["Whiten", "SwitchableWhiten"]
 
+_BATCH_ROLES = ("M", "G", "D", "M")
+
 
 @dataclass(frozen=True, repr=False)
 class Whiten(Operation):
@@ -71,11 +73,21 @@ class Whiten(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mat = matrix_view(v, nap.roles)
-        mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
-        mean = mat.mean(-1, keepdim=True)
-        centered = mat - mean
-        cov = W.covariance(centered.flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
+        if tuple(nap.roles) == _BATCH_ROLES:
+            # Batch whitening in place on the (N, A, B, S) view: the samples (N, S) are two axes,
+            # so the covariance is a sum over N of (B × S)(S × B) products and no copy into the
+            # (A, B, N·S) matrix layout is made (its permute costs as much as the whitening).
+            vf = v.to(torch.promote_types(v.dtype, torch.float32))
+            mean = vf.mean((0, 3), keepdim=True)
+            centered = vf - mean
+            m = v.shape[0] * v.shape[3]
+            cov = torch.matmul(centered, centered.transpose(-1, -2)).sum(0, keepdim=True) / m
+        else:
+            mat = matrix_view(v, nap.roles)
+            mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
+            mean = mat.mean(-1, keepdim=True)
+            centered = mat - mean
+            cov = W.covariance(centered.flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
         # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
         # large offsets, and autograd saves the one tensor for both products.
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
@@ -112,6 +124,14 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
+        if tuple(nap.roles) == _BATCH_ROLES:  # (N, A, B, S) in place, see fit()
+            x = v.to(w.dtype) if centered is None else centered
+            folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
+            if folded is None:  # cannot happen for per-channel recoveries; kept for safety
+                out = torch.matmul(w, x if centered is not None else x - stats["mean"])
+                return Fs.affine_transform(out, None, None, weight, bias)
+            out = torch.matmul(folded[0], x)
+            return out if folded[1] is None else out + folded[1]
         if centered is None:  # running statistics: fold μ into the bias, one matmul over x
             mat = matrix_view(v, nap.roles).to(w.dtype)
             folded = self._fold(w, stats["mean"], weight, bias, nap)
