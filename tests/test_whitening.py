@@ -818,3 +818,13 @@ def test_constant_input_gives_zero_in_float32(name):
     mod = make_preset(name, 8, 4)
     y = mod(torch.full((16, 8, 3), 0.1))
     assert y.abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["dbn", "pca_bw", "cd_bw", "iternorm", "group_whitening",
+                                  "instance_whitening", "switchable_whitening"])
+@pytest.mark.parametrize("bad", [0, -4, True])
+def test_default_grouping_rejects_bad_num_features(name, bad):
+    # the default group size / count is derived from C: a bad C must get the usual message,
+    # not a failure inside that derivation
+    with pytest.raises(nk.ConfigError, match=rf"num_features must be a positive int, got {bad}"):
+        nk.create(name, bad)

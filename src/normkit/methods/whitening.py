@@ -7,6 +7,7 @@ from typing import Literal
 from typing_extensions import Unpack
 
 from .. import nap, nop
+from ..errors import ConfigError
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery
@@ -23,6 +24,13 @@ __all__ = [
 ]
 
 Estimate = Literal["matrix", "covariance"]
+
+
+def _largest_divisor(num_features: int, limit: int = 16) -> int:
+    """Default group size / count: the largest divisor of ``C`` up to ``limit``."""
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+        raise ConfigError(f"num_features must be a positive int, got {num_features!r}")
+    return max(d for d in range(1, limit + 1) if num_features % d == 0)
 
 
 class BatchWhitening(Normalization):
@@ -69,8 +77,8 @@ class BatchWhitening(Normalization):
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if group_size is None and isinstance(num_features, int) and num_features > 0:
-            group_size = max(d for d in range(1, 17) if num_features % d == 0)
+        if group_size is None:
+            group_size = _largest_divisor(num_features)
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
@@ -249,7 +257,7 @@ class GroupWhitening(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None:
-            num_groups = max(g for g in range(1, 17) if num_features % g == 0)
+            num_groups = _largest_divisor(num_features)
         super().__init__(
             num_features,
             nap=nap.Group(num_groups=num_groups),
@@ -364,8 +372,8 @@ class SwitchableWhitening(Normalization):
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if group_size is None and isinstance(num_features, int) and num_features > 0:
-            group_size = max(d for d in range(1, 17) if num_features % d == 0)
+        if group_size is None:
+            group_size = _largest_divisor(num_features)
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
