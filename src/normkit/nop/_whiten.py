@@ -130,8 +130,13 @@ class Whiten(Operation):
             if folded is None:  # cannot happen for per-channel recoveries; kept for safety
                 out = torch.matmul(w, x if centered is not None else x - stats["mean"])
                 return Fs.affine_transform(out, None, None, weight, bias)
-            out = torch.matmul(folded[0], x)
-            return out if folded[1] is None else out + folded[1]
+            n, a, b, rest = x.shape
+            mat = folded[0].expand(n, a, b, b).reshape(n * a, b, b)  # small: (N·A) d×d blocks
+            flat = x.reshape(n * a, b, rest)
+            if folded[1] is None:
+                return torch.bmm(mat, flat).reshape(x.shape)
+            shift = folded[1].expand(n, a, b, 1).reshape(n * a, b, 1)
+            return torch.baddbmm(shift, mat, flat).reshape(x.shape)  # bias fused into the product
         if centered is None:  # running statistics: fold μ into the bias, one matmul over x
             mat = matrix_view(v, nap.roles).to(w.dtype)
             folded = self._fold(w, stats["mean"], weight, bias, nap)
