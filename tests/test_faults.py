@@ -31,6 +31,8 @@ def make(name, *, native=True, dtype=None, **kw):
         kw.setdefault("window", 5)
     if name == "divisive_norm":
         kw.setdefault("channel_window", 3)
+    if name == "rms_norm":  # its default eps=None resolves per dtype (as torch): pin it so the
+        kw.setdefault("eps", 1e-6)  # float32 and float64 modules compute the same function
     return nk.create(name, C, native=native, dtype=dtype, **kw)
 
 

@@ -199,7 +199,8 @@ def _plain_rms(dims_of: Callable[[Tensor], tuple[int, ...]], l2: bool = False) -
     def fn(m: Any, x: Tensor) -> Tensor:
         d = dims_of(x)
         sq = x.pow(2).sum(d, keepdim=True) if l2 else x.pow(2).mean(d, keepdim=True)
-        return _affine(m, x * torch.rsqrt(sq + m.eps), m.pshape)
+        eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps  # RMSNorm's eps=None
+        return _affine(m, x * torch.rsqrt(sq + eps), m.pshape)
 
     return fn
 

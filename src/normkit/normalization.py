@@ -57,7 +57,8 @@ class Normalization(nn.Module):
         nop: normalization operation (:mod:`normkit.nop`), default :class:`~normkit.nop.Standardize`.
         nrr: representation recovery (:mod:`normkit.nrr`), default :class:`~normkit.nrr.Affine`;
             ``None`` for none.
-        eps: stability constant (inside the square root). Default ``1e-5``.
+        eps: stability constant (inside the square root). Default ``1e-5``; ``None`` uses
+            ``torch.finfo(input dtype).eps``, as ``torch.nn.RMSNorm``.
         momentum: weight of the new batch in running estimates, in ``[0, 1]``; ``None`` for a
             cumulative moving average. Default ``0.1``.
         track_running_stats: keep running estimates for evaluation. ``None`` (default) tracks
@@ -88,7 +89,7 @@ class Normalization(nn.Module):
         nap: nap_.Partition,
         nop: nop_.Operation | None = None,
         nrr: nrr_.Recovery | None = _AFFINE,
-        eps: float = 1e-5,
+        eps: float | None = 1e-5,
         momentum: float | None = 0.1,
         track_running_stats: bool | None = None,
         channel_axis: int = 1,
@@ -105,7 +106,8 @@ class Normalization(nn.Module):
                                 ("nrr", nrr, nrr_.Recovery)):
             if not isinstance(obj, base):
                 raise ConfigError(f"{what} must be a normkit.{what}.{base.__name__}, got {obj!r}")
-        check_eps(eps, nop)
+        if eps is not None:  # None: torch.finfo(input dtype).eps at run time (torch's RMSNorm)
+            check_eps(eps, nop)
         if momentum is not None and not (0.0 <= momentum <= 1.0):
             raise ConfigError(
                 f"momentum must be in [0, 1] (weight of the new batch) or None for a cumulative "
@@ -213,7 +215,8 @@ class Normalization(nn.Module):
             )
         stats = self.nop.from_running(running, self.nap, self.num_features)
         w, b = self.nrr.views(self._recovery_params(), self.groups)
-        return self.nop.fold(stats, nap=self.nap, eps=self.eps, weight=w, bias=b)
+        eps = self.eps if self.eps is not None else torch.finfo(stats["mean"].dtype).eps
+        return self.nop.fold(stats, nap=self.nap, eps=eps, weight=w, bias=b)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, nap={self.nap!r}, nop={self.nop!r}, nrr={self.nrr!r}, eps={self.eps}"
@@ -308,6 +311,7 @@ class Normalization(nn.Module):
     def _forward_generic(
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool
     ) -> Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         v = canonical_view(x, self.groups, self.channel_axis)
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
         w, b = self.nrr.views(self._recovery_params(), self.groups)
@@ -318,16 +322,16 @@ class Normalization(nn.Module):
             return out.to(x.dtype).reshape(x.shape)
         m = self.nap.count(v, spatial)
         if use_batch:
-            stats = self.nop.fit(v, self.nap, spatial, eps=self.eps, params=self._nop_params())
+            stats = self.nop.fit(v, self.nap, spatial, eps=eps, params=self._nop_params())
             if update:
                 self._update_running(running, stats, m)
         else:
             stats = self.nop.eval_stats(
                 v, running, nap=self.nap, spatial=spatial, num_features=self.num_features,
-                eps=self.eps, params=self._nop_params(),
+                eps=eps, params=self._nop_params(),
             )
         return apply_normalization(
-            x, v, stats, nop=self.nop, nap=self.nap, eps=self.eps, m=m, weight=w, bias=b,
+            x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,
         )
 
@@ -342,18 +346,19 @@ class Normalization(nn.Module):
     ) -> Tensor:
         w, b = getattr(self, "weight", None), getattr(self, "bias", None)
         kind = self._native
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if kind == "batch_norm":
             xc = x if self.channel_axis == 1 else x.movedim(-1, 1)
             rm, rv = (None, None) if running is None or (use_batch and not update) else (
                 running["mean"], running["var"])
-            y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, self.eps)
+            y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, eps)
             return y if self.channel_axis == 1 else y.movedim(1, -1)
         if kind == "batch_group_norm":
             g, per = self.groups
             rm, rv = (None, None) if running is None or (use_batch and not update) else (
                 running["mean"], running["var"])
             y = F.batch_norm(x.reshape(x.shape[0], g, -1), rm, rv, None, None, use_batch,
-                             self._factor() if update else 0.0, self.eps)
+                             self._factor() if update else 0.0, eps)
             if w is not None:
                 shape = (1, g, per, 1)
                 y = torch.addcmul(b.reshape(shape), y.reshape(x.shape[0], g, per, -1), w.reshape(shape))
@@ -363,14 +368,14 @@ class Normalization(nn.Module):
             if use_batch and not update:
                 rm, rv = None, None
             return F.instance_norm(x, rm, rv, w, b, use_batch, self._factor() if update else 0.0,
-                                   self.eps)
+                                   eps)
         if kind == "group_norm":
-            return F.group_norm(x, self.groups[0], w, b, self.eps)
+            return F.group_norm(x, self.groups[0], w, b, eps)
         if kind == "layer_norm":
             if self.channel_axis == 1:
-                return F.layer_norm(x.movedim(1, -1), (self.num_features,), w, b, self.eps).movedim(-1, 1)
-            return F.layer_norm(x, (self.num_features,), w, b, self.eps)
+                return F.layer_norm(x.movedim(1, -1), (self.num_features,), w, b, eps).movedim(-1, 1)
+            return F.layer_norm(x, (self.num_features,), w, b, eps)
         if kind == "local_response_norm":
             nop = self.nop
             return F.local_response_norm(x, self.nap.channel_window, nop.alpha, nop.beta, nop.k)
-        return F.rms_norm(x, (self.num_features,), w, self.eps)
+        return F.rms_norm(x, (self.num_features,), w, eps)

@@ -20,7 +20,7 @@ class NormKwargs(TypedDict, total=False):
     kernel where equal), ``device``, ``dtype``. Unknown names raise ``TypeError``.
     """
 
-    eps: float
+    eps: float | None
     momentum: float | None
     track_running_stats: bool | None
     channel_axis: int

@@ -25,7 +25,8 @@ class RMSNorm(Normalization):
 
     over ``over`` (as :class:`LayerNorm`: ``"all"`` for ``channel_axis=1``, ``"channels"`` for
     ``channel_axis=-1`` by default). ``RMSNorm(D, channel_axis=-1)`` equals
-    ``torch.nn.RMSNorm(D, eps=eps)``; learns ``γ`` only.
+    ``torch.nn.RMSNorm(D)``, including its default ``eps=None`` (``torch.finfo(x.dtype).eps``);
+    learns ``γ`` only.
 
     Paper: Zhang & Sennrich, *Root Mean Square Layer Normalization*, NeurIPS 2019.
     arXiv:1910.07467.
@@ -34,7 +35,7 @@ class RMSNorm(Normalization):
         num_features: channels ``C``.
         over: ``"all"``, ``"channels"`` or ``None``.
         affine: learn ``γ`` (init 1). Default ``True``.
-        **kw: :class:`~normkit.methods._common.NormKwargs`.
+        **kw: :class:`~normkit.methods._common.NormKwargs` (``eps`` defaults to ``None``).
 
     Shape:
         ``(N, C, *)`` → same (or ``(N, *, C)`` with ``channel_axis=-1``).
@@ -42,6 +43,8 @@ class RMSNorm(Normalization):
     Example:
         >>> import torch, normkit as nk
         >>> x = torch.randn(3, 5, 16)
+        >>> torch.allclose(nk.RMSNorm(16, channel_axis=-1)(x), torch.nn.RMSNorm(16)(x), atol=1e-6)
+        True
         >>> ours, ref = nk.RMSNorm(16, channel_axis=-1, eps=1e-6), torch.nn.RMSNorm(16, eps=1e-6)
         >>> torch.allclose(ours(x), ref(x), atol=1e-6)
         True
@@ -55,6 +58,7 @@ class RMSNorm(Normalization):
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
+        kw.setdefault("eps", None)
         partition = layer_partition(over, kw.get("channel_axis", 1))
         super().__init__(num_features, nap=partition, nop=nop.Scale("rms"),
                          nrr=affine_recovery(affine, bias=False), **kw)
