@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from the normalization. The defaults take a few minutes on 2 CPU cores and show BN's "
         "error rising at small batch sizes while GN and LN stay flat. Results go to --out; "
         "rerunning the same command resumes, skipping finished runs.")
-    c.add_argument("--methods", type=split_methods, default=",".join(d.methods),
+    c.add_argument("--methods", "--norm", type=split_methods, default=",".join(d.methods),
                    help="comma-separated method specs ('normkit list' shows the names; 'none' is "
                    "no normalization); arguments follow a colon, e.g. gn:num_groups=8,eps=1e-3")
     c.add_argument("--dataset", choices=list(DATASETS), default=d.dataset,
