@@ -60,3 +60,46 @@ def test_main_writes_json(tmp_path, capsys) -> None:
 def test_bad_arguments() -> None:
     assert B.main(["--shapes", "3x3x3", "--json", "/dev/null"]) == 2
     assert B.main(["--modes", "sideways", "--json", "/dev/null"]) == 2
+
+
+def test_whitening_mode(tmp_path, capsys) -> None:
+    path = tmp_path / "w.json"
+    rc = B.main(["--whitening", "--whitening-shapes", "8x32x4x4", "64x32", "--whitening-groups", "8,16",
+                 "--repeats", "1", "--threads", "1", "--plain", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "whitening" in out and "targets met" in out
+    r = json.loads(path.read_text())
+    w = r["whitening"]
+    assert "cells" not in r and {"cpu", "threads"} <= set(r["machine"])
+    assert not w["errors"], w["errors"]
+    rows = {(x["method"], x["group_size"], x["shape"]): x for x in w["rows"]}
+    assert set(rows) == {(m, d, s) for m in ("dbn", "pca_bw", "cd_bw", "iternorm") for d in (8, 16)
+                         for s in ("8x32x4x4", "64x32")}
+    for row in w["rows"]:
+        assert set(row["medians_ms"]) == set(B.WHITENING_MODES)
+        assert {"ours", "plain", "bn_torch"} <= set(row["medians_ms"]["fb-train"])
+        assert "blockmm" in row["medians_ms"]["fwd-eval"]
+        assert {"ours/BN", "plain/BN", "ours/plain", "eval/mm", "saved/in"} <= set(row["ratios"])
+        assert row["saved_bytes"]["ours"] > 0 and row["saved_bytes"]["plain"] > 0
+        # the papers' formulation computes what ours computes (PCA: up to eigenvector signs)
+        n = row["numerics"]
+        assert n["ok"] and n["max_abs_diff"] < 1e-3, row
+        assert n["compared"] == ("cov(y)" if row["method"] == "pca_bw" else "y")
+    judged = [t["metric"] for x in w["rows"] for t in x["targets"]]
+    assert judged.count("ours/BN") == 2  # dbn at group size 16 on both shapes
+    assert w["targets"]["judged"] == len(judged)
+    # a saved run prints again
+    assert B.main(["--from-json", str(path), "--plain"]) == 0
+    assert "targets met" in capsys.readouterr().out
+
+
+def test_plain_whitening_matches_functional() -> None:
+    from normkit.functional import whiten as W
+
+    x = torch.randn(32, 8, dtype=torch.float64) @ torch.randn(8, 8, dtype=torch.float64)
+    xc = (x - x.mean(0)).T.unsqueeze(0)
+    for kind in ("zca", "cholesky", "newton"):
+        p = B._PlainWhitening(kind, 8, 8, eps=1e-5).double()
+        want = (W.whitening_matrix(W.covariance(xc), kind, eps=1e-5) @ xc)[0].T
+        assert torch.allclose(p(x), want, atol=1e-8), kind

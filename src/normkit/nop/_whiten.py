@@ -22,6 +22,13 @@ __all__ = ["Whiten", "SwitchableWhiten"]
 _BATCH_ROLES = ("M", "G", "D", "M")
 
 
+def _in_place(v: Tensor, roles: Sequence[str]) -> bool:
+    """Batch whitening runs on the (N, A, B, S) view itself when there are at least as many
+    positions as features per group (S ≥ d): its per-sample d×d blocks then cost no more than the
+    input. With few positions (e.g. (N, C) inputs) the (A, B, N·S) matrix layout is cheaper."""
+    return tuple(roles) == _BATCH_ROLES and v.shape[3] >= v.shape[2]
+
+
 @dataclass(frozen=True, repr=False)
 class Whiten(Operation):
     r"""Whitening ``x̂ = W (x − μ)`` with ``W (Σ + εI) Wᵀ = I``: decorrelates the ``D`` features.
@@ -73,7 +80,7 @@ class Whiten(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        if tuple(nap.roles) == _BATCH_ROLES:
+        if _in_place(v, nap.roles):
             # Batch whitening in place on the (N, A, B, S) view: the samples (N, S) are two axes,
             # so the covariance is a sum over N of (B × S)(S × B) products and no copy into the
             # (A, B, N·S) matrix layout is made (its permute costs as much as the whitening).
@@ -124,7 +131,7 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
-        if tuple(nap.roles) == _BATCH_ROLES:  # (N, A, B, S) in place, see fit()
+        if _in_place(v, nap.roles):  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
             folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
             if folded is None:  # cannot happen for per-channel recoveries; kept for safety
