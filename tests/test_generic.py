@@ -814,3 +814,36 @@ def test_error_types_are_value_errors() -> None:
     """User-facing errors stay catchable as ValueError (errors.py's contract)."""
     for _, err in ERROR_PARAMS:
         assert issubclass(err.exc, ValueError) or err.exc is TypeError
+
+
+@running_cases
+def test_folded_equals_eval(case: Case) -> None:
+    """``folded()`` is the evaluation transform as one affine map: per channel ``y = a·x + b``,
+    or per group ``y = M x + b`` for whitening; methods mixing in each input's own statistics
+    (switchable whitening) refuse to fold."""
+    m = build(case, dtype=F64)
+    m(layout_x(case, case.shapes[0], seed=1))  # running statistics away from their initial values
+    m.eval()
+    x = logical_x(case, case.shapes[0], seed=2)
+    y = from_layout(m(to_layout(x, case.channel_axis)), case.channel_axis)
+    if case.method == "switchable_whitening":
+        with pytest.raises(nk.ConfigError, match="nothing fixed to fold"):
+            m.folded()
+        return
+    a, b = m.folded()
+    c = case.num_features
+    xc = x.transpose(0, 1).reshape(c, -1)
+    if a.dim() == 1:  # per channel
+        ref = a[:, None] * xc + b[:, None]
+    else:  # block-diagonal: a is (C/d, d, d)
+        g, d = a.shape[0], a.shape[1]
+        ref = (a @ xc.reshape(g, d, -1)).reshape(c, -1) + b[:, None]
+    ref = ref.reshape(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
+    assert_close(y, ref, **TIGHT)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.running],
+                         ids=[c.name for c in CASES if not c.running])
+def test_folded_refuses_without_running_statistics(case: Case) -> None:
+    with pytest.raises(nk.ConfigError, match="no running statistics to fold"):
+        build(case).folded()

@@ -208,10 +208,10 @@ class Normalization(nn.Module):
             True
         """
         running = self._running()
-        if running is None or not self.nap.batch_dependent:
+        if running is None:
             raise ConfigError(
                 f"{type(self).__name__} has no running statistics to fold (statistics depend on "
-                f"each input); only batch-dependent methods with track_running_stats fold"
+                f"each input); only methods with track_running_stats fold"
             )
         stats = self.nop.from_running(running, self.nap, self.num_features)
         w, b = self.nrr.views(self._recovery_params(), self.groups)
