@@ -76,10 +76,10 @@ class Whiten(Operation):
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
         return {"mean": ((gc * d,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
 
-    def fit(
-        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None,
-    ) -> Stats:
+    @staticmethod
+    def _moments(v: Tensor, nap: Partition) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch mean ``(Gn, Gc, D, 1)``, biased covariance ``(Gn, Gc, D, D)`` and the centred
+        samples (in the (N, A, B, S) view for in-place batch whitening, else the matrix view)."""
         if _in_place(v, nap.roles):
             # Batch whitening in place on the (N, A, B, S) view: the samples (N, S) are two axes,
             # so the covariance is a sum over N of (B × S)(S × B) products and no copy into the
@@ -89,12 +89,19 @@ class Whiten(Operation):
             centered = vf - mean
             m = v.shape[0] * v.shape[3]
             cov = torch.matmul(centered, centered.transpose(-1, -2)).sum(0, keepdim=True) / m
-        else:
-            mat = matrix_view(v, nap.roles)
-            mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
-            mean = mat.mean(-1, keepdim=True)
-            centered = mat - mean
-            cov = W.covariance(centered.flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
+            return mean, cov, centered
+        mat = matrix_view(v, nap.roles)
+        mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
+        mean = mat.mean(-1, keepdim=True)
+        centered = mat - mean
+        cov = W.covariance(centered.flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
+        return mean, cov, centered
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        mean, cov, centered = self._moments(v, nap)
         # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
         # large offsets, and autograd saves the one tensor for both products.
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
@@ -243,15 +250,20 @@ class SwitchableWhiten(Whiten):
             p.zero_()
 
     @staticmethod
-    def _instance(v: Tensor, nap: Partition) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample ``(N, Gc, D, S)`` view with its mean and covariance over positions."""
+    def _instance_view(v: Tensor, nap: Partition) -> Tensor:
+        """Per-sample ``(N, Gc, D, S)`` view of the samples (≥ float32)."""
         mat = matrix_view(v, nap.roles)
         mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
         gc, d = mat.shape[1:3]
-        inst = mat.reshape(gc, d, v.shape[0], -1).permute(2, 0, 1, 3)
+        return mat.reshape(gc, d, v.shape[0], -1).permute(2, 0, 1, 3)
+
+    def _instance(self, v: Tensor, nap: Partition) -> tuple[Tensor, Tensor]:
+        """Per-sample mean and covariance over positions, ``(N, Gc, D, 1)`` and ``(N, Gc, D, D)``."""
+        inst = self._instance_view(v, nap)
         mean = inst.mean(-1, keepdim=True)
+        d = inst.shape[2]
         cov = W.covariance((inst - mean).flatten(0, 1)).reshape(*inst.shape[:2], d, d)
-        return inst, mean, cov
+        return mean, cov
 
     def _mix(self, batch_mean: Tensor, batch_cov: Tensor, inst_mean: Tensor, inst_cov: Tensor,
              params: Stats, eps: float) -> Stats:
@@ -270,24 +282,24 @@ class SwitchableWhiten(Whiten):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        batch = super().fit(v, nap, spatial, eps=eps)
-        _, inst_mean, inst_cov = self._instance(v, nap)
-        mixed = self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps)
-        return {"mean": batch["mean"], "cov": batch["cov"], **mixed}
+        mean, cov, _ = self._moments(v, nap)  # no batch whitening matrix: the mixture's is used
+        inst_mean, inst_cov = self._instance(v, nap)
+        mixed = self._mix(mean, cov, inst_mean, inst_cov, params or {}, eps)
+        return {"mean": mean, "cov": cov, **mixed}
 
     def eval_stats(
         self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
         num_features: int, eps: float, params: Stats | None = None,
     ) -> Stats:
         batch = self.from_running(running, nap, num_features)
-        _, inst_mean, inst_cov = self._instance(v, nap)
+        inst_mean, inst_cov = self._instance(v, nap)
         return self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps)
 
     def transform(
         self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
         weight: Tensor | None, bias: Tensor | None,
     ) -> Tensor:
-        inst, _, _ = self._instance(v, nap)
+        inst = self._instance_view(v, nap)  # the statistics were computed by fit / eval_stats
         folded = self._fold(stats["matrix"], stats["mix_mean"], weight, bias, nap)
         if folded is None:
             raise ConfigError("switchable whitening needs a per-channel recovery foldable per group")
