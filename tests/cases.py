@@ -81,7 +81,10 @@ class Case:
         errors: bad inputs.
         inductor: also compare against ``torch.compile(backend="inductor")`` (slow; ≤ 4 cases).
         double_backward: second derivatives are supported (``gradgradcheck``); ZCA's
-            divided-difference backward is first-order only and says so.
+            divided-difference backward is first-order only and says so (raises).
+        fused_first_order: the default (``native=True``) path trains through a fused autograd
+            Function that is first-order only (batch whitening); ``native=False`` is then the
+            twice-differentiable composition where ``double_backward`` holds.
     """
 
     name: str
@@ -105,6 +108,7 @@ class Case:
     errors: tuple[ErrorInput, ...] = ()
     inductor: bool = False
     double_backward: bool = True
+    fused_first_order: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -580,6 +584,7 @@ for _name, _method, _est in (("dbn", "zca", "matrix"), ("pca_bw", "pca", "covari
         degenerate_shapes=((1, 4), (1, 4, 1, 1)), edge_shapes=((1, 4, 3), (2, 4, 1, 1)),
         batch_stats=_whiten_stats(_method, 2, estimate=_est),
         eval_ref=_whiten_eval_ref(2, _method), double_backward=_method != "zca",
+        fused_first_order=True,
         errors=(_common_errors(4, (3, 4, 5), 1) + _whitening_errors(4)) if _name != "dbn_sigma" else (),
     ))
 CASES.append(Case(
@@ -589,6 +594,7 @@ CASES.append(Case(
     params=("weight", "bias"), takes_affine=True, native=None, channel_axis=-1,
     degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),),
     batch_stats=_whiten_stats("newton", 4, iterations=3), eval_ref=_whiten_eval_ref(4),
+    fused_first_order=True,
     errors=(ErrorInput("iterations_zero", ConfigError, r"iterations must be an int in \[1, 64\], got 0",
                        ctor={"iterations": 0}),),
 ))

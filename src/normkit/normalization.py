@@ -65,7 +65,9 @@ class Normalization(nn.Module):
             them iff the partition is batch-dependent.
         channel_axis: ``1`` for ``(N, C, *spatial)``, ``-1`` for channels-last ``(N, *spatial, C)``
             and transformer ``(B, T, D)`` inputs.
-        native: dispatch to torch's kernel where one computes the same thing (default ``True``).
+        native: dispatch to torch's kernel where one computes the same thing, and use fused
+            autograd Functions (batch whitening) — default ``True``; ``False`` runs the plain
+            autograd composition of the formula.
         device, dtype: factory arguments for parameters and buffers.
 
     Shape:
@@ -116,7 +118,7 @@ class Normalization(nn.Module):
         if channel_axis not in (1, -1):
             raise ConfigError(f"channel_axis must be 1 or -1, got {channel_axis!r}")
         self.num_features = num_features
-        self.nap, self.nop, self.nrr = nap, nop, nrr
+        self.nap, self.nop, self.nrr = nap, (nop if native else nop.unfused()), nrr
         self.groups = nap.groups(num_features)  # validates the grouping at construction
         self.eps = eps
         self.momentum = momentum

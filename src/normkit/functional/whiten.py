@@ -21,13 +21,16 @@ Computations run in at least float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
+
+import functools
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError
+from .partition import Role, matrix_view, unmatrix_view
 
 __all__ = [
     "WhiteningMethod",
@@ -38,6 +41,9 @@ __all__ = [
     "newton_schulz_matrix",
     "whitening_matrix",
     "coloring_matrix",
+    "batch_moments",
+    "apply_whitening",
+    "whiten_with_gradient",
     "MAX_ITERATIONS",
 ]
 
@@ -59,6 +65,27 @@ def covariance(xc: Tensor) -> Tensor:
     return torch.bmm(xc, xc.transpose(-1, -2)) / m
 
 
+def _first_order(what: str, instead: str):  # type: ignore[no-untyped-def]
+    """Mark an ``autograd.Function.backward`` as first order: with ``create_graph=True`` (grad mode
+    on inside backward) it raises instead of returning a gradient whose own derivative would miss
+    its dependence on saved tensors (torch's ``once_differentiable`` only checks the incoming
+    gradients, so a second derivative through the saved input would be silently zero)."""
+
+    def decorate(backward):  # type: ignore[no-untyped-def]
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads):  # type: ignore[no-untyped-def]
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{what} is first-order only: second derivatives (backward with "
+                    f"create_graph=True) are not implemented; {instead}"
+                )
+            return backward(ctx, *grads)
+
+        return wrapped
+
+    return decorate
+
+
 def _gap_tolerance(lam: Tensor) -> Tensor:
     scale = lam.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
     return scale * (torch.finfo(lam.dtype).eps * 64)
@@ -70,7 +97,7 @@ class _InvSqrtEigh(torch.autograd.Function):
     For ``F = U f(Λ) Uᵀ`` the gradient is ``U (K ∘ Uᵀ sym(G) U) Uᵀ`` with
     ``K_ij = (f(λ_i) − f(λ_j))/(λ_i − λ_j)`` and ``K_ii = f'(λ_i)`` (Daleckii–Krein); near-equal
     pairs use ``f'`` at their mean, so repeated eigenvalues give finite, correct gradients.
-    First-order only: a second derivative raises (``once_differentiable``) instead of being wrong.
+    First-order only: a second derivative raises instead of being wrong.
     """
 
     @staticmethod
@@ -82,7 +109,8 @@ class _InvSqrtEigh(torch.autograd.Function):
         return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2)
 
     @staticmethod
-    @once_differentiable
+    @_first_order("ZCA whitening's divided-difference backward",
+                  "use method='cholesky' or 'newton' (IterNorm) where second derivatives are needed")
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         lam, u, f = ctx.saved_tensors
         li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
@@ -237,3 +265,134 @@ def coloring_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     sigma = _check(sigma, eps)
     lam, u = torch.linalg.eigh(sigma + eps * _eye_like(sigma))
     return (u * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ u.transpose(-1, -2)
+
+
+# ------------------------------------------------------------------ whitening a batch of samples
+def batch_moments(x: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, biased covariance and centred samples of ``x`` of shape ``(P, G, D, S)`` (≥ float32).
+
+    ``shared=True``: the ``P`` and ``S`` axes are all samples of ``G`` problems (batch whitening
+    on the canonical ``(N, A, d, S)`` view, no copy): mean ``(1, G, D, 1)``, covariance
+    ``(1, G, D, D)`` summed over ``P`` of ``(D × S)(S × D)`` products. ``shared=False``: ``P·G``
+    independent problems over the ``S`` samples (the matrix view ``(Gn, Gc, D, M)``).
+
+    Example:
+        >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
+        >>> mean, cov, xc = batch_moments(x, shared=True)
+        >>> flat = x.permute(1, 2, 0, 3).reshape(2, 3, 40)     # (G, D, P·S)
+        >>> torch.allclose(cov[0], torch.cov(flat[0], correction=0))
+        True
+    """
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    dims = (0, 3) if shared else (3,)
+    mean = xf.mean(dims, keepdim=True)
+    centered = xf - mean
+    m = x.shape[0] * x.shape[3] if shared else x.shape[3]
+    cov = torch.matmul(centered, centered.transpose(-1, -2))
+    cov = (cov.sum(0, keepdim=True) if shared else cov) / max(m, 1)
+    return mean, cov, centered
+
+
+def apply_whitening(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
+                    out: Tensor | None = None) -> Tensor:
+    """``mat @ x + shift`` for ``x`` of shape ``(P, G, D, S)`` and ``mat`` ``(1 or P, G, D, D)``
+    (``shift`` ``(1 or P, G, D, 1)``) as one batched matmul, the bias fused; with ``out`` (shaped
+    like ``x``) the product is added to it in place instead."""
+    p, g, d, s = x.shape
+    mats = mat.expand(p, g, d, d).reshape(p * g, d, d)  # small: (P·G) D×D blocks
+    flat = x.reshape(p * g, d, s)
+    if out is not None:
+        return out.view(p * g, d, s).baddbmm_(mats, flat).view(x.shape)
+    if shift is None:
+        return torch.bmm(mats, flat).view(x.shape)
+    return torch.baddbmm(shift.expand(p, g, d, 1).reshape(p * g, d, 1), mats, flat).view(x.shape)
+
+
+class _WhitenApply(torch.autograd.Function):
+    r"""``y = γ ⊙ (W x_c) + β`` with batch statistics, and the gradient of the whole map ``x → y``
+    (through ``μ``, ``Σ`` and ``W(Σ)``) in one backward.
+
+    With ``M = γ ⊙ W`` (rows scaled), ``g = ∂L/∂y``, ``m`` samples and ``Ĝ = Σ_samples g x_cᵀ``:
+
+    .. math::
+        ∂L/∂β = Σ g,\quad ∂L/∂γ = \mathrm{diag}(Ĝ Wᵀ),\quad ∂L/∂W = γ ⊙ Ĝ,\quad
+        ∂L/∂x = Mᵀ (g − \bar g) + \tfrac{2}{m}\,\mathrm{sym}(∂L/∂Σ)\, x_c
+
+    where ``∂L/∂Σ`` comes from ``W``'s own backward (a small ``(D, D)`` graph kept from fit) and
+    the mean's projection ``v − v̄`` drops out of the second term (``x_c`` has zero mean). Three
+    passes over the activations instead of autograd's many; saves only ``x_c``. First order only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, centered, matrix, graph, shared, roles):  # type: ignore[override]
+        mat = matrix if weight is None else matrix * weight.to(matrix.dtype)
+        shift = None if bias is None else bias.to(matrix.dtype)
+        y = apply_whitening(mat, centered, shift)
+        ctx.save_for_backward(centered, matrix, mat, weight)
+        ctx.graph, ctx.shared, ctx.roles, ctx.shape, ctx.dtype = graph, shared, roles, x.shape, x.dtype
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return y if roles is None else unmatrix_view(y, x.shape, roles)
+
+    @staticmethod
+    @_first_order("the fused batch-whitening backward",
+                  "build the module with native=False for the plain autograd composition "
+                  "(twice differentiable for cholesky, newton and pca)")
+    def backward(ctx, grad):  # type: ignore[override]
+        centered, matrix, mat, weight = ctx.saved_tensors
+        g = grad.to(centered.dtype)
+        g = g if ctx.roles is None else matrix_view(g, ctx.roles)
+        p, _, _, s = centered.shape
+        shared = ctx.shared
+        m = p * s if shared else s
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gsum = g.sum((0, 3) if shared else (3,), keepdim=True)
+        dx = dw = None
+        if need_x or need_w:
+            outer = torch.matmul(g, centered.transpose(-1, -2))  # Ĝ = Σ g x_cᵀ
+            outer = outer.sum(0, keepdim=True) if shared else outer
+            if need_w:
+                dw = (outer * matrix).sum(-1, keepdim=True)
+                dw = (dw if dw.shape[0] == weight.shape[0] else dw.sum(0, keepdim=True)).to(weight.dtype)
+        if need_x:
+            mat_t = mat.transpose(-1, -2)
+            dx = apply_whitening(mat_t, g, -torch.matmul(mat_t, gsum) / m)  # Mᵀ (g − ḡ)
+            if ctx.graph is not None:
+                leaf, w_graph = ctx.graph
+                dmat = outer if weight is None else outer * weight.to(outer.dtype)
+                (dcov,) = torch.autograd.grad(w_graph, leaf, dmat.reshape(w_graph.shape),
+                                              retain_graph=True)
+                dcov = dcov.reshape(mat.shape)
+                apply_whitening((dcov + dcov.transpose(-1, -2)) / m, centered, out=dx)
+            dx = dx if ctx.roles is None else unmatrix_view(dx, ctx.shape, ctx.roles)
+            dx = dx.to(ctx.dtype)
+        db = None
+        if need_b:
+            shape, dtype = ctx.bias_meta
+            db = (gsum if gsum.shape[0] == shape[0] else gsum.sum(0, keepdim=True)).to(dtype)
+        return dx, dw, db, None, None, None, None, None
+
+
+def whiten_with_gradient(
+    x: Tensor,
+    centered: Tensor,
+    matrix: Tensor,
+    graph: tuple[Tensor, Tensor] | None,
+    *,
+    shared: bool,
+    roles: Sequence[Role] | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Whiten a batch whose statistics were computed without autograd, with the exact gradient.
+
+    ``centered`` (``x − μ`` in the ``(P, G, D, S)`` layout of :func:`batch_moments`), ``matrix``
+    ``W`` (detached) and ``graph = (Σ, W(Σ))`` — ``Σ`` a leaf requiring grad and ``W`` computed
+    from it with autograd — were made from ``x`` beforehand; this returns
+    ``γ ⊙ (W x_c) + β`` in ``x``'s layout (``roles``: ``centered`` is ``x``'s matrix view, see
+    :func:`~normkit.functional.partition.matrix_view`; ``None``: the same layout) with the
+    gradient of the whole map ``x → y`` w.r.t. ``x``, ``weight`` and ``bias`` (``(1 or P, G, D,
+    1)`` views). First-order: a second derivative raises. The plain autograd composition
+    (``W (x − μ)`` with ``μ`` and ``Σ`` from autograd) is the reference it is tested against.
+    """
+    return _WhitenApply.apply(x, weight, bias, centered, matrix, graph, shared,
+                              None if roles is None else tuple(roles))

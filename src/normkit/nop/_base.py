@@ -74,6 +74,11 @@ class Operation(ABC):
         """The fewest samples any statistic of this operation is taken over (checked > 1)."""
         return nap.count(v, spatial)
 
+    def unfused(self) -> Operation:
+        """This operation without fused autograd Functions: the plain autograd composition of
+        its formula (``Normalization(native=False)`` uses it). Default: itself."""
+        return self
+
     def create_parameters(
         self, num_features: int, nap: Partition, factory: dict[str, Any]
     ) -> dict[str, nn.Parameter]:

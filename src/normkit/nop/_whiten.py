@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -45,11 +45,17 @@ class Whiten(Operation):
         estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
+        fused: train with one autograd Function for the map ``x → y`` whose backward is derived
+            by hand (:func:`~normkit.functional.whiten.whiten_with_gradient`: fewer passes over
+            the activations, only ``x − μ`` saved; first order only). ``False``: the plain
+            autograd composition (what ``native=False`` selects; twice differentiable for
+            ``cholesky``, ``newton`` and ``pca``).
     """
 
     method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
     iterations: int = 5
     estimate: Literal["matrix", "covariance"] = "matrix"
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("zca", "pca", "cholesky", "newton"):
@@ -76,34 +82,39 @@ class Whiten(Operation):
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
         return {"mean": ((gc * d,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
 
+    def unfused(self) -> Whiten:
+        return replace(self, fused=False)
+
     @staticmethod
-    def _moments(v: Tensor, nap: Partition) -> tuple[Tensor, Tensor, Tensor]:
-        """Batch mean ``(Gn, Gc, D, 1)``, biased covariance ``(Gn, Gc, D, D)`` and the centred
-        samples (in the (N, A, B, S) view for in-place batch whitening, else the matrix view)."""
-        if _in_place(v, nap.roles):
-            # Batch whitening in place on the (N, A, B, S) view: the samples (N, S) are two axes,
-            # so the covariance is a sum over N of (B × S)(S × B) products and no copy into the
-            # (A, B, N·S) matrix layout is made (its permute costs as much as the whitening).
-            vf = v.to(torch.promote_types(v.dtype, torch.float32))
-            mean = vf.mean((0, 3), keepdim=True)
-            centered = vf - mean
-            m = v.shape[0] * v.shape[3]
-            cov = torch.matmul(centered, centered.transpose(-1, -2)).sum(0, keepdim=True) / m
-            return mean, cov, centered
-        mat = matrix_view(v, nap.roles)
-        mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
-        mean = mat.mean(-1, keepdim=True)
-        centered = mat - mean
-        cov = W.covariance(centered.flatten(0, 1)).reshape(*mat.shape[:2], *([mat.shape[2]] * 2))
-        return mean, cov, centered
+    def _layout(v: Tensor, nap: Partition) -> tuple[bool, tuple[str, ...] | None]:
+        """How the samples are laid out as ``(P, G, D, S)`` for
+        :func:`~normkit.functional.whiten.batch_moments`: the canonical view itself for in-place
+        batch whitening (``shared``, no roles), else the matrix view (a copy, with the ``roles``
+        that map it back)."""
+        shared = _in_place(v, nap.roles)
+        return shared, None if shared else tuple(nap.roles)
+
+    def _moments(self, v: Tensor, nap: Partition) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean ``(Gn, Gc, D, 1)``, biased covariance ``(Gn, Gc, D, D)`` and centred samples (in
+        the layout of :meth:`_layout`), with autograd."""
+        shared, roles = self._layout(v, nap)
+        return W.batch_moments(v if roles is None else matrix_view(v, roles), shared)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mean, cov, centered = self._moments(v, nap)
         # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
         # large offsets, and autograd saves the one tensor for both products.
+        if not self.fused:  # the plain autograd composition
+            mean, cov, centered = self._moments(v, nap)
+            return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+        # Fused: the statistics without autograd; only W(Σ) keeps a (D × D) graph from a leaf Σ,
+        # and transform()'s autograd Function gives the gradient of the whole map x → y.
+        with torch.no_grad():
+            mean, cov, centered = self._moments(v, nap)
+        if torch.is_grad_enabled() and v.requires_grad:
+            cov.requires_grad_()
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
 
     def running(self, stats: Stats, m: int) -> Stats:
@@ -138,19 +149,15 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
+        if centered is not None and self.fused:
+            return self._fused_transform(v, stats, w, centered, nap, weight, bias)
         if _in_place(v, nap.roles):  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
             folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
             if folded is None:  # cannot happen for per-channel recoveries; kept for safety
                 out = torch.matmul(w, x if centered is not None else x - stats["mean"])
                 return Fs.affine_transform(out, None, None, weight, bias)
-            n, a, b, rest = x.shape
-            mat = folded[0].expand(n, a, b, b).reshape(n * a, b, b)  # small: (N·A) d×d blocks
-            flat = x.reshape(n * a, b, rest)
-            if folded[1] is None:
-                return torch.bmm(mat, flat).reshape(x.shape)
-            shift = folded[1].expand(n, a, b, 1).reshape(n * a, b, 1)
-            return torch.baddbmm(shift, mat, flat).reshape(x.shape)  # bias fused into the product
+            return W.apply_whitening(folded[0], x, folded[1])
         if centered is None:  # running statistics: fold μ into the bias, one matmul over x
             mat = matrix_view(v, nap.roles).to(w.dtype)
             folded = self._fold(w, stats["mean"], weight, bias, nap)
@@ -167,6 +174,19 @@ class Whiten(Operation):
         out = torch.matmul(w, mat if centered is not None else mat - stats["mean"])
         out = unmatrix_view(out, v.shape, nap.roles)
         return Fs.affine_transform(out, None, None, weight, bias)
+
+    def _fused_transform(self, v: Tensor, stats: Stats, w: Tensor, centered: Tensor,
+                         nap: Partition, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Batch statistics, fused: :func:`~normkit.functional.whiten.whiten_with_gradient`
+        with the recovery folded into ``W`` when it is per row (else applied after)."""
+        rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
+        foldable = all(r is None or r.shape[-1] == 1 for r in rows)
+        graph = (stats["cov"], w) if w.requires_grad else None
+        shared, roles = self._layout(v, nap)
+        out = W.whiten_with_gradient(
+            v, centered, w.detach(), graph, shared=shared, roles=roles,
+            weight=rows[0] if foldable else None, bias=rows[1] if foldable else None)
+        return out if foldable else Fs.affine_transform(out, None, None, weight, bias)
 
     @staticmethod
     def _fold(
