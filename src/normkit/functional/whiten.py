@@ -280,7 +280,7 @@ def batch_moments(x: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
         >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
         >>> mean, cov, xc = batch_moments(x, shared=True)
         >>> flat = x.permute(1, 2, 0, 3).reshape(2, 3, 40)     # (G, D, P·S)
-        >>> torch.allclose(cov[0], torch.cov(flat[0], correction=0))
+        >>> torch.allclose(cov[0, 0], torch.cov(flat[0], correction=0))   # group 0
         True
     """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
