@@ -559,11 +559,10 @@ CASES: list[Case] = [
 
 # ------------------------------------------------------------------------------ whitening
 def _whitening_errors(c: int) -> tuple[ErrorInput, ...]:
-    bad = next(g for g in range(2, c + 2) if c % g)
     return (
-        ErrorInput("group_size_not_dividing", ConfigError,
-                   rf"num_features \({c}\) must be divisible by group_size \({bad}\)",
-                   ctor={"group_size": bad}),
+        ErrorInput("group_size_too_large", ConfigError,
+                   rf"group_size \({c + 1}\) must be at most num_features \({c}\)",
+                   ctor={"group_size": c + 1}),
         ErrorInput("group_size_zero", ConfigError, r"group_size must be a positive int, got 0",
                    ctor={"group_size": 0}),
         ErrorInput("estimate_unknown", ConfigError,

@@ -575,13 +575,87 @@ def test_module_gradcheck(name, mode):
 
 
 # ---------------------------------------------------------------------------- errors
-def test_group_size_must_divide_channels():
-    with pytest.raises(nk.ConfigError, match=r"\(6\).*\(4\)"):
-        DecorrelatedBatchNorm(6, group_size=4)
-    with pytest.raises(nk.ConfigError, match=r"\(6\).*\(4\)"):
-        InstanceWhitening(6, group_size=4)
+def test_group_count_must_divide_channels():
     with pytest.raises(nk.ConfigError, match=r"\(6\).*\(4\)"):
         GroupWhitening(6, num_groups=4)
+    with pytest.raises(nk.ConfigError, match=r"group_size \(7\) must be at most num_features \(6\)"):
+        DecorrelatedBatchNorm(6, group_size=7)
+    # standardization has no use for a smaller last group: Batch(group_size) must divide there
+    with pytest.raises(nk.ConfigError, match="only whitening allows a smaller last group"):
+        nk.Normalization(6, nap=nk.nap.Batch(group_size=4), nop=nk.nop.Standardize())
+
+
+# ------------------------------------------------------------------ a smaller last group
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("estimate", ["matrix", "covariance"])
+@pytest.mark.parametrize("shape", [(40, 10, 3), (60, 10)], ids=["in_place", "matrix_layout"])
+def test_smaller_last_group_equals_a_separate_module(name, estimate, shape):
+    """C = 10, d = 4: groups of 4, 4 and 2. Each group, the last included, gives exactly what a
+    module over its channels alone gives — train output, running estimates and eval — and the
+    padding never shows: output and running mean have C channels, eval folds to C."""
+    c, d = 10, 4
+    mod = make_preset(name, c, d, estimate=estimate, dtype=DT)
+    randomize_affine(mod, 3)
+    parts = [make_preset(name, 4, 4, estimate=estimate, dtype=DT) for _ in range(2)]
+    parts.append(make_preset(name, 2, 2, estimate=estimate, dtype=DT))
+    with torch.no_grad():
+        for i, p in enumerate(parts):
+            p.weight.copy_(mod.weight[4 * i: 4 * i + p.num_features])
+            p.bias.copy_(mod.bias[4 * i: 4 * i + p.num_features])
+    spans = [slice(0, 4), slice(4, 8), slice(8, 10)]
+    for seed in range(2):
+        x = correlated(shape[0], c, 60 + seed, *shape[2:])
+        y = mod(x)
+        assert y.shape == x.shape and y.is_contiguous()
+        for p, sl in zip(parts, spans, strict=True):
+            torch.testing.assert_close(y[:, sl], p(x[:, sl]), rtol=1e-9, atol=1e-9)
+    assert mod.running_mean.shape == (c,)
+    running = getattr(mod, f"running_{'matrix' if estimate == 'matrix' else 'cov'}")
+    assert running.shape == (3, d, d)
+    torch.testing.assert_close(mod.running_mean[8:], parts[2].running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(running[2, :2, :2], getattr(parts[2], running_name(estimate))[0],
+                               rtol=1e-12, atol=1e-12)
+    mod.eval()
+    for p in parts:
+        p.eval()
+    x = correlated(7, c, 70, *shape[2:])
+    y = mod(x)
+    for p, sl in zip(parts, spans, strict=True):
+        torch.testing.assert_close(y[:, sl], p(x[:, sl]), rtol=1e-9, atol=1e-9)
+    mat, shift = mod.folded()
+    assert mat.shape == (3, d, d) and shift.shape == (c,)
+    full = torch.block_diag(*mat)[:c, :c]
+    xf = x.movedim(1, -1)
+    torch.testing.assert_close((xf @ full.T + shift).movedim(-1, 1), y, rtol=1e-9, atol=1e-9)
+
+
+def running_name(estimate: str) -> str:
+    return "running_matrix" if estimate == "matrix" else "running_cov"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["fused", "composition"])
+def test_smaller_last_group_gradcheck(native):
+    mod = DecorrelatedBatchNorm(5, group_size=2, dtype=DT, native=native)  # groups 2, 2, 1
+    randomize_affine(mod, 4)
+    names = [n for n, _ in mod.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in mod.parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(mod, dict(zip(names, ps, strict=True)), (x,))
+
+    x = correlated(6, 5, 5, 2).requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_smaller_last_group_instance_whitening_and_stateless():
+    x = correlated(3, 5, 8, 12)
+    y = InstanceWhitening(5, group_size=3, dtype=DT)(x)
+    torch.testing.assert_close(y[:, 3:], InstanceWhitening(2, group_size=2, dtype=DT)(x[:, 3:]),
+                               rtol=1e-9, atol=1e-9)
+    z = nk.functional.normalize(x, nap=nk.nap.Batch(group_size=3), nop=nk.nop.Whiten(), eps=1e-5)
+    torch.testing.assert_close(z[:, 3:], nk.functional.normalize(
+        x[:, 3:], nap=nk.nap.Batch(group_size=2), nop=nk.nop.Whiten(), eps=1e-5),
+        rtol=1e-9, atol=1e-9)
 
 
 def test_invalid_method_estimate_iterations():

@@ -54,7 +54,8 @@ class Partition:
     roles: tuple[Role, Role, Role, Role] = ("G", "G", "G", "G")
 
     def groups(self, num_features: int) -> tuple[int, int]:
-        """``(A, B)`` with ``A·B = num_features``."""
+        """``(A, B)`` with ``A·B = num_features`` (``A·B > num_features`` for a ragged split whose
+        last group is smaller, :func:`~normkit.functional.partition.resolve_groups`)."""
         return num_features, 1
 
     @property
@@ -120,14 +121,15 @@ class _Grouped(Partition):
 @dataclass(frozen=True, repr=False)
 class Batch(_Grouped):
     """Batch: statistics over ``(N, spatial)`` per channel (BN). ``group_size`` > 1 makes ``D``
-    groups of channels, which standardization treats separately and whitening jointly."""
+    groups of channels, which standardization treats separately and whitening jointly; for
+    whitening the last group may be smaller when ``group_size`` does not divide ``C``."""
 
     roles = ("M", "G", "D", "M")
 
     def groups(self, num_features: int) -> tuple[int, int]:
         if self.num_groups is None and self.group_size is None:
             return num_features, 1
-        return resolve_groups(num_features, self.num_groups, self.group_size)
+        return resolve_groups(num_features, self.num_groups, self.group_size, ragged=True)
 
 
 @dataclass(frozen=True, repr=False)
@@ -154,14 +156,15 @@ class Layer(Partition):
 @dataclass(frozen=True, repr=False)
 class Instance(_Grouped):
     """Instance: per sample and channel over positions (IN). ``group_size`` > 1 makes ``D``
-    groups of channels (instance whitening whitens each group over the positions)."""
+    groups of channels (instance whitening whitens each group over the positions; the last group
+    may be smaller)."""
 
     roles = ("G", "G", "D", "M")
 
     def groups(self, num_features: int) -> tuple[int, int]:
         if self.num_groups is None and self.group_size is None:
             return num_features, 1
-        return resolve_groups(num_features, self.num_groups, self.group_size)
+        return resolve_groups(num_features, self.num_groups, self.group_size, ragged=True)
 
 
 @dataclass(frozen=True, repr=False)

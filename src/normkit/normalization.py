@@ -7,6 +7,7 @@ this class.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -19,7 +20,7 @@ from . import nrr as nrr_
 from .errors import ConfigError
 from .functional import statistics as S
 from .functional.normalize import apply_normalization, check_eps, check_spread
-from .functional.partition import canonical_view, check_input
+from .functional.partition import canonical_view, check_input, narrow_channels, pad_channels
 from .functional.standardize import affine_transform
 
 __all__ = ["Normalization"]
@@ -118,8 +119,11 @@ class Normalization(nn.Module):
         if channel_axis not in (1, -1):
             raise ConfigError(f"channel_axis must be 1 or -1, got {channel_axis!r}")
         self.num_features = num_features
-        self.nap, self.nop, self.nrr = nap, (nop if native else nop.unfused()), nrr
         self.groups = nap.groups(num_features)  # validates the grouping at construction
+        nop = nop.bind(nap, num_features)  # refuses, or knows, a smaller last group
+        self.nap, self.nop, self.nrr = nap, (nop if native else nop.unfused()), nrr
+        # channels zero-padded to whole groups when the last group is smaller (whitening)
+        self._num_padded = self.groups[0] * self.groups[1] - num_features
         self.eps = eps
         self.momentum = momentum
         self.channel_axis = channel_axis
@@ -164,6 +168,16 @@ class Normalization(nn.Module):
     def _recovery_params(self) -> dict[str, Tensor | None]:
         return {"weight": getattr(self, "weight", None), "bias": getattr(self, "bias", None)}
 
+    def _recovery_views(self) -> tuple[Tensor | None, Tensor | None]:
+        """The recovery's ``(γ, β)`` against the canonical view (per-channel parameters padded
+        with ``γ = 1, β = 0`` for the zero channels of a smaller last group)."""
+        params = self._recovery_params()
+        if self._num_padded:
+            params = {k: pad_channels(t, self._num_padded, 0, 1.0 if k == "weight" else 0.0)
+                      if t is not None and t.numel() == self.num_features else t
+                      for k, t in params.items()}
+        return self.nrr.views(params, self.groups)
+
     def _running(self) -> dict[str, Tensor] | None:
         bufs = {s: getattr(self, f"running_{s}") for s in self.nop.stat_names}
         return None if any(b is None for b in bufs.values()) else bufs
@@ -196,7 +210,9 @@ class Normalization(nn.Module):
         Standardization-family methods give per-channel ``(a, b)``, each ``(C,)``, with
         ``y = a ⊙ x + b``; whitening gives ``(M, b)`` with ``M`` of shape ``(C/d, d, d)`` (one block
         of a block-diagonal matrix per group) and ``b`` of shape ``(C,)``, with ``y = M x + b``
-        per group. Uses the running statistics.
+        per group (with a smaller last group of ``r`` channels, its block is ``r × r`` in the
+        top-left corner of the last ``d × d`` one: the block-diagonal matrix cut to ``C × C``).
+        Uses the running statistics.
 
         Raises:
             ConfigError: when there are no running statistics (nothing fixed to fold).
@@ -216,9 +232,10 @@ class Normalization(nn.Module):
                 f"each input); only methods with track_running_stats fold"
             )
         stats = self.nop.from_running(running, self.nap, self.num_features)
-        w, b = self.nrr.views(self._recovery_params(), self.groups)
+        w, b = self._recovery_views()
         eps = self.eps if self.eps is not None else torch.finfo(stats["mean"].dtype).eps
-        return self.nop.fold(stats, nap=self.nap, eps=eps, weight=w, bias=b)
+        a, shift = self.nop.fold(stats, nap=self.nap, eps=eps, weight=w, bias=b)
+        return a, shift[: self.num_features]
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, nap={self.nap!r}, nop={self.nop!r}, nrr={self.nrr!r}, eps={self.eps}"
@@ -280,8 +297,11 @@ class Normalization(nn.Module):
         if x.numel() == 0:  # defined result: empty output, buffers untouched
             update = False
         elif use_batch:  # before any state changes; also in eval without running stats (torch)
-            v = canonical_view(x, self.groups, self.channel_axis)
             spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
+            if self._num_padded:  # only the view's shape matters: no padded copy to count
+                v = x.new_empty(()).expand(x.shape[0], *self.groups, math.prod(spatial))
+            else:
+                v = canonical_view(x, self.groups, self.channel_axis)
             check_spread(shape, self.nop.count(v, self.nap, spatial), self.nap, self.nop)
         if update:
             self.num_batches_tracked.add_(1)
@@ -314,14 +334,16 @@ class Normalization(nn.Module):
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool
     ) -> Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        shape = x.shape
+        x = pad_channels(x, self._num_padded, self.channel_axis)
         v = canonical_view(x, self.groups, self.channel_axis)
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-        w, b = self.nrr.views(self._recovery_params(), self.groups)
+        w, b = self._recovery_views()
         if x.numel() == 0:
             out = affine_transform(v, None, None, w, b)
             for p in self._nop_params().values():  # connected, so every parameter gets a 0 grad
                 out = out + 0 * p.sum()
-            return out.to(x.dtype).reshape(x.shape)
+            return out.to(x.dtype).reshape(shape)
         m = self.nap.count(v, spatial)
         if use_batch:
             stats = self.nop.fit(v, self.nap, spatial, eps=eps, params=self._nop_params())
@@ -332,10 +354,11 @@ class Normalization(nn.Module):
                 v, running, nap=self.nap, spatial=spatial, num_features=self.num_features,
                 eps=eps, params=self._nop_params(),
             )
-        return apply_normalization(
+        y = apply_normalization(
             x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,
         )
+        return narrow_channels(y, self.num_features, self.channel_axis)
 
     @torch.no_grad()
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from .partition import canonical_view, check_input, restore_view
+from .partition import canonical_view, check_input, narrow_channels, pad_channels, restore_view
 from .standardize import affine_transform
 
 __all__ = ["normalize", "apply_normalization", "check_eps", "check_spread"]
@@ -103,6 +103,9 @@ def normalize(
         return normalize(x.unsqueeze(0), nap=nap, nop=nop, weight=weight, bias=bias, eps=eps,
                          channel_axis=channel_axis).squeeze(0)
     groups = nap.groups(num_features)
+    nop = nop.bind(nap, num_features)  # refuses, or knows, a smaller last group
+    padded = groups[0] * groups[1] - num_features
+    x = pad_channels(x, padded, channel_axis)
     v = canonical_view(x, groups, channel_axis)
     spatial: Sequence[int] = tuple(x.shape[2:] if channel_axis == 1 else x.shape[1:-1])
     m = nap.count(v, spatial)
@@ -112,10 +115,13 @@ def normalize(
     else:
         stats = {}
     shape = (1, groups[0], groups[1], 1)
-    w = None if weight is None else (weight.reshape(shape) if weight.dim() == 1 else weight)
-    b = None if bias is None else (bias.reshape(shape) if bias.dim() == 1 else bias)
+    w, b = (None if t is None else (pad_channels(t, padded, 0, value) if t.dim() == 1 else t)
+            for t, value in ((weight, 1.0), (bias, 0.0)))
+    w, b = (None if t is None else (t.reshape(shape) if t.dim() == 1 else t) for t in (w, b))
     if not stats:
-        return restore_view(affine_transform(v, None, None, w, b).to(x.dtype), x.shape, channel_axis)
-    return apply_normalization(
-        x, v, stats, nop=nop, nap=nap, eps=eps, m=m, weight=w, bias=b, channel_axis=channel_axis
-    )
+        y = restore_view(affine_transform(v, None, None, w, b).to(x.dtype), x.shape, channel_axis)
+    else:
+        y = apply_normalization(
+            x, v, stats, nop=nop, nap=nap, eps=eps, m=m, weight=w, bias=b, channel_axis=channel_axis
+        )
+    return narrow_channels(y, num_features, channel_axis)

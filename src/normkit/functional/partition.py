@@ -24,6 +24,8 @@ from ..errors import ConfigError, ShapeError
 __all__ = [
     "Role",
     "resolve_groups",
+    "pad_channels",
+    "narrow_channels",
     "canonical_view",
     "restore_view",
     "reduce_dims",
@@ -37,18 +39,23 @@ AXES = ("N", "A", "B", "S")
 
 
 def resolve_groups(
-    num_features: int, num_groups: int | None = None, group_size: int | None = None
+    num_features: int, num_groups: int | None = None, group_size: int | None = None, *,
+    ragged: bool = False,
 ) -> tuple[int, int]:
     """Split ``num_features`` channels into ``(num_groups, group_size)``.
 
     Exactly one of ``num_groups`` / ``group_size`` must be given; it must be positive and divide
-    ``num_features``.
+    ``num_features`` — unless ``ragged`` and ``group_size`` is given: then the last group is
+    smaller and the split is ``(⌈C/d⌉, d)`` with ``A·B ≥ C`` (the channels are zero-padded to
+    ``A·B``, see :func:`pad_channels`).
 
     Example:
         >>> resolve_groups(64, num_groups=8)
         (8, 8)
         >>> resolve_groups(64, group_size=16)
         (4, 16)
+        >>> resolve_groups(40, group_size=16, ragged=True)   # groups of 16, 16 and 8
+        (3, 16)
 
     Raises:
         ConfigError: if both or neither are given, a value is not positive, or it does not divide.
@@ -64,6 +71,12 @@ def resolve_groups(
     what, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{what} must be a positive int, got {value!r}")
+    if num_features % value and ragged and group_size is not None:
+        if value > num_features:
+            raise ConfigError(
+                f"group_size ({value}) must be at most num_features ({num_features})"
+            )
+        return -(-num_features // value), value
     if num_features % value:
         divisors = [d for d in range(1, num_features + 1) if num_features % d == 0]
         raise ConfigError(
@@ -72,6 +85,25 @@ def resolve_groups(
         )
     other = num_features // value
     return (value, other) if num_groups is not None else (other, value)
+
+
+def pad_channels(x: Tensor, num_padded: int, channel_axis: int = 1, value: float = 0.0) -> Tensor:
+    """``x`` with ``num_padded`` channels of ``value`` (default zeros) appended at ``channel_axis``
+    (a smaller last group of a ragged split, :func:`resolve_groups`); ``x`` itself when
+    ``num_padded == 0``."""
+    if num_padded == 0:
+        return x
+    axis = channel_axis % x.dim()
+    pad = [0, 0] * (x.dim() - 1 - axis) + [0, num_padded]
+    return torch.nn.functional.pad(x, pad, value=value)
+
+
+def narrow_channels(y: Tensor, num_features: int, channel_axis: int = 1) -> Tensor:
+    """Inverse of :func:`pad_channels`: the first ``num_features`` channels, contiguous like the
+    input layout (a no-op when nothing was padded)."""
+    if y.shape[channel_axis] == num_features:
+        return y
+    return y.narrow(channel_axis, 0, num_features).contiguous()
 
 
 def check_input(x: Tensor, num_features: int, channel_axis: int) -> None:

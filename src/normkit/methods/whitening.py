@@ -42,12 +42,16 @@ class BatchWhitening(Normalization):
     ``W (Σ_B + εI) Wᵀ = I``. Training tracks the running mean and either the running whitening
     matrix (``estimate="matrix"``) or the running covariance (``estimate="covariance"``, the
     book's "Sigma" variants; ``W`` is then recomputed from it at evaluation). ``group_size=1``
-    is BN.
+    is BN. A ``group_size`` that does not divide ``C`` leaves a smaller last group of
+    ``r = C mod d`` channels, whitened on its own ``r × r`` covariance (``running_matrix`` /
+    ``running_cov`` keep ``⌈C/d⌉`` blocks of ``d × d``, the last one ``r × r`` in its top-left
+    corner).
 
     Args:
         num_features: channels ``C``.
-        group_size: channels whitened jointly ``d`` (must divide ``C``). Default: the largest
-            divisor of ``C`` up to 16.
+        group_size: channels whitened jointly ``d``; when it does not divide ``C`` the last group
+            has the remaining ``C mod d`` channels. Default: the largest divisor of ``C`` up to
+            16 (equal groups).
         method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"``.
         iterations: Newton–Schulz steps (``"newton"`` only). Default ``5``.
         estimate: running estimate kept for evaluation: ``"matrix"`` or ``"covariance"``.
@@ -284,7 +288,8 @@ class InstanceWhitening(Normalization):
 
     Args:
         num_features: channels ``C``.
-        group_size: channels whitened jointly (must divide ``C``). Default ``C``.
+        group_size: channels whitened jointly (the last group smaller when it does not divide
+            ``C``). Default ``C``.
         method, iterations: as :class:`BatchWhitening`.
         affine: per-channel ``γ, β``. Default ``False``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.
@@ -342,8 +347,8 @@ class SwitchableWhitening(Normalization):
 
     Args:
         num_features: channels ``C``.
-        group_size: channels whitened jointly (must divide ``C``). Default: the largest divisor
-            of ``C`` up to 16.
+        group_size: channels whitened jointly (the last group smaller when it does not divide
+            ``C``). Default: the largest divisor of ``C`` up to 16.
         modes: the statistics mixed. Default ``("bw", "iw", "bn", "in")``.
         method, iterations: as :class:`BatchWhitening`.
         affine: per-channel ``γ, β``. Default ``True``.

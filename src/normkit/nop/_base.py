@@ -74,6 +74,24 @@ class Operation(ABC):
         """The fewest samples any statistic of this operation is taken over (checked > 1)."""
         return nap.count(v, spatial)
 
+    def bind(self, nap: Partition, num_features: int) -> Operation:
+        """This operation for ``num_features`` channels under ``nap`` (called once by the module).
+
+        Operations that handle a ragged split (a smaller last group, ``A·B > C``) return a copy
+        that knows the last group's size; the default refuses one.
+
+        Raises:
+            ConfigError: when ``nap`` splits the channels unevenly.
+        """
+        a, b = nap.groups(num_features)
+        if a * b != num_features:
+            raise ConfigError(
+                f"{nap!r} does not divide num_features ({num_features}) evenly; only whitening "
+                f"allows a smaller last group, {type(self).__name__} needs a group_size dividing "
+                f"{num_features}"
+            )
+        return self
+
     def unfused(self) -> Operation:
         """This operation without fused autograd Functions: the plain autograd composition of
         its formula (``Normalization(native=False)`` uses it). Default: itself."""

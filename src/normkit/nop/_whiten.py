@@ -56,8 +56,12 @@ class Whiten(Operation):
     iterations: int = 5
     estimate: Literal["matrix", "covariance"] = "matrix"
     fused: bool = True
+    last_group: int | None = None
 
     def __post_init__(self) -> None:
+        if self.last_group is not None and (not isinstance(self.last_group, int)
+                                            or self.last_group < 1):
+            raise ConfigError(f"last_group must be a positive int or None, got {self.last_group!r}")
         if self.method not in ("zca", "pca", "cholesky", "newton"):
             raise ConfigError(
                 f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', got {self.method!r}"
@@ -74,13 +78,36 @@ class Whiten(Operation):
         return ("mean", "matrix") if self.estimate == "matrix" else ("mean", "cov")
 
     def _matrix(self, cov: Tensor, eps: float) -> Tensor:
+        """Whitening matrices ``(Gn, Gc, D, D)`` of covariances ``(Gn, Gc, D, D)``; with a
+        :attr:`last_group` ``r`` the last ``Gc`` block is ``W(Σ[:r, :r]) ⊕ I``."""
+        if self.last_group is None:
+            return self._blocks(cov, eps)
+        r, d = self.last_group, cov.shape[-1]
+        last = self._blocks(cov[:, -1:, :r, :r], eps)
+        padding = (torch.arange(d, device=cov.device) >= r).to(last.dtype)
+        last = torch.nn.functional.pad(last, (0, d - r, 0, d - r)) + torch.diag(padding)
+        if cov.shape[1] == 1:
+            return last
+        return torch.cat([self._blocks(cov[:, :-1], eps), last], 1)
+
+    def _blocks(self, cov: Tensor, eps: float) -> Tensor:
         flat = cov.reshape(-1, *cov.shape[-2:])
         w = W.whitening_matrix(flat, self.method, eps=eps, iterations=self.iterations)
         return w.reshape(cov.shape)
 
+    def bind(self, nap: Partition, num_features: int) -> Whiten:
+        """Set :attr:`last_group` when ``nap``'s group size does not divide ``num_features``."""
+        a, b = nap.groups(num_features)
+        if a * b == num_features:
+            return self
+        gc, d = matrix_sizes((a, b), nap.roles)
+        if (gc, d) != (a, b):
+            raise ConfigError(f"{nap!r}: only a group_size split may have a smaller last group")
+        return replace(self, last_group=num_features - (a - 1) * b)
+
     def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
-        return {"mean": ((gc * d,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
+        return {"mean": ((num_features,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
 
     def unfused(self) -> Whiten:
         return replace(self, fused=False)
@@ -117,15 +144,20 @@ class Whiten(Operation):
             cov.requires_grad_()
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
 
+    def _num_padded(self, d: int) -> int:
+        return 0 if self.last_group is None else d - self.last_group
+
     def running(self, stats: Stats, m: int) -> Stats:
         mean = stats["mean"].mean(0).reshape(-1)
+        mean = mean[: mean.numel() - self._num_padded(stats["mean"].shape[-2])]
         if self.estimate == "covariance":
             return {"mean": mean, "cov": S.unbiased_variance(stats["cov"].mean(0), m)}
         return {"mean": mean, "matrix": stats["matrix"].mean(0)}
 
     def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
-        out = {"mean": running["mean"].reshape(1, gc, d, 1)}
+        mean = torch.nn.functional.pad(running["mean"], (0, self._num_padded(d)))
+        out = {"mean": mean.reshape(1, gc, d, 1)}
         key = self.stat_names[1]
         return {**out, key: running[key].unsqueeze(0)}
 
