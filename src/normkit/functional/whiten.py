@@ -21,10 +21,9 @@ Computations run in at least float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
-
-import functools
 
 import torch
 from torch import Tensor
