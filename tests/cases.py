@@ -245,10 +245,11 @@ def _whiten_stats(method: str, d: int, *, estimate: str = "matrix", eps: float =
     return stats
 
 
-def _whiten_eval_ref(d: int, method: str = "zca", iterations: int = 5
+def _whiten_eval_ref(d: int, method: str = "zca", iterations: int = 5, coloring: bool = False
                      ) -> Callable[[Any, Tensor], Tensor]:
     """Eval from the running buffers: ``γ ⊙ W_g (x − μ) + β`` per group of ``d`` channels, ``W``
-    the running matrix or the whitening matrix of the running covariance."""
+    the running matrix or the whitening matrix of the running covariance (``coloring``:
+    ``Γ_g W_g (x − μ) + β`` with the learned ``d × d`` matrices ``Γ``)."""
 
     def ref(m: Any, x: Tensor) -> Tensor:
         c = x.shape[1]
@@ -257,8 +258,12 @@ def _whiten_eval_ref(d: int, method: str = "zca", iterations: int = 5
             w = _whitening_matrix(method, m.running_cov.double(), m.eps, iterations)
         else:
             w = m.running_matrix.double()
+        if coloring:
+            w = m.weight.detach().double() @ w
         y = (w @ xc.reshape(c // d, d, -1)).reshape(c, -1)
-        if getattr(m, "weight", None) is not None:
+        if coloring:
+            y = y + m.bias.detach().double()[:, None]
+        elif getattr(m, "weight", None) is not None:
             y = y * m.weight.detach().double()[:, None] + m.bias.detach().double()[:, None]
         return y.reshape(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
 
@@ -586,6 +591,17 @@ for _name, _method, _est in (("dbn", "zca", "matrix"), ("pca_bw", "pca", "covari
         fused_first_order=True,
         errors=(_common_errors(4, (3, 4, 5), 1) + _whitening_errors(4)) if _name != "dbn_sigma" else (),
     ))
+CASES.append(Case(
+    name="dbn_coloring", method="dbn", num_features=4, kwargs={"group_size": 2, "affine": "coloring"},
+    shapes=_BW_SHAPES, grad_shape=(4, 4, 2), batch_dependent=True, running=("mean", "matrix"),
+    params=("weight", "bias"), takes_affine=True, native=None,
+    degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3), (2, 4, 1, 1)),
+    batch_stats=_whiten_stats("zca", 2), eval_ref=_whiten_eval_ref(2, coloring=True),
+    double_backward=False, fused_first_order=True,
+    errors=(ErrorInput("coloring_group_size_not_dividing", ConfigError,
+                       r"num_features \(4\) must be divisible by group_size \(3\)",
+                       ctor={"group_size": 3}),),
+))
 CASES.append(Case(
     name="iternorm_channels_last", method="iternorm", num_features=4,
     kwargs={"group_size": 4, "iterations": 3, "channel_axis": -1}, shapes=_BW_SHAPES,

@@ -902,3 +902,47 @@ def test_default_grouping_rejects_bad_num_features(name, bad):
     # not a failure inside that derivation
     with pytest.raises(nk.ConfigError, match=rf"num_features must be a positive int, got {bad}"):
         nk.create(name, bad)
+
+
+# ---------------------------------------------------------------------------- coloring recovery
+def test_coloring_gives_back_the_covariance_gamma_gamma_t():
+    """Whitened then colored: cov(y) = Γ (W Σ Wᵀ) Γᵀ = Γ Γᵀ − ε Γ W Wᵀ Γᵀ; with ε = 1e-9 and
+    λ_min(Σ) ≳ 0.05 the ε-term is ≲ 1e-7 relative, checked at 1e-6."""
+    mod = DecorrelatedBatchNorm(6, group_size=3, affine="coloring", eps=1e-9, dtype=DT)
+    randomize_affine(mod, 11)
+    y = mod(correlated(400, 6, 12, 3))
+    groups = y.transpose(0, 1).reshape(2, 3, -1)
+    cov = W.covariance(groups - groups.mean(-1, keepdim=True))
+    gamma = mod.weight.detach()
+    torch.testing.assert_close(cov, gamma @ gamma.transpose(-1, -2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(groups.mean(-1), mod.bias.detach().reshape(2, 3), rtol=0, atol=1e-9)
+
+
+def test_coloring_with_diagonal_gamma_is_the_affine_recovery():
+    x = correlated(20, 4, 13, 5)
+    affine = DecorrelatedBatchNorm(4, group_size=2, dtype=DT)
+    colored = DecorrelatedBatchNorm(4, group_size=2, affine="coloring", dtype=DT)
+    randomize_affine(affine, 14)
+    with torch.no_grad():
+        colored.weight.copy_(torch.diag_embed(affine.weight.reshape(2, 2)))
+        colored.bias.copy_(affine.bias)
+    for train in (True, False):
+        affine.train(train)
+        colored.train(train)
+        torch.testing.assert_close(colored(x), affine(x), rtol=1e-12, atol=1e-12)
+
+
+def test_coloring_after_batch_norm_folds():
+    """Coloring composes with a per-channel operation's fold: M = Γ diag(a), b' = Γ b + β."""
+    mod = nk.Normalization(4, nap=nk.nap.Batch(), nop=nk.nop.Standardize(),
+                           nrr=nk.nrr.Coloring(group_size=2), dtype=DT)
+    randomize_affine(mod, 15)
+    mod(correlated(16, 4, 16, 3))
+    mod.eval()
+    x = correlated(5, 4, 17, 3)
+    mat, shift = mod.folded()
+    y = torch.einsum("ij,njs->nis", torch.block_diag(*mat), x) + shift[:, None]
+    torch.testing.assert_close(y, mod(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(nk.ConfigError, match="cannot fold Coloring"):
+        nk.Normalization(4, nap=nk.nap.Batch(group_size=4), nop=nk.nop.Whiten(),
+                         nrr=nk.nrr.Coloring(group_size=2)).eval().folded()

@@ -235,7 +235,7 @@ class Normalization(nn.Module):
         w, b = self._recovery_views()
         eps = self.eps if self.eps is not None else torch.finfo(stats["mean"].dtype).eps
         a, shift = self.nop.fold(stats, nap=self.nap, eps=eps, weight=w, bias=b)
-        return a, shift[: self.num_features]
+        return self.nrr.compose((a, shift[: self.num_features]), self._recovery_params())
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, nap={self.nap!r}, nop={self.nop!r}, nrr={self.nrr!r}, eps={self.eps}"
@@ -343,7 +343,8 @@ class Normalization(nn.Module):
             out = affine_transform(v, None, None, w, b)
             for p in self._nop_params().values():  # connected, so every parameter gets a 0 grad
                 out = out + 0 * p.sum()
-            return out.to(x.dtype).reshape(shape)
+            out = out.to(x.dtype).reshape(shape)
+            return self.nrr.post(out, self._recovery_params(), self.channel_axis)
         m = self.nap.count(v, spatial)
         if use_batch:
             stats = self.nop.fit(v, self.nap, spatial, eps=eps, params=self._nop_params())
@@ -358,7 +359,8 @@ class Normalization(nn.Module):
             x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,
         )
-        return narrow_channels(y, self.num_features, self.channel_axis)
+        y = narrow_channels(y, self.num_features, self.channel_axis)
+        return self.nrr.post(y, self._recovery_params(), self.channel_axis)
 
     @torch.no_grad()
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:

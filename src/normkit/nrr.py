@@ -10,6 +10,8 @@ recovery               y                                     parameters
 ``None`` / ``Identity()``  x̂                                 —
 ``Affine()``           γ ⊙ x̂ + β  (per channel)              weight (C,), bias (C,)
 ``Scalar(init)``       g · x̂   (one learned scalar)          weight (1,)
+``Coloring(d)``        Γ_k x̂_k + β  (a d×d matrix per        weight (C/d, d, d),
+                       group of d channels)                  bias (C,)
 =====================  ====================================  =====================
 
 Example:
@@ -28,8 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .functional.partition import canonical_view, resolve_groups, restore_view
+from .functional.whiten import grouped_matmul
 
-__all__ = ["Recovery", "Identity", "Affine", "Scalar"]
+__all__ = ["Recovery", "Identity", "Affine", "Scalar", "Coloring"]
 
 
 class Recovery:
@@ -46,8 +50,21 @@ class Recovery:
     def views(
         self, params: dict[str, Tensor | None], groups: tuple[int, int]
     ) -> tuple[Tensor | None, Tensor | None]:
-        """``(γ, β)`` broadcastable against the canonical ``(N, A, B, S)`` view."""
+        """``(γ, β)`` broadcastable against the canonical ``(N, A, B, S)`` view, which the
+        operation applies (folded into its own scale and shift where that is cheaper)."""
         return None, None
+
+    def post(self, y: Tensor, params: dict[str, Tensor | None], channel_axis: int) -> Tensor:
+        """Applied to the normalized output ``y`` (input layout) after the operation: recoveries
+        that are not per-channel (a matrix per group) act here. Default: ``y``."""
+        return y
+
+    def compose(
+        self, folded: tuple[Tensor, Tensor], params: dict[str, Tensor | None]
+    ) -> tuple[Tensor, Tensor]:
+        """The module's folded evaluation map (``Normalization.folded``) with :meth:`post`
+        composed in. Default: unchanged (per-channel recoveries are folded by the operation)."""
+        return folded
 
     def __repr__(self) -> str:
         fields = getattr(self, "__dataclass_fields__", {})
@@ -119,3 +136,79 @@ class Scalar(Recovery):
         self, params: dict[str, Tensor | None], groups: tuple[int, int]
     ) -> tuple[Tensor | None, Tensor | None]:
         return params["weight"].reshape(1, 1, 1, 1), None
+
+
+@dataclass(frozen=True, repr=False)
+class Coloring(Recovery):
+    r"""Coloring: a learned ``d × d`` matrix per group of ``d`` channels, ``y_k = Γ_k x̂_k + β_k``.
+
+    The recovery of whitening (Siarohin, Sangineto & Sebe 2019, *Whitening and Coloring Batch
+    Transform for GANs*, ICLR; the book's ch. 4.3): where a per-channel affine can only rescale
+    the whitened features, ``Γ`` gives them back any covariance ``Γ Γᵀ``. ``Γ`` starts at the
+    identity, ``β`` at 0. ``Γ = diag(γ)`` is :class:`Affine`.
+
+    Args:
+        group_size: channels per group ``d`` (must divide ``C``; use the whitening's group size).
+        bias: learn ``β``.
+
+    Shape:
+        parameters ``weight`` ``(C/d, d, d)`` and ``bias`` ``(C,)``.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> wc = nk.Normalization(4, nap=nk.nap.Batch(group_size=2), nop=nk.nop.Whiten(),
+        ...                       nrr=nk.nrr.Coloring(group_size=2))
+        >>> wc.weight.shape
+        torch.Size([2, 2, 2])
+        >>> wc(torch.randn(8, 4, 3)).shape
+        torch.Size([8, 4, 3])
+    """
+
+    group_size: int = 1
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            raise ConfigError(f"Coloring group_size must be a positive int, got {self.group_size!r}")
+
+    def create(self, num_features: int, factory: dict[str, Any]) -> dict[str, nn.Parameter | None]:
+        a, d = resolve_groups(num_features, group_size=self.group_size)
+        return {
+            "weight": nn.Parameter(torch.empty(a, d, d, **factory)),
+            "bias": nn.Parameter(torch.empty(num_features, **factory)) if self.bias else None,
+        }
+
+    @torch.no_grad()
+    def reset(self, params: dict[str, nn.Parameter | None], num_features: int) -> None:
+        w = params["weight"]
+        w.copy_(torch.eye(w.shape[-1], dtype=w.dtype, device=w.device).expand_as(w))
+        if params.get("bias") is not None:
+            params["bias"].zero_()
+
+    def post(self, y: Tensor, params: dict[str, Tensor | None], channel_axis: int) -> Tensor:
+        w, b = params["weight"], params.get("bias")
+        a, d = w.shape[0], w.shape[-1]
+        dtype = torch.promote_types(y.dtype, w.dtype)
+        v = canonical_view(y, (a, d), channel_axis).to(dtype)
+        shift = None if b is None else b.to(dtype).reshape(1, a, d, 1)
+        out = grouped_matmul(w.to(dtype).unsqueeze(0), v, shift)
+        return restore_view(out.to(y.dtype), y.shape, channel_axis)
+
+    def compose(
+        self, folded: tuple[Tensor, Tensor], params: dict[str, Tensor | None]
+    ) -> tuple[Tensor, Tensor]:
+        w, b = params["weight"], params.get("bias")
+        a, d = w.shape[0], w.shape[-1]
+        mat, shift = folded
+        w = w.to(mat.dtype)
+        if mat.dim() == 1:  # per-channel scale: Γ diag(a)
+            mat = w * mat.reshape(a, 1, d)
+        elif mat.shape == w.shape:  # blocks of the same size: Γ M
+            mat = w @ mat
+        else:
+            raise ConfigError(
+                f"cannot fold Coloring(group_size={d}) after blocks of shape {tuple(mat.shape)}; "
+                f"use the operation's group size"
+            )
+        shift = (w @ shift.to(w.dtype).reshape(a, d, 1)).reshape(-1)
+        return mat, shift if b is None else shift + b.to(shift.dtype)

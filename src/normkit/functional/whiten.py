@@ -41,7 +41,7 @@ __all__ = [
     "whitening_matrix",
     "coloring_matrix",
     "batch_moments",
-    "apply_whitening",
+    "grouped_matmul",
     "whiten_with_gradient",
     "MAX_ITERATIONS",
 ]
@@ -292,8 +292,8 @@ def batch_moments(x: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
     return mean, cov, centered
 
 
-def apply_whitening(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
-                    out: Tensor | None = None) -> Tensor:
+def grouped_matmul(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
+                   out: Tensor | None = None) -> Tensor:
     """``mat @ x + shift`` for ``x`` of shape ``(P, G, D, S)`` and ``mat`` ``(1 or P, G, D, D)``
     (``shift`` ``(1 or P, G, D, 1)``) as one batched matmul, the bias fused; with ``out`` (shaped
     like ``x``) the product is added to it in place instead."""
@@ -326,7 +326,7 @@ class _WhitenApply(torch.autograd.Function):
     def forward(ctx, x, weight, bias, centered, matrix, graph, shared, roles):  # type: ignore[override]
         mat = matrix if weight is None else matrix * weight.to(matrix.dtype)
         shift = None if bias is None else bias.to(matrix.dtype)
-        y = apply_whitening(mat, centered, shift)
+        y = grouped_matmul(mat, centered, shift)
         ctx.save_for_backward(centered, matrix, mat, weight)
         ctx.graph, ctx.shared, ctx.roles, ctx.shape, ctx.dtype = graph, shared, roles, x.shape, x.dtype
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -354,14 +354,14 @@ class _WhitenApply(torch.autograd.Function):
                 dw = (dw if dw.shape[0] == weight.shape[0] else dw.sum(0, keepdim=True)).to(weight.dtype)
         if need_x:
             mat_t = mat.transpose(-1, -2)
-            dx = apply_whitening(mat_t, g, -torch.matmul(mat_t, gsum) / m)  # Mᵀ (g − ḡ)
+            dx = grouped_matmul(mat_t, g, -torch.matmul(mat_t, gsum) / m)  # Mᵀ (g − ḡ)
             if ctx.graph is not None:
                 leaf, w_graph = ctx.graph
                 dmat = outer if weight is None else outer * weight.to(outer.dtype)
                 (dcov,) = torch.autograd.grad(w_graph, leaf, dmat.reshape(w_graph.shape),
                                               retain_graph=True)
                 dcov = dcov.reshape(mat.shape)
-                apply_whitening((dcov + dcov.transpose(-1, -2)) / m, centered, out=dx)
+                grouped_matmul((dcov + dcov.transpose(-1, -2)) / m, centered, out=dx)
             dx = dx if ctx.roles is None else unmatrix_view(dx, ctx.shape, ctx.roles)
             dx = dx.to(ctx.dtype)
         db = None

@@ -6,7 +6,7 @@ from typing import Literal
 
 from typing_extensions import Unpack
 
-from .. import nap, nop
+from .. import nap, nop, nrr
 from ..errors import ConfigError
 from ..normalization import Normalization
 from ..registry import register
@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 Estimate = Literal["matrix", "covariance"]
+RecoveryChoice = bool | Literal["coloring"]
 
 
 def _largest_divisor(num_features: int, limit: int = 16) -> int:
@@ -55,7 +56,9 @@ class BatchWhitening(Normalization):
         method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"``.
         iterations: Newton–Schulz steps (``"newton"`` only). Default ``5``.
         estimate: running estimate kept for evaluation: ``"matrix"`` or ``"covariance"``.
-        affine: per-channel ``γ, β``. Default ``True``.
+        affine: per-channel ``γ, β`` (``True``, the default), none (``False``), or
+            ``"coloring"``: a learned ``d × d`` matrix per group (:class:`normkit.nrr.Coloring`,
+            ``group_size`` must then divide ``C``).
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
     Shape:
@@ -78,7 +81,7 @@ class BatchWhitening(Normalization):
         method: Literal["zca", "pca", "cholesky", "newton"] = "zca",
         iterations: int = 5,
         estimate: Estimate = "matrix",
-        affine: bool = True,
+        affine: RecoveryChoice = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
         if group_size is None:
@@ -87,7 +90,7 @@ class BatchWhitening(Normalization):
             num_features,
             nap=nap.Batch(group_size=group_size),
             nop=nop.Whiten(method=method, iterations=iterations, estimate=estimate),
-            nrr=affine_recovery(affine),
+            nrr=nrr.Coloring(group_size=group_size) if affine == "coloring" else affine_recovery(affine),
             **kw,
         )
 
@@ -118,7 +121,7 @@ class DecorrelatedBatchNorm(BatchWhitening):
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, estimate: Estimate = "matrix",
-                 affine: bool = True, **kw: Unpack[NormKwargs]) -> None:
+                 affine: RecoveryChoice = True, **kw: Unpack[NormKwargs]) -> None:
         super().__init__(num_features, group_size=group_size, method="zca", estimate=estimate,
                          affine=affine, **kw)
 
@@ -146,7 +149,7 @@ class PCABatchWhitening(BatchWhitening):
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, estimate: Estimate = "matrix",
-                 affine: bool = True, **kw: Unpack[NormKwargs]) -> None:
+                 affine: RecoveryChoice = True, **kw: Unpack[NormKwargs]) -> None:
         super().__init__(num_features, group_size=group_size, method="pca", estimate=estimate,
                          affine=affine, **kw)
 
@@ -174,7 +177,7 @@ class CholeskyBatchWhitening(BatchWhitening):
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, estimate: Estimate = "matrix",
-                 affine: bool = True, **kw: Unpack[NormKwargs]) -> None:
+                 affine: RecoveryChoice = True, **kw: Unpack[NormKwargs]) -> None:
         super().__init__(num_features, group_size=group_size, method="cholesky", estimate=estimate,
                          affine=affine, **kw)
 
@@ -212,7 +215,7 @@ class IterNorm(BatchWhitening):
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, iterations: int = 5,
-                 estimate: Estimate = "matrix", affine: bool = True, **kw: Unpack[NormKwargs]) -> None:
+                 estimate: Estimate = "matrix", affine: RecoveryChoice = True, **kw: Unpack[NormKwargs]) -> None:
         super().__init__(num_features, group_size=group_size, method="newton",
                          iterations=iterations, estimate=estimate, affine=affine, **kw)
 

@@ -164,5 +164,7 @@ class Operation(ABC):
         return a.expand(shape).reshape(-1), b.expand(shape).reshape(-1)
 
     def __repr__(self) -> str:
-        fields = getattr(self, "__dataclass_fields__", {})
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in fields)})"
+        # fields declared with repr=False (implementation switches) show only when not default
+        fields = getattr(self, "__dataclass_fields__", {}).values()
+        shown = [f for f in fields if f.repr or getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -55,8 +55,8 @@ class Whiten(Operation):
     method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
     iterations: int = 5
     estimate: Literal["matrix", "covariance"] = "matrix"
-    fused: bool = True
-    last_group: int | None = None
+    fused: bool = field(default=True, repr=False)
+    last_group: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.last_group is not None and (not isinstance(self.last_group, int)
@@ -189,7 +189,7 @@ class Whiten(Operation):
             if folded is None:  # cannot happen for per-channel recoveries; kept for safety
                 out = torch.matmul(w, x if centered is not None else x - stats["mean"])
                 return Fs.affine_transform(out, None, None, weight, bias)
-            return W.apply_whitening(folded[0], x, folded[1])
+            return W.grouped_matmul(folded[0], x, folded[1])
         if centered is None:  # running statistics: fold μ into the bias, one matmul over x
             mat = matrix_view(v, nap.roles).to(w.dtype)
             folded = self._fold(w, stats["mean"], weight, bias, nap)
