@@ -868,12 +868,14 @@ WHITENING_SHAPES = ("128x64x16x16", "256x512")
 WHITENING_GROUPS = (16, 64)
 WHITENING_MODES = ("fwd-train", "fb-train", "fwd-eval")
 WHITENING_TOL = 1e-3  # float32 agreement of ours and the plain formulation
-# (method or None for all, group size or None, shape or None, metric, limit)
+# (method or None for all, group size or None, shape or None, metric, limit): the issue states its
+# targets on (128, 64, 16, 16) float32; 256x512 (0.5 MB, ~0.1 ms per pass) is reported, not judged:
+# there fixed per-call costs (module overhead, the d×d matrix functions) dominate every ratio.
 WHITENING_TARGETS: tuple[tuple[str | None, int | None, str | None, str, float], ...] = (
     ("iternorm", 64, "128x64x16x16", "ours/BN", 3.0),
-    ("dbn", 16, None, "ours/BN", 2.0),
-    (None, None, None, "eval/mm", 1.2),
-    (None, None, None, "saved/in", 1.25),
+    ("dbn", 16, "128x64x16x16", "ours/BN", 2.0),
+    (None, None, "128x64x16x16", "eval/mm", 1.2),
+    (None, None, "128x64x16x16", "saved/in", 1.25),
 )
 
 
@@ -1091,9 +1093,9 @@ def whitening_report(w: dict[str, Any], rich: bool = False) -> str:
     c = w["config"]
     title = (f"whitening, {c['threads']} threads: median ms (fT fwd train, bT fwd+bwd train, fE eval "
              f"fwd); o ours, p plain (papers' formulation), BN torch BatchNorm, mm one block-diagonal "
-             f"baddbmm; saved = bytes saved for backward / input bytes. Targets: o/BN bT <= 3 "
-             f"(iternorm d=64 on 128x64x16x16) and <= 2 (dbn d=16); oE/mm <= 1.2; saved/in <= "
-             f"1.25. Judged cells: * met, ! missed")
+             f"baddbmm; saved = bytes saved for backward / input bytes. Targets, on 128x64x16x16 "
+             f"(the issue's shape; 256x512 is reported, not judged): o/BN bT <= 3 (iternorm d=64) "
+             f"and <= 2 (dbn d=16); oE/mm <= 1.2; saved/in <= 1.25. Judged cells: * met, ! missed")
     table = _table(title, header, rows, rich)
     t = w["targets"]
     tail = (f"targets met: {t['met']}/{t['judged']}; plain agrees with ours (<= {c['tolerance']:g}, "

@@ -295,16 +295,18 @@ def batch_moments(x: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
 def grouped_matmul(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
                    out: Tensor | None = None) -> Tensor:
     """``mat @ x + shift`` for ``x`` of shape ``(P, G, D, S)`` and ``mat`` ``(1 or P, G, D, D)``
-    (``shift`` ``(1 or P, G, D, 1)``) as one batched matmul, the bias fused; with ``out`` (shaped
-    like ``x``) the product is added to it in place instead."""
+    (``shift`` ``(1 or P, G, D, 1)``) as one batched matmul, then the shift added in place; with
+    ``out`` (shaped like ``x``) the product is added to it in place instead.
+
+    (``baddbmm`` with a broadcast bias first materializes the bias at the output's size: a
+    strided copy that costs more than the in-place add on CPU.)"""
     p, g, d, s = x.shape
     mats = mat.expand(p, g, d, d).reshape(p * g, d, d)  # small: (P·G) D×D blocks
     flat = x.reshape(p * g, d, s)
     if out is not None:
         return out.view(p * g, d, s).baddbmm_(mats, flat).view(x.shape)
-    if shift is None:
-        return torch.bmm(mats, flat).view(x.shape)
-    return torch.baddbmm(shift.expand(p, g, d, 1).reshape(p * g, d, 1), mats, flat).view(x.shape)
+    y = torch.bmm(mats, flat).view(x.shape)
+    return y if shift is None else y.add_(shift)
 
 
 class _WhitenApply(torch.autograd.Function):
