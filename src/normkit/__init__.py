@@ -14,6 +14,7 @@ from . import functional as functional
 from . import nap as nap
 from . import nop as nop
 from . import nrr as nrr
+from . import weight as weight
 from .errors import ConfigError as ConfigError
 from .errors import NormkitError as NormkitError
 from .errors import ShapeError as ShapeError
