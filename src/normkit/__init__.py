@@ -11,6 +11,7 @@ Every normalization is a composition of an area partition (:mod:`normkit.nap`), 
 """
 
 from . import functional as functional
+from . import gradient as gradient
 from . import nap as nap
 from . import nop as nop
 from . import nrr as nrr
