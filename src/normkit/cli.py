@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser", "split_methods"]
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``normkit`` command (all subcommands)."""
     from .experiments.data import DATASETS
     from .experiments.models import MODELS
-    from .experiments.runner import CompareConfig
+    from .experiments.runner import GRADIENT_METHODS, CompareConfig
 
     d = CompareConfig()  # the defaults live there, once
     parser = argparse.ArgumentParser(
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, in [0, 1)")
     c.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="SGD weight decay")
+    c.add_argument("--weight", default=None, metavar="METHOD[:k=v,...]",
+                   help="a normkit.weight method on every hidden Linear/Conv layer, e.g. ws, sn, "
+                        "oni:iterations=5 (default: none)")
+    c.add_argument("--gradient", default=None, choices=list(GRADIENT_METHODS),
+                   help="gc, block, agc (hooks on SGD) or lars, lamb (replace SGD); default SGD")
     c.add_argument("--subset", type=_positive(int), default=None, metavar="N",
                    help="use at most N training and N test examples (smaller = faster)")
     c.add_argument("--out", metavar="DIR", default=None,
@@ -210,6 +216,14 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimizer_text(cfg: Any) -> str:
+    opt = {"lars": "LARS", "lamb": "LAMB"}.get(cfg.gradient or "", f"SGD (momentum {cfg.momentum})")
+    if cfg.gradient in ("gc", "block", "agc"):
+        opt += {"gc": " with gradient centralization", "block": " with block-normalized gradients",
+                "agc": " with adaptive gradient clipping"}[cfg.gradient]
+    return opt + (f", weights {cfg.weight} on the hidden layers" if cfg.weight else "")
+
+
 def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -223,7 +237,7 @@ def _compare(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes, seeds=args.seeds, epochs=args.epochs, lr=args.lr,
         base_batch_size=args.base_batch_size, lr_scaling=args.lr_scaling,
         momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
-        eval_batch_stats=args.eval_batch_stats)
+        eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient)
     out = args.out or f"runs/compare-{args.dataset}-{args.model}"
     console = Console(stderr=True, quiet=args.quiet)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training
@@ -238,8 +252,8 @@ def _compare(args: argparse.Namespace) -> int:
         return 1
     meta = {"dataset": cfg.dataset, "model": cfg.model, "summary":
             f"{cfg.model} on {dataset.name}: {len(dataset.x_train)} training and "
-            f"{len(dataset.x_test)} test examples, {cfg.epochs} epochs, SGD (momentum "
-            f"{cfg.momentum}) with lr {cfg.lr} at batch size {cfg.base_batch_size}"
+            f"{len(dataset.x_test)} test examples, {cfg.epochs} epochs, "
+            f"{_optimizer_text(cfg)} with lr {cfg.lr} at batch size {cfg.base_batch_size}"
             f"{' scaled linearly with the batch size' if cfg.lr_scaling else ''}, cosine decay; "
             f"seeds {cfg.seeds}.", **cfg.settings(), "config_hash": cfg.config_hash()}
     paths = write_report(records, store.dir, meta)

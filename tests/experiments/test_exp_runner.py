@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-import normkit  # noqa: F401  (registers the methods)
+import normkit
 from normkit.errors import ConfigError, UnknownMethodError
 from normkit.experiments import runner
 from normkit.experiments.data import load_dataset
@@ -87,6 +88,8 @@ def test_canonical_method():
     ({"dataset": "cifar"}, r"unknown dataset 'cifar'"),
     ({"model": "vit"}, r"unknown model 'vit'"),
     ({"data_dir": "/data"}, r"--data-dir is only read by mnist and fashion-mnist"),
+    ({"gradient": "adam"}, r"unknown gradient method 'adam'; choose one of gc, block, agc, lars"),
+    ({"weight": "oni:iterations=0"}, r"iterations must be an int in \[1, 64\], got 0"),
 ])
 def test_bad_config_values(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -98,6 +101,35 @@ def test_config_hash_ignores_the_grid_only():
     assert tiny(methods=["ln"], seeds=[5], batch_sizes=[3]).config_hash() == base.config_hash()
     assert tiny(dataset="mnist", data_dir="/x").settings() == tiny(dataset="mnist").settings()
     assert tiny(epochs=2).config_hash() != base.config_hash()
+
+
+def test_unknown_weight_method_is_refused():
+    with pytest.raises(UnknownMethodError, match="spectral"):
+        tiny(weight="spectral").validate()
+
+
+def test_weight_and_gradient_settings_hash_only_when_set():
+    assert "weight" not in tiny().settings() and "gradient" not in tiny().settings()
+    assert tiny(weight="ws").config_hash() != tiny().config_hash()
+    assert tiny(gradient="gc").config_hash() != tiny(gradient="lars").config_hash()
+
+
+@pytest.mark.parametrize("gradient", [None, *runner.GRADIENT_METHODS])
+def test_weight_and_gradient_methods_train(gaussian, gradient):
+    # LARS steps by lr·η·‖w‖ (η = 1e-3): its learning rates are ~100× SGD's; LAMB's are Adam's
+    lr = {"lars": 10.0, "lamb": 0.01}.get(gradient or "", 0.05)
+    cfg = tiny(weight="ws", gradient=gradient, lr_scaling=False, lr=lr)
+    cfg.validate()
+    record = train_run(gaussian, cfg, "gn:num_groups=4", batch_size=16, seed=0)
+    assert record["status"] == "ok", record["error"]
+    assert record["test_error"] < 60
+
+
+def test_weight_method_skips_the_output_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = runner._optimizer(model, tiny(weight="sn", gradient="lars"), 0.1)
+    assert normkit.weight.is_normalized(model[0]) and not normkit.weight.is_normalized(model[2])
+    assert type(opt).__name__ == "LARS"
 
 
 def test_batch_larger_than_training_set_is_refused():

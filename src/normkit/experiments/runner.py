@@ -29,8 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import gradient as nk_gradient
 from .. import registry
+from .. import weight as nk_weight
 from ..errors import ConfigError
+from ..registry import parse_spec
 from .data import DATASETS, IDX_DATASETS, Dataset
 from .models import MODELS, build_model
 
@@ -65,6 +68,13 @@ class CompareConfig:
         subset: keep at most this many training and test examples (``None``: all).
         data_seed: seed of the dataset (generation, split and subset), shared by all runs.
         eval_batch_stats: also measure test accuracy with batch statistics (train mode).
+        weight: a :mod:`normkit.weight` method applied to every Linear/Conv layer but the output
+            layer (``"ws"``, ``"oni:iterations=5"``, ...; ``None``: none).
+        gradient: a :mod:`normkit.gradient` method: ``"gc"`` (centralization), ``"block"``
+            (block-normalized), ``"agc"`` (adaptive clipping, output layer excluded) as hooks on
+            SGD, or ``"lars"`` / ``"lamb"`` replacing SGD (``lr`` is then theirs: LARS steps by
+            ``lr·η·‖w‖`` with η = 1e-3, so its ``lr`` is ~100× SGD's; LAMB's is Adam's, ~1e-3);
+            ``None``: SGD.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -82,13 +92,17 @@ class CompareConfig:
     subset: int | None = None
     data_seed: int = 0
     eval_batch_stats: bool = False
+    weight: str | None = None
+    gradient: str | None = None
 
     _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
 
     def settings(self) -> dict[str, Any]:
-        """The fields that change what a run computes (all but the grid and ``data_dir``)."""
+        """The fields that change what a run computes (all but the grid and ``data_dir``;
+        ``weight`` / ``gradient`` only when set, so older results keep their hash)."""
         values = asdict(self)
-        return {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
+        values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
+        return {k: v for k, v in values.items() if k not in ("weight", "gradient") or v is not None}
 
     def config_hash(self) -> str:
         """Short stable hash of :meth:`settings`; part of every result's key."""
@@ -128,6 +142,12 @@ class CompareConfig:
                 raise ConfigError(f"{name} must be {allowed}, got {value}")
         if self.subset is not None and self.subset < 2:
             raise ConfigError(f"subset must be ≥ 2 examples, got {self.subset}")
+        if self.weight is not None:
+            name, kwargs = parse_spec(self.weight)
+            nk_weight.parametrization(name, torch.zeros(2, 2), **kwargs)  # raises on a bad spec
+        if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
+            raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
+                              f"{', '.join(GRADIENT_METHODS)}")
         self.methods = [canonical_method(m) for m in self.methods]
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"the list of methods names one method twice: {self.methods}")
@@ -258,8 +278,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"])
     record["num_params"] = sum(p.numel() for p in model.parameters())
     steps_per_epoch = len(ds.x_train) // batch_size
-    opt = torch.optim.SGD(model.parameters(), lr=record["lr"], momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = _optimizer(model, cfg, record["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(seed)
     train_time = 0.0
@@ -307,6 +326,38 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         _, acc = evaluate(copy.deepcopy(model).train(), ds.x_test, ds.y_test,
                           batch_size=batch_size)
         record |= {"test_acc_batch_stats": acc, "test_error_batch_stats": _percent(acc)}
+
+
+GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
+
+
+def _output_layer(model: nn.Module) -> str:
+    """Name of the last Linear/Conv layer (the classifier), left out of weight/gradient methods."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nk_weight.LAYER_TYPES)]
+    return names[-1] if names else ""
+
+
+def _optimizer(model: nn.Module, cfg: CompareConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (or LARS / LAMB) for ``model``, with ``cfg.weight`` applied to its hidden layers and
+    ``cfg.gradient``'s hook installed."""
+    last = _output_layer(model)
+    if cfg.weight is not None:
+        name, kwargs = parse_spec(cfg.weight)
+        nk_weight.apply_to_model(model, name, exclude=[last], **kwargs)
+    params = list(model.parameters())
+    if cfg.gradient == "lars":
+        return nk_gradient.LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.gradient == "lamb":
+        return nk_gradient.LAMB(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.gradient == "gc":
+        nk_gradient.centralize_gradients(opt)
+    elif cfg.gradient == "block":
+        nk_gradient.normalize_gradients(opt)
+    elif cfg.gradient == "agc":
+        nk_gradient.clip_gradients_adaptive(opt, exclude=model.get_submodule(last).parameters()
+                                            if last else None)
+    return opt
 
 
 def _percent(accuracy: float) -> float:
