@@ -108,3 +108,21 @@ def test_plain_whitening_matches_functional() -> None:
         p = B._PlainWhitening(kind, 8, 8, eps=1e-5).double()
         want = (W.whitening_matrix(W.covariance(xc), kind, eps=1e-5) @ xc)[0].T
         assert torch.allclose(p(x), want, atol=1e-8), kind
+
+
+def test_weights_mode(tmp_path) -> None:
+    from normkit.bench_weight import LAYER_METHODS, run_weights, weights_report
+
+    r = run_weights(batch=2, channels=4, size=4, ortho_shapes=((4, 36),), repeats=1, threads=1,
+                    log=lambda s: None)
+    assert not r["errors"], r["errors"]
+    impls = {row["impl"] for row in r["layer"]}
+    assert impls == {"plain", *LAYER_METHODS, "torch weight_norm", "torch spectral_norm"}
+    assert all(row["median_ms"] > 0 for row in r["layer"])
+    assert next(row for row in r["layer"] if row["impl"] == "plain")["ratio_plain"] == 1.0
+    own, oni = (next(row for row in r["orthogonal"] if row["impl"] == k) for k in ("own", "oni"))
+    assert own["orthogonality_error"] < 1e-3 and oni["orthogonality_error"] > 0
+    assert "OWN (eigh) vs ONI" in weights_report(r)
+    path = tmp_path / "w.json"
+    assert B.main(["--weights", "--repeats", "1", "--threads", "1", "--plain", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["weights"]["layer"]

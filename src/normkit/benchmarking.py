@@ -1142,6 +1142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"only the whitening benchmark: {','.join(WHITENING_METHODS)} at group sizes "
                         f"{'/'.join(map(str, WHITENING_GROUPS))} on {' '.join(WHITENING_SHAPES)} vs "
                         "torch BN, the papers' formulation and one block-diagonal matmul (< 4 min)")
+    p.add_argument("--weights", action="store_true",
+                   help="only the weight-parametrization benchmark: a conv layer with each "
+                        "normkit.weight method vs the plain layer, OWN vs ONI (< 1 min)")
     p.add_argument("--whitening-shapes", nargs="+", help=argparse.SUPPRESS)  # tests: tiny shapes
     p.add_argument("--whitening-groups", nargs="+", help=argparse.SUPPRESS)
     return p
@@ -1177,6 +1180,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.whitening:
         return _main_whitening(args, rich)
+    if args.weights:
+        from .bench_weight import run_weights, weights_report
+
+        result = run_weights(repeats=args.repeats or 7, threads=args.threads)
+        print(weights_report(result, rich=rich))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"schema": 1, "weights": result}, indent=1, default=str))
+        print(f"wrote {args.json}")
+        return 0
     shapes = _split(args.shapes) or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     modes = _split(args.modes) or list(MODES)
     compile_modes = _split(args.compile_modes) or list(COMPILE_MODES)
