@@ -104,8 +104,7 @@ def test_cached_parametrization(method):
 
 @pytest.mark.filterwarnings(
     "ignore:<class 'torch.autograd.function.Function'> should not be instantiated:DeprecationWarning")
-@pytest.mark.parametrize("method", ["weight_norm", "weight_standardization", "spectral_norm", "oni",
-                                    "cosine_norm"])
+@pytest.mark.parametrize("method", METHODS)
 def test_compile_parity(method, dynamo_reset):
     torch.manual_seed(0)
     eager = nk.weight.apply(nn.Conv2d(2, 4, 3, padding=1), method)
