@@ -1,5 +1,8 @@
 """Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
 
+from . import combination as combination  # noqa: F401  (registers its presets)
+from . import robust as robust  # noqa: F401  (registers its presets)
+
 from .local import DivisiveNorm as DivisiveNorm
 from .local import LocalContextNorm as LocalContextNorm
 from .local import LocalResponseNorm as LocalResponseNorm
