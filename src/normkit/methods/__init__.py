@@ -1,7 +1,9 @@
 """Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
 
 from . import combination as combination  # noqa: F401  (registers its presets)
-from . import robust as robust  # noqa: F401  (registers its presets)
+from . import multimode as multimode  # noqa: F401
+from . import online as online  # noqa: F401
+from . import robust as robust  # noqa: F401
 
 from .local import DivisiveNorm as DivisiveNorm
 from .local import LocalContextNorm as LocalContextNorm

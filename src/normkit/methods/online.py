@@ -1,0 +1,1 @@
+"""Placeholder replaced by the online family (issue 7); registers nothing yet."""
