@@ -82,6 +82,11 @@ class Case:
         inductor: also compare against ``torch.compile(backend="inductor")`` (slow; ≤ 4 cases).
         double_backward: second derivatives are supported (``gradgradcheck``); ZCA's
             divided-difference backward is first-order only and says so (raises).
+        factory: builds the module instead of ``normkit.create(method, C, **kwargs)`` — for
+            conditional methods, a module-level subclass whose forward supplies a condition made
+            from the input when none is given (so every generic test can call ``m(x)``).
+        foldable: ``folded()`` gives the evaluation map (methods whose evaluation depends on
+            each input — conditional recoveries, per-input statistics — refuse).
         fused_first_order: the default (``native=True``) path trains through a fused autograd
             Function that is first-order only (batch whitening); ``native=False`` is then the
             twice-differentiable composition where ``double_backward`` holds.
@@ -109,6 +114,8 @@ class Case:
     inductor: bool = False
     double_backward: bool = True
     fused_first_order: bool = False
+    factory: Callable[..., Any] | None = None
+    foldable: bool = True
 
     def __str__(self) -> str:
         return self.name
@@ -671,6 +678,7 @@ CASES.append(Case(
     params=("weight", "bias", "mean_weight", "cov_weight"), takes_affine=True, native=None,
     degenerate_shapes=((2, 4, 1), (2, 4, 1, 1)), edge_shapes=((1, 4, 3),), double_backward=False,
     batch_stats=_whiten_stats("zca", 2, estimate="covariance"), eval_ref=_sw_eval_ref(2),
+    foldable=False,
     errors=_common_errors(4, (3, 4, 5), 1) + _whitening_errors(4)[:2] + (
         ErrorInput("mode_unknown", ConfigError, r"modes must be distinct names from .*'gn'",
                    ctor={"modes": ("bw", "gn")}),
@@ -679,11 +687,12 @@ CASES.append(Case(
 
 # families in their own files (each imports Case / ErrorInput / helpers from here)
 from cases_combination import CASES as _COMBINATION  # noqa: E402
+from cases_conditional import CASES as _CONDITIONAL  # noqa: E402
 from cases_multimode import CASES as _MULTIMODE  # noqa: E402
 from cases_online import CASES as _ONLINE  # noqa: E402
 from cases_robust import CASES as _ROBUST  # noqa: E402
 
-CASES += _COMBINATION + _MULTIMODE + _ONLINE + _ROBUST
+CASES += _COMBINATION + _CONDITIONAL + _MULTIMODE + _ONLINE + _ROBUST
 
 CASE_IDS = [c.name for c in CASES]
 ERROR_PARAMS = [(c, e) for c in CASES for e in c.errors]

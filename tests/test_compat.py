@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import normkit as nk
+from cases import CASES, layout_shape
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -130,23 +131,35 @@ def test_current_checkpoint_missing_counter_is_an_error():
         nk.BatchNorm(5).load_state_dict(sd, strict=True)
 
 
+def _first_case(name):
+    """The method's first row of the generic case table (its constructor arguments, layout and,
+    for conditional methods, the subclass that supplies a condition)."""
+    return next(c for c in CASES if c.method == name)
+
+
+def _build(name, **kw):
+    case = _first_case(name)
+    factory = case.factory or (lambda c, **k: nk.create(name, c, **k))
+    return factory(case.num_features, **case.kwargs, **kw), case
+
+
 @pytest.mark.parametrize("name", sorted(nk.list_methods()))
 def test_every_module_has_version(name):
     cls = nk.get(name)
     assert isinstance(getattr(cls, "_version", None), int)
-    m = nk.create(name, 32)
+    m, _ = _build(name)
     assert m.state_dict()._metadata[""]["version"] == cls._version
 
 
 @pytest.mark.parametrize("name", sorted(nk.list_methods()))
 def test_weights_only_checkpoint_round_trip(name, tmp_path):
-    m = nk.create(name, 32, dtype=DT)
-    shape = (4, 32, 3, 3)
+    m, case = _build(name, dtype=DT)
+    shape = layout_shape(case.shapes[-1], case.channel_axis)
     _train(m, shape, steps=2)
     path = tmp_path / f"{name}.pt"
     torch.save(m.state_dict(), path)
     sd = torch.load(path, weights_only=True)
-    fresh = nk.create(name, 32, dtype=DT)
+    fresh, _ = _build(name, dtype=DT)
     fresh.load_state_dict(sd, strict=True)
     _same_state(fresh, m)
     _outputs_match(fresh, m, shape)

@@ -132,8 +132,15 @@ class Normalization(nn.Module):
             track_running_stats = nap.batch_dependent
         self.track_running_stats = track_running_stats
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        for name, p in nrr.create(num_features, factory).items():
-            self.register_parameter(name, p)
+        created = nrr.create(num_features, factory)
+        self._nrr_names = tuple(created)
+        for name, p in created.items():
+            if isinstance(p, nn.Module):  # e.g. SPADE's small conv net
+                self.add_module(name, p)
+            else:
+                self.register_parameter(name, p)
+        if nrr.conditional and self.groups[0] * self.groups[1] != num_features:
+            raise ConfigError("a conditional recovery needs group sizes that divide num_features")
         nop_params = nop.create_parameters(num_features, nap, factory)
         self._nop_param_names = tuple(nop_params)
         for name, p in nop_params.items():
@@ -165,13 +172,18 @@ class Normalization(nn.Module):
         """Whether the module has learnable recovery parameters (torch's ``affine``)."""
         return not isinstance(self.nrr, nrr_.Identity)
 
-    def _recovery_params(self) -> dict[str, Tensor | None]:
-        return {"weight": getattr(self, "weight", None), "bias": getattr(self, "bias", None)}
+    def _recovery_params(self) -> dict[str, Any]:
+        return {n: getattr(self, n, None) for n in ("weight", "bias", *self._nrr_names)}
 
-    def _recovery_views(self) -> tuple[Tensor | None, Tensor | None]:
+    def _recovery_views(self, x: Tensor | None = None, condition: Any = None
+                        ) -> tuple[Tensor | None, Tensor | None]:
         """The recovery's ``(γ, β)`` against the canonical view (per-channel parameters padded
-        with ``γ = 1, β = 0`` for the zero channels of a smaller last group)."""
+        with ``γ = 1, β = 0`` for the zero channels of a smaller last group); conditional
+        recoveries compute them from the input ``x`` and the ``condition``."""
         params = self._recovery_params()
+        if self.nrr.conditional:
+            return self.nrr.conditional_views(params, self.groups, x=x, condition=condition,
+                                              channel_axis=self.channel_axis)
         if self._num_padded:
             params = {k: pad_channels(t, self._num_padded, 0, 1.0 if k == "weight" else 0.0)
                       if t is not None and t.numel() == self.num_features else t
@@ -231,6 +243,9 @@ class Normalization(nn.Module):
                 f"{type(self).__name__} has no running statistics to fold (statistics depend on "
                 f"each input); only methods with track_running_stats fold"
             )
+        if self.nrr.conditional:
+            raise ConfigError(f"{type(self).__name__}'s γ, β depend on each input or condition; "
+                              f"there is nothing fixed to fold")
         stats = self.nop.from_running(running, self.nap, self.num_features)
         w, b = self._recovery_views()
         eps = self.eps if self.eps is not None else torch.finfo(stats["mean"].dtype).eps
@@ -284,9 +299,16 @@ class Normalization(nn.Module):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalize ``x`` (see the class docstring for shapes)."""
+    def forward(self, x: Tensor, condition: Any = None) -> Tensor:
+        """Normalize ``x`` (see the class docstring for shapes); ``condition`` is the second input
+        of conditional recoveries (a class index, an embedding, a style tensor, a map ...).
+
+        Raises:
+            ShapeError: on an input of the wrong rank or channel count.
+            ConfigError: when a conditional recovery gets no condition, or another gets one.
+        """
         check_input(x, self.num_features, self.channel_axis)
+        self.nrr.check_condition(condition, x)
         shape = tuple(x.shape)
         vector = x.dim() == 1  # a single (C,) vector with channel_axis=-1: one sample
         if vector:
@@ -308,7 +330,7 @@ class Normalization(nn.Module):
         if self._native is not None and x.numel() > 0 and self._native_ok(x):
             y = self._forward_native(x, running, use_batch, update)
         else:
-            y = self._forward_generic(x, running, use_batch, update)
+            y = self._forward_generic(x, running, use_batch, update, condition)
         return y.squeeze(0) if vector else y
 
     def _native_ok(self, x: Tensor) -> bool:
@@ -331,14 +353,15 @@ class Normalization(nn.Module):
         return w is None or w.dtype == x.dtype
 
     def _forward_generic(
-        self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool
+        self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool,
+        condition: Any = None,
     ) -> Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         shape = x.shape
         x = pad_channels(x, self._num_padded, self.channel_axis)
         v = canonical_view(x, self.groups, self.channel_axis)
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-        w, b = self._recovery_views()
+        w, b = self._recovery_views(x, condition)
         if x.numel() == 0:
             out = affine_transform(v, None, None, w, b)
             for p in self._nop_params().values():  # connected, so every parameter gets a 0 grad

@@ -1,6 +1,7 @@
 """Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
 
 from . import combination as combination  # noqa: F401  (registers its presets)
+from . import conditional as conditional  # noqa: F401
 from . import multimode as multimode  # noqa: F401
 from . import online as online  # noqa: F401
 from . import robust as robust  # noqa: F401

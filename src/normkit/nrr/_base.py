@@ -1,24 +1,4 @@
-"""NRR — normalized representation recovery: how is representational power given back?
-
-A recovery is an immutable description; the parameters it needs are registered on the owning
-:class:`normkit.Normalization` under torch's names (``weight``, ``bias`` of shape ``(C,)``), so a
-normkit BN's state_dict is a torch BN's.
-
-=====================  ====================================  =====================
-recovery               y                                     parameters
-=====================  ====================================  =====================
-``None`` / ``Identity()``  x̂                                 —
-``Affine()``           γ ⊙ x̂ + β  (per channel)              weight (C,), bias (C,)
-``Scalar(init)``       g · x̂   (one learned scalar)          weight (1,)
-``Coloring(d)``        Γ_k x̂_k + β  (a d×d matrix per        weight (C/d, d, d),
-                       group of d channels)                  bias (C,)
-=====================  ====================================  =====================
-
-Example:
-    >>> import normkit as nk
-    >>> nk.nrr.Affine(bias=False)
-    Affine(weight=True, bias=False, zero_init=False)
-"""
+"""Recovery base class and the unconditional recoveries (see :mod:`normkit.nrr`)."""
 
 from __future__ import annotations
 
@@ -29,15 +9,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .functional.partition import canonical_view, resolve_groups, restore_view
-from .functional.whiten import grouped_matmul
+from ..errors import ConfigError
+from ..functional.partition import canonical_view, resolve_groups, restore_view
+from ..functional.whiten import grouped_matmul
 
 __all__ = ["Recovery", "Identity", "Affine", "Scalar", "Coloring"]
 
 
 class Recovery:
-    """Base class: creates and resets the parameters of a recovery and views them for use."""
+    """Base class: creates and resets the parameters of a recovery and views them for use.
+
+    Attributes:
+        needs_condition: the module's forward needs a second argument (``module(x, condition)``).
+        conditional: ``(γ, β)`` depend on the input or the condition
+            (:meth:`conditional_views`), so nothing is fixed to fold.
+    """
+
+    needs_condition: bool = False
+    conditional: bool = False
+
+    def check_condition(self, condition: Any, x: Tensor) -> None:
+        """Raise :class:`ConfigError` when a condition is missing or not expected."""
+        if self.needs_condition and condition is None:
+            raise ConfigError(
+                f"{self!r} needs a condition: call module(x, condition)")
+        if not self.needs_condition and condition is not None:
+            raise ConfigError(
+                f"{self!r} takes no condition, got one of type {type(condition).__name__}; call "
+                f"module(x)")
+
+    def conditional_views(
+        self, params: dict[str, Any], groups: tuple[int, int], *, x: Tensor, condition: Any,
+        channel_axis: int,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(γ, β)`` for this input and condition, broadcastable against the canonical
+        ``(N, A, B, S)`` view (per sample ``(N, A, B, 1)`` or per position ``(N, A, B, S)``).
+        Default: the static :meth:`views`."""
+        return self.views(params, groups)
 
     def create(self, num_features: int, factory: dict[str, Any]) -> dict[str, nn.Parameter | None]:
         """Parameters to register on the module, by name (``None`` registers an absent one)."""

@@ -1,0 +1,197 @@
+"""Conditional and input-adaptive normalization (book ch. 4.3): γ, β computed per sample.
+
+Each preset is a standard normalization (BN, IN or LN) whose recovery is conditional
+(:mod:`normkit.nrr`). Methods that need a condition take it as the second forward argument,
+``module(x, condition)``; calling them without one raises.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from typing_extensions import Unpack
+
+from .. import nap, nop, nrr
+from ..normalization import Normalization
+from ..registry import register
+from ._common import NormKwargs, layer_partition
+
+__all__ = ["ConditionalBatchNorm", "ConditionalInstanceNorm", "AdaIN", "SPADENorm",
+           "InstanceEnhancedBatchNorm", "AttentiveNorm", "DynamicLayerNorm"]
+
+
+@register("cbn", family="conditional", aliases=("conditional_batch_norm",),
+          paper="de Vries et al. 2017, arXiv:1707.00683")
+class ConditionalBatchNorm(Normalization):
+    r"""Conditional BN: ``y = γ(c) ⊙ (x − μ_B)/√(σ²_B + ε) + β(c)``, ``γ, β`` chosen by a class
+    index or computed from an embedding (:class:`normkit.nrr.ConditionalAffine`); BN's running
+    statistics for evaluation. With one class it is BN.
+
+    Args:
+        num_features: channels ``C``.
+        num_classes: ``K`` classes (condition: integer ``(N,)``), or
+        embedding_dim: ``E`` (condition: ``(N, E)``). Exactly one.
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *)`` and a condition per sample → ``(N, C, *)``.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> cbn = nk.create("cbn", 4, num_classes=3)
+        >>> cbn(torch.randn(8, 4, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).shape
+        torch.Size([8, 4, 5])
+    """
+
+    def __init__(self, num_features: int, *, num_classes: int | None = None,
+                 embedding_dim: int | None = None, **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Batch(), nop=nop.Standardize(),
+                         nrr=nrr.ConditionalAffine(num_classes=num_classes,
+                                                   embedding_dim=embedding_dim), **kw)
+
+
+@register("cin", family="conditional", aliases=("conditional_instance_norm",),
+          paper="Dumoulin, Shlens & Kudlur 2017, arXiv:1610.07629")
+class ConditionalInstanceNorm(Normalization):
+    r"""Conditional IN (one affine per style): ``y = γ(c) ⊙ IN(x) + β(c)``.
+
+    Args:
+        num_features: channels ``C``.
+        num_classes: ``K`` styles, or
+        embedding_dim: ``E``. Exactly one.
+        **kw: :class:`~normkit.methods._common.NormKwargs` (no running statistics by default).
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> cin = nk.create("cin", 3, num_classes=2)
+        >>> cin(torch.randn(2, 3, 4, 4), torch.tensor([1, 0])).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(self, num_features: int, *, num_classes: int | None = None,
+                 embedding_dim: int | None = None, **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Instance(), nop=nop.Standardize(),
+                         nrr=nrr.ConditionalAffine(num_classes=num_classes,
+                                                   embedding_dim=embedding_dim), **kw)
+
+
+@register("adain", family="conditional", aliases=("adaptive_instance_norm",),
+          paper="Huang & Belongie 2017, arXiv:1703.06868")
+class AdaIN(Normalization):
+    r"""Adaptive instance normalization: ``y = σ(s)·(x − μ(x))/σ(x) + μ(s)`` with the statistics of
+    a style input ``s`` (the condition), per sample and channel over positions.
+
+    Args:
+        num_features: channels ``C``.
+        style_eps: added to the style variance (``eps`` is the content's).
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> content, style = torch.randn(2, 3, 8, 8), 2 + 3 * torch.randn(2, 3, 6, 6)
+        >>> y = nk.create("adain", 3)(content, style)
+        >>> torch.allclose(y.mean((2, 3)), style.mean((2, 3)), atol=1e-5)
+        True
+    """
+
+    def __init__(self, num_features: int, *, style_eps: float = 1e-5,
+                 **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Instance(), nop=nop.Standardize(),
+                         nrr=nrr.AdaptiveInstance(eps=style_eps), **kw)
+
+
+@register("spade", family="conditional", aliases=("spatially_adaptive_norm",),
+          paper="Park et al. 2019, arXiv:1903.07291")
+class SPADENorm(Normalization):
+    r"""SPADE: ``y = BN(x) ⊙ (1 + γ(m)) + β(m)``, per-position ``γ, β`` from a segmentation map
+    ``m`` (the condition, ``(N, L, *size)``) through a small conv net (BN without affine, as the
+    paper).
+
+    Args:
+        num_features: channels ``C``.
+        label_channels: ``L``.
+        hidden: channels of the shared conv (128).
+        kernel_size: 3.
+        spatial_dims: 2 (1 or 3 for sequences or volumes).
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> spade = nk.create("spade", 4, label_channels=3, hidden=8)
+        >>> spade(torch.randn(2, 4, 8, 8), torch.rand(2, 3, 4, 4)).shape
+        torch.Size([2, 4, 8, 8])
+    """
+
+    def __init__(self, num_features: int, *, label_channels: int, hidden: int = 128,
+                 kernel_size: int = 3, spatial_dims: int = 2, **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Batch(), nop=nop.Standardize(),
+                         nrr=nrr.SPADE(label_channels=label_channels, hidden=hidden,
+                                       kernel_size=kernel_size, spatial_dims=spatial_dims), **kw)
+
+
+@register("iebn", family="conditional", aliases=("instance_enhanced_batch_norm",),
+          paper="Liang et al. 2020, arXiv:1908.04008")
+class InstanceEnhancedBatchNorm(Normalization):
+    r"""Instance-enhanced BN: ``y = γ ⊙ σ(v ⊙ p + b) ⊙ BN(x) + β``, ``p`` the sample's mean over
+    positions (:class:`normkit.nrr.InstanceGate`).
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> nk.create("iebn", 4)(torch.randn(3, 4, 5)).shape
+        torch.Size([3, 4, 5])
+    """
+
+    def __init__(self, num_features: int, **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Batch(), nop=nop.Standardize(),
+                         nrr=nrr.InstanceGate(), **kw)
+
+
+@register("attentive_norm", family="conditional", aliases=("attentive_normalization",),
+          paper="Li, Sun & Wu 2019, arXiv:1908.01259")
+class AttentiveNorm(Normalization):
+    r"""Attentive normalization: BN followed by an attention-weighted mixture of ``K`` affines,
+    ``λ = sigmoid(A p + a)``, ``y = (λΓ) ⊙ BN(x) + λB`` (:class:`normkit.nrr.AttentiveAffine`).
+
+    Args:
+        num_features: channels ``C``.
+        num_affines: ``K`` (4).
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> an = nk.create("attentive_norm", 4, num_affines=2)
+        >>> x = torch.randn(3, 4, 5)
+        >>> torch.allclose(an(x), nk.create("bn", 4)(x), atol=1e-6)   # starts as plain BN
+        True
+    """
+
+    def __init__(self, num_features: int, *, num_affines: int = 4, **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Batch(), nop=nop.Standardize(),
+                         nrr=nrr.AttentiveAffine(num_affines=num_affines), **kw)
+
+
+@register("dynamic_ln", family="conditional", aliases=("dynamic_layer_norm",),
+          paper="Kim, Song & Lee 2017, Interspeech (arXiv:1707.06065)")
+class DynamicLayerNorm(Normalization):
+    r"""Dynamic layer normalization: LN whose ``γ, β`` are predicted from the input's mean over
+    positions ``s`` (over time for ``(B, T, D)``): ``γ = γ₀ + W_γ s``, ``β = β₀ + W_β s``
+    (:class:`normkit.nrr.DynamicAffine`; ``W`` starts at 0, i.e. plain LN).
+
+    Args:
+        num_features: channels ``C``.
+        over: as :class:`~normkit.methods.standard.LayerNorm` (``None``: all of a sample for
+            ``channel_axis=1``, the channels of each position for ``channel_axis=-1``).
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> dln = nk.create("dynamic_ln", 6, channel_axis=-1)
+        >>> x = torch.randn(2, 5, 6)
+        >>> torch.allclose(dln(x), torch.nn.functional.layer_norm(x, (6,)), atol=1e-6)
+        True
+    """
+
+    def __init__(self, num_features: int, *, over: Literal["all", "channels"] | None = None,
+                 **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=layer_partition(over, kw.get("channel_axis", 1)),
+                         nop=nop.Standardize(), nrr=nrr.DynamicAffine(), **kw)
