@@ -1,0 +1,497 @@
+r"""Multi-mode operations (book ch. 5): standardize each value with a *mixture* of statistics.
+
+All three use the batch partition ``nap.Batch()`` (per-channel statistics over the batch and the
+positions, as BN) and keep per-channel running estimates for evaluation, but no single
+``(μ, σ²)`` pair normalizes a channel:
+
+========================  =========================================================  ==========
+operation                 x̂                                                          mixing
+========================  =========================================================  ==========
+``ModeStandardize(K)``    Σ_k g_k(x_n)·(x − μ_k)/√(σ²_k + ε)                          per sample
+``MixtureStandardize(K)`` Σ_k p(k | x)·(x − μ_k)/√(σ²_k + ε)  (GMM fitted by EM)      per value
+``TaskStandardize()``     (x − μ)/√(σ² + ε), (μ, σ²) = α·BN moments ⊕ (1 − α)·IN moments  per sample
+========================  =========================================================  ==========
+
+The math is in the pure functions of this module (:func:`mode_gates`, :func:`mode_moments`,
+:func:`gmm_posterior`, :func:`gmm_m_step`, :func:`gmm_em`, :func:`mix_moments`); the operation
+classes only lay the canonical view out for them and turn statistics into running estimates.
+
+Numerics: every statistic is computed in at least float32 from the upcast input (two-pass,
+variance never negative); the variance tracked by running estimates is multiplied by BN's Bessel
+factor ``m/(m − 1)`` with ``m = N·S`` values per channel, for every mode and component (a
+weighted "reliability" correction ``V₁²/(V₁² − V₂)`` blows up when a mode gets almost no weight).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..functional import standardize as Fs
+from ..functional import statistics as S
+from ..functional.partition import stats_dtype
+from ..nap import Partition
+from ._base import Coefficients, Operation, Stats
+
+__all__ = [
+    "ModeStandardize",
+    "MixtureStandardize",
+    "TaskStandardize",
+    "mode_gates",
+    "mode_moments",
+    "gmm_posterior",
+    "gmm_m_step",
+    "gmm_em",
+    "normal_quantiles",
+    "mix_moments",
+]
+
+MAX_EM_ITERATIONS = 100
+GATE_SEED = 0  # fixed seed of the gate initialization: reset_parameters() reproduces construction
+
+
+# ------------------------------------------------------------------------------ pure math
+def mode_gates(pooled: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Mode Normalization's gate ``g(x_n) = softmax(W·pool(x_n) + b)``.
+
+    Shape:
+        pooled ``(N, C)`` (each sample's spatially averaged features), weight ``(K, C)``, bias
+        ``(K,)`` → ``(N, K)``, rows summing to 1.
+    """
+    w, b = weight.to(pooled.dtype), bias.to(pooled.dtype)
+    return torch.softmax(torch.addmm(b, pooled, w.t()), dim=-1)
+
+
+def mode_moments(means: Tensor, within: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Gate-weighted mean and biased variance of each mode over the batch.
+
+    .. math::
+        N_k = \sum_n g_{nk},\quad
+        \mu_k = \frac{1}{N_k}\sum_n g_{nk}\,\bar{x}_n,\quad
+        \sigma^2_k = \frac{1}{N_k}\sum_n g_{nk}\big(v_n + (\bar{x}_n - \mu_k)^2\big)
+
+    with ``x̄_n`` and ``v_n`` each sample's mean and variance over its positions, so
+    ``v_n + (x̄_n − μ_k)²`` is the mean of ``(x_n − μ_k)²`` over the positions (exact, every term
+    non-negative). The sample means are first centred on their batch average (a shift of the
+    data, which stays exact under a large common offset). A mode no sample is assigned to
+    (``N_k`` underflowing to 0) gets the batch mean and variance 0, finite.
+
+    Shape:
+        means, within ``(N, C)``, gates ``(N, K)`` → mean, var ``(K, C)``.
+    """
+    shift = means.mean(0, keepdim=True)
+    d = means - shift  # (N, C)
+    weights = gates / gates.sum(0).clamp_min(torch.finfo(gates.dtype).tiny)  # (N, K), columns sum to 1
+    mean = weights.t() @ d  # (K, C), relative to the shift
+    spread = (d.unsqueeze(0) - mean.unsqueeze(1)).square() + within.unsqueeze(0)  # (K, N, C)
+    var = (weights.t().unsqueeze(-1) * spread).sum(1)
+    return mean + shift, var
+
+
+def gmm_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, eps: float) -> Tensor:
+    r"""E-step: posteriors ``p(k | z) ∝ π_k 𝒩(z; μ_k, σ²_k + ε)`` of a per-channel Gaussian mixture.
+
+    Shape:
+        z ``(N, C, S)``; mean, var, log_prior ``(K, C)`` → ``(K, N, C, S)``, summing to 1 over
+        ``K``.
+    """
+    k, c = mean.shape
+    view = (k, 1, c, 1)
+    s = (var + eps).reshape(view)
+    logits = (log_prior.reshape(view) - 0.5 * torch.log(s)
+              - 0.5 * (z.unsqueeze(0) - mean.reshape(view)).square() / s)
+    return torch.softmax(logits, dim=0)
+
+
+def gmm_m_step(z: Tensor, post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""M-step: posterior-weighted means, biased variances and log mixing weights per channel.
+
+    .. math::
+        N_k = \sum_i p_{ik},\quad \mu_k = \frac{1}{N_k}\sum_i p_{ik} z_i,\quad
+        \sigma^2_k = \frac{1}{N_k}\sum_i p_{ik}(z_i - \mu_k)^2,\quad \log\pi_k = \log(N_k/m)
+
+    over the ``m = N·S`` values ``i`` of each channel. ``N_k`` is floored at the dtype's smallest
+    normal number, so a component that lost every value stays finite (``π_k`` ≈ 0).
+
+    Shape:
+        z ``(N, C, S)``, post ``(K, N, C, S)`` → mean, var, log_prior each ``(K, C)``.
+    """
+    m = z.shape[0] * z.shape[2]
+    count = post.sum((1, 3)).clamp_min(torch.finfo(post.dtype).tiny)  # (K, C)
+    mean = (post * z.unsqueeze(0)).sum((1, 3)) / count
+    var = (post * (z.unsqueeze(0) - mean[:, None, :, None]).square()).sum((1, 3)) / count
+    return mean, var, torch.log(count / m)
+
+
+def gmm_em(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, *, iterations: int,
+           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``iterations`` EM steps (E then M) of a per-channel Gaussian mixture from the given start.
+
+    Plain autograd ops throughout: the result is differentiable with respect to ``z`` and to the
+    start. With ``eps = 0`` this is exact EM and never decreases the likelihood; ``eps > 0``
+    evaluates the densities with ``σ² + ε`` (what the normalization divides by), which keeps a
+    collapsed component finite.
+
+    Shape:
+        z ``(N, C, S)``; mean, var, log_prior ``(K, C)`` → the same three, ``(K, C)``.
+    """
+    for _ in range(iterations):
+        post = gmm_posterior(z, mean, var, log_prior, eps)
+        mean, var, log_prior = gmm_m_step(z, post)
+    return mean, var, log_prior
+
+
+def normal_quantiles(k: int, *, dtype: torch.dtype = torch.float64,
+                     device: torch.device | str | None = None) -> Tensor:
+    """The ``K`` standard normal quantiles ``Φ⁻¹((i + ½)/K) = √2·erfinv((2i + 1)/K − 1)``,
+    ``i = 0..K−1`` (0 for ``K = 1``), computed in float64.
+
+    Example:
+        >>> normal_quantiles(3)
+        tensor([-0.9674,  0.0000,  0.9674], dtype=torch.float64)
+    """
+    p = (2 * torch.arange(k, dtype=torch.float64, device=device) + 1) / k - 1
+    return (math.sqrt(2) * torch.erfinv(p)).to(dtype)
+
+
+def mix_moments(alpha: Tensor, mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    r"""Moments of the two-component mixture ``α·A + (1 − α)·B`` (law of total variance).
+
+    .. math::
+        \mu = \alpha\mu_A + (1-\alpha)\mu_B,\quad
+        \sigma^2 = \alpha\big(\sigma_A^2 + (\mu_A - \mu)^2\big)
+                 + (1-\alpha)\big(\sigma_B^2 + (\mu_B - \mu)^2\big)
+
+    Every term is non-negative (no cancellation); ``α = 1`` returns ``(μ_A, σ²_A)`` exactly.
+    """
+    beta = 1 - alpha
+    mean = alpha * mean_a + beta * mean_b
+    var = alpha * (var_a + (mean_a - mean).square()) + beta * (var_b + (mean_b - mean).square())
+    return mean, var
+
+
+# ------------------------------------------------------------------------- shared helpers
+def _samples(v: Tensor) -> Tensor:
+    """The canonical ``(N, C, 1, S)`` view of a batch partition as ``(N, C, S)``, ≥ float32."""
+    return v.reshape(v.shape[0], -1, v.shape[3]).to(stats_dtype(v))
+
+
+def _check_batch(op: Operation, nap: Partition, num_features: int) -> None:
+    if tuple(nap.roles) != ("M", "G", "D", "M") or nap.groups(num_features) != (num_features, 1):
+        raise ConfigError(
+            f"{type(op).__name__} keeps per-channel statistics over the batch: use "
+            f"nap=normkit.nap.Batch() (no group_size), got {nap!r}"
+        )
+
+
+def _positive_int(name: str, value: Any, upper: int | None = None) -> None:
+    bad = not isinstance(value, int) or isinstance(value, bool) or value < 1
+    if bad or (upper is not None and value > upper):
+        span = f"an int in [1, {upper}]" if upper is not None else "a positive int"
+        raise ConfigError(f"{name} must be {span}, got {value!r}")
+
+
+def _no_fold(op: Operation) -> ConfigError:
+    return ConfigError(
+        f"{type(op).__name__} mixes its statistics with weights computed from each input; "
+        f"nothing fixed to fold"
+    )
+
+
+# ------------------------------------------------------------------------------ operations
+@dataclass(frozen=True, repr=False)
+class ModeStandardize(Operation):
+    r"""Mode normalization: ``K`` modes, each sample softly assigned to them by a learned gate.
+
+    .. math::
+        g(x_n) = \mathrm{softmax}(W \bar{x}_n + b),\qquad
+        \hat{x}_n = \sum_k g_k(x_n)\,\frac{x_n - \mu_k}{\sqrt{\sigma_k^2 + \epsilon}}
+
+    with ``x̄_n`` the sample's features averaged over its positions and ``μ_k, σ²_k`` the
+    gate-weighted moments of the batch (:func:`mode_moments`). The gate ``W`` (``gate_weight``,
+    ``(K, C)``) and ``b`` (``gate_bias``, ``(K,)``) are parameters of the module; ``W`` starts at
+    ``U(−1/√C, 1/√C)`` drawn with a fixed seed (``reset_parameters()`` reproduces it; a zero
+    gate would give every mode the same statistics and the same gradient forever), ``b`` at 0.
+    Running estimates ``running_mean``, ``running_var`` have shape ``(K, C)``; evaluation still
+    computes the gate from each input. ``K = 1`` is BN.
+    """
+
+    num_modes: int = 2
+
+    stat_names = ("mean", "var")
+
+    def __post_init__(self) -> None:
+        _positive_int("num_modes", self.num_modes)
+
+    def bind(self, nap: Partition, num_features: int) -> ModeStandardize:
+        _check_batch(self, nap, num_features)
+        return self
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        shape = (self.num_modes, num_features)
+        return {"mean": (shape, "0"), "var": (shape, "1")}
+
+    def create_parameters(self, num_features: int, nap: Partition, factory: dict[str, Any]
+                          ) -> dict[str, nn.Parameter]:
+        k = self.num_modes
+        return {"gate_weight": nn.Parameter(torch.empty(k, num_features, **factory)),
+                "gate_bias": nn.Parameter(torch.empty(k, **factory))}
+
+    @torch.no_grad()
+    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
+        w = params["gate_weight"]
+        g = torch.Generator().manual_seed(GATE_SEED)
+        bound = 1.0 / math.sqrt(w.shape[1])
+        w.copy_((torch.rand(w.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound)
+        params["gate_bias"].zero_()
+
+    @staticmethod
+    def _gates(pooled: Tensor, params: Stats | None) -> Tensor:
+        if not params or "gate_weight" not in params:
+            raise ConfigError(
+                "ModeStandardize needs its gate parameters: use it in a normkit.Normalization, "
+                "which creates them (gate_weight, gate_bias)"
+            )
+        return mode_gates(pooled, params["gate_weight"], params["gate_bias"])
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+            params: Stats | None = None) -> Stats:
+        x = _samples(v)
+        means = x.mean(-1)
+        within = (x - means.unsqueeze(-1)).square().mean(-1)
+        gates = self._gates(means, params)
+        mean, var = mode_moments(means, within, gates)
+        return {"mean": mean, "var": var, "gate": gates}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        return {"mean": stats["mean"], "var": S.unbiased_variance(stats["var"], m)}
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        return dict(running)
+
+    def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
+                   num_features: int, eps: float, params: Stats | None = None) -> Stats:
+        return {**running, "gate": self._gates(_samples(v).mean(-1), params)}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        gate = stats["gate"]  # (N, K)
+        mean, var = (stats[k].to(gate.dtype) for k in ("mean", "var"))
+        inv = torch.rsqrt(var + eps)  # (K, C)
+        scale = gate @ inv
+        shift = -(gate @ (mean * inv))
+        n, c = scale.shape
+        return scale.reshape(n, c, 1, 1), shift.reshape(n, c, 1, 1)
+
+    def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
+             bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise _no_fold(self)
+
+
+@dataclass(frozen=True, repr=False)
+class MixtureStandardize(Operation):
+    r"""Mixture normalization: a ``K``-component Gaussian mixture per channel, fitted by EM.
+
+    .. math::
+        \hat{x} = \sum_k p(k \mid x)\,\frac{x - \mu_k}{\sqrt{\sigma_k^2 + \epsilon}},\qquad
+        p(k \mid x) = \frac{\pi_k\,\mathcal{N}(x; \mu_k, \sigma_k^2 + \epsilon)}
+                           {\sum_j \pi_j\,\mathcal{N}(x; \mu_j, \sigma_j^2 + \epsilon)}
+
+    Training runs ``iterations`` EM steps (:func:`gmm_em`) on each channel's ``N·S`` values and
+    normalizes with the posteriors of the fitted mixture. EM starts from
+
+    * ``init="running"``: the running mixture (the module passes its running buffers to
+      :meth:`fit` as ``params["running_<stat>"]``). Warm-starting keeps each component's identity
+      from batch to batch, which the running averages of its moments need. Where the running
+      components of a channel are all equal (at the start, after ``reset_running_stats()``) EM
+      could never separate them, so that channel starts as with ``"batch"``.
+    * ``init="batch"``: the batch alone (stateless): component ``k`` at ``μ_B + z_k·√(σ²_B + ε)``
+      with ``z_k`` the normal quantiles :func:`normal_quantiles` (so components are ordered by
+      mean), variance ``σ²_B·(1 − mean(z²))`` and equal weights.
+
+    Gradients flow through every EM step (the loop is unrolled in autograd); the start is a
+    constant (running buffers) or differentiated too (batch start). The output is then an exact
+    smooth function of the batch, as BN's is of its batch moments; treating the fitted statistics
+    as constants would give the gradient of a different function (Ioffe & Szegedy's argument for
+    differentiating through BN's moments). Cost: ``iterations + 1`` passes of ``K``× the input.
+
+    Running estimates (all ``(K, C)``): ``running_mean``, ``running_var`` (unbiased with BN's
+    factor) and ``running_log_prior``, the log mixing weights (initially 0: equal weights;
+    averaged in the log domain and renormalized by a softmax at use). Evaluation computes the
+    posteriors of each value under the running mixture. ``K = 1`` is BN.
+    """
+
+    num_components: int = 2
+    iterations: int = 3
+    init: Literal["running", "batch"] = "running"
+
+    stat_names = ("mean", "var", "log_prior")
+
+    def __post_init__(self) -> None:
+        _positive_int("num_components", self.num_components)
+        _positive_int("iterations", self.iterations, MAX_EM_ITERATIONS)
+        if self.init not in ("running", "batch"):
+            raise ConfigError(f"init must be 'running' or 'batch', got {self.init!r}")
+
+    def bind(self, nap: Partition, num_features: int) -> MixtureStandardize:
+        _check_batch(self, nap, num_features)
+        return self
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        shape = (self.num_components, num_features)
+        return {"mean": (shape, "0"), "var": (shape, "1"), "log_prior": (shape, "0")}
+
+    def _batch_start(self, z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Start of EM from the centred batch ``z`` (mean 0 per channel)."""
+        q = normal_quantiles(self.num_components, dtype=z.dtype, device=z.device)
+        var_b = z.square().mean((0, 2))  # (C,)
+        mean = q[:, None] * torch.sqrt(var_b + eps)
+        var = (var_b * (1 - q.square().mean())).expand_as(mean)
+        log_prior = torch.full_like(mean, -math.log(self.num_components))
+        return mean, var, log_prior
+
+    def _start(self, z: Tensor, shift: Tensor, eps: float, params: Stats | None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        batch = self._batch_start(z, eps)
+        if self.init == "batch" or not params or "running_mean" not in params:
+            return batch
+        # clones: the buffers are updated in place after this forward and must not be saved
+        rm, rv, rl = (params[f"running_{k}"].detach().to(z.dtype).clone() for k in self.stat_names)
+        running = (rm - shift, rv, torch.log_softmax(rl, 0))
+        same = torch.ones_like(rm[0], dtype=torch.bool)
+        for t in (rm, rv, rl):
+            same = same & (t.amax(0) == t.amin(0))
+        return tuple(torch.where(same, b, r) for b, r in zip(batch, running, strict=True))  # type: ignore[return-value]
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+            params: Stats | None = None) -> Stats:
+        x = _samples(v)
+        shift = x.mean((0, 2))  # (C,): EM runs on centred values (exact under large offsets)
+        z = x - shift[:, None]
+        mean, var, log_prior = gmm_em(z, *self._start(z, shift, eps, params),
+                                      iterations=self.iterations, eps=eps)
+        post = gmm_posterior(z, mean, var, log_prior, eps)
+        return {"mean": mean + shift, "var": var, "log_prior": log_prior,
+                "post": post, "centered_mean": mean, "centered": z}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        return {"mean": stats["mean"], "var": S.unbiased_variance(stats["var"], m),
+                "log_prior": stats["log_prior"]}
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        return dict(running)
+
+    def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
+                   num_features: int, eps: float, params: Stats | None = None) -> Stats:
+        x = _samples(v)
+        mean, var, log_prior = (running[k].to(x.dtype) for k in self.stat_names)
+        log_prior = torch.log_softmax(log_prior, 0)
+        post = gmm_posterior(x, mean, var, log_prior, eps)
+        return {"mean": mean, "var": var, "log_prior": log_prior, "post": post,
+                "centered_mean": mean, "centered": x}
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        z, mean, post = stats["centered"], stats["centered_mean"], stats["post"]
+        k, c = mean.shape
+        inv = torch.rsqrt(stats["var"] + eps).reshape(k, 1, c, 1)
+        out = (post * (z.unsqueeze(0) - mean.reshape(k, 1, c, 1)) * inv).sum(0)
+        return Fs.affine_transform(out.reshape(v.shape), None, None, weight, bias)
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        raise ConfigError("mixture normalization weighs each value by its own posterior; use transform()")
+
+    def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
+             bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise _no_fold(self)
+
+
+@dataclass(frozen=True, repr=False)
+class TaskStandardize(Operation):
+    r"""TaskNorm: standardize with a learned blend of batch and per-example moments.
+
+    .. math::
+        \alpha = \mathrm{sigmoid}(a\,m + b),\quad
+        \mu = \alpha\mu_{BN} + (1-\alpha)\mu_{IN},\quad
+        \sigma^2 = \alpha\big(\sigma^2_{BN} + (\mu_{BN}-\mu)^2\big)
+                 + (1-\alpha)\big(\sigma^2_{IN} + (\mu_{IN}-\mu)^2\big)
+
+    (:func:`mix_moments`), ``x̂ = (x − μ)/√(σ² + ε)``. ``μ_BN, σ²_BN`` are the batch (context
+    set) moments per channel, ``m`` the batch size ``N`` (the context-set size) and ``μ_IN,
+    σ²_IN`` each example's own moments: per channel over its positions (``moments="instance"``,
+    TaskNorm-I) or over all its channels and positions (``moments="layer"``, TaskNorm-L). ``a``
+    (``alpha_scale``) and ``b`` (``alpha_offset``) are learned scalars, initially 0 (``α = ½``).
+    Running estimates: ``running_mean``, ``running_var`` (BN's, unbiased) and ``running_size``,
+    the average batch size; evaluation blends them with each input's own moments using
+    ``m = running_size``. ``α → 1`` is BN, ``α → 0`` is IN (``"layer"``: LN).
+    """
+
+    moments: Literal["instance", "layer"] = "instance"
+
+    stat_names = ("mean", "var", "size")
+
+    def __post_init__(self) -> None:
+        if self.moments not in ("instance", "layer"):
+            raise ConfigError(f"moments must be 'instance' or 'layer', got {self.moments!r}")
+
+    def bind(self, nap: Partition, num_features: int) -> TaskStandardize:
+        _check_batch(self, nap, num_features)
+        return self
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {"mean": ((num_features,), "0"), "var": ((num_features,), "1"), "size": ((1,), "0")}
+
+    def create_parameters(self, num_features: int, nap: Partition, factory: dict[str, Any]
+                          ) -> dict[str, nn.Parameter]:
+        return {"alpha_scale": nn.Parameter(torch.zeros(1, **factory)),
+                "alpha_offset": nn.Parameter(torch.zeros(1, **factory))}
+
+    @torch.no_grad()
+    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
+        for p in params.values():
+            p.zero_()
+
+    def _blend(self, v: Tensor, mean_bn: Tensor, var_bn: Tensor, size: Tensor | float,
+               params: Stats | None) -> tuple[Tensor, Tensor]:
+        dims = (3,) if self.moments == "instance" else (1, 2, 3)
+        mean_in, var_in = S.moments(v, dims)  # (N, C, 1, 1) or (N, 1, 1, 1)
+        params = params or {}
+        a = params.get("alpha_scale", torch.zeros(1)).to(mean_in)
+        b = params.get("alpha_offset", torch.zeros(1)).to(mean_in)
+        alpha = torch.sigmoid(a * size + b)
+        return mix_moments(alpha, mean_bn.to(mean_in), var_bn.to(mean_in), mean_in, var_in)
+
+    def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+            params: Stats | None = None) -> Stats:
+        mean_bn, var_bn = nap.moments(v, spatial)  # (1, C, 1, 1)
+        mean, var = self._blend(v, mean_bn, var_bn, float(v.shape[0]), params)
+        size = torch.full((1,), float(v.shape[0]), dtype=mean_bn.dtype, device=v.device)
+        return {"mean": mean_bn, "var": var_bn, "size": size, "mix_mean": mean, "mix_var": var}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        return {"mean": stats["mean"].reshape(-1),
+                "var": S.unbiased_variance(stats["var"], m).reshape(-1), "size": stats["size"]}
+
+    def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
+        return {"mean": running["mean"].reshape(1, -1, 1, 1),
+                "var": running["var"].reshape(1, -1, 1, 1), "size": running["size"]}
+
+    def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
+                   num_features: int, eps: float, params: Stats | None = None) -> Stats:
+        stats = self.from_running(running, nap, num_features)
+        size = stats["size"].to(stats_dtype(v))
+        mean, var = self._blend(v, stats["mean"], stats["var"], size, params)
+        return {**stats, "mix_mean": mean, "mix_var": var}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        return Fs.standardize_coefficients(stats["mix_mean"], stats["mix_var"], eps)
+
+    def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
+             bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise _no_fold(self)
