@@ -1,0 +1,504 @@
+"""Operations of the robust-estimation family (book ch. 6): BN whose training statistics use more
+than the current batch (running estimates, earlier iterations) or less (ghost batches).
+
+Every operation here standardizes per channel, ``x̂ = (x − μ)/√(σ² + ε)``; they differ in the
+``(μ, σ²)`` used in training:
+
+==============================  ==========================================================
+operation                       training statistics
+==============================  ==========================================================
+``Renormalize(...)``            batch ``(μ_B, σ_B²)``, then ``x̂·r + d`` toward the running ones
+``Ghost(virtual_batch_size)``   each virtual sub-batch of the batch has its own
+``MomentumStandardize(...)``    ``λ·(previous) + (1 − λ)·(batch)``, ``λ`` from the batch size
+``WindowStandardize(window)``   average over the last ``window`` iterations (cross-iteration BN)
+``MovingAverageStandardize``    the same forward, moving-average statistics in the backward too
+==============================  ==========================================================
+
+Evaluation is BN's everywhere: the running mean and unbiased variance of the *batch*
+statistics, updated with ``momentum`` as :class:`~normkit.Normalization` does.
+
+The stateful ones (all but :class:`Ghost`) read the module's running estimates, its step counter
+``num_batches_tracked`` and their own buffers (:meth:`RobustStandardize.state_buffers`) from the
+``params`` passed to :meth:`~normkit.nop.Operation.fit`, and record the step in
+:meth:`RobustStandardize.update_state`. The presets of :mod:`normkit.methods.robust` provide
+both; a plain :class:`~normkit.Normalization` passes neither, and these operations then
+normalize with the batch statistics (BN), as they do without running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..functional import standardize as Fs
+from ..functional.whiten import _first_order
+from ..nap import Partition
+from ._base import Coefficients, Operation, Stats
+from ._standard import Standardize
+from ._whiten import Whiten
+
+__all__ = [
+    "RobustStandardize",
+    "Renormalize",
+    "Ghost",
+    "MomentumStandardize",
+    "WindowStandardize",
+    "MovingAverageStandardize",
+]
+
+StateSpec = dict[str, tuple[tuple[int, ...], float]]
+
+
+def _int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _number(name: str, value: Any, low: float, what: str) -> None:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value < low):
+        raise ConfigError(f"{name} must be a finite number >= {low} ({what}), got {value!r}")
+
+
+@torch.no_grad()
+def _push(history: Tensor, weight: Tensor, entry: Tensor) -> None:
+    """Shift register: ``entry`` becomes ``history[0]`` (weight 1), the oldest entry drops out."""
+    history.copy_(torch.cat([entry.unsqueeze(0).to(history.dtype), history[:-1]]))
+    weight.copy_(torch.cat([weight.new_ones(1), weight[:-1]]))
+
+
+def _window_average(current: Tensor, history: Tensor, weight: Tensor) -> Tensor:
+    """``(current + Σ_τ w_τ·history_τ)/(1 + Σ w)``; ``history`` is ``(k, size)``, ``current`` kept-dim."""
+    past = history.to(current.dtype).reshape(-1, *current.shape[1:])
+    w = weight.to(current.dtype).reshape(-1, *([1] * (current.dim() - 1)))
+    return (current + (w * past).sum(0, keepdim=True)) / (1 + w.sum())
+
+
+@dataclass(frozen=True, repr=False)
+class RobustStandardize(Standardize):
+    """Standardization whose training statistics may differ from the batch's.
+
+    :meth:`fit` returns the statistics to normalize with (``mean``, ``var``) and, where they
+    differ, the batch's own (``batch_mean``, ``batch_var``, biased). Running estimates track the
+    batch's, as BN's do, so evaluation is BN's.
+    """
+
+    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
+        """Extra buffers the module keeps (besides the running estimates): name → (shape, initial
+        value). Default: none."""
+        return {}
+
+    def update_state(self, state: Stats, stats: Stats) -> None:
+        """Record a training step into the ``state`` buffers (in place; called without grad,
+        after :meth:`fit`, only where the module updates its running estimates)."""
+        return None
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        batch = {"mean": stats.get("batch_mean", stats["mean"]),
+                 "var": stats.get("batch_var", stats["var"])}
+        return super().running(batch, m)
+
+
+@dataclass(frozen=True, repr=False)
+class Renormalize(RobustStandardize):
+    r"""Batch renormalization (Ioffe 2017): batch standardization corrected toward the running
+    statistics,
+
+    .. math::
+        \hat{x} = \frac{x - \mu_B}{\sigma_B}\, r + d,\quad
+        r = \mathrm{sg}\Big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}\frac{\sigma_B}{\sigma}\Big),\quad
+        d = \mathrm{sg}\Big(\mathrm{clip}_{[-d_{max},\, d_{max}]}\frac{\mu_B - \mu}{\sigma}\Big)
+
+    with ``σ_B = √(σ_B² + ε)``, ``σ = √(running_var + ε)``, ``μ`` = ``running_mean`` and ``sg`` a
+    stop-gradient. Unclipped, ``x̂ = (x − μ)/σ``: training then normalizes like evaluation. The
+    limits follow the paper's schedule over the training step ``t`` (``num_batches_tracked``):
+    ``r_max = 1, d_max = 0`` (BN) up to ``warmup_steps``, then linearly relaxed to reach
+    ``r_max`` at ``r_max_steps`` and ``d_max`` at ``d_max_steps``. With all three steps ``0`` the
+    limits are fixed from the first step.
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 5000
+    r_max_steps: int = 40000
+    d_max_steps: int = 25000
+
+    def __post_init__(self) -> None:
+        _number("r_max", self.r_max, 1, "r is clipped to [1/r_max, r_max]")
+        _number("d_max", self.d_max, 0, "d is clipped to [-d_max, d_max]")
+        for name in ("warmup_steps", "r_max_steps", "d_max_steps"):
+            _int(name, getattr(self, name), 0)
+        for name in ("r_max_steps", "d_max_steps"):
+            if getattr(self, name) < self.warmup_steps:
+                raise ConfigError(
+                    f"{name} ({getattr(self, name)}) must be >= warmup_steps "
+                    f"({self.warmup_steps}): the limits relax from the end of the warm-up until "
+                    f"{name}; use 0 for all three steps for fixed limits"
+                )
+
+    def _ramp(self, t: Tensor, end: int) -> Tensor:
+        w = self.warmup_steps
+        if end > w:
+            return ((t - w) / (end - w)).clamp(0, 1)
+        return (t > w).to(t.dtype)
+
+    def limits(self, step: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``(r_max(t), d_max(t))`` at training step ``t`` (a tensor, e.g. ``num_batches_tracked``)."""
+        t = step.to(dtype)
+        return (1 + (self.r_max - 1) * self._ramp(t, self.r_max_steps),
+                self.d_max * self._ramp(t, self.d_max_steps))
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        mean, var = nap.moments(v, spatial)
+        p = params or {}
+        if "running_mean" not in p:  # no running estimates: r = 1, d = 0 (BN)
+            return {"mean": mean, "var": var}
+        mu_b, var_b = mean.detach(), var.detach()
+        r_max, d_max = self.limits(p["num_batches_tracked"], mean.dtype)
+        sigma = torch.sqrt(p["running_var"].to(mean.dtype).reshape(mean.shape) + eps)
+        r = torch.clamp(torch.sqrt(var_b + eps) / sigma, 1 / r_max, r_max)
+        d = torch.clamp((mu_b - p["running_mean"].to(mean.dtype).reshape(mean.shape)) / sigma,
+                        -d_max, d_max)
+        return {"mean": mean, "var": var, "r": r, "d": d}
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        scale, shift = Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
+        if "r" in stats:
+            scale, shift = scale * stats["r"], shift * stats["r"] + stats["d"]
+        return scale, shift
+
+
+@dataclass(frozen=True, repr=False)
+class Ghost(Operation):
+    """Ghost batches (Hoffer et al. 2017): ``inner``'s statistics over each virtual sub-batch of
+    ``virtual_batch_size`` consecutive samples (``torch.split`` along ``N``: a last, smaller
+    sub-batch when ``virtual_batch_size`` does not divide ``N``; it must still hold more than one
+    value per statistic).
+
+    Running estimates take one update per step from the ghost statistics of the step: the
+    means averaged over the samples (= the batch mean) and, for ``var``, the pooled within-ghost
+    variance ``Σ_k SS_k/(m − l)`` (``SS_k`` the squared deviations of ghost ``k`` from its own
+    mean, ``m`` values in ``l`` ghosts): unbiased, and ``m/(m − 1)·σ_B²`` — BN's — for one
+    ghost. Use with a batch partition; ``inner`` a standardization-family operation.
+    """
+
+    virtual_batch_size: int = 32
+    inner: Operation = field(default_factory=Standardize)
+
+    def __post_init__(self) -> None:
+        _int("virtual_batch_size", self.virtual_batch_size, 1)
+        if not isinstance(self.inner, Operation) or isinstance(self.inner, (Whiten, Ghost)):
+            raise ConfigError(
+                f"Ghost needs a standardization-family inner operation (Standardize, Center, "
+                f"Scale, L1, Range), got {self.inner!r}"
+            )
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner.stat_names
+
+    @property
+    def needs_spread(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_spread
+
+    @property
+    def uses_eps(self) -> bool:  # type: ignore[override]
+        return self.inner.uses_eps
+
+    def bind(self, nap: Partition, num_features: int) -> Operation:
+        if nap.roles[0] != "M":
+            raise ConfigError(
+                f"ghost batches split the batch axis, but {nap!r} takes statistics per sample; "
+                f"use a batch partition such as nap.Batch()"
+            )
+        return replace(self, inner=self.inner.bind(nap, num_features))
+
+    def unfused(self) -> Operation:
+        return replace(self, inner=self.inner.unfused())
+
+    def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
+        n = v.shape[0]
+        last = n - (math.ceil(n / self.virtual_batch_size) - 1) * self.virtual_batch_size
+        return self.inner.count(v[n - last:], nap, spatial)
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        chunks = torch.split(v, self.virtual_batch_size, 0)
+        if len(chunks) <= 1:
+            return self.inner.fit(v, nap, spatial, eps=eps, params=params)
+        parts = [self.inner.fit(c, nap, spatial, eps=eps, params=params) for c in chunks]
+        # per-sample statistics: each sample carries its ghost batch's
+        return {k: torch.cat([p[k].expand(c.shape[0], *p[k].shape[1:])
+                              for p, c in zip(parts, chunks, strict=True)])
+                for k in parts[0]}
+
+    def running(self, stats: Stats, m: int) -> Stats:
+        n = next(iter(stats.values())).shape[0]
+        ghosts = math.ceil(n / self.virtual_batch_size)
+        if n == 1 or ghosts <= 1:
+            return self.inner.running(stats, m)
+        out = {}
+        for k, t in stats.items():
+            t = t.mean(0)  # over samples: ghosts weighted by their sizes
+            out[k] = (t * (m / (m - ghosts)) if k == "var" else t).reshape(-1)
+        return out
+
+    def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
+        return self.inner.coefficients(stats, eps, m)
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        return self.inner.buffers(nap, num_features)
+
+    def create_parameters(
+        self, num_features: int, nap: Partition, factory: dict[str, Any]
+    ) -> dict[str, nn.Parameter]:
+        return self.inner.create_parameters(num_features, nap, factory)
+
+    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
+        self.inner.reset_parameters(params)
+
+
+@dataclass(frozen=True, repr=False)
+class MomentumStandardize(RobustStandardize):
+    r"""Momentum BN (Yong et al. 2020): normalize with momentum statistics
+    ``μ_M ← λμ_M + (1 − λ)μ_B``, ``σ_M² ← λσ_M² + (1 − λ)σ_B²`` (biased batch variance; the
+    gradient flows through the current batch's share).
+
+    ``λ`` is ``lambda_`` when given, else the paper's rule from the batch size ``m`` (samples
+    ``N``) and an ideal batch size ``m₀``: with ``q = min(m/m₀, 1)``,
+    ``λ(t) = q^{max(T − t, 0)/(T − 1)} − q`` — the paper's
+    ``ρ^{T/(T−1)·max(T−t, 0)} − ρ^T`` with ``ρ = q^{1/T}`` — over training steps ``t = 1 … T``
+    (``total_steps``): ``0`` (BN) at the first step, ``1 − q`` from step ``T`` on; without
+    ``total_steps``, ``λ = 1 − q`` throughout. A batch of ``m₀`` or more gives ``λ = 0`` (BN). The
+    first step after a reset normalizes with the batch statistics (nothing to blend with yet).
+    """
+
+    lambda_: float | None = None
+    ideal_batch_size: int = 32
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lambda_ is not None and (
+                not isinstance(self.lambda_, (int, float)) or isinstance(self.lambda_, bool)
+                or not 0 <= self.lambda_ < 1):
+            raise ConfigError(
+                f"lambda_ must be a number in [0, 1) (the weight of the previous momentum "
+                f"statistics; 1 would ignore every batch) or None for the paper's rule, "
+                f"got {self.lambda_!r}"
+            )
+        _int("ideal_batch_size", self.ideal_batch_size, 1)
+        if self.total_steps is not None:
+            _int("total_steps", self.total_steps, 2)
+
+    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
+        if self.lambda_ == 0:
+            return {}
+        size = nap.stat_size(num_features)
+        return {"momentum_mean": ((size,), 0.0), "momentum_var": ((size,), 1.0)}
+
+    def momentum_weight(self, batch_size: int, step: Tensor,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+        """``λ`` at training step ``step`` (a tensor) for a batch of ``batch_size`` samples."""
+        t = step.to(dtype)
+        if self.lambda_ is not None:
+            lam = torch.full_like(t, float(self.lambda_))
+        else:
+            q = min(batch_size / self.ideal_batch_size, 1.0)
+            if self.total_steps is None:
+                lam = torch.full_like(t, 1.0 - q)
+            else:
+                e = (self.total_steps - t).clamp(min=0) / (self.total_steps - 1)
+                lam = torch.pow(q, e) - q
+        return lam * (t > 1).to(dtype)
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        mean, var = nap.moments(v, spatial)
+        stats = {"mean": mean, "var": var, "batch_mean": mean, "batch_var": var}
+        p = params or {}
+        if "momentum_mean" not in p:
+            return stats
+        lam = self.momentum_weight(v.shape[0], p["num_batches_tracked"], mean.dtype)
+        prev_mean = p["momentum_mean"].to(mean.dtype).reshape(mean.shape)
+        prev_var = p["momentum_var"].to(mean.dtype).reshape(mean.shape)
+        stats["mean"] = lam * prev_mean + (1 - lam) * mean
+        stats["var"] = lam * prev_var + (1 - lam) * var
+        return stats
+
+    @torch.no_grad()
+    def update_state(self, state: Stats, stats: Stats) -> None:
+        if "momentum_mean" in state:
+            state["momentum_mean"].copy_(stats["mean"].reshape(-1))
+            state["momentum_var"].copy_(stats["var"].reshape(-1))
+
+
+@dataclass(frozen=True, repr=False)
+class WindowStandardize(RobustStandardize):
+    r"""Statistics averaged over the last ``window`` training iterations (cross-iteration BN,
+    Yao et al. 2020, without its weight-change compensation):
+
+    .. math::
+        \bar\mu = \frac{1}{n}\sum_{\tau} \mu_\tau,\qquad
+        \bar\sigma^2 = \frac{1}{n}\sum_\tau \max(\nu_\tau, \mu_\tau^2) - \bar\mu^2,\qquad
+        \nu_\tau = \mathrm{E}_\tau[x^2]
+
+    over the current batch and up to ``window − 1`` earlier ones (``n`` of them; fewer right after
+    a reset). Earlier statistics are constants (the gradient flows through the current batch's).
+    The history stores each batch's ``(μ_τ, σ_τ²)`` and the variance is computed as
+    ``mean(σ_τ²) + mean((μ_τ − μ̄)²)``, equal to the ``E[x²]`` form without its cancellation
+    (``max(ν, μ²) = ν`` holds for uncompensated statistics). Up to ``warmup_steps`` (the paper's
+    burn-in) it normalizes with the batch statistics while the history fills.
+    """
+
+    window: int = 8
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _int("window", self.window, 1)
+        _int("warmup_steps", self.warmup_steps, 0)
+
+    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
+        if self.window == 1:
+            return {}
+        size = nap.stat_size(num_features)
+        return {"history": ((self.window - 1, 2, size), 0.0),
+                "history_weight": ((self.window - 1,), 0.0)}
+
+    def _gate(self, p: Stats, dtype: torch.dtype) -> Tensor:
+        return (p["num_batches_tracked"] > self.warmup_steps).to(dtype)
+
+    def window_moments(self, mean: Tensor, var: Tensor, p: Stats) -> tuple[Tensor, Tensor]:
+        """``(μ̄, σ̄²)`` of the batch's ``(mean, var)`` and the history in ``p`` (if any)."""
+        if "history" not in p:
+            return mean, var
+        w = p["history_weight"].to(mean.dtype) * self._gate(p, mean.dtype)
+        hist = p["history"]
+        mbar = _window_average(mean, hist[:, 0], w)
+        past = hist[:, 0].to(mean.dtype).reshape(-1, *mean.shape[1:])
+        spread = (past - mbar).square().reshape(hist.shape[0], -1)  # (μ_τ − μ̄)² of the past
+        vbar = _window_average(var + (mean - mbar).square(), hist[:, 1] + spread, w)
+        return mbar, vbar
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        mean, var = nap.moments(v, spatial)
+        mbar, vbar = self.window_moments(mean, var, params or {})
+        return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
+
+    @torch.no_grad()
+    def update_state(self, state: Stats, stats: Stats) -> None:
+        if "history" in state:
+            entry = torch.stack([stats["batch_mean"].reshape(-1), stats["batch_var"].reshape(-1)])
+            _push(state["history"], state["history_weight"], entry)
+
+
+@dataclass(frozen=True, repr=False)
+class MovingAverageStandardize(WindowStandardize):
+    r"""Moving-average BN (Yan et al. 2020): :class:`WindowStandardize`'s forward (simple moving
+    averages of ``μ`` and ``E[x²]`` over ``window`` iterations) and moving averages of the
+    *backward* statistics too:
+
+    .. math::
+        \frac{\partial L}{\partial x} = \frac{1}{\bar\sigma}\big(g - \bar g - \hat{x}\,\bar\psi\big),
+        \qquad g = \gamma\,\frac{\partial L}{\partial y},\quad
+        \bar g = \overline{\mathrm{E}[g]},\quad \bar\psi = \overline{\mathrm{E}[g\,\hat{x}]}
+
+    where ``E`` is the mean over the batch area and the bar the average over the current and up
+    to ``window − 1`` earlier backward passes (recorded by training steps that update the running
+    estimates). With one iteration (``window=1``, the warm-up, or right after a reset) this is
+    BN's exact gradient; otherwise it is the paper's approximation, not the derivative of the
+    forward (it is affine, not linear, in the incoming gradient). One autograd Function, first
+    order only; the backward of a step reads the backward history as it is when it runs.
+    """
+
+    window: int = 16
+
+    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
+        spec = super().state_buffers(nap, num_features)
+        if spec:
+            spec["grad_history"] = spec["history"]
+            spec["grad_weight"] = spec["history_weight"]
+        return spec
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        with torch.no_grad():  # the autograd Function below gives the whole input gradient
+            stats = super().fit(v, nap, spatial, eps=eps, params=params)
+        p = params or {}
+        if "grad_history" in p:
+            stats["grad_history"], stats["grad_weight"] = p["grad_history"], p["grad_weight"]
+            stats["grad_gate"] = self._gate(p, stats["mean"].dtype)
+        return stats
+
+    def update_state(self, state: Stats, stats: Stats) -> None:
+        super().update_state(state, stats)
+        if "grad_history" in stats:
+            stats["record_grad"] = stats["grad_weight"]  # arms this step's backward to record
+
+    def transform(
+        self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+        weight: Tensor | None, bias: Tensor | None,
+    ) -> Tensor:
+        if "batch_mean" not in stats:  # evaluation with the running estimates
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return _MovingAverageBackward.apply(
+            v, stats["mean"], stats["var"], weight, bias, eps, nap.dims,
+            stats.get("grad_history"), stats.get("grad_weight"), stats.get("grad_gate"),
+            "record_grad" in stats,
+        )
+
+
+class _MovingAverageBackward(torch.autograd.Function):
+    """``y = γ(x − μ̄)/√(σ̄² + ε) + β`` with MABN's moving-average backward (see
+    :class:`MovingAverageStandardize`). The backward history buffers are read (and, for a
+    recording step, pushed to) when the backward runs."""
+
+    @staticmethod
+    def forward(ctx, v, mean, var, weight, bias, eps, dims, history, hweight, gate, record):  # type: ignore[override]
+        inv = torch.rsqrt(var + eps)
+        xhat = (v.to(mean.dtype) - mean) * inv
+        y = xhat if weight is None else xhat * weight
+        y = y if bias is None else y + bias
+        ctx.save_for_backward(xhat, inv, weight)
+        ctx.dims, ctx.in_dtype = dims, v.dtype
+        ctx.history, ctx.hweight, ctx.gate, ctx.record = history, hweight, gate, record
+        ctx.bias = None if bias is None else (bias.shape, bias.dtype)
+        return y
+
+    @staticmethod
+    @_first_order("MABN's moving-average backward",
+                  "use cross_iteration_bn (plain autograd) where second derivatives are needed")
+    def backward(ctx, gy):  # type: ignore[override]
+        xhat, inv, weight = ctx.saved_tensors
+        gy = gy.to(xhat.dtype)
+        g = gy if weight is None else gy * weight
+        g_mean = g.mean(ctx.dims, keepdim=True)
+        psi = (g * xhat).mean(ctx.dims, keepdim=True)
+        g_bar, psi_bar = g_mean, psi
+        if ctx.history is not None:
+            w = ctx.hweight.to(xhat.dtype) * ctx.gate
+            g_bar = _window_average(g_mean, ctx.history[:, 0], w)
+            psi_bar = _window_average(psi, ctx.history[:, 1], w)
+            if ctx.record:
+                _push(ctx.history, ctx.hweight, torch.stack([g_mean.reshape(-1), psi.reshape(-1)]))
+        gx = ((g - g_bar - xhat * psi_bar) * inv).to(ctx.in_dtype)
+        gw = None if weight is None else (gy * xhat).sum_to_size(weight.shape).to(weight.dtype)
+        gb = None if ctx.bias is None else gy.sum_to_size(ctx.bias[0]).to(ctx.bias[1])
+        return gx, None, None, gw, gb, None, None, None, None, None, None
