@@ -21,8 +21,14 @@ METHODS = sorted(set(nk.list_methods()) - set(nk.list_methods(family="whitening"
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
 C = 16
 CENTERED = {"bn", "ln", "in", "gn", "pn", "batch_group_norm", "lcn", "divisive_norm",
-            "mean_only_bn", "l1_bn", "range_bn"}
-BATCH_DEPENDENT = {"bn", "batch_group_norm", "mean_only_bn", "l1_bn", "range_bn"}
+            "mean_only_bn", "l1_bn", "range_bn",
+            # ch. 5-6 families: standardizations with mixed or robust statistics
+            "switchable_norm", "bin", "bcn", "mode_norm", "mixture_norm", "task_norm",
+            "batch_renorm", "ghost_bn", "momentum_bn", "cross_iteration_bn", "mabn"}
+BATCH_DEPENDENT = {"bn", "batch_group_norm", "mean_only_bn", "l1_bn", "range_bn",
+                   "switchable_norm", "bin", "evonorm_b0", "bcn", "mode_norm", "mixture_norm",
+                   "task_norm", "batch_renorm", "ghost_bn", "momentum_bn", "cross_iteration_bn",
+                   "mabn"}
 
 
 def make(name, *, native=True, dtype=None, **kw):
@@ -101,7 +107,10 @@ def test_mean_offset_1e4_float32(name, native):
     x = _x((8, C, 6, 6), 0, loc=1e4)
     y32, y64 = m32(x), m64(x.double())
     err = (y32.double() - y64).abs().max().item()
-    assert err < 4e-3, err
+    # + 4e-6·max|y| for layers that do not centre: EvoNorm-S0's output keeps the 1e4 offset
+    # (|y| ≈ 1.6e4), so its float32 relative error — the group variance accumulated over 144
+    # values of ~1e4 in float32 (≈ 144·2⁻²⁴/2 ≈ 4e-6 worst case) — shows as ~0.02 absolute.
+    assert err < 4e-3 + 4e-6 * y64.abs().max().item(), err
     for (k, b32), (_, b64) in zip(m32.named_buffers(), m64.named_buffers(), strict=True):
         if k.startswith("running_var") or k.startswith("running_scale"):
             # unbiased variance of ~N(0, 1) noise ≈ 0.9·1 + 0.1·1: a relative error of 1e-3 is

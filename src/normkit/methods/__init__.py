@@ -1,14 +1,32 @@
 """Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
 
-from . import combination as combination  # noqa: F401  (registers its presets)
-from . import conditional as conditional  # noqa: F401
-from . import multimode as multimode  # noqa: F401
-from . import online as online  # noqa: F401
-from . import robust as robust  # noqa: F401
-
+from .combination import BatchChannelNorm as BatchChannelNorm
+from .combination import BatchInstanceNorm as BatchInstanceNorm
+from .combination import EvoNormB0 as EvoNormB0
+from .combination import EvoNormS0 as EvoNormS0
+from .combination import FilterResponseNorm as FilterResponseNorm
+from .combination import SwitchableNorm as SwitchableNorm
+from .conditional import AdaIN as AdaIN
+from .conditional import AttentiveNorm as AttentiveNorm
+from .conditional import ConditionalBatchNorm as ConditionalBatchNorm
+from .conditional import ConditionalInstanceNorm as ConditionalInstanceNorm
+from .conditional import DynamicLayerNorm as DynamicLayerNorm
+from .conditional import InstanceEnhancedBatchNorm as InstanceEnhancedBatchNorm
+from .conditional import SPADENorm as SPADENorm
 from .local import DivisiveNorm as DivisiveNorm
 from .local import LocalContextNorm as LocalContextNorm
 from .local import LocalResponseNorm as LocalResponseNorm
+from .multimode import MixtureNorm as MixtureNorm
+from .multimode import ModeNorm as ModeNorm
+from .multimode import TaskNorm as TaskNorm
+from .online import EvalNorm as EvalNorm
+from .online import KalmanNorm as KalmanNorm
+from .online import OnlineNorm as OnlineNorm
+from .robust import BatchRenorm as BatchRenorm
+from .robust import CrossIterationBatchNorm as CrossIterationBatchNorm
+from .robust import GhostBatchNorm as GhostBatchNorm
+from .robust import MomentumBatchNorm as MomentumBatchNorm
+from .robust import MovingAverageBatchNorm as MovingAverageBatchNorm
 from .scaling import L1BatchNorm as L1BatchNorm
 from .scaling import MeanOnlyBatchNorm as MeanOnlyBatchNorm
 from .scaling import RangeBatchNorm as RangeBatchNorm

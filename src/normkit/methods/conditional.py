@@ -27,6 +27,8 @@ class ConditionalBatchNorm(Normalization):
     index or computed from an embedding (:class:`normkit.nrr.ConditionalAffine`); BN's running
     statistics for evaluation. With one class it is BN.
 
+    Paper: de Vries et al. 2017, arXiv:1707.00683.
+
     Args:
         num_features: channels ``C``.
         num_classes: ``K`` classes (condition: integer ``(N,)``), or
@@ -55,11 +57,16 @@ class ConditionalBatchNorm(Normalization):
 class ConditionalInstanceNorm(Normalization):
     r"""Conditional IN (one affine per style): ``y = γ(c) ⊙ IN(x) + β(c)``.
 
+    Paper: Dumoulin, Shlens & Kudlur 2017, arXiv:1610.07629.
+
     Args:
         num_features: channels ``C``.
         num_classes: ``K`` styles, or
         embedding_dim: ``E``. Exactly one.
         **kw: :class:`~normkit.methods._common.NormKwargs` (no running statistics by default).
+
+    Shape:
+        ``(N, C, *)`` (and the condition, where one is needed) → ``(N, C, *)``.
 
     Example:
         >>> import torch, normkit as nk
@@ -81,10 +88,15 @@ class AdaIN(Normalization):
     r"""Adaptive instance normalization: ``y = σ(s)·(x − μ(x))/σ(x) + μ(s)`` with the statistics of
     a style input ``s`` (the condition), per sample and channel over positions.
 
+    Paper: Huang & Belongie 2017, arXiv:1703.06868.
+
     Args:
         num_features: channels ``C``.
         style_eps: added to the style variance (``eps`` is the content's).
         **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *)`` (and the condition, where one is needed) → ``(N, C, *)``.
 
     Example:
         >>> import torch, normkit as nk
@@ -107,6 +119,8 @@ class SPADENorm(Normalization):
     ``m`` (the condition, ``(N, L, *size)``) through a small conv net (BN without affine, as the
     paper).
 
+    Paper: Park et al. 2019, arXiv:1903.07291.
+
     Args:
         num_features: channels ``C``.
         label_channels: ``L``.
@@ -114,6 +128,9 @@ class SPADENorm(Normalization):
         kernel_size: 3.
         spatial_dims: 2 (1 or 3 for sequences or volumes).
         **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *)`` (and the condition, where one is needed) → ``(N, C, *)``.
 
     Example:
         >>> import torch, normkit as nk
@@ -135,6 +152,11 @@ class InstanceEnhancedBatchNorm(Normalization):
     r"""Instance-enhanced BN: ``y = γ ⊙ σ(v ⊙ p + b) ⊙ BN(x) + β``, ``p`` the sample's mean over
     positions (:class:`normkit.nrr.InstanceGate`).
 
+    Paper: Liang et al. 2020, arXiv:1908.04008.
+
+    Shape:
+        ``(N, C, *)`` (and the condition, where one is needed) → ``(N, C, *)``.
+
     Example:
         >>> import torch, normkit as nk
         >>> nk.create("iebn", 4)(torch.randn(3, 4, 5)).shape
@@ -152,10 +174,15 @@ class AttentiveNorm(Normalization):
     r"""Attentive normalization: BN followed by an attention-weighted mixture of ``K`` affines,
     ``λ = sigmoid(A p + a)``, ``y = (λΓ) ⊙ BN(x) + λB`` (:class:`normkit.nrr.AttentiveAffine`).
 
+    Paper: Li, Sun & Wu 2019, arXiv:1908.01259.
+
     Args:
         num_features: channels ``C``.
         num_affines: ``K`` (4).
         **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *)`` (and the condition, where one is needed) → ``(N, C, *)``.
 
     Example:
         >>> import torch, normkit as nk
@@ -177,11 +204,16 @@ class DynamicLayerNorm(Normalization):
     positions ``s`` (over time for ``(B, T, D)``): ``γ = γ₀ + W_γ s``, ``β = β₀ + W_β s``
     (:class:`normkit.nrr.DynamicAffine`; ``W`` starts at 0, i.e. plain LN).
 
+    Paper: Kim, Song & Lee 2017, Interspeech (arXiv:1707.06065).
+
     Args:
         num_features: channels ``C``.
         over: as :class:`~normkit.methods.standard.LayerNorm` (``None``: all of a sample for
             ``channel_axis=1``, the channels of each position for ``channel_axis=-1``).
         **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *)`` (and the condition, where one is needed) → ``(N, C, *)``.
 
     Example:
         >>> import torch, normkit as nk
