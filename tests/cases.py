@@ -87,6 +87,12 @@ class Case:
             from the input when none is given (so every generic test can call ``m(x)``).
         foldable: ``folded()`` gives the evaluation map (methods whose evaluation depends on
             each input — conditional recoveries, per-input statistics — refuse).
+        streaming: training normalizes with the running buffers and updates them sample by
+            sample, and the backward updates control buffers (Online Normalization). The
+            generic tests that assume a stateless training step (EMA / cumulative-average
+            formulas of per-batch statistics, batch statistics with tracking off, training-mode
+            gradcheck, two forwards then one backward, buffers after a backward vs after none)
+            skip these rows; the method's own test file runs their streaming counterparts.
         fused_first_order: the default (``native=True``) path trains through a fused autograd
             Function that is first-order only (batch whitening); ``native=False`` is then the
             twice-differentiable composition where ``double_backward`` holds.
@@ -116,6 +122,7 @@ class Case:
     fused_first_order: bool = False
     factory: Callable[..., Any] | None = None
     foldable: bool = True
+    streaming: bool = False
 
     def __str__(self) -> str:
         return self.name

@@ -63,6 +63,12 @@ KERNELS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"
 
 cases = pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 running_cases = pytest.mark.parametrize("case", RUNNING, ids=RUNNING_IDS)
+# rows whose training step has no state besides EMA-type running statistics (see Case.streaming)
+STATELESS = [c for c in CASES if not c.streaming]
+STATELESS_RUNNING = [c for c in RUNNING if not c.streaming]
+stateless_cases = pytest.mark.parametrize("case", STATELESS, ids=[c.name for c in STATELESS])
+stateless_running_cases = pytest.mark.parametrize(
+    "case", STATELESS_RUNNING, ids=[c.name for c in STATELESS_RUNNING])
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -260,7 +266,7 @@ def test_shape_and_dtype_kept(case: Case, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-@cases
+@stateless_cases
 def test_low_precision(case: Case, dtype: torch.dtype) -> None:
     """Half/bfloat16 input on a float32 module: output in the input dtype, close to the same
     module run in float32 on the upcast input; statistics (buffers) in float32."""
@@ -316,7 +322,7 @@ def test_train_vs_eval(case: Case) -> None:
 
 
 # ----------------------------------------------------------------------------- buffers
-@running_cases
+@stateless_running_cases
 def test_running_ema(case: Case) -> None:
     """``running ← (1 − m)·running + m·batch`` with the unbiased variance, two steps of different
     batch sizes; ``num_batches_tracked`` counts training forwards."""
@@ -336,7 +342,7 @@ def test_running_ema(case: Case) -> None:
         assert int(m.num_batches_tracked) == step
 
 
-@running_cases
+@stateless_running_cases
 def test_running_cumulative_average(case: Case) -> None:
     """``momentum=None``: the running statistics are the plain average of the batches seen."""
     m = build(case, dtype=F64, momentum=None)
@@ -382,7 +388,7 @@ def test_reset_running_stats(case: Case) -> None:
         assert torch.equal(p, params[n]), f"reset_running_stats changed parameter {n}"
 
 
-@cases
+@stateless_cases
 def test_track_running_stats_false(case: Case) -> None:
     """No buffers, nothing in the state_dict but parameters, and eval uses batch statistics."""
     m = build(case, dtype=F64, track_running_stats=False)
@@ -396,7 +402,7 @@ def test_track_running_stats_false(case: Case) -> None:
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
-@running_cases
+@stateless_running_cases
 def test_track_running_stats_toggled_off(case: Case, native: bool) -> None:
     """torch's rule when ``track_running_stats`` is switched off after construction: training
     uses batch statistics and leaves the buffers alone; eval still uses the buffers."""
@@ -502,7 +508,7 @@ def test_deepcopy_and_pickle(case: Case, how: str) -> None:
 
 # ---------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
-@cases
+@stateless_cases
 def test_gradcheck(case: Case, native: bool) -> None:
     """float64 gradcheck and gradgradcheck w.r.t. the input and the parameters, in training;
     gradcheck in eval where running statistics make eval a different function."""
@@ -562,7 +568,7 @@ def test_native_matches_generic_one_value_eval(case: Case, shape: tuple[int, ...
         assert type(a) is type(b), f"native path: {a!r}; generic path: {b!r}"
 
 
-@cases
+@stateless_cases
 def test_two_forwards_one_backward(case: Case) -> None:
     """Backward through two training forwards (buffers updated in between) gives the sum of the
     separate gradients; then an eval forward before the backward."""

@@ -10,12 +10,17 @@ Every normalization is a composition of an area partition (:mod:`normkit.nap`), 
     True
 """
 
+from . import apply as apply
 from . import functional as functional
 from . import gradient as gradient
 from . import nap as nap
 from . import nop as nop
 from . import nrr as nrr
 from . import weight as weight
+from .apply import batch_statistics as batch_statistics
+from .apply import freeze as freeze
+from .apply import recalibrate as recalibrate
+from .apply import unfreeze as unfreeze
 from .errors import ConfigError as ConfigError
 from .errors import NormkitError as NormkitError
 from .errors import ShapeError as ShapeError

@@ -13,7 +13,9 @@ from normkit.experiments.data import Dataset
 from normkit.experiments.models import MODELS, build_model, make_norm
 from normkit.experiments.runner import CompareConfig, validate_methods
 
-METHODS = [*registry.list_methods(), "none"]
+# methods that need a condition (a class, a style, a map) cannot be a classifier's norm layer
+NEEDS_CONDITION = ["adain", "cbn", "cin", "spade"]
+METHODS = [*(m for m in registry.list_methods() if m not in NEEDS_CONDITION), "none"]
 CONV_CASES = [("cnn1d", (40,)), ("cnn1d", (2, 40)), ("cnn2d", (1, 8, 8)), ("resnet", (40,)),
               ("resnet", (1, 8, 8))]
 MLP_CASES = [("mlp", (40,)), ("mlp", (1, 8, 8))]
@@ -108,3 +110,11 @@ def test_unknown_method_lists_close_matches():
 
 def test_models_registry_is_complete():
     assert set(MODELS) == {"mlp", "cnn1d", "cnn2d", "resnet"}
+
+
+@pytest.mark.parametrize("method", NEEDS_CONDITION)
+def test_methods_needing_a_condition_are_refused_clearly(method):
+    cfg = CompareConfig(methods=[method], model="cnn1d", batch_sizes=[2])
+    cfg.validate()
+    with pytest.raises(ConfigError, match=rf"method {method!r} does not work in model 'cnn1d'"):
+        validate_methods(fake_dataset((40,)), cfg)
