@@ -1,5 +1,6 @@
 """Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
 
+from . import power as power  # noqa: F401  (registers its presets)
 from .combination import BatchChannelNorm as BatchChannelNorm
 from .combination import BatchInstanceNorm as BatchInstanceNorm
 from .combination import EvoNormB0 as EvoNormB0

@@ -1,0 +1,1 @@
+"""Placeholder replaced by PowerNorm (issue 7); registers nothing yet."""
