@@ -18,6 +18,7 @@ from cases import S4, SP4, Case, ErrorInput, _bn_stats, _common_errors
 from normkit import ConfigError, ShapeError
 from normkit.methods.conditional import (
     AdaIN,
+    AdaLIN,
     ConditionalBatchNorm,
     ConditionalInstanceNorm,
     SPADENorm,
@@ -67,6 +68,20 @@ class EmbeddingCBNCase(ConditionalBatchNorm):
         if condition is None:
             condition = _embedding(x).to(x.dtype if x.is_floating_point() else torch.float32)
         return super().forward(x, condition)
+
+
+def affine_pair(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(γ, β)`` per sample from the input's channel means (a stand-in for U-GAT-IT's FC layers)."""
+    if x.dim() < 2:
+        return x, x
+    p = x.flatten(2).mean(-1)
+    return 1 + 0.5 * p.tanh(), p.sin()
+
+
+class AdaLINCase(AdaLIN):
+    def forward(self, x: Tensor, condition: Any = None) -> Tensor:
+        logical = x.movedim(-1, 1) if self.channel_axis == -1 and x.dim() >= 2 else x
+        return super().forward(x, affine_pair(logical) if condition is None else condition)
 
 
 def _view(x: Tensor) -> tuple[int, ...]:
@@ -132,6 +147,18 @@ SPADE_PARAMS = tuple(f"spade.{layer}.{p}" for layer in ("shared", "gamma", "beta
                      for p in ("weight", "bias"))
 
 CASES: list[Case] = [
+    Case(
+        name="adalin", method="adalin", num_features=4, kwargs={}, shapes=SP4,
+        grad_shape=(2, 4, 3), batch_dependent=False, running=(), params=("gate",),
+        takes_affine=False, native=None, factory=AdaLINCase,
+        degenerate_shapes=((2, 4, 1),), edge_shapes=((1, 4, 3),),
+        errors=_common_errors(4, (3, 4, 5), 1, affine=False) + (
+            ErrorInput("rho_init_out_of_range", ConfigError, r"gate_init must be a number in \[0, 1\]",
+                       ctor={"rho_init": 1.5}),
+            ErrorInput("tracked", ConfigError, r"no running statistics",
+                       ctor={"track_running_stats": True}),
+        ),
+    ),
     Case(
         name="cbn", method="cbn", num_features=4, kwargs={"num_classes": K}, shapes=S4,
         grad_shape=(3, 4, 3), batch_dependent=True, running=("mean", "var"),

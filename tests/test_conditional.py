@@ -155,3 +155,23 @@ def test_conditional_modules_refuse_to_fold():
     m(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(nk.ConfigError, match="nothing fixed to fold"):
         m.eval().folded()
+
+
+def test_adalin_mixes_instance_and_layer_statistics_by_rho():
+    m = nk.create("adalin", 3, dtype=DT)
+    with torch.no_grad():
+        m.gate.copy_(torch.tensor([0.0, 0.3, 1.0], dtype=DT))
+    x = randn(2, 3, 4, 4, seed=20)
+    gamma, beta = randn(2, 3, seed=21), randn(2, 3, seed=22)
+    lnx = F.layer_norm(x, x.shape[1:], eps=1e-5)
+    rho = m.gate.detach()[None, :, None, None]
+    ref = (rho * in_train(x) + (1 - rho) * lnx) * gamma[:, :, None, None] + beta[:, :, None, None]
+    torch.testing.assert_close(m(x, (gamma, beta)), ref, **TOL)
+    with torch.no_grad():  # ρ is clamped to [0, 1] in the forward (the paper clips it)
+        m.gate.fill_(2.0)
+    torch.testing.assert_close(m(x, (gamma, beta)), in_train(x) * gamma[:, :, None, None]
+                               + beta[:, :, None, None], **TOL)
+    with pytest.raises(nk.ShapeError, match=r"\(gamma, beta\), two tensors"):
+        m(x, (gamma,))
+    with pytest.raises(nk.ShapeError, match=r"each of shape \(2, 3\), got \(2, 2\)"):
+        m(x, (gamma[:, :2], beta))

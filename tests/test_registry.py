@@ -16,7 +16,7 @@ STANDARDIZATION = ["batch_group_norm", "bn", "divisive_norm", "gn", "in", "l1_bn
                    "lrn", "mean_only_bn", "pn", "range_bn", "rms_norm", "scale_norm"]
 WHITENING = ["cd_bw", "dbn", "group_whitening", "instance_whitening", "iternorm", "pca_bw",
              "switchable_whitening"]
-CONDITIONAL = ["adain", "attentive_norm", "cbn", "cin", "dynamic_ln", "iebn", "spade"]
+CONDITIONAL = ["adain", "adalin", "attentive_norm", "cbn", "cin", "dynamic_ln", "iebn", "spade"]
 COMBINATION = ["bcn", "bin", "evonorm_b0", "evonorm_s0", "frn", "switchable_norm"]
 MULTIMODE = ["mixture_norm", "mode_norm", "task_norm"]
 ROBUST = ["batch_renorm", "cross_iteration_bn", "eval_norm", "ghost_bn", "kalman_norm", "mabn",

@@ -26,6 +26,7 @@ from .errors import NormkitError as NormkitError
 from .errors import ShapeError as ShapeError
 from .errors import UnknownMethodError as UnknownMethodError
 from .methods import AdaIN as AdaIN
+from .methods import AdaLIN as AdaLIN
 from .methods import AttentiveNorm as AttentiveNorm
 from .methods import BatchChannelNorm as BatchChannelNorm
 from .methods import BatchGroupNorm as BatchGroupNorm

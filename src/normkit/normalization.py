@@ -192,7 +192,7 @@ class Normalization(nn.Module):
 
     def _running(self) -> dict[str, Tensor] | None:
         bufs = {s: getattr(self, f"running_{s}") for s in self.nop.stat_names}
-        return None if any(b is None for b in bufs.values()) else bufs
+        return None if not bufs or any(b is None for b in bufs.values()) else bufs
 
     def reset_running_stats(self) -> None:
         """Reset running estimates to mean 0, variance/scale 1 and the batch counter to 0."""

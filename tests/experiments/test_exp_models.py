@@ -14,7 +14,7 @@ from normkit.experiments.models import MODELS, build_model, make_norm
 from normkit.experiments.runner import CompareConfig, validate_methods
 
 # methods that need a condition (a class, a style, a map) cannot be a classifier's norm layer
-NEEDS_CONDITION = ["adain", "cbn", "cin", "spade"]
+NEEDS_CONDITION = ["adain", "adalin", "cbn", "cin", "spade"]
 METHODS = [*(m for m in registry.list_methods() if m not in NEEDS_CONDITION), "none"]
 CONV_CASES = [("cnn1d", (40,)), ("cnn1d", (2, 40)), ("cnn2d", (1, 8, 8)), ("resnet", (40,)),
               ("resnet", (1, 8, 8))]

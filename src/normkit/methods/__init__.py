@@ -8,6 +8,7 @@ from .combination import EvoNormS0 as EvoNormS0
 from .combination import FilterResponseNorm as FilterResponseNorm
 from .combination import SwitchableNorm as SwitchableNorm
 from .conditional import AdaIN as AdaIN
+from .conditional import AdaLIN as AdaLIN
 from .conditional import AttentiveNorm as AttentiveNorm
 from .conditional import ConditionalBatchNorm as ConditionalBatchNorm
 from .conditional import ConditionalInstanceNorm as ConditionalInstanceNorm

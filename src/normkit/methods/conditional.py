@@ -12,11 +12,12 @@ from typing import Literal
 from typing_extensions import Unpack
 
 from .. import nap, nop, nrr
+from ..nop._combination import InstanceLayerStandardize
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, layer_partition
 
-__all__ = ["ConditionalBatchNorm", "ConditionalInstanceNorm", "AdaIN", "SPADENorm",
+__all__ = ["AdaLIN", "ConditionalBatchNorm", "ConditionalInstanceNorm", "AdaIN", "SPADENorm",
            "InstanceEnhancedBatchNorm", "AttentiveNorm", "DynamicLayerNorm"]
 
 
@@ -227,3 +228,36 @@ class DynamicLayerNorm(Normalization):
                  **kw: Unpack[NormKwargs]) -> None:
         super().__init__(num_features, nap=layer_partition(over, kw.get("channel_axis", 1)),
                          nop=nop.Standardize(), nrr=nrr.DynamicAffine(), **kw)
+
+
+@register("adalin", family="conditional", aliases=("adaptive_layer_instance_norm",),
+          paper="Kim, Kim, Kang & Lee 2020, arXiv:1907.10830")
+class AdaLIN(Normalization):
+    r"""Adaptive layer-instance normalization (U-GAT-IT):
+    ``y = γ ⊙ (ρ·IN(x) + (1 − ρ)·LN(x)) + β`` with a learned per-channel ``ρ`` (``gate``,
+    clamped to [0, 1]) and ``(γ, β)`` given per sample as the condition — in U-GAT-IT computed by
+    fully connected layers from the encoder's attention features.
+
+    Paper: Kim, Kim, Kang & Lee 2020, arXiv:1907.10830.
+
+    Args:
+        num_features: channels ``C``.
+        rho_init: initial ``ρ`` (0.9 in the paper's decoder; 1 is AdaIN with given γ, β).
+        **kw: :class:`~normkit.methods._common.NormKwargs` (per sample: no running statistics).
+
+    Shape:
+        ``(N, C, *)`` and ``(γ, β)`` each ``(N, C)`` → ``(N, C, *)``.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> m = nk.create("adalin", 4)
+        >>> gamma, beta = torch.ones(2, 4), torch.zeros(2, 4)
+        >>> m(torch.randn(2, 4, 5, 5), (gamma, beta)).shape
+        torch.Size([2, 4, 5, 5])
+    """
+
+    def __init__(self, num_features: int, *, rho_init: float = 0.9, **kw: Unpack[NormKwargs]) -> None:
+        kw.setdefault("track_running_stats", False)
+        super().__init__(num_features, nap=nap.Instance(),
+                         nop=InstanceLayerStandardize(gate_init=rho_init), nrr=nrr.ExternalAffine(),
+                         **kw)

@@ -311,6 +311,41 @@ class BatchInstanceStandardize(_OwnsParameters):
         return rho * a_b + (1 - rho) * a_i, rho * b_b + (1 - rho) * b_i
 
 
+@dataclass(frozen=True, repr=False)
+class InstanceLayerStandardize(BatchInstanceStandardize):
+    r"""Instance-layer standardization: a per-channel gate between IN and LN (AdaLIN's and LIN's
+    operation, Kim et al. 2020, U-GAT-IT).
+
+    .. math::
+        \hat{x} = \rho \frac{x - \mu_I}{\sqrt{\sigma_I^2 + \epsilon}}
+                + (1 - \rho) \frac{x - \mu_L}{\sqrt{\sigma_L^2 + \epsilon}},
+        \qquad \rho = \mathrm{clamp}(\text{gate}, 0, 1)
+
+    ``μ_L, σ²_L`` are the sample's moments over all channels and positions (pooled exactly from
+    the instance moments). Per sample: no running statistics. Use with ``Instance()``.
+    """
+
+    stat_names = ()
+
+    def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
+        return v.shape[3]
+
+    def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        raise ConfigError("instance-layer normalization is per sample: it has no running "
+                          "statistics (track_running_stats=False)")
+
+    def fit(
+        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
+        params: Stats | None = None,
+    ) -> Stats:
+        mi, vi = instance_moments(v)
+        ml, vl = pooled_moments(mi, vi, (1, 2))
+        # BatchInstanceStandardize.coefficients mixes "mean"/"var" (here LN's) with the instance
+        # moments by ρ: ρ → IN, 1 − ρ → LN
+        return {"mean": ml, "var": vl, "inst_mean": mi, "inst_var": vi,
+                "gate": 1 - self._gate(v, params)}
+
+
 # ------------------------------------------------------------------------------- EvoNorm
 class _NotAffine(_OwnsParameters):
     """Normalization-activation operations: ``x̂`` is not ``x·scale + shift``."""

@@ -26,6 +26,7 @@ recovery                    γ, β
 ``SPADE(L)``                per position, a small conv net of a segmentation map
 ``InstanceGate()``          γ gated by sigmoid of the input's pooled response (IEBN)
 ``AttentiveAffine(K)``      attention-weighted mixture of K affines (attentive normalization)
+``ExternalAffine()``        given by the caller as the condition ``(γ, β)`` (AdaLIN)
 ==========================  ===============================================================
 
 Example:
@@ -44,7 +45,9 @@ from ._conditional import AdaptiveInstance as AdaptiveInstance
 from ._conditional import AttentiveAffine as AttentiveAffine
 from ._conditional import ConditionalAffine as ConditionalAffine
 from ._conditional import DynamicAffine as DynamicAffine
+from ._conditional import ExternalAffine as ExternalAffine
 from ._conditional import InstanceGate as InstanceGate
 
 __all__ = ["Recovery", "Identity", "Affine", "Scalar", "Coloring", "ConditionalAffine",
-           "DynamicAffine", "AdaptiveInstance", "SPADE", "InstanceGate", "AttentiveAffine"]
+           "DynamicAffine", "AdaptiveInstance", "SPADE", "InstanceGate", "AttentiveAffine",
+           "ExternalAffine"]

@@ -20,7 +20,7 @@ from ..functional.partition import canonical_view
 from ._base import Recovery
 
 __all__ = ["ConditionalAffine", "DynamicAffine", "AdaptiveInstance", "SPADE", "InstanceGate",
-           "AttentiveAffine"]
+           "AttentiveAffine", "ExternalAffine"]
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -328,3 +328,29 @@ class AttentiveAffine(_Conditional):
         p = _pooled(x, channel_axis).to(params["weight"].dtype)
         lam = torch.sigmoid(p @ params["attention_weight"].T + params["attention_bias"])
         return _per_sample(lam @ params["weight"], groups), _per_sample(lam @ params["bias"], groups)
+
+
+@dataclass(frozen=True, repr=False)
+class ExternalAffine(_Conditional):
+    r"""``y = γ ⊙ x̂ + β`` with ``(γ, β)`` given by the caller as the condition, each ``(N, C)``
+    (AdaLIN in U-GAT-IT: computed by fully connected layers from another network's features;
+    style modulation in general). No parameters.
+    """
+
+    needs_condition = True
+
+    def check_condition(self, condition: Any, x: Tensor) -> None:
+        super().check_condition(condition, x)
+        if not (isinstance(condition, (tuple, list)) and len(condition) == 2
+                and all(isinstance(t, Tensor) for t in condition)):
+            raise ShapeError(f"expected the condition (gamma, beta), two tensors of shape (N, C), "
+                             f"got {type(condition).__name__}")
+
+    def conditional_views(self, params: dict[str, Any], groups: tuple[int, int], *, x: Tensor,
+                          condition: Any, channel_axis: int) -> tuple[Tensor, Tensor]:
+        gamma, beta = condition
+        want = (x.shape[0], groups[0] * groups[1])
+        if gamma.shape != want or beta.shape != want:
+            raise ShapeError(f"expected the condition (gamma, beta), each of shape {want}, got "
+                             f"{tuple(gamma.shape)} and {tuple(beta.shape)}")
+        return _per_sample(gamma, groups), _per_sample(beta, groups)
