@@ -148,6 +148,15 @@ SPADE_PARAMS = tuple(f"spade.{layer}.{p}" for layer in ("shared", "gamma", "beta
 
 CASES: list[Case] = [
     Case(
+        name="ilm", method="ilm", num_features=4, kwargs={"num_groups": 2, "reduction": 2},
+        shapes=S4, grad_shape=(3, 4, 3), batch_dependent=False, running=(),
+        params=("weight", "bias", "encoder_weight", "encoder_bias", "gamma_weight", "beta_weight"),
+        takes_affine=False, native=None, edge_shapes=((1, 4), (1, 4, 1, 1)),
+        errors=_common_errors(4, (3, 4, 5), 1, affine=False) + (
+            ErrorInput("reduction_zero", ConfigError, r"reduction must be a positive int, got 0",
+                       ctor={"reduction": 0}),),
+    ),
+    Case(
         name="adalin", method="adalin", num_features=4, kwargs={}, shapes=SP4,
         grad_shape=(2, 4, 3), batch_dependent=False, running=(), params=("gate",),
         takes_affine=False, native=None, factory=AdaLINCase,

@@ -175,3 +175,15 @@ def test_adalin_mixes_instance_and_layer_statistics_by_rho():
         m(x, (gamma,))
     with pytest.raises(nk.ShapeError, match=r"each of shape \(2, 3\), got \(2, 2\)"):
         m(x, (gamma[:, :2], beta))
+
+
+def test_ilm_corrects_the_gn_affine_from_the_pooled_input():
+    m = nk.create("ilm", 4, num_groups=2, reduction=2, dtype=DT)
+    randomize(m, 23)
+    x = randn(3, 4, 5, seed=24)
+    p = x.mean(2)
+    h = torch.relu(p @ m.encoder_weight.detach().T + m.encoder_bias.detach())
+    g = m.weight.detach() + torch.tanh(h @ m.gamma_weight.detach().T)
+    b = m.bias.detach() + torch.tanh(h @ m.beta_weight.detach().T)
+    gn = F.group_norm(x, 2, eps=1e-5)
+    torch.testing.assert_close(m(x), gn * g[:, :, None] + b[:, :, None], **TOL)

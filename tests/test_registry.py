@@ -16,14 +16,16 @@ STANDARDIZATION = ["batch_group_norm", "bn", "divisive_norm", "gn", "in", "l1_bn
                    "lrn", "mean_only_bn", "pn", "range_bn", "rms_norm", "scale_norm"]
 WHITENING = ["cd_bw", "dbn", "group_whitening", "instance_whitening", "iternorm", "pca_bw",
              "switchable_whitening"]
-CONDITIONAL = ["adain", "adalin", "attentive_norm", "cbn", "cin", "dynamic_ln", "iebn", "spade"]
+CONDITIONAL = ["adain", "adalin", "attentive_norm", "cbn", "cin", "dynamic_ln", "iebn", "ilm",
+               "spade"]
 COMBINATION = ["bcn", "bin", "evonorm_b0", "evonorm_s0", "frn", "switchable_norm"]
 MULTIMODE = ["mixture_norm", "mode_norm", "task_norm"]
 ROBUST = ["batch_renorm", "cross_iteration_bn", "eval_norm", "ghost_bn", "kalman_norm", "mabn",
           "momentum_bn", "online_norm"]
 ALL = STANDARDIZATION + WHITENING + CONDITIONAL + COMBINATION + MULTIMODE + ROBUST
 # drop-in norm layers (``Cls(C)`` then ``m(x)``); conditional methods need a condition or options
-DROP_IN = [n for n in ALL if n not in CONDITIONAL or n in ("iebn", "attentive_norm", "dynamic_ln")]
+DROP_IN = [n for n in ALL if n not in CONDITIONAL
+           or n in ("iebn", "attentive_norm", "dynamic_ln", "ilm")]
 
 
 def test_list_methods_is_exactly_the_catalog():

@@ -49,6 +49,7 @@ from .methods import GhostBatchNorm as GhostBatchNorm
 from .methods import GroupNorm as GroupNorm
 from .methods import GroupWhitening as GroupWhitening
 from .methods import InstanceEnhancedBatchNorm as InstanceEnhancedBatchNorm
+from .methods import InstanceLevelMetaNorm as InstanceLevelMetaNorm
 from .methods import InstanceNorm as InstanceNorm
 from .methods import InstanceWhitening as InstanceWhitening
 from .methods import IterNorm as IterNorm

@@ -14,6 +14,7 @@ from .conditional import ConditionalBatchNorm as ConditionalBatchNorm
 from .conditional import ConditionalInstanceNorm as ConditionalInstanceNorm
 from .conditional import DynamicLayerNorm as DynamicLayerNorm
 from .conditional import InstanceEnhancedBatchNorm as InstanceEnhancedBatchNorm
+from .conditional import InstanceLevelMetaNorm as InstanceLevelMetaNorm
 from .conditional import SPADENorm as SPADENorm
 from .local import DivisiveNorm as DivisiveNorm
 from .local import LocalContextNorm as LocalContextNorm

@@ -17,7 +17,7 @@ from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, layer_partition
 
-__all__ = ["AdaLIN", "ConditionalBatchNorm", "ConditionalInstanceNorm", "AdaIN", "SPADENorm",
+__all__ = ["AdaLIN", "InstanceLevelMetaNorm", "ConditionalBatchNorm", "ConditionalInstanceNorm", "AdaIN", "SPADENorm",
            "InstanceEnhancedBatchNorm", "AttentiveNorm", "DynamicLayerNorm"]
 
 
@@ -261,3 +261,35 @@ class AdaLIN(Normalization):
         super().__init__(num_features, nap=nap.Instance(),
                          nop=InstanceLayerStandardize(gate_init=rho_init), nrr=nrr.ExternalAffine(),
                          **kw)
+
+
+@register("ilm", family="conditional", aliases=("instance_level_meta_norm", "ilm_gn"),
+          paper="Jia, Chen & Huang 2019, arXiv:1904.03516")
+class InstanceLevelMetaNorm(Normalization):
+    r"""Instance-level meta normalization on GN (the paper's ILM+GN): GN whose affine is
+    corrected per sample by an encoder-decoder on the input's pooled response
+    (:class:`normkit.nrr.MetaAffine`): ``y = γ(x) ⊙ GN(x) + β(x)``.
+
+    Paper: Jia, Chen & Huang 2019, arXiv:1904.03516.
+
+    Args:
+        num_features: channels ``C``.
+        num_groups: GN's groups (32).
+        reduction: bottleneck ratio ``r`` of the encoder (4).
+        **kw: :class:`~normkit.methods._common.NormKwargs`.
+
+    Shape:
+        ``(N, C, *)`` → ``(N, C, *)``.
+
+    Example:
+        >>> import torch, normkit as nk
+        >>> x = torch.randn(2, 8, 4, 4)
+        >>> ilm = nk.create("ilm", 8, num_groups=2)
+        >>> torch.allclose(ilm(x), nk.create("gn", 8, num_groups=2)(x), atol=1e-6)  # starts as GN
+        True
+    """
+
+    def __init__(self, num_features: int, *, num_groups: int = 32, reduction: int = 4,
+                 **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Group(num_groups=num_groups), nop=nop.Standardize(),
+                         nrr=nrr.MetaAffine(reduction=reduction), **kw)

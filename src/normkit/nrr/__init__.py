@@ -27,6 +27,7 @@ recovery                    γ, β
 ``InstanceGate()``          γ gated by sigmoid of the input's pooled response (IEBN)
 ``AttentiveAffine(K)``      attention-weighted mixture of K affines (attentive normalization)
 ``ExternalAffine()``        given by the caller as the condition ``(γ, β)`` (AdaLIN)
+``MetaAffine(r)``           corrections from an encoder-decoder on the pooled input (ILM)
 ==========================  ===============================================================
 
 Example:
@@ -47,7 +48,8 @@ from ._conditional import ConditionalAffine as ConditionalAffine
 from ._conditional import DynamicAffine as DynamicAffine
 from ._conditional import ExternalAffine as ExternalAffine
 from ._conditional import InstanceGate as InstanceGate
+from ._conditional import MetaAffine as MetaAffine
 
 __all__ = ["Recovery", "Identity", "Affine", "Scalar", "Coloring", "ConditionalAffine",
            "DynamicAffine", "AdaptiveInstance", "SPADE", "InstanceGate", "AttentiveAffine",
-           "ExternalAffine"]
+           "ExternalAffine", "MetaAffine"]

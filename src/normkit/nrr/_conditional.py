@@ -20,7 +20,7 @@ from ..functional.partition import canonical_view
 from ._base import Recovery
 
 __all__ = ["ConditionalAffine", "DynamicAffine", "AdaptiveInstance", "SPADE", "InstanceGate",
-           "AttentiveAffine", "ExternalAffine"]
+           "AttentiveAffine", "ExternalAffine", "MetaAffine"]
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -354,3 +354,57 @@ class ExternalAffine(_Conditional):
             raise ShapeError(f"expected the condition (gamma, beta), each of shape {want}, got "
                              f"{tuple(gamma.shape)} and {tuple(beta.shape)}")
         return _per_sample(gamma, groups), _per_sample(beta, groups)
+
+
+@dataclass(frozen=True, repr=False)
+class MetaAffine(_Conditional):
+    r"""Instance-level meta recovery (ILM, Jia, Chen & Huang 2019, arXiv:1904.03516): an
+    encoder-decoder on the input's pooled response ``p`` ``(N, C)`` predicts per-sample
+    corrections of the affine:
+
+    .. math::
+        h = \mathrm{ReLU}(p E^\top + e),\quad
+        \gamma = \gamma_0 + \tanh(h D_\gamma^\top),\quad
+        \beta = \beta_0 + \tanh(h D_\beta^\top)
+
+    ``E`` ``(C/r, C)`` (``encoder_weight``, ``encoder_bias``), ``D_γ, D_β`` ``(C, C/r)``
+    (``gamma_weight``, ``beta_weight``) starting at 0, so the layer starts as the plain
+    normalization with ``γ₀ = 1``, ``β₀ = 0`` (``weight``, ``bias``).
+
+    Args:
+        reduction: ``r``, the encoder's bottleneck ``C/r`` (at least 1 unit).
+    """
+
+    reduction: int = 4
+
+    def __post_init__(self) -> None:
+        _positive_int(self.reduction, "reduction")
+
+    def create(self, num_features: int, factory: dict[str, Any]) -> dict[str, Any]:
+        h = max(1, num_features // self.reduction)
+        shapes = {"weight": (num_features,), "bias": (num_features,),
+                  "encoder_weight": (h, num_features), "encoder_bias": (h,),
+                  "gamma_weight": (num_features, h), "beta_weight": (num_features, h)}
+        return {k: nn.Parameter(torch.empty(shape, **factory)) for k, shape in shapes.items()}
+
+    @torch.no_grad()
+    def reset(self, params: dict[str, Any], num_features: int) -> None:
+        params["weight"].fill_(1.0)
+        params["bias"].zero_()
+        enc = params["encoder_weight"]
+        # nn.Linear's default range for the encoder, from a fixed seed: reset_parameters() is
+        # reproducible (the decoders start at 0, so the layer starts as the plain normalization)
+        gen = torch.Generator(device=enc.device).manual_seed(0)
+        bound = 1 / math.sqrt(enc.shape[1])
+        for t in (enc, params["encoder_bias"]):
+            t.copy_(torch.rand(t.shape, generator=gen, device=t.device, dtype=t.dtype) * 2 * bound - bound)
+        params["gamma_weight"].zero_()
+        params["beta_weight"].zero_()
+
+    def conditional_views(self, params: dict[str, Any], groups: tuple[int, int], *, x: Tensor,
+                          condition: Any, channel_axis: int) -> tuple[Tensor, Tensor]:
+        p = _pooled(x, channel_axis).to(params["weight"].dtype)
+        h = torch.relu(p @ params["encoder_weight"].T + params["encoder_bias"])
+        g = params["weight"] + torch.tanh(h @ params["gamma_weight"].T)
+        b = params["bias"] + torch.tanh(h @ params["beta_weight"].T)
+        return _per_sample(g, groups), _per_sample(b, groups)
