@@ -375,7 +375,7 @@ def test_every_preset_has_a_reference_here():
                "rms_norm", "scale_norm", "mean_only_bn", "l1_bn", "range_bn"}
     # whitening references (ZCA/PCA/Cholesky/Newton–Schulz formulas) live in test_whitening.py,
     # those of the ch. 4.3-6 families in test_conditional / test_combination / test_multimode /
-    # test_robust / test_online
+    # test_robust / test_online / test_power
     elsewhere = {"whitening", "conditional", "combination", "multimode", "robust"}
     own = set(nk.list_methods()) - {m for f in elsewhere for m in nk.list_methods(family=f)}
     assert own == covered

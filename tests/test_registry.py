@@ -21,7 +21,7 @@ CONDITIONAL = ["adain", "adalin", "attentive_norm", "cbn", "cin", "dynamic_ln", 
 COMBINATION = ["bcn", "bin", "evonorm_b0", "evonorm_s0", "frn", "switchable_norm"]
 MULTIMODE = ["mixture_norm", "mode_norm", "task_norm"]
 ROBUST = ["batch_renorm", "cross_iteration_bn", "eval_norm", "ghost_bn", "kalman_norm", "mabn",
-          "momentum_bn", "online_norm"]
+          "momentum_bn", "online_norm", "power_norm"]
 ALL = STANDARDIZATION + WHITENING + CONDITIONAL + COMBINATION + MULTIMODE + ROBUST
 # drop-in norm layers (``Cls(C)`` then ``m(x)``); conditional methods need a condition or options
 DROP_IN = [n for n in ALL if n not in CONDITIONAL

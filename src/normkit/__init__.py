@@ -66,6 +66,7 @@ from .methods import MovingAverageBatchNorm as MovingAverageBatchNorm
 from .methods import OnlineNorm as OnlineNorm
 from .methods import PCABatchWhitening as PCABatchWhitening
 from .methods import PositionalNorm as PositionalNorm
+from .methods import PowerNorm as PowerNorm
 from .methods import RangeBatchNorm as RangeBatchNorm
 from .methods import RMSNorm as RMSNorm
 from .methods import ScaleNorm as ScaleNorm

@@ -1,6 +1,5 @@
 """Named methods: registered presets of :class:`normkit.Normalization`, one family per file."""
 
-from . import power as power  # noqa: F401  (registers its presets)
 from .combination import BatchChannelNorm as BatchChannelNorm
 from .combination import BatchInstanceNorm as BatchInstanceNorm
 from .combination import EvoNormB0 as EvoNormB0
@@ -25,6 +24,7 @@ from .multimode import TaskNorm as TaskNorm
 from .online import EvalNorm as EvalNorm
 from .online import KalmanNorm as KalmanNorm
 from .online import OnlineNorm as OnlineNorm
+from .power import PowerNorm as PowerNorm
 from .robust import BatchRenorm as BatchRenorm
 from .robust import CrossIterationBatchNorm as CrossIterationBatchNorm
 from .robust import GhostBatchNorm as GhostBatchNorm
