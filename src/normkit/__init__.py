@@ -11,6 +11,7 @@ Every normalization is a composition of an area partition (:mod:`normkit.nap`), 
 """
 
 from . import apply as apply
+from . import distributed as distributed
 from . import functional as functional
 from . import gradient as gradient
 from . import nap as nap
@@ -21,6 +22,7 @@ from .apply import batch_statistics as batch_statistics
 from .apply import freeze as freeze
 from .apply import recalibrate as recalibrate
 from .apply import unfreeze as unfreeze
+from .distributed import sync as sync
 from .errors import ConfigError as ConfigError
 from .errors import NormkitError as NormkitError
 from .errors import ShapeError as ShapeError

@@ -69,6 +69,8 @@ class Normalization(nn.Module):
         native: dispatch to torch's kernel where one computes the same thing, and use fused
             autograd Functions (batch whitening) — default ``True``; ``False`` runs the plain
             autograd composition of the formula.
+        process_group: a ``torch.distributed`` group: training statistics are then merged over
+            its ranks (:mod:`normkit.distributed`, :func:`normkit.sync`); ``None``: local.
         device, dtype: factory arguments for parameters and buffers.
 
     Shape:
@@ -97,6 +99,7 @@ class Normalization(nn.Module):
         track_running_stats: bool | None = None,
         channel_axis: int = 1,
         native: bool = True,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -128,6 +131,10 @@ class Normalization(nn.Module):
         self.momentum = momentum
         self.channel_axis = channel_axis
         self.native = native
+        # training statistics over the ranks of this torch.distributed group (normkit.sync)
+        self.process_group = process_group
+        if process_group is not None and not nap.batch_dependent:
+            raise ConfigError(f"{nap!r} is per sample: there is nothing to synchronize")
         if track_running_stats is None:
             track_running_stats = nap.batch_dependent
         self.track_running_stats = track_running_stats
@@ -316,7 +323,8 @@ class Normalization(nn.Module):
         running = self._running()
         use_batch = self.training or running is None
         update = self.training and self.track_running_stats and running is not None
-        if x.numel() == 0:  # defined result: empty output, buffers untouched
+        nap = self._training_nap()
+        if x.numel() == 0 and nap is self.nap:  # defined result: empty output, buffers untouched
             update = False
         elif use_batch:  # before any state changes; also in eval without running stats (torch)
             spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
@@ -324,10 +332,13 @@ class Normalization(nn.Module):
                 v = x.new_empty(()).expand(x.shape[0], *self.groups, math.prod(spatial))
             else:
                 v = canonical_view(x, self.groups, self.channel_axis)
-            check_spread(shape, self.nop.count(v, self.nap, spatial), self.nap, self.nop)
+            check_spread(shape, self.nop.count(v, nap, spatial), nap, self.nop)
         if update:
             self.num_batches_tracked.add_(1)
-        if self._native is not None and x.numel() > 0 and self._native_ok(x):
+        if nap is not self.nap:  # synchronized: the statistics' collectives run on every rank,
+            # a rank with an empty batch included (it contributes nothing but must take part)
+            y = self._forward_generic(x, running, use_batch, update, condition, nap=nap)
+        elif self._native is not None and x.numel() > 0 and self._native_ok(x):
             y = self._forward_native(x, running, use_batch, update)
         else:
             y = self._forward_generic(x, running, use_batch, update, condition)
@@ -352,25 +363,35 @@ class Normalization(nn.Module):
                     and self._native not in ("rms_norm", "batch_group_norm"))
         return w is None or w.dtype == x.dtype
 
+    def _training_nap(self) -> nap_.Partition:
+        """The partition statistics are fitted over: synchronized over ``process_group`` in
+        training (evaluation never communicates)."""
+        if self.process_group is None or not self.training:
+            return self.nap
+        from .distributed import Synced
+
+        return Synced(inner=self.nap, group=self.process_group)
+
     def _forward_generic(
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool,
-        condition: Any = None,
+        condition: Any = None, nap: nap_.Partition | None = None,
     ) -> Tensor:
+        nap = self.nap if nap is None else nap
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         shape = x.shape
         x = pad_channels(x, self._num_padded, self.channel_axis)
         v = canonical_view(x, self.groups, self.channel_axis)
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
         w, b = self._recovery_views(x, condition)
-        if x.numel() == 0:
+        if x.numel() == 0 and nap is self.nap:
             out = affine_transform(v, None, None, w, b)
             for p in self._nop_params().values():  # connected, so every parameter gets a 0 grad
                 out = out + 0 * p.sum()
             out = out.to(x.dtype).reshape(shape)
             return self.nrr.post(out, self._recovery_params(), self.channel_axis)
-        m = self.nap.count(v, spatial)
+        m = nap.count(v, spatial)
         if use_batch:
-            stats = self.nop.fit(v, self.nap, spatial, eps=eps, params=self._nop_params())
+            stats = self.nop.fit(v, nap, spatial, eps=eps, params=self._nop_params())
             if update:
                 self._update_running(running, stats, m)
         else:
@@ -379,7 +400,7 @@ class Normalization(nn.Module):
                 eps=eps, params=self._nop_params(),
             )
         y = apply_normalization(
-            x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m, weight=w, bias=b,
+            x, v, stats, nop=self.nop, nap=nap, eps=eps, m=m, weight=w, bias=b,
             channel_axis=self.channel_axis,
         )
         y = narrow_channels(y, self.num_features, self.channel_axis)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import torch
 
@@ -25,6 +25,7 @@ class NormKwargs(TypedDict, total=False):
     track_running_stats: bool | None
     channel_axis: int
     native: bool
+    process_group: Any
     device: torch.device | str | None
     dtype: torch.dtype | None
 

@@ -29,6 +29,13 @@ def _in_place(v: Tensor, roles: Sequence[str]) -> bool:
     return tuple(roles) == _BATCH_ROLES and v.shape[3] >= v.shape[2]
 
 
+def _synced(nap: Partition) -> bool:
+    """Whether ``nap`` merges statistics across processes (:class:`normkit.distributed.Synced`)."""
+    from ..distributed import Synced
+
+    return isinstance(nap, Synced)
+
+
 @dataclass(frozen=True, repr=False)
 class Whiten(Operation):
     r"""Whitening ``x̂ = W (x − μ)`` with ``W (Σ + εI) Wᵀ = I``: decorrelates the ``D`` features.
@@ -116,14 +123,18 @@ class Whiten(Operation):
     def _layout(v: Tensor, nap: Partition) -> tuple[bool, tuple[str, ...] | None]:
         """How the samples are laid out as ``(P, G, D, S)`` for
         :func:`~normkit.functional.whiten.batch_moments`: the canonical view itself for in-place
-        batch whitening (``shared``, no roles), else the matrix view (a copy, with the ``roles``
-        that map it back)."""
-        shared = _in_place(v, nap.roles)
+        batch whitening (``shared``, no roles; always when synchronized), else the matrix view (a
+        copy, with the ``roles`` that map it back)."""
+        shared = _in_place(v, nap.roles) or _synced(nap)
         return shared, None if shared else tuple(nap.roles)
 
     def _moments(self, v: Tensor, nap: Partition) -> tuple[Tensor, Tensor, Tensor]:
         """Mean ``(Gn, Gc, D, 1)``, biased covariance ``(Gn, Gc, D, D)`` and centred samples (in
         the layout of :meth:`_layout`), with autograd."""
+        if _synced(nap):
+            from ..distributed import synced_covariance
+
+            return synced_covariance(v, nap.group)
         shared, roles = self._layout(v, nap)
         return W.batch_moments(v if roles is None else matrix_view(v, roles), shared)
 
@@ -133,7 +144,7 @@ class Whiten(Operation):
     ) -> Stats:
         # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
         # large offsets, and autograd saves the one tensor for both products.
-        if not self.fused:  # the plain autograd composition
+        if not self.fused or _synced(nap):  # the plain autograd composition
             mean, cov, centered = self._moments(v, nap)
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
         # Fused: the statistics without autograd; only W(Σ) keeps a (D × D) graph from a leaf Σ,
@@ -181,9 +192,9 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
-        if centered is not None and self.fused:
+        if centered is not None and self.fused and not _synced(nap):
             return self._fused_transform(v, stats, w, centered, nap, weight, bias)
-        if _in_place(v, nap.roles):  # (N, A, B, S) in place, see fit()
+        if self._layout(v, nap)[0]:  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
             folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
             if folded is None:  # cannot happen for per-channel recoveries; kept for safety

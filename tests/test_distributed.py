@@ -1,0 +1,172 @@
+"""Synchronized statistics across processes (gloo on CPU, ``file://`` rendezvous).
+
+Each test starts ``world`` processes; each trains the method wrapped in DDP on its slice of the
+same global batches (equal, unequal, one-sample and empty slices) and saves what it saw. The
+parent trains one process on the whole batches and compares: outputs, input gradients,
+parameters after every SGD step, running statistics — float64, 1e-9 (the same sums merged in a
+different order: ~1e-15 relative per step, far below). A hung collective fails the test at its
+timeout instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import normkit as nk
+
+C, STEPS, TIMEOUT_S = 4, 3, 120
+METHODS = {
+    "bn": {},
+    "batch_group_norm": {"num_groups": 2},
+    "iternorm": {"group_size": 2, "iterations": 5},
+    "dbn": {"group_size": 4},
+}
+SPLITS = {  # rows per rank of a global batch
+    "equal_2": [6, 6],
+    "unequal_3": [2, 3, 4],  # rank + 2
+    "one_sample_2": [1, 7],
+    "empty_rank_3": [5, 0, 4],
+}
+
+
+def _module(method: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = nk.create(method, C, dtype=torch.float64, **METHODS[method])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    return m
+
+
+def _batches(total: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(total, C, 5, generator=g, dtype=torch.float64) * 2 + 1
+        out.append((x, torch.randn(total, C, 5, generator=g, dtype=torch.float64)))
+    return out
+
+
+def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], total: int,
+           scale: float) -> dict[str, Any]:
+    """SGD on ``Σ y·target / total`` (times ``scale``: DDP averages over ``world`` ranks)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    record: dict[str, Any] = {"y": [], "grad": [], "params": []}
+    for x, target in batches:
+        x = x.clone().requires_grad_()
+        y = model(x)
+        loss = (y * target).sum() * (scale / total)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        record["y"].append(y.detach())
+        record["grad"].append(x.grad.detach())
+        record["params"].append([p.detach().clone() for p in model.parameters()])
+    record["buffers"] = {k.removeprefix("module."): v.clone()  # DDP's prefix
+                         for k, v in model.state_dict().items() if "running" in k}
+    return record
+
+
+def _worker(rank: int, world: int, init: str, out: str, method: str, sizes: list[int]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        total = sum(sizes)
+        lo = sum(sizes[:rank])
+        batches = [(x[lo: lo + sizes[rank]], t[lo: lo + sizes[rank]]) for x, t in _batches(total)]
+        model = nn.parallel.DistributedDataParallel(nk.sync(_module(method)))
+        torch.save(_train(model, batches, total, scale=world), f"{out}.{rank}")
+        del model  # DDP's reducer holds the group: release it before the group goes away
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path: Any, method: str, sizes: list[int]) -> list[dict[str, Any]]:
+    init = f"file://{tmp_path}/rendezvous"
+    out = str(tmp_path / "result")
+    ctx = mp.start_processes(_worker, args=(world, init, out, method, sizes), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed run did not finish in {TIMEOUT_S} s (a collective hung)")
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ddp_on_slices_equals_one_process_on_the_batch(method, split, tmp_path):
+    sizes = SPLITS[split]
+    ranks = _spawn(len(sizes), tmp_path, method, sizes)
+    total = sum(sizes)
+    ref = _train(_module(method), _batches(total), total, scale=1.0)
+    tol = {"rtol": 1e-9, "atol": 1e-9}
+    for step in range(STEPS):
+        y = torch.cat([r["y"][step] for r in ranks])
+        # every rank's input gradient is that of Σ_r loss_r = world · (the averaged loss DDP
+        # differentiates the parameters by), as with torch's SyncBatchNorm
+        g = torch.cat([r["grad"][step] for r in ranks]) / len(sizes)
+        torch.testing.assert_close(y, ref["y"][step], **tol, msg=f"output, step {step}")
+        torch.testing.assert_close(g, ref["grad"][step], **tol, msg=f"input grad, step {step}")
+        for r in ranks:
+            for a, b in zip(r["params"][step], ref["params"][step], strict=True):
+                torch.testing.assert_close(a, b, **tol, msg=f"parameters, step {step}")
+    for r in ranks:
+        assert set(r["buffers"]) == set(ref["buffers"])
+        for k, v in ref["buffers"].items():
+            torch.testing.assert_close(r["buffers"][k], v, **tol, msg=k)
+
+
+def test_sync_converts_torch_batchnorm_keeping_state_and_refuses_what_it_cannot():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.fill_(0.5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), bn, nk.GroupNorm(3, num_groups=1))
+    group = object()  # a stand-in: conversion records the group, no collective runs here
+    nk.sync(model, group)
+    assert isinstance(model[1], nk.BatchNorm) and model[1].process_group is group
+    assert torch.equal(model[1].running_mean, torch.full((3,), 0.5))
+    assert model[2].process_group is None  # per-sample: nothing to synchronize
+    with pytest.raises(nk.ConfigError, match="cannot be synchronized"):
+        nk.sync(nn.Sequential(nk.create("range_bn", 3)), group)
+    with pytest.raises(nk.ConfigError, match="nothing to synchronize"):
+        nk.Normalization(3, nap=nk.nap.Layer(), process_group=group)
+
+
+def test_eval_makes_no_collective_call():
+    m = nk.create("bn", 3, process_group=object())  # any collective would fail: no group exists
+    m.eval()
+    y = m(torch.randn(4, 3, 2))
+    assert y.shape == (4, 3, 2)
+
+
+def test_world_of_one_gradcheck_and_equals_local(tmp_path):
+    """The custom all-reduce Function and the merged moments, gradchecked in a world of one
+    (where they must equal the local statistics)."""
+    from normkit.distributed import _AllReduceSum, synced_covariance, synced_moments
+    from normkit.functional import statistics as S
+    from normkit.functional import whiten as W
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rv", rank=0, world_size=1)
+    try:
+        x = torch.randn(5, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: _AllReduceSum.apply(t, None), (x,))
+        assert torch.autograd.gradcheck(lambda t: synced_moments(t, (0, 3)), (x,))
+        for a, b in zip(synced_moments(x, (0, 3)), S.moments(x, (0, 3)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda t: synced_covariance(t)[1], (x,))
+        for a, b in zip(synced_covariance(x), W.batch_moments(x, shared=True), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
