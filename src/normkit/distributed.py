@@ -37,7 +37,36 @@ from .functional.partition import stats_dtype
 from .nap import Partition
 
 __all__ = ["Synced", "sync", "synced_moments", "synced_covariance", "global_count",
-           "SYNC_OPERATIONS"]
+           "count_communication", "SYNC_OPERATIONS"]
+
+
+_COUNTERS: list[dict[str, int]] = []
+
+
+class count_communication:
+    """Context manager counting what synchronized statistics all-reduce (calls and bytes,
+    forward and backward) — the communication cost per training step.
+
+    Example::
+
+        with normkit.distributed.count_communication() as c:
+            model(x).sum().backward()
+        c["bytes"], c["calls"]
+    """
+
+    def __enter__(self) -> dict[str, int]:
+        self.counts = {"calls": 0, "bytes": 0}
+        _COUNTERS.append(self.counts)
+        return self.counts
+
+    def __exit__(self, *exc: Any) -> None:
+        _COUNTERS.remove(self.counts)
+
+
+def _count(t: Tensor) -> None:
+    for c in _COUNTERS:
+        c["calls"] += 1
+        c["bytes"] += t.numel() * t.element_size()
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -48,6 +77,7 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, t: Tensor, group: Any) -> Tensor:  # type: ignore[override]
         ctx.group = group
         out = t.clone(memory_format=torch.contiguous_format)
+        _count(out)
         dist.all_reduce(out, group=group)
         return out
 
@@ -154,11 +184,12 @@ class Synced(Partition):
 
 def _operations() -> tuple[type, ...]:
     from . import nop
+    from .nop._robust import Renormalize
 
-    return (nop.Standardize, nop.Center, nop.Scale, nop.Whiten)
+    return (nop.Standardize, nop.Center, nop.Scale, nop.Whiten, Renormalize)
 
 
-SYNC_OPERATIONS = ("Standardize", "Center", "Scale", "Whiten")
+SYNC_OPERATIONS = ("Standardize", "Center", "Scale", "Whiten", "Renormalize (batch_renorm)")
 
 
 def sync(model: nn.Module, process_group: Any = None) -> nn.Module:
