@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "oni:iterations=5 (default: none)")
     c.add_argument("--gradient", default=None, choices=list(GRADIENT_METHODS),
                    help="gc, block, agc (hooks on SGD) or lars, lamb (replace SGD); default SGD")
+    c.add_argument("--nproc", type=_positive(int), default=1, metavar="N",
+                   help="data-parallel processes per run (DDP on gloo, batch statistics "
+                        "synchronized over the global batch; --jobs is then 1)")
     c.add_argument("--subset", type=_positive(int), default=None, metavar="N",
                    help="use at most N training and N test examples (smaller = faster)")
     c.add_argument("--out", metavar="DIR", default=None,
@@ -237,7 +240,8 @@ def _compare(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes, seeds=args.seeds, epochs=args.epochs, lr=args.lr,
         base_batch_size=args.base_batch_size, lr_scaling=args.lr_scaling,
         momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
-        eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient)
+        eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
+        nproc=args.nproc)
     out = args.out or f"runs/compare-{args.dataset}-{args.model}"
     console = Console(stderr=True, quiet=args.quiet)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training
@@ -245,7 +249,7 @@ def _compare(args: argparse.Namespace) -> int:
     console.print(f"{runs} runs of {cfg.model} on {dataset.name} ({len(dataset.x_train)} train, "
                   f"{len(dataset.x_test)} test) -> {store.dir}")
     try:
-        records = run_sweep(cfg, out, jobs=args.jobs or default_jobs(),
+        records = run_sweep(cfg, out, jobs=1 if cfg.nproc > 1 else (args.jobs or default_jobs()),
                             show_progress=not args.quiet, console=console, prepared=prepared)
     except WorkerError as err:  # not bad input: status 1
         print(f"error: {err}", file=sys.stderr)

@@ -139,3 +139,23 @@ def test_batch_larger_than_training_set_is_refused():
     with pytest.raises(ConfigError, match=r"batch size 64 exceeds the 20 training examples"):
         runner.validate_methods(ds, cfg)
 
+
+
+def test_data_parallel_run_matches_one_process(gaussian):
+    """``nproc=2``: DDP on half batches with synchronized BN computes the one-process run (up to
+    float32 summation order over a few dozen steps: 1e-4 relative on the losses)."""
+    one = train_run(gaussian, tiny(lr_scaling=False), "bn", batch_size=16, seed=0)
+    two = train_run(gaussian, tiny(lr_scaling=False, nproc=2), "bn", batch_size=16, seed=0)
+    assert two["status"] == "ok", two["error"]
+    assert two["steps"] == one["steps"]
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+
+
+def test_nproc_validation():
+    with pytest.raises(ConfigError, match=r"nproc must be an int ≥ 1, got 0"):
+        tiny(nproc=0).validate()
+    with pytest.raises(ConfigError, match=r"every batch size must be ≥ nproc \(4\)"):
+        tiny(nproc=4, batch_sizes=[2]).validate()
+    assert "nproc" not in tiny().settings() and tiny(nproc=2).settings()["nproc"] == 2

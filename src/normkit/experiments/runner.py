@@ -75,6 +75,9 @@ class CompareConfig:
             SGD, or ``"lars"`` / ``"lamb"`` replacing SGD (``lr`` is then theirs: LARS steps by
             ``lr·η·‖w‖`` with η = 1e-3, so its ``lr`` is ~100× SGD's; LAMB's is Adam's, ~1e-3);
             ``None``: SGD.
+        nproc: data-parallel processes per run (DDP over gloo, every batch-dependent
+            normalization synchronized with :func:`normkit.sync`, so the global batch is
+            ``batch_size``); 1: one process.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -94,6 +97,7 @@ class CompareConfig:
     eval_batch_stats: bool = False
     weight: str | None = None
     gradient: str | None = None
+    nproc: int = 1
 
     _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
 
@@ -102,7 +106,8 @@ class CompareConfig:
         ``weight`` / ``gradient`` only when set, so older results keep their hash)."""
         values = asdict(self)
         values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
-        return {k: v for k, v in values.items() if k not in ("weight", "gradient") or v is not None}
+        optional = {"weight": None, "gradient": None, "nproc": 1}
+        return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def config_hash(self) -> str:
         """Short stable hash of :meth:`settings`; part of every result's key."""
@@ -145,6 +150,11 @@ class CompareConfig:
         if self.weight is not None:
             name, kwargs = parse_spec(self.weight)
             nk_weight.parametrization(name, torch.zeros(2, 2), **kwargs)  # raises on a bad spec
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ConfigError(f"nproc must be an int ≥ 1, got {self.nproc!r}")
+        if self.nproc > 1 and min(self.batch_sizes) < self.nproc:
+            raise ConfigError(f"every batch size must be ≥ nproc ({self.nproc}) so each process "
+                              f"gets a sample, got {self.batch_sizes}")
         if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
             raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
                               f"{', '.join(GRADIENT_METHODS)}")
@@ -263,7 +273,11 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     if cfg.eval_batch_stats:
         record |= {"test_acc_batch_stats": None, "test_error_batch_stats": None}
     try:
-        _train(dataset, cfg, record, on_steps or (lambda n: None))
+        if cfg.nproc > 1:
+            record |= _train_parallel(dataset, cfg, record)
+            (on_steps or (lambda n: None))(record["steps"])
+        else:
+            _train(dataset, cfg, record, on_steps or (lambda n: None))
     except Exception as err:  # one broken run must not end the sweep; KeyboardInterrupt does
         record |= {"status": "failed", "error": f"{type(err).__name__}: {_one_line(err)}"}
     record["wall_s"] = round(time.perf_counter() - start, 3)
@@ -271,14 +285,23 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
 
 
 def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
-           on_steps: Callable[[int], None]) -> None:
-    """The training loop of :func:`train_run`; fills ``record`` as it goes."""
+           on_steps: Callable[[int], None], rank: int = 0, world: int = 1) -> None:
+    """The training loop of :func:`train_run`; fills ``record`` as it goes. With ``world > 1``
+    (inside :func:`_train_parallel`'s processes) each rank trains DDP on its slice of every
+    batch, normalizations synchronized; logged values are global."""
     batch_size, seed = record["batch_size"], record["seed"]
     torch.manual_seed(seed)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"])
     record["num_params"] = sum(p.numel() for p in model.parameters())
     steps_per_epoch = len(ds.x_train) // batch_size
     opt = _optimizer(model, cfg, record["lr"])
+    if world > 1:
+        import torch.distributed as dist
+
+        from .. import distributed
+
+        model = nn.parallel.DistributedDataParallel(distributed.sync(model))
+    lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world  # this rank's slice
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(seed)
     train_time = 0.0
@@ -288,10 +311,17 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         perm = torch.randperm(len(ds.x_train), generator=order)
         loss_sum, correct, pending = 0.0, 0, 0
         for step in range(steps_per_epoch):
-            idx = perm[step * batch_size:(step + 1) * batch_size]
+            idx = perm[step * batch_size:(step + 1) * batch_size][lo:hi]
             logits, target = model(ds.x_train[idx]), ds.y_train[idx]
-            loss = F.cross_entropy(logits, target)
-            value = loss.item()
+            # Σ over the slice / global batch, × world: DDP's average is the global mean
+            loss = F.cross_entropy(logits, target, reduction="sum") * (world / batch_size)
+            hits = (logits.argmax(1) == target).sum()
+            if world > 1:  # the same logged values (and divergence decision) on every rank
+                totals = torch.stack([loss.detach() / world, hits.to(loss.dtype)])
+                dist.all_reduce(totals)
+                value, n_hits = totals[0].item(), int(totals[1].item())
+            else:
+                value, n_hits = loss.item(), int(hits)
             if not math.isfinite(value):
                 record |= {"status": "diverged",
                            "error": f"loss became {value} at epoch {epoch}, step {step + 1}"}
@@ -301,7 +331,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
             opt.step()
             sched.step()
             loss_sum += value
-            correct += int((logits.argmax(1) == target).sum())
+            correct += n_hits
             record["steps"] += 1
             pending += 1
             if pending == 100:
@@ -326,6 +356,38 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         _, acc = evaluate(copy.deepcopy(model).train(), ds.x_test, ds.y_test,
                           batch_size=batch_size)
         record |= {"test_acc_batch_stats": acc, "test_error_batch_stats": _percent(acc)}
+
+
+def _parallel_worker(rank: int, world: int, init: str, out: str, ds: Dataset,
+                     cfg: CompareConfig, record: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        _train(ds, cfg, record, lambda n: None, rank=rank, world=world)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(record, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_parallel(ds: Dataset, cfg: CompareConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """Run :func:`_train` in ``cfg.nproc`` processes (gloo, ``file://`` rendezvous in a
+    temporary directory); returns rank 0's record."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/record.json"
+        mp.start_processes(_parallel_worker, args=(cfg.nproc, f"file://{tmp}/rendezvous", out, ds,
+                                                   cfg, dict(record)),
+                           nprocs=cfg.nproc, join=True, start_method="spawn")
+        with open(out) as f:
+            return json.load(f)
 
 
 GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
