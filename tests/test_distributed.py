@@ -29,6 +29,8 @@ METHODS = {
     "iternorm": {"group_size": 2, "iterations": 5},
     "dbn": {"group_size": 4},
     "batch_renorm": {"warmup_steps": 0, "r_max_steps": 2, "d_max_steps": 2},
+    "switchable_norm": {},
+    "bin": {},
 }
 SPLITS = {  # rows per rank of a global batch
     "equal_2": [6, 6],
@@ -137,7 +139,7 @@ def _spawn(world: int, tmp_path: Any, method: str, sizes: list[int],
 
 
 PAIRS = [(m, s) for m in METHODS for s in SPLITS
-         if m != "batch_renorm" or s in ("unequal_3", "empty_rank_3")]
+         if m in ("bn", "batch_group_norm", "iternorm", "dbn") or s in ("unequal_3", "empty_rank_3")]
 
 
 @pytest.mark.parametrize(("method", "split"), PAIRS)

@@ -184,12 +184,16 @@ class Synced(Partition):
 
 def _operations() -> tuple[type, ...]:
     from . import nop
+    from .nop._combination import BatchInstanceStandardize, SwitchableStandardize
     from .nop._robust import Renormalize
 
-    return (nop.Standardize, nop.Center, nop.Scale, nop.Whiten, Renormalize)
+    return (nop.Standardize, nop.Center, nop.Scale, nop.Whiten, Renormalize,
+            SwitchableStandardize, BatchInstanceStandardize)
 
 
-SYNC_OPERATIONS = ("Standardize", "Center", "Scale", "Whiten", "Renormalize (batch_renorm)")
+SYNC_OPERATIONS = ("Standardize", "Center", "Scale", "Whiten", "Renormalize (batch_renorm)",
+                   "SwitchableStandardize (switchable_norm's batch branch)",
+                   "BatchInstanceStandardize (bin's batch branch)")
 
 
 def sync(model: nn.Module, process_group: Any = None) -> nn.Module:

@@ -103,6 +103,17 @@ def pooled_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tens
     return mu, (var + d * d).mean(dims, keepdim=True)
 
 
+def _batch_moments(v: Tensor, nap: Partition, spatial: Sequence[int],
+                   inst: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """BN's moments: pooled from the instance moments (exact, no second pass), or from the
+    partition when it merges them across processes (:class:`normkit.distributed.Synced`)."""
+    from ..distributed import Synced
+
+    if isinstance(nap, Synced):
+        return nap.moments(v, spatial)
+    return pooled_moments(*inst, (0,))
+
+
 def _channel_view(p: Tensor, v: Tensor) -> Tensor:
     """A per-channel parameter ``(C,)`` as ``(1, A, B, 1)`` against the view ``v``, in ≥ float32."""
     return p.reshape(1, v.shape[1], v.shape[2], 1).to(stats_dtype(v))
@@ -180,8 +191,10 @@ class SwitchableStandardize(_OwnsParameters):
         return self
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
-        n, c, s = v.shape[0], v.shape[1] * v.shape[2], v.shape[3]
-        per = {"in": s, "ln": c * s, "bn": n * s}
+        c, s = v.shape[1] * v.shape[2], v.shape[3]
+        per = {"in": s, "ln": c * s}
+        if "bn" in self.modes:  # the batch branch's count is global when synchronized
+            per["bn"] = nap.count(v, spatial)
         return min(per[k] for k in self.modes)
 
     def create_parameters(
@@ -224,7 +237,7 @@ class SwitchableStandardize(_OwnsParameters):
         inst = instance_moments(v)
         if "bn" not in self.modes:
             return self._mix(inst, None, params or {})
-        batch = pooled_moments(*inst, (0,))
+        batch = _batch_moments(v, nap, spatial, inst)
         return {"mean": batch[0], "var": batch[1], **self._mix(inst, batch, params or {})}
 
     def eval_stats(
@@ -270,7 +283,8 @@ class BatchInstanceStandardize(_OwnsParameters):
         return self
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
-        return min(v.shape[0] * v.shape[3], v.shape[3])
+        # IN needs more than one position; BN more than one value over the (global) batch
+        return min(nap.count(v, spatial), v.shape[3])
 
     def create_parameters(
         self, num_features: int, nap: Partition, factory: dict[str, Any]
@@ -292,7 +306,7 @@ class BatchInstanceStandardize(_OwnsParameters):
         params: Stats | None = None,
     ) -> Stats:
         mi, vi = instance_moments(v)
-        mb, vb = pooled_moments(mi, vi, (0,))
+        mb, vb = _batch_moments(v, nap, spatial, (mi, vi))
         return {"mean": mb, "var": vb, "inst_mean": mi, "inst_var": vi, "gate": self._gate(v, params)}
 
     def eval_stats(
