@@ -20,6 +20,7 @@ at least float32.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -88,11 +89,12 @@ def _ratio(w_norm: Tensor, d_norm: Tensor, numerator: Tensor, denominator: Tenso
     return torch.where(ok, numerator / safe, torch.ones_like(numerator))
 
 
-class _LayerwiseOptimizer(Optimizer):
+class _LayerwiseOptimizer(Optimizer, ABC):
     """Validation of every param group (constructor defaults and later ``add_param_group``)."""
 
-    def _validate(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def _validate(self, group: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` for a bad option of ``group``."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
