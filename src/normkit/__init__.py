@@ -10,6 +10,7 @@ Every normalization is a composition of an area partition (:mod:`normkit.nap`), 
     True
 """
 
+from . import analysis as analysis
 from . import apply as apply
 from . import distributed as distributed
 from . import functional as functional

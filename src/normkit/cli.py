@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", add_help=False, help="run the speed benchmark "
                    "('normkit bench --help' for its options)")
+    sub.add_parser("analyze", add_help=False, help="analysis tools, e.g. 'normkit analyze snd' "
+                   "('normkit analyze --help')")
     return parser
 
 
@@ -167,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options, --help included
         return _bench(argv[1:])
+    if argv[:1] == ["analyze"]:  # so do the analysis tools
+        from .analysis.cli import main as analyze
+
+        return int(analyze(argv[1:]) or 0)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2, message already printed)
