@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nproc", type=_positive(int), default=1, metavar="N",
                    help="data-parallel processes per run (DDP on gloo, batch statistics "
                         "synchronized over the global batch; --jobs is then 1)")
+    c.add_argument("--analyze", action="store_true",
+                   help="record the output layer's conditioning (λ_max, κ of its input and output "
+                        "gradient) and weight norm after every epoch; a table in the report")
     c.add_argument("--subset", type=_positive(int), default=None, metavar="N",
                    help="use at most N training and N test examples (smaller = faster)")
     c.add_argument("--out", metavar="DIR", default=None,
@@ -247,7 +250,7 @@ def _compare(args: argparse.Namespace) -> int:
         base_batch_size=args.base_batch_size, lr_scaling=args.lr_scaling,
         momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
         eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
-        nproc=args.nproc)
+        nproc=args.nproc, analyze=args.analyze)
     out = args.out or f"runs/compare-{args.dataset}-{args.model}"
     console = Console(stderr=True, quiet=args.quiet)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training

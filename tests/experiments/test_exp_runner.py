@@ -159,3 +159,26 @@ def test_nproc_validation():
     with pytest.raises(ConfigError, match=r"every batch size must be ≥ nproc \(4\)"):
         tiny(nproc=4, batch_sizes=[2]).validate()
     assert "nproc" not in tiny().settings() and tiny(nproc=2).settings()["nproc"] == 2
+
+
+def test_analyze_records_the_output_layer_and_leaves_training_alone(gaussian):
+    plain = train_run(gaussian, tiny(epochs=2), "bn", batch_size=16, seed=0)
+    analyzed = train_run(gaussian, tiny(epochs=2, analyze=True), "bn", batch_size=16, seed=0)
+    assert analyzed["status"] == "ok", analyzed["error"]
+    for a, b in zip(plain["history"], analyzed["history"], strict=True):
+        assert a == {k: v for k, v in b.items() if k != "analysis"}  # the copy is analyzed
+        info = b["analysis"]
+        assert info["x_lambda_max"] > 0 and info["weight_norm"] > 0 and info["layer"]
+    assert tiny(analyze=True).config_hash() != tiny().config_hash()
+    with pytest.raises(ConfigError, match="--analyze runs in one process"):
+        tiny(analyze=True, nproc=2).validate()
+
+
+def test_report_has_the_analysis_table(gaussian, tmp_path):
+    from normkit.experiments.report import write_report
+
+    records = [train_run(gaussian, tiny(analyze=True), m, batch_size=16, seed=0) for m in ("bn", "none")]
+    paths = write_report(records, tmp_path, {"dataset": "gaussian", "model": "mlp", "summary": ""})
+    text = paths["markdown"].read_text()
+    assert "Output layer at the end of training (--analyze)" in text
+    assert "| bn |" in text and "| none |" in text

@@ -217,12 +217,39 @@ def _blocks(records: list[Record], meta: dict[str, Any]) -> list[tuple[str, Any]
                    ("table", (header[:-1], [line[:-1] for line in _grid(rows, "bstats")[1]]))]
     blocks += [("h2", "Test error vs batch size"), ("img", "error_vs_batch_size.png"),
                ("h2", "Training curves"), ("img", "training_curves.png")]
+    analysis = _analysis_lines(records, sizes)
+    if analysis:
+        blocks += [("h2", "Output layer at the end of training (--analyze): κ₀.₅ of its input "
+                          "second moment / λ_max, mean over seeds"),
+                   ("table", (header[:-1], analysis))]
     problems = [f"{r['method']} bs={r['batch_size']} {p}" for r in rows for p in r["problems"]]
     if problems:
         blocks += [("h2", "Runs that did not finish"), ("ul", problems)]
     blocks += [("h2", "Configuration"), ("ul", [f"{k}: {v}" for k, v in meta.items()
                                                  if k != "summary"])]
     return blocks
+
+
+def _analysis_lines(records: list[Record], sizes: list[int]) -> list[list[str]]:
+    """Method × batch size cells ``"κ / λ_max"`` of the last epoch's ``analysis`` (``—`` where a
+    value is missing or infinite); empty when no run was analyzed."""
+    cells: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in records:
+        last = (r.get("history") or [{}])[-1].get("analysis") if r["status"] == "ok" else None
+        if last and last.get("x_kappa_0.5") is not None and last.get("x_lambda_max") is not None:
+            cells.setdefault((r["method"], r["batch_size"]), []).append(
+                (last["x_kappa_0.5"], last["x_lambda_max"]))
+    if not cells:
+        return []
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in records):
+        row = [method]
+        for b in sizes:
+            vals = cells.get((method, b))
+            row.append(f"{statistics.fmean(k for k, _ in vals):.3g} / "
+                       f"{statistics.fmean(v for _, v in vals):.3g}" if vals else "—")
+        lines.append(row)
+    return lines
 
 
 def _markdown(blocks: list[tuple[str, Any]]) -> str:

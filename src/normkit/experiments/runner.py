@@ -78,6 +78,9 @@ class CompareConfig:
         nproc: data-parallel processes per run (DDP over gloo, every batch-dependent
             normalization synchronized with :func:`normkit.sync`, so the global batch is
             ``batch_size``); 1: one process.
+        analyze: after every epoch, record the conditioning of the output layer's input and
+            output gradient (:func:`normkit.analysis.layer_statistics` on a copy of the model in
+            training mode, 256 training examples) and its weight norm in the history.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -98,6 +101,7 @@ class CompareConfig:
     weight: str | None = None
     gradient: str | None = None
     nproc: int = 1
+    analyze: bool = False
 
     _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
 
@@ -106,7 +110,7 @@ class CompareConfig:
         ``weight`` / ``gradient`` only when set, so older results keep their hash)."""
         values = asdict(self)
         values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
-        optional = {"weight": None, "gradient": None, "nproc": 1}
+        optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def config_hash(self) -> str:
@@ -155,6 +159,8 @@ class CompareConfig:
         if self.nproc > 1 and min(self.batch_sizes) < self.nproc:
             raise ConfigError(f"every batch size must be ≥ nproc ({self.nproc}) so each process "
                               f"gets a sample, got {self.batch_sizes}")
+        if self.analyze and self.nproc > 1:
+            raise ConfigError("--analyze runs in one process; drop --nproc or --analyze")
         if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
             raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
                               f"{', '.join(GRADIENT_METHODS)}")
@@ -349,6 +355,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
             "epoch": epoch, "train_loss": loss_sum / steps_per_epoch,
             "train_acc": correct / (steps_per_epoch * batch_size),
             "test_loss": test_loss, "test_acc": test_acc,
+            **({"analysis": _analysis(model, ds)} if cfg.analyze else {}),
         })
     record |= {"test_loss": test_loss, "test_acc": test_acc, "test_error": _percent(test_acc),
                "time_per_step_ms": 1e3 * train_time / max(record["steps"], 1)}
@@ -388,6 +395,23 @@ def _train_parallel(ds: Dataset, cfg: CompareConfig, record: dict[str, Any]) -> 
                            nprocs=cfg.nproc, join=True, start_method="spawn")
         with open(out) as f:
             return json.load(f)
+
+
+def _analysis(model: nn.Module, ds: Dataset, probe: int = 256) -> dict[str, Any]:
+    """Conditioning of the output layer (``compare --analyze``): spectra summaries of its input
+    second moment and output-gradient covariance on the first ``probe`` training examples, from
+    a copy in training mode (the run's running statistics stay untouched), and ‖W‖."""
+    from ..analysis import layer_statistics
+
+    copy_ = copy.deepcopy(model).train()
+    last = _output_layer(copy_)
+    stats = layer_statistics(copy_, ds.x_train[:probe], ds.y_train[:probe], layers=[last],
+                             ks=(0.5,), keep_covariances=False)[last].scalars()
+    weight = copy_.get_submodule(last).weight
+    keep = ("x/lambda_max", "x/cond", "x/kappa_0.5", "delta/lambda_max", "delta/kappa_0.5")
+    out = {k.replace("/", "_"): (v if math.isfinite(v) else None)  # strict JSON: no inf
+           for k, v in stats.items() if k in keep}
+    return {"layer": last, **out, "weight_norm": float(weight.detach().norm())}
 
 
 GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
