@@ -8,6 +8,8 @@
 snd_stats`) and the whitening error (:func:`~normkit.analysis.stochasticity.whitening_error`) of
 each method at each batch size on :func:`~normkit.analysis.stochasticity.gaussian_data`, prints a
 table, and writes ``snd.json`` and ``snd.png`` (SND vs batch size, log-log) into ``--out``.
+``conditioning --run DIR`` plots the output layer's conditioning over the epochs of a
+``normkit compare --analyze`` run (``conditioning.png`` in the run folder).
 
 A method may be a spec string with keyword arguments, e.g. ``iternorm:iterations=1``; inside
 ``--methods`` further ``key=value`` items attach to the preceding method
@@ -99,7 +101,64 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/analyze-snd"),
                    help="output folder (default runs/analyze-snd)")
     p.add_argument("--plain", action="store_true", help="plain-text table even on a terminal")
+    c = sub.add_parser(
+        "conditioning",
+        help="the output layer's conditioning over training, from a 'compare --analyze' run",
+        description=(
+            "Read the results of a 'normkit compare --analyze' run and plot, per batch size, the "
+            "generalized condition number κ₀.₅ of the output layer's input second moment against "
+            "the epoch, one line per method (layer-wise conditioning, Huang et al., ECCV 2020); "
+            "writes conditioning.png into the run folder and prints the last epoch's values."
+        ),
+    )
+    c.add_argument("--run", type=Path, required=True,
+                   help="the compare run folder (holding results.jsonl)")
+    c.add_argument("--plain", action="store_true", help="plain-text table even on a terminal")
     return parser
+
+
+def _run_conditioning(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    path = args.run / "results.jsonl"
+    if not path.is_file():
+        parser.error(f"no results.jsonl in {args.run}; run 'normkit compare --analyze' first")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    curves: dict[tuple[str, int], list[list[float]]] = {}
+    for r in records:
+        ks = [h["analysis"].get("x_kappa_0.5") for h in r.get("history", []) if "analysis" in h]
+        if r.get("status") == "ok" and ks and all(k is not None for k in ks):
+            curves.setdefault((r["method"], r["batch_size"]), []).append(ks)
+    if not curves:
+        parser.error(f"the runs in {args.run} have no conditioning records; rerun 'normkit "
+                     f"compare' with --analyze")
+    methods = list(dict.fromkeys(m for m, _ in curves))
+    sizes = sorted({b for _, b in curves})
+    mean = {key: [sum(v) / len(v) for v in zip(*runs, strict=False)] for key, runs in curves.items()}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * len(sizes), 3.5))
+    FigureCanvasAgg(fig)
+    for i, b in enumerate(sizes):
+        ax = fig.add_subplot(1, len(sizes), i + 1)
+        for m in methods:
+            if (m, b) in mean:
+                ax.plot(range(1, len(mean[m, b]) + 1), mean[m, b], marker="o", label=m)
+        ax.set_yscale("log")
+        ax.set_title(f"batch size {b}")
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.axes[0].set_ylabel("κ₀.₅ of the output layer's input")
+    fig.axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(args.run / "conditioning.png", dpi=90)
+    print("κ₀.₅ of the output layer's input, last epoch (mean over seeds)")
+    width = max(len(m) for m in methods)
+    print("  ".join(["method".ljust(width), *(f"bs={b}".rjust(9) for b in sizes)]))
+    for m in methods:
+        cells = [f"{mean[m, b][-1]:9.3g}" if (m, b) in mean else " " * 8 + "—" for b in sizes]
+        print("  ".join([m.ljust(width), *cells]))
+    print(f"wrote {args.run / 'conditioning.png'}")
+    return 0
 
 
 def _method_kwargs(spec: str, group_size: int, iterations: int) -> tuple[str, dict[str, Any]]:
@@ -220,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-        return _run_snd(args, parser)  # the only tool so far; argparse checks the choice
+        if args.tool == "conditioning":
+            return _run_conditioning(args, parser)
+        return _run_snd(args, parser)
     except SystemExit as e:  # argparse exits on --help (0) and on bad input (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
