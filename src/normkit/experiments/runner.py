@@ -80,7 +80,8 @@ class CompareConfig:
             ``batch_size``); 1: one process.
         analyze: after every epoch, record the conditioning of the output layer's input and
             output gradient (:func:`normkit.analysis.layer_statistics` on a copy of the model in
-            training mode, 256 training examples) and its weight norm in the history.
+            training mode, 256 training examples), its weight norm and effective learning rate
+            η/‖W‖² in the history.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -355,7 +356,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
             "epoch": epoch, "train_loss": loss_sum / steps_per_epoch,
             "train_acc": correct / (steps_per_epoch * batch_size),
             "test_loss": test_loss, "test_acc": test_acc,
-            **({"analysis": _analysis(model, ds)} if cfg.analyze else {}),
+            **({"analysis": _analysis(model, ds, opt.param_groups[0]["lr"])} if cfg.analyze else {}),
         })
     record |= {"test_loss": test_loss, "test_acc": test_acc, "test_error": _percent(test_acc),
                "time_per_step_ms": 1e3 * train_time / max(record["steps"], 1)}
@@ -397,10 +398,11 @@ def _train_parallel(ds: Dataset, cfg: CompareConfig, record: dict[str, Any]) -> 
             return json.load(f)
 
 
-def _analysis(model: nn.Module, ds: Dataset, probe: int = 256) -> dict[str, Any]:
+def _analysis(model: nn.Module, ds: Dataset, lr: float, probe: int = 256) -> dict[str, Any]:
     """Conditioning of the output layer (``compare --analyze``): spectra summaries of its input
     second moment and output-gradient covariance on the first ``probe`` training examples, from
-    a copy in training mode (the run's running statistics stay untouched), and ‖W‖."""
+    a copy in training mode (the run's running statistics stay untouched), its weight norm ‖W‖
+    and effective learning rate η/‖W‖² (the scale-invariance view of ch. 9)."""
     from ..analysis import layer_statistics
 
     copy_ = copy.deepcopy(model).train()
@@ -411,7 +413,8 @@ def _analysis(model: nn.Module, ds: Dataset, probe: int = 256) -> dict[str, Any]
     keep = ("x/lambda_max", "x/cond", "x/kappa_0.5", "delta/lambda_max", "delta/kappa_0.5")
     out = {k.replace("/", "_"): (v if math.isfinite(v) else None)  # strict JSON: no inf
            for k, v in stats.items() if k in keep}
-    return {"layer": last, **out, "weight_norm": float(weight.detach().norm())}
+    norm = float(weight.detach().norm())
+    return {"layer": last, **out, "weight_norm": norm, "effective_lr": lr / max(norm, 1e-12) ** 2}
 
 
 GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
