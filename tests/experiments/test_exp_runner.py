@@ -171,6 +171,8 @@ def test_analyze_records_the_output_layer_and_leaves_training_alone(gaussian):
         assert info["x_lambda_max"] > 0 and info["weight_norm"] > 0 and info["layer"]
         assert info["effective_lr"] >= 0  # the cosine schedule ends at lr = 0
     assert analyzed["history"][0]["analysis"]["effective_lr"] > 0
+    assert analyzed["history"][0]["analysis"]["angular_update"] is None  # no previous epoch
+    assert analyzed["history"][1]["analysis"]["angular_update"] > 0
     assert tiny(analyze=True).config_hash() != tiny().config_hash()
     with pytest.raises(ConfigError, match="--analyze runs in one process"):
         tiny(analyze=True, nproc=2).validate()

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["scale_invariance", "gradient_weight_inner_product", "ScaleTracker"]
+__all__ = ["scale_invariance", "gradient_weight_inner_product", "ScaleTracker", "angle"]
 
 LossFn = Callable[..., Tensor]
 
@@ -262,7 +262,7 @@ def gradient_weight_inner_product(
     return 0.0 if gn == 0 else float(torch.dot(g, w).item() / (gn * wn))
 
 
-def _angle(a: Tensor, b: Tensor) -> float:
+def angle(a: Tensor, b: Tensor) -> float:
     """Angle between two tensors (flattened), ``2 atan2(‖â − b̂‖, ‖â + b̂‖)`` (accurate near 0)."""
     a = a.detach().to(torch.float64).flatten()
     b = b.detach().to(torch.float64).flatten()
@@ -346,5 +346,5 @@ class ScaleTracker:
             rec["weight_norm"].append(norm)
             rec["lr"].append(lr)
             rec["effective_lr"].append(lr / norm**2 if norm > 0 else math.inf)
-            rec["angular_update"].append(_angle(self._prev[name], weight))
+            rec["angular_update"].append(angle(self._prev[name], weight))
             self._prev[name] = weight.detach().clone()

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import gradient as nk_gradient
@@ -309,6 +309,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
 
         model = nn.parallel.DistributedDataParallel(distributed.sync(model))
     lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world  # this rank's slice
+    previous: dict[str, Tensor] = {}  # --analyze: the output layer's weight at the last epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(seed)
     train_time = 0.0
@@ -356,7 +357,8 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
             "epoch": epoch, "train_loss": loss_sum / steps_per_epoch,
             "train_acc": correct / (steps_per_epoch * batch_size),
             "test_loss": test_loss, "test_acc": test_acc,
-            **({"analysis": _analysis(model, ds, opt.param_groups[0]["lr"])} if cfg.analyze else {}),
+            **({"analysis": _analysis(model, ds, opt.param_groups[0]["lr"], previous)}
+               if cfg.analyze else {}),
         })
     record |= {"test_loss": test_loss, "test_acc": test_acc, "test_error": _percent(test_acc),
                "time_per_step_ms": 1e3 * train_time / max(record["steps"], 1)}
@@ -398,12 +400,15 @@ def _train_parallel(ds: Dataset, cfg: CompareConfig, record: dict[str, Any]) -> 
             return json.load(f)
 
 
-def _analysis(model: nn.Module, ds: Dataset, lr: float, probe: int = 256) -> dict[str, Any]:
+def _analysis(model: nn.Module, ds: Dataset, lr: float, previous: dict[str, Tensor],
+              probe: int = 256) -> dict[str, Any]:
     """Conditioning of the output layer (``compare --analyze``): spectra summaries of its input
     second moment and output-gradient covariance on the first ``probe`` training examples, from
-    a copy in training mode (the run's running statistics stay untouched), its weight norm ‖W‖
-    and effective learning rate η/‖W‖² (the scale-invariance view of ch. 9)."""
+    a copy in training mode (the run's running statistics stay untouched), its weight norm ‖W‖,
+    effective learning rate η/‖W‖² and the angle W turned through since the previous epoch
+    (``previous`` keeps the last weight; the scale-invariance view of ch. 9)."""
     from ..analysis import layer_statistics
+    from ..analysis.scale import angle
 
     copy_ = copy.deepcopy(model).train()
     last = _output_layer(copy_)
@@ -414,7 +419,11 @@ def _analysis(model: nn.Module, ds: Dataset, lr: float, probe: int = 256) -> dic
     out = {k.replace("/", "_"): (v if math.isfinite(v) else None)  # strict JSON: no inf
            for k, v in stats.items() if k in keep}
     norm = float(weight.detach().norm())
-    return {"layer": last, **out, "weight_norm": norm, "effective_lr": lr / max(norm, 1e-12) ** 2}
+    w = weight.detach().clone()
+    turned = angle(previous["weight"], w) if "weight" in previous else None
+    previous["weight"] = w
+    return {"layer": last, **out, "weight_norm": norm, "effective_lr": lr / max(norm, 1e-12) ** 2,
+            "angular_update": turned}
 
 
 GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
