@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
+from .scale import submodule
 
 __all__ = [
     "effective_rank",
@@ -250,18 +251,7 @@ def feature_hook(
     """
     if flatten not in ("none", "sample", "channel"):
         raise ConfigError(f"flatten must be 'none', 'sample' or 'channel', got {flatten!r}")
-    if isinstance(layer, str):
-        try:
-            module = model.get_submodule(layer)
-        except AttributeError as err:
-            names = [n for n, _ in model.named_modules() if n]
-            raise ConfigError(
-                f"model has no sub-module {layer!r}; its modules are {names}"
-            ) from err
-    else:
-        module = layer
-        if not any(m is module for m in model.modules()):
-            raise ConfigError(f"layer {type(module).__name__} is not a sub-module of the model")
+    module = submodule(model, layer)
     capture = FeatureCapture(flatten=flatten)
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:

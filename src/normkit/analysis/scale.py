@@ -45,23 +45,32 @@ __all__ = ["scale_invariance", "gradient_weight_inner_product", "ScaleTracker", 
 LossFn = Callable[..., Tensor]
 
 
-def _resolve(model: nn.Module, layer: nn.Module | str) -> nn.Module:
-    """The sub-module ``layer`` (a module of ``model`` or its dotted name), checked to own a weight."""
+def submodule(model: nn.Module, layer: nn.Module | str) -> nn.Module:
+    """The sub-module ``layer`` of ``model``: a module reached from ``model.modules()`` or its
+    dotted name from ``model.named_modules()``.
+
+    Raises:
+        ConfigError: when ``model`` has no such sub-module.
+    """
     if isinstance(layer, str):
         try:
-            module = model.get_submodule(layer)
+            return model.get_submodule(layer)
         except AttributeError as err:
             names = [n for n, _ in model.named_modules() if n]
             raise ConfigError(
                 f"model has no sub-module {layer!r}; its modules are {names}"
             ) from err
-    else:
-        module = layer
-        if not any(m is module for m in model.modules()):
-            raise ConfigError(
-                f"layer {type(module).__name__} is not a sub-module of the model; pass a module "
-                "reached from model.modules() or its name from model.named_modules()"
-            )
+    if not any(m is layer for m in model.modules()):
+        raise ConfigError(
+            f"layer {type(layer).__name__} is not a sub-module of the model; pass a module "
+            "reached from model.modules() or its name from model.named_modules()"
+        )
+    return layer
+
+
+def _resolve(model: nn.Module, layer: nn.Module | str) -> nn.Module:
+    """The sub-module ``layer`` (a module of ``model`` or its dotted name), checked to own a weight."""
+    module = submodule(model, layer)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
         raise ConfigError(
