@@ -870,3 +870,43 @@ def test_folded_equals_eval(case: Case) -> None:
 def test_folded_refuses_without_running_statistics(case: Case) -> None:
     with pytest.raises(nk.ConfigError, match="no running statistics to fold"):
         build(case).folded()
+
+
+# --------------------------------------------------------- replays for stateful configurations
+# The generic tests that a stateful configuration (one whose training step reads state beyond
+# the running statistics, see Case.streaming and tests/test_robust.py) replays by calling them
+# directly, with their parametrizations; gradcheck and test_case_matches_module are replaced
+# there by versions that freeze or list the extra state.
+REPLAYS: list[tuple[str, dict[str, Any]]] = [
+    ("native_dispatch", {"monkeypatch": None}),
+    ("shape_and_dtype_kept", {"dtype": torch.float32}),
+    ("shape_and_dtype_kept", {"dtype": F64}),
+    ("low_precision", {"dtype": torch.bfloat16}),
+    ("low_precision", {"dtype": torch.float16}),
+    ("train_vs_eval", {}),
+    ("running_ema", {}),
+    ("running_cumulative_average", {}),
+    ("running_momentum_extremes", {"mom": 0.0}),
+    ("running_momentum_extremes", {"mom": 1.0}),
+    ("reset_running_stats", {}),
+    ("track_running_stats_false", {}),
+    ("track_running_stats_toggled_off", {"native": True}),
+    ("track_running_stats_toggled_off", {"native": False}),
+    ("eval_never_mutates_state", {}),
+    ("state_dict_round_trip", {}),
+    ("state_dict_version_1_migration", {}),
+    ("torch_load_weights_only", {}),
+    ("deepcopy_and_pickle", {"how": "deepcopy"}),
+    ("deepcopy_and_pickle", {"how": "pickle"}),
+    ("native_matches_generic", {}),
+    ("two_forwards_one_backward", {}),
+    ("compile_matches_eager", {"backend": "eager", "dynamo_reset": None}),
+    ("non_contiguous_and_channels_last_input", {}),
+    ("channel_axis_last_equals_first", {}),
+    ("zero_batch", {}),
+    ("affine_false", {}),
+    ("repr", {}),
+    ("to_float64", {}),
+    ("reset_parameters", {}),
+    ("folded_equals_eval", {}),
+]

@@ -393,39 +393,7 @@ def test_stateful_buffers(case: Any) -> None:
     assert list(G.build(case, track_running_stats=False).buffers()) == []
 
 
-_GENERIC: list[tuple[str, dict[str, Any]]] = [
-    ("native_dispatch", {"monkeypatch": None}),
-    ("shape_and_dtype_kept", {"dtype": torch.float32}),
-    ("shape_and_dtype_kept", {"dtype": F64}),
-    ("low_precision", {"dtype": torch.bfloat16}),
-    ("low_precision", {"dtype": torch.float16}),
-    ("train_vs_eval", {}),
-    ("running_ema", {}),
-    ("running_cumulative_average", {}),
-    ("running_momentum_extremes", {"mom": 0.0}),
-    ("running_momentum_extremes", {"mom": 1.0}),
-    ("reset_running_stats", {}),
-    ("track_running_stats_false", {}),
-    ("track_running_stats_toggled_off", {"native": True}),
-    ("track_running_stats_toggled_off", {"native": False}),
-    ("eval_never_mutates_state", {}),
-    ("state_dict_round_trip", {}),
-    ("state_dict_version_1_migration", {}),
-    ("torch_load_weights_only", {}),
-    ("deepcopy_and_pickle", {"how": "deepcopy"}),
-    ("deepcopy_and_pickle", {"how": "pickle"}),
-    ("native_matches_generic", {}),
-    ("two_forwards_one_backward", {}),
-    ("compile_matches_eager", {"backend": "eager", "dynamo_reset": None}),
-    ("non_contiguous_and_channels_last_input", {}),
-    ("channel_axis_last_equals_first", {}),
-    ("zero_batch", {}),
-    ("affine_false", {}),
-    ("repr", {}),
-    ("to_float64", {}),
-    ("reset_parameters", {}),
-    ("folded_equals_eval", {}),
-]
+_GENERIC = G.REPLAYS
 _WITH_NU = {c.name for c in STATEFUL if STATE_BUFFERS[c.name]}
 _OMIT = {(n, t) for n in _WITH_NU for t in ("two_forwards_one_backward", "low_precision")}
 _BATTERY = [(c, name, kw) for c in STATEFUL for name, kw in _GENERIC
