@@ -946,3 +946,85 @@ def test_coloring_after_batch_norm_folds():
     with pytest.raises(nk.ConfigError, match="cannot fold Coloring"):
         nk.Normalization(4, nap=nk.nap.Batch(group_size=4), nop=nk.nop.Whiten(),
                          nrr=nk.nrr.Coloring(group_size=2)).eval().folded()
+
+
+# ------------------------------------------------------------- cached evaluation fold
+def _trained(name: str, c: int = 8, d: int = 4) -> nk.Normalization:
+    mod = make_preset(name, c, d, dtype=DT)
+    randomize_affine(mod, 35)
+    mod(correlated(16, c, 36, 2))
+    return mod.eval()
+
+
+def _count_folds(monkeypatch: pytest.MonkeyPatch, mod: nk.Normalization) -> list[int]:
+    calls = [0]
+    original = type(mod).folded
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(self)
+    monkeypatch.setattr(type(mod), "folded", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_eval_fold_is_cached_until_state_changes(name, monkeypatch):
+    """Evaluation without gradients folds once and reuses (M, b) until a parameter or buffer
+    changes in place or is replaced; every output equals the plain composition's."""
+    mod = _trained(name)
+    plain = copy.deepcopy(mod)
+    plain.native = False  # the generic path: recomputes W(Σ) and the fold on every call
+    calls = _count_folds(monkeypatch, mod)
+    x = correlated(3, 8, 37, 2)
+
+    def check() -> None:
+        with torch.no_grad():
+            plain.load_state_dict(mod.state_dict())
+            torch.testing.assert_close(mod(x), plain(x), rtol=1e-10, atol=1e-10)
+
+    check()
+    check()
+    assert calls[0] == 1
+    with torch.no_grad():
+        mod.weight.mul_(1.5)  # in place: the version counter moves
+    check()
+    assert calls[0] == 2
+    mod.running_mean.add_(0.25)
+    check()
+    assert calls[0] == 3
+    mod.bias = torch.nn.Parameter(torch.randn(8, dtype=DT))  # a new tensor object
+    check()
+    assert calls[0] == 4
+    state = {k: v + 0.1 if v.is_floating_point() else v for k, v in mod.state_dict().items()}
+    mod.load_state_dict(state)
+    check()
+    assert calls[0] == 5
+
+
+def test_eval_fold_is_not_used_when_a_gradient_is_needed(monkeypatch):
+    mod = _trained("dbn")
+    calls = _count_folds(monkeypatch, mod)
+    x = correlated(3, 8, 38, 2)
+    y = mod(x)  # γ, β require grad: the generic path, differentiable
+    assert y.grad_fn is not None and calls[0] == 0
+    y.sum().backward()
+    assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
+    with torch.inference_mode():
+        z = mod(x)
+    assert calls[0] == 1
+    torch.testing.assert_close(z, y.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_eval_fold_cache_survives_pickle_and_deepcopy(tmp_path):
+    mod = _trained("iternorm")
+    x = correlated(3, 8, 39, 2)
+    with torch.no_grad():
+        y = mod(x)
+    twin = copy.deepcopy(mod)
+    torch.save(mod, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        twin.weight.mul_(2.0)  # the copy's fold must not come from the original's cache
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(mod(x), y, rtol=0, atol=0)
+        assert not torch.allclose(twin(x), y)

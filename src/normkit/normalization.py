@@ -8,6 +8,7 @@ this class.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -26,6 +27,10 @@ from .functional.standardize import affine_transform
 __all__ = ["Normalization"]
 
 _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
+
+# Evaluation folds of whitening modules, ``module -> (key, (M, b), weakrefs to its tensors)``: kept outside the modules so
+# that pickling, deepcopy and state_dict never see them; an entry dies with its module.
+_FOLDS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 Native = Literal[
     "batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
@@ -67,7 +72,8 @@ class Normalization(nn.Module):
         channel_axis: ``1`` for ``(N, C, *spatial)``, ``-1`` for channels-last ``(N, *spatial, C)``
             and transformer ``(B, T, D)`` inputs.
         native: dispatch to torch's kernel where one computes the same thing, and use fused
-            autograd Functions (batch whitening) — default ``True``; ``False`` runs the plain
+            autograd Functions (batch whitening) and a cached evaluation fold (whitening without
+            gradients: one block-diagonal matmul) — default ``True``; ``False`` runs the plain
             autograd composition of the formula.
         process_group: a ``torch.distributed`` group: training statistics are then merged over
             its ranks (:mod:`normkit.distributed`, :func:`normkit.sync`); ``None``: local.
@@ -338,11 +344,43 @@ class Normalization(nn.Module):
         if nap is not self.nap:  # synchronized: the statistics' collectives run on every rank,
             # a rank with an empty batch included (it contributes nothing but must take part)
             y = self._forward_generic(x, running, use_batch, update, condition, nap=nap)
+        elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
+            y = _apply_block_fold(x, *fold)
         elif self._native is not None and x.numel() > 0 and self._native_ok(x):
             y = self._forward_native(x, running, use_batch, update)
         else:
             y = self._forward_generic(x, running, use_batch, update, condition)
         return y.squeeze(0) if vector else y
+
+    def _eval_fold(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``folded()`` of a whitening module in evaluation, cached until one of its parameters
+        or buffers changes (a new tensor object or an in-place update: ``_version``); ``None``
+        where the one-matmul path does not apply. It applies when nothing needs a gradient and
+        not inside ``torch.compile`` (which traces the generic path), to whole groups along
+        ``channel_axis=1``: the evaluation of batch whitening is then one block-diagonal matmul
+        and one add, with no per-call fold of γ, μ into ``W`` (benchmarks/: eval / block matmul).
+        """
+        if (not self.native or type(self.nop) is not nop_.Whiten or self.nrr.conditional
+                or self.channel_axis != 1
+                or self._num_padded or x.dim() < 2 or x.numel() == 0
+                or torch.compiler.is_compiling()):
+            return None
+        tensors = [t for t in (*self._parameters.values(), *self._buffers.values())
+                   if t is not None]
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+            return None
+        if any(t.is_inference() for t in tensors):  # no version counter to key on
+            return None
+        key = (self.eps, *((id(t), t._version) for t in tensors))
+        cached = _FOLDS.get(self)
+        if cached is None or cached[0] != key or any(
+                r() is not t for r, t in zip(cached[2], tensors, strict=True)):
+            with torch.inference_mode(False), torch.no_grad():
+                fold = self.folded()
+            cached = (key, fold, [weakref.ref(t) for t in tensors])
+            _FOLDS[self] = cached
+        mat, shift = cached[1]
+        return (mat, shift) if mat.dtype == x.dtype and mat.device == x.device else None
 
     def _native_ok(self, x: Tensor) -> bool:
         w = getattr(self, "weight", None)
@@ -450,3 +488,11 @@ class Normalization(nn.Module):
             nop = self.nop
             return F.local_response_norm(x, self.nap.channel_window, nop.alpha, nop.beta, nop.k)
         return F.rms_norm(x, (self.num_features,), w, eps)
+
+
+def _apply_block_fold(x: Tensor, mat: Tensor, shift: Tensor) -> Tensor:
+    """``y = M x + b`` per group of ``d`` channels of ``x`` ``(N, C, *S)``: ``mat`` ``(C/d, d, d)``,
+    ``shift`` ``(C,)`` (the output of :meth:`Normalization.folded` for whitening)."""
+    g, d = mat.shape[0], mat.shape[-1]
+    v = x.reshape(x.shape[0], g, d, -1)
+    return torch.matmul(mat, v).add_(shift.view(g, d, 1)).reshape(x.shape)
