@@ -694,13 +694,14 @@ CASES.append(Case(
 
 # families in their own files (each imports Case / ErrorInput / helpers from here)
 from cases_combination import CASES as _COMBINATION  # noqa: E402
+from cases_ibn import CASES_IBN as _IBN  # noqa: E402
 from cases_conditional import CASES as _CONDITIONAL  # noqa: E402
 from cases_multimode import CASES as _MULTIMODE  # noqa: E402
 from cases_online import CASES as _ONLINE  # noqa: E402
 from cases_power import CASES as _POWER  # noqa: E402
 from cases_robust import CASES as _ROBUST  # noqa: E402
 
-CASES += _COMBINATION + _CONDITIONAL + _MULTIMODE + _ONLINE + _POWER + _ROBUST
+CASES += _COMBINATION + _IBN + _CONDITIONAL + _MULTIMODE + _ONLINE + _POWER + _ROBUST
 
 CASE_IDS = [c.name for c in CASES]
 ERROR_PARAMS = [(c, e) for c in CASES for e in c.errors]

@@ -23,11 +23,11 @@ C = 16
 CENTERED = {"bn", "ln", "in", "gn", "pn", "batch_group_norm", "lcn", "divisive_norm",
             "mean_only_bn", "l1_bn", "range_bn",
             # ch. 5-6 families: standardizations with mixed or robust statistics
-            "switchable_norm", "bin", "bcn", "mode_norm", "mixture_norm", "task_norm",
+            "switchable_norm", "bin", "ibn", "bcn", "mode_norm", "mixture_norm", "task_norm",
             "batch_renorm", "ghost_bn", "momentum_bn", "cross_iteration_bn", "mabn",
             "eval_norm", "kalman_norm"}
 BATCH_DEPENDENT = {"bn", "batch_group_norm", "mean_only_bn", "l1_bn", "range_bn",
-                   "switchable_norm", "bin", "evonorm_b0", "bcn", "mode_norm", "mixture_norm",
+                   "switchable_norm", "bin", "ibn", "evonorm_b0", "bcn", "mode_norm", "mixture_norm",
                    "task_norm", "batch_renorm", "ghost_bn", "momentum_bn", "cross_iteration_bn",
                    "mabn", "eval_norm", "kalman_norm", "power_norm"}
 STREAMING = {"online_norm"}  # sample t is normalized with estimates left by the samples before it

@@ -18,7 +18,7 @@ WHITENING = ["cd_bw", "dbn", "group_whitening", "instance_whitening", "iternorm"
              "switchable_whitening"]
 CONDITIONAL = ["adain", "adalin", "attentive_norm", "cbn", "cin", "dynamic_ln", "iebn", "ilm",
                "spade"]
-COMBINATION = ["bcn", "bin", "evonorm_b0", "evonorm_s0", "frn", "switchable_norm"]
+COMBINATION = ["bcn", "bin", "evonorm_b0", "evonorm_s0", "frn", "ibn", "switchable_norm"]
 MULTIMODE = ["mixture_norm", "mode_norm", "task_norm"]
 ROBUST = ["batch_renorm", "cross_iteration_bn", "eval_norm", "ghost_bn", "kalman_norm", "mabn",
           "momentum_bn", "online_norm", "power_norm"]

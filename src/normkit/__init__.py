@@ -20,6 +20,8 @@ from . import nop as nop
 from . import nrr as nrr
 from . import weight as weight
 from .apply import batch_statistics as batch_statistics
+from .apply import convert as convert
+from .apply import fold as fold
 from .apply import freeze as freeze
 from .apply import recalibrate as recalibrate
 from .apply import unfreeze as unfreeze
@@ -51,6 +53,7 @@ from .methods import FilterResponseNorm as FilterResponseNorm
 from .methods import GhostBatchNorm as GhostBatchNorm
 from .methods import GroupNorm as GroupNorm
 from .methods import GroupWhitening as GroupWhitening
+from .methods import IBN as IBN
 from .methods import InstanceEnhancedBatchNorm as InstanceEnhancedBatchNorm
 from .methods import InstanceLevelMetaNorm as InstanceLevelMetaNorm
 from .methods import InstanceNorm as InstanceNorm

@@ -15,6 +15,7 @@ from .conditional import DynamicLayerNorm as DynamicLayerNorm
 from .conditional import InstanceEnhancedBatchNorm as InstanceEnhancedBatchNorm
 from .conditional import InstanceLevelMetaNorm as InstanceLevelMetaNorm
 from .conditional import SPADENorm as SPADENorm
+from .ibn import IBN as IBN
 from .local import DivisiveNorm as DivisiveNorm
 from .local import LocalContextNorm as LocalContextNorm
 from .local import LocalResponseNorm as LocalResponseNorm
