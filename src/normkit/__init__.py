@@ -30,6 +30,8 @@ from .errors import ConfigError as ConfigError
 from .errors import NormkitError as NormkitError
 from .errors import ShapeError as ShapeError
 from .errors import UnknownMethodError as UnknownMethodError
+from .input_norm import InputNormalizer as InputNormalizer
+from .input_norm import NotFittedError as NotFittedError
 from .methods import AdaIN as AdaIN
 from .methods import AdaLIN as AdaLIN
 from .methods import AttentiveNorm as AttentiveNorm

@@ -8,7 +8,10 @@
 snd_stats`) and the whitening error (:func:`~normkit.analysis.stochasticity.whitening_error`) of
 each method at each batch size on :func:`~normkit.analysis.stochasticity.gaussian_data`, prints a
 table, and writes ``snd.json`` and ``snd.png`` (SND vs batch size, log-log) into ``--out``.
-``conditioning --run DIR`` plots the output layer's conditioning over the epochs of a
+``inputs`` (book ch. 2) prints, for a linear model on digits with raw / centred / standardized /
+whitened inputs, the Hessian's condition number and the GD steps to the target loss
+(:func:`~normkit.analysis.inputs.input_conditioning`) and writes ``inputs.json`` and
+``inputs.png`` (loss vs GD steps). ``conditioning --run DIR`` plots the output layer's conditioning over the epochs of a
 ``normkit compare --analyze`` run (``conditioning.png`` in the run folder).
 
 A method may be a spec string with keyword arguments, e.g. ``iternorm:iterations=1``; inside
@@ -114,7 +117,111 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--run", type=Path, required=True,
                    help="the compare run folder (holding results.jsonl)")
     c.add_argument("--plain", action="store_true", help="plain-text table even on a terminal")
+    i = sub.add_parser(
+        "inputs",
+        help="Hessian condition number and GD steps of a linear model per input preprocessing",
+        description=(
+            "Chapter 2: a linear least-squares (or logistic) model on a real data set with raw, "
+            "centred, standardized and whitened inputs; prints the Hessian's condition number and "
+            "the full-batch GD steps (optimal constant step) to the target loss, and writes "
+            "inputs.json and inputs.png (loss vs GD steps, log scale) into --out."
+        ),
+    )
+    i.add_argument("--dataset", default="digits", help="data set name (default digits)")
+    i.add_argument("--data-dir", default=None, help="folder of IDX files (fashion-mnist, mnist)")
+    i.add_argument("--subset", type=_positive_int, default=None,
+                   help="use at most this many training examples (default all)")
+    i.add_argument("--loss", choices=("least-squares", "logistic"), default="least-squares",
+                   help="linear model's loss (default least-squares)")
+    i.add_argument("--rel-tol", type=float, default=0.01,
+                   help="least squares: target loss (1 + rel_tol)·L* (default 0.01)")
+    i.add_argument("--target-loss", type=float, default=0.1,
+                   help="logistic: target training loss (default 0.1)")
+    i.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="GD budget (default 10^9 least squares, 5000 logistic)")
+    i.add_argument("--eps", type=float, default=1e-10,
+                   help="eps of the standardization and whitening (default 1e-10)")
+    i.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    i.add_argument("--out", type=Path, default=Path("runs/analyze-inputs"),
+                   help="output folder (default runs/analyze-inputs)")
+    i.add_argument("--plain", action="store_true", help="plain-text table even on a terminal")
     return parser
+
+
+def _run_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .inputs import input_conditioning, load_inputs
+
+    start = time.perf_counter()
+    try:
+        x, y = load_inputs(args.dataset, subset=args.subset, seed=args.seed,
+                           data_dir=args.data_dir)
+        rows = input_conditioning(x, y, loss=args.loss.replace("-", "_"), eps=args.eps,
+                                  rel_tol=args.rel_tol, target_loss=args.target_loss,
+                                  max_steps=args.max_steps)
+    except NormkitError as e:
+        parser.error(str(e))
+    elapsed = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results = [{"preprocessing": r.preprocessing, "cond": r.cond, "lambda_max": r.lambda_max,
+                "lambda_min": r.lambda_min, "step_size": r.step_size, "steps": r.steps,
+                "target": r.target, "final_loss": r.final_loss, "optimum_loss": r.optimum_loss}
+               for r in rows]
+    payload = {"tool": "inputs", "config": config, "seconds": elapsed, "results": results,
+               "n": int(x.shape[0]), "torch": torch.__version__}
+    (args.out / "inputs.json").write_text(json.dumps(payload, indent=2))
+    _plot_inputs(rows, args.out / "inputs.png", args.dataset)
+    budget = args.max_steps or (5000 if args.loss == "logistic" else 10**9)
+    header = ["preprocessing", "condition number", "GD steps", "final loss"]
+    body = [[r.preprocessing, f"{r.cond:.4g}",
+             str(r.steps) if r.steps is not None else f"> {budget}",
+             f"{r.final_loss:.6g}"] for r in rows]
+    target = rows[0].target
+    _table(header, body, f"{args.loss} on {args.dataset} (n = {x.shape[0]}): GD steps to loss "
+                         f"<= {target:.6g}", args.plain)
+    print(f"wrote {args.out / 'inputs.json'} and {args.out / 'inputs.png'} ({elapsed:.1f} s)")
+    return 0
+
+
+def _plot_inputs(rows: list[Any], path: Path, dataset: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        steps, loss = r.curve_steps.double() + 1, r.curve_loss  # step t plotted at t + 1 (log x)
+        ax.plot(steps.tolist(), loss.tolist(), label=f"{r.preprocessing} (κ = {r.cond:.3g})")
+    ax.axhline(rows[0].target, color="k", ls=":", lw=1, label="target")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("GD steps + 1")
+    ax.set_ylabel(f"training loss ({rows[0].loss.replace('_', ' ')})")
+    ax.set_title(f"Linear model on {dataset}: input preprocessing")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _table(header: list[str], body: list[list[str]], caption: str, plain: bool) -> None:
+    if not plain and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=caption)
+        for h in header:
+            table.add_column(h, justify="left" if h == header[0] else "right")
+        for line in body:
+            table.add_row(*line)
+        Console().print(table)
+        return
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    print(caption)
+    for line in [header, *body]:
+        print("  ".join(s.ljust(w) if i == 0 else s.rjust(w)
+                        for i, (s, w) in enumerate(zip(line, widths, strict=True))))
 
 
 def _run_conditioning(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -248,23 +355,7 @@ def _print_table(rows: list[dict[str, Any]], labels: list[str], sizes: list[int]
             for r in rows}
     header = ["method", *[f"m={m}" for m in sizes]]
     body = [[label, *[cell[label, m] for m in sizes]] for label in labels]
-    caption = "SND / whitening error ||Cov - I||_F"
-    if not plain and sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=caption)
-        for h in header:
-            table.add_column(h, justify="left" if h == "method" else "right")
-        for line in body:
-            table.add_row(*line)
-        Console().print(table)
-        return
-    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    print(caption)
-    for line in [header, *body]:
-        print("  ".join(s.ljust(w) if i == 0 else s.rjust(w)
-                        for i, (s, w) in enumerate(zip(line, widths, strict=True))))
+    _table(header, body, "SND / whitening error ||Cov - I||_F", plain)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.tool == "conditioning":
             return _run_conditioning(args, parser)
+        if args.tool == "inputs":
+            return _run_inputs(args, parser)
         return _run_snd(args, parser)
     except SystemExit as e:  # argparse exits on --help (0) and on bad input (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

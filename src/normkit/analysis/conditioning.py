@@ -204,6 +204,26 @@ class LayerConditioning:
     n_rows: int
     input: SpectrumStats
     grad: SpectrumStats | None = None
+    input_mean: Tensor | None = None
+    """Mean input row ``E[a]`` (float64, ``(d_in,)``), for the bias' homogeneous coordinate."""
+
+    def kfac_factors(self, *, bias: bool = False) -> tuple[Tensor, Tensor | None]:
+        r"""The K-FAC factors ``(A, G)`` of the layer: ``A = E[a aᵀ] = Σ_x`` (the uncentred
+        input second moment) and ``G = E[δ δᵀ] = Σ_δ`` (``None`` without a backward pass).
+
+        With ``bias=True`` ``A`` is that of the homogeneous input ``ã = (a, 1)``, i.e. of the
+        weight and bias together: ``A = [[E[a aᵀ], E[a]], [E[a]ᵀ, 1]]``, ``(d_in + 1)²``.
+        Needs the covariances (``layer_statistics(..., keep_covariances=True)``, the default).
+        """
+        if self.input.cov is None:
+            raise ConfigError(f"layer {self.name!r} kept no covariances: call layer_statistics "
+                              f"with keep_covariances=True for its K-FAC factors")
+        a = self.input.cov
+        if bias:
+            mean = self.input_mean if self.input_mean is not None else a.new_zeros(a.shape[0])
+            one = a.new_ones(1, 1)
+            a = torch.cat([torch.cat([a, mean[:, None]], 1), torch.cat([mean[None], one], 1)], 0)
+        return a, None if self.grad is None else self.grad.cov
 
     def scalars(self) -> dict[str, float]:
         """Flat ``{"n_rows", "x/<metric>", "delta/<metric>"}`` dict of Python numbers."""
@@ -341,7 +361,8 @@ def layer_statistics(
             called in the forward pass are left out; a named one that is not called raises).
         ks: the κ_k to report (see :func:`condition_numbers`). Default ``(0.5, 0.8)``.
         rtol: relative eigenvalue floor. Default ``1e-10``.
-        keep_covariances: keep the ``(d, d)`` matrices in ``SpectrumStats.cov``. Default ``True``.
+        keep_covariances: keep the ``(d, d)`` matrices in ``SpectrumStats.cov`` (needed by
+            :meth:`LayerConditioning.kfac_factors`). Default ``True``.
 
     Returns:
         ``{layer name: LayerConditioning}`` in ``named_modules`` order.
@@ -367,12 +388,14 @@ def layer_statistics(
         loss_fn = _default_loss
     xx: dict[str, Tensor] = {}
     n_x: dict[str, int] = {}
+    x_sum: dict[str, Tensor] = {}
     outputs: dict[str, list[Tensor]] = {name: [] for name in chosen}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             rows = _rows(module, args[0].detach()).to(torch.float64)
             xx[name] = xx.get(name, 0) + rows.T @ rows
+            x_sum[name] = x_sum.get(name, 0) + rows.sum(0)
             n_x[name] = n_x.get(name, 0) + rows.shape[0]
             if backward and output.requires_grad:
                 outputs[name].append(output)
@@ -421,6 +444,7 @@ def layer_statistics(
             n_rows=n,
             input=SpectrumStats.from_cov(xx[name] / n, ks, rtol, keep_covariances),
             grad=grad_stats,
+            input_mean=x_sum[name] / n,
         )
     return result
 

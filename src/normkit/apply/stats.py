@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ..errors import ConfigError
+from ..functional.statistics import MomentPool as _Pool
 from ..nop._online import OnlineStandardize
 from ..normalization import Normalization
 
@@ -78,55 +79,6 @@ def _values_per_statistic(m: nn.Module, x: Tensor) -> int:
         view = x.new_empty(()).expand(x.shape[0], *m.groups, s)
         return int(m.nap.count(view, spatial))
     return x.numel() // max(x.shape[1], 1)
-
-
-class _Pool:
-    """Running pooled moments in float64 over batches of ``m_b`` values each (Chan et al.'s
-    parallel merge): means and unbiased variances / covariances combine exactly; any other
-    statistic is averaged with weights ``m_b``."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: dict[str, Tensor] = {}
-        self.avg: dict[str, Tensor] = {}
-
-    def add(self, stats: dict[str, Tensor], m: int) -> None:
-        stats = {k: t.detach().to(torch.float64, copy=True) for k, t in stats.items()}  # not views
-        n, total = self.n, self.n + m
-        mean_b = stats.get("mean")
-        delta = None if mean_b is None or self.mean is None else mean_b - self.mean
-        for k, t in stats.items():
-            if k == "mean":
-                continue
-            if k in ("var", "cov") and mean_b is not None:
-                own = t * (m - 1) if m > 1 else torch.zeros_like(t)
-                if delta is None:
-                    self.m2[k] = own
-                    continue
-                if k == "var":
-                    d = delta.reshape(t.shape)
-                    between = d * d
-                else:  # covariance blocks (G, d, d); a smaller last group is zero-padded
-                    rows = t.shape[:-1].numel()
-                    d = torch.nn.functional.pad(delta.reshape(-1), (0, rows - delta.numel()))
-                    d = d.reshape(*t.shape[:-1], 1)
-                    between = d * d.transpose(-1, -2)
-                self.m2[k] = self.m2[k] + own + between * (n * m / total)
-            else:
-                prev = self.avg.get(k)
-                self.avg[k] = t if prev is None else prev + (t - prev) * (m / total)
-        if mean_b is not None:
-            self.mean = mean_b if self.mean is None else self.mean + delta * (m / total)  # type: ignore[operator]
-        self.n = total
-
-    def result(self) -> dict[str, Tensor]:
-        out = dict(self.avg)
-        if self.mean is not None:
-            out["mean"] = self.mean
-        for k, m2 in self.m2.items():
-            out[k] = m2 / (self.n - 1) if self.n > 1 else m2
-        return out
 
 
 def _running_buffers(m: nn.Module) -> dict[str, Tensor]:
