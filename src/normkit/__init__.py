@@ -18,6 +18,7 @@ from . import gradient as gradient
 from . import nap as nap
 from . import nop as nop
 from . import nrr as nrr
+from . import population as population
 from . import weight as weight
 from .apply import batch_statistics as batch_statistics
 from .apply import convert as convert
