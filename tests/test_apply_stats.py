@@ -158,6 +158,40 @@ def test_recalibrate_restores_everything_on_failure_and_rejects_bad_input():
         assert torch.equal(v, before[k]), k
 
 
+class _TwoBranch(nn.Module):
+    """Only the branch chosen by ``self.use`` runs: the other BN sees no batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(3), nk.create("in", 3, track_running_stats=True)
+        self.use = "a"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x.mean(-1)) if self.use == "a" else self.b(x).mean(-1)
+
+
+def test_recalibrate_keeps_the_statistics_of_modules_the_batches_never_reach():
+    torch.manual_seed(0)
+    model = _TwoBranch()
+    for m in (model.a, model.b):  # non-default statistics, that a reset would wipe
+        m.running_mean.fill_(3.0)
+        m.running_var.fill_(5.0)
+        m.num_batches_tracked.fill_(7)
+    kept = {k: v.clone() for k, v in model.b.state_dict().items()}
+    data = [torch.randn(8, 3, 4) for _ in range(3)]
+    recalibrate(model, data)
+    for k, v in model.b.state_dict().items():  # the unreached instance-type module is untouched
+        assert torch.equal(v, kept[k]), k
+    assert_close(model.a.running_mean, torch.cat(data).mean(-1).mean(0))
+    assert int(model.a.num_batches_tracked) == 3
+    model.use = "b"
+    kept = {k: v.clone() for k, v in model.a.state_dict().items()}
+    recalibrate(model, data)
+    for k, v in model.a.state_dict().items():  # and the unreached exact-pooled one
+        assert torch.equal(v, kept[k]), k
+    assert int(model.b.num_batches_tracked) == 3
+
+
 def test_freeze_survives_train_and_unfreeze_restores():
     model = _model()
     model.train()(_x((4, 4, 3, 3), 1))

@@ -121,6 +121,8 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | Non
       biased variance over every sample; its control buffers are kept.
 
     ``num_batches_tracked`` ends at the number of batches used (samples for ``online_norm``).
+    A statistics module the batches never reach (an unused branch, the other domains of a
+    :class:`~normkit.apply.adapt.DomainSpecificNorm`) keeps its statistics unchanged.
     Each module's ``momentum``, ``track_running_stats`` and every module's train/eval mode
     (including :func:`freeze`'s) are restored; if a forward raises, or ``batches`` yields
     nothing, every buffer is restored too. Batches are computed by modules in training mode, so
@@ -162,11 +164,14 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | Non
     pools = {m: _Pool() for m in mods if kinds[m] == "exact"}
     counts: dict[nn.Module, int] = {}
 
+    called: set[nn.Module] = set()
+
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor):
+        called.add(module)
+        if module in pools and args and isinstance(args[0], Tensor):
             counts[module] = _values_per_statistic(module, args[0])
 
-    hooks = [m.register_forward_pre_hook(record) for m in pools]
+    hooks = [m.register_forward_pre_hook(record) for m in mods]
     seen = 0
     ok = False
     try:
@@ -191,9 +196,13 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | Non
                     pool.add(_running_buffers(m), counts[m])
         if seen == 0:
             raise ConfigError("recalibrate got no batches: pass a non-empty iterable of inputs")
+        for m in mods:  # not called (another branch, a DSBN's other domain): keep its statistics
+            if m not in called:
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(saved[m][k])
         for m, pool in pools.items():
             if pool.n == 0:
-                continue  # the module was not called: nothing to recompute
+                continue
             bufs = _running_buffers(m)
             for k, t in pool.result().items():
                 bufs[k].copy_(t.reshape(bufs[k].shape))
