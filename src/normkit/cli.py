@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--analyze", action="store_true",
                    help="record the output layer's conditioning (λ_max, κ of its input and output "
                         "gradient) and weight norm after every epoch; a table in the report")
+    c.add_argument("--shift", default=None, metavar="NAME[:SEVERITY],...",
+                   help="after training, evaluate every model on covariate-shifted copies of the "
+                        "test set (contrast, noise, blur, rotation; fixed seed) as is, with AdaBN, "
+                        "with prediction-time BN and with TENT; a table and shift.png in the "
+                        "report (default: none)")
     c.add_argument("--subset", type=_positive(int), default=None, metavar="N",
                    help="use at most N training and N test examples (smaller = faster)")
     c.add_argument("--out", metavar="DIR", default=None,
@@ -239,7 +244,7 @@ def _optimizer_text(cfg: Any) -> str:
 def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .experiments.report import results_table, write_report
+    from .experiments.report import results_table, shift_table, write_report
     from .experiments.runner import CompareConfig
     from .experiments.sweep import WorkerError, default_jobs, prepare, run_sweep
 
@@ -250,7 +255,7 @@ def _compare(args: argparse.Namespace) -> int:
         base_batch_size=args.base_batch_size, lr_scaling=args.lr_scaling,
         momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
         eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
-        nproc=args.nproc, analyze=args.analyze)
+        nproc=args.nproc, analyze=args.analyze, shift=args.shift)
     out = args.out or f"runs/compare-{args.dataset}-{args.model}"
     console = Console(stderr=True, quiet=args.quiet)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training
@@ -272,6 +277,9 @@ def _compare(args: argparse.Namespace) -> int:
     paths = write_report(records, store.dir, meta)
     Console(quiet=args.quiet).print(results_table(records, title=f"test error (%) — "
                                                   f"{cfg.model} on {cfg.dataset}"))
+    if cfg.shift is not None:
+        Console(quiet=args.quiet).print(shift_table(records, title=f"test error (%) under "
+                                                    f"shift — {cfg.model} on {cfg.dataset}"))
     console.print(f"report: {paths['html']}")
     if args.quiet:
         print(store.dir)

@@ -4,7 +4,9 @@ From the run records of :func:`normkit.experiments.sweep.run_sweep` this writes,
 directory: ``results.csv`` (one row per run), ``error_vs_batch_size.png`` (test error against
 batch size on a log2 axis, mean ± std over seeds), ``training_curves.png`` (train loss and test
 error per epoch), and ``report.md`` / ``report.html`` embedding them (the HTML is self-contained:
-images are base64 data URIs). :func:`results_table` gives the same summary as a rich table.
+images are base64 data URIs). :func:`results_table` gives the same summary as a rich table. Runs
+of ``compare --shift`` add a table (method × shift × adaptation: :func:`summarize_shift`,
+:func:`shift_table`) and ``shift.png`` (:func:`plot_shift`).
 Example::
 
     >>> from normkit.experiments.report import summarize
@@ -29,7 +31,7 @@ from rich import box
 from rich.table import Table
 
 __all__ = ["summarize", "results_table", "write_csv", "plot_error_vs_batch_size",
-           "plot_training_curves", "write_report"]
+           "plot_training_curves", "write_report", "summarize_shift", "shift_table", "plot_shift"]
 
 Record = dict[str, Any]
 _CSV_FIELDS = ["method", "batch_size", "seed", "status", "test_error", "test_acc", "test_loss",
@@ -118,10 +120,16 @@ def results_table(records: Iterable[Record], title: str = "test error (%)") -> T
 def write_csv(records: Iterable[Record], path: str | Path) -> Path:
     """One CSV row per run with the scalar fields (no per-epoch history)."""
     path = Path(path)
+    records = list(records)
+    extra = list(dict.fromkeys(f"shift_{s}_{a}_error" for r in records
+                               for s, row in (r.get("shift") or {}).items() for a in row))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS + extra, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(({**r, **{f"shift_{s}_{a}_error": None if v is None else _pct(v)
+                                   for s, row in (r.get("shift") or {}).items()
+                                   for a, v in row.items()}} for r in records) if extra
+                         else records)
     return path
 
 
@@ -217,6 +225,10 @@ def _blocks(records: list[Record], meta: dict[str, Any]) -> list[tuple[str, Any]
                    ("table", (header[:-1], [line[:-1] for line in _grid(rows, "bstats")[1]]))]
     blocks += [("h2", "Test error vs batch size"), ("img", "error_vs_batch_size.png"),
                ("h2", "Training curves"), ("img", "training_curves.png")]
+    shift = _shift_lines(records)
+    if shift:
+        blocks += [("h2", "Test error (%) under covariate shift, mean ± std over seeds"),
+                   ("p", _SHIFT_NOTE), ("table", shift), ("img", "shift.png")]
     analysis = _analysis_lines(records, sizes)
     if analysis:
         blocks += [("h2", "Output layer at the end of training (--analyze): κ₀.₅ of its input "
@@ -307,13 +319,124 @@ def write_report(records: list[Record], out_dir: str | Path,
 
     Returns:
         The written paths by name (``csv``, ``error_plot``, ``curves_plot``, ``markdown``,
-        ``html``).
+        ``html``; ``shift_plot`` for runs with ``shift``).
     """
     out = Path(out_dir)
     paths = {"csv": write_csv(records, out / "results.csv"),
              "error_plot": plot_error_vs_batch_size(records, out / "error_vs_batch_size.png"),
              "curves_plot": plot_training_curves(records, out / "training_curves.png")}
+    if summarize_shift(records):
+        paths["shift_plot"] = plot_shift(records, out / "shift.png")
     blocks = _blocks(records, meta)
     (out / "report.md").write_text(_markdown(blocks))
     (out / "report.html").write_text(_html(blocks, out))
     return paths | {"markdown": out / "report.md", "html": out / "report.html"}
+
+
+# ------------------------------------------------------------------------------ covariate shift
+_ADAPT_NAMES = {"as_is": "as is", "adabn": "AdaBN", "ptbn": "PTBN", "tent": "TENT"}
+_SHIFT_NOTE = ("Each trained model on each shifted test set: as is (training statistics), with "
+               "AdaBN (statistics re-estimated on the shifted test inputs), with prediction-time "
+               "BN (PTBN: each test batch's own statistics) and with TENT (γ, β adapted online by "
+               "entropy minimisation, one SGD step per test batch); — where the adaptation does "
+               "not apply (no batch-statistics layer, or no normalization γ, β). "
+               "See normkit.experiments.shift for the shifts and their severities.")
+
+
+def _pct(accuracy: float) -> float:
+    return round(100 * (1 - accuracy), 6)
+
+
+def summarize_shift(records: Iterable[Record]) -> list[dict[str, Any]]:
+    """One row per (method, batch size, shift) of the runs with a ``shift`` result: test error
+    (percent) mean ± std over seeds, clean and for each adaptation.
+
+    Returns:
+        Rows with ``method``, ``batch_size``, ``shift``, ``ok`` (seeds) and
+        ``<key>_mean``/``<key>_std`` for ``clean``, ``as_is``, ``adabn``, ``ptbn``, ``tent``
+        (``None`` where not measured).
+
+    Example:
+        >>> rec = {"method": "bn", "batch_size": 8, "seed": 0, "status": "ok", "test_acc": 0.9,
+        ...        "shift": {"noise": {"as_is": 0.5, "adabn": 0.8, "ptbn": 0.7, "tent": None}}}
+        >>> row = summarize_shift([rec])[0]
+        >>> row["shift"], round(row["adabn_mean"], 6), row["tent_mean"]
+        ('noise', 20.0, None)
+    """
+    groups: dict[tuple[str, int, str], list[Record]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("shift"):
+            for name in r["shift"]:
+                groups.setdefault((r["method"], r["batch_size"], name), []).append(r)
+    rows = []
+    for (method, bs, name), runs in groups.items():
+        row: dict[str, Any] = {"method": method, "batch_size": bs, "shift": name, "ok": len(runs)}
+        for key in ("clean", *_ADAPT_NAMES):
+            accs = [r["test_acc"] if key == "clean" else r["shift"][name].get(key) for r in runs]
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([_pct(a) for a in accs
+                                                               if a is not None])
+        rows.append(row)
+    return rows
+
+
+def _shift_lines(records: list[Record]) -> tuple[list[str], list[list[str]]] | None:
+    rows = summarize_shift(records)
+    if not rows:
+        return None
+    several = len({r["batch_size"] for r in rows}) > 1
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        if mean is None:
+            return "—"
+        return f"{mean:.1f} ± {std:.1f}" if row["ok"] > 1 else f"{mean:.1f}"
+
+    head = ["method", *(["bs"] if several else []), "shift", "clean",
+            *_ADAPT_NAMES.values()]
+    lines = [[r["method"], *([str(r["batch_size"])] if several else []), r["shift"],
+              *(cell(r, k) for k in ("clean", *_ADAPT_NAMES))] for r in rows]
+    return head, lines
+
+
+def shift_table(records: Iterable[Record], title: str = "test error (%) under shift") -> Table:
+    """Rich table of :func:`summarize_shift`: a row per (method[, batch size], shift), a column
+    per adaptation."""
+    head, lines = _shift_lines(list(records)) or (["method", "shift"], [])
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i < head.index("shift") + 1 else "right",
+                         no_wrap=True)
+    for line in lines:
+        table.add_row(*line)
+    return table
+
+
+def plot_shift(records: list[Record], path: str | Path) -> Path:
+    """One panel per shift: grouped bars of test error (clean, as is, AdaBN, PTBN, TENT) per
+    method (and batch size), mean over seeds with the std as error bars."""
+    rows = summarize_shift(records)
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    several = len({r["batch_size"] for r in rows}) > 1
+    keys = ("clean", *_ADAPT_NAMES)
+    colors = _colors(list(keys))
+    fig, axes = _figure(len(shifts), 1, figsize=(3.2 * len(shifts) + 1.6, 3.4), sharey="row")
+    width = 0.8 / len(keys)
+    for col, name in enumerate(shifts):
+        ax = axes[0][col]
+        these = [r for r in rows if r["shift"] == name]
+        for k, key in enumerate(keys):
+            xs = [i + (k - (len(keys) - 1) / 2) * width for i, r in enumerate(these)
+                  if r[f"{key}_mean"] is not None]
+            ys = [r[f"{key}_mean"] for r in these if r[f"{key}_mean"] is not None]
+            es = [r[f"{key}_std"] for r in these if r[f"{key}_mean"] is not None]
+            ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[key],
+                   label=_ADAPT_NAMES.get(key, key) if col == 0 else None)
+        ax.set_xticks(range(len(these)), [r["method"] + (f" bs={r['batch_size']}" if several
+                                                         else "") for r in these],
+                      rotation=30, ha="right", fontsize="small")
+        ax.set_title(f"shift: {name}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("test error (%)")
+    fig.legend(loc="outside right upper", fontsize="small")
+    fig.savefig(path, dpi=100)
+    return Path(path)

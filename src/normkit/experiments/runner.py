@@ -82,6 +82,10 @@ class CompareConfig:
             output gradient (:func:`normkit.analysis.layer_statistics` on a copy of the model in
             training mode, 256 training examples), its weight norm and effective learning rate
             η/‖W‖² in the history.
+        shift: comma-separated covariate shifts of the test set (``"noise,contrast"``,
+            ``"noise:0.5"``; :mod:`normkit.experiments.shift`): after training, each run is
+            evaluated on every shifted test set as is, with AdaBN, with prediction-time BN and
+            with TENT (``record["shift"]``); ``None``: none.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -103,6 +107,7 @@ class CompareConfig:
     gradient: str | None = None
     nproc: int = 1
     analyze: bool = False
+    shift: str | None = None
 
     _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
 
@@ -111,7 +116,8 @@ class CompareConfig:
         ``weight`` / ``gradient`` only when set, so older results keep their hash)."""
         values = asdict(self)
         values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
-        optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False}
+        optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False,
+                    "shift": None}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def config_hash(self) -> str:
@@ -162,6 +168,12 @@ class CompareConfig:
                               f"gets a sample, got {self.batch_sizes}")
         if self.analyze and self.nproc > 1:
             raise ConfigError("--analyze runs in one process; drop --nproc or --analyze")
+        if self.shift is not None:
+            from .shift import parse_shifts, shift_label
+
+            if self.nproc > 1:
+                raise ConfigError("--shift evaluates in one process; drop --nproc or --shift")
+            self.shift = ",".join(shift_label(*s) for s in parse_shifts(self.shift))
         if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
             raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
                               f"{', '.join(GRADIENT_METHODS)}")
@@ -268,7 +280,8 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
         A JSON-able record: ``method``, ``batch_size``, ``seed``, ``config_hash``, ``status``
         (``ok``/``diverged``/``failed``), ``error``, ``lr``, ``steps``, ``test_acc``,
         ``test_error`` (percent), ``test_acc_batch_stats``/``test_error_batch_stats`` (with
-        ``cfg.eval_batch_stats``), ``time_per_step_ms``, ``wall_s`` and ``history`` (per epoch).
+        ``cfg.eval_batch_stats``), ``time_per_step_ms``, ``wall_s``, ``history`` (per epoch)
+        and, with ``cfg.shift``, ``shift`` (see :func:`normkit.experiments.shift.evaluate_shifts`).
     """
     start = time.perf_counter()
     record: dict[str, Any] = {
@@ -279,6 +292,8 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     }
     if cfg.eval_batch_stats:
         record |= {"test_acc_batch_stats": None, "test_error_batch_stats": None}
+    if cfg.shift is not None:
+        record["shift"] = None
     try:
         if cfg.nproc > 1:
             record |= _train_parallel(dataset, cfg, record)
@@ -366,6 +381,11 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         _, acc = evaluate(copy.deepcopy(model).train(), ds.x_test, ds.y_test,
                           batch_size=batch_size)
         record |= {"test_acc_batch_stats": acc, "test_error_batch_stats": _percent(acc)}
+    if cfg.shift is not None:  # copies adapt; the model's statistics stay untouched
+        from .shift import evaluate_shifts, parse_shifts
+
+        record["shift"] = evaluate_shifts(model, ds.x_test, ds.y_test, parse_shifts(cfg.shift),
+                                          seed=cfg.data_seed)
 
 
 def _parallel_worker(rank: int, world: int, init: str, out: str, ds: Dataset,
