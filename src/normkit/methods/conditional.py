@@ -28,6 +28,9 @@ class ConditionalBatchNorm(Normalization):
     index or computed from an embedding (:class:`normkit.nrr.ConditionalAffine`); BN's running
     statistics for evaluation. With one class it is BN.
 
+    .. math::
+        y = \gamma(c) \odot \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta(c)
+
     Paper: de Vries et al. 2017, arXiv:1707.00683.
 
     Args:
@@ -57,6 +60,9 @@ class ConditionalBatchNorm(Normalization):
           paper="Dumoulin, Shlens & Kudlur 2017, arXiv:1610.07629")
 class ConditionalInstanceNorm(Normalization):
     r"""Conditional IN (one affine per style): ``y = γ(c) ⊙ IN(x) + β(c)``.
+
+    .. math::
+        y = \gamma(c) \odot \mathrm{IN}(x) + \beta(c)
 
     Paper: Dumoulin, Shlens & Kudlur 2017, arXiv:1610.07629.
 
@@ -89,6 +95,9 @@ class AdaIN(Normalization):
     r"""Adaptive instance normalization: ``y = σ(s)·(x − μ(x))/σ(x) + μ(s)`` with the statistics of
     a style input ``s`` (the condition), per sample and channel over positions.
 
+    .. math::
+        y = \sigma(s)\,\frac{x - \mu(x)}{\sigma(x)} + \mu(s)
+
     Paper: Huang & Belongie 2017, arXiv:1703.06868.
 
     Args:
@@ -119,6 +128,9 @@ class SPADENorm(Normalization):
     r"""SPADE: ``y = BN(x) ⊙ (1 + γ(m)) + β(m)``, per-position ``γ, β`` from a segmentation map
     ``m`` (the condition, ``(N, L, *size)``) through a small conv net (BN without affine, as the
     paper).
+
+    .. math::
+        y = \mathrm{BN}(x) \odot \big(1 + \gamma(m)\big) + \beta(m)
 
     Paper: Park et al. 2019, arXiv:1903.07291.
 
@@ -153,6 +165,9 @@ class InstanceEnhancedBatchNorm(Normalization):
     r"""Instance-enhanced BN: ``y = γ ⊙ σ(v ⊙ p + b) ⊙ BN(x) + β``, ``p`` the sample's mean over
     positions (:class:`normkit.nrr.InstanceGate`).
 
+    .. math::
+        y = \gamma \odot \sigma(v \odot p + b) \odot \mathrm{BN}(x) + \beta
+
     Paper: Liang et al. 2020, arXiv:1908.04008.
 
     Shape:
@@ -174,6 +189,9 @@ class InstanceEnhancedBatchNorm(Normalization):
 class AttentiveNorm(Normalization):
     r"""Attentive normalization: BN followed by an attention-weighted mixture of ``K`` affines,
     ``λ = sigmoid(A p + a)``, ``y = (λΓ) ⊙ BN(x) + λB`` (:class:`normkit.nrr.AttentiveAffine`).
+
+    .. math::
+        \lambda = \mathrm{sigmoid}(A p + a), \qquad y = (\lambda \Gamma) \odot \mathrm{BN}(x) + \lambda B
 
     Paper: Li, Sun & Wu 2019, arXiv:1908.01259.
 
@@ -204,6 +222,9 @@ class DynamicLayerNorm(Normalization):
     r"""Dynamic layer normalization: LN whose ``γ, β`` are predicted from the input's mean over
     positions ``s`` (over time for ``(B, T, D)``): ``γ = γ₀ + W_γ s``, ``β = β₀ + W_β s``
     (:class:`normkit.nrr.DynamicAffine`; ``W`` starts at 0, i.e. plain LN).
+
+    .. math::
+        y = \gamma \odot \mathrm{LN}(x) + \beta, \qquad \gamma = \gamma_0 + W_\gamma s, \quad \beta = \beta_0 + W_\beta s
 
     Paper: Kim, Song & Lee 2017, Interspeech (arXiv:1707.06065).
 
@@ -238,6 +259,9 @@ class AdaLIN(Normalization):
     clamped to [0, 1]) and ``(γ, β)`` given per sample as the condition — in U-GAT-IT computed by
     fully connected layers from the encoder's attention features.
 
+    .. math::
+        y = \gamma \odot \big(\rho\,\mathrm{IN}(x) + (1 - \rho)\,\mathrm{LN}(x)\big) + \beta
+
     Paper: Kim, Kim, Kang & Lee 2020, arXiv:1907.10830.
 
     Args:
@@ -269,6 +293,9 @@ class InstanceLevelMetaNorm(Normalization):
     r"""Instance-level meta normalization on GN (the paper's ILM+GN): GN whose affine is
     corrected per sample by an encoder-decoder on the input's pooled response
     (:class:`normkit.nrr.MetaAffine`): ``y = γ(x) ⊙ GN(x) + β(x)``.
+
+    .. math::
+        y = \gamma(x) \odot \mathrm{GN}(x) + \beta(x)
 
     Paper: Jia, Chen & Huang 2019, arXiv:1904.03516.
 

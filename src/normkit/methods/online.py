@@ -57,7 +57,7 @@ class EvalNorm(Normalization):
     Not covered: EvalNorm's *learned* estimator (Singh & Shrivastava 2019 predict the evaluation
     statistics with a small trained model); this preset implements the fixed-``α`` rule only.
 
-    Papers: Summers & Dinneen, *Four Things Everyone Should Know to Improve Batch
+    Paper: Summers & Dinneen, *Four Things Everyone Should Know to Improve Batch
     Normalization*, ICLR 2020, arXiv:1906.03548 (§ inference example weighting); Singh &
     Shrivastava, *EvalNorm: Estimating Batch Normalization Statistics for Evaluation*, ICCV 2019.
 

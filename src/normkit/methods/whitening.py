@@ -131,6 +131,9 @@ class DecorrelatedBatchNorm(BatchWhitening):
 class PCABatchWhitening(BatchWhitening):
     r"""PCA batch whitening ``x̂ = Λ^{-1/2} Uᵀ (x − μ_B)`` (eigenvalues ascending).
 
+    .. math::
+        \hat{x} = \Lambda^{-1/2} U^\top (x - \mu_B), \qquad \Sigma_B + \epsilon I = U \Lambda U^\top
+
     The rotation ``Uᵀ`` changes from batch to batch (stochastic axis swapping), which is why the
     DBN paper prefers ZCA; kept for comparison. Eigenvector gradients for near-equal eigenvalue
     pairs are masked so gradients stay finite. See :class:`BatchWhitening` for arguments.
@@ -158,6 +161,9 @@ class PCABatchWhitening(BatchWhitening):
           paper="Huang, Zhao, Liu, Shao & Zhu 2020, arXiv:2004.03195")
 class CholeskyBatchWhitening(BatchWhitening):
     r"""Cholesky batch whitening ``x̂ = L^{-1}(x − μ_B)`` with ``Σ_B + εI = LLᵀ``.
+
+    .. math::
+        \hat{x} = L^{-1}(x - \mu_B), \qquad \Sigma_B + \epsilon I = L L^\top
 
     Computed with a triangular solve (no explicit inverse); ``L^{-1}`` is lower-triangular. See
     :class:`BatchWhitening` for arguments.
