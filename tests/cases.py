@@ -694,8 +694,8 @@ CASES.append(Case(
 
 # families in their own files (each imports Case / ErrorInput / helpers from here)
 from cases_combination import CASES as _COMBINATION  # noqa: E402
-from cases_ibn import CASES_IBN as _IBN  # noqa: E402
 from cases_conditional import CASES as _CONDITIONAL  # noqa: E402
+from cases_ibn import CASES_IBN as _IBN  # noqa: E402
 from cases_multimode import CASES as _MULTIMODE  # noqa: E402
 from cases_online import CASES as _ONLINE  # noqa: E402
 from cases_power import CASES as _POWER  # noqa: E402

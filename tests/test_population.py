@@ -18,6 +18,7 @@ from normkit.population import (
     WhitenedLinear,
     population_layers,
     refresh,
+    whiten_layers,
 )
 
 F_IN = 6
@@ -397,3 +398,35 @@ def test_input_and_call_errors() -> None:
         RefreshEvery(layer, iter([torch.randn(3, F_IN)]), every=5)
     with pytest.raises(ConfigError, match=r"padding >= 0, got .*\(-1, -1\)"):
         WhitenedConv2d(4, 2, 3, padding=-1)
+
+
+# ------------------------------------------------------------------------------ whiten_layers
+def test_whiten_layers_keeps_the_function_until_refresh_then_after_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 5, bias=False))
+    x = torch.randn(16, 3, 8, 8) * 2 + 1
+    before = model(x)
+    weight0 = model[0].weight.detach().clone()
+    assert whiten_layers(model, method="zca", eps=1e-3) == ["0", "3"]
+    assert isinstance(model[0], WhitenedConv2d) and isinstance(model[3], WhitenedLinear)
+    assert (model[0].stride, model[0].padding, model[3].bias) == ((2, 2), (1, 1), None)
+    assert torch.equal(model[0].weight, weight0)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    with pytest.warns(RuntimeWarning, match="16 samples for groups of 96 features"):
+        refresh(model, [x[:8], x[8:]])  # the Linear's 96 inputs from 16 samples: singular
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)  # re-expressed
+    z = model[0].whiten(x)[..., 1:-1, 1:-1].transpose(0, 1).flatten(1).double()  # unpadded
+    torch.testing.assert_close(torch.cov(z), torch.eye(3, dtype=torch.float64), atol=2e-2,
+                               rtol=0)  # ε = 1e-3 against variances ≈ 4
+
+
+def test_whiten_layers_skip_and_errors():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    assert whiten_layers(model, skip=["1"]) == ["0"] and type(model[1]) is nn.Linear
+    with pytest.raises(ConfigError, match="no nn.Linear / nn.Conv2d"):
+        whiten_layers(nn.Sequential(nn.ReLU()))
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match=r"layer '0'.*groups=2.*pass it in skip="):
+        whiten_layers(grouped)
+    assert type(grouped[0]) is nn.Conv2d  # nothing replaced when one layer is refused

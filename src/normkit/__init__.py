@@ -33,6 +33,7 @@ from .errors import ShapeError as ShapeError
 from .errors import UnknownMethodError as UnknownMethodError
 from .input_norm import InputNormalizer as InputNormalizer
 from .input_norm import NotFittedError as NotFittedError
+from .methods import IBN as IBN
 from .methods import AdaIN as AdaIN
 from .methods import AdaLIN as AdaLIN
 from .methods import AttentiveNorm as AttentiveNorm
@@ -56,7 +57,6 @@ from .methods import FilterResponseNorm as FilterResponseNorm
 from .methods import GhostBatchNorm as GhostBatchNorm
 from .methods import GroupNorm as GroupNorm
 from .methods import GroupWhitening as GroupWhitening
-from .methods import IBN as IBN
 from .methods import InstanceEnhancedBatchNorm as InstanceEnhancedBatchNorm
 from .methods import InstanceLevelMetaNorm as InstanceLevelMetaNorm
 from .methods import InstanceNorm as InstanceNorm

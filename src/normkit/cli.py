@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "test set (contrast, noise, blur, rotation; fixed seed) as is, with AdaBN, "
                         "with prediction-time BN and with TENT; a table and shift.png in the "
                         "report (default: none)")
+    c.add_argument("--input-norm", default=None, metavar="METHOD",
+                   choices=["center", "standardize", "pca", "zca", "cholesky"],
+                   help="normalize the inputs with statistics of the training set before the "
+                        "model (normkit.InputNormalizer: center, standardize, zca, cholesky; pca "
+                        "with --model mlp; default: none)")
+    c.add_argument("--population", default=None, metavar="METHOD",
+                   choices=["pca", "zca", "cholesky"],
+                   help="Natural Neural Networks: every Linear/Conv2d whitens its input with "
+                        "population statistics refreshed every --refresh-every steps (pca, zca, "
+                        "cholesky; default: plain layers)")
+    c.add_argument("--refresh-every", type=_positive(int), default=100, metavar="T",
+                   help="steps between population refreshes (default: 100)")
     c.add_argument("--subset", type=_positive(int), default=None, metavar="N",
                    help="use at most N training and N test examples (smaller = faster)")
     c.add_argument("--out", metavar="DIR", default=None,
@@ -255,7 +267,9 @@ def _compare(args: argparse.Namespace) -> int:
         base_batch_size=args.base_batch_size, lr_scaling=args.lr_scaling,
         momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
         eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
-        nproc=args.nproc, analyze=args.analyze, shift=args.shift)
+        nproc=args.nproc, analyze=args.analyze, shift=args.shift,
+        input_norm=args.input_norm, population=args.population,
+        refresh_every=args.refresh_every)
     out = args.out or f"runs/compare-{args.dataset}-{args.model}"
     console = Console(stderr=True, quiet=args.quiet)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training

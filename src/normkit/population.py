@@ -74,7 +74,8 @@ from .functional.partition import resolve_groups
 from .functional.statistics import MomentPool, unbiased_variance
 from .functional.whiten import batch_moments, whitening_matrix
 
-__all__ = ["WhitenedLinear", "WhitenedConv2d", "population_layers", "refresh", "RefreshEvery"]
+__all__ = ["WhitenedLinear", "WhitenedConv2d", "population_layers", "whiten_layers", "refresh",
+           "RefreshEvery"]
 
 PopulationMethod = Literal["zca", "pca", "cholesky"]
 OptimizerState = Literal["transform", "keep", "reset"]
@@ -373,6 +374,65 @@ class WhitenedConv2d(_PopulationWhitened):
 def population_layers(model: nn.Module) -> list[_PopulationWhitened]:
     """The population-whitened layers of ``model`` (itself included), in module order."""
     return [m for m in model.modules() if isinstance(m, _PopulationWhitened)]
+
+
+def whiten_layers(model: nn.Module, *, method: PopulationMethod = "pca", eps: float = 1e-2,
+                  skip: Iterable[str] = ()) -> list[str]:
+    """Replace every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in place) by a
+    :class:`WhitenedLinear` / :class:`WhitenedConv2d` with the same weight and bias, ``c = 0`` and
+    ``W = I``: the model computes the same function until the first :func:`refresh`.
+
+    Args:
+        model: any module; a bare ``nn.Linear``/``nn.Conv2d`` cannot be replaced in place (wrap it).
+        method, eps: of the new layers (see :class:`WhitenedLinear`).
+        skip: qualified names of layers to leave as they are.
+
+    Returns:
+        The qualified names of the replaced layers, in module order.
+
+    Raises:
+        ConfigError: a ``Conv2d`` with ``groups > 1``, non-zero padding mode or string padding
+            (none of which the whitened convolution has), or no layer to replace.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(5, 4)
+        >>> before = model(x)
+        >>> whiten_layers(model, method="zca")
+        ['0', '2']
+        >>> isinstance(model[0], WhitenedLinear), torch.allclose(model(x), before, atol=1e-6)
+        (True, True)
+    """
+    skip = set(skip)
+    targets = [(name, m) for name, m in model.named_modules()
+               if name and name not in skip and type(m) in (nn.Linear, nn.Conv2d)]
+    if not targets:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear / nn.Conv2d sub-module to "
+                          f"whiten (skip={sorted(skip)})")
+    for name, m in targets:
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"
+                                         or isinstance(m.padding, str)):
+            raise ConfigError(f"layer {name!r}: {m} has groups={m.groups}, padding_mode="
+                              f"{m.padding_mode!r}, padding={m.padding!r}; WhitenedConv2d needs "
+                              f"groups=1 and integer zero padding (pass it in skip=)")
+    factory = {"eps": eps, "method": method}
+    for name, m in targets:
+        like = {"device": m.weight.device, "dtype": m.weight.dtype}
+        if isinstance(m, nn.Linear):
+            new: _PopulationWhitened = WhitenedLinear(m.in_features, m.out_features,
+                                                      bias=m.bias is not None, **factory, **like)
+        else:
+            new = WhitenedConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                                 padding=m.padding, dilation=m.dilation,  # type: ignore[arg-type]
+                                 bias=m.bias is not None, **factory, **like)
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)  # type: ignore[union-attr]
+        new.train(m.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return [name for name, _ in targets]
 
 
 def _collect(model: nn.Module, layers: list[_PopulationWhitened], data: list[Any]

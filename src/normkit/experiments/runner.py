@@ -86,6 +86,15 @@ class CompareConfig:
             ``"noise:0.5"``; :mod:`normkit.experiments.shift`): after training, each run is
             evaluated on every shifted test set as is, with AdaBN, with prediction-time BN and
             with TENT (``record["shift"]``); ``None``: none.
+        input_norm: an :class:`normkit.InputNormalizer` method (``"center"``, ``"standardize"``,
+            ``"zca"``, ``"cholesky"``; ``"pca"`` with the ``mlp``) fitted on the training set and
+            put in front of the model; ``None``: the inputs as loaded.
+        population: ``"pca"``, ``"zca"`` or ``"cholesky"``: every Linear / Conv2d becomes a
+            population-whitened layer (:func:`normkit.population.whiten_layers`, Natural Neural
+            Networks), refreshed before training and every ``refresh_every`` steps on 4 random
+            batches of 256 training examples (:class:`normkit.population.RefreshEvery`, SGD
+            momentum transformed); ``None``: plain layers.
+        refresh_every: steps between population refreshes (with ``population``).
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -108,6 +117,9 @@ class CompareConfig:
     nproc: int = 1
     analyze: bool = False
     shift: str | None = None
+    input_norm: str | None = None
+    population: str | None = None
+    refresh_every: int = 100
 
     _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
 
@@ -117,7 +129,7 @@ class CompareConfig:
         values = asdict(self)
         values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
         optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False,
-                    "shift": None}
+                    "shift": None, "input_norm": None, "population": None, "refresh_every": 100}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def config_hash(self) -> str:
@@ -174,6 +186,27 @@ class CompareConfig:
             if self.nproc > 1:
                 raise ConfigError("--shift evaluates in one process; drop --nproc or --shift")
             self.shift = ",".join(shift_label(*s) for s in parse_shifts(self.shift))
+        if self.input_norm is not None:
+            from ..input_norm import _METHODS as input_methods
+
+            if self.input_norm not in input_methods:
+                raise ConfigError(f"unknown input normalization {self.input_norm!r}; choose one "
+                                  f"of {', '.join(input_methods)}")
+            if self.input_norm == "pca" and self.model != "mlp":
+                raise ConfigError(f"--input-norm pca gives flat (N, k) inputs, which only the mlp "
+                                  f"takes; use zca (same whitening, input shape kept) with "
+                                  f"--model {self.model}")
+        if self.population is not None:
+            if self.population not in ("pca", "zca", "cholesky"):
+                raise ConfigError(f"unknown population whitening {self.population!r}; choose one "
+                                  f"of pca, zca, cholesky")
+            if self.weight is not None or self.nproc > 1:
+                raise ConfigError("--population replaces the Linear/Conv layers and refreshes them "
+                                  "in one process: drop --weight and --nproc")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ConfigError(f"refresh_every must be an int ≥ 1, got {self.refresh_every!r}")
+        if self.refresh_every != 100 and self.population is None:
+            raise ConfigError("--refresh-every applies to --population layers; add --population")
         if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
             raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
                               f"{', '.join(GRADIENT_METHODS)}")
@@ -314,9 +347,26 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
     batch_size, seed = record["batch_size"], record["seed"]
     torch.manual_seed(seed)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"])
+    if cfg.population is not None:
+        from .. import population
+
+        population.whiten_layers(model, method=cfg.population)  # type: ignore[arg-type]
+    if cfg.input_norm is not None:  # fitted on the training set, the same for every run
+        from ..input_norm import InputNormalizer
+
+        model = nn.Sequential(InputNormalizer(method=cfg.input_norm).fit(ds.x_train), model)  # type: ignore[arg-type]
     record["num_params"] = sum(p.numel() for p in model.parameters())
     steps_per_epoch = len(ds.x_train) // batch_size
     opt = _optimizer(model, cfg, record["lr"])
+    refresher = None
+    if cfg.population is not None:
+        from ..population import RefreshEvery
+
+        draw = torch.Generator().manual_seed(seed + 1)
+        refresher = RefreshEvery(
+            model, lambda: [ds.x_train[torch.randint(len(ds.x_train), (256,), generator=draw)]
+                            for _ in range(4)], every=cfg.refresh_every, optimizer=opt)
+        refresher.refresh()
     if world > 1:
         import torch.distributed as dist
 
@@ -353,6 +403,8 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
             loss.backward()
             opt.step()
             sched.step()
+            if refresher is not None:
+                refresher.step()
             loss_sum += value
             correct += n_hits
             record["steps"] += 1
