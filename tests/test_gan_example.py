@@ -3,7 +3,6 @@ of every setting, and spectral normalization keeping the discriminator's layers 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -12,16 +11,12 @@ import torch
 from torch import nn
 
 import normkit as nk
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gan_mixture.py"
+from examples_util import load_example
 
 
 @pytest.fixture(scope="module")
 def example():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("gan_mixture_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_example("gan_mixture")
 
 
 def test_mode_coverage_of_true_samples(example) -> None:  # type: ignore[no-untyped-def]

@@ -3,21 +3,16 @@ start from the same function (same initialization; the first refresh preserves i
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "population_whitening.py"
+from examples_util import load_example
 
 
 @pytest.fixture(scope="module")
 def example():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("population_whitening_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_example("population_whitening")
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,13 @@ table; the slimmed rows have fewer parameters and FLOPs than the full model."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "slimming.py"
+from examples_util import load_example
 
 
 def test_quick_run() -> None:
-    spec = importlib.util.spec_from_file_location("slimming_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = load_example("slimming")
     threads = torch.get_num_threads()
     out = module.main(["--quick"])
     assert torch.get_num_threads() == threads  # restored

@@ -3,7 +3,6 @@ expected size, and the stylized features carry the style's statistics (float64).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -12,18 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "style_transfer.py"
-
-
-def _load():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("style_transfer_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from examples_util import load_example  # noqa: E402
 
 
 def test_quick_run_writes_grid_and_matches_statistics(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    example = _load()
+    example = load_example("style_transfer")
     out = example.main(["--quick", "--out", str(tmp_path / "st")])
     png = out["png"]
     assert png == tmp_path / "st" / "style_transfer.png" and png.is_file()
