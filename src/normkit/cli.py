@@ -253,6 +253,18 @@ def _optimizer_text(cfg: Any) -> str:
     return opt + (f", weights {cfg.weight} on the hidden layers" if cfg.weight else "")
 
 
+def _print_whole(table: Any, quiet: bool) -> None:
+    """Print a rich table to stdout at least as wide as it needs: a narrow terminal (or a pipe,
+    80 columns for rich) wraps lines instead of truncating the numbers."""
+    from rich.console import Console
+
+    console = Console(quiet=quiet)
+    need = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if need > console.width:
+        console = Console(quiet=quiet, width=need)
+    console.print(table)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -289,11 +301,11 @@ def _compare(args: argparse.Namespace) -> int:
             f"{' scaled linearly with the batch size' if cfg.lr_scaling else ''}, cosine decay; "
             f"seeds {cfg.seeds}.", **cfg.settings(), "config_hash": cfg.config_hash()}
     paths = write_report(records, store.dir, meta)
-    Console(quiet=args.quiet).print(results_table(records, title=f"test error (%) — "
-                                                  f"{cfg.model} on {cfg.dataset}"))
+    _print_whole(results_table(records, title=f"test error (%) — {cfg.model} on {cfg.dataset}"),
+                 args.quiet)
     if cfg.shift is not None:
-        Console(quiet=args.quiet).print(shift_table(records, title=f"test error (%) under "
-                                                    f"shift — {cfg.model} on {cfg.dataset}"))
+        _print_whole(shift_table(records, title=f"test error (%) under shift — {cfg.model} on "
+                                                f"{cfg.dataset}"), args.quiet)
     console.print(f"report: {paths['html']}")
     if args.quiet:
         print(store.dir)

@@ -95,3 +95,19 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys):
 def test_split_methods_keeps_spec_arguments_together():
     assert split_methods("bn, gn:num_groups=8,eps=1e-3 ,ln,none") == [
         "bn", "gn:num_groups=8,eps=1e-3", "ln", "none"]
+
+
+def test_tables_are_printed_whole_on_a_narrow_console(monkeypatch, capsys):
+    from normkit.cli import _print_whole
+    from normkit.experiments.report import shift_table
+
+    monkeypatch.setenv("COLUMNS", "40")
+    rec = {"method": "gn:num_groups=8", "batch_size": 64, "status": "ok", "test_acc": 0.8391,
+           "shift": {"rotation:30": {"as_is": 0.4527, "adabn": 0.5182, "ptbn": 0.5141,
+                                     "tent": 0.4953}}}
+    _print_whole(shift_table([rec, {**rec, "seed": 1, "test_acc": 0.8331}]), quiet=False)
+    out = capsys.readouterr().out
+    assert "…" not in out
+    for text in ("gn:num_groups=8", "rotation:30", "16.4 ± 0.4", "54.7 ± 0.0", "48.2 ± 0.0",
+                 "48.6 ± 0.0", "50.5 ± 0.0"):
+        assert text in out, text
