@@ -114,6 +114,7 @@ class DecorrelatedBatchNorm(BatchWhitening):
 
     Example:
         >>> import torch, normkit as nk
+        >>> _ = torch.manual_seed(0)  # a random mix could be near-singular, where ε = 1e-9 shows
         >>> x = torch.randn(512, 4, dtype=torch.float64) @ torch.randn(4, 4, dtype=torch.float64)
         >>> y = nk.DecorrelatedBatchNorm(4, group_size=4, eps=1e-9, dtype=torch.float64)(x)
         >>> torch.allclose(y.T @ y / 512, torch.eye(4, dtype=torch.float64), atol=1e-6)
