@@ -1001,6 +1001,18 @@ def test_eval_fold_is_cached_until_state_changes(name, monkeypatch):
     assert calls[0] == 5
 
 
+@pytest.mark.parametrize("spatial", [(), (1,), (3,), (9,), (3, 5)])
+def test_eval_fold_matches_the_plain_composition_for_every_layout(spatial):
+    """Both layouts of the folded product (per-position matmul when positions outnumber the
+    group size d = 4, one (G, d, N·S) product otherwise) give the generic path's output."""
+    mod = _trained("dbn")
+    plain = copy.deepcopy(mod)
+    plain.native = False
+    x = correlated(5, 8, 40, *spatial)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), plain(x), rtol=1e-10, atol=1e-10)
+
+
 def test_eval_fold_is_not_used_when_a_gradient_is_needed(monkeypatch):
     mod = _trained("dbn")
     calls = _count_folds(monkeypatch, mod)

@@ -493,6 +493,11 @@ class Normalization(nn.Module):
 def _apply_block_fold(x: Tensor, mat: Tensor, shift: Tensor) -> Tensor:
     """``y = M x + b`` per group of ``d`` channels of ``x`` ``(N, C, *S)``: ``mat`` ``(C/d, d, d)``,
     ``shift`` ``(C,)`` (the output of :meth:`Normalization.folded` for whitening)."""
-    g, d = mat.shape[0], mat.shape[-1]
-    v = x.reshape(x.shape[0], g, d, -1)
-    return torch.matmul(mat, v).add_(shift.view(g, d, 1)).reshape(x.shape)
+    g, d, n = mat.shape[0], mat.shape[-1], x.shape[0]
+    v = x.reshape(n, g, d, -1)
+    if v.shape[-1] > d:  # many positions: N·G products (d × d)(d × S), no copy
+        return torch.matmul(mat, v).add_(shift.view(g, d, 1)).reshape(x.shape)
+    # few positions ((N, C) input: S = 1): N·G tiny products would be ~100× slower than G
+    # products (d × d)(d × N·S) on a (G, d, N·S) copy
+    y = torch.baddbmm(shift.view(g, d, 1), mat, v.permute(1, 2, 0, 3).reshape(g, d, -1))
+    return y.view(g, d, n, -1).permute(2, 0, 1, 3).reshape(x.shape)
