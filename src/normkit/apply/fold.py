@@ -46,10 +46,12 @@ class FoldReport:
 
     @property
     def folded(self) -> list[str]:
+        """Paths of the normalization layers folded into their neighbouring layer."""
         return [r.path for r in self.layers if r.into is not None]
 
     @property
     def left(self) -> list[str]:
+        """Paths of the normalization layers kept in place (each row's ``reason`` says why)."""
         return [r.path for r in self.layers if r.into is None]
 
     def __str__(self) -> str:

@@ -183,10 +183,12 @@ class SlimReport:
 
     @property
     def removed(self) -> int:
+        """Channels removed over all layers."""
         return sum(r.channels - r.kept for r in self.layers)
 
     @property
     def skipped(self) -> list[str]:
+        """Paths of the normalization layers left unpruned (each row's ``reason`` says why)."""
         return [r.path for r in self.layers if r.reason]
 
     def __str__(self) -> str:
