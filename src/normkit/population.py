@@ -162,8 +162,11 @@ class _PopulationWhitened(nn.Module):
         v = self.weight.unflatten(1, (self.groups, self.rank))
         return torch.einsum("ogr...,grf->ogf...", v, self.whitening).flatten(1, 2)
 
-    def _sample_view(self, x: Tensor) -> Tensor:  # (P, G, g, S) for batch_moments(shared=True)
-        raise NotImplementedError
+    def _sample_view(self, x: Tensor) -> Tensor:
+        """``x`` as ``(P, G, g, S)`` for ``batch_moments(shared=True)``; each layer type (the
+        subclasses) defines how its input's features and positions map to it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _sample_view: the base "
+                                  f"class is abstract (use WhitenedLinear or WhitenedConv2d)")
 
     def _batch_statistics(self, x: Tensor) -> tuple[dict[str, Tensor], int]:
         view = self._sample_view(x)
