@@ -339,7 +339,8 @@ def recognize(m: nn.Module, path: str = "") -> Recognition:
         c = _channels(m)
         eps = _eps(m)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}. Fix: leave it out with match=, or replace it "
+                          f"yourself") from None
     base = _torch_base(m)
     children = tuple(n for n, _ in m.named_children())
     plain = base is not None and type(m).forward is base.forward and not children
