@@ -190,7 +190,8 @@ _NK_KIND = {"BatchNorm": "batch", "InstanceNorm": "instance", "GroupNorm": "grou
 
 
 def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
-    """``(kind, channel_axis, over, groups)`` of a plain norm, ``None`` if not one of those."""
+    """``(kind, channel_axis, over, groups, eps)`` of a plain norm, ``None`` if not one of those
+    (two layers with equal tuples compute the same function given the same tensors)."""
     if isinstance(m, Normalization):
         from .. import methods  # noqa: F401  (the preset classes)
         from ..methods import scaling, standard
@@ -203,13 +204,14 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
         over = "channels" if kind in ("layer", "rms") and type(m.nap).__name__ == "Position" else None
         if kind in ("layer", "rms") and over is None:
             kind = "group"  # LN over all of C and the positions = GN(1)
-        return kind, m.channel_axis, over, getattr(m, "num_groups", 1 if kind == "group" else None)
+        groups = getattr(m, "num_groups", 1 if kind == "group" else None)
+        return kind, m.channel_axis, over, groups, m.eps
     try:
         rec = rec or recognize(m)
     except ConfigError:
         return None
     groups = getattr(m, "num_groups", None) if rec.kind == "group" else None
-    return rec.kind, rec.channel_axis, rec.over, groups
+    return rec.kind, rec.channel_axis, rec.over, groups, rec.eps
 
 
 @torch.no_grad()
@@ -360,7 +362,7 @@ def convert(
     Every replacement is checked: old and new layer (with its tail) run in eval mode on one
     float32 probe, and the report records ``verified`` (``max|Δ| ≤ 1e-5·max|y|``) and
     ``max_diff``. Where the replacement computes the same function by construction (same kind,
-    layout and groups — torch BN → ``"bn"``, LN → ``"ln"``, an RMSNorm → ``"rms_norm"``;
+    layout, groups and ``eps`` — torch BN → ``"bn"``, LN → ``"ln"``, an RMSNorm → ``"rms_norm"``;
     ``equivalent=True``), a failed check raises instead of changing the model.
 
     Conversion is all or nothing: every replacement is built, filled and checked first, and only
@@ -434,7 +436,8 @@ def convert(
                 f"converting layer {paths[0]!r} ({type(old).__name__}, {rec.describe()}) to "
                 f"{desc} should keep its output, but on a probe the outputs differ by "
                 f"{diff if diff is not None else 'an error'} (max|Δ|). Nothing was changed. Fix: "
-                f"leave this layer out with match=, and report it as a normkit bug")
+                f"leave this layer out with match= (with a registry spec for to=, this is a "
+                f"normkit bug: please report it)")
         plan.append((paths, out))
         shown = tuple(f"{n}={type(m).__name__}" for n, m in tail.items())
         rows += [ConvertedLayer(p, type(old).__name__, desc, kept, dropped, fresh,

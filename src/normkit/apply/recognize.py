@@ -107,7 +107,7 @@ class NormAct(nn.Module):
         True
     """
 
-    def __init__(self, norm: nn.Module, **tail: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, /, **tail: nn.Module) -> None:
         super().__init__()
         if "norm" in tail:
             raise ConfigError("NormAct: a tail module cannot be named 'norm'")
@@ -339,8 +339,8 @@ def recognize(m: nn.Module, path: str = "") -> Recognition:
         c = _channels(m)
         eps = _eps(m)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}. Fix: leave it out with match=, or replace it "
-                          f"yourself") from None
+        raise ConfigError(f"{where}: {e}. Fix: leave it out (match= of convert), or replace "
+                          f"it yourself") from None
     base = _torch_base(m)
     children = tuple(n for n, _ in m.named_children())
     plain = base is not None and type(m).forward is base.forward and not children
@@ -363,4 +363,4 @@ def recognize(m: nn.Module, path: str = "") -> Recognition:
     raise ConfigError(
         f"{where} has its own forward{found}, and its output matches none of: {tried}"
         + (f" (followed by {' then '.join(children)})" if children else "")
-        + ". Fix: exclude it with match=, or replace it yourself")
+        + ". Fix: leave it out (match= of convert), or replace it yourself")
