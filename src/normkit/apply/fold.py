@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -305,7 +304,7 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
             _check_target(rec, layer, mat)
             tail = {n: getattr(m, n) for n in rec.tail}
             after = NormAct(nn.Identity(), **tail) if tail else nn.Identity()
-            ok, diff = _verify(layer, m, after, lambda f: _affine_map(f, rec))
+            ok, diff = _verify(layer, m, after, rec)
             if not ok:
                 raise ConfigError(f"folding it would change the output by max|Δ| = {diff:.3g} "
                                   f"on a probe; it is left in place (please report this)")
@@ -339,14 +338,14 @@ def _probe_for(layer: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def _verify(layer: nn.Module, norm: nn.Module, after: nn.Module,
-            affine: Callable[[nn.Module], tuple[Tensor, Tensor]]) -> tuple[bool, float]:
+def _verify(layer: nn.Module, norm: nn.Module, after: nn.Module, rec: Recognition
+            ) -> tuple[bool, float]:
     """``norm(layer(x))`` against ``after(folded(x))`` on float64 copies, in eval."""
     lay, nor, aft = (copy.deepcopy(t).double().eval() for t in (layer, norm, after))
     device = next((t.device for t in lay.parameters()), None)
     x = _probe_for(lay).to(device)
     y = nor(lay(x))
-    _fold_into(lay, *affine(nor))
+    _fold_into(lay, *_affine_map(nor, rec))
     z = aft(lay(x))
     diff = float((z - y).abs().max())
     return diff <= 1e-6 * max(float(y.abs().max()), 1e-12), diff
