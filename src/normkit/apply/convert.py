@@ -217,16 +217,16 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
 @torch.no_grad()
 def _verify(old: nn.Module, new: nn.Module, rec: Recognition) -> tuple[bool | None, float | None]:
     """Evaluation outputs of ``old`` and ``new`` on one float32 probe: ``(max|Δ| ≤ 1e-5·max|y|,
-    max|Δ|)``, or ``(None, None)`` when ``new`` cannot run on ``old``'s input."""
+    max|Δ|)``, or ``(None, None)`` when either cannot run on it alone (a conditional layer, a
+    module for another layout)."""
     a, b = copy.deepcopy(old).float().eval(), copy.deepcopy(new).float().eval()
     device = next((t.device for t in (*a.parameters(), *a.buffers())), None)
     x = _probe(rec.probe_shape, rec.channel_axis, torch.float32, device, seed=3)
-    y = a(x.clone())
     try:
-        z = b(x.clone())
-    except Exception:  # noqa: BLE001 - e.g. a callable's module for another layout
+        y, z = a(x.clone()), b(x.clone())
+    except Exception:  # noqa: BLE001 - a conditional layer, a callable's module for another layout
         return None, None
-    if not isinstance(z, Tensor) or z.shape != y.shape:
+    if not (isinstance(y, Tensor) and isinstance(z, Tensor)) or z.shape != y.shape:
         return None, None
     diff = float((z - y).abs().max())
     return diff <= _VERIFY_RTOL * max(float(y.abs().max()), 1e-12), diff
