@@ -110,3 +110,19 @@ class ProjRMSNorm(LlamaStyleRMSNorm):  # an extra child that is not a tail
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(super().forward(h)) + h
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's: BN with fixed statistics (buffers) in both modes, not a torch subclass."""
+
+    def __init__(self, c: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        for name, init in (("weight", torch.ones), ("bias", torch.zeros),
+                           ("running_mean", torch.zeros), ("running_var", torch.ones)):
+            self.register_buffer(name, init(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + bias[None, :, None, None]

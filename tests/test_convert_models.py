@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 import normkit as nk
-from norm_lookalikes import BNAct, DoubledBN, GemmaStyleRMSNorm, LayerNorm2d, LlamaStyleRMSNorm
+from norm_lookalikes import (
+    BNAct,
+    DoubledBN,
+    FrozenBatchNorm2d,
+    GemmaStyleRMSNorm,
+    LayerNorm2d,
+    LlamaStyleRMSNorm,
+)
 from normkit.apply.convert import convert
 from normkit.apply.fold import fold
 from normkit.apply.recognize import NormAct
@@ -104,6 +111,20 @@ def test_fold_of_a_whole_norm_act_model() -> None:
     assert "normalizes each sample with its own statistics (LN over dim 1)" in \
         f.fold_report.layers[1].reason
     assert _rel(f(X), model(X)) <= 1e-5
+
+
+def test_frozen_batch_norm_folds_in_any_mode_and_converts() -> None:
+    """torchvision's FrozenBatchNorm2d (statistics as buffers, never updated) is a fixed affine
+    map: it folds even in train mode; to "bn" it keeps its tensors but is not the same layer
+    in training (equivalent=False), though the evaluation outputs agree (verified)."""
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU()))
+    f = fold(model.train())
+    assert f.fold_report.folded == ["1"] and _rel(f(X), model(X)) <= 1e-5
+    out = convert(model.eval(), "bn")
+    row = out.conversion_report["1"]
+    assert row.recognized == "frozen BN (probe)" and not row.equivalent and row.verified
+    assert row.kept == ("weight", "bias", "running_mean", "running_var")
+    assert _rel(out(X), model(X)) <= 1e-5
 
 
 def test_unrecognised_subclass_is_refused_not_replaced() -> None:

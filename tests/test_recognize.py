@@ -19,6 +19,7 @@ from norm_lookalikes import (
     BNActThenDrop,
     DoubledBN,
     FastLayerNorm,
+    FrozenBatchNorm2d,
     GemmaStyleRMSNorm,
     GNAct,
     HiddenEpsLayerNorm,
@@ -49,6 +50,7 @@ EXPECTED = {
     "llama_rms": (lambda: LlamaStyleRMSNorm(C), ("rms", -1, "channels", 0.0, (), "probe")),
     "gemma_rms": (lambda: GemmaStyleRMSNorm(C), ("rms", -1, "channels", 1.0, (), "probe")),
     "rms2d_bias": (lambda: RmsNorm2dWithBias(C), ("rms", 1, "channels", 0.0, (), "probe")),
+    "frozen_bn": (lambda: FrozenBatchNorm2d(C), ("frozen", 1, None, 0.0, (), "probe")),
 }
 
 

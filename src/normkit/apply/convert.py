@@ -286,6 +286,10 @@ def _transfer(old: nn.Module, new: nn.Module, c: int, offset: float = 0.0
             q.copy_(b)
             kept.append(name)
             filled.add(name)
+        elif q is None and name in new_t and new_t[name].shape == b.shape:  # buffer → parameter
+            new_t[name].copy_(b)
+            kept.append(name)
+            filled.add(name)
         elif name == "running_var" and "running_cov" in new_b and b.numel() == c:
             new_b["running_cov"].copy_(_blocks_of(b, new_b["running_cov"]))
             kept.append("running_cov←diag(running_var)")

@@ -78,6 +78,11 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
     """The evaluation map of ``m`` as ``(a, b)`` per channel (``(C,)`` each) or ``(M, b)`` with
     whitening blocks ``M`` ``(G, d, d)``; raises :class:`ConfigError` with the reason when the
     map depends on the input or the batch."""
+    if rec.kind == "frozen":  # fixed statistics in both modes
+        w, b = _weight_bias(m)
+        scale, shift = standardize_coefficients(m.running_mean.double(), m.running_var.double(),
+                                                rec.eps if rec.eps is not None else 1e-5)
+        return (scale * w, shift * w + b) if w is not None else (scale, shift)
     if m.training:
         raise ConfigError("it is in training mode (batch statistics). Fix: call model.eval() "
                           "first")
@@ -100,6 +105,13 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
                           "normalizes with each batch's or sample's statistics even in eval")
     raise ConfigError(f"{type(m).__name__} normalizes each sample with its own statistics; "
                       f"there is nothing fixed to fold")
+
+
+def _weight_bias(m: nn.Module) -> tuple[Tensor | None, Tensor]:
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    w = w.double() if isinstance(w, Tensor) else None
+    b = b.double() if isinstance(b, Tensor) else torch.zeros_like(m.running_mean, dtype=torch.float64)
+    return w, b
 
 
 def _check_target(rec: Recognition, layer: nn.Module, mat: Tensor) -> None:
