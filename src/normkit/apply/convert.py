@@ -97,16 +97,17 @@ def _selected(model: nn.Module, match: Match) -> tuple[list[Target], list[tuple[
                                   else bool(match(path, m))))  # type: ignore[operator]
         if not hit:
             continue
-        taken.append(path)
         if id(m) in found:
             found[id(m)][0].append(path)
+            taken.append(path)
             continue
         try:
             found[id(m)] = ([path], m, recognize(m, path))
+            taken.append(path)
         except ConfigError as e:
             if match is not None:
                 raise
-            refused.append((path, str(e)))
+            refused.append((path, str(e)))  # its own children are still looked at
     if not found and not refused and match is not None:
         norms = [p or "<model>" for p, m in model.named_modules() if looks_like_norm(m)]
         raise ConfigError(f"match={match!r} selects no normalization layer; the model's "
