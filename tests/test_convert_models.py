@@ -215,12 +215,15 @@ def test_efficientnet_b0_convert_and_fold_keep_every_silu() -> None:
     model = _randomize(timm.create_model("efficientnet_b0", num_classes=10)).eval()
     silu = sum(isinstance(m, nn.SiLU) for m in model.modules())
     assert silu == 49
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     y = model(x)
     bn = convert(model, "bn")
     assert sum(isinstance(m, nn.SiLU) for m in bn.modules()) == 49
     assert len(bn.conversion_report) == 49 and all(r.verified for r in bn.conversion_report)
     assert _rel(bn(x), y) <= 1e-5
+    fresh = convert(timm.create_model("efficientnet_b0", num_classes=10), "bn")
+    fresh.load_state_dict(model.state_dict())  # a timm checkpoint loads into the converted model
+    assert torch.equal(fresh.eval()(x), bn(x))
     folded = fold(model)
     assert sum(isinstance(m, nn.SiLU) for m in folded.modules()) == 49
     assert len(folded.fold_report.folded) == 49
