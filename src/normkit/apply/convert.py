@@ -149,8 +149,9 @@ def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., 
            ) -> tuple[nn.Module, str]:
     """The replacement of ``old`` (without its tail) and its description. A spec string inherits
     ``eps``, ``affine``, the channel axis, ``over="channels"`` (LN/RMS per position), device and
-    dtype of the old layer (the spec's own arguments win); a callable is called as ``to(C)`` and
-    moved to the old layer's device and dtype."""
+    dtype of the old layer, and ``track_running_stats`` from a BN/IN to a BN/IN (the spec's own
+    arguments win); a callable is called as ``to(C)`` and moved to the old layer's device and
+    dtype."""
     c, axis = rec.num_features, rec.channel_axis
     device, dtype = _factory_dtype(old)
     try:
@@ -165,6 +166,8 @@ def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., 
                 inherited["channel_axis"] = axis
             if rec.over is not None and "over" in inspect.signature(factory).parameters:
                 inherited["over"] = rec.over
+            if _NK_KIND.get(getattr(factory, "__name__", "")) == rec.kind in ("batch", "instance"):
+                inherited["track_running_stats"] = _running(old)  # BN without, IN with them
             kwargs = {**{k: v for k, v in inherited.items() if _accepts(factory, k)}, **kw}
             new = factory(c, **kwargs)
             shown = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
@@ -337,7 +340,8 @@ def convert(
     the last axis or over axis 1, with or without bias, Gemma's ``(1 + weight)`` gain.
 
     Every selected layer ``L`` with ``C`` channels becomes ``normkit.create(to, C, **inherited)``:
-    ``eps``, ``affine``, the channel axis (``-1`` for a norm over the last axis: torch's
+    ``eps``, ``affine``, ``track_running_stats`` (BN/IN to BN/IN), the channel axis (``-1`` for a
+    norm over the last axis: torch's
     ``LayerNorm(C)``/``RMSNorm(C)``, ViT's, Hugging Face's), ``over="channels"`` for a LN/RMS per
     position (also the channels-first ``LayerNorm2d`` of ConvNeXt), device, dtype and train/eval
     mode are inherited from ``L`` unless ``to`` sets them, and ``momentum`` when both layers track
