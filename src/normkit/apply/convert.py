@@ -197,7 +197,6 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
     """``(kind, channel_axis, over, groups, eps)`` of a plain norm, ``None`` if not one of those
     (two layers with equal tuples compute the same function given the same tensors)."""
     if isinstance(m, Normalization):
-        from .. import methods  # noqa: F401  (the preset classes)
         from ..methods import scaling, standard
 
         kind = next((k for n, k in _NK_KIND.items()
@@ -205,10 +204,12 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
                     None)
         if kind is None:
             return None
-        over = "channels" if kind in ("layer", "rms") and type(m.nap).__name__ == "Position" else None
-        if kind in ("layer", "rms") and over is None:
-            kind = "group"  # LN over all of C and the positions = GN(1)
-        groups = getattr(m, "num_groups", 1 if kind == "group" else None)
+        over = None
+        if kind in ("layer", "rms"):
+            over = "channels" if type(m.nap).__name__ == "Position" else "all"
+        if kind == "layer" and over == "all":
+            kind, over = "group", None  # LN over all of C and the positions = GN(1)
+        groups = getattr(m, "num_groups", 1) if kind == "group" else None
         return kind, m.channel_axis, over, groups, m.eps
     try:
         rec = rec or recognize(m)
