@@ -63,11 +63,13 @@ def test_recognized_by_what_it_computes(name: str) -> None:
     make, want = EXPECTED[name]
     m = make()
     state = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
     r = recognize(m, "blocks.0.norm")
     assert _fields(r) == want and r.num_features == C
     assert looks_like_norm(m)
     for k, v in m.state_dict().items():  # the probe ran on a copy
         assert torch.equal(v, state[k]), k
+    assert torch.equal(torch.get_rng_state(), rng) and m.training  # nor the RNG, nor the mode
 
 
 def test_eps_is_read_from_eps_or_variance_epsilon() -> None:

@@ -289,11 +289,12 @@ def _matches(m: nn.Module, core: Core, order: tuple[str, ...], shape: tuple[int,
     own copy under one random seed (dropout masks alike)."""
     device = next((t.device for t in (*m.parameters(), *m.buffers())), None)
     x = _probe(shape, axis, torch.float64, device)
+    rngs = [device] if device is not None and device.type == "cuda" else []  # restored after
     for training in (False, True):
         outs = []
         for use_core in (False, True):
             p = _randomized(m).train(training)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=rngs):
                 torch.manual_seed(2)
                 try:
                     y = _apply_tail(p, order, core(p, x.clone())) if use_core else p(x.clone())
