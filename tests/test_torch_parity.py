@@ -159,3 +159,34 @@ def test_layer_norm_wrong_trailing_shape():
 def test_bias_false_in_presets_is_validated():
     with pytest.raises(ConfigError, match=r"bias must be a bool, got 0"):
         nk.BatchNorm(4, bias=0)
+
+
+# ----------------------------------------------- refusals: arguments that would be ignored
+
+
+@pytest.mark.parametrize("build", [
+    lambda: nk.DecorrelatedBatchNorm(4, iterations=3),
+    lambda: nk.PCABatchWhitening(4, iterations=5),  # the default value, but passed explicitly
+    lambda: nk.CholeskyBatchWhitening(4, iterations=3),
+    lambda: nk.create("dbn", 4, iterations=3),
+    lambda: nk.BatchWhitening(4, method="zca", iterations=3),
+    lambda: nk.GroupWhitening(4, num_groups=2, method="pca", iterations=3),
+    lambda: nk.InstanceWhitening(4, method="cholesky", iterations=3),
+    lambda: nk.SwitchableWhitening(4, iterations=3),
+], ids=["dbn", "pca_bw", "cd_bw", "create_dbn", "bw_zca", "gw_pca", "iw_cholesky", "sw"])
+def test_iterations_with_a_method_that_does_not_iterate_raises(build):
+    with pytest.raises(ConfigError, match=r"Whitening|BatchNorm") as info:
+        build()
+    msg = str(info.value)
+    assert "iterations=" in msg and "method='newton'" in msg and "does not iterate" in msg
+    assert any(f"method='{m}'" in msg for m in ("zca", "pca", "cholesky")), msg
+
+
+def test_iterations_defaults_and_newton_are_accepted():
+    """Only an explicit ``iterations=`` with a non-iterating method raises: the default does not,
+    and Newton–Schulz methods take it."""
+    assert nk.DecorrelatedBatchNorm(4).nop.iterations == 5
+    assert nk.BatchWhitening(4, method="newton", iterations=3).nop.iterations == 3
+    assert nk.IterNorm(4, iterations=7).nop.iterations == 7
+    assert nk.GroupWhitening(4, num_groups=2, method="newton", iterations=2).nop.iterations == 2
+    assert nk.InstanceWhitening(4, method="newton", iterations=4).nop.iterations == 4
