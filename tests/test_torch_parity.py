@@ -119,6 +119,8 @@ def test_layer_norm_torch_form_attributes():
     assert not ln.elementwise_affine and not ln.affine and ln.channel_axis == -1
     assert nk.LayerNorm(768, elementwise_affine=False, bias=False).normalized_shape == (768,)
     assert nk.LayerNorm(8).normalized_shape is None  # normkit's form: the book's LN over (C, *)
+    # torch's name for affine with an explicit channels-first layout keeps normkit's partition
+    assert nk.LayerNorm(8, elementwise_affine=True, channel_axis=1).normalized_shape is None
     ln = nk.LayerNorm([4, 3], bias=False)
     assert ln.weight.shape == (4, 3) and ln.bias is None
     # the documented alias of affine gives the same module either way

@@ -150,8 +150,9 @@ class LayerNorm(Normalization):
         partition = layer_partition(over, kw.get("channel_axis", 1))
         recovery = affine_recovery(on, bias=bias, shape=shape if shape and len(shape) > 1 else None)
         super().__init__(num_features, nap=partition, nrr=recovery, **kw)
-        if shape is None and type(partition) is nap.Position and self.channel_axis == -1:
-            shape = (num_features,)
+        torch_layout = type(partition) is nap.Position and self.channel_axis == -1
+        if shape is None or len(shape) == 1:
+            shape = (num_features,) if torch_layout else None
         self.normalized_shape: tuple[int, ...] | None = shape
         """torch's ``normalized_shape`` where the module is torch's LayerNorm, else ``None``."""
 
