@@ -33,7 +33,8 @@ def _net(scale: float = 1.0) -> torch.nn.Module:
     return net
 
 
-def _trajectory(net: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 5) -> list[torch.Tensor]:
+def _trajectory(net: torch.nn.Module, opt: torch.optim.Optimizer,
+                steps: int = 5) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 4, generator=g, dtype=F64), torch.randn(8, 3, generator=g, dtype=F64)
     out = []

@@ -301,7 +301,8 @@ def test_get_params_mirror_the_constructor_and_set_params_validates():
     with pytest.raises(ConfigError, match=r"rank=3 needs principal components: .* not 'center'"):
         norm.set_params(method="center")
     assert norm.method == "pca"  # a refused set_params changes nothing
-    with pytest.raises(ConfigError, match=r"no parameter\(s\) \['ranks'\]; valid: \['num_features'"):
+    with pytest.raises(ConfigError,
+                       match=r"no parameter\(s\) \['ranks'\]; valid: \['num_features'"):
         norm.set_params(ranks=2)
 
 

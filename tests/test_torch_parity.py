@@ -71,9 +71,11 @@ def _keys_and_shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("case", list(PAIRS))
 def test_matches_torch_module(case, flags, native):
     make_ours, make_ref, shape = PAIRS[case]
-    ours, ref = make_ours(flags["affine"], flags["bias"], native), make_ref(flags["affine"], flags["bias"])
+    affine, bias = flags["affine"], flags["bias"]
+    ours, ref = make_ours(affine, bias, native), make_ref(affine, bias)
     assert _keys_and_shapes(ours) == _keys_and_shapes(ref)
-    assert (ours.bias is None) == (ref.bias is None) and (ours.weight is None) == (ref.weight is None)
+    assert (ours.bias is None) == (ref.bias is None)
+    assert (ours.weight is None) == (ref.weight is None)
     _randomize(ref, 1)
     assert not ours.load_state_dict(ref.state_dict(), strict=True).missing_keys
     for mode in (True, False):  # train (batch statistics, buffer updates), then eval
@@ -86,7 +88,7 @@ def test_matches_torch_module(case, flags, native):
         want = torch.autograd.grad(y_ref, [x, *ref.parameters()], gy)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, **TOL)
-    back = make_ref(flags["affine"], flags["bias"])  # ours -> torch, strict, after training updated our buffers
+    back = make_ref(affine, bias)  # ours -> torch, strict, after training updated our buffers
     assert not back.load_state_dict(ours.state_dict(), strict=True).unexpected_keys
     for k, v in ours.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k

@@ -388,8 +388,9 @@ class _BatchNormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: a torch BN subcla
 def test_apply_refuses_a_normalization_layers_gamma(norm, method):
     """Weight normalization of a norm layer's γ would silently rescale it (WN on a 1-D γ pins
     |γ_i| = g_i): refused with the layer and what the methods apply to."""
-    with pytest.raises(nk.ConfigError, match=rf"{type(norm).__name__}\.weight of shape .* "
-                                             r"affine parameter of a normalization layer.*Linear/Conv"):
+    name = type(norm).__name__
+    with pytest.raises(nk.ConfigError, match=rf"{name}\.weight of shape .* affine parameter of a "
+                                             r"normalization layer.*Linear/Conv"):
         nk.weight.apply(norm, method)
     assert not nk.weight.is_normalized(norm)
 
@@ -399,7 +400,8 @@ def test_apply_to_model_names_the_norm_layers_path():
     with pytest.raises(nk.ConfigError, match=r"1\.0\.weight \(BatchNorm1d\) of shape \(4,\)"):
         nk.weight.apply_to_model(net, "wn", types=(nn.Linear, nn.BatchNorm1d))
     # the default types select Linear/Conv only, so a model with norms converts as before
-    assert nk.weight.apply_to_model(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "wn") == ["0"]
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    assert nk.weight.apply_to_model(net, "wn") == ["0"]
 
 
 def test_a_linear_named_norm_is_not_refused():

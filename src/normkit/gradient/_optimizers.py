@@ -13,34 +13,36 @@ its ``ndim > 1`` parameters, and to all of them with ``exclude_1d=False`` (so a 
 decayed biases says ``{"params": biases, "weight_decay": 0.01, "exclude_1d": False}``).
 ``always_adapt=False`` (timm's rule) further restricts the trust ratio to parameters with a
 nonzero weight decay; the default ``True`` adapts every non-excluded parameter, as the papers do.
-
-**timm.** The options are timm 1.0's (``Lars``: ``trust_clip``, ``nesterov``, ``dampening``,
-``always_adapt``; ``Lamb``: ``bias_correction``, ``grad_averaging``, ``max_grad_norm``,
-``trust_clip``, ``decoupled_decay``, ``always_adapt``) with timm's meaning, and with the same
-settings the trajectories are timm's (tests/test_gradient_timm.py). The defaults follow the papers
-instead, so they differ from timm's where timm departs from them:
-
-=====================  ==============  ===============  ==========================================
-option                 normkit         timm             why
-=====================  ==============  ===============  ==========================================
-LARS ``lr``            required        ``1.0``          no learning rate fits every model
-LARS ``momentum``      ``0.9``         ``0``            You et al. 2017 train with momentum 0.9
-``always_adapt``       ``True``        ``False``        both papers adapt every layer; timm skips
-                                                        groups without weight decay (here
-                                                        ``exclude_1d`` does the exclusion instead)
-``exclude_1d``         ``True``        (none)           biases and norm γ, β: no ratio, no decay
-LAMB ``weight_decay``  ``0``           ``0.01``         torch's optimizers default to no decay
-LAMB ``max_grad_norm``  ``None``       ``1.0``          You et al. 2020 clip no global norm (it
-                                                        came from NVIDIA's BERT recipe)
-=====================  ==============  ===============  ==========================================
-
-timm's LARS names the coefficient ``trust_coeff``; normkit keeps ``trust_coefficient``. timm's
-``caution`` and ``corrected_weight_decay`` (LAMB) are not papers' LAMB and are not provided.
 :func:`exclude_bias_and_norm` builds the same split as explicit param groups for any optimizer.
 
 Guards: the trust ratio is defined as 1 when ``‖w‖ = 0`` or the norm it divides by is 0, so a
 zero-initialized weight or a zero gradient gives a finite step (TESTING.md). Norms are reduced in
 at least float32.
+
+**timm.** The options of timm 1.0's ``Lars`` (``trust_clip``, ``nesterov``, ``dampening``,
+``always_adapt``) and ``Lamb`` (``bias_correction``, ``grad_averaging``, ``max_grad_norm``,
+``trust_clip``, ``decoupled_decay``, ``always_adapt``) have timm's names and meanings: with the
+same settings (and ``exclude_1d=False``, a rule timm does not have) the parameter trajectories are
+timm's (tests/test_gradient_timm.py). The defaults follow the papers, so they differ from timm's
+where timm departs from them:
+
+======================  ========  ========  ===============================================
+option                  normkit   timm      why
+======================  ========  ========  ===============================================
+LARS ``lr``             required  ``1.0``   no learning rate fits every model
+LARS ``momentum``       ``0.9``   ``0``     You et al. 2017 train with momentum 0.9
+``always_adapt``        ``True``  ``False`` both papers adapt every layer; timm skips
+                                            parameters without weight decay (here
+                                            ``exclude_1d`` excludes biases and norms)
+``exclude_1d``          ``True``  (none)    the papers' recipes: no ratio, no decay for 1-D
+LAMB ``weight_decay``   ``0``     ``0.01``  the paper sets λ per task (0.01 for BERT); like
+                                            ``torch.optim.Adam``, no decay unless asked
+LAMB ``max_grad_norm``  ``None``  ``1.0``   LAMB (You et al. 2020) has no global clipping;
+                                            it comes from NVIDIA's BERT recipe
+======================  ========  ========  ===============================================
+
+timm's LARS calls the coefficient ``trust_coeff``; normkit keeps ``trust_coefficient``. timm's
+LAMB extras ``caution`` and ``corrected_weight_decay`` are not in the papers and not provided.
 """
 
 from __future__ import annotations
@@ -167,9 +169,10 @@ class LARS(_LayerwiseOptimizer):
     dampening :math:`\delta`, ``γ`` outside the buffer; the paper puts ``γ`` inside, which is the
     same for a constant ``γ``). LARC (``trust_clip=True``; NVIDIA apex's ``LARC(clip=True)``,
     timm's ``trust_clip``) replaces :math:`\lambda` by :math:`\min(\lambda/\gamma, 1)`: the
-    layer's step size :math:`\gamma\lambda` becomes :math:`\min(\lambda, \gamma)`, i.e. the trust
-    ratio is read as a local learning rate that never exceeds the global one. Parameters excluded from adaptation (see the module docstring: ``ndim <= 1`` by
-    default, or a group with ``adapt=False``) take exactly ``torch.optim.SGD``'s momentum step.
+    layer's step size :math:`\gamma\lambda` becomes :math:`\min(\lambda, \gamma)`, i.e. the
+    trust ratio is read as a local learning rate that never exceeds the global one. Parameters
+    excluded from adaptation (see the module docstring: ``ndim <= 1`` by default, or a group
+    with ``adapt=False``) take exactly ``torch.optim.SGD``'s momentum step.
     With ``β = 0`` the update does not depend on the gradient's scale (up to ``ε``).
 
     Args:

@@ -407,7 +407,8 @@ class SwitchableWhitening(Normalization):
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
-            nop=nop.SwitchableWhiten(method=method, iterations=_iterations(self, method, iterations),
+            nop=nop.SwitchableWhiten(method=method,
+                                     iterations=_iterations(self, method, iterations),
                                      estimate="covariance",
                                      modes=tuple(modes)),
             nrr=affine_recovery(affine),
