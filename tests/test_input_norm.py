@@ -271,7 +271,7 @@ def test_numpy_integer_data_becomes_float64_and_partial_fit_takes_arrays():
 @pytest.mark.parametrize(("x", "error", "match"), [
     (np.ones(5), ShapeError, r"1-D array of shape \(5,\); reshape it with x\.reshape\(-1, 1\)"),
     (torch.ones(5), ShapeError, r"1-D tensor of shape \(5,\); add one with x\.unsqueeze\(0\)"),
-    ([[1.0, 2.0], [3.0, 4.0]], TypeError, r"expects a torch\.Tensor or a numpy array .* got list"),
+    ([[1.0, 2.0], [3.0, 4.0]], ShapeError, r"expects a torch\.Tensor or a numpy array .* got list"),
     (np.array([["a", "b"], ["c", "d"]]), ConfigError, r"numeric data, got a numpy array of dtype"),
 ])
 def test_bad_inputs_name_what_they_got(x, error, match):
@@ -341,6 +341,8 @@ def test_old_attribute_names_warn_and_old_checkpoints_load():
 def test_refit_without_num_features_infers_again():
     norm = InputNormalizer(method="center").fit(torch.randn(5, 3))
     assert norm.fit(torch.randn(5, 4)).n_features_in_ == 4
+    with pytest.raises(ShapeError, match=r"fit expects a tensor, an array or an iterable .* got int"):
+        norm.fit(3)
 
 
 def test_sklearn_clone_and_pipeline():

@@ -122,8 +122,8 @@ class InputNormalizer(EstimatorAPI, nn.Module):
     Raises:
         ConfigError: unknown ``method``, ``eps ≤ 0``, ``rank`` out of ``1..D`` or given to a
             method without principal components.
-        ShapeError: input without a batch dimension, or with a feature count other than ``D``.
-        TypeError: input that is neither a tensor nor an array (nor, for ``fit``, a loader).
+        ShapeError: input without a batch dimension, with a feature count other than ``D``, or
+            neither a tensor nor an array (nor, for ``fit``, a loader).
         NotFittedError: ``transform``/``inverse_transform`` before any fit.
 
     Example:
@@ -298,7 +298,7 @@ class InputNormalizer(EstimatorAPI, nn.Module):
     # -------------------------------------------------------------------------------- fit
     def _flat(self, x: Tensor, array: bool = False) -> Tensor:
         if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor or a numpy array "
+            raise ShapeError(f"{type(self).__name__} expects a torch.Tensor or a numpy array "
                             f"(N, *feature_shape), got {type(x).__name__}")
         if x.dim() < 2:
             fix = ("reshape it with x.reshape(-1, 1) (one feature) or x.reshape(1, -1) (one "
@@ -365,7 +365,7 @@ class InputNormalizer(EstimatorAPI, nn.Module):
                     batch = batch[0]
                 self._accumulate(*self._input(batch))
         else:
-            raise TypeError(f"{type(self).__name__}.fit expects a tensor, an array or an iterable "
+            raise ShapeError(f"{type(self).__name__}.fit expects a tensor, an array or an iterable "
                             f"of batches (a DataLoader), got {type(data).__name__}")
         self._finalize()
         return self
