@@ -410,3 +410,14 @@ def test_a_linear_named_norm_is_not_refused():
         pass
 
     assert nk.weight.is_normalized(nk.weight.apply(NormedLinear(3, 2), "wn"))
+
+
+def test_apply_refuses_timm_norm_layers():
+    """timm's norms: torch subclasses (LayerNorm2d, BatchNormAct2d) and plain modules (RmsNorm,
+    EvoNorm2dB0, whose extra ``v`` is 1-D too)."""
+    layers = pytest.importorskip("timm.layers")
+    for norm in (layers.RmsNorm(8), layers.LayerNorm2d(8), layers.BatchNormAct2d(8),
+                 layers.EvoNorm2dB0(8)):
+        for name, _ in norm.named_parameters(recurse=False):
+            with pytest.raises(nk.ConfigError, match=r"affine parameter of a normalization layer"):
+                nk.weight.apply(norm, "wn", name=name)
