@@ -360,3 +360,8 @@ def test_sklearn_clone_and_pipeline():
     assert pipe.predict(x).shape == (200,) and pipe.score(x, y) > 0.9
     assert pipe.named_steps["norm"].n_features_in_ == 4
     assert isinstance(base.clone(pipe).fit(x, y).predict(x), np.ndarray)
+    validation = pytest.importorskip("sklearn.utils.validation")
+    validation.check_is_fitted(norm)  # via __sklearn_is_fitted__ and __sklearn_tags__
+    exceptions = pytest.importorskip("sklearn.exceptions")
+    with pytest.raises(exceptions.NotFittedError, match="not fitted"):
+        validation.check_is_fitted(base.clone(norm))

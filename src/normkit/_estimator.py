@@ -101,6 +101,16 @@ class EstimatorAPI:
     def transform(self, x: Any) -> Any:  # pragma: no cover - implemented by the class
         raise NotImplementedError
 
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's estimator tags (a transformer, no target), for its utilities
+        (``check_is_fitted``, ...). Only scikit-learn calls this, so importing it here keeps
+        normkit free of the dependency."""
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]),
+                    input_tags=InputTags(two_d_array=True, three_d_array=True))
+
     def fit_transform(self, x: Any, y: Any = None) -> Any:
         """``fit(x)`` then ``transform(x)`` of one tensor or array (``y`` is ignored, for
         scikit-learn's ``Pipeline``)."""
