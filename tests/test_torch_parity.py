@@ -194,3 +194,21 @@ def test_iterations_defaults_and_newton_are_accepted():
     assert nk.IterNorm(4, iterations=7).nop.iterations == 7
     assert nk.GroupWhitening(4, num_groups=2, method="newton", iterations=2).nop.iterations == 2
     assert nk.InstanceWhitening(4, method="newton", iterations=4).nop.iterations == 4
+
+
+def test_layer_norm_multi_dim_uses_the_kernel(monkeypatch):
+    """torch's form over several dimensions calls ``F.layer_norm`` with γ of its own shape (the
+    composition's kernel path takes one channel axis); ``native=False`` runs the generic path."""
+    calls = []
+    kernel = torch.nn.functional.layer_norm
+
+    def spy(x, shape, *args, **kw):
+        calls.append(tuple(shape))
+        return kernel(x, shape, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", spy)
+    x = torch.randn(2, 4, 3)
+    nk.LayerNorm([4, 3], bias=False)(x)
+    assert calls == [(4, 3)]
+    nk.LayerNorm([4, 3], native=False)(x)
+    assert calls == [(4, 3)]

@@ -172,7 +172,7 @@ class LayerNorm(Normalization):
             raise ShapeError(
                 f"expected an input whose last {k} dimensions are normalized_shape={list(shape)}, "
                 f"got shape {tuple(x.shape)}; check normalized_shape")
-        if self._native == "layer_norm" and x.numel() > 0 and self._native_ok(x):
+        if self.native and x.numel() > 0 and self._native_ok(x):  # the kernel takes γ's shape
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
             return F.layer_norm(x, shape, self.weight, self.bias, eps)
         return super().forward(x.flatten(x.dim() - k), condition).unflatten(-1, shape)

@@ -29,9 +29,9 @@ RecoveryChoice = bool | Literal["coloring"]
 
 def _iterations(module: object, method: str, iterations: int | None) -> int:
     """The Newton–Schulz steps: ``iterations`` given explicitly with a method that does not
-    iterate raises instead of being silently ignored; ``None`` is the default 5."""
+    iterate raises instead of being silently ignored; ``None`` is the operation's default (5)."""
     if iterations is None:
-        return 5
+        return nop.Whiten.iterations
     if method != "newton":
         raise ConfigError(
             f"{type(module).__name__} got iterations={iterations!r}, but its method={method!r} "
