@@ -398,6 +398,13 @@ CASES: list[Case] = [
         batch_stats=_bn_stats, eval_ref=_eval_ref("std"),
         errors=_common_errors(4, (3, 4, 5), -1),
     ),
+    Case(  # torch's bias=False: γ only, still the native kernel
+        name="bn_nobias", method="bn", num_features=4, kwargs={"bias": False}, shapes=S4,
+        grad_shape=(3, 4, 3), batch_dependent=True, running=("mean", "var"), params=("weight",),
+        takes_affine=True, native="batch_norm", degenerate_shapes=((1, 4),),
+        edge_shapes=((1, 4, 3),), batch_stats=_bn_stats, eval_ref=_eval_ref("std"),
+        errors=_common_errors(4, (3, 4, 5), 1),
+    ),
     Case(
         name="batch_group_norm", method="batch_group_norm", num_features=6,
         kwargs={"num_groups": 3}, shapes=((5, 6), (3, 6, 4), (2, 6, 3, 3), (2, 6, 2, 2, 2)),
@@ -447,6 +454,13 @@ CASES: list[Case] = [
         params=("weight", "bias"), takes_affine=True, native="layer_norm", channel_axis=-1,
         axis_swap_kwargs={"over": "channels"}, edge_shapes=((1, 4), (1, 4, 1, 1)),
         errors=_common_errors(4, (3, 4, 5), -1) + (_over_error(),),
+    ),
+    Case(  # torch's LayerNorm(4, bias=False) on (…, 4) (test_torch_parity: elementwise_affine)
+        name="ln_nobias_channels_last", method="ln", num_features=4,
+        kwargs={"channel_axis": -1, "bias": False}, shapes=S4, grad_shape=(3, 4, 3),
+        batch_dependent=False, running=(), params=("weight",), takes_affine=True,
+        native="layer_norm", channel_axis=-1, axis_swap_kwargs={"over": "channels"},
+        edge_shapes=((1, 4), (1, 4, 1, 1)),
     ),
     Case(
         name="in", method="in", num_features=4, kwargs={}, shapes=SP4, grad_shape=(2, 4, 3),

@@ -124,7 +124,8 @@ def test_getting_started_commands_are_the_readmes() -> None:
 def test_framework_page_quotes_the_real_batchnorm() -> None:
     source = (ROOT / "src" / "normkit" / "methods" / "standard.py").read_text()
     page = (DOCS / "framework.md").read_text()
-    line = "super().__init__(num_features, nap=nap.Batch(), nrr=affine_recovery(affine), **kw)"
+    line = ("super().__init__(num_features, nap=nap.Batch(), nrr=affine_recovery(affine, "
+            "bias=bias), **kw)")
     assert line in page and line in source
 
 

@@ -422,6 +422,20 @@ def test_state_dict_round_trip_continues_identically(make) -> None:
 
 
 @pytest.mark.parametrize("cls", [G.LARS, G.LAMB])
+def test_state_dict_before_the_timm_options_loads(cls) -> None:
+    """A state_dict saved before ``always_adapt``/``trust_clip``/... existed gets the defaults."""
+    net = _net()
+    opt = cls(net.parameters(), lr=0.1)
+    sd = opt.state_dict()
+    new = set(cls._NEW_OPTIONS) - {"adapt", "exclude_1d", "weight_norm_bounds"}
+    for k in new:
+        del sd["param_groups"][0][k]
+    opt.load_state_dict(sd)
+    assert {k: opt.param_groups[0][k] for k in new} == {k: cls._NEW_OPTIONS[k] for k in new}
+    _train(net, opt, 1)
+
+
+@pytest.mark.parametrize("cls", [G.LARS, G.LAMB])
 def test_deepcopy_optimizer(cls) -> None:
     net = _net()
     opt = cls(net.parameters(), lr=0.1)
@@ -449,6 +463,14 @@ BAD = [
     (lambda ps: G.LAMB(ps, eps=0.0), r"eps .*0\.0.*zero second moment"),
     (lambda ps: G.LAMB(ps, eps=-1.0), r"eps .*-1\.0"),
     (lambda ps: G.LAMB(ps, weight_norm_bounds=(2.0, 1.0)), r"weight_norm_bounds .*\(2\.0, 1\.0\)"),
+    (lambda ps: G.LARS(ps, lr=0.1, momentum=0.0, nesterov=True), r"nesterov.*momentum=0\.0"),
+    (lambda ps: G.LARS(ps, lr=0.1, dampening=0.5, nesterov=True), r"dampening=0\.5"),
+    (lambda ps: G.LARS(ps, lr=0.1, dampening=1.5), r"dampening .*\[0, 1\], got 1\.5"),
+    (lambda ps: G.LARS(ps, lr=0.1, trust_clip=1), r"trust_clip .*got 1"),
+    (lambda ps: G.LAMB(ps, max_grad_norm=0.0), r"max_grad_norm .*0\.0.*None"),
+    (lambda ps: G.LAMB([{"params": ps, "max_grad_norm": 2.0}], max_grad_norm=1.0),
+     r"one value for the optimizer \(1\.0\); a param group got 2\.0"),
+    (lambda ps: G.LAMB(ps, decoupled_decay="yes"), r"decoupled_decay .*'yes'"),
     (lambda ps: G.adaptive_clip(torch.ones(2), torch.ones(2), clipping=0.0), r"clipping .*0\.0"),
     (lambda ps: G.adaptive_clip(torch.ones(2), torch.ones(2), eps=-1.0), r"eps .*-1\.0"),
     (lambda ps: G.clip_gradients_adaptive(torch.optim.SGD(ps, lr=1), clipping=-0.01),

@@ -53,7 +53,7 @@ def test_pca_rows_by_decreasing_variance_and_rank_k():
     assert_close(top(x), full(x)[:, :2], **TIGHT)  # rank k = the first k components
     assert_close(cov(top(x)), torch.eye(2, dtype=F64), rtol=0, atol=1e-8)
     lam = torch.linalg.eigvalsh(cov(x)).flip(0)
-    assert_close(full.matrix.norm(dim=1), lam.rsqrt(), **TIGHT)  # ‖row i‖ = λ_i^{-1/2}
+    assert_close(full.matrix_.norm(dim=1), lam.rsqrt(), **TIGHT)  # ‖row i‖ = λ_i^{-1/2}
 
 
 def test_standardize_and_center_reference():
@@ -73,15 +73,15 @@ def test_streaming_in_batches_of_7_equals_fitting_at_once(method):
     loader = [(chunk, torch.zeros(len(chunk))) for chunk in x.split(7)]  # (x, y) tuples
     from_loader = make(method).fit(loader)
     for other in (streamed, from_loader):
-        assert int(other.count) == 300
-        for name in ("mean", "matrix", "inverse_matrix"):
+        assert int(other.n_samples_seen_) == 300
+        for name in ("mean_", "matrix_", "inverse_matrix_"):
             assert_close(getattr(other, name), getattr(once, name), rtol=1e-9, atol=1e-9)
         # the scatter is O(300·λ); relative agreement is what matters
-        assert_close(other.scatter, once.scatter, rtol=1e-9, atol=1e-9 * float(once.scatter.max()))
+        assert_close(other.scatter_, once.scatter_, rtol=1e-9, atol=1e-9 * float(once.scatter_.max()))
         assert_close(other(x), once(x), rtol=1e-7, atol=1e-7)
     xc = x - x.mean(0)
-    ref = xc.T @ xc if once.scatter.dim() == 2 else (xc * xc).sum(0)
-    assert_close(once.scatter, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    ref = xc.T @ xc if once.scatter_.dim() == 2 else (xc * xc).sum(0)
+    assert_close(once.scatter_, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -189,12 +189,12 @@ def test_state_dict_round_trip_into_a_fresh_module(method, lazy):
     state = torch.load(buf, weights_only=True)
     fresh = make(method, d=None if lazy else 6, **kw)
     fresh.load_state_dict(state)
-    assert fresh.num_features == 6
+    assert fresh.n_features_in_ == 6
     assert_close(fresh(x), norm(x), rtol=0, atol=0)
     assert_close(fresh.inverse_transform(fresh(x)), norm.inverse_transform(norm(x)), rtol=0, atol=0)
     # streaming continues from the loaded statistics
     fresh.partial_fit(x[150:])
-    assert_close(fresh.matrix, make(method, **kw).fit(x).matrix, rtol=1e-9, atol=1e-9)
+    assert_close(fresh.matrix_, make(method, **kw).fit(x).matrix_, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -223,7 +223,7 @@ def test_first_layer_of_a_sequential_trains():
     loss = model(x).square().mean()
     loss.backward()
     assert model[2].weight.grad is not None and list(norm.parameters()) == []
-    assert {"0.count", "0.mean", "0.matrix"} <= set(model.state_dict())
+    assert {"0.n_samples_seen_", "0.mean_", "0.matrix_"} <= set(model.state_dict())
     assert norm(x).dtype == torch.float32
 
 
@@ -235,4 +235,133 @@ def test_fits_digits_images_with_their_constant_pixels():
         norm = InputNormalizer(method="zca").fit(ds.x_train)
     y = norm(ds.x_train)
     assert y.shape == ds.x_train.shape and torch.isfinite(y).all()
-    assert tuple(norm.feature_shape.tolist()) == (1, 8, 8) and norm.num_features == 64
+    assert tuple(norm.feature_shape_.tolist()) == (1, 8, 8) and norm.n_features_in_ == 64
+
+
+# ------------------------------------------------------------ scikit-learn's conventions
+np = pytest.importorskip("numpy")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_numpy_in_numpy_out_tensor_in_tensor_out(method):
+    x = correlated(n=300)
+    kw = {"rank": 4} if method == "pca" else {}
+    via_numpy = make(method, d=None, **kw)
+    y = via_numpy.fit_transform(x.numpy())
+    assert isinstance(y, np.ndarray) and y.dtype == np.float64
+    ref = make(method, d=None, **kw).fit(x)
+    assert_close(torch.from_numpy(y), ref.transform(x), rtol=0, atol=0)  # the same computation
+    back = via_numpy.inverse_transform(y)
+    assert isinstance(back, np.ndarray) and back.shape == (300, 6)
+    assert_close(torch.from_numpy(back), ref.inverse_transform(ref(x)), rtol=0, atol=0)
+    assert isinstance(via_numpy.transform(x), torch.Tensor)  # the input's kind, not the fit's
+
+
+def test_numpy_integer_data_becomes_float64_and_partial_fit_takes_arrays():
+    x = np.arange(40, dtype=np.int64).reshape(10, 4) % 7
+    norm = InputNormalizer(method="standardize")
+    for chunk in np.array_split(x, 3):
+        norm.partial_fit(chunk)
+    y = norm.transform(x)
+    assert y.dtype == np.float64
+    ref = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-6)  # float32 buffers (torch's default dtype)
+
+
+@pytest.mark.parametrize(("x", "error", "match"), [
+    (np.ones(5), ShapeError, r"1-D array of shape \(5,\); reshape it with x\.reshape\(-1, 1\)"),
+    (torch.ones(5), ShapeError, r"1-D tensor of shape \(5,\); add one with x\.unsqueeze\(0\)"),
+    ([[1.0, 2.0], [3.0, 4.0]], ShapeError, r"expects a torch\.Tensor or a numpy array .* got list"),
+    (np.array([["a", "b"], ["c", "d"]]), ConfigError, r"numeric data, got a numpy array of dtype"),
+])
+def test_bad_inputs_name_what_they_got(x, error, match):
+    norm = InputNormalizer(method="center").fit(torch.randn(4, 2))
+    with pytest.raises(error, match=match):
+        norm.transform(x)
+
+
+def test_unfitted_transform_raises_a_clear_error():
+    norm = InputNormalizer(3, method="zca")
+    for call in (lambda: norm.transform(np.ones((2, 3))), lambda: norm.scale_,
+                 lambda: norm.inverse_transform(torch.ones(2, 3))):
+        with pytest.raises(NotFittedError, match=r"is not fitted: call \.fit"):
+            call()
+    assert not hasattr(norm, "n_features_in_") and not norm.__sklearn_is_fitted__()
+
+
+def test_get_params_mirror_the_constructor_and_set_params_validates():
+    args = dict(num_features=None, method="pca", eps=1, rank=2, device=None, dtype=F64)
+    norm = InputNormalizer(**args)
+    params = norm.get_params(deep=True)
+    assert params.keys() == args.keys() and all(params[k] is args[k] for k in args)  # unchanged
+    norm.fit(10 * correlated(n=100))  # variances >> eps = 1
+    assert norm.get_params()["num_features"] is None and norm.n_features_in_ == 6
+    assert norm.set_params(rank=3) is norm and norm.rank == 3
+    assert not norm.__sklearn_is_fitted__()  # a new configuration drops the fit
+    with pytest.raises(ConfigError, match=r"rank=3 needs principal components: .* not 'center'"):
+        norm.set_params(method="center")
+    assert norm.method == "pca"  # a refused set_params changes nothing
+    with pytest.raises(ConfigError,
+                       match=r"no parameter\(s\) \['ranks'\]; valid: \['num_features'"):
+        norm.set_params(ranks=2)
+
+
+def test_fitted_attributes_end_in_an_underscore():
+    x = correlated(n=500)
+    std = make("standardize").fit(x)
+    assert_close(std.scale_, (x.var(0, correction=0) + 1e-12).sqrt(), **TIGHT)
+    assert_close(std.mean_, x.mean(0), **TIGHT)
+    assert int(std.n_samples_seen_) == 500 and std.n_features_in_ == 6
+    pca = make("pca", rank=3).fit(x)
+    comp = pca.components_
+    assert comp.shape == (3, 6)
+    assert_close(comp @ comp.T, torch.eye(3, dtype=F64), **TIGHT)  # orthonormal axes
+    lam, vec = torch.linalg.eigh(cov(x))
+    top = vec[:, [-1, -2, -3]].T  # by decreasing variance, up to sign
+    assert_close((comp * top).sum(1).abs(), torch.ones(3, dtype=F64), **TIGHT)
+    with pytest.raises(ConfigError, match=r"components_ are the principal axes of method='pca'"):
+        _ = std.components_
+
+
+def test_old_attribute_names_warn_and_old_checkpoints_load():
+    x = correlated(n=200)
+    norm = make("zca").fit(x)
+    for old, new in (("count", "n_samples_seen_"), ("mean", "mean_"), ("scatter", "scatter_"),
+                     ("matrix", "matrix_"), ("inverse_matrix", "inverse_matrix_"),
+                     ("feature_shape", "feature_shape_")):
+        with pytest.warns(DeprecationWarning, match=rf"InputNormalizer\.{old} is deprecated; "
+                                                    rf"use \.{new}"):
+            assert getattr(norm, old) is getattr(norm, new)
+    v1 = {k.rstrip("_").replace("n_samples_seen", "count"): v for k, v in norm.state_dict().items()}
+    fresh = make("zca", d=None)
+    fresh.load_state_dict(v1)  # a version-1 checkpoint (names without the underscore)
+    assert_close(fresh(x), norm(x), rtol=0, atol=0)
+
+
+def test_refit_without_num_features_infers_again():
+    norm = InputNormalizer(method="center").fit(torch.randn(5, 3))
+    assert norm.fit(torch.randn(5, 4)).n_features_in_ == 4
+    with pytest.raises(ShapeError, match=r"fit expects a tensor, an array or an iterable .* got int"):
+        norm.fit(3)
+
+
+def test_sklearn_clone_and_pipeline():
+    base = pytest.importorskip("sklearn.base")
+    pipeline = pytest.importorskip("sklearn.pipeline")
+    linear = pytest.importorskip("sklearn.linear_model")
+    norm = InputNormalizer(method="zca", eps=1e-6, dtype=F64)
+    twin = base.clone(norm)
+    assert twin is not norm and twin.get_params() == norm.get_params()
+    g = np.random.default_rng(0)
+    x = g.normal(size=(200, 4)) @ g.normal(size=(4, 4)) + 5.0
+    y = (x[:, 0] - x[:, 1] > 0).astype(int)
+    pipe = pipeline.Pipeline([("norm", norm), ("clf", linear.LogisticRegression())])
+    pipe.fit(x, y)
+    assert pipe.predict(x).shape == (200,) and pipe.score(x, y) > 0.9
+    assert pipe.named_steps["norm"].n_features_in_ == 4
+    assert isinstance(base.clone(pipe).fit(x, y).predict(x), np.ndarray)
+    validation = pytest.importorskip("sklearn.utils.validation")
+    validation.check_is_fitted(norm)  # via __sklearn_is_fitted__ and __sklearn_tags__
+    exceptions = pytest.importorskip("sklearn.exceptions")
+    with pytest.raises(exceptions.NotFittedError, match="not fitted"):
+        validation.check_is_fitted(base.clone(norm))

@@ -367,3 +367,57 @@ def test_apply_to_model_and_remove_from_model():
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+class _HFStyleRMSNorm(nn.Module):  # Hugging Face's LlamaRMSNorm: not a torch norm subclass
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+
+class _BatchNormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: a torch BN subclass
+    pass
+
+
+@pytest.mark.parametrize("norm", [
+    nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.LayerNorm([4, 3]),
+    nn.InstanceNorm2d(4, affine=True), nn.RMSNorm(4), _BatchNormAct(4), _HFStyleRMSNorm(4),
+    nk.BatchNorm(4), nk.LayerNorm([4, 3]), nk.create("dbn", 4, affine="coloring"),
+], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("method", ["wn", "sn", "ws"])
+def test_apply_refuses_a_normalization_layers_gamma(norm, method):
+    """Weight normalization of a norm layer's γ would silently rescale it (WN on a 1-D γ pins
+    |γ_i| = g_i): refused with the layer and what the methods apply to."""
+    name = type(norm).__name__
+    with pytest.raises(nk.ConfigError, match=rf"{name}\.weight of shape .* affine parameter of a "
+                                             r"normalization layer.*Linear/Conv"):
+        nk.weight.apply(norm, method)
+    assert not nk.weight.is_normalized(norm)
+
+
+def test_apply_to_model_names_the_norm_layers_path():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4)))
+    with pytest.raises(nk.ConfigError, match=r"1\.0\.weight \(BatchNorm1d\) of shape \(4,\)"):
+        nk.weight.apply_to_model(net, "wn", types=(nn.Linear, nn.BatchNorm1d))
+    # the default types select Linear/Conv only, so a model with norms converts as before
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    assert nk.weight.apply_to_model(net, "wn") == ["0"]
+
+
+def test_a_linear_named_norm_is_not_refused():
+    """The class-name rule only covers 1-D parameters of non-Linear/Conv modules."""
+    class NormedLinear(nn.Linear):
+        pass
+
+    assert nk.weight.is_normalized(nk.weight.apply(NormedLinear(3, 2), "wn"))
+
+
+def test_apply_refuses_timm_norm_layers():
+    """timm's norms: torch subclasses (LayerNorm2d, BatchNormAct2d) and plain modules (RmsNorm,
+    EvoNorm2dB0, whose extra ``v`` is 1-D too)."""
+    layers = pytest.importorskip("timm.layers")
+    for norm in (layers.RmsNorm(8), layers.LayerNorm2d(8), layers.BatchNormAct2d(8),
+                 layers.EvoNorm2dB0(8)):
+        for name, _ in norm.named_parameters(recurse=False):
+            with pytest.raises(nk.ConfigError, match=r"affine parameter of a normalization layer"):
+                nk.weight.apply(norm, "wn", name=name)

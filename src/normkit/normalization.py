@@ -281,8 +281,9 @@ class Normalization(nn.Module):
     # ---------------------------------------------------------------- forward
     def _native_kind(self) -> Native | None:
         nap, nop, nrr = self.nap, self.nop, self.nrr
-        plain_affine = isinstance(nrr, nrr_.Identity) or (
-            type(nrr) is nrr_.Affine and nrr.weight and nrr.bias)
+        plain_affine = isinstance(nrr, nrr_.Identity) or (  # torch's kernels take bias=None
+            type(nrr) is nrr_.Affine and nrr.weight and nrr.shape is None
+            and (nrr.bias or type(nap) is not nap_.BatchGroup))
         if type(nop) is nop_.Standardize and plain_affine:
             if type(nap) is nap_.Batch and self.groups[1] == 1:
                 return "batch_norm"

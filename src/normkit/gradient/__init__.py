@@ -24,7 +24,7 @@ from ._hooks import centralize_gradients as centralize_gradients
 from ._hooks import clip_gradients_adaptive as clip_gradients_adaptive
 from ._hooks import normalize_gradients as normalize_gradients
 from ._hooks import unitwise_norm as unitwise_norm
-from ._optimizers import LAMB as LAMB
+from ._lamb import LAMB as LAMB
 from ._optimizers import LARS as LARS
 from ._optimizers import exclude_bias_and_norm as exclude_bias_and_norm
 

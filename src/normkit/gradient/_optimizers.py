@@ -1,4 +1,5 @@
-r"""Layer-wise adaptive optimizers: LARS (You et al. 2017) and LAMB (You et al. 2020).
+r"""Layer-wise adaptive optimizers: LARS (You et al. 2017) here, LAMB (You et al. 2020) in
+:mod:`._lamb`, and their shared rules.
 
 Both scale each parameter tensor's update by a *trust ratio* ``‖w‖ / ‖update‖``, so the step
 length of a layer is proportional to its weight norm and independent of the gradient's scale.
@@ -10,11 +11,38 @@ momentum-SGD (LARS) or plain Adam (LAMB) step, as the papers' large-batch recipe
 ``adapt=False`` turns the trust ratio off for a whole group; its ``weight_decay`` still applies to
 its ``ndim > 1`` parameters, and to all of them with ``exclude_1d=False`` (so a group that wants
 decayed biases says ``{"params": biases, "weight_decay": 0.01, "exclude_1d": False}``).
+``always_adapt=False`` (timm's rule) further restricts the trust ratio to parameters with a
+nonzero weight decay; the default ``True`` adapts every non-excluded parameter, as the papers do.
 :func:`exclude_bias_and_norm` builds the same split as explicit param groups for any optimizer.
 
 Guards: the trust ratio is defined as 1 when ``‖w‖ = 0`` or the norm it divides by is 0, so a
 zero-initialized weight or a zero gradient gives a finite step (TESTING.md). Norms are reduced in
 at least float32.
+
+**timm.** The options of timm 1.0's ``Lars`` (``trust_clip``, ``nesterov``, ``dampening``,
+``always_adapt``) and ``Lamb`` (``bias_correction``, ``grad_averaging``, ``max_grad_norm``,
+``trust_clip``, ``decoupled_decay``, ``always_adapt``) have timm's names and meanings: with the
+same settings (and ``exclude_1d=False``, a rule timm does not have) the parameter trajectories are
+timm's (tests/test_gradient_timm.py). The defaults follow the papers, so they differ from timm's
+where timm departs from them:
+
+======================  ========  ========  ===============================================
+option                  normkit   timm      why
+======================  ========  ========  ===============================================
+LARS ``lr``             required  ``1.0``   no learning rate fits every model
+LARS ``momentum``       ``0.9``   ``0``     You et al. 2017 train with momentum 0.9
+``always_adapt``        ``True``  ``False`` both papers adapt every layer; timm skips
+                                            parameters without weight decay (here
+                                            ``exclude_1d`` excludes biases and norms)
+``exclude_1d``          ``True``  (none)    the papers' recipes: no ratio, no decay for 1-D
+LAMB ``weight_decay``   ``0``     ``0.01``  the paper sets λ per task (0.01 for BERT); like
+                                            ``torch.optim.Adam``, no decay unless asked
+LAMB ``max_grad_norm``  ``None``  ``1.0``   LAMB (You et al. 2020) has no global clipping;
+                                            it comes from NVIDIA's BERT recipe
+======================  ========  ========  ===============================================
+
+timm's LARS calls the coefficient ``trust_coeff``; normkit keeps ``trust_coefficient``. timm's
+LAMB extras ``caution`` and ``corrected_weight_decay`` are not in the papers and not provided.
 """
 
 from __future__ import annotations
@@ -30,7 +58,7 @@ from torch.optim import Optimizer
 
 from ..errors import ConfigError
 
-__all__ = ["LARS", "LAMB", "exclude_bias_and_norm"]
+__all__ = ["LARS", "exclude_bias_and_norm"]
 
 
 def exclude_bias_and_norm(params: nn.Module | Iterable[Tensor]) -> list[dict[str, Any]]:
@@ -100,17 +128,23 @@ class _LayerwiseOptimizer(Optimizer, ABC):
         self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
 
+    # options added after the first release: their defaults for state_dicts saved before them
+    _NEW_OPTIONS: dict[str, Any] = {"adapt": True, "exclude_1d": True, "always_adapt": True,
+                                    "trust_clip": False}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("adapt", True)
-            group.setdefault("exclude_1d", True)
+            for k, v in self._NEW_OPTIONS.items():
+                group.setdefault(k, v)
 
     @staticmethod
     def _roles(group: dict[str, Any], p: Tensor) -> tuple[bool, float]:
-        """(apply the trust ratio?, weight decay) for ``p`` under the group's exclusion rule."""
+        """(apply the trust ratio?, weight decay) for ``p`` under the group's exclusion rule and
+        ``always_adapt`` (``False``: only decayed parameters are adapted, timm's rule)."""
         excluded = group["exclude_1d"] and p.dim() <= 1
-        return group["adapt"] and not excluded, 0.0 if excluded else group["weight_decay"]
+        wd = 0.0 if excluded else group["weight_decay"]
+        return group["adapt"] and not excluded and (group["always_adapt"] or wd != 0), wd
 
     @staticmethod
     def _grad(p: Tensor, name: str) -> Tensor:
@@ -128,12 +162,17 @@ class LARS(_LayerwiseOptimizer):
     .. math::
         \lambda = \frac{\eta\,\lVert w\rVert}{\lVert g\rVert + \beta\lVert w\rVert + \epsilon}
         \quad(\lambda = 1 \text{ if } \lVert w\rVert = 0 \text{ or } \lVert g\rVert = 0),\qquad
-        d = \lambda\,(g + \beta w),\qquad b \leftarrow m\,b + d,\qquad w \leftarrow w - \gamma\,b
+        d = \lambda\,(g + \beta w),\qquad b \leftarrow m\,b + (1 - \delta)\,d,\qquad
+        w \leftarrow w - \gamma\,b \ \ (\text{Nesterov: } w \leftarrow w - \gamma\,(d + m\,b))
 
     The momentum buffer ``b`` follows :class:`torch.optim.SGD` (``b = d`` on the first step,
-    ``γ`` outside the buffer; the paper puts ``γ`` inside, which is the same for a constant
-    ``γ``). Parameters excluded from adaptation (see the module docstring: ``ndim <= 1`` by
-    default, or a group with ``adapt=False``) take exactly ``torch.optim.SGD``'s momentum step.
+    dampening :math:`\delta`, ``γ`` outside the buffer; the paper puts ``γ`` inside, which is the
+    same for a constant ``γ``). LARC (``trust_clip=True``; NVIDIA apex's ``LARC(clip=True)``,
+    timm's ``trust_clip``) replaces :math:`\lambda` by :math:`\min(\lambda/\gamma, 1)`: the
+    layer's step size :math:`\gamma\lambda` becomes :math:`\min(\lambda, \gamma)`, i.e. the
+    trust ratio is read as a local learning rate that never exceeds the global one. Parameters
+    excluded from adaptation (see the module docstring: ``ndim <= 1`` by default, or a group
+    with ``adapt=False``) take exactly ``torch.optim.SGD``'s momentum step.
     With ``β = 0`` the update does not depend on the gradient's scale (up to ``ε``).
 
     Args:
@@ -144,6 +183,12 @@ class LARS(_LayerwiseOptimizer):
         trust_coefficient: :math:`\eta > 0`. Default ``0.001`` (the paper's value).
         eps: :math:`\epsilon \ge 0` in the denominator. Default ``1e-8``. ``0`` is safe: a zero
             denominator only occurs with a zero norm, where the ratio is 1.
+        dampening: :math:`\delta \in [0, 1]`, as :class:`torch.optim.SGD`. Default ``0``.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening = 0``). Default
+            ``False``.
+        trust_clip: LARC clipping (see above). Default ``False`` (the paper's LARS).
+        always_adapt: adapt parameters without weight decay too (``False``: timm's rule, only
+            decayed ones). Default ``True`` (the paper).
         adapt: apply the trust ratio (``False`` = plain momentum SGD). Default ``True``.
         exclude_1d: parameters with ``ndim <= 1`` get no trust ratio and no weight decay.
             Default ``True``.
@@ -162,6 +207,8 @@ class LARS(_LayerwiseOptimizer):
         True
     """
 
+    _NEW_OPTIONS = {**_LayerwiseOptimizer._NEW_OPTIONS, "dampening": 0.0, "nesterov": False}
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -171,12 +218,17 @@ class LARS(_LayerwiseOptimizer):
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
         *,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        trust_clip: bool = False,
+        always_adapt: bool = True,
         adapt: bool = True,
         exclude_1d: bool = True,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps, adapt=adapt,
-                        exclude_1d=exclude_1d)
+                        trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
+                        nesterov=nesterov, trust_clip=trust_clip, always_adapt=always_adapt,
+                        adapt=adapt, exclude_1d=exclude_1d)
         self._validate(defaults)
         super().__init__(params, defaults)
 
@@ -187,8 +239,16 @@ class LARS(_LayerwiseOptimizer):
         _number("trust_coefficient", group["trust_coefficient"], 0.0, open_lo=True,
                 fix="the paper uses 0.001")
         _number("eps", group["eps"], 0.0, fix="use eps >= 0 such as 1e-8")
-        _flag("adapt", group["adapt"])
-        _flag("exclude_1d", group["exclude_1d"])
+        damp = group["dampening"]
+        if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and 0 <= damp <= 1):
+            raise ConfigError(f"dampening must be a number in [0, 1], got {damp!r}; 0 is "
+                              f"torch.optim.SGD's default")
+        for name in ("nesterov", "trust_clip", "always_adapt", "adapt", "exclude_1d"):
+            _flag(name, group[name])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ConfigError(
+                f"nesterov=True needs momentum > 0 and dampening = 0, got "
+                f"momentum={group['momentum']!r}, dampening={group['dampening']!r}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore
@@ -209,6 +269,8 @@ class LARS(_LayerwiseOptimizer):
                     w_norm, g_norm = _norm(p), _norm(g)
                     ratio = _ratio(w_norm, g_norm, group["trust_coefficient"] * w_norm,
                                    g_norm + wd * w_norm + group["eps"])
+                    if group["trust_clip"]:  # LARC: local lr min(λ, γ); γ = 0 steps 0 anyway
+                        ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
                     d.mul_(ratio.to(d.dtype))
                 if momentum != 0:
                     state = self.state[p]
@@ -216,131 +278,7 @@ class LARS(_LayerwiseOptimizer):
                     if buf is None:
                         state["momentum_buffer"] = buf = d.clone()
                     else:
-                        buf.mul_(momentum).add_(d)
-                    d = buf
+                        buf.mul_(momentum).add_(d, alpha=1.0 - group["dampening"])
+                    d = d.add_(buf, alpha=momentum) if group["nesterov"] else buf
                 p.add_(d, alpha=-lr)
-        return loss
-
-
-class LAMB(_LayerwiseOptimizer):
-    r"""Layer-wise Adaptive Moments for Batch training (You et al. 2020,
-    https://arxiv.org/abs/1904.00962).
-
-    At step ``t`` for each parameter tensor ``w`` with gradient ``g``:
-
-    .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
-        \hat m = \frac{m}{1-\beta_1^t},\quad \hat v = \frac{v}{1-\beta_2^t}
-
-        r = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w,\qquad
-        w \leftarrow w - \gamma\,\frac{\phi(\lVert w\rVert)}{\lVert r\rVert}\, r
-
-    with :math:`\phi(z) = \min(\max(z, \ell), u)` for ``weight_norm_bounds=(ℓ, u)`` and
-    :math:`\phi(z) = z` by default; the ratio is 1 when ``‖w‖ = 0`` or ``‖r‖ = 0`` (a zero
-    gradient without decay). A zero gradient *with* decay has ``r = λw`` and a well-defined ratio
-    (and after step 1 the moments keep ``r`` nonzero anyway), so it is not special-cased. Excluded
-    parameters (``ndim <= 1`` by default, or groups with ``adapt=False``) take the plain step
-    ``w ← w − γ r``: Adam, or AdamW's decoupled decay when the group keeps ``weight_decay``.
-    The update is invariant to the gradient's scale (up to ``ε``), weight decay included.
-
-    Args:
-        params: parameters or param groups (groups may override every option below).
-        lr: :math:`\gamma \ge 0`. Default ``1e-3``.
-        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
-        eps: :math:`\epsilon > 0` (a zero second moment is reachable). Default ``1e-6``.
-        weight_decay: :math:`\lambda \ge 0` (decoupled, inside ``r``). Default ``0``.
-        weight_norm_bounds: ``(ℓ, u)`` with ``0 <= ℓ <= u`` to clamp ``φ``, or ``None``.
-        adapt: apply the trust ratio. Default ``True``.
-        exclude_1d: parameters with ``ndim <= 1`` get no trust ratio and no weight decay.
-            Default ``True``.
-
-    State per parameter: ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (shape of the parameter).
-
-    Example:
-        >>> import torch, normkit.gradient as G
-        >>> w = torch.nn.Parameter(torch.randn(4, 5))
-        >>> opt = G.LAMB([w], lr=0.01)
-        >>> before = w.detach().clone()
-        >>> w.grad = torch.randn(4, 5)
-        >>> opt.step()
-        >>> torch.allclose((w - before).norm(), 0.01 * before.norm())   # ‖Δw‖ = γ·‖w‖
-        True
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        weight_norm_bounds: tuple[float, float] | None = None,
-        adapt: bool = True,
-        exclude_1d: bool = True,
-    ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, weight_norm_bounds=weight_norm_bounds,
-                        adapt=adapt, exclude_1d=exclude_1d)
-        self._validate(defaults)
-        super().__init__(params, defaults)
-
-    def _validate(self, group: dict[str, Any]) -> None:
-        _number("lr", group["lr"], 0.0, fix="use a learning rate >= 0")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        for i, b in enumerate(betas):
-            _number(f"betas[{i}]", b, 0.0, hi=1.0, fix="the usual values are (0.9, 0.999)")
-        _number("eps", group["eps"], 0.0, open_lo=True,
-                fix="a zero second moment is reachable; use eps such as 1e-6")
-        _number("weight_decay", group["weight_decay"], 0.0)
-        bounds = group["weight_norm_bounds"]
-        if bounds is not None:
-            valid = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
-            if not valid or not 0 <= bounds[0] <= bounds[1] or math.isnan(bounds[1]):
-                raise ConfigError(
-                    f"weight_norm_bounds must be None or (low, high) with 0 <= low <= high, "
-                    f"got {bounds!r}; e.g. (0.0, 10.0)")
-        _flag("adapt", group["adapt"])
-        _flag("exclude_1d", group["exclude_1d"])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("weight_norm_bounds", None)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore
-        """Take one LAMB step; ``closure`` (optional) re-evaluates the loss and returns it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            bounds = group["weight_norm_bounds"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = self._grad(p, "LAMB")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                r = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
-                adapt, wd = self._roles(group, p)
-                if wd != 0:
-                    r.add_(p, alpha=wd)
-                if adapt:
-                    w_norm, r_norm = _norm(p), _norm(r)
-                    phi = w_norm if bounds is None else w_norm.clamp(bounds[0], bounds[1])
-                    r.mul_(_ratio(w_norm, r_norm, phi, r_norm).to(r.dtype))
-                p.add_(r, alpha=-group["lr"])
         return loss

@@ -30,11 +30,16 @@ class NormKwargs(TypedDict, total=False):
     dtype: torch.dtype | None
 
 
-def affine_recovery(affine: bool, *, bias: bool = True, weight: bool = True) -> nrr.Recovery:
-    """``Affine(weight, bias)`` when ``affine`` else ``Identity()``."""
+def affine_recovery(
+    affine: bool, *, bias: bool = True, weight: bool = True, shape: tuple[int, ...] | None = None
+) -> nrr.Recovery:
+    """``Affine(weight, bias, shape=shape)`` when ``affine`` else ``Identity()`` (``bias`` is then
+    ignored, as torch ignores ``bias=False`` without ``affine``)."""
     if not isinstance(affine, bool):
         raise ConfigError(f"affine must be a bool, got {affine!r}")
-    return nrr.Affine(weight=weight, bias=bias) if affine else nrr.Identity()
+    if not isinstance(bias, bool):
+        raise ConfigError(f"bias must be a bool, got {bias!r}")
+    return nrr.Affine(weight=weight, bias=bias, shape=shape) if affine else nrr.Identity()
 
 
 def layer_partition(

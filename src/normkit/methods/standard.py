@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
+from ..errors import ConfigError, ShapeError
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery, layer_partition
@@ -33,6 +39,8 @@ class BatchNorm(Normalization):
     Args:
         num_features: channels ``C``.
         affine: learn per-channel ``γ`` (init 1) and ``β`` (init 0). Default ``True``.
+        bias: with ``affine``, learn ``β`` too; ``False`` keeps ``γ`` only (``bias`` is ``None``),
+            as torch's ``bias=False``. Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs` (``eps=1e-5``, ``momentum=0.1``,
             ``track_running_stats=True``, ``channel_axis=1``, ``device``, ``dtype``).
 
@@ -49,8 +57,9 @@ class BatchNorm(Normalization):
         True
     """
 
-    def __init__(self, num_features: int, *, affine: bool = True, **kw: Unpack[NormKwargs]) -> None:
-        super().__init__(num_features, nap=nap.Batch(), nrr=affine_recovery(affine), **kw)
+    def __init__(self, num_features: int, *, affine: bool = True, bias: bool = True,
+                 **kw: Unpack[NormKwargs]) -> None:
+        super().__init__(num_features, nap=nap.Batch(), nrr=affine_recovery(affine, bias=bias), **kw)
 
 
 @register("ln", family="standardization", aliases=("layer_norm", "layernorm", "layernorm2d"),
@@ -72,16 +81,30 @@ class LayerNorm(Normalization):
     ``over=None`` (default) picks ``"all"`` for ``channel_axis=1`` and ``"channels"`` for
     ``channel_axis=-1``. Dispatches to ``group_norm`` / ``layer_norm`` kernels.
 
+    **torch's call form.** A list/tuple first argument, or torch's ``elementwise_affine=``, means
+    torch's ``LayerNorm(normalized_shape, eps, elementwise_affine, bias)``: statistics over the
+    last ``len(normalized_shape)`` dimensions, which must equal ``normalized_shape``, with an
+    elementwise ``γ, β`` of that shape (``channel_axis=-1`` and ``over="channels"`` by default;
+    ``num_features`` is then ``prod(normalized_shape)``). The module then equals
+    ``torch.nn.LayerNorm`` with the same arguments and state_dicts load both ways.
+    ``nk.LayerNorm(768)`` alone keeps normkit's form (the book's LN over ``(C, *spatial)`` of a
+    channels-first input); write ``nk.LayerNorm([768])`` or ``channel_axis=-1`` for torch's.
+
     Paper: Ba, Kiros & Hinton, *Layer Normalization*, 2016. arXiv:1607.06450.
 
     Args:
-        num_features: channels ``C``.
+        num_features: channels ``C``, or torch's ``normalized_shape`` (a list/tuple of ints).
         over: ``"all"``, ``"channels"`` or ``None`` (see above).
-        affine: per-channel ``γ, β``. Default ``True``.
+        affine: learnable ``γ, β``. Default ``True``.
+        elementwise_affine: torch's name for ``affine`` (selects torch's call form); giving both
+            with different values raises.
+        bias: with ``affine``, learn ``β`` too; ``False`` keeps ``γ`` only (``bias`` is ``None``),
+            as torch's ``bias=False``. Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
     Shape:
-        ``(N, C, *)`` → same (or ``(N, *, C)`` with ``channel_axis=-1``).
+        ``(N, C, *)`` → same (or ``(N, *, C)`` with ``channel_axis=-1``); torch's form:
+        ``(*, *normalized_shape)`` → same.
 
     Example:
         >>> import torch, normkit as nk
@@ -92,18 +115,78 @@ class LayerNorm(Normalization):
         >>> img = torch.randn(2, 8, 4, 4)
         >>> torch.allclose(nk.LayerNorm(8)(img), nk.GroupNorm(8, num_groups=1)(img), atol=1e-6)
         True
+        >>> ln, ref = nk.LayerNorm([8, 4, 4], bias=False), torch.nn.LayerNorm([8, 4, 4], bias=False)
+        >>> _ = ln.load_state_dict(ref.state_dict())       # γ of shape (8, 4, 4), no β
+        >>> torch.allclose(ln(img), ref(img), atol=1e-6)
+        True
     """
 
     def __init__(
         self,
-        num_features: int,
+        num_features: int | Sequence[int],
         *,
         over: Literal["all", "channels"] | None = None,
-        affine: bool = True,
+        affine: bool | None = None,
+        elementwise_affine: bool | None = None,
+        bias: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
+        if affine is not None and elementwise_affine is not None and affine != elementwise_affine:
+            raise ConfigError(
+                f"affine={affine!r} and elementwise_affine={elementwise_affine!r} disagree "
+                f"(elementwise_affine is torch's name for affine); pass one of them")
+        on = next((a for a in (affine, elementwise_affine) if a is not None), True)
+        torch_form = not isinstance(num_features, int) or elementwise_affine is not None
+        shape: tuple[int, ...] | None = None
+        if torch_form:
+            shape = _normalized_shape(num_features)
+            kw.setdefault("channel_axis", -1)
+            if len(shape) > 1 and (kw["channel_axis"] != -1 or over not in (None, "channels")):
+                raise ConfigError(
+                    f"normalized_shape={list(shape)} normalizes the last {len(shape)} "
+                    f"dimensions (torch's LayerNorm): it needs channel_axis=-1 and "
+                    f"over='channels', got channel_axis={kw['channel_axis']}, over={over!r}")
+            num_features = math.prod(shape)
         partition = layer_partition(over, kw.get("channel_axis", 1))
-        super().__init__(num_features, nap=partition, nrr=affine_recovery(affine), **kw)
+        recovery = affine_recovery(on, bias=bias, shape=shape if shape and len(shape) > 1 else None)
+        super().__init__(num_features, nap=partition, nrr=recovery, **kw)
+        torch_layout = type(partition) is nap.Position and self.channel_axis == -1
+        if shape is None or len(shape) == 1:
+            shape = (num_features,) if torch_layout else None
+        self.normalized_shape: tuple[int, ...] | None = shape
+        """torch's ``normalized_shape`` where the module is torch's LayerNorm, else ``None``."""
+
+    @property
+    def elementwise_affine(self) -> bool:
+        """torch's name for :attr:`affine`."""
+        return self.affine
+
+    def forward(self, x: Tensor, condition: Any = None) -> Tensor:
+        """Normalize ``x``; torch's form with a multi-dimensional ``normalized_shape`` normalizes
+        the trailing dimensions (the channels flattened)."""
+        shape = self.normalized_shape
+        if shape is None or len(shape) == 1:
+            return super().forward(x, condition)
+        k = len(shape)
+        if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+            raise ShapeError(
+                f"expected an input whose last {k} dimensions are normalized_shape={list(shape)}, "
+                f"got shape {tuple(x.shape)}; check normalized_shape")
+        if self.native and x.numel() > 0 and self._native_ok(x):  # the kernel takes γ's shape
+            eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+            return F.layer_norm(x, shape, self.weight, self.bias, eps)
+        return super().forward(x.flatten(x.dim() - k), condition).unflatten(-1, shape)
+
+
+def _normalized_shape(value: Any) -> tuple[int, ...]:
+    """torch's ``normalized_shape`` (an int or a sequence of ints) as a tuple, validated."""
+    shape = (value,) if isinstance(value, int) else value
+    if (not isinstance(shape, (list, tuple, torch.Size)) or not shape
+            or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape)):
+        raise ConfigError(
+            f"normalized_shape must be a positive int or a non-empty list/tuple of positive "
+            f"ints, got {value!r}")
+    return tuple(int(d) for d in shape)
 
 
 @register("in", family="standardization", aliases=("instance_norm", "instancenorm"),
@@ -123,6 +206,7 @@ class InstanceNorm(Normalization):
     Args:
         num_features: channels ``C``.
         affine: per-channel ``γ, β``. Default ``False``.
+        bias: with ``affine``, learn ``β`` too (torch's ``bias``). Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs` (``track_running_stats=False``).
 
     Shape:
@@ -137,9 +221,11 @@ class InstanceNorm(Normalization):
         True
     """
 
-    def __init__(self, num_features: int, *, affine: bool = False, **kw: Unpack[NormKwargs]) -> None:
+    def __init__(self, num_features: int, *, affine: bool = False, bias: bool = True,
+                 **kw: Unpack[NormKwargs]) -> None:
         kw.setdefault("track_running_stats", False)
-        super().__init__(num_features, nap=nap.Instance(), nrr=affine_recovery(affine), **kw)
+        super().__init__(num_features, nap=nap.Instance(),
+                         nrr=affine_recovery(affine, bias=bias), **kw)
 
 
 @register("gn", family="standardization", aliases=("group_norm", "groupnorm"),
@@ -161,6 +247,7 @@ class GroupNorm(Normalization):
         group_size: channels per group (exactly one of the two; default ``num_groups=32`` when
             neither is given and 32 divides ``C``).
         affine: per-channel ``γ, β``. Default ``True``.
+        bias: with ``affine``, learn ``β`` too (torch's ``bias``). Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
     Shape:
@@ -181,12 +268,13 @@ class GroupNorm(Normalization):
         num_groups: int | None = None,
         group_size: int | None = None,
         affine: bool = True,
+        bias: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None and group_size is None:
             num_groups = 32
         partition = nap.Group(num_groups=num_groups, group_size=group_size)
-        super().__init__(num_features, nap=partition, nrr=affine_recovery(affine), **kw)
+        super().__init__(num_features, nap=partition, nrr=affine_recovery(affine, bias=bias), **kw)
 
     @property
     def num_groups(self) -> int:

@@ -27,6 +27,19 @@ Estimate = Literal["matrix", "covariance"]
 RecoveryChoice = bool | Literal["coloring"]
 
 
+def _iterations(module: object, method: str, iterations: int | None) -> int:
+    """The Newton–Schulz steps: ``iterations`` given explicitly with a method that does not
+    iterate raises instead of being silently ignored; ``None`` is the operation's default (5)."""
+    if iterations is None:
+        return nop.Whiten.iterations
+    if method != "newton":
+        raise ConfigError(
+            f"{type(module).__name__} got iterations={iterations!r}, but its method={method!r} "
+            f"does not iterate: iterations applies to method='newton' (IterNorm) only. Remove "
+            f"iterations=, or use method='newton' / normkit.IterNorm")
+    return iterations
+
+
 def _largest_divisor(num_features: int, limit: int = 16) -> int:
     """Default group size / count: the largest divisor of ``C`` up to ``limit``."""
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
@@ -54,7 +67,8 @@ class BatchWhitening(Normalization):
             has the remaining ``C mod d`` channels. Default: the largest divisor of ``C`` up to
             16 (equal groups).
         method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"``.
-        iterations: Newton–Schulz steps (``"newton"`` only). Default ``5``.
+        iterations: Newton–Schulz steps, ``method="newton"`` only (given with another method, it
+            raises rather than being ignored). Default ``5``.
         estimate: running estimate kept for evaluation: ``"matrix"`` or ``"covariance"``.
         affine: per-channel ``γ, β`` (``True``, the default), none (``False``), or
             ``"coloring"``: a learned ``d × d`` matrix per group (:class:`normkit.nrr.Coloring`,
@@ -79,7 +93,7 @@ class BatchWhitening(Normalization):
         *,
         group_size: int | None = None,
         method: Literal["zca", "pca", "cholesky", "newton"] = "zca",
-        iterations: int = 5,
+        iterations: int | None = None,
         estimate: Estimate = "matrix",
         affine: RecoveryChoice = True,
         **kw: Unpack[NormKwargs],
@@ -89,7 +103,8 @@ class BatchWhitening(Normalization):
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
-            nop=nop.Whiten(method=method, iterations=iterations, estimate=estimate),
+            nop=nop.Whiten(method=method, iterations=_iterations(self, method, iterations),
+                           estimate=estimate),
             nrr=nrr.Coloring(group_size=group_size) if affine == "coloring" else affine_recovery(affine),
             **kw,
         )
@@ -266,7 +281,7 @@ class GroupWhitening(Normalization):
         *,
         num_groups: int | None = None,
         method: Literal["zca", "pca", "cholesky", "newton"] = "zca",
-        iterations: int = 5,
+        iterations: int | None = None,
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
@@ -275,7 +290,7 @@ class GroupWhitening(Normalization):
         super().__init__(
             num_features,
             nap=nap.Group(num_groups=num_groups),
-            nop=nop.Whiten(method=method, iterations=iterations),
+            nop=nop.Whiten(method=method, iterations=_iterations(self, method, iterations)),
             nrr=affine_recovery(affine),
             **kw,
         )
@@ -321,7 +336,7 @@ class InstanceWhitening(Normalization):
         *,
         group_size: int | None = None,
         method: Literal["zca", "pca", "cholesky", "newton"] = "zca",
-        iterations: int = 5,
+        iterations: int | None = None,
         affine: bool = False,
         **kw: Unpack[NormKwargs],
     ) -> None:
@@ -329,7 +344,7 @@ class InstanceWhitening(Normalization):
         super().__init__(
             num_features,
             nap=nap.Instance(group_size=num_features if group_size is None else group_size),
-            nop=nop.Whiten(method=method, iterations=iterations),
+            nop=nop.Whiten(method=method, iterations=_iterations(self, method, iterations)),
             nrr=affine_recovery(affine),
             **kw,
         )
@@ -383,7 +398,7 @@ class SwitchableWhitening(Normalization):
         group_size: int | None = None,
         modes: tuple[str, ...] = ("bw", "iw", "bn", "in"),
         method: Literal["zca", "pca", "cholesky", "newton"] = "zca",
-        iterations: int = 5,
+        iterations: int | None = None,
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
@@ -392,7 +407,9 @@ class SwitchableWhitening(Normalization):
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
-            nop=nop.SwitchableWhiten(method=method, iterations=iterations, estimate="covariance",
+            nop=nop.SwitchableWhiten(method=method,
+                                     iterations=_iterations(self, method, iterations),
+                                     estimate="covariance",
                                      modes=tuple(modes)),
             nrr=affine_recovery(affine),
             **kw,

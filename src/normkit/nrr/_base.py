@@ -90,18 +90,32 @@ class Affine(Recovery):
 
     Args:
         weight: learn ``γ`` (init 1, or 0 with ``zero_init``).
-        bias: learn ``β`` (init 0).
+        bias: learn ``β`` (init 0); ``False`` keeps ``γ`` only (torch's ``bias=False``: the
+            module's ``bias`` is ``None`` and absent from its state_dict).
         zero_init: initialize ``γ = 0`` (residual branches start as identity, Goyal et al. 2017).
+        shape: the parameters' shape, e.g. torch ``LayerNorm``'s elementwise ``normalized_shape``
+            ``(C, H, W)``; its product must be ``num_features`` (they act on the flattened
+            channels). ``None``: ``(num_features,)``.
     """
 
     weight: bool = True
     bias: bool = True
     zero_init: bool = False
+    shape: tuple[int, ...] | None = None
+
+    def __repr__(self) -> str:
+        s = f"Affine(weight={self.weight!r}, bias={self.bias!r}, zero_init={self.zero_init!r}"
+        return s + (")" if self.shape is None else f", shape={self.shape!r})")
 
     def create(self, num_features: int, factory: dict[str, Any]) -> dict[str, nn.Parameter | None]:
+        shape = (num_features,) if self.shape is None else tuple(self.shape)
+        if math.prod(shape) != num_features:
+            raise ConfigError(
+                f"Affine shape {shape} has {math.prod(shape)} elements but the module has "
+                f"num_features={num_features}; pass a shape whose product is num_features")
         return {
-            "weight": nn.Parameter(torch.empty(num_features, **factory)) if self.weight else None,
-            "bias": nn.Parameter(torch.empty(num_features, **factory)) if self.bias else None,
+            "weight": nn.Parameter(torch.empty(shape, **factory)) if self.weight else None,
+            "bias": nn.Parameter(torch.empty(shape, **factory)) if self.bias else None,
         }
 
     @torch.no_grad()

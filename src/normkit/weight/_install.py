@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, UnknownMethodError
+from ..normalization import Normalization
 from . import _parametrizations as P
 from ._layout import LAYER_TYPES, unit_dim
 
@@ -32,6 +33,28 @@ METHODS: dict[str, str] = {
 _ALIASES = {"wn": "weight_norm", "cwn": "centered_weight_norm", "ws": "weight_standardization",
             "sn": "spectral_norm", "cos": "cosine_norm"}
 _HOOK = "_normkit_cosine_hook"
+# torch's normalization layers (and so their subclasses: timm's BatchNormAct2d, LayerNorm2d, ...)
+_TORCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
+
+
+def _refuse_norm_affine(module: nn.Module, name: str, weight: Tensor, path: str) -> None:
+    """Raise :class:`ConfigError` when ``module.<name>`` is a normalization layer's recovery
+    parameter (γ, β): any tensor of a normkit :class:`~normkit.Normalization` or of torch's norm
+    layers and their subclasses, or a 1-D parameter of another module whose class name says it
+    normalizes (timm's ``RmsNorm``, Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``, ...)."""
+    known = isinstance(module, (Normalization, *_TORCH_NORMS))
+    named = ("norm" in type(module).__name__.lower() and weight.ndim <= 1
+             and not isinstance(module, LAYER_TYPES))
+    if known or named:
+        where = (f"{path}.{name} ({type(module).__name__})" if path
+                 else f"{type(module).__name__}.{name}")
+        raise ConfigError(
+            f"{where} of shape {tuple(weight.shape)} is the affine parameter of a "
+            f"normalization layer, not a layer's weight matrix: weight normalization applies to "
+            f"the weights of Linear/Conv layers ({', '.join(t.__name__ for t in LAYER_TYPES)}). "
+            f"Apply it to the Linear/Conv layer instead (normkit.weight.apply_to_model only "
+            f"selects those)")
 
 
 def _resolve(method: str) -> str:
@@ -81,7 +104,9 @@ def apply(module: nn.Module, method: str, *, name: str = "weight", dim: int | No
     layer's output (bias excluded) by the norm of each input patch. Undo with :func:`remove`.
 
     Raises:
-        ConfigError: no such parameter, already parametrized, or an option the method lacks.
+        ConfigError: no such parameter, already parametrized, an option the method lacks, or
+            a normalization layer's γ/β (a normkit or torch norm layer, or a 1-D parameter of a
+            module whose class name contains "Norm", as timm's and Hugging Face's norms).
 
     Example:
         >>> import torch, normkit as nk
@@ -94,6 +119,7 @@ def apply(module: nn.Module, method: str, *, name: str = "weight", dim: int | No
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ConfigError(f"{type(module).__name__} has no tensor {name!r} to normalize")
+    _refuse_norm_affine(module, name, weight, "")
     if is_normalized(module, name):
         raise ConfigError(
             f"{type(module).__name__}.{name} is already parametrized; call normkit.weight.remove first")
@@ -145,6 +171,9 @@ def apply_to_model(model: nn.Module, method: str, *, types: tuple[type[nn.Module
     done = []
     for n, m in model.named_modules():
         if isinstance(m, types) and not skip(n, m) and not is_normalized(m):
+            weight = getattr(m, "weight", None)
+            if isinstance(weight, Tensor):
+                _refuse_norm_affine(m, "weight", weight, n)
             apply(m, method, **kw)
             done.append(n)
     return done
