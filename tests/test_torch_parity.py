@@ -72,9 +72,15 @@ def _keys_and_shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
 def test_matches_torch_module(case, flags, native):
     make_ours, make_ref, shape = PAIRS[case]
     affine, bias = flags["affine"], flags["bias"]
-    ours, ref = make_ours(affine, bias, native), make_ref(affine, bias)
+    _assert_parity(lambda: make_ours(affine, bias, native), lambda: make_ref(affine, bias), shape)
+
+
+def _assert_parity(make_ours, make_ref, shape) -> None:
+    """Same keys and shapes; after a strict torch → ours load, same outputs and gradients in train
+    and eval; then a strict ours → torch load gives back every tensor."""
+    ours, ref = make_ours(), make_ref()
     assert _keys_and_shapes(ours) == _keys_and_shapes(ref)
-    assert (ours.bias is None) == (ref.bias is None)
+    assert (getattr(ours, "bias", None) is None) == (getattr(ref, "bias", None) is None)
     assert (ours.weight is None) == (ref.weight is None)
     _randomize(ref, 1)
     assert not ours.load_state_dict(ref.state_dict(), strict=True).missing_keys
@@ -88,10 +94,49 @@ def test_matches_torch_module(case, flags, native):
         want = torch.autograd.grad(y_ref, [x, *ref.parameters()], gy)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, **TOL)
-    back = make_ref(affine, bias)  # ours -> torch, strict, after training updated our buffers
+    back = make_ref()  # ours -> torch, strict, after training updated our buffers
     assert not back.load_state_dict(ours.state_dict(), strict=True).unexpected_keys
     for k, v in ours.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+# torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True): input shape, kwargs
+RMS_CASES = {
+    "int": (6, (3, 2, 6), {}),
+    "list1": ([6], (4, 6), {}),
+    "chw": ([4, 3, 2], (2, 4, 3, 2), {}),
+    "tc_eps": ((3, 2), (2, 5, 3, 2), dict(eps=1e-3)),
+    "no_batch_dim": ([3, 2], (3, 2), {}),
+}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("case", list(RMS_CASES))
+def test_rms_norm_matches_torch_module(case, affine, native):
+    """``nk.RMSNorm`` in torch's form (``elementwise_affine=`` given) is ``torch.nn.RMSNorm``: eps
+    ``None`` means ``torch.finfo(dtype).eps`` in both; γ of shape ``normalized_shape``."""
+    shape_arg, shape, kw = RMS_CASES[case]
+    _assert_parity(
+        lambda: nk.RMSNorm(shape_arg, elementwise_affine=affine, native=native, dtype=DT, **kw),
+        lambda: nn.RMSNorm(shape_arg, elementwise_affine=affine, dtype=DT, **kw), shape)
+
+
+def test_rms_norm_torch_form_attributes_and_errors():
+    rms = nk.RMSNorm([4, 3])
+    assert rms.normalized_shape == (4, 3) and rms.num_features == 12 and rms.channel_axis == -1
+    assert rms.weight.shape == (4, 3) and rms.bias is None and rms.eps is None
+    assert rms.elementwise_affine and not nk.RMSNorm(5, elementwise_affine=False).affine
+    assert nk.RMSNorm(16, channel_axis=-1).normalized_shape == (16,)
+    assert nk.RMSNorm(8).normalized_shape is None  # normkit's form: RMS over (C, *) per sample
+    assert rms._native is None  # γ of shape (4, 3): never torch's one-axis kernel path
+    with pytest.raises(ConfigError, match=r"normalized_shape=\[4, 3\] .*torch's RMSNorm.*"
+                                          r"channel_axis=1"):
+        nk.RMSNorm([4, 3], channel_axis=1)
+    with pytest.raises(ConfigError, match=r"affine=False and elementwise_affine=True disagree"):
+        nk.RMSNorm(4, affine=False, elementwise_affine=True)
+    with pytest.raises(ShapeError, match=r"last 2 dimensions are normalized_shape=\[4, 3\]"):
+        rms(torch.randn(2, 3, 4))
 
 
 def test_bias_false_keeps_gamma_only():

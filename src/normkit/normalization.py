@@ -299,7 +299,8 @@ class Normalization(nn.Module):
         if (type(nop) is nop_.Scale and nop.kind == "rms" and type(nap) is nap_.Position
                 and not self.track_running_stats and self.channel_axis == -1
                 and (isinstance(nrr, nrr_.Identity)
-                     or (type(nrr) is nrr_.Affine and nrr.weight and not nrr.bias))):
+                     or (type(nrr) is nrr_.Affine and nrr.weight and not nrr.bias
+                         and nrr.shape is None))):
             return "rms_norm"
         if (type(nop) is nop_.Divisive and not nop.center and type(nap) is nap_.Local
                 and nap.channel_window is not None and nap.include_pad

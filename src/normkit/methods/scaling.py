@@ -3,6 +3,7 @@ scaling only (RMS, L2), and non-quadratic scales (L1, range)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from typing_extensions import Unpack
@@ -11,13 +12,14 @@ from .. import nap, nop, nrr
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery, layer_partition
+from ._torch_form import TrailingDims, torch_call_form
 
 __all__ = ["RMSNorm", "ScaleNorm", "MeanOnlyBatchNorm", "L1BatchNorm", "RangeBatchNorm"]
 
 
 @register("rms_norm", family="scaling", aliases=("rmsnorm", "rms"),
           paper="Zhang & Sennrich 2019, arXiv:1910.07467")
-class RMSNorm(Normalization):
+class RMSNorm(TrailingDims, Normalization):
     r"""Root-mean-square normalization: scale each sample by its quadratic mean, no centering.
 
     .. math::
@@ -28,17 +30,29 @@ class RMSNorm(Normalization):
     ``torch.nn.RMSNorm(D)``, including its default ``eps=None`` (``torch.finfo(x.dtype).eps``);
     learns ``γ`` only.
 
+    **torch's call form.** As :class:`LayerNorm`: a list/tuple first argument, or torch's
+    ``elementwise_affine=``, means torch's ``RMSNorm(normalized_shape, eps=None,
+    elementwise_affine=True)``: the quadratic mean over the last ``len(normalized_shape)``
+    dimensions, which must equal ``normalized_shape``, with an elementwise ``γ`` of that shape
+    (``channel_axis=-1``, ``over="channels"``; ``num_features = prod(normalized_shape)``). The
+    module then equals ``torch.nn.RMSNorm`` with the same arguments and state_dicts load both
+    ways. Over several dimensions it runs the composition on the flattened dimensions.
+
     Paper: Zhang & Sennrich, *Root Mean Square Layer Normalization*, NeurIPS 2019.
     arXiv:1910.07467.
 
     Args:
-        num_features: channels ``C``.
+        num_features: channels ``C``, or torch's ``normalized_shape`` (an int with
+            ``elementwise_affine=``, or a list/tuple of ints).
         over: ``"all"``, ``"channels"`` or ``None``.
         affine: learn ``γ`` (init 1). Default ``True``.
+        elementwise_affine: torch's name for ``affine`` (selects torch's call form); giving both
+            with different values raises.
         **kw: :class:`~normkit.methods._common.NormKwargs` (``eps`` defaults to ``None``).
 
     Shape:
-        ``(N, C, *)`` → same (or ``(N, *, C)`` with ``channel_axis=-1``).
+        ``(N, C, *)`` → same (or ``(N, *, C)`` with ``channel_axis=-1``); torch's form:
+        ``(*, *normalized_shape)`` → same.
 
     Example:
         >>> import torch, normkit as nk
@@ -48,20 +62,29 @@ class RMSNorm(Normalization):
         >>> ours, ref = nk.RMSNorm(16, channel_axis=-1, eps=1e-6), torch.nn.RMSNorm(16, eps=1e-6)
         >>> torch.allclose(ours(x), ref(x), atol=1e-6)
         True
+        >>> ours, ref = nk.RMSNorm([5, 16]), torch.nn.RMSNorm([5, 16])
+        >>> _ = ours.load_state_dict(ref.state_dict())     # γ of shape (5, 16)
+        >>> torch.allclose(ours(x), ref(x), atol=1e-6)
+        True
     """
 
     def __init__(
         self,
-        num_features: int,
+        num_features: int | Sequence[int],
         *,
         over: Literal["all", "channels"] | None = None,
-        affine: bool = True,
+        affine: bool | None = None,
+        elementwise_affine: bool | None = None,
         **kw: Unpack[NormKwargs],
     ) -> None:
         kw.setdefault("eps", None)
+        num_features, shape, on = torch_call_form("RMSNorm", num_features, affine,
+                                                  elementwise_affine, over, kw)
         partition = layer_partition(over, kw.get("channel_axis", 1))
-        super().__init__(num_features, nap=partition, nop=nop.Scale("rms"),
-                         nrr=affine_recovery(affine, bias=False), **kw)
+        recovery = affine_recovery(on, bias=False,
+                                   shape=shape if shape and len(shape) > 1 else None)
+        super().__init__(num_features, nap=partition, nop=nop.Scale("rms"), nrr=recovery, **kw)
+        self._set_normalized_shape(shape)
 
 
 @register("scale_norm", family="scaling", aliases=("scalenorm",),

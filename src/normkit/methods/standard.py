@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +11,10 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
-from ..errors import ConfigError, ShapeError
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery, layer_partition
+from ._torch_form import TrailingDims, torch_call_form
 
 __all__ = ["BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "PositionalNorm", "BatchGroupNorm"]
 
@@ -64,7 +63,7 @@ class BatchNorm(Normalization):
 
 @register("ln", family="standardization", aliases=("layer_norm", "layernorm", "layernorm2d"),
           paper="Ba, Kiros & Hinton 2016, arXiv:1607.06450")
-class LayerNorm(Normalization):
+class LayerNorm(TrailingDims, Normalization):
     r"""Layer normalization: standardize each sample over its features.
 
     .. math::
@@ -131,62 +130,19 @@ class LayerNorm(Normalization):
         bias: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if affine is not None and elementwise_affine is not None and affine != elementwise_affine:
-            raise ConfigError(
-                f"affine={affine!r} and elementwise_affine={elementwise_affine!r} disagree "
-                f"(elementwise_affine is torch's name for affine); pass one of them")
-        on = next((a for a in (affine, elementwise_affine) if a is not None), True)
-        torch_form = not isinstance(num_features, int) or elementwise_affine is not None
-        shape: tuple[int, ...] | None = None
-        if torch_form:
-            shape = _normalized_shape(num_features)
-            kw.setdefault("channel_axis", -1)
-            if len(shape) > 1 and (kw["channel_axis"] != -1 or over not in (None, "channels")):
-                raise ConfigError(
-                    f"normalized_shape={list(shape)} normalizes the last {len(shape)} "
-                    f"dimensions (torch's LayerNorm): it needs channel_axis=-1 and "
-                    f"over='channels', got channel_axis={kw['channel_axis']}, over={over!r}")
-            num_features = math.prod(shape)
+        num_features, shape, on = torch_call_form("LayerNorm", num_features, affine,
+                                                  elementwise_affine, over, kw)
         partition = layer_partition(over, kw.get("channel_axis", 1))
         recovery = affine_recovery(on, bias=bias, shape=shape if shape and len(shape) > 1 else None)
         super().__init__(num_features, nap=partition, nrr=recovery, **kw)
-        torch_layout = type(partition) is nap.Position and self.channel_axis == -1
-        if shape is None or len(shape) == 1:
-            shape = (num_features,) if torch_layout else None
-        self.normalized_shape: tuple[int, ...] | None = shape
-        """torch's ``normalized_shape`` where the module is torch's LayerNorm, else ``None``."""
+        self._set_normalized_shape(shape)
 
-    @property
-    def elementwise_affine(self) -> bool:
-        """torch's name for :attr:`affine`."""
-        return self.affine
-
-    def forward(self, x: Tensor, condition: Any = None) -> Tensor:
-        """Normalize ``x``; torch's form with a multi-dimensional ``normalized_shape`` normalizes
-        the trailing dimensions (the channels flattened)."""
-        shape = self.normalized_shape
-        if shape is None or len(shape) == 1:
-            return super().forward(x, condition)
-        k = len(shape)
-        if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
-            raise ShapeError(
-                f"expected an input whose last {k} dimensions are normalized_shape={list(shape)}, "
-                f"got shape {tuple(x.shape)}; check normalized_shape")
-        if self.native and x.numel() > 0 and self._native_ok(x):  # the kernel takes γ's shape
-            eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-            return F.layer_norm(x, shape, self.weight, self.bias, eps)
-        return super().forward(x.flatten(x.dim() - k), condition).unflatten(-1, shape)
-
-
-def _normalized_shape(value: Any) -> tuple[int, ...]:
-    """torch's ``normalized_shape`` (an int or a sequence of ints) as a tuple, validated."""
-    shape = (value,) if isinstance(value, int) else value
-    if (not isinstance(shape, (list, tuple, torch.Size)) or not shape
-            or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape)):
-        raise ConfigError(
-            f"normalized_shape must be a positive int or a non-empty list/tuple of positive "
-            f"ints, got {value!r}")
-    return tuple(int(d) for d in shape)
+    def _trailing_kernel(self, x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        """torch's ``layer_norm`` over several trailing dimensions (it takes γ's shape)."""
+        if not self._native_ok(x):
+            return None
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return F.layer_norm(x, shape, self.weight, self.bias, eps)
 
 
 @register("in", family="standardization", aliases=("instance_norm", "instancenorm"),
