@@ -79,10 +79,7 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
     whitening blocks ``M`` ``(G, d, d)``; raises :class:`ConfigError` with the reason when the
     map depends on the input or the batch."""
     if rec.kind == "frozen":  # fixed statistics in both modes
-        w, b = _weight_bias(m)
-        scale, shift = standardize_coefficients(m.running_mean.double(), m.running_var.double(),
-                                                rec.eps if rec.eps is not None else 1e-5)
-        return (scale * w, shift * w + b) if w is not None else (scale, shift)
+        return _running_map(m, rec.eps if rec.eps is not None else 1e-5)
     if m.training:
         raise ConfigError("it is in training mode (batch statistics). Fix: call model.eval() "
                           "first")
@@ -95,11 +92,7 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
     uses_running = m.running_mean is not None and (
         isinstance(m, _BatchNorm) or m.track_running_stats) if isinstance(m, _NormBase) else False
     if uses_running:
-        scale, shift = standardize_coefficients(m.running_mean.double(), m.running_var.double(),
-                                                m.eps)
-        if m.weight is not None:
-            scale, shift = scale * m.weight.double(), shift * m.weight.double() + m.bias.double()
-        return scale, shift
+        return _running_map(m, m.eps)
     if isinstance(m, _NormBase):
         raise ConfigError("it keeps no running statistics (track_running_stats=False), so it "
                           "normalizes with each batch's or sample's statistics even in eval")
@@ -107,11 +100,14 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
                       f"there is nothing fixed to fold")
 
 
-def _weight_bias(m: nn.Module) -> tuple[Tensor | None, Tensor]:
+def _running_map(m: nn.Module, eps: float) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` of ``y = γ (x − μ_run)/√(σ²_run + ε) + β`` per channel, in float64: a missing
+    ``γ`` is 1 (``affine=False``), a missing ``β`` is 0 (torch's ``bias=False``)."""
     w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-    w = w.double() if isinstance(w, Tensor) else None
-    b = b.double() if isinstance(b, Tensor) else torch.zeros_like(m.running_mean, dtype=torch.float64)
-    return w, b
+    scale, shift = standardize_coefficients(m.running_mean.double(), m.running_var.double(), eps)
+    if isinstance(w, Tensor):
+        scale, shift = scale * w.double(), shift * w.double()
+    return scale, (shift + b.double() if isinstance(b, Tensor) else shift)
 
 
 def _check_target(rec: Recognition, layer: nn.Module, mat: Tensor) -> None:
