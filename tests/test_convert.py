@@ -250,19 +250,20 @@ def test_unconvertible_layer_names_its_path_and_nothing_changes_inplace() -> Non
 
 
 def test_layer_norm_over_more_than_channels_is_refused_with_its_path() -> None:
-    """No registry method has a (C, H, W) γ, β: left as it is with a warning and a report entry
-    (match=None), an error when selected explicitly."""
+    """A (C, H, W) γ, β maps only to normkit's LayerNorm in torch's form ("ln",
+    test_surgery_torch_forms.py): to any other method it is left as it is with a warning and a
+    report entry (match=None), an error when selected explicitly."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LayerNorm((4, 6, 6)))
     with pytest.warns(UserWarning, match=r"1 module\(s\) that look like normalization.*2: layer "
                                          r"'2' \(LayerNorm\): it normalizes over \(4, 6, 6\)"):
-        out = convert(model, "ln")
-    assert type(out[2]) is nn.LayerNorm and isinstance(out[1], nk.LayerNorm)
+        out = convert(model, "gn:num_groups=2")
+    assert type(out[2]) is nn.LayerNorm and isinstance(out[1], nk.GroupNorm)
     assert [r.path for r in out.conversion_report] == ["1"]
-    assert "more than the channel axis" in dict(out.conversion_report.refused)["2"]
+    assert "only to='ln'" in dict(out.conversion_report.refused)["2"]
     assert "refused 2: layer '2'" in str(out.conversion_report)
-    with pytest.raises(ConfigError, match=r"layer '2' .*normalizes over \(4, 6, 6\), more than "
-                                          r"the channel axis.*Fix"):
-        convert(model, "ln", match=nn.LayerNorm)
+    with pytest.raises(ConfigError, match=r"layer '2' .*normalizes over \(4, 6, 6\), the last 3 "
+                                          r"dimensions.*only to='ln'.*Fix"):
+        convert(model, "gn:num_groups=2", match=nn.LayerNorm)
 
 
 def test_channels_last_layer_norm_maps_to_channel_axis_minus_one() -> None:

@@ -23,9 +23,9 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import registry
 from ..errors import ConfigError
-from ..nop import Whiten
 from ..normalization import Normalization
 from .convert_report import ConversionReport, ConvertedLayer
+from .convert_transfer import transfer_state
 from .recognize import NormAct, Recognition, _probe, looks_like_norm, recognize
 
 __all__ = ["convert", "ConversionReport", "ConvertedLayer", "is_normalization", "layer_layout"]
@@ -60,6 +60,8 @@ def layer_layout(path: str, module: nn.Module) -> tuple[int, int]:
             ``γ, β`` are not per channel), or a layer whose output matches no known formula.
     """
     rec = recognize(module, path)
+    if rec.normalized_shape is not None:
+        raise ConfigError(f"layer {path!r} ({type(module).__name__}): {_several_dims(rec)}")
     return rec.num_features, rec.channel_axis
 
 
@@ -115,6 +117,32 @@ def _selected(model: nn.Module, match: Match) -> tuple[list[Target], list[tuple[
     return list(found.values()), refused
 
 
+def _several_dims(rec: Recognition) -> str:
+    shape = rec.normalized_shape
+    return (f"it normalizes over {shape}, the last {len(shape or ())} dimensions, and its γ, β "
+            f"have that shape, not one value per channel")
+
+
+def _unmapped(rec: Recognition, to: str | Callable[..., nn.Module]) -> str | None:
+    """Why ``to`` cannot replace a LN/RMS over several trailing dimensions (``None`` if it can:
+    normkit's own LayerNorm/RMSNorm in torch's form)."""
+    if rec.normalized_shape is None:
+        return None
+    name = {"layer": "ln", "rms": "rms_norm"}[rec.kind]
+    if isinstance(to, str) and registry.get(registry.parse_spec(to)[0]) is registry.get(name):
+        return None
+    return (f"{_several_dims(rec)}; only to={name!r} (normkit.{registry.get(name).__name__} in "
+            f"torch's form) maps it, not {to!r}")
+
+
+def _bias_off(old: nn.Module, rec: Recognition) -> bool:
+    """Whether ``old`` is affine with its β switched off (torch's ``bias=False`` on BN, IN, GN,
+    LN; normkit's ``bias=False``). An RMS norm has no β to switch off."""
+    kind = rec.kind if rec.kind != "normkit" else (_computes(old) or ("normkit",))[0]
+    return (kind != "rms" and _affine(old) and hasattr(old, "bias")
+            and not isinstance(old.bias, Tensor))
+
+
 # ------------------------------------------------------------------------------ building
 def _factory_dtype(m: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
@@ -148,11 +176,14 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
 def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., nn.Module]
            ) -> tuple[nn.Module, str]:
     """The replacement of ``old`` (without its tail) and its description. A spec string inherits
-    ``eps``, ``affine``, the channel axis, ``over="channels"`` (LN/RMS per position), device and
-    dtype of the old layer, and ``track_running_stats`` from a BN/IN to a BN/IN (the spec's own
-    arguments win); a callable is called as ``to(C)`` and moved to the old layer's device and
-    dtype."""
+    ``eps``, ``affine``, ``bias=False`` (an affine layer without β, where the method takes
+    ``bias``), the channel axis, ``over="channels"`` (LN/RMS per position), device and dtype of
+    the old layer, and ``track_running_stats`` from a BN/IN to a BN/IN (the spec's own arguments
+    win); a LN/RMS over several trailing dimensions becomes normkit's in torch's form,
+    ``LayerNorm(list(normalized_shape), ...)``. A callable is called as ``to(C)`` and moved to the
+    old layer's device and dtype."""
     c, axis = rec.num_features, rec.channel_axis
+    first: int | list[int] = c if rec.normalized_shape is None else list(rec.normalized_shape)
     device, dtype = _factory_dtype(old)
     try:
         if isinstance(to, str):
@@ -162,16 +193,19 @@ def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., 
             inherited: dict[str, Any] = {"eps": rec.eps, "device": device, "dtype": dtype}
             if _accepts(factory, "affine"):
                 inherited["affine"] = _affine(old)
-            if axis != 1:
+            if _bias_off(old, rec) and "bias" in inspect.signature(factory).parameters:
+                inherited["bias"] = False
+            if axis != 1 and rec.normalized_shape is None:  # torch's form: channel_axis=-1
                 inherited["channel_axis"] = axis
-            if rec.over is not None and "over" in inspect.signature(factory).parameters:
+            if (rec.over is not None and rec.normalized_shape is None
+                    and "over" in inspect.signature(factory).parameters):
                 inherited["over"] = rec.over
             if _NK_KIND.get(getattr(factory, "__name__", "")) == rec.kind in ("batch", "instance"):
                 inherited["track_running_stats"] = _running(old)  # BN without, IN with them
             kwargs = {**{k: v for k, v in inherited.items() if _accepts(factory, k)}, **kw}
-            new = factory(c, **kwargs)
-            shown = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
-            desc = f"{type(new).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+            new = factory(first, **kwargs)
+            shown = [f"{k}={v!r}" for k, v in kwargs.items() if k not in ("device", "dtype")]
+            desc = f"{type(new).__name__}({', '.join([str(first)] * (first != c) + shown)})"
             if _running(new) and _running(old) and "momentum" not in kw:
                 new.momentum = old.momentum  # torch's meaning in both (None: cumulative)
         else:
@@ -194,8 +228,9 @@ _NK_KIND = {"BatchNorm": "batch", "InstanceNorm": "instance", "GroupNorm": "grou
 
 
 def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
-    """``(kind, channel_axis, over, groups, eps)`` of a plain norm, ``None`` if not one of those
-    (two layers with equal tuples compute the same function given the same tensors)."""
+    """``(kind, channel_axis, over, groups, eps, normalized_shape)`` of a plain norm, ``None`` if
+    not one of those (two layers with equal tuples compute the same function given the same
+    tensors; a missing ``β`` is a zero one)."""
     if isinstance(m, Normalization):
         from ..methods import scaling, standard
 
@@ -210,13 +245,15 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
         if kind == "layer" and over == "all":
             kind, over = "group", None  # LN over all of C and the positions = GN(1)
         groups = getattr(m, "num_groups", 1) if kind == "group" else None
-        return kind, m.channel_axis, over, groups, m.eps
+        shape = getattr(m, "normalized_shape", None)
+        return (kind, m.channel_axis, over, groups, m.eps,
+                shape if shape is not None and len(shape) > 1 else None)
     try:
         rec = rec or recognize(m)
     except ConfigError:
         return None
     groups = getattr(m, "num_groups", None) if rec.kind == "group" else None
-    return rec.kind, rec.channel_axis, rec.over, groups, rec.eps
+    return rec.kind, rec.channel_axis, rec.over, groups, rec.eps, rec.normalized_shape
 
 
 @torch.no_grad()
@@ -235,91 +272,6 @@ def _verify(old: nn.Module, new: nn.Module, rec: Recognition) -> tuple[bool | No
         return None, None
     diff = float((z - y).abs().max())
     return diff <= _VERIFY_RTOL * max(float(y.abs().max()), 1e-12), diff
-
-
-# ------------------------------------------------------------------------- state transfer
-def _blocks_of(var: Tensor, like: Tensor) -> Tensor:
-    """``diag(var)`` laid out as whitening blocks shaped like ``like`` ``(G, d, d)`` (a smaller
-    last group keeps the identity in its padding, like the buffers' initial value)."""
-    g, d = like.shape[0], like.shape[-1]
-    out = torch.eye(d, dtype=torch.float64, device=like.device).repeat(g, 1, 1)
-    idx = torch.arange(var.numel(), device=like.device)
-    out[idx // d, idx % d, idx % d] = var.to(torch.float64)
-    return out
-
-
-def _diag_of(blocks: Tensor, c: int) -> Tensor:
-    return torch.diagonal(blocks, dim1=-2, dim2=-1).reshape(-1)[:c]
-
-
-@torch.no_grad()
-def _transfer(old: nn.Module, new: nn.Module, c: int, offset: float = 0.0
-              ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """Carry ``old``'s parameters and buffers into ``new`` where they map; ``(kept, dropped,
-    fresh)``. Parameters of equal shape, dtype and device are the same ``nn.Parameter`` objects
-    afterwards (an optimizer holding them keeps working, as torch's ``convert_sync_batchnorm``);
-    a ``(offset + weight)`` gain (Gemma) becomes ``weight ← offset + weight``."""
-    new_t = dict(new.named_parameters(recurse=False))
-    new_b = {k: b for k, b in new.named_buffers(recurse=False) if b is not None}
-    filled: set[str] = set()
-    kept: list[str] = []
-    dropped: list[tuple[str, str]] = []
-    kind = type(new).__name__
-    whiten = isinstance(new, Normalization) and isinstance(new.nop, Whiten)
-    for name, p in old.named_parameters(recurse=False):
-        q = new_t.get(name)
-        if q is None:
-            dropped.append((name, f"{kind} has no parameter {name}"))
-        elif q.shape != p.shape:
-            dropped.append((name, f"shape {tuple(p.shape)} vs {kind}'s {tuple(q.shape)}"))
-        elif name == "weight" and offset:
-            q.copy_(p + offset)
-            kept.append(f"weight←{offset:g}+weight")
-            filled.add(name)
-        else:
-            if q.dtype == p.dtype and q.device == p.device:
-                setattr(new, name, p)
-            else:
-                q.copy_(p)
-            kept.append(name)
-            filled.add(name)
-    for name, b in old.named_buffers(recurse=False):
-        if b is None:
-            continue
-        q = new_b.get(name)
-        if q is not None and q.shape == b.shape:
-            q.copy_(b)
-            kept.append(name)
-            filled.add(name)
-        elif q is None and name in new_t and new_t[name].shape == b.shape:  # buffer → parameter
-            new_t[name].copy_(b)
-            kept.append(name)
-            filled.add(name)
-        elif name == "running_var" and "running_cov" in new_b and b.numel() == c:
-            new_b["running_cov"].copy_(_blocks_of(b, new_b["running_cov"]))
-            kept.append("running_cov←diag(running_var)")
-            filled.add("running_cov")
-        elif name == "running_var" and "running_matrix" in new_b and whiten and b.numel() == c:
-            eps = new.eps if new.eps is not None else torch.finfo(b.dtype).eps
-            cov = _blocks_of(b, new_b["running_matrix"])
-            new_b["running_matrix"].copy_(new.nop.whitening({"cov": cov[None]}, eps)[0])
-            kept.append("running_matrix←W(diag(running_var))")
-            filled.add("running_matrix")
-        elif name == "running_cov" and "running_var" in new_b and new_b["running_var"].numel() == c:
-            new_b["running_var"].copy_(_diag_of(b, c))
-            kept.append("running_var←diag(running_cov)")
-            filled.add("running_var")
-        elif name == "running_matrix" and "running_var" in new_b:
-            dropped.append((name, "a whitening matrix does not give the variances; re-estimate "
-                                  "them with normkit.apply.recalibrate"))
-        elif not new_b and (name.startswith("running_") or name == "num_batches_tracked"):
-            dropped.append((name, f"{kind} keeps no running statistics"))
-        elif q is None:
-            dropped.append((name, f"{kind} has no buffer {name}"))
-        else:
-            dropped.append((name, f"shape {tuple(b.shape)} vs {kind}'s {tuple(q.shape)}"))
-    fresh = tuple(n for n in (*new_t, *new_b) if n not in filled)
-    return tuple(kept), tuple(dropped), fresh
 
 
 # ------------------------------------------------------------------------------- convert
@@ -341,14 +293,20 @@ def convert(
     the last axis or over axis 1, with or without bias, Gemma's ``(1 + weight)`` gain.
 
     Every selected layer ``L`` with ``C`` channels becomes ``normkit.create(to, C, **inherited)``:
-    ``eps``, ``affine``, ``track_running_stats`` (BN/IN to BN/IN), the channel axis (``-1`` for a
+    ``eps``, ``affine``, ``bias=False`` for an affine layer without ``β`` (torch's ``bias=False``;
+    where the method takes ``bias``, else the new ``β`` starts at 0, the absent one's value),
+    ``track_running_stats`` (BN/IN to BN/IN), the channel axis (``-1`` for a
     norm over the last axis: torch's
     ``LayerNorm(C)``/``RMSNorm(C)``, ViT's, Hugging Face's), ``over="channels"`` for a LN/RMS per
     position (also the channels-first ``LayerNorm2d`` of ConvNeXt), device, dtype and train/eval
     mode are inherited from ``L`` unless ``to`` sets them, and ``momentum`` when both layers track
     running statistics. A norm+act layer becomes ``NormAct(new, drop=L.drop, act=L.act)``
     (:class:`~normkit.apply.recognize.NormAct`; the original modules, moved, in the order the
-    probe showed; ``Identity`` ones left out). Then, tensor by tensor:
+    probe showed; ``Identity`` ones left out). A LayerNorm/RMSNorm over several trailing
+    dimensions (torch's ``LayerNorm((C, H, W))``, ``RMSNorm([T, D])``: its ``γ, β`` have that
+    shape) maps only to normkit's in torch's form, ``to="ln"``/``"rms_norm"``:
+    ``LayerNorm(list(normalized_shape), ...)``; to any other method it is refused like an
+    unrecognised layer (below). Then, tensor by tensor:
 
     ======================================  =================================================
     old → new                               carried over
@@ -372,13 +330,15 @@ def convert(
     Every replacement is checked: old and new layer (with its tail) run in eval mode on one
     float32 probe, and the report records ``verified`` (``max|Δ| ≤ 1e-5·max|y|``) and
     ``max_diff``. Where the replacement computes the same function by construction (same kind,
-    layout, groups and ``eps`` — torch BN → ``"bn"``, LN → ``"ln"``, an RMSNorm → ``"rms_norm"``;
-    ``equivalent=True``), a failed check raises instead of changing the model.
+    layout, groups, ``normalized_shape`` and ``eps``, and every tensor of ``L`` carried over — a
+    ``β`` the new layer cannot hold is not — torch BN → ``"bn"``, LN → ``"ln"``, an RMSNorm →
+    ``"rms_norm"``; ``equivalent=True``), a failed check raises instead of changing the model.
 
     Conversion is all or nothing: every replacement is built, filled and checked first, and only
     then put in place, so an error leaves ``model`` untouched, also with ``inplace=True``. With
     ``match=None``, a module that looks like a norm but is not recognised (an unknown
-    ``forward``, unknown children, a LayerNorm over several axes) is left as it is, listed in the
+    ``forward``, unknown children; a LayerNorm over several axes for another method than
+    ``"ln"``) is left as it is, listed in the
     report's ``refused`` and warned about (:class:`UserWarning`); selected explicitly by
     ``match=``, it raises. Forward hooks registered on the old layers are not carried over.
 
@@ -431,16 +391,28 @@ def convert(
     if not inplace:
         model = copy.deepcopy(model)
     targets, refused = _selected(model, match)
+    for target in list(targets):  # a LN/RMS over several dims: only normkit's torch form maps it
+        paths, old, rec = target
+        why = _unmapped(rec, to)
+        if why is None:
+            continue
+        if match is not None:
+            raise ConfigError(f"cannot convert layer {paths[0]!r} ({type(old).__name__}): {why}. "
+                              f"Nothing was changed. Fix: leave it out with match=")
+        targets.remove(target)
+        refused += [(p, f"layer {p!r} ({type(old).__name__}): {why}") for p in paths]
     plan: list[tuple[list[str], nn.Module]] = []
     rows: list[ConvertedLayer] = []
     for paths, old, rec in targets:  # 1. build, fill and check every replacement; nothing changes
         new, desc = _build(paths[0], old, rec, to)
-        kept, dropped, fresh = _transfer(old, new, rec.num_features, rec.weight_offset)
+        kept, dropped, fresh = transfer_state(old, new, rec.num_features, rec.weight_offset)
         tail = {n: getattr(old, n) for n in rec.tail}
         out = NormAct(new, **tail) if tail else new
         verified, diff = _verify(old, out, rec)
         before = _computes(old, rec) if rec.kind != "normkit" else _computes(old)
-        equivalent = before is not None and before == _computes(new)
+        # the same function, given every tensor of the old layer (a fresh β of 0 where it had none
+        # is its absent β; a dropped one, e.g. a β the new layer cannot hold, is not)
+        equivalent = before is not None and before == _computes(new) and not dropped
         if equivalent and not verified:
             raise ConfigError(
                 f"converting layer {paths[0]!r} ({type(old).__name__}, {rec.describe()}) to "

@@ -27,7 +27,9 @@ class ConvertedLayer:
         tail: the old layer's modules kept after the new norm, in order (``"act=SiLU"``): the
             replacement is then a :class:`~normkit.apply.recognize.NormAct`.
         equivalent: whether the replacement computes the same function by construction (same
-            kind, layout, groups, eps); then ``verified`` must hold or :func:`convert` raises.
+            kind, layout, groups, ``normalized_shape``, eps, and nothing ``dropped``; a fresh
+            ``β = 0`` where the old layer had none is its absent ``β``); then ``verified`` must
+            hold or :func:`convert` raises.
         verified: whether the evaluation outputs of old and new were measured equal, on a
             random probe in float32 (``max|Δ| ≤ 1e-5·max|y|``); ``None`` when the new module
             could not run on the old layer's input.

@@ -23,6 +23,7 @@ train mode under one random seed; :class:`NormAct` is that composition with a no
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ class Recognition:
             "act")`` for timm's norm+act layers); ``()`` for a plain norm.
         how: ``"class"`` (known type) or ``"probe"`` (recognised by its output).
         probe_shape: an input shape the layer accepts (channels on ``channel_axis``).
+        normalized_shape: for a LN/RMS over several trailing dimensions (torch's
+            ``LayerNorm((C, H, W))``, ``RMSNorm([T, D])``), torch's ``normalized_shape``; its
+            ``γ, β`` have that shape, ``num_features`` is its product (the values of each
+            position, flattened), ``channel_axis=-1``. ``None`` otherwise.
     """
 
     kind: Kind
@@ -73,12 +78,17 @@ class Recognition:
     tail: tuple[str, ...] = ()
     how: Literal["class", "probe"] = "class"
     probe_shape: tuple[int, ...] = field(default=(), compare=False)
+    normalized_shape: tuple[int, ...] | None = None
 
     def describe(self) -> str:
-        """A short phrase: ``"LN over the last dim"``, ``"BN + drop, act"``."""
+        """A short phrase: ``"LN over the last dim"``, ``"BN + drop, act"``,
+        ``"LN over the last 3 dims (4, 6, 6)"``."""
         what = {"batch": "BN", "frozen": "frozen BN", "instance": "IN", "group": "GN", "layer": "LN", "rms": "RMS",
                 "normkit": "normkit"}[self.kind]
-        if self.kind in ("layer", "rms"):
+        shape = self.normalized_shape
+        if shape is not None:
+            what += f" over the last {len(shape)} dims {shape}"
+        elif self.kind in ("layer", "rms"):
             what += " over the last dim" if self.channel_axis == -1 else " over dim 1"
         if self.weight_offset:
             what += f" with gain ({self.weight_offset:g} + weight)"
@@ -170,21 +180,19 @@ def _eps(m: nn.Module) -> float | None:
     raise ConfigError("it has no eps / variance_epsilon attribute")
 
 
-def _channels(m: nn.Module) -> int:
+def _channels(m: nn.Module) -> tuple[int, tuple[int, ...] | None]:
+    """``C``, and torch's ``normalized_shape`` where it spans several dimensions (then ``C`` is
+    its product)."""
     for name in ("num_features", "num_channels"):
         if isinstance(getattr(m, name, None), int):
-            return getattr(m, name)
+            return getattr(m, name), None
     shape = getattr(m, "normalized_shape", None)
     if shape is not None:
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if len(shape) != 1:
-            raise ConfigError(
-                f"it normalizes over {shape}, more than the channel axis, and its γ, β have that "
-                f"shape, not one value per channel; no registry method maps it")
-        return int(shape[0])
+        shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        return math.prod(shape), (shape if len(shape) > 1 else None)
     w = _weight(m)
     if w is not None and w.dim() == 1:
-        return w.numel()
+        return w.numel(), None
     raise ConfigError("its channel count is unknown (no num_features, num_channels, "
                       "normalized_shape or 1-D weight)")
 
@@ -229,9 +237,19 @@ def _along(axis: int, f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tenso
     return f if axis == -1 else (lambda x: f(x.movedim(1, -1)).movedim(-1, 1))
 
 
-def _candidates(m: nn.Module, c: int, eps: float | None, base: type | None
+def _candidates(m: nn.Module, c: int, eps: float | None, base: type | None,
+                shape: tuple[int, ...] | None = None
                 ) -> list[tuple[Kind, int, float, tuple[int, ...], Core]]:
-    """``(kind, channel_axis, weight_offset, probe_shape, core(p, x))`` to try for ``m``."""
+    """``(kind, channel_axis, weight_offset, probe_shape, core(p, x))`` to try for ``m``; over
+    the trailing ``shape`` (torch's multi-dimensional ``normalized_shape``): LN and RMS only."""
+    if shape is not None:
+        out_: list[tuple[Kind, int, float, tuple[int, ...], Core]] = []
+        if base is None or base is nn.LayerNorm:
+            out_.append(("layer", -1, 0.0, (4, *shape), lambda p, x: F.layer_norm(
+                x, shape, _weight(p), getattr(p, "bias", None), eps if eps is not None else 1e-5)))
+        if base is None or base is nn.RMSNorm:
+            out_.append(("rms", -1, 0.0, (4, *shape), lambda p, x: _rms(p, x, shape, eps, 0.0)))
+        return out_
     s1, s2 = _sizes(c)
     first, last = (4, c, s1, s2), (4, s1, c)
     if base is not None and issubclass(base, _NormBase):
@@ -258,9 +276,10 @@ def _candidates(m: nn.Module, c: int, eps: float | None, base: type | None
     return out
 
 
-def _rms(p: nn.Module, t: Tensor, c: int, eps: float | None, offset: float) -> Tensor:
+def _rms(p: nn.Module, t: Tensor, c: int | tuple[int, ...], eps: float | None, offset: float
+         ) -> Tensor:
     w = _weight(p)
-    y = F.rms_norm(t, (c,), None if w is None else w + offset, eps)
+    y = F.rms_norm(t, (c,) if isinstance(c, int) else c, None if w is None else w + offset, eps)
     b = getattr(p, "bias", None)
     return y + b if isinstance(b, Tensor) else y
 
@@ -344,7 +363,7 @@ def recognize(m: nn.Module, path: str = "") -> Recognition:
                           f"Normalization, a torch norm (or subclass), or a class named like a norm "
                           f"(LayerNorm, RMSNorm, GroupNorm, BatchNorm) with a 1-D weight")
     try:
-        c = _channels(m)
+        c, shape = _channels(m)
         eps = _eps(m)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}. Fix: leave it out (match= of convert), or replace "
@@ -353,20 +372,22 @@ def recognize(m: nn.Module, path: str = "") -> Recognition:
     children = tuple(n for n, _ in m.named_children())
     plain = base is not None and type(m).forward is base.forward and not children
     orders = [children] + ([children[::-1]] if len(children) == 2 else [])
-    for kind, axis, off, shape, core in _candidates(m, c, eps, base):
+    for kind, axis, off, probe, core in _candidates(m, c, eps, base, shape):
         if plain:  # torch's own forward: known by class, no probe needed
             axis = -1 if kind in ("layer", "rms") else 1
+            if shape is None and axis == -1:
+                probe = (4, _sizes(c)[0], c)
             return Recognition(kind, c, axis, "channels" if axis == -1 and kind in ("layer", "rms")
-                               else None, eps, probe_shape=(4, _sizes(c)[0], c) if axis == -1
-                               else shape)
+                               else None, eps, probe_shape=probe, normalized_shape=shape)
         for order in orders:
-            if _matches(m, core, order, shape, axis):
+            if _matches(m, core, order, probe, axis):
                 over = "channels" if kind in ("layer", "rms") else None
                 tail = tuple(n for n in order
                              if not isinstance(getattr(m, n), nn.Identity))
-                return Recognition(kind, c, axis, over, eps, off, tail, "probe", shape)
+                return Recognition(kind, c, axis, over, eps, off, tail, "probe", probe, shape)
     tried = ", ".join(dict.fromkeys(
-        Recognition(k, c, a, None, eps, o).describe() for k, a, o, _, _ in _candidates(m, c, eps, base)))
+        Recognition(k, c, a, None, eps, o, normalized_shape=shape).describe()
+        for k, a, o, _, _ in _candidates(m, c, eps, base, shape)))
     found = f" and children {list(children)}" if children else ""
     raise ConfigError(
         f"{where} has its own forward{found}, and its output matches none of: {tried}"
