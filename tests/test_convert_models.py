@@ -144,7 +144,7 @@ def test_a_replacement_meant_to_be_equivalent_is_checked(monkeypatch) -> None:
     simulated bug) makes BN → "bn" raise, the model untouched."""
     model = _cnn()
     convert_module = importlib.import_module("normkit.apply.convert")
-    real = convert_module._transfer
+    real = convert_module.transfer_state
 
     def lossy(old, new, c, offset=0.0):
         kept = real(old, new, c, offset)
@@ -152,7 +152,7 @@ def test_a_replacement_meant_to_be_equivalent_is_checked(monkeypatch) -> None:
             new.running_var.fill_(1.0)
         return kept
 
-    monkeypatch.setattr(convert_module, "_transfer", lossy)
+    monkeypatch.setattr(convert_module, "transfer_state", lossy)
     with pytest.raises(ConfigError, match=r"converting layer '1' \(BNAct, BN \+ drop, act\) to "
                                           r"BatchNorm.*should keep its output.*differ by"):
         convert(model, "bn", inplace=True)
