@@ -181,6 +181,9 @@ def test_config_errors() -> None:
         wct(c, c, whitening="pca")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"iterations must be an int in \[1, 64\], got 0"):
         wct(c, c, whitening="newton", iterations=0)
+    with pytest.raises(ConfigError, match=r"wct got iterations=10, but whitening='zca' does not "
+                                          r"iterate.*whitening='newton'"):
+        wct(c, c, iterations=10)  # ZCA: would be ignored
     with pytest.raises(ConfigError, match=r"eps must be >= 0, got -1"):
         wct(c, c, eps=-1.0)
     with pytest.raises(ConfigError, match=r"eps=0 with Standardize"):

@@ -234,7 +234,8 @@ def test_iterations_with_a_method_that_does_not_iterate_raises(build):
 def test_iterations_defaults_and_newton_are_accepted():
     """Only an explicit ``iterations=`` with a non-iterating method raises: the default does not,
     and Newton–Schulz methods take it."""
-    assert nk.DecorrelatedBatchNorm(4).nop.iterations == 5
+    assert nk.DecorrelatedBatchNorm(4).nop.iterations is None  # ZCA: no steps
+    assert nk.BatchWhitening(4, method="newton").nop.iterations == 5  # the operation's default
     assert nk.BatchWhitening(4, method="newton", iterations=3).nop.iterations == 3
     assert nk.IterNorm(4, iterations=7).nop.iterations == 7
     assert nk.GroupWhitening(4, num_groups=2, method="newton", iterations=2).nop.iterations == 2
@@ -257,3 +258,22 @@ def test_layer_norm_multi_dim_uses_the_kernel(monkeypatch):
     assert calls == [(4, 3)]
     nk.LayerNorm([4, 3], native=False)(x)
     assert calls == [(4, 3)]
+
+
+@pytest.mark.parametrize("method", ["zca", "pca", "cholesky"])
+def test_whiten_operation_refuses_iterations_it_would_ignore(method):
+    """The operation built directly (``nk.nop.Whiten``) refuses, as the presets do; its default
+    ``None`` is 5 Newton–Schulz steps, and the dataclass's ``replace`` (``unfused()``, ``bind``)
+    keeps working for every method."""
+    with pytest.raises(ConfigError, match=rf"Whiten got iterations=3, but its method='{method}' "
+                                          r"does not iterate.*method='newton'"):
+        nk.nop.Whiten(method, iterations=3)
+    op = nk.nop.Whiten(method)
+    assert op.iterations is None and op.unfused().iterations is None
+    newton = nk.nop.Whiten("newton")
+    assert newton.iterations == 5 and newton.unfused().iterations == 5
+    assert nk.nop.Whiten("newton", iterations=2).unfused().iterations == 2
+    ragged = nk.Normalization(5, nap=nk.nap.Batch(group_size=2), nop=op)  # bind(): replace()
+    assert ragged.nop.last_group == 1 and ragged.nop.iterations is None
+    with pytest.raises(ConfigError, match=r"iterations must be an int in \[1, 64\], got 0"):
+        nk.nop.Whiten("newton", iterations=0)

@@ -134,7 +134,7 @@ def wct(
     alpha: float = 1.0,
     eps: float = 1e-5,
     whitening: StyleWhitening = "zca",
-    iterations: int = 30,
+    iterations: int | None = None,
 ) -> Tensor:
     r"""Whitening–coloring transform (Li et al. 2017, Universal Style Transfer, arXiv:1705.08086).
 
@@ -162,7 +162,8 @@ def wct(
         eps: ridge on the content covariance (≥ 0; needed when channels are constant or
             ``HW < C``).
         whitening: ``"zca"`` or ``"newton"`` (alias ``"newton_schulz"``).
-        iterations: Newton–Schulz steps (1 … 64); ignored for ZCA.
+        iterations: Newton–Schulz steps (1 … 64); ``None``: 30 for ``"newton"``. Given with
+            ``"zca"`` (which does not iterate) it raises instead of being ignored.
 
     Shape:
         ``(N, C, *spatial)`` in the content's dtype.
@@ -181,6 +182,11 @@ def wct(
     if method is None:
         raise ConfigError(f"whitening must be 'zca' or 'newton' ('newton_schulz'), got "
                           f"{whitening!r}; both approximate the symmetric Σ^(-1/2) WCT needs")
+    if iterations is not None and method != "newton":
+        raise ConfigError(f"wct got iterations={iterations!r}, but whitening={whitening!r} does not "
+                          f"iterate: iterations applies to whitening='newton' only. Remove "
+                          f"iterations=, or use whitening='newton'")
+    iterations = 30 if iterations is None else iterations
     if not isinstance(iterations, int) or not 0 < iterations <= MAX_ITERATIONS:
         raise ConfigError(f"iterations must be an int in [1, {MAX_ITERATIONS}], got {iterations!r}")
     n, c = content.shape[:2]

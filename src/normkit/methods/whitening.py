@@ -27,11 +27,12 @@ Estimate = Literal["matrix", "covariance"]
 RecoveryChoice = bool | Literal["coloring"]
 
 
-def _iterations(module: object, method: str, iterations: int | None) -> int:
+def _iterations(module: object, method: str, iterations: int | None) -> int | None:
     """The Newton–Schulz steps: ``iterations`` given explicitly with a method that does not
-    iterate raises instead of being silently ignored; ``None`` is the operation's default (5)."""
+    iterate raises instead of being silently ignored (naming the preset); ``None`` is the
+    operation's default (5 for ``"newton"``)."""
     if iterations is None:
-        return nop.Whiten.iterations
+        return None
     if method != "newton":
         raise ConfigError(
             f"{type(module).__name__} got iterations={iterations!r}, but its method={method!r} "

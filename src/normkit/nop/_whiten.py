@@ -48,7 +48,9 @@ class Whiten(Operation):
         method: ``"zca"`` (``UΛ^{-1/2}Uᵀ``), ``"pca"`` (``Λ^{-1/2}Uᵀ``), ``"cholesky"``
             (``L^{-1}``) or ``"newton"`` (IterNorm's Newton–Schulz, ``iterations`` steps); see
             :mod:`normkit.functional.whiten`.
-        iterations: Newton–Schulz steps ``T`` (``method="newton"`` only).
+        iterations: Newton–Schulz steps ``T`` (``method="newton"`` only); ``None``: 5 for
+            ``"newton"``, none for the others. Given with a method that does not iterate, it
+            raises (it would be ignored).
         estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
@@ -60,7 +62,7 @@ class Whiten(Operation):
     """
 
     method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
-    iterations: int = 5
+    iterations: int | None = None
     estimate: Literal["matrix", "covariance"] = "matrix"
     fused: bool = field(default=True, repr=False)
     last_group: int | None = field(default=None, repr=False)
@@ -75,7 +77,16 @@ class Whiten(Operation):
             )
         if self.estimate not in ("matrix", "covariance"):
             raise ConfigError(f"estimate must be 'matrix' or 'covariance', got {self.estimate!r}")
-        if not isinstance(self.iterations, int) or not 0 < self.iterations <= W.MAX_ITERATIONS:
+        if self.iterations is None:  # the default: 5 steps for Newton–Schulz, none otherwise
+            if self.method == "newton":
+                object.__setattr__(self, "iterations", 5)
+        elif self.method != "newton":
+            raise ConfigError(
+                f"{type(self).__name__} got iterations={self.iterations!r}, but its "
+                f"method={self.method!r} does not iterate: iterations applies to "
+                f"method='newton' only. Remove iterations=, or use method='newton'")
+        if self.iterations is not None and (
+                not isinstance(self.iterations, int) or not 0 < self.iterations <= W.MAX_ITERATIONS):
             raise ConfigError(
                 f"iterations must be an int in [1, {W.MAX_ITERATIONS}], got {self.iterations!r}"
             )
