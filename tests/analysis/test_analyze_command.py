@@ -40,3 +40,14 @@ def test_analyze_conditioning_without_records_exits_2(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(
         {"method": "bn", "batch_size": 8, "status": "ok", "history": [{"epoch": 1}]}))
     assert main(["analyze", "conditioning", "--run", str(tmp_path)]) == 2  # run without --analyze
+
+
+def test_snd_iterations_only_for_methods_that_iterate():
+    """``--iterations`` goes to IterNorm and ``method=newton`` whitening, not to ZCA ones (whose
+    presets refuse an ``iterations=`` they would ignore)."""
+    from normkit.analysis.cli import _method_kwargs
+
+    assert _method_kwargs("group_whitening", 4, 7) == ("group_whitening", {})
+    assert _method_kwargs("group_whitening:method=newton", 4, 7) == (
+        "group_whitening", {"iterations": 7, "method": "newton"})
+    assert _method_kwargs("iternorm", 4, 7) == ("iternorm", {"group_size": 4, "iterations": 7})

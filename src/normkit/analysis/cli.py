@@ -270,13 +270,15 @@ def _run_conditioning(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 def _method_kwargs(spec: str, group_size: int, iterations: int) -> tuple[str, dict[str, Any]]:
     """Registry name and keyword arguments: ``group_size``/``iterations`` where the preset takes
-    them, overridden by the spec's own keyword arguments."""
+    them (``iterations`` not with a ``method=`` that does not iterate: the presets refuse it),
+    overridden by the spec's own keyword arguments."""
     name, spec_kw = parse_spec(spec)
     params = inspect.signature(info(name).cls.__init__).parameters
     kw: dict[str, Any] = {}
     if "group_size" in params:
         kw["group_size"] = group_size
-    if "iterations" in params:
+    method = spec_kw.get("method", params["method"].default if "method" in params else None)
+    if "iterations" in params and method in (None, "newton"):
         kw["iterations"] = iterations
     return name, {**kw, **spec_kw}
 
