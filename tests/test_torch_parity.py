@@ -122,6 +122,18 @@ def test_rms_norm_matches_torch_module(case, affine, native):
         lambda: nn.RMSNorm(shape_arg, elementwise_affine=affine, dtype=DT, **kw), shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape_arg", [16, [3, 16]], ids=["int", "list"])
+def test_rms_norm_default_eps_in_half_precision(shape_arg, dtype):
+    """torch's ``eps=None`` is the machine epsilon of the computation type: float32's for half
+    inputs, not ``finfo(float16).eps`` (~1e-3), which changes the output by O(1) for inputs of
+    RMS ~1e-3. Compared at the dtype's default tolerance."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 16, generator=g) * 1e-3).to(dtype)
+    ours = nk.RMSNorm(shape_arg, elementwise_affine=True, dtype=dtype)
+    torch.testing.assert_close(ours(x), nn.RMSNorm(shape_arg, dtype=dtype)(x))
+
+
 def test_rms_norm_torch_form_attributes_and_errors():
     rms = nk.RMSNorm([4, 3])
     assert rms.normalized_shape == (4, 3) and rms.num_features == 12 and rms.channel_axis == -1

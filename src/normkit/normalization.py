@@ -20,7 +20,7 @@ from . import nop as nop_
 from . import nrr as nrr_
 from .errors import ConfigError
 from .functional import statistics as S
-from .functional.normalize import apply_normalization, check_eps, check_spread
+from .functional.normalize import apply_normalization, check_eps, check_spread, default_eps
 from .functional.partition import canonical_view, check_input, narrow_channels, pad_channels
 from .functional.standardize import affine_transform
 
@@ -63,8 +63,10 @@ class Normalization(nn.Module):
         nop: normalization operation (:mod:`normkit.nop`), default :class:`~normkit.nop.Standardize`.
         nrr: representation recovery (:mod:`normkit.nrr`), default :class:`~normkit.nrr.Affine`;
             ``None`` for none.
-        eps: stability constant (inside the square root). Default ``1e-5``; ``None`` uses
-            ``torch.finfo(input dtype).eps``, as ``torch.nn.RMSNorm``.
+        eps: stability constant (inside the square root). Default ``1e-5``; ``None`` uses the
+            machine epsilon of the computation type, as ``torch.nn.RMSNorm``:
+            ``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 inputs, float64's
+            for float64 (:func:`~normkit.functional.normalize.default_eps`).
         momentum: weight of the new batch in running estimates, in ``[0, 1]``; ``None`` for a
             cumulative moving average. Default ``0.1``.
         track_running_stats: keep running estimates for evaluation. ``None`` (default) tracks
@@ -118,7 +120,7 @@ class Normalization(nn.Module):
                                 ("nrr", nrr, nrr_.Recovery)):
             if not isinstance(obj, base):
                 raise ConfigError(f"{what} must be a normkit.{what}.{base.__name__}, got {obj!r}")
-        if eps is not None:  # None: torch.finfo(input dtype).eps at run time (torch's RMSNorm)
+        if eps is not None:  # None: default_eps(input dtype) at run time (torch's RMSNorm)
             check_eps(eps, nop)
         if momentum is not None and not (0.0 <= momentum <= 1.0):
             raise ConfigError(
@@ -261,7 +263,7 @@ class Normalization(nn.Module):
                               f"there is nothing fixed to fold")
         stats = self.nop.from_running(running, self.nap, self.num_features)
         w, b = self._recovery_views()
-        eps = self.eps if self.eps is not None else torch.finfo(stats["mean"].dtype).eps
+        eps = self.eps if self.eps is not None else default_eps(stats["mean"].dtype)
         a, shift = self.nop.fold(stats, nap=self.nap, eps=eps, weight=w, bias=b)
         return self.nrr.compose((a, shift[: self.num_features]), self._recovery_params())
 
@@ -417,7 +419,7 @@ class Normalization(nn.Module):
         condition: Any = None, nap: nap_.Partition | None = None,
     ) -> Tensor:
         nap = self.nap if nap is None else nap
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps if self.eps is not None else default_eps(x.dtype)
         shape = x.shape
         x = pad_channels(x, self._num_padded, self.channel_axis)
         v = canonical_view(x, self.groups, self.channel_axis)
@@ -457,7 +459,7 @@ class Normalization(nn.Module):
     ) -> Tensor:
         w, b = getattr(self, "weight", None), getattr(self, "bias", None)
         kind = self._native
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps if self.eps is not None else default_eps(x.dtype)
         if kind == "batch_norm":
             xc = x if self.channel_axis == 1 else x.movedim(-1, 1)
             rm, rv = (None, None) if running is None or (use_batch and not update) else (

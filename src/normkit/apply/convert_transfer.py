@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..functional.normalize import default_eps
 from ..nop import Whiten
 from ..normalization import Normalization
 
@@ -75,7 +76,7 @@ def transfer_state(old: nn.Module, new: nn.Module, c: int, offset: float = 0.0
             kept.append("running_cov←diag(running_var)")
             filled.add("running_cov")
         elif name == "running_var" and "running_matrix" in new_b and whiten and b.numel() == c:
-            eps = new.eps if new.eps is not None else torch.finfo(b.dtype).eps
+            eps = new.eps if new.eps is not None else default_eps(b.dtype)
             cov = _blocks_of(b, new_b["running_matrix"])
             new_b["running_matrix"].copy_(new.nop.whitening({"cov": cov[None]}, eps)[0])
             kept.append("running_matrix←W(diag(running_var))")

@@ -10,13 +10,26 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from .partition import canonical_view, check_input, narrow_channels, pad_channels, restore_view
 from .standardize import affine_transform
 
-__all__ = ["normalize", "apply_normalization", "check_eps", "check_spread"]
+__all__ = ["normalize", "apply_normalization", "check_eps", "check_spread", "default_eps"]
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """``eps=None``: the machine epsilon of the computation (opmath) type, as ``torch.nn.RMSNorm``
+    — ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 inputs,
+    ``torch.finfo(torch.float64).eps`` for float64 ones.
+
+    Example:
+        >>> default_eps(torch.float16) == torch.finfo(torch.float32).eps
+        True
+    """
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
 
 
 def check_eps(eps: float, nop: Any) -> None:

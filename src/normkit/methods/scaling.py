@@ -27,7 +27,8 @@ class RMSNorm(TrailingDims, Normalization):
 
     over ``over`` (as :class:`LayerNorm`: ``"all"`` for ``channel_axis=1``, ``"channels"`` for
     ``channel_axis=-1`` by default). ``RMSNorm(D, channel_axis=-1)`` equals
-    ``torch.nn.RMSNorm(D)``, including its default ``eps=None`` (``torch.finfo(x.dtype).eps``);
+    ``torch.nn.RMSNorm(D)``, including its default ``eps=None`` (the machine epsilon of the
+    computation type: float32's for float16/bfloat16/float32 inputs, float64's for float64);
     learns ``γ`` only.
 
     **torch's call form.** As :class:`LayerNorm`: a list/tuple first argument, or torch's

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
+from ..functional.normalize import default_eps
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery, layer_partition
@@ -141,7 +141,7 @@ class LayerNorm(TrailingDims, Normalization):
         """torch's ``layer_norm`` over several trailing dimensions (it takes γ's shape)."""
         if not self._native_ok(x):
             return None
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps if self.eps is not None else default_eps(x.dtype)
         return F.layer_norm(x, shape, self.weight, self.bias, eps)
 
 
