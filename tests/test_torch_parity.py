@@ -115,7 +115,8 @@ RMS_CASES = {
 @pytest.mark.parametrize("case", list(RMS_CASES))
 def test_rms_norm_matches_torch_module(case, affine, native):
     """``nk.RMSNorm`` in torch's form (``elementwise_affine=`` given) is ``torch.nn.RMSNorm``: eps
-    ``None`` means ``torch.finfo(dtype).eps`` in both; γ of shape ``normalized_shape``."""
+    ``None`` means the computation type's machine epsilon in both; γ of shape
+    ``normalized_shape``."""
     shape_arg, shape, kw = RMS_CASES[case]
     _assert_parity(
         lambda: nk.RMSNorm(shape_arg, elementwise_affine=affine, native=native, dtype=DT, **kw),
