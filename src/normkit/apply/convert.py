@@ -131,8 +131,9 @@ def _unmapped(rec: Recognition, to: str | Callable[..., nn.Module]) -> str | Non
     name = {"layer": "ln", "rms": "rms_norm"}[rec.kind]
     if isinstance(to, str) and registry.get(registry.parse_spec(to)[0]) is registry.get(name):
         return None
+    got = repr(to) if isinstance(to, str) else f"a callable ({getattr(to, '__name__', to)})"
     return (f"{_several_dims(rec)}; only to={name!r} (normkit.{registry.get(name).__name__} in "
-            f"torch's form) maps it, not {to!r}")
+            f"torch's form) maps it, not {got}")
 
 
 def _bias_off(old: nn.Module, rec: Recognition) -> bool:
@@ -398,7 +399,8 @@ def convert(
             continue
         if match is not None:
             raise ConfigError(f"cannot convert layer {paths[0]!r} ({type(old).__name__}): {why}. "
-                              f"Nothing was changed. Fix: leave it out with match=")
+                              f"Nothing was changed. Fix: convert it in its own call with the "
+                              f"method named, or leave it out with match=")
         targets.remove(target)
         refused += [(p, f"layer {p!r} ({type(old).__name__}): {why}") for p in paths]
     plan: list[tuple[list[str], nn.Module]] = []
