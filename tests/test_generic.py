@@ -33,6 +33,7 @@ from cases import (
     CASES,
     ERROR_IDS,
     ERROR_PARAMS,
+    PENDING_WHITENING,
     Case,
     from_layout,
     layout_shape,
@@ -601,14 +602,17 @@ def test_two_forwards_one_backward(case: Case) -> None:
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(("case", "backend"), COMPILE, ids=COMPILE_IDS)
 def test_compile_matches_eager(case: Case, backend: str, dynamo_reset: None) -> None:
-    """``torch.compile`` gives the eager outputs, gradients and buffer updates, train and eval."""
+    """``torch.compile(fullgraph=True)`` — one graph, no break — gives the eager outputs,
+    gradients and buffer updates, train and eval."""
+    if case.method in PENDING_WHITENING:
+        pytest.skip("pending wip/whiten merge")
     # backend="eager" runs the traced aten ops unchanged: only op-order noise (eps32 ≈ 1.2e-7).
     # Inductor fuses and reorders the float32 reductions (Welford vs two-pass, different
     # association over ≤ 60 values): a few hundred eps32 on O(10) values.
     tol = {"rtol": 1e-6, "atol": 1e-6} if backend == "eager" else {"rtol": 1e-4, "atol": 1e-5}
     eager = build(case)
     target = copy.deepcopy(eager)
-    compiled = torch.compile(target, backend=backend)
+    compiled = torch.compile(target, backend=backend, fullgraph=True)
     captured = counters["stats"]["calls_captured"]
     shape = case.shapes[1] if len(case.shapes) > 1 else case.shapes[0]
     for train in (True, False):
