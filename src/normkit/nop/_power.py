@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -66,6 +66,8 @@ class PowerScale(Scale):
     kind: Literal["rms"] = field(default="rms", repr=False)
     alpha_bkw: float = 0.9
     warmup_steps: int = 10000
+    # read and recorded by the backward when it runs: passed live, never snapshotted
+    backward_state: ClassVar[tuple[str, ...]] = ("grad_nu",)
 
     def __post_init__(self) -> None:
         if self.kind != "rms":
