@@ -81,7 +81,10 @@ class Normalization(nn.Module):
 
     Shape:
         - Input: ``(N, C, *)`` with ``channel_axis=1`` or ``(N, *, C)`` with ``channel_axis=-1``.
-        - Output: same shape and dtype as the input.
+        - Output: same shape and dtype as the input — also under ``torch.autocast``, as torch's
+          BatchNorm / GroupNorm / LayerNorm do: the statistics are fitted and applied with
+          autocast off, in at least float32; a conditional recovery's layers run under it.
+          Integer and bool inputs raise :class:`~normkit.DTypeError`.
 
     Example:
         >>> import torch, normkit as nk

@@ -346,8 +346,11 @@ class OnlineNorm(Normalization):
         """``1 − α_b`` of the control process."""
         return self.nop.backward_momentum  # type: ignore[attr-defined, no-any-return]
 
-    def _sample_factors(self, n: int) -> list[float]:
+    def _sample_factors(self, n: int) -> list[float] | list[Tensor]:
         if self.momentum is None:
+            if torch.compiler.is_compiling():  # int() of a buffer would break the graph
+                seen = self.num_batches_tracked.double()
+                return [(seen + (t + 1)).reciprocal() for t in range(n)]
             seen = int(self.num_batches_tracked)
             return [1.0 / (seen + t + 1) for t in range(n)]
         return [float(self.momentum)] * n

@@ -167,7 +167,7 @@ def kalman_estimate(
 
 # ---------------------------------------------------------------------------- online normalization
 def stream_moments(
-    sample_mean: Tensor, sample_var: Tensor, mean: Tensor, var: Tensor, factors: Sequence[float]
+    sample_mean: Tensor, sample_var: Tensor, mean: Tensor, var: Tensor, factors: Sequence[float | Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Online Normalization's forward recursion over the samples of a batch, in order.
 
@@ -305,7 +305,7 @@ class OnlineStandardize(Operation):
 
     @torch.no_grad()
     def stream(self, samples: Stats, running: Stats, nap: Partition, num_features: int,
-               factors: Sequence[float]) -> Stats:
+               factors: Sequence[float | Tensor]) -> Stats:
         """Statistics each sample is normalized with (``(N, A, B, 1)``), updating ``running``'s
         ``mean`` and ``var`` in place to the estimates after the last sample."""
         shape = nap.stat_view_shape(num_features)[1:]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -67,7 +67,7 @@ class PowerScale(Scale):
     alpha_bkw: float = 0.9
     warmup_steps: int = 10000
     # read and recorded by the backward when it runs: passed live, never snapshotted
-    backward_state: ClassVar[tuple[str, ...]] = ("grad_nu",)
+    backward_state = ("grad_nu",)
 
     def __post_init__(self) -> None:
         if self.kind != "rms":

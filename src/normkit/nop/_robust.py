@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -428,7 +428,7 @@ class MovingAverageStandardize(WindowStandardize):
 
     window: int = 16
     # read and recorded by the backward when it runs: passed live, never snapshotted
-    backward_state: ClassVar[tuple[str, ...]] = ("grad_history", "grad_weight")
+    backward_state = ("grad_history", "grad_weight")
 
     def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
         spec = super().state_buffers(nap, num_features)
