@@ -12,6 +12,7 @@ whitening custom ops are merged.
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from torch import Tensor, nn

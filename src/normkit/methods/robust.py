@@ -15,6 +15,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
+from ..functional.snapshot import snapshot
 from ..nop._robust import (
     Ghost,
     MomentumStandardize,
@@ -23,7 +24,6 @@ from ..nop._robust import (
     RobustStandardize,
     WindowStandardize,
 )
-from ..functional.snapshot import snapshot
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery
