@@ -17,6 +17,7 @@ import copy
 import io
 import pickle
 import re
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -33,6 +34,7 @@ from cases import (
     CASES,
     ERROR_IDS,
     ERROR_PARAMS,
+    PENDING_WHITENING,
     Case,
     from_layout,
     layout_shape,
@@ -57,7 +59,13 @@ DEGENERATE = [(c, s) for c in CASES for s in c.degenerate_shapes]
 DEGENERATE_IDS = [f"{c.name}-{'x'.join(map(str, s))}" for c, s in DEGENERATE]
 EDGE = [(c, s) for c in CASES for s in c.edge_shapes]
 EDGE_IDS = [f"{c.name}-{'x'.join(map(str, s))}" for c, s in EDGE]
-COMPILE = [(c, "eager") for c in CASES] + [(c, "inductor") for c in CASES if c.inductor]
+# Rows whose training step updates buffers run through AOTAutograd with inductor's
+# decompositions and min-cut partitioner (no code generation): it may recompute in the backward
+# a value read from a buffer the forward then updates (pytorch/pytorch#197039), which the plain
+# "eager" backend (dynamo only) never shows. Inductor itself for a few rows.
+PARTITIONED = "aot_eager_decomp_partition"
+COMPILE = ([(c, PARTITIONED if c.running else "eager") for c in CASES]
+           + [(c, "inductor") for c in CASES if c.inductor])
 COMPILE_IDS = [f"{c.name}-{b}" for c, b in COMPILE]
 KERNELS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "local_response_norm")
 
@@ -596,19 +604,29 @@ def test_two_forwards_one_backward(case: Case) -> None:
 
 
 # ------------------------------------------------------------------------------ compile
-# Importing inductor imports torch/utils/mkldnn.py, which calls the deprecated
-# torch.jit.script_method at import time (torch's own code, not normkit's): ignore only that one.
-@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
+# Inductor (and its decompositions, PARTITIONED) imports torch/utils/mkldnn.py, which calls the
+# deprecated torch.jit.script_method at import time (torch's own code, not normkit's): import it
+# here, ignoring only that warning, so no test (nor a replay from another file) meets it.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning)
+    import torch.utils.mkldnn  # noqa: F401
+
+
 @pytest.mark.parametrize(("case", "backend"), COMPILE, ids=COMPILE_IDS)
 def test_compile_matches_eager(case: Case, backend: str, dynamo_reset: None) -> None:
-    """``torch.compile`` gives the eager outputs, gradients and buffer updates, train and eval."""
+    """``torch.compile(fullgraph=True)`` — one graph, no break — gives the eager outputs,
+    gradients and buffer updates, train and eval."""
+    if case.method in PENDING_WHITENING:
+        pytest.skip("pending wip/whiten merge")
     # backend="eager" runs the traced aten ops unchanged: only op-order noise (eps32 ≈ 1.2e-7).
-    # Inductor fuses and reorders the float32 reductions (Welford vs two-pass, different
-    # association over ≤ 60 values): a few hundred eps32 on O(10) values.
-    tol = {"rtol": 1e-6, "atol": 1e-6} if backend == "eager" else {"rtol": 1e-4, "atol": 1e-5}
+    # Inductor's decompositions reassociate float32 reductions (≤ 60 values: tens of eps32 on
+    # O(1) values); inductor itself also fuses them (Welford vs two-pass): a few hundred eps32
+    # on O(10) values.
+    tol = {"eager": {"rtol": 1e-6, "atol": 1e-6}, PARTITIONED: {"rtol": 1e-5, "atol": 1e-5}}.get(
+        backend, {"rtol": 1e-4, "atol": 1e-5})
     eager = build(case)
     target = copy.deepcopy(eager)
-    compiled = torch.compile(target, backend=backend)
+    compiled = torch.compile(target, backend=backend, fullgraph=True)
     captured = counters["stats"]["calls_captured"]
     shape = case.shapes[1] if len(case.shapes) > 1 else case.shapes[0]
     for train in (True, False):
@@ -900,7 +918,7 @@ REPLAYS: list[tuple[str, dict[str, Any]]] = [
     ("deepcopy_and_pickle", {"how": "pickle"}),
     ("native_matches_generic", {}),
     ("two_forwards_one_backward", {}),
-    ("compile_matches_eager", {"backend": "eager", "dynamo_reset": None}),
+    ("compile_matches_eager", {"backend": PARTITIONED, "dynamo_reset": None}),
     ("non_contiguous_and_channels_last_input", {}),
     ("channel_axis_last_equals_first", {}),
     ("zero_batch", {}),

@@ -28,6 +28,7 @@ from .apply import recalibrate as recalibrate
 from .apply import unfreeze as unfreeze
 from .distributed import sync as sync
 from .errors import ConfigError as ConfigError
+from .errors import DTypeError as DTypeError
 from .errors import NormkitError as NormkitError
 from .errors import ShapeError as ShapeError
 from .errors import UnknownMethodError as UnknownMethodError

@@ -7,7 +7,7 @@ not know normkit.
 
 from __future__ import annotations
 
-__all__ = ["NormkitError", "ConfigError", "ShapeError", "UnknownMethodError"]
+__all__ = ["NormkitError", "ConfigError", "ShapeError", "DTypeError", "UnknownMethodError"]
 
 
 class NormkitError(ValueError):
@@ -20,6 +20,10 @@ class ConfigError(NormkitError):
 
 class ShapeError(NormkitError):
     """An input tensor has the wrong rank, channel count or too few values for the statistics."""
+
+
+class DTypeError(NormkitError):
+    """An input tensor has a dtype normalization is not defined for (integer, bool)."""
 
 
 class UnknownMethodError(NormkitError, KeyError):

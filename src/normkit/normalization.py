@@ -83,7 +83,10 @@ class Normalization(nn.Module):
 
     Shape:
         - Input: ``(N, C, *)`` with ``channel_axis=1`` or ``(N, *, C)`` with ``channel_axis=-1``.
-        - Output: same shape and dtype as the input.
+        - Output: same shape and dtype as the input — also under ``torch.autocast``, as torch's
+          BatchNorm / GroupNorm / LayerNorm do: the statistics are fitted and applied with
+          autocast off, in at least float32; a conditional recovery's layers run under it.
+          Integer and bool inputs raise :class:`~normkit.DTypeError`.
 
     Example:
         >>> import torch, normkit as nk
@@ -311,8 +314,13 @@ class Normalization(nn.Module):
             return "local_response_norm"
         return None
 
-    def _factor(self) -> float:
+    def _factor(self) -> float | Tensor:
+        """Weight of the new batch: ``momentum``, or ``1/n`` after ``n`` batches (cumulative
+        average) — a float64 0-d tensor under ``torch.compile`` / ``torch.export``, where
+        ``float()`` of a buffer would be a data-dependent value and break the graph."""
         if self.momentum is None:
+            if torch.compiler.is_compiling():
+                return self.num_batches_tracked.double().reciprocal()
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
@@ -388,6 +396,9 @@ class Normalization(nn.Module):
 
     def _native_ok(self, x: Tensor) -> bool:
         w = getattr(self, "weight", None)
+        if (self.momentum is None and self.training and self.track_running_stats
+                and torch.compiler.is_compiling()):
+            return False  # torch's kernels take the 1/n of a cumulative average as a Python float
         if self._native == "rms_norm" and x.device.type == "cpu":
             return False  # composite on CPU: the generic path is faster (benchmarks/)
         if self._native == "batch_group_norm" and not (self.training or self._running() is None):
@@ -432,19 +443,20 @@ class Normalization(nn.Module):
             out = out.to(x.dtype).reshape(shape)
             return self.nrr.post(out, self._recovery_params(), self.channel_axis)
         m = nap.count(v, spatial)
-        if use_batch:
-            stats = self.nop.fit(v, nap, spatial, eps=eps, params=self._nop_params())
-            if update:
-                self._update_running(running, stats, m)
-        else:
-            stats = self.nop.eval_stats(
-                v, running, nap=self.nap, spatial=spatial, num_features=self.num_features,
-                eps=eps, params=self._nop_params(),
+        with S.autocast_off(x):  # statistics in float32 (the recovery above runs under autocast)
+            if use_batch:
+                stats = self.nop.fit(v, nap, spatial, eps=eps, params=self._nop_params())
+                if update:
+                    self._update_running(running, stats, m)
+            else:
+                stats = self.nop.eval_stats(
+                    v, running, nap=self.nap, spatial=spatial, num_features=self.num_features,
+                    eps=eps, params=self._nop_params(),
+                )
+            y = apply_normalization(
+                x, v, stats, nop=self.nop, nap=nap, eps=eps, m=m, weight=w, bias=b,
+                channel_axis=self.channel_axis,
             )
-        y = apply_normalization(
-            x, v, stats, nop=self.nop, nap=nap, eps=eps, m=m, weight=w, bias=b,
-            channel_axis=self.channel_axis,
-        )
         y = narrow_channels(y, self.num_features, self.channel_axis)
         return self.nrr.post(y, self._recovery_params(), self.channel_axis)
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, DTypeError, ShapeError
 
 __all__ = [
     "Role",
@@ -109,7 +109,13 @@ def narrow_channels(y: Tensor, num_features: int, channel_axis: int = 1) -> Tens
 def check_input(x: Tensor, num_features: int, channel_axis: int) -> None:
     """Raise :class:`ShapeError` unless ``x`` has ``num_features`` channels and rank ≥ 2 (rank ≥ 1
     with ``channel_axis=-1``, where a single vector ``(C,)`` is one sample, as ``torch.nn.LayerNorm``
-    accepts)."""
+    accepts), and :class:`DTypeError` unless ``x`` is floating point (an integer or bool input
+    would give integer-truncated statistics; torch's kernels refuse it too)."""
+    if not x.is_floating_point():
+        raise DTypeError(
+            f"expected a floating-point input, got dtype {x.dtype}; convert it with x.float() "
+            f"(or .to(torch.bfloat16 / torch.float16))"
+        )
     if x.dim() < (1 if channel_axis == -1 else 2):
         raise ShapeError(
             f"expected an input of rank >= 2 (N, C, *spatial), got shape {tuple(x.shape)}; "

@@ -11,10 +11,14 @@ Policy (every normkit method follows it):
 * ``eps`` goes inside the square root: ``x̂ = (x − μ) / √(σ² + ε)``.
 * Local (sliding-window) moments subtract a per-sample mean first, so ``E[x²] − E[x]²`` does not
   cancel catastrophically.
+* Under ``torch.autocast`` statistics are fitted and applied with autocast off
+  (:func:`autocast_off`): a matmul inside them (mode gates, Kalman transitions) would otherwise
+  run in bfloat16 / float16. The output keeps the input's dtype, as torch's norm layers do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -32,6 +36,7 @@ __all__ = [
     "range_constant",
     "unbiased_variance",
     "ema_update",
+    "autocast_off",
     "box_mean",
     "local_moments",
     "merge_moments",
@@ -95,9 +100,36 @@ def unbiased_variance(var: Tensor, m: int) -> Tensor:
 
 
 @torch.no_grad()
-def ema_update(running: Tensor, batch: Tensor, factor: float) -> None:
-    """``running ← (1 − factor)·running + factor·batch`` in place (torch's momentum meaning)."""
+def ema_update(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
+    """``running ← (1 − factor)·running + factor·batch`` in place (torch's momentum meaning).
+
+    ``factor`` may be a 0-d tensor (the cumulative average's ``1/n`` under ``torch.compile``,
+    where reading a buffer as a Python float would be data-dependent); it is rounded to the
+    buffer's dtype as a Python float is.
+    """
+    if isinstance(factor, Tensor):
+        factor = factor.to(running.dtype)
     running.lerp_(batch.to(running.dtype), factor)
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
+    """A context with ``torch.autocast`` disabled on ``x``'s device where it is enabled (a no-op
+    otherwise): statistics keep the dtypes of the numerics policy (at least float32) instead of
+    the autocast dtype that matmul-like ops would take.
+
+    Example:
+        >>> import torch
+        >>> from normkit.functional.statistics import autocast_off
+        >>> a = torch.randn(3, 3)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     with autocast_off(a):
+        ...         (a @ a).dtype
+        torch.float32
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad: bool) -> Tensor:

@@ -239,27 +239,28 @@ class KalmanNorm(Normalization):
             return (y, (mean, var)) if return_stats else y
         m = self.nap.count(v, spatial)
         check_spread(tuple(x.shape), m, self.nap, self.nop)
-        batch_mean, batch_var = self.nap.moments(v, spatial)
-        mean, var = batch_mean.reshape(-1), batch_var.reshape(-1)
-        prev = None if prev_stats is None else self._prediction_inputs(prev_stats, mean.dtype)
-        if prev is not None:
-            mean, var = kalman_estimate(mean, var, *prev, self.transition.to(mean.dtype),
-                                        torch.sigmoid(self.gain_logit.to(mean.dtype)))
-        if update:
-            self.num_batches_tracked.add_(1)
-            with torch.no_grad():
-                r_mean = batch_mean.reshape(-1)
-                r_var = S.unbiased_variance(batch_var.reshape(-1), m)
-                if prev is not None:
-                    r_mean, r_var = kalman_estimate(
-                        r_mean, r_var, *prev, self.transition.to(r_mean.dtype),
-                        torch.sigmoid(self.gain_logit.to(r_mean.dtype)))
-                S.ema_update(running["mean"], r_mean, self._factor())
-                S.ema_update(running["var"], r_var, self._factor())
-        w, b = self._recovery_views(x, condition)
-        stats = {"mean": mean.reshape(shape), "var": var.reshape(shape)}
-        y = apply_normalization(x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m,
-                                weight=w, bias=b, channel_axis=self.channel_axis)
+        w, b = self._recovery_views(x, condition)  # under autocast, as a model layer
+        with S.autocast_off(x):  # statistics in float32 (the Kalman transition is a matmul)
+            batch_mean, batch_var = self.nap.moments(v, spatial)
+            mean, var = batch_mean.reshape(-1), batch_var.reshape(-1)
+            prev = None if prev_stats is None else self._prediction_inputs(prev_stats, mean.dtype)
+            if prev is not None:
+                mean, var = kalman_estimate(mean, var, *prev, self.transition.to(mean.dtype),
+                                            torch.sigmoid(self.gain_logit.to(mean.dtype)))
+            if update:
+                self.num_batches_tracked.add_(1)
+                with torch.no_grad():
+                    r_mean = batch_mean.reshape(-1)
+                    r_var = S.unbiased_variance(batch_var.reshape(-1), m)
+                    if prev is not None:
+                        r_mean, r_var = kalman_estimate(
+                            r_mean, r_var, *prev, self.transition.to(r_mean.dtype),
+                            torch.sigmoid(self.gain_logit.to(r_mean.dtype)))
+                    S.ema_update(running["mean"], r_mean, self._factor())
+                    S.ema_update(running["var"], r_var, self._factor())
+            stats = {"mean": mean.reshape(shape), "var": var.reshape(shape)}
+            y = apply_normalization(x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m,
+                                    weight=w, bias=b, channel_axis=self.channel_axis)
         y = self.nrr.post(y, self._recovery_params(), self.channel_axis)
         y = y.squeeze(0) if vector else y
         return (y, (mean, var)) if return_stats else y
@@ -345,8 +346,11 @@ class OnlineNorm(Normalization):
         """``1 − α_b`` of the control process."""
         return self.nop.backward_momentum  # type: ignore[attr-defined, no-any-return]
 
-    def _sample_factors(self, n: int) -> list[float]:
+    def _sample_factors(self, n: int) -> list[float] | list[Tensor]:
         if self.momentum is None:
+            if torch.compiler.is_compiling():  # int() of a buffer would break the graph
+                seen = self.num_batches_tracked.double()
+                return [(seen + (t + 1)).reciprocal() for t in range(n)]
             seen = int(self.num_batches_tracked)
             return [1.0 / (seen + t + 1) for t in range(n)]
         return [float(self.momentum)] * n
@@ -366,12 +370,13 @@ class OnlineNorm(Normalization):
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         v = canonical_view(x, self.groups, self.channel_axis)
         spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-        with torch.no_grad():
-            samples = self.nop.fit(v, self.nap, spatial)
         factors = self._sample_factors(x.shape[0])
-        stats = self.nop.stream(samples, running, self.nap, self.num_features, factors)
-        self.num_batches_tracked.add_(x.shape[0])
-        xhat = self.nop.normalize(v, stats, running, eps)
+        with S.autocast_off(x):  # statistics in float32, as in Normalization
+            with torch.no_grad():
+                samples = self.nop.fit(v, self.nap, spatial)
+            stats = self.nop.stream(samples, running, self.nap, self.num_features, factors)
+            self.num_batches_tracked.add_(x.shape[0])
+            xhat = self.nop.normalize(v, stats, running, eps)
         w, b = self._recovery_views(x, condition)
         out = affine_transform(xhat, None, None, w, b)
         y = restore_view(out.to(x.dtype), x.shape, self.channel_axis)

@@ -15,6 +15,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
+from ..functional.snapshot import snapshot
 from ..nop._robust import (
     Ghost,
     MomentumStandardize,
@@ -57,8 +58,12 @@ class _Stateful(Normalization):
         running = self._running()
         if running is None:
             return params
-        return {**params, **{f"running_{k}": t for k, t in running.items()},
-                "num_batches_tracked": self.num_batches_tracked, **self._state()}
+        state = {**{f"running_{k}": t for k, t in running.items()},
+                 "num_batches_tracked": self.num_batches_tracked, **self._state()}
+        # read as they are before this step updates them (compiled backward included); the
+        # backward's own state (read and recorded when the backward runs) stays live
+        live = getattr(self.nop, "backward_state", ()) if self.training else tuple(state)
+        return {**params, **{k: t if k in live else snapshot(t) for k, t in state.items()}}
 
     @torch.no_grad()
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:

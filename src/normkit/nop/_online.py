@@ -34,6 +34,7 @@ from ..errors import ConfigError, ShapeError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.partition import canonical_view, check_input, restore_view, stats_dtype
+from ..functional.snapshot import snapshot
 from ..functional.whiten import _first_order
 from ..nap import Partition
 from ._base import Coefficients, Operation, Stats
@@ -166,7 +167,7 @@ def kalman_estimate(
 
 # ---------------------------------------------------------------------------- online normalization
 def stream_moments(
-    sample_mean: Tensor, sample_var: Tensor, mean: Tensor, var: Tensor, factors: Sequence[float]
+    sample_mean: Tensor, sample_var: Tensor, mean: Tensor, var: Tensor, factors: Sequence[float | Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Online Normalization's forward recursion over the samples of a batch, in order.
 
@@ -304,12 +305,13 @@ class OnlineStandardize(Operation):
 
     @torch.no_grad()
     def stream(self, samples: Stats, running: Stats, nap: Partition, num_features: int,
-               factors: Sequence[float]) -> Stats:
+               factors: Sequence[float | Tensor]) -> Stats:
         """Statistics each sample is normalized with (``(N, A, B, 1)``), updating ``running``'s
         ``mean`` and ``var`` in place to the estimates after the last sample."""
         shape = nap.stat_view_shape(num_features)[1:]
         dtype = torch.promote_types(samples["mean"].dtype, running["mean"].dtype)
-        mean, var = (running[k].reshape(shape).to(dtype) for k in ("mean", "var"))
+        # the estimates before the batch, as they are before the in-place update below
+        mean, var = (snapshot(running[k]).reshape(shape).to(dtype) for k in ("mean", "var"))
         m_before, v_before, mean, var = stream_moments(
             samples["mean"].to(dtype), samples["var"].to(dtype), mean, var, factors)
         running["mean"].copy_(mean.reshape(-1))

@@ -66,6 +66,8 @@ class PowerScale(Scale):
     kind: Literal["rms"] = field(default="rms", repr=False)
     alpha_bkw: float = 0.9
     warmup_steps: int = 10000
+    # read and recorded by the backward when it runs: passed live, never snapshotted
+    backward_state = ("grad_nu",)
 
     def __post_init__(self) -> None:
         if self.kind != "rms":

@@ -427,6 +427,8 @@ class MovingAverageStandardize(WindowStandardize):
     """
 
     window: int = 16
+    # read and recorded by the backward when it runs: passed live, never snapshotted
+    backward_state = ("grad_history", "grad_weight")
 
     def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
         spec = super().state_buffers(nap, num_features)
