@@ -83,6 +83,8 @@ from .methods import SPADENorm as SPADENorm
 from .methods import SwitchableNorm as SwitchableNorm
 from .methods import SwitchableWhitening as SwitchableWhitening
 from .methods import TaskNorm as TaskNorm
+from .methods.norm_act import NormAct as NormAct
+from .methods.norm_act import norm_act as norm_act
 from .normalization import Normalization as Normalization
 from .registry import create as create
 from .registry import get as get
