@@ -36,6 +36,14 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 ActLayer = str | type | Callable[..., nn.Module] | None
 
 
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED = _Required()
+
+
 def activation(act_layer: ActLayer, *, inplace: bool | None = None,
                **act_kwargs: Any) -> nn.Module:
     """Build an activation module from a name, a module class, a callable returning a module, or
@@ -68,7 +76,7 @@ def activation(act_layer: ActLayer, *, inplace: bool | None = None,
         raise ConfigError(f"act_layer must be a name, an nn.Module class, a callable returning a "
                           f"module or None, got {act_layer!r}")
     if inplace is not None and _takes(act_layer, "inplace"):
-        act_kwargs = {"inplace": inplace, **act_kwargs}
+        act_kwargs = {**act_kwargs, "inplace": inplace}
     act = act_layer(**act_kwargs)
     if not isinstance(act, nn.Module):
         raise ConfigError(f"act_layer {act_layer!r} returned {type(act).__name__}, not an "
@@ -148,7 +156,7 @@ def norm_act(
     method: str | type | functools.partial,
     /,
     *,
-    act_layer: ActLayer,
+    act_layer: ActLayer | _Required = _REQUIRED,
     act_kwargs: dict[str, Any] | None = None,
     inplace: bool = True,
     drop_layer: Callable[[], nn.Module] | None = None,
@@ -183,8 +191,9 @@ def norm_act(
         ``f(num_features, **kw) -> NormAct``, a plain Python function.
 
     Raises:
-        ConfigError: for an unknown method (:class:`~normkit.errors.UnknownMethodError`) or
-            activation name, here rather than inside the model.
+        ConfigError: for a missing ``act_layer``, an unknown method
+            (:class:`~normkit.errors.UnknownMethodError`) or activation name — here rather than
+            inside the model.
 
     Example:
         >>> import torch, normkit as nk
@@ -199,6 +208,11 @@ def norm_act(
     factory = registry.get(method)
     if factory is None:
         raise ConfigError("norm_act() needs a method, got None")
+    if isinstance(act_layer, _Required):
+        raise ConfigError(
+            f"norm_act({method!r}) needs act_layer=: timm passes the model's activation to its own "
+            f"norm+act classes but not to a function, so it must be given here. Fix: "
+            f"act_layer='silu' for EfficientNet, 'relu' for RegNet/ResNet, None for none")
     activation(act_layer, **(act_kwargs or {}))  # a bad activation fails here, not in the model
     bound_act, bound_kwargs, bound_inplace, bound_drop = act_layer, act_kwargs, inplace, drop_layer
 
@@ -210,8 +224,9 @@ def norm_act(
         norm = factory(num_features, **{**norm_kwargs, **more}, device=device, dtype=dtype)
         act = None
         if apply_act:
-            act = activation(act_layer, inplace=bound_inplace if inplace is None else inplace,
-                             **(act_kwargs or {}))
+            kw = dict(act_kwargs or {})  # timm's rule: act_kwargs' own inplace wins
+            kw.setdefault("inplace", bound_inplace if inplace is None else inplace)
+            act = activation(act_layer, **kw)
         drop = drop_layer() if drop_layer is not None else None
         return NormAct(norm, act=act, drop=drop)
 
