@@ -249,19 +249,20 @@ def test_unconvertible_layer_names_its_path_and_nothing_changes_inplace() -> Non
         convert(model, "gnn")
 
 
-def test_layer_norm_over_more_than_channels_errors() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm((4, 6, 6)))
-    with pytest.raises(ConfigError, match=r"layer '1' .*normalizes over \(4, 6, 6\), more than "
+def test_layer_norm_over_more_than_channels_is_refused_with_its_path() -> None:
+    """No registry method has a (C, H, W) γ, β: left as it is with a warning and a report entry
+    (match=None), an error when selected explicitly."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LayerNorm((4, 6, 6)))
+    with pytest.warns(UserWarning, match=r"1 module\(s\) that look like normalization.*2: layer "
+                                         r"'2' \(LayerNorm\): it normalizes over \(4, 6, 6\)"):
+        out = convert(model, "ln")
+    assert type(out[2]) is nn.LayerNorm and isinstance(out[1], nk.LayerNorm)
+    assert [r.path for r in out.conversion_report] == ["1"]
+    assert "more than the channel axis" in dict(out.conversion_report.refused)["2"]
+    assert "refused 2: layer '2'" in str(out.conversion_report)
+    with pytest.raises(ConfigError, match=r"layer '2' .*normalizes over \(4, 6, 6\), more than "
                                           r"the channel axis.*Fix"):
-        convert(model, "ln")
-
-    class LayerNorm2d(nn.LayerNorm):  # channels-first, as some libraries write it
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x.movedim(1, -1)).movedim(-1, 1)
-
-    with pytest.raises(ConfigError, match=r"'1' \(LayerNorm2d\) subclasses LayerNorm with its own "
-                                          r"forward.*unknown"):
-        convert(nn.Sequential(nn.Conv2d(3, 4, 3), LayerNorm2d(4)), "ln")
+        convert(model, "ln", match=nn.LayerNorm)
 
 
 def test_channels_last_layer_norm_maps_to_channel_axis_minus_one() -> None:

@@ -33,6 +33,7 @@ from .adapt import tent_adapt as tent_adapt
 from .adapt import tent_parameters as tent_parameters
 from .adapt import use_domain as use_domain
 from .convert import ConversionReport as ConversionReport
+from .convert import ConvertedLayer as ConvertedLayer
 from .convert import convert as convert
 from .fold import FoldReport as FoldReport
 from .fold import fold as fold

@@ -1,9 +1,11 @@
 """Model surgery: replace the normalization layers of any torch model with a registry method.
 
-:func:`convert` swaps every normalization layer (torch's BN/SyncBN/IN/GN/LN/RMSNorm and their
-subclasses in other libraries, normkit's own) for ``normkit.create(spec, C, ...)``, carrying
-``γ, β`` and the running statistics over wherever they mean the same thing, and reports, layer by
-layer, what was kept and what was dropped and why.
+:func:`convert` swaps every normalization layer — recognised by what it computes
+(:mod:`normkit.apply.recognize`: torch's BN/SyncBN/IN/GN/LN/RMSNorm, their subclasses in other
+libraries such as timm's norm+act layers and ``LayerNorm2d``, Hugging Face's RMSNorms, normkit's
+own) — for ``normkit.create(spec, C, ...)``, carrying ``γ, β`` and the running statistics over
+wherever they mean the same thing, keeping a layer's activation and dropout, and reports, layer by
+layer, what was kept, what was dropped and why, and whether the output was measured unchanged.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,119 +25,52 @@ from .. import registry
 from ..errors import ConfigError
 from ..nop import Whiten
 from ..normalization import Normalization
+from .convert_report import ConversionReport, ConvertedLayer
+from .recognize import NormAct, Recognition, _probe, looks_like_norm, recognize
 
 __all__ = ["convert", "ConversionReport", "ConvertedLayer", "is_normalization", "layer_layout"]
 
 _TORCH_NORMS: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 _KNOWN = ("torch BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm, LayerNorm, "
-          "RMSNorm (or a subclass), or a normkit Normalization")
+          "RMSNorm (or a subclass), a normkit Normalization, or a class named like a norm "
+          "(LayerNorm, RMSNorm, GroupNorm, BatchNorm) with a 1-D weight")
+_VERIFY_RTOL = 1e-5  # float32 evaluation outputs, relative to max|y|
 
 Match = Callable[[str, nn.Module], bool] | str | type | tuple[type, ...] | None
 
 
 def is_normalization(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalization layer :func:`convert` and :func:`normkit.apply.fold.
-    fold` know: a normkit :class:`~normkit.Normalization`, or torch's ``_NormBase`` (BN, SyncBN,
-    IN), ``GroupNorm``, ``LayerNorm``, ``RMSNorm`` — or a subclass of any of them."""
+    """Whether ``module`` is a normalization layer by class: a normkit
+    :class:`~normkit.Normalization`, or torch's ``_NormBase`` (BN, SyncBN, IN), ``GroupNorm``,
+    ``LayerNorm``, ``RMSNorm`` — or a subclass of any of them. :func:`convert` also takes the
+    classes :func:`~normkit.apply.recognize.looks_like_norm` accepts (Hugging Face's RMSNorm)."""
     return isinstance(module, (Normalization, *_TORCH_NORMS))
 
 
 def layer_layout(path: str, module: nn.Module) -> tuple[int, int]:
-    """``(num_features, channel_axis)`` of a normalization layer.
+    """``(num_features, channel_axis)`` of a normalization layer, from what it computes
+    (:func:`~normkit.apply.recognize.recognize`).
 
-    torch's BN/IN/GN normalize axis 1; torch's ``LayerNorm(C)`` / ``RMSNorm(C)`` the last axis
-    (``channel_axis=-1``). normkit modules say it themselves.
+    torch's BN/IN/GN normalize axis 1; torch's ``LayerNorm(C)`` / ``RMSNorm(C)``, timm's
+    ``LayerNorm`` and Hugging Face's RMSNorms the last axis (``channel_axis=-1``); a channels-first
+    ``LayerNorm2d`` axis 1. normkit modules say it themselves.
 
     Raises:
-        ConfigError: for a LayerNorm/RMSNorm over more than one axis (its ``γ, β`` are not per
-            channel), or a LayerNorm/RMSNorm subclass with its own ``forward`` (which axis it
-            normalizes is then unknown, e.g. a channels-first "LayerNorm2d").
+        ConfigError: naming ``path``, for a LayerNorm/RMSNorm over more than one axis (its
+            ``γ, β`` are not per channel), or a layer whose output matches no known formula.
     """
-    if isinstance(module, Normalization):
-        return module.num_features, module.channel_axis
-    if isinstance(module, _NormBase):
-        return module.num_features, 1
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels, 1
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        base = nn.LayerNorm if isinstance(module, nn.LayerNorm) else nn.RMSNorm
-        shape = tuple(module.normalized_shape)
-        if len(shape) != 1:
-            raise ConfigError(
-                f"layer {path!r} ({module!r}) normalizes over {shape}, more than the channel axis, "
-                f"and its γ, β have that shape, not one value per channel; no registry method "
-                f"maps it. Fix: exclude it with match=, or build it as a normkit LayerNorm(C) "
-                f"(over all of C and the positions, per-channel γ, β) yourself"
-            )
-        if type(module).forward is not base.forward:
-            raise ConfigError(
-                f"layer {path!r} ({type(module).__name__}) subclasses {base.__name__} with its own "
-                f"forward, so which axis it normalizes is unknown (a channels-first LayerNorm2d "
-                f"permutes to normalize axis 1). Fix: exclude it with match=, or pass to= a "
-                f"callable that builds the replacement you want"
-            )
-        return shape[0], -1
-    raise ConfigError(f"layer {path!r} ({type(module).__name__}) is not a normalization layer "
-                      f"normkit knows: expected {_KNOWN}")
-
-
-# ------------------------------------------------------------------------------------ report
-@dataclass(frozen=True)
-class ConvertedLayer:
-    """One row of a :class:`ConversionReport`.
-
-    Attributes:
-        path: dotted path of the layer in the model (``""`` for the model itself).
-        old: type of the replaced layer.
-        new: the replacement, as its type and the keyword arguments it was built with.
-        kept: parameters and buffers carried over (``"running_cov←diag(running_var)"`` where a
-            statistic was mapped into another form).
-        dropped: ``(name, reason)`` of the old layer's tensors that were not carried over.
-        fresh: tensors of the new layer left at their initial values.
-    """
-
-    path: str
-    old: str
-    new: str
-    kept: tuple[str, ...]
-    dropped: tuple[tuple[str, str], ...]
-    fresh: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ConversionReport:
-    """What :func:`convert` changed: one :class:`ConvertedLayer` per replaced layer, in model
-    order. ``str(report)`` is a table; ``report[path]`` a row by path."""
-
-    layers: tuple[ConvertedLayer, ...]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __iter__(self) -> Iterator[ConvertedLayer]:
-        return iter(self.layers)
-
-    def __getitem__(self, path: str) -> ConvertedLayer:
-        for row in self.layers:
-            if row.path == path:
-                return row
-        raise KeyError(f"no converted layer at {path!r}; converted: {[r.path for r in self.layers]}")
-
-    def __str__(self) -> str:
-        head = ("path", "old", "new", "kept", "dropped (why)", "fresh")
-        rows = [(r.path or "<model>", r.old, r.new, ", ".join(r.kept) or "-",
-                 "; ".join(f"{n}: {why}" for n, why in r.dropped) or "-", ", ".join(r.fresh) or "-")
-                for r in self.layers]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=False)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
-        return "\n".join(line.rstrip() for line in lines)
+    rec = recognize(module, path)
+    return rec.num_features, rec.channel_axis
 
 
 # ------------------------------------------------------------------------------ selection
-def _selected(model: nn.Module, match: Match) -> list[tuple[list[str], nn.Module]]:
-    """The layers to convert (each with every path it is registered at), outermost only."""
+Target = tuple[list[str], nn.Module, Recognition]
+
+
+def _selected(model: nn.Module, match: Match) -> tuple[list[Target], list[tuple[str, str]]]:
+    """The layers to convert (each with every path it is registered at and what it computes),
+    outermost only; and ``(path, reason)`` of the look-alikes refused (``match=None`` only: a
+    layer selected explicitly that cannot be recognised raises)."""
     explicit = isinstance(match, type) or (isinstance(match, tuple) and bool(match))
     if explicit and not all(isinstance(t, type) for t in (match if isinstance(match, tuple)
                                                           else (match,))):
@@ -143,30 +78,40 @@ def _selected(model: nn.Module, match: Match) -> list[tuple[list[str], nn.Module
     if not (match is None or explicit or isinstance(match, str) or callable(match)):
         raise ConfigError(f"match= must be None, a glob over dotted paths (str), a type, a tuple "
                           f"of types or a callable f(path, module) -> bool, got {match!r}")
-    found: dict[int, tuple[list[str], nn.Module]] = {}
+    found: dict[int, Target] = {}
+    refused: list[tuple[str, str]] = []
     taken: list[str] = []
     for path, m in model.named_modules(remove_duplicate=False):
-        if any(path.startswith(p + ".") for p in taken):
+        if any(path.startswith(p + ".") or p == "" for p in taken):
             continue  # inside a layer already selected (its own parts are not layers to convert)
         if explicit:
             hit = isinstance(m, match)  # type: ignore[arg-type]
-            if hit and not is_normalization(m):
+            if hit and not looks_like_norm(m):
                 raise ConfigError(
                     f"match={match!r} selects {path!r} ({type(m).__name__}), which is not a "
                     f"normalization layer normkit can convert (expected {_KNOWN}). Fix: narrow "
                     f"match= to normalization types")
         else:
-            hit = is_normalization(m) and (
+            hit = looks_like_norm(m) and (
                 match is None or (fnmatch.fnmatchcase(path, match) if isinstance(match, str)
                                   else bool(match(path, m))))  # type: ignore[operator]
-        if hit:
-            taken.append(path)
-            found.setdefault(id(m), ([], m))[0].append(path)
-    if not found and match is not None:
-        norms = [p or "<model>" for p, m in model.named_modules() if is_normalization(m)]
+        if not hit:
+            continue
+        taken.append(path)
+        if id(m) in found:
+            found[id(m)][0].append(path)
+            continue
+        try:
+            found[id(m)] = ([path], m, recognize(m, path))
+        except ConfigError as e:
+            if match is not None:
+                raise
+            refused.append((path, str(e)))
+    if not found and not refused and match is not None:
+        norms = [p or "<model>" for p, m in model.named_modules() if looks_like_norm(m)]
         raise ConfigError(f"match={match!r} selects no normalization layer; the model's "
                           f"normalization layers are {norms}")
-    return list(found.values())
+    return list(found.values()), refused
 
 
 # ------------------------------------------------------------------------------ building
@@ -180,7 +125,9 @@ def _factory_dtype(m: nn.Module) -> tuple[torch.device | None, torch.dtype | Non
 def _affine(m: nn.Module) -> bool:
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         return bool(m.elementwise_affine)
-    return bool(m.affine)
+    if hasattr(m, "affine"):
+        return bool(m.affine)
+    return isinstance(getattr(m, "weight", None), Tensor)
 
 
 def _running(m: nn.Module) -> bool:
@@ -197,22 +144,26 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _build(path: str, old: nn.Module, to: str | Callable[..., nn.Module]) -> tuple[nn.Module, str]:
-    """The replacement of ``old`` and its description. A spec string inherits ``eps``,
-    ``affine``, the channel axis, device and dtype of the old layer (the spec's own arguments
-    win); a callable is called as ``to(C)`` and moved to the old layer's device and dtype."""
-    c, axis = layer_layout(path, old)
+def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., nn.Module]
+           ) -> tuple[nn.Module, str]:
+    """The replacement of ``old`` (without its tail) and its description. A spec string inherits
+    ``eps``, ``affine``, the channel axis, ``over="channels"`` (LN/RMS per position), device and
+    dtype of the old layer (the spec's own arguments win); a callable is called as ``to(C)`` and
+    moved to the old layer's device and dtype."""
+    c, axis = rec.num_features, rec.channel_axis
     device, dtype = _factory_dtype(old)
     try:
         if isinstance(to, str):
             name, kw = registry.parse_spec(to)
             factory = registry.get(name)
             assert factory is not None  # a str always resolves (or raises)
-            inherited: dict[str, Any] = {"eps": old.eps, "device": device, "dtype": dtype}
+            inherited: dict[str, Any] = {"eps": rec.eps, "device": device, "dtype": dtype}
             if _accepts(factory, "affine"):
                 inherited["affine"] = _affine(old)
             if axis != 1:
                 inherited["channel_axis"] = axis
+            if rec.over is not None and "over" in inspect.signature(factory).parameters:
+                inherited["over"] = rec.over
             kwargs = {**{k: v for k, v in inherited.items() if _accepts(factory, k)}, **kw}
             new = factory(c, **kwargs)
             shown = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
@@ -234,6 +185,53 @@ def _build(path: str, old: nn.Module, to: str | Callable[..., nn.Module]) -> tup
     return new, desc
 
 
+_NK_KIND = {"BatchNorm": "batch", "InstanceNorm": "instance", "GroupNorm": "group",
+            "LayerNorm": "layer", "RMSNorm": "rms"}
+
+
+def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
+    """``(kind, channel_axis, over, groups, eps)`` of a plain norm, ``None`` if not one of those
+    (two layers with equal tuples compute the same function given the same tensors)."""
+    if isinstance(m, Normalization):
+        from .. import methods  # noqa: F401  (the preset classes)
+        from ..methods import scaling, standard
+
+        kind = next((k for n, k in _NK_KIND.items()
+                     if type(m) is getattr(standard, n, None) or type(m) is getattr(scaling, n, None)),
+                    None)
+        if kind is None:
+            return None
+        over = "channels" if kind in ("layer", "rms") and type(m.nap).__name__ == "Position" else None
+        if kind in ("layer", "rms") and over is None:
+            kind = "group"  # LN over all of C and the positions = GN(1)
+        groups = getattr(m, "num_groups", 1 if kind == "group" else None)
+        return kind, m.channel_axis, over, groups, m.eps
+    try:
+        rec = rec or recognize(m)
+    except ConfigError:
+        return None
+    groups = getattr(m, "num_groups", None) if rec.kind == "group" else None
+    return rec.kind, rec.channel_axis, rec.over, groups, rec.eps
+
+
+@torch.no_grad()
+def _verify(old: nn.Module, new: nn.Module, rec: Recognition) -> tuple[bool | None, float | None]:
+    """Evaluation outputs of ``old`` and ``new`` on one float32 probe: ``(max|Δ| ≤ 1e-5·max|y|,
+    max|Δ|)``, or ``(None, None)`` when ``new`` cannot run on ``old``'s input."""
+    a, b = copy.deepcopy(old).float().eval(), copy.deepcopy(new).float().eval()
+    device = next((t.device for t in (*a.parameters(), *a.buffers())), None)
+    x = _probe(rec.probe_shape, rec.channel_axis, torch.float32, device, seed=3)
+    y = a(x.clone())
+    try:
+        z = b(x.clone())
+    except Exception:  # noqa: BLE001 - e.g. a callable's module for another layout
+        return None, None
+    if not isinstance(z, Tensor) or z.shape != y.shape:
+        return None, None
+    diff = float((z - y).abs().max())
+    return diff <= _VERIFY_RTOL * max(float(y.abs().max()), 1e-12), diff
+
+
 # ------------------------------------------------------------------------- state transfer
 def _blocks_of(var: Tensor, like: Tensor) -> Tensor:
     """``diag(var)`` laid out as whitening blocks shaped like ``like`` ``(G, d, d)`` (a smaller
@@ -250,11 +248,12 @@ def _diag_of(blocks: Tensor, c: int) -> Tensor:
 
 
 @torch.no_grad()
-def _transfer(old: nn.Module, new: nn.Module, c: int
+def _transfer(old: nn.Module, new: nn.Module, c: int, offset: float = 0.0
               ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], tuple[str, ...]]:
     """Carry ``old``'s parameters and buffers into ``new`` where they map; ``(kept, dropped,
     fresh)``. Parameters of equal shape, dtype and device are the same ``nn.Parameter`` objects
-    afterwards (an optimizer holding them keeps working, as torch's ``convert_sync_batchnorm``)."""
+    afterwards (an optimizer holding them keeps working, as torch's ``convert_sync_batchnorm``);
+    a ``(offset + weight)`` gain (Gemma) becomes ``weight ← offset + weight``."""
     new_t = dict(new.named_parameters(recurse=False))
     new_b = {k: b for k, b in new.named_buffers(recurse=False) if b is not None}
     filled: set[str] = set()
@@ -268,6 +267,10 @@ def _transfer(old: nn.Module, new: nn.Module, c: int
             dropped.append((name, f"{kind} has no parameter {name}"))
         elif q.shape != p.shape:
             dropped.append((name, f"shape {tuple(p.shape)} vs {kind}'s {tuple(q.shape)}"))
+        elif name == "weight" and offset:
+            q.copy_(p + offset)
+            kept.append(f"weight←{offset:g}+weight")
+            filled.add(name)
         else:
             if q.dtype == p.dtype and q.device == p.device:
                 setattr(new, name, p)
@@ -318,13 +321,24 @@ def convert(
     match: Match = None,
     inplace: bool = False,
 ) -> nn.Module:
-    r"""Replace the normalization layers of ``model`` with a registry method, keeping ``γ, β`` and
-    the running statistics wherever they map.
+    r"""Replace the normalization layers of ``model`` with a registry method, keeping ``γ, β``,
+    the running statistics wherever they map, and each layer's activation and dropout.
+
+    Layers are recognised by what they compute (:func:`~normkit.apply.recognize.recognize`):
+    torch's classes and normkit's by class; subclasses with their own ``forward`` or children
+    (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNorm``, ``LayerNorm2d``) and norm-named
+    classes that are not torch subclasses (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``,
+    ``GemmaRMSNorm``; timm's ``RmsNorm``) by running them on a probe: BN, IN, GN, LN or RMS over
+    the last axis or over axis 1, with or without bias, Gemma's ``(1 + weight)`` gain.
 
     Every selected layer ``L`` with ``C`` channels becomes ``normkit.create(to, C, **inherited)``:
-    ``eps``, ``affine``, the channel axis (``-1`` for torch's ``LayerNorm(C)``/``RMSNorm(C)``),
-    device, dtype and train/eval mode are inherited from ``L`` unless ``to`` sets them, and
-    ``momentum`` when both layers track running statistics. Then, tensor by tensor:
+    ``eps``, ``affine``, the channel axis (``-1`` for a norm over the last axis: torch's
+    ``LayerNorm(C)``/``RMSNorm(C)``, ViT's, Hugging Face's), ``over="channels"`` for a LN/RMS per
+    position (also the channels-first ``LayerNorm2d`` of ConvNeXt), device, dtype and train/eval
+    mode are inherited from ``L`` unless ``to`` sets them, and ``momentum`` when both layers track
+    running statistics. A norm+act layer becomes ``NormAct(new, drop=L.drop, act=L.act)``
+    (:class:`~normkit.apply.recognize.NormAct`; the original modules, moved, in the order the
+    probe showed; ``Identity`` ones left out). Then, tensor by tensor:
 
     ======================================  =================================================
     old → new                               carried over
@@ -332,6 +346,7 @@ def convert(
     same name and shape                     as is (``weight``, ``bias``, ``running_mean``,
                                             ``running_var``, ``num_batches_tracked``, ...);
                                             equal parameters stay the same objects
+    ``(1 + weight)`` gain (Gemma)           ``weight ← 1 + weight`` (the same function)
     ``running_var`` → ``running_cov``       ``diag(running_var)`` per whitening group
     ``running_var`` → ``running_matrix``    ``W(diag(running_var))``: the new layer's own
                                             whitening of that covariance (ZCA, Cholesky: exactly
@@ -341,24 +356,34 @@ def convert(
     anything else                           dropped, with the reason in the report
     ======================================  =================================================
 
-    So BN → ``"dbn"`` or ``"cd_bw"`` keeps the evaluation output exactly; BN → ``"gn"``/``"ln"``
-    keeps ``γ, β`` and drops the statistics (per-sample methods keep none).
+    So BN → ``"bn"``, ``"dbn"`` or ``"cd_bw"`` keeps the evaluation output exactly; BN →
+    ``"gn"``/``"ln"`` keeps ``γ, β`` and drops the statistics (per-sample methods keep none).
 
-    Conversion is all or nothing: every replacement is built and filled first, and only then
-    put in place, so an error leaves ``model`` untouched, also with ``inplace=True``. Forward
-    hooks registered on the old layers are not carried over.
+    Every replacement is checked: old and new layer (with its tail) run in eval mode on one
+    float32 probe, and the report records ``verified`` (``max|Δ| ≤ 1e-5·max|y|``) and
+    ``max_diff``. Where the replacement computes the same function by construction (same kind,
+    layout, groups and ``eps`` — torch BN → ``"bn"``, LN → ``"ln"``, an RMSNorm → ``"rms_norm"``;
+    ``equivalent=True``), a failed check raises instead of changing the model.
+
+    Conversion is all or nothing: every replacement is built, filled and checked first, and only
+    then put in place, so an error leaves ``model`` untouched, also with ``inplace=True``. With
+    ``match=None``, a module that looks like a norm but is not recognised (an unknown
+    ``forward``, unknown children, a LayerNorm over several axes) is left as it is, listed in the
+    report's ``refused`` and warned about (:class:`UserWarning`); selected explicitly by
+    ``match=``, it raises. Forward hooks registered on the old layers are not carried over.
 
     Args:
         model: any module; if it is itself a selected layer, the replacement is returned.
         to: a registry spec (``"gn:num_groups=8"``, ``"ln"``, ``"iternorm:group_size=16"``,
-            ``"bn"``, ``"ibn:ratio=0.5"``) or a callable ``f(C) -> nn.Module`` (called with the
-            channel count only; it decides every other setting, and its module is moved to the
-            old layer's device and dtype).
+            ``"bn"``, ``"ibn:ratio=0.5"``) or a callable ``f(C) -> nn.Module``, called with the
+            channel count of each recognised layer only (it decides every other setting,
+            layout included; the module is moved to the old layer's device and dtype, followed
+            by the layer's kept activation/dropout, and checked like any other).
         match: which layers to convert. ``None``: every normalization layer (see
-            :func:`is_normalization`). A ``str``: a glob over dotted paths (``"layer1.*"``), among
-            normalization layers. A callable ``f(path, module) -> bool``: called on the
-            normalization layers. A type or tuple of types: every instance, each of which must
-            be a normalization layer (else an error).
+            :func:`~normkit.apply.recognize.looks_like_norm`). A ``str``: a glob over dotted
+            paths (``"layer1.*"``), among normalization layers. A callable
+            ``f(path, module) -> bool``: called on the normalization layers. A type or tuple of
+            types: every instance, each of which must be a normalization layer (else an error).
         inplace: modify ``model`` itself (its parameters reused by the new layers) instead of a
             deep copy.
 
@@ -368,9 +393,10 @@ def convert(
 
     Raises:
         ConfigError: naming the layer's path, for a layer that cannot be converted (arguments
-            that do not fit its channel count, a LayerNorm over more than the channel axis, a
-            type match selecting a non-normalization module), an explicit ``match`` that selects
-            nothing, or an unknown method (:class:`~normkit.errors.UnknownMethodError`).
+            that do not fit its channel count, an explicitly selected layer that is not
+            recognised, a type match selecting a non-normalization module, a replacement meant
+            to be equivalent whose output differs), an explicit ``match`` that selects nothing,
+            or an unknown method (:class:`~normkit.errors.UnknownMethodError`).
 
     Example:
         >>> import torch, normkit as nk
@@ -381,8 +407,8 @@ def convert(
         ('GroupNorm', 4, ('weight', 'bias'))
         >>> x = torch.randn(2, 3, 8, 8)
         >>> bn = convert(net.eval(), "bn")   # torch BN -> normkit BN: same evaluation output
-        >>> torch.allclose(bn(x), net(x), atol=1e-6)
-        True
+        >>> torch.allclose(bn(x), net(x), atol=1e-6), bn.conversion_report["1"].verified
+        (True, True)
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"convert() needs an nn.Module, got {type(model).__name__}")
@@ -394,14 +420,29 @@ def convert(
         registry.get(registry.parse_spec(to)[0])  # unknown names fail before any work
     if not inplace:
         model = copy.deepcopy(model)
-    targets = _selected(model, match)
+    targets, refused = _selected(model, match)
     plan: list[tuple[list[str], nn.Module]] = []
     rows: list[ConvertedLayer] = []
-    for paths, old in targets:  # 1. build and fill every replacement; nothing is changed yet
-        new, desc = _build(paths[0], old, to)
-        kept, dropped, fresh = _transfer(old, new, layer_layout(paths[0], old)[0])
-        plan.append((paths, new))
-        rows += [ConvertedLayer(p, type(old).__name__, desc, kept, dropped, fresh) for p in paths]
+    for paths, old, rec in targets:  # 1. build, fill and check every replacement; nothing changes
+        new, desc = _build(paths[0], old, rec, to)
+        kept, dropped, fresh = _transfer(old, new, rec.num_features, rec.weight_offset)
+        tail = {n: getattr(old, n) for n in rec.tail}
+        out = NormAct(new, **tail) if tail else new
+        verified, diff = _verify(old, out, rec)
+        before = _computes(old, rec) if rec.kind != "normkit" else _computes(old)
+        equivalent = before is not None and before == _computes(new)
+        if equivalent and not verified:
+            raise ConfigError(
+                f"converting layer {paths[0]!r} ({type(old).__name__}, {rec.describe()}) to "
+                f"{desc} should keep its output, but on a probe the outputs differ by "
+                f"{diff if diff is not None else 'an error'} (max|Δ|). Nothing was changed. Fix: "
+                f"leave this layer out with match= (with a registry spec for to=, this is a "
+                f"normkit bug: please report it)")
+        plan.append((paths, out))
+        shown = tuple(f"{n}={type(m).__name__}" for n, m in tail.items())
+        rows += [ConvertedLayer(p, type(old).__name__, desc, kept, dropped, fresh,
+                                f"{rec.describe()} ({rec.how})", shown, equivalent, verified, diff)
+                 for p in paths]
     root = None
     for paths, new in plan:  # 2. put them in place
         for path in paths:
@@ -410,6 +451,10 @@ def convert(
                 continue
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, new)
+    if refused:
+        warnings.warn(f"convert: {len(refused)} module(s) that look like normalization layers were "
+                      f"left as they are: " + "; ".join(f"{p or '<model>'}: {why}"
+                                                        for p, why in refused), stacklevel=2)
     out = model if root is None else root
-    out.conversion_report = ConversionReport(tuple(rows))  # type: ignore[assignment]
+    out.conversion_report = ConversionReport(tuple(rows), tuple(refused))  # type: ignore[assignment]
     return out

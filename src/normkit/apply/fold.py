@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +18,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..errors import ConfigError
 from ..functional.standardize import standardize_coefficients
 from ..normalization import Normalization
-from .convert import is_normalization
+from .recognize import NormAct, Recognition, looks_like_norm, recognize
 
 __all__ = ["fold", "FoldReport", "FoldedLayer"]
 
@@ -27,12 +28,21 @@ _PRODUCERS = (nn.Linear, _ConvNd)
 @dataclass(frozen=True)
 class FoldedLayer:
     """One normalization layer seen by :func:`fold`: folded into ``into`` (a Linear/Conv path),
-    or left in place with the ``reason`` (``strict=False`` only)."""
+    or left in place with the ``reason`` (``strict=False`` only).
+
+    ``tail``: the layer's activation/dropout kept in its place (``"act=SiLU"``; a norm+act layer
+    such as timm's ``BatchNormAct2d``). ``verified``/``max_diff``: the Linear/Conv followed by
+    the norm, and the folded Linear/Conv followed by the tail, run on one random probe in eval
+    (float64 copies: the check sees the algebra, not float32 rounding), ``max|Δ| ≤ 1e-6·max|y|``;
+    a layer that fails it is left, never counted as folded."""
 
     path: str
     kind: str
     into: str | None
     reason: str = ""
+    tail: tuple[str, ...] = ()
+    verified: bool | None = None
+    max_diff: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,21 +65,26 @@ class FoldReport:
         return [r.path for r in self.layers if r.into is None]
 
     def __str__(self) -> str:
-        lines = [f"fold ({self.adjacency} adjacency): {len(self.folded)} folded, "
-                 f"{len(self.left)} left"]
+        lines = [f"fold ({self.adjacency} adjacency): {len(self.folded)} folded (each verified "
+                 f"on a probe), {len(self.left)} left"]
         for r in self.layers:
-            what = f"-> {r.into}" if r.into is not None else f"left: {r.reason}"
+            what = (f"-> {r.into}" + (f", then {', '.join(r.tail)} kept" if r.tail else "")
+                    + f" (max|Δ| {r.max_diff:.1e})" if r.into is not None else f"left: {r.reason}")
             lines.append(f"  {r.path} ({r.kind}) {what}")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------ affine maps
-def _affine_map(m: nn.Module) -> tuple[Tensor, Tensor]:
+def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
     """The evaluation map of ``m`` as ``(a, b)`` per channel (``(C,)`` each) or ``(M, b)`` with
     whitening blocks ``M`` ``(G, d, d)``; raises :class:`ConfigError` with the reason when the
     map depends on the input or the batch."""
     if m.training:
-        raise ConfigError("it is in training mode (batch statistics); call model.eval() first")
+        raise ConfigError("it is in training mode (batch statistics). Fix: call model.eval() "
+                          "first")
+    if rec.kind not in ("batch", "instance", "normkit"):
+        raise ConfigError(f"{type(m).__name__} normalizes each sample with its own statistics "
+                          f"({rec.describe()}); there is nothing fixed to fold")
     if isinstance(m, Normalization):
         return m.folded()  # the library's own evaluation map (standardization or whitening)
     # torch's rule in eval: BN uses its buffers when it has them; IN only when it tracks them
@@ -88,15 +103,15 @@ def _affine_map(m: nn.Module) -> tuple[Tensor, Tensor]:
                       f"there is nothing fixed to fold")
 
 
-def _check_target(norm: nn.Module, layer: nn.Module, mat: Tensor) -> None:
-    """``layer``'s output channels must be ``norm``'s, and a whitening block must not mix the
+def _check_target(rec: Recognition, layer: nn.Module, mat: Tensor) -> None:
+    """``layer``'s output channels must be the norm's, and a whitening block must not mix the
     outputs of different groups of a grouped convolution."""
     transposed = isinstance(layer, _ConvNd) and layer.transposed
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    c = norm.num_features if hasattr(norm, "num_features") else norm.num_channels
+    c = rec.num_features
     if out != c:
         raise ConfigError(f"it normalizes {c} channels but the layer before gives {out}")
-    if isinstance(layer, _ConvNd) and getattr(norm, "channel_axis", 1) != 1:
+    if isinstance(layer, _ConvNd) and rec.channel_axis != 1:
         raise ConfigError("its channel_axis=-1 does not normalize the Conv's channel axis 1")
     groups = layer.groups if isinstance(layer, _ConvNd) else 1
     if transposed and groups > 1:
@@ -141,7 +156,7 @@ class _Tracer(fx.Tracer):
     """Normalization layers (normkit's are not in torch.nn) and Linear/Conv are graph leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_normalization(m) or isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
+        return looks_like_norm(m) or isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
 
 
 def _fx_producers(model: nn.Module) -> dict[str, str | ConfigError]:
@@ -152,11 +167,14 @@ def _fx_producers(model: nn.Module) -> dict[str, str | ConfigError]:
     calls = Counter(n.target for n in nodes)
     out: dict[str, str | ConfigError] = {}
     for n in nodes:
-        if not is_normalization(model.get_submodule(n.target)):
+        if not looks_like_norm(model.get_submodule(n.target)):
             continue
         src = n.args[0] if n.args else None
         if calls[n.target] > 1:
-            out[n.target] = ConfigError("it is called more than once in forward()")
+            out[n.target] = ConfigError(
+                f"it is called {calls[n.target]} times in forward(), each on another input: "
+                f"folding it into one layer before it would change the other calls. Fix: give "
+                f"each call its own module")
         elif len(n.args) != 1 or n.kwargs:
             out[n.target] = ConfigError("it takes more than one input (a condition?)")
         elif not (isinstance(src, fx.Node) and src.op == "call_module"
@@ -179,7 +197,7 @@ def _sequential_producers(model: nn.Module) -> dict[str, str | ConfigError]:
             continue
         items = list(seq.named_children())
         for (pname, prev), (name, m) in zip(items, items[1:], strict=False):
-            if is_normalization(m) and isinstance(prev, _PRODUCERS) and uses[id(prev)] == 1:
+            if looks_like_norm(m) and isinstance(prev, _PRODUCERS) and uses[id(prev)] == 1:
                 out[f"{path}.{name}" if path else name] = f"{path}.{pname}" if path else pname
     return out
 
@@ -198,7 +216,13 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
 
     over the output channels (for a convolution the map acts on the channels of every position,
     so it is exact whatever the padding). Each folded normalization is replaced by
-    ``nn.Identity``; the model keeps its class and ``forward``.
+    ``nn.Identity``; the model keeps its class and ``forward``. A norm+act layer (timm's
+    ``BatchNormAct2d``: BN, then its ``drop`` and ``act``, recognised by what it computes, see
+    :func:`~normkit.apply.recognize.recognize`) folds its BN and is replaced by
+    ``NormAct(Identity(), drop=..., act=...)``: the activation stays. Every fold is verified
+    before anything changes: the Linear/Conv and the norm, and the folded Linear/Conv and what
+    replaces the norm, run in eval on one random probe (float64 copies) and must agree to
+    ``1e-6`` relative; the report gives each ``max_diff``.
 
     Neighbours are found on the ``torch.fx`` graph: a normalization is folded when its only input
     is the output of a ``Linear``/``Conv*d`` used by nothing else, and both are called once.
@@ -206,8 +230,10 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
     ``nn.Sequential`` containers (a norm right after a Linear/Conv in one), which assumes
     ``forward`` runs each Sequential as a whole.
 
-    Not foldable, with the reason: a layer in training mode; per-sample statistics (LN, GN, IN
-    without running statistics, RMSNorm, group/instance whitening); conditional methods (CBN,
+    Not foldable, with the reason (and the fix): a layer in training mode; a module shared by
+    several places or called several times; a norm-like layer whose output matches no known
+    formula; per-sample statistics (LN, GN, IN without running statistics, RMSNorm — also
+    Hugging Face's — group/instance whitening); conditional methods (CBN,
     CIN, AdaIN, SPADE, ...) and those mixing in each input's own statistics (switchable, IBN);
     a norm whose input is not a Linear/Conv output of its own; whitening groups straddling the
     groups of a grouped convolution.
@@ -247,7 +273,7 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
     norms: dict[str, nn.Module] = {}
     paths_of: dict[int, list[str]] = {}
     for path, m in model.named_modules(remove_duplicate=False):
-        if is_normalization(m) and not any(path.startswith(p + ".") for p in norms):
+        if looks_like_norm(m) and not any(path.startswith(p + ".") for p in norms):
             norms[path] = m
             paths_of.setdefault(id(m), []).append(path)
     adjacency: Literal["fx", "sequential"] = "fx"
@@ -256,13 +282,17 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
     except Exception:  # noqa: BLE001 - any tracing failure: fall back to Sequential order
         adjacency = "sequential"
         producers = _sequential_producers(model)
-    plan: list[tuple[str, str, Tensor, Tensor]] = []
+    plan: list[tuple[str, str, Tensor, Tensor, nn.Module]] = []
     rows: list[FoldedLayer] = []
     for path, m in norms.items():
         try:
             if len(paths_of[id(m)]) > 1:
-                raise ConfigError(f"the same module is registered at {paths_of[id(m)]}")
-            mat, shift = _affine_map(m)
+                raise ConfigError(
+                    f"the same module is registered at {paths_of[id(m)]} (shared): folding it "
+                    f"into one layer before it would change the other uses. Fix: give each place "
+                    f"its own copy (copy.deepcopy)")
+            rec = recognize(m, path)
+            mat, shift = _affine_map(m, rec)
             src = producers.get(path)
             if src is None:
                 raise ConfigError("it does not follow a Linear/Conv layer"
@@ -271,20 +301,52 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
                                      " (it is not called in forward())"))
             if isinstance(src, ConfigError):
                 raise src
-            _check_target(m, model.get_submodule(src), mat)
-            plan.append((path, src, mat, shift))
-            rows.append(FoldedLayer(path, type(m).__name__, src))
+            layer = model.get_submodule(src)
+            _check_target(rec, layer, mat)
+            tail = {n: getattr(m, n) for n in rec.tail}
+            after = NormAct(nn.Identity(), **tail) if tail else nn.Identity()
+            ok, diff = _verify(layer, m, after, lambda f: _affine_map(f, rec))
+            if not ok:
+                raise ConfigError(f"folding it would change the output by max|Δ| = {diff:.3g} "
+                                  f"on a probe; it is left in place (please report this)")
+            plan.append((path, src, mat, shift, after))
+            rows.append(FoldedLayer(path, type(m).__name__, src, "",
+                                    tuple(f"{n}={type(t).__name__}" for n, t in tail.items()),
+                                    ok, diff))
         except ConfigError as e:
             rows.append(FoldedLayer(path, type(m).__name__, None, str(e)))
     left = [r for r in rows if r.into is None]
     if strict and left:
         detail = "; ".join(f"{r.path!r} ({r.kind}): {r.reason}" for r in left)
-        raise ConfigError(f"cannot fold {len(left)} normalization layer(s): {detail}. Fix: put the "
-                          f"model in eval mode, or pass strict=False to fold the others and leave "
-                          f"these in place")
-    for path, src, mat, shift in plan:
+        raise ConfigError(f"cannot fold {len(left)} normalization layer(s): {detail}. Nothing was "
+                          f"changed. Fix: as said for each, or pass strict=False to fold the others "
+                          f"and leave these in place")
+    for path, src, mat, shift, after in plan:
         _fold_into(model.get_submodule(src), mat, shift)
         parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, nn.Identity())
+        setattr(model.get_submodule(parent), name, after)
     model.fold_report = FoldReport(tuple(rows), adjacency)  # type: ignore[assignment]
     return model
+
+
+def _probe_for(layer: nn.Module) -> Tensor:
+    """A float64 input for a Linear/Conv layer (every kernel position reached)."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(layer, nn.Linear):
+        return torch.randn(4, layer.in_features, generator=g, dtype=torch.float64)
+    size = [(k - 1) * d + 3 for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
+    return torch.randn(2, layer.in_channels, *size, generator=g, dtype=torch.float64)
+
+
+@torch.no_grad()
+def _verify(layer: nn.Module, norm: nn.Module, after: nn.Module,
+            affine: Callable[[nn.Module], tuple[Tensor, Tensor]]) -> tuple[bool, float]:
+    """``norm(layer(x))`` against ``after(folded(x))`` on float64 copies, in eval."""
+    lay, nor, aft = (copy.deepcopy(t).double().eval() for t in (layer, norm, after))
+    device = next((t.device for t in lay.parameters()), None)
+    x = _probe_for(lay).to(device)
+    y = nor(lay(x))
+    _fold_into(lay, *affine(nor))
+    z = aft(lay(x))
+    diff = float((z - y).abs().max())
+    return diff <= 1e-6 * max(float(y.abs().max()), 1e-12), diff
