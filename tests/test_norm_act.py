@@ -14,7 +14,7 @@ from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError, UnknownMethodError
-from normkit.methods.norm_act import activation
+from normkit.apply.norm_act import activation
 
 
 class Negate(nn.Module):
@@ -26,7 +26,7 @@ class Negate(nn.Module):
 
 def test_norm_act_order_is_norm_drop_act() -> None:
     torch.manual_seed(0)
-    layer = nk.NormAct(nk.BatchNorm(4), act=nn.ReLU(), drop=Negate())
+    layer = nk.norm_act("bn", act_layer="relu", drop_layer=Negate)(4)
     x = torch.randn(8, 4, 3, 3)
     ref = torch.relu(-layer.norm(x))  # act(drop(norm(x))); drop(act(...)) would be ≤ 0
     torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
@@ -45,6 +45,7 @@ def test_factory_is_a_plain_function_with_timms_keywords() -> None:
     assert isinstance(layer.drop, nn.Dropout)
     assert layer.norm.weight.dtype == torch.float64
     assert isinstance(f(8, apply_act=False).act, nn.Identity)
+    assert f(8).tail_names == ("drop", "act")  # timm's children, in timm's order
     assert isinstance(f(8).act, nn.SiLU) and isinstance(f(8).drop, nn.Identity)
 
 
@@ -78,12 +79,11 @@ def test_norm_act_equals_its_parts_in_train_and_eval() -> None:
 
 
 def test_weight_and_bias_are_the_norms() -> None:
-    layer = nk.NormAct(nk.GroupNorm(8, num_groups=2), act=nn.ReLU())
+    layer = nk.norm_act("gn", num_groups=2, act_layer="relu")(8)
     assert layer.weight is layer.norm.weight and layer.bias is layer.norm.bias
     nn.init.zeros_(layer.weight)  # what RegNet's zero_init_last does to the last norm
     assert torch.count_nonzero(layer.norm.weight) == 0
-    assert nk.NormAct(nk.GroupNorm(8, num_groups=2, affine=False)).weight is None
-    assert layer.num_features == 8
+    assert nk.norm_act("gn", num_groups=2, affine=False, act_layer=None)(8).weight is None
 
 
 def test_state_dict_round_trip() -> None:
@@ -96,6 +96,11 @@ def test_state_dict_round_trip() -> None:
     x = torch.randn(4, 8, 2, 2)
     assert torch.equal(a(x), b(x))
     assert set(a.state_dict()) == {f"norm.{k}" for k in a.norm.state_dict()}
+    # a timm BatchNormAct2d-style flat state dict (weight, running_mean, … at the top) loads too
+    c = f(8)
+    c.load_state_dict(a.norm.state_dict(), strict=True)
+    c.eval()
+    assert torch.equal(c(x), a(x))
 
 
 @pytest.mark.parametrize("name, cls", [("relu", nn.ReLU), ("SiLU", nn.SiLU), ("swish", nn.SiLU),
@@ -119,8 +124,6 @@ def test_errors() -> None:
         nk.norm_act("bn", act_layer=lambda: 3)
     with pytest.raises(ConfigError, match=r"act_layer must be .* got 3"):
         activation(3)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"NormAct act must be an nn.Module, got builtin_function"):
-        nk.NormAct(nk.BatchNorm(4), act=torch.relu)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- timm models

@@ -26,6 +26,8 @@ from .apply import fold as fold
 from .apply import freeze as freeze
 from .apply import recalibrate as recalibrate
 from .apply import unfreeze as unfreeze
+from .apply.norm_act import norm_act as norm_act
+from .apply.recognize import NormAct as NormAct
 from .distributed import sync as sync
 from .errors import ConfigError as ConfigError
 from .errors import NormkitError as NormkitError
@@ -83,8 +85,6 @@ from .methods import SPADENorm as SPADENorm
 from .methods import SwitchableNorm as SwitchableNorm
 from .methods import SwitchableWhitening as SwitchableWhitening
 from .methods import TaskNorm as TaskNorm
-from .methods.norm_act import NormAct as NormAct
-from .methods.norm_act import norm_act as norm_act
 from .normalization import Normalization as Normalization
 from .registry import create as create
 from .registry import get as get

@@ -6,8 +6,9 @@ timm's EfficientNet, RegNet, DenseNet, ResNetV2, … resolve ``norm_layer=`` thr
 *replaced by timm's own norm+act class with the same class name* (``GroupNorm`` →
 ``GroupNormAct``), and any other class fails with ``No equivalent norm_act layer``. A plain
 function is the one thing timm calls as given, with its norm+act keywords. :func:`norm_act`
-returns such a function; it builds a :class:`NormAct` (normkit method → dropout → activation, the
-order of timm's ``BatchNormAct2d``). normkit does not import timm.
+returns such a function; it builds a :class:`~normkit.apply.recognize.NormAct` (normkit method →
+dropout → activation, the order of timm's ``BatchNormAct2d``) — the class model surgery also
+uses for norm+act layers. normkit does not import timm.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from .. import registry
 from ..errors import ConfigError
+from .recognize import NormAct
 
-__all__ = ["NormAct", "norm_act", "activation"]
+__all__ = ["norm_act", "activation"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU,
@@ -90,66 +92,6 @@ def _takes(factory: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-class NormAct(nn.Module):
-    r"""A normalization layer followed by dropout and an activation: ``act(drop(norm(x)))``.
-
-    .. math::
-        y = \phi\big(\mathrm{drop}(\mathrm{norm}(x))\big)
-
-    The same order as timm's ``BatchNormAct2d`` / ``GroupNormAct`` (norm, then ``drop``, then
-    ``act``). The children are named ``norm``, ``drop`` and ``act``; a missing ``drop`` or ``act``
-    is an :class:`torch.nn.Identity`. Model surgery sees ``norm`` as the normalization layer and
-    keeps ``drop`` and ``act``.
-
-    Args:
-        norm: the normalization module.
-        act: the activation module (``None``: identity).
-        drop: the dropout module (``None``: identity).
-
-    Shape:
-        - Input: whatever ``norm`` takes, e.g. ``(N, C, *)``.
-        - Output: same shape as the input.
-
-    Example:
-        >>> import torch, normkit as nk
-        >>> layer = nk.NormAct(nk.BatchNorm(4), act=torch.nn.ReLU())
-        >>> x = torch.randn(8, 4, 3, 3)
-        >>> torch.equal(layer(x), torch.relu(layer.norm(x)))
-        True
-    """
-
-    _version = 1
-
-    def __init__(self, norm: nn.Module, *, act: nn.Module | None = None,
-                 drop: nn.Module | None = None) -> None:
-        super().__init__()
-        for name, m in (("norm", norm), ("act", act), ("drop", drop)):
-            if m is not None and not isinstance(m, nn.Module):
-                raise ConfigError(f"NormAct {name} must be an nn.Module, got {type(m).__name__}")
-        self.norm = norm
-        self.drop = nn.Identity() if drop is None else drop
-        self.act = nn.Identity() if act is None else act
-
-    @property
-    def num_features(self) -> int:
-        """The normalized layer's channel count."""
-        return int(self.norm.num_features)
-
-    @property
-    def weight(self) -> Tensor | None:
-        """The norm's ``γ`` (model initialisers such as RegNet's ``zero_init_last`` set it, as
-        they would on timm's ``BatchNormAct2d``, which *is* a BN)."""
-        return getattr(self.norm, "weight", None)
-
-    @property
-    def bias(self) -> Tensor | None:
-        """The norm's ``β``."""
-        return getattr(self.norm, "bias", None)
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.act(self.drop(self.norm(x, *args, **kwargs)))
 
 
 def norm_act(
@@ -227,8 +169,9 @@ def norm_act(
             kw = dict(act_kwargs or {})  # timm's rule: act_kwargs' own inplace wins
             kw.setdefault("inplace", bound_inplace if inplace is None else inplace)
             act = activation(act_layer, **kw)
-        drop = drop_layer() if drop_layer is not None else None
-        return NormAct(norm, act=act, drop=drop)
+        drop = drop_layer() if drop_layer is not None else nn.Identity()
+        # keyword order is the order applied: drop, then act (timm's BatchNormAct2d)
+        return NormAct(norm, drop=drop, act=nn.Identity() if act is None else act)
 
     label = registry.parse_spec(method)[0] if isinstance(method, str) else getattr(
         getattr(method, "func", method), "__name__", "method")
