@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional import whiten as W
+from ..functional import whiten_ops as WO
 from ..functional.partition import matrix_sizes, matrix_view, unmatrix_view
 from ..nap import Partition
 from ._base import Coefficients, Operation, Stats
@@ -52,9 +53,10 @@ class Whiten(Operation):
         estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
-        fused: train with one autograd Function for the map ``x → y`` whose backward is derived
-            by hand (:func:`~normkit.functional.whiten.whiten_with_gradient`: fewer passes over
-            the activations, only ``x − μ`` saved; first order only). ``False``: the plain
+        fused: train with batch statistics through two ``torch.library`` custom ops whose
+            backward is derived by hand (:mod:`normkit.functional.whiten_ops`: fewer passes
+            over the activations, only ``x − μ`` saved; one graph node each under
+            ``torch.compile``; first order only). ``False``: the plain
             autograd composition (what ``native=False`` selects; twice differentiable for
             ``cholesky``, ``newton`` and ``pca``).
     """
@@ -147,12 +149,10 @@ class Whiten(Operation):
         if not self.fused or _synced(nap):  # the plain autograd composition
             mean, cov, centered = self._moments(v, nap)
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
-        # Fused: the statistics without autograd; only W(Σ) keeps a (D × D) graph from a leaf Σ,
-        # and transform()'s autograd Function gives the gradient of the whole map x → y.
-        with torch.no_grad():
-            mean, cov, centered = self._moments(v, nap)
-        if torch.is_grad_enabled() and v.requires_grad:
-            cov.requires_grad_()
+        # Fused: two custom ops (one graph node each under torch.compile / export) with a
+        # hand-derived backward; only W(Σ) is autograd math, on (D × D) tensors.
+        shared, roles = self._layout(v, nap)
+        mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
 
     def _num_padded(self, d: int) -> int:
@@ -220,15 +220,15 @@ class Whiten(Operation):
 
     def _fused_transform(self, v: Tensor, stats: Stats, w: Tensor, centered: Tensor,
                          nap: Partition, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """Batch statistics, fused: :func:`~normkit.functional.whiten.whiten_with_gradient`
+        """Batch statistics, fused: :func:`~normkit.functional.whiten_ops.whiten_with_gradient`
         with the recovery folded into ``W`` when it is per row (else applied after)."""
         rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
-        graph = (stats["cov"], w) if w.requires_grad else None
         shared, roles = self._layout(v, nap)
-        out = W.whiten_with_gradient(
-            v, centered, w.detach(), graph, shared=shared, roles=roles,
+        out = WO.whiten_with_gradient(
+            v, centered, w, shared=shared, roles=roles,
             weight=rows[0] if foldable else None, bias=rows[1] if foldable else None)
+        out = out if roles is None else unmatrix_view(out, v.shape, roles)
         return out if foldable else Fs.affine_transform(out, None, None, weight, bias)
 
     @staticmethod
