@@ -21,6 +21,7 @@ Computations run in at least float32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Literal
 
@@ -59,6 +60,15 @@ def covariance(xc: Tensor) -> Tensor:
     """``Σ = X Xᵀ / m`` of centred ``xc`` of shape ``(G, D, m)`` → ``(G, D, D)`` (biased)."""
     m = max(xc.shape[-1], 1)
     return torch.bmm(xc, xc.transpose(-1, -2)) / m
+
+
+def _full_precision(t: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``t``'s device, where it is on: whitening's statistics and matrices are
+    float32 under ``torch.autocast`` (which would cast their matmuls to half precision), as
+    torch's own normalizations keep their statistics in float32."""
+    kind = t.device.type
+    return (torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind)
+            else contextlib.nullcontext())
 
 
 def _first_order(what: str, instead: str):  # type: ignore[no-untyped-def]

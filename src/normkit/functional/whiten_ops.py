@@ -28,28 +28,19 @@ float32 under ``torch.autocast``), return fresh tensors (never views: an in-plac
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .partition import Role, matrix_view, unmatrix_view
-from .whiten import _first_order, batch_moments, grouped_matmul
+from .whiten import _first_order, _full_precision, batch_moments, grouped_matmul
 
 __all__ = ["whiten_moments", "whiten_with_gradient"]
 
 _FIRST_ORDER = ("the fused batch-whitening backward",
                 "build the module with native=False for the plain autograd composition "
                 "(twice differentiable for cholesky, newton and pca)")
-
-
-def _full_precision(t: Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off on ``t``'s device (a custom op's kernel otherwise runs under the caller's
-    autocast, which would cast its float32 statistics' matmuls to half precision)."""
-    kind = t.device.type
-    return torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else (
-        contextlib.nullcontext())
 
 
 def _samples(x: Tensor, roles: str) -> Tensor:
