@@ -88,7 +88,7 @@ def test_weight_and_bias_are_the_norms() -> None:
 
 def test_state_dict_round_trip() -> None:
     torch.manual_seed(0)
-    f = nk.norm_act("iternorm", group_size=4, act_layer="relu", inplace=False)
+    f = nk.norm_act("iternorm", group_size=4, act_layer="relu")
     a, b = f(8), f(8)
     a(torch.randn(16, 8, 2, 2))
     b.load_state_dict(a.state_dict(), strict=True)
@@ -147,10 +147,7 @@ def test_timm_norm_act_model_builds_and_trains(name: str, act: str, act_cls: typ
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ref = timm.create_model(name, num_classes=10, pretrained=False)
-    # not in place (bound, and in act_kwargs for blocks that pass inplace=True): the in-place
-    # activation after whitening is wip/whiten's fix (test below)
-    norm_layer = nk.norm_act("iternorm", group_size=8, act_layer=act, inplace=False,
-                             act_kwargs={"inplace": False})
+    norm_layer = nk.norm_act("iternorm", group_size=8, act_layer=act)
     model = timm.create_model(name, num_classes=10, pretrained=False, norm_layer=norm_layer)
     # every timm norm+act layer became a NormAct with the model's activation where it had one
     ref_norms = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -163,10 +160,8 @@ def test_timm_norm_act_model_builds_and_trains(name: str, act: str, act_cls: typ
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.xfail(strict=True, reason="wip/whiten: IterNorm's output is a view of a custom "
-                   "Function's output, so timm's in-place activation after it raises 'Output 0 of "
-                   "View is a view and is being modified inplace'")
 def test_timm_norm_act_inplace_activation() -> None:
+    """timm's blocks ask for in-place activations; whitening's output takes them."""
     timm = pytest.importorskip("timm")
     model = timm.create_model("regnetx_002", num_classes=10,
                               norm_layer=nk.norm_act("iternorm", group_size=8, act_layer="relu"))
