@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.errors import ConfigError, UnknownMethodError
 from normkit.apply.norm_act import activation
+from normkit.errors import ConfigError, UnknownMethodError
 
 
 class Negate(nn.Module):

@@ -1,5 +1,5 @@
-"""Normalization followed by dropout and an activation, and a ``norm_layer=`` factory for model
-libraries (timm) that build norm + activation in one layer.
+"""A ``norm_layer=`` factory for model libraries (timm) that build normalization and activation
+as one layer, and activations by name.
 
 timm's EfficientNet, RegNet, DenseNet, ResNetV2, … resolve ``norm_layer=`` through
 ``timm.layers.get_norm_act_layer``: a torch norm class or a ``functools.partial`` of one is
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import registry
 from ..errors import ConfigError
@@ -61,7 +61,7 @@ def activation(act_layer: ActLayer, *, inplace: bool | None = None,
             return an ``nn.Module``.
 
     Example:
-        >>> from normkit.methods.norm_act import activation
+        >>> from normkit.apply.norm_act import activation
         >>> activation("silu"), activation("relu", inplace=True)
         (SiLU(), ReLU(inplace=True))
     """
@@ -114,6 +114,9 @@ def norm_act(
     passes (``apply_act=False`` leaves the activation out; ``more`` are method arguments such as
     ``eps`` that override ``norm_kwargs``).
 
+    .. math::
+        y = \phi\big(\mathrm{drop}(\mathrm{norm}(x))\big)
+
     ``act_layer`` is required: timm passes the model's activation to its own norm+act classes but
     **not** to a function, so the function must know it (EfficientNet uses ``"silu"``, RegNet and
     ResNet ``"relu"``). A default would silently change the model's activation.
@@ -131,6 +134,9 @@ def norm_act(
 
     Returns:
         ``f(num_features, **kw) -> NormAct``, a plain Python function.
+
+    Shape:
+        as the method: ``(N, C, *)`` → same (``(N, *, C)`` with ``channel_axis=-1``).
 
     Raises:
         ConfigError: for a missing ``act_layer``, an unknown method
