@@ -308,3 +308,23 @@ def test_callable_target_and_root_layer() -> None:
     root = convert(nn.BatchNorm2d(4).eval(), "bn")
     assert isinstance(root, nk.BatchNorm) and not root.training
     assert not any(is_normalization(m) and isinstance(m, nn.BatchNorm2d) for m in root.modules())
+
+
+@pytest.mark.parametrize("old, spec", [
+    (lambda: nn.BatchNorm2d(4, track_running_stats=False), "bn"),  # batch statistics in eval too
+    (lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True), "in"),  # running in eval
+    (lambda: nn.InstanceNorm2d(4), "in"),
+])
+def test_same_kind_keeps_track_running_stats_and_is_verified(old, spec: str) -> None:
+    torch.manual_seed(0)
+    layer = old()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), layer)
+    model(torch.randn(8, 3, 5, 5) * 2 + 1)  # running statistics (where kept) away from init
+    model.eval()
+    out = convert(model, spec)
+    row = out.conversion_report["1"]
+    assert out[1].track_running_stats == layer.track_running_stats
+    assert f"track_running_stats={layer.track_running_stats}" in row.new
+    assert row.equivalent and row.verified and row.max_diff <= 1e-5
+    x = torch.randn(3, 3, 5, 5)
+    torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)

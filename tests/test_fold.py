@@ -192,3 +192,48 @@ def test_untraceable_model_falls_back_to_sequential_order() -> None:
     assert folded.fold_report.adjacency == "sequential"
     assert isinstance(folded.body[1], nn.Identity)
     assert _rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_shared_and_twice_called_modules_say_what_is_wrong() -> None:
+    """Both are in eval mode: the message names the sharing / the calls and their fix, not
+    "put the model in eval mode"."""
+    shared = nn.BatchNorm2d(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), shared, nn.Conv2d(4, 4, 1), shared).eval()
+    with pytest.raises(ConfigError) as info:
+        fold(net)
+    msg = str(info.value)
+    assert "'1' (BatchNorm2d): the same module is registered at ['1', '3'] (shared)" in msg
+    assert "copy.deepcopy" in msg and "eval" not in msg
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv2(self.bn(self.conv1(x))))
+
+    with pytest.raises(ConfigError) as info:
+        fold(Twice().eval())
+    msg = str(info.value)
+    assert "'bn' (BatchNorm2d): it is called 2 times in forward()" in msg
+    assert "give each call its own module" in msg and "eval" not in msg
+
+
+def test_a_fold_that_would_change_the_output_is_not_counted(monkeypatch) -> None:
+    """The report's folds are measured: a wrong affine map (a simulated bug) leaves the layer."""
+    import importlib
+
+    fold_module = importlib.import_module("normkit.apply.fold")
+    real = fold_module._affine_map
+
+    def off_by_one(m, rec):
+        a, b = real(m, rec)
+        return a, b + 1
+
+    monkeypatch.setattr(fold_module, "_affine_map", off_by_one)
+    model = _warm(_conv_model(NORMS["torch_bn"]), lambda: torch.randn(16, 3, 8, 8))
+    part = fold(model, strict=False)
+    assert part.fold_report.folded == [] and part.fold_report.left == ["1", "4", "8"]
+    assert "would change the output by max|Δ| = 1" in part.fold_report.layers[0].reason
+    assert is_normalization(part[1])

@@ -1,6 +1,6 @@
 """normkit.apply.recognize: a norm recognised by what it computes, and sync of norm+act layers.
 
-The look-alike classes below copy what timm and Hugging Face write (norm+act subclasses of torch
+The look-alike classes (tests/norm_lookalikes.py) copy what timm and Hugging Face write (norm+act subclasses of torch
 norms, channels-first LayerNorm2d, RMSNorms that are not torch subclasses), so the logic is
 tested without either library; the same table then runs on the real classes where installed.
 Recognition compares float64 outputs to 1e-5 relative (HF norms compute in float32 inside).
@@ -10,117 +10,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import normkit as nk
+from norm_lookalikes import (
+    BiasIgnoringLayerNorm,
+    BNAct,
+    BNActThenDrop,
+    DoubledBN,
+    FastLayerNorm,
+    FrozenBatchNorm2d,
+    GemmaStyleRMSNorm,
+    GNAct,
+    HiddenEpsLayerNorm,
+    LayerNorm2d,
+    LlamaStyleRMSNorm,
+    ProjRMSNorm,
+    RmsNorm2dWithBias,
+)
 from normkit.apply.recognize import NormAct, Recognition, looks_like_norm, recognize
 from normkit.errors import ConfigError
-
-
-# ------------------------------------------------------------------------- look-alikes
-class BNAct(nn.BatchNorm2d):
-    """timm's BatchNormAct2d: BN, then drop, then act, in one BN subclass."""
-
-    def __init__(self, c: int, act: nn.Module | None = None, drop: nn.Module | None = None) -> None:
-        super().__init__(c)
-        self.drop = drop or nn.Identity()
-        self.act = act or nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
-class BNActThenDrop(BNAct):
-    """The other order (act before drop): the probe must see it, not assume timm's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.act(nn.BatchNorm2d.forward(self, x)))
-
-
-class GNAct(nn.GroupNorm):
-    def __init__(self, c: int) -> None:
-        super().__init__(2, c)
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
-
-
-class LayerNorm2d(nn.LayerNorm):  # ConvNeXt: channels first
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
-
-
-class FastLayerNorm(nn.LayerNorm):  # timm's LayerNorm: own forward, torch's math
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-class LlamaStyleRMSNorm(nn.Module):
-    def __init__(self, c: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(c))
-        self.variance_epsilon = eps
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        dtype = h.dtype
-        h = h.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-
-class GemmaStyleRMSNorm(nn.Module):
-    def __init__(self, c: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
-
-
-class RmsNorm2dWithBias(nn.Module):  # channels-first RMS with a bias
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
-        self.eps = 1e-5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-# refused: what they compute matches no formula, or not with their own eps / bias
-class DoubledBN(nn.BatchNorm2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2 * super().forward(x)
-
-
-class HiddenEpsLayerNorm(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), 1e-5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-2)  # not self.eps
-
-
-class BiasIgnoringLayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, None, self.eps)
-
-
-class ProjRMSNorm(LlamaStyleRMSNorm):  # an extra child that is not a tail
-    def __init__(self, c: int) -> None:
-        super().__init__(c)
-        self.proj = nn.Linear(c, c)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(super().forward(h)) + h
-
 
 C = 6
 # class -> (kind, channel_axis, over, weight_offset, tail, how)
@@ -141,6 +50,7 @@ EXPECTED = {
     "llama_rms": (lambda: LlamaStyleRMSNorm(C), ("rms", -1, "channels", 0.0, (), "probe")),
     "gemma_rms": (lambda: GemmaStyleRMSNorm(C), ("rms", -1, "channels", 1.0, (), "probe")),
     "rms2d_bias": (lambda: RmsNorm2dWithBias(C), ("rms", 1, "channels", 0.0, (), "probe")),
+    "frozen_bn": (lambda: FrozenBatchNorm2d(C), ("frozen", 1, None, 0.0, (), "probe")),
 }
 
 
@@ -153,11 +63,13 @@ def test_recognized_by_what_it_computes(name: str) -> None:
     make, want = EXPECTED[name]
     m = make()
     state = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
     r = recognize(m, "blocks.0.norm")
     assert _fields(r) == want and r.num_features == C
     assert looks_like_norm(m)
     for k, v in m.state_dict().items():  # the probe ran on a copy
         assert torch.equal(v, state[k]), k
+    assert torch.equal(torch.get_rng_state(), rng) and m.training  # nor the RNG, nor the mode
 
 
 def test_eps_is_read_from_eps_or_variance_epsilon() -> None:

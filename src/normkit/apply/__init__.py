@@ -12,6 +12,8 @@ function                   what
 ``statistics_modules(m)``  the modules these act on
 ``convert(model, to=...)`` replace every normalization layer with a registry method (a report)
 ``fold(model)``            fold eval-mode BN / whitening into the Linear/Conv before it
+``recognize(layer)``       what a norm computes (BN, GN, LN/RMS over which axis, act after)
+``NormAct``                a norm followed by the activation/dropout of a norm+act layer
 ``adabn(model, target)``   domain adaptation: statistics re-estimated on the target domain
 ``DomainSpecificNorm``     one normalization per domain, shared weights (``use_domain``)
 ``TransNorm``              transferable normalization: domain-weighted channels (DA)
@@ -37,6 +39,10 @@ from .convert import ConvertedLayer as ConvertedLayer
 from .convert import convert as convert
 from .fold import FoldReport as FoldReport
 from .fold import fold as fold
+from .recognize import NormAct as NormAct
+from .recognize import Recognition as Recognition
+from .recognize import looks_like_norm as looks_like_norm
+from .recognize import recognize as recognize
 from .slim import SlimmedLayer as SlimmedLayer
 from .slim import SlimReport as SlimReport
 from .slim import add_gamma_l1 as add_gamma_l1
@@ -53,7 +59,8 @@ from .style import feature_moments as feature_moments
 from .style import wct as wct
 
 __all__ = [
-    "convert", "ConversionReport", "fold", "FoldReport", "recalibrate", "freeze", "unfreeze",
+    "convert", "ConversionReport", "ConvertedLayer", "fold", "FoldReport",
+    "recognize", "Recognition", "looks_like_norm", "NormAct", "recalibrate", "freeze", "unfreeze",
     "batch_statistics", "statistics_modules",
     "adabn", "DomainSpecificNorm", "TransNorm", "domain_specific", "use_domain",
     "prediction_time_bn", "softmax_entropy", "tent_parameters", "Tent", "tent_adapt",

@@ -97,16 +97,17 @@ def _selected(model: nn.Module, match: Match) -> tuple[list[Target], list[tuple[
                                   else bool(match(path, m))))  # type: ignore[operator]
         if not hit:
             continue
-        taken.append(path)
         if id(m) in found:
             found[id(m)][0].append(path)
+            taken.append(path)
             continue
         try:
             found[id(m)] = ([path], m, recognize(m, path))
+            taken.append(path)
         except ConfigError as e:
             if match is not None:
                 raise
-            refused.append((path, str(e)))
+            refused.append((path, str(e)))  # its own children are still looked at
     if not found and not refused and match is not None:
         norms = [p or "<model>" for p, m in model.named_modules() if looks_like_norm(m)]
         raise ConfigError(f"match={match!r} selects no normalization layer; the model's "
@@ -148,8 +149,9 @@ def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., 
            ) -> tuple[nn.Module, str]:
     """The replacement of ``old`` (without its tail) and its description. A spec string inherits
     ``eps``, ``affine``, the channel axis, ``over="channels"`` (LN/RMS per position), device and
-    dtype of the old layer (the spec's own arguments win); a callable is called as ``to(C)`` and
-    moved to the old layer's device and dtype."""
+    dtype of the old layer, and ``track_running_stats`` from a BN/IN to a BN/IN (the spec's own
+    arguments win); a callable is called as ``to(C)`` and moved to the old layer's device and
+    dtype."""
     c, axis = rec.num_features, rec.channel_axis
     device, dtype = _factory_dtype(old)
     try:
@@ -164,6 +166,8 @@ def _build(path: str, old: nn.Module, rec: Recognition, to: str | Callable[..., 
                 inherited["channel_axis"] = axis
             if rec.over is not None and "over" in inspect.signature(factory).parameters:
                 inherited["over"] = rec.over
+            if _NK_KIND.get(getattr(factory, "__name__", "")) == rec.kind in ("batch", "instance"):
+                inherited["track_running_stats"] = _running(old)  # BN without, IN with them
             kwargs = {**{k: v for k, v in inherited.items() if _accepts(factory, k)}, **kw}
             new = factory(c, **kwargs)
             shown = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
@@ -193,7 +197,6 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
     """``(kind, channel_axis, over, groups, eps)`` of a plain norm, ``None`` if not one of those
     (two layers with equal tuples compute the same function given the same tensors)."""
     if isinstance(m, Normalization):
-        from .. import methods  # noqa: F401  (the preset classes)
         from ..methods import scaling, standard
 
         kind = next((k for n, k in _NK_KIND.items()
@@ -201,10 +204,12 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
                     None)
         if kind is None:
             return None
-        over = "channels" if kind in ("layer", "rms") and type(m.nap).__name__ == "Position" else None
-        if kind in ("layer", "rms") and over is None:
-            kind = "group"  # LN over all of C and the positions = GN(1)
-        groups = getattr(m, "num_groups", 1 if kind == "group" else None)
+        over = None
+        if kind in ("layer", "rms"):
+            over = "channels" if type(m.nap).__name__ == "Position" else "all"
+        if kind == "layer" and over == "all":
+            kind, over = "group", None  # LN over all of C and the positions = GN(1)
+        groups = getattr(m, "num_groups", 1) if kind == "group" else None
         return kind, m.channel_axis, over, groups, m.eps
     try:
         rec = rec or recognize(m)
@@ -217,16 +222,16 @@ def _computes(m: nn.Module, rec: Recognition | None = None) -> tuple | None:
 @torch.no_grad()
 def _verify(old: nn.Module, new: nn.Module, rec: Recognition) -> tuple[bool | None, float | None]:
     """Evaluation outputs of ``old`` and ``new`` on one float32 probe: ``(max|Δ| ≤ 1e-5·max|y|,
-    max|Δ|)``, or ``(None, None)`` when ``new`` cannot run on ``old``'s input."""
+    max|Δ|)``, or ``(None, None)`` when either cannot run on it alone (a conditional layer, a
+    module for another layout)."""
     a, b = copy.deepcopy(old).float().eval(), copy.deepcopy(new).float().eval()
     device = next((t.device for t in (*a.parameters(), *a.buffers())), None)
     x = _probe(rec.probe_shape, rec.channel_axis, torch.float32, device, seed=3)
-    y = a(x.clone())
     try:
-        z = b(x.clone())
-    except Exception:  # noqa: BLE001 - e.g. a callable's module for another layout
+        y, z = a(x.clone()), b(x.clone())
+    except Exception:  # noqa: BLE001 - a conditional layer, a callable's module for another layout
         return None, None
-    if not isinstance(z, Tensor) or z.shape != y.shape:
+    if not (isinstance(y, Tensor) and isinstance(z, Tensor)) or z.shape != y.shape:
         return None, None
     diff = float((z - y).abs().max())
     return diff <= _VERIFY_RTOL * max(float(y.abs().max()), 1e-12), diff
@@ -286,6 +291,10 @@ def _transfer(old: nn.Module, new: nn.Module, c: int, offset: float = 0.0
             q.copy_(b)
             kept.append(name)
             filled.add(name)
+        elif q is None and name in new_t and new_t[name].shape == b.shape:  # buffer → parameter
+            new_t[name].copy_(b)
+            kept.append(name)
+            filled.add(name)
         elif name == "running_var" and "running_cov" in new_b and b.numel() == c:
             new_b["running_cov"].copy_(_blocks_of(b, new_b["running_cov"]))
             kept.append("running_cov←diag(running_var)")
@@ -332,7 +341,8 @@ def convert(
     the last axis or over axis 1, with or without bias, Gemma's ``(1 + weight)`` gain.
 
     Every selected layer ``L`` with ``C`` channels becomes ``normkit.create(to, C, **inherited)``:
-    ``eps``, ``affine``, the channel axis (``-1`` for a norm over the last axis: torch's
+    ``eps``, ``affine``, ``track_running_stats`` (BN/IN to BN/IN), the channel axis (``-1`` for a
+    norm over the last axis: torch's
     ``LayerNorm(C)``/``RMSNorm(C)``, ViT's, Hugging Face's), ``over="channels"`` for a LN/RMS per
     position (also the channels-first ``LayerNorm2d`` of ConvNeXt), device, dtype and train/eval
     mode are inherited from ``L`` unless ``to`` sets them, and ``momentum`` when both layers track

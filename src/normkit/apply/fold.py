@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,6 +78,11 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
     """The evaluation map of ``m`` as ``(a, b)`` per channel (``(C,)`` each) or ``(M, b)`` with
     whitening blocks ``M`` ``(G, d, d)``; raises :class:`ConfigError` with the reason when the
     map depends on the input or the batch."""
+    if rec.kind == "frozen":  # fixed statistics in both modes
+        w, b = _weight_bias(m)
+        scale, shift = standardize_coefficients(m.running_mean.double(), m.running_var.double(),
+                                                rec.eps if rec.eps is not None else 1e-5)
+        return (scale * w, shift * w + b) if w is not None else (scale, shift)
     if m.training:
         raise ConfigError("it is in training mode (batch statistics). Fix: call model.eval() "
                           "first")
@@ -101,6 +105,13 @@ def _affine_map(m: nn.Module, rec: Recognition) -> tuple[Tensor, Tensor]:
                           "normalizes with each batch's or sample's statistics even in eval")
     raise ConfigError(f"{type(m).__name__} normalizes each sample with its own statistics; "
                       f"there is nothing fixed to fold")
+
+
+def _weight_bias(m: nn.Module) -> tuple[Tensor | None, Tensor]:
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    w = w.double() if isinstance(w, Tensor) else None
+    b = b.double() if isinstance(b, Tensor) else torch.zeros_like(m.running_mean, dtype=torch.float64)
+    return w, b
 
 
 def _check_target(rec: Recognition, layer: nn.Module, mat: Tensor) -> None:
@@ -305,7 +316,7 @@ def fold(model: nn.Module, *, inplace: bool = False, strict: bool = True) -> nn.
             _check_target(rec, layer, mat)
             tail = {n: getattr(m, n) for n in rec.tail}
             after = NormAct(nn.Identity(), **tail) if tail else nn.Identity()
-            ok, diff = _verify(layer, m, after, lambda f: _affine_map(f, rec))
+            ok, diff = _verify(layer, m, after, rec)
             if not ok:
                 raise ConfigError(f"folding it would change the output by max|Δ| = {diff:.3g} "
                                   f"on a probe; it is left in place (please report this)")
@@ -339,14 +350,14 @@ def _probe_for(layer: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def _verify(layer: nn.Module, norm: nn.Module, after: nn.Module,
-            affine: Callable[[nn.Module], tuple[Tensor, Tensor]]) -> tuple[bool, float]:
+def _verify(layer: nn.Module, norm: nn.Module, after: nn.Module, rec: Recognition
+            ) -> tuple[bool, float]:
     """``norm(layer(x))`` against ``after(folded(x))`` on float64 copies, in eval."""
     lay, nor, aft = (copy.deepcopy(t).double().eval() for t in (layer, norm, after))
     device = next((t.device for t in lay.parameters()), None)
     x = _probe_for(lay).to(device)
     y = nor(lay(x))
-    _fold_into(lay, *affine(nor))
+    _fold_into(lay, *_affine_map(nor, rec))
     z = aft(lay(x))
     diff = float((z - y).abs().max())
     return diff <= 1e-6 * max(float(y.abs().max()), 1e-12), diff

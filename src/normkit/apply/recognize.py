@@ -13,7 +13,8 @@ formulas, per position ``p`` over the ``C`` channels of the axis ``a`` (last, or
     \text{LN: } \gamma\frac{x - \mu_a}{\sqrt{\sigma_a^2 + \epsilon}} + \beta, \qquad
     \text{RMS: } (o + \gamma)\frac{x}{\sqrt{\overline{x^2}_a + \epsilon}} (+ \beta)
 
-(``o = 0``, or ``o = 1`` for Gemma's ``(1 + weight)``), or, for a torch subclass, the torch base
+(``o = 0``, or ``o = 1`` for Gemma's ``(1 + weight)``), a frozen BN (its running statistics in
+train mode too, torchvision's ``FrozenBatchNorm2d``), or, for a torch subclass, the torch base
 class's own ``forward`` (BN, IN, GN). A layer with children is recognised as its norm followed by
 its children in the order the probe shows (timm: ``drop`` then ``act``), checked in eval and in
 train mode under one random seed; :class:`NormAct` is that composition with a normkit norm.
@@ -39,7 +40,7 @@ __all__ = ["NormAct", "Recognition", "looks_like_norm", "recognize"]
 
 _TORCH_NORMS: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 _NAME = re.compile(r"(Layer|RMS|Rms|Group|Batch|Instance)Norm")
-Kind = Literal["batch", "instance", "group", "layer", "rms", "normkit"]
+Kind = Literal["batch", "frozen", "instance", "group", "layer", "rms", "normkit"]
 _RTOL, _ATOL = 1e-5, 1e-6  # a float64 probe; HF norms compute in float32 inside (~1e-7)
 
 
@@ -48,8 +49,10 @@ class Recognition:
     """What a normalization layer computes.
 
     Attributes:
-        kind: ``"batch"`` (BN, SyncBN), ``"instance"``, ``"group"``, ``"layer"``, ``"rms"`` or
-            ``"normkit"`` (a normkit :class:`~normkit.Normalization`, which says it itself).
+        kind: ``"batch"`` (BN, SyncBN), ``"frozen"`` (BN with its running statistics in train
+            mode too: torchvision's ``FrozenBatchNorm2d``), ``"instance"``, ``"group"``,
+            ``"layer"``, ``"rms"`` or ``"normkit"`` (a normkit :class:`~normkit.Normalization`,
+            which says it itself).
         num_features: channels ``C``.
         channel_axis: ``1`` (channels first) or ``-1`` (channels last).
         over: ``"channels"`` for LN/RMS over the ``C`` channels of each position, else ``None``.
@@ -73,7 +76,7 @@ class Recognition:
 
     def describe(self) -> str:
         """A short phrase: ``"LN over the last dim"``, ``"BN + drop, act"``."""
-        what = {"batch": "BN", "instance": "IN", "group": "GN", "layer": "LN", "rms": "RMS",
+        what = {"batch": "BN", "frozen": "frozen BN", "instance": "IN", "group": "GN", "layer": "LN", "rms": "RMS",
                 "normkit": "normkit"}[self.kind]
         if self.kind in ("layer", "rms"):
             what += " over the last dim" if self.channel_axis == -1 else " over dim 1"
@@ -250,6 +253,11 @@ def _candidates(m: nn.Module, c: int, eps: float | None, base: type | None
     if base is nn.GroupNorm:
         return [("group", 1, 0.0, first, lambda p, x: nn.GroupNorm.forward(p, x))]
     out: list[tuple[Kind, int, float, tuple[int, ...], Core]] = []
+    if base is None and all(isinstance(getattr(m, n, None), Tensor)
+                            for n in ("running_mean", "running_var")):
+        out.append(("frozen", 1, 0.0, first, lambda p, x: F.batch_norm(
+            x, p.running_mean, p.running_var, _weight(p), getattr(p, "bias", None), False, 0.0,
+            eps if eps is not None else 1e-5)))
     for axis, shape in ((-1, last), (1, first)):
         if base is None or base is nn.LayerNorm:
             out.append(("layer", axis, 0.0, shape, lambda p, x, a=axis: _along(a, lambda t: F.layer_norm(
@@ -288,16 +296,16 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 def _matches(m: nn.Module, core: Core, order: tuple[str, ...], shape: tuple[int, ...],
              axis: int) -> bool:
-    """``m(x) == tail(core(x))`` on a float64 probe, in eval, and — when ``m`` has children or
-    is a batch norm — in train mode too, each side on its own copy under one random seed."""
+    """``m(x) == tail(core(x))`` on a float64 probe, in eval and in train mode, each side on its
+    own copy under one random seed (dropout masks alike)."""
     device = next((t.device for t in (*m.parameters(), *m.buffers())), None)
     x = _probe(shape, axis, torch.float64, device)
-    modes = (False, True) if order or isinstance(m, _NormBase) else (False,)
-    for training in modes:
+    rngs = [device] if device is not None and device.type == "cuda" else []  # restored after
+    for training in (False, True):
         outs = []
         for use_core in (False, True):
             p = _randomized(m).train(training)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=rngs):
                 torch.manual_seed(2)
                 try:
                     y = _apply_tail(p, order, core(p, x.clone())) if use_core else p(x.clone())

@@ -151,7 +151,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool
 def _(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool, roles: str,
       shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     p, g, d, _ = centered.shape
-    return (centered.new_empty(shape, dtype=dtype), torch.empty_like(matrix),
+    return (centered.new_empty(shape, dtype=dtype), matrix.new_empty(matrix.shape),
             centered.new_empty((1 if shared else p, g, d, 1)))
 
 
