@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 import models_table as mt
+from models_util import import_or_fail
 
 # (family, column) -> reason, for a cell that fails on another branch's open bug: a strict
 # xfail naming it. Empty since wip/surgery (norm+act layers, recognition of timm/HF norms) and
@@ -34,5 +35,5 @@ def test_xfail_entries_are_cells() -> None:
 
 @pytest.mark.parametrize(("family", "column"), _params())
 def test_cell(family: str, column: str) -> None:
-    pytest.importorskip(mt.FAMILIES[family].requires)
+    import_or_fail(mt.FAMILIES[family].requires)
     mt.run_cell(family, column)

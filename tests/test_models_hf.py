@@ -11,8 +11,12 @@ from torch import nn
 
 import models_table as mt
 import normkit as nk
+from models_util import import_or_fail
 
-tf = pytest.importorskip("transformers")
+
+@pytest.fixture(autouse=True)
+def _transformers() -> None:
+    import_or_fail("transformers")
 
 
 def _llama() -> nn.Module:

@@ -1,5 +1,5 @@
 """The sync column of the model table: ``nk.sync`` on whole models in 2 gloo processes (CPU,
-``file://`` rendezvous, a hard join timeout — the pattern of tests/test_distributed.py).
+``file://`` rendezvous, a hard deadline: tests/test_distributed.py's ``_run_ranks``).
 
 Each rank trains the synced model in DDP on its half of one global batch; one process trains the
 unsynced model on the whole batch. Batch-dependent statistics and DDP's gradient average make
@@ -9,19 +9,19 @@ the two the same computation: outputs, parameters and running statistics agree s
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import models_table as mt
 import normkit as nk
+from models_util import import_or_fail
+from test_distributed import _run_ranks, _teardown  # spawn with a deadline, safe gloo teardown
 
-WORLD, STEPS, TIMEOUT_S, TOL = 2, 3, 240, 1e-9
+WORLD, STEPS, TOL = 2, 3, 1e-9
 ROWS = [  # (family, convert spec or None): torch BN → synced normkit BN; whitening; norm+act
     ("tv_resnet18", "dbn:group_size=8"),
     ("timm_regnetx_002", None),
@@ -70,30 +70,18 @@ def _worker(rank: int, world: int, init: str, out: str, family: str, spec: str |
         rec = _run(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
         rec["acts"] = mt.act_count(synced)
         torch.save(rec, f"{out}.{rank}")
-        del model
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(tmp_path: Any, family: str, spec: str | None) -> list[dict[str, Any]]:
-    init, out = f"file://{tmp_path}/rendezvous", str(tmp_path / "result")
-    ctx = mp.start_processes(_worker, args=(WORLD, init, out, family, spec), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"distributed run did not finish in {TIMEOUT_S} s (a collective hung)")
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+        del model, synced
+    except BaseException:
+        dist.destroy_process_group()  # the parent reports the error; no barrier a peer may miss
+        raise
+    _teardown()
 
 
 @pytest.mark.parametrize(("family", "spec"), ROWS, ids=[r[0] for r in ROWS])
 def test_sync_two_processes_equal_one_on_the_whole_batch(family: str, spec: str | None,
                                                          tmp_path: Any) -> None:
-    pytest.importorskip(mt.FAMILIES[family].requires)
-    ranks = _spawn(tmp_path, family, spec)
+    import_or_fail(mt.FAMILIES[family].requires)
+    ranks = _run_ranks(_worker, WORLD, tmp_path, family, spec)
     ref_model = _model(family, spec)
     x, y = _batch(family)
     ref = _run(ref_model, x, y)

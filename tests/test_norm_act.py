@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import normkit as nk
+from models_util import import_or_fail
 from normkit.apply.norm_act import activation
 from normkit.errors import ConfigError, UnknownMethodError
 
@@ -144,7 +145,7 @@ def _train(model: nn.Module, steps: int = 4) -> list[float]:
 @pytest.mark.parametrize("name, act, act_cls", [("efficientnet_b0", "silu", nn.SiLU),
                                                  ("regnetx_002", "relu", nn.ReLU)])
 def test_timm_norm_act_model_builds_and_trains(name: str, act: str, act_cls: type) -> None:
-    timm = pytest.importorskip("timm")
+    timm = import_or_fail("timm")
     torch.manual_seed(0)
     ref = timm.create_model(name, num_classes=10, pretrained=False)
     norm_layer = nk.norm_act("iternorm", group_size=8, act_layer=act)
@@ -162,7 +163,7 @@ def test_timm_norm_act_model_builds_and_trains(name: str, act: str, act_cls: typ
 
 def test_timm_norm_act_inplace_activation() -> None:
     """timm's blocks ask for in-place activations; whitening's output takes them."""
-    timm = pytest.importorskip("timm")
+    timm = import_or_fail("timm")
     model = timm.create_model("regnetx_002", num_classes=10,
                               norm_layer=nk.norm_act("iternorm", group_size=8, act_layer="relu"))
     losses = _train(model, steps=3)
@@ -172,7 +173,7 @@ def test_timm_norm_act_inplace_activation() -> None:
 def test_timm_swaps_a_class_by_name() -> None:
     """Documented in docs/models.md: timm's norm+act models replace a norm class by the timm class
     of the same name, and refuse any other."""
-    timm = pytest.importorskip("timm")
+    timm = import_or_fail("timm")
     model = timm.create_model("efficientnet_b0", num_classes=10,
                               norm_layer=nk.partial("gn", num_groups=8))
     assert type(model.bn1).__name__ == "GroupNormAct"  # timm's, not normkit's GroupNorm
@@ -182,7 +183,7 @@ def test_timm_swaps_a_class_by_name() -> None:
 
 
 def test_timm_convnext_needs_conv_mlp() -> None:
-    timm = pytest.importorskip("timm")
+    timm = import_or_fail("timm")
     model = timm.create_model("convnext_atto", num_classes=10,  # conv_mlp=True by default
                               norm_layer=nk.partial("gn", num_groups=8))
     assert type(model.stem[1]) is nk.GroupNorm
