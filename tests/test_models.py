@@ -9,6 +9,8 @@ Runtime: about 80 s on one core (tiny models, 32×32 inputs, batch 4, 4 steps).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 import models_table as mt
@@ -18,6 +20,12 @@ from models_util import import_or_fail
 # xfail naming it. Empty since wip/surgery (norm+act layers, recognition of timm/HF norms) and
 # wip/whiten (in-place ops after whitening, fullgraph compile) are merged.
 XFAIL: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_base_models() -> Iterator[None]:
+    yield
+    mt._base_state.cache_clear()  # ~150 MB of models: not for the rest of the session
 
 
 def _params() -> list:
