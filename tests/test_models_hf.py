@@ -59,13 +59,22 @@ def test_normkit_layers_by_hand_inside_llama(dtype: torch.dtype) -> None:
     assert mt.rel_diff(a.float(), b.float()) <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_bert_convert_to_ln_is_exact_and_other_methods_train() -> None:
+def test_bert_convert_to_ln_is_exact() -> None:
     fam = mt.FAMILIES["hf_bert"]
     ref = mt.base("hf_bert")
     new = nk.convert(ref, to="ln")  # torch nn.LayerNorm → normkit LayerNorm(channel_axis=-1)
     assert all(isinstance(m, nk.LayerNorm) and m.channel_axis == -1
                for p, m in new.named_modules() if p.endswith("LayerNorm"))
     assert mt.eval_rel(fam, new, ref) <= 1e-5
-    for spec in ("rms_norm", "gn:num_groups=4"):
-        losses = mt.train(fam, nk.convert(ref, to=spec).train())
-        assert losses[-1] < losses[0], (spec, losses)
+
+
+@pytest.mark.parametrize(("family", "spec"), [("hf_llama", "ln"), ("hf_bert", "rms_norm"),
+                                              ("hf_vit", "rms_norm")])
+def test_convert_to_the_other_kind_trains(family: str, spec: str) -> None:
+    """RMS ↔ LN is not the same function (the table's gn/iternorm/dbn columns cover the rest):
+    every norm converted, and the loss falls."""
+    fam, ref = mt.FAMILIES[family], mt.base(family)
+    new = mt.convert(family, spec, ref.train())
+    assert len(new.conversion_report) == 5
+    losses = mt.train(fam, new)
+    assert losses[-1] < losses[0], losses
