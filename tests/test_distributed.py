@@ -9,16 +9,19 @@ timeout instead of hanging the suite.
 
 Nothing here initializes a process group in the pytest process: every test that communicates runs
 its ranks in spawned processes (:func:`_spawn`, killed at a deadline), and every rank tears down in
-one safe order (:func:`_teardown`) — a gloo group whose last reference is dropped by a destructor
+one safe order (:func:`_process_group`) — a gloo group whose last reference is dropped by a destructor
 that holds the GIL (DDP's reducer, a module's ``process_group``) can deadlock against gloo's own
 threads, or abort at interpreter exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -85,39 +88,43 @@ def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], t
     return record
 
 
-def _teardown() -> None:
-    """End a rank: the caller has dropped its DDP wrappers and synchronized modules (they hold the
-    group: DDP's reducer and each module's ``process_group``); collect any cycle still holding
-    one, wait until every rank is here (no rank leaves gloo while another is in a collective),
-    then destroy the group — its last reference goes here, not in a later destructor."""
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, init: str) -> Iterator[None]:
+    """One rank's gloo group, torn down in a safe order. Inside the block, ``del`` every DDP
+    wrapper and synchronized module before it ends: they hold the group (DDP's reducer, each
+    module's ``process_group``), and a group whose last reference goes in their destructor,
+    under the GIL, can deadlock against gloo's threads or abort at exit. On leaving, collect any
+    cycle still holding one, wait until every rank is here (no rank leaves gloo while another is
+    in a collective), then destroy the group. On an error: destroy at once (no barrier a peer may
+    never reach) and re-raise, so the parent reports the traceback."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        raise
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
 
 def _worker(rank: int, world: int, init: str, out: str, method: str, sizes: list[int]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, init):
         total = sum(sizes)
         lo = sum(sizes[:rank])
         batches = [(x[lo: lo + sizes[rank]], t[lo: lo + sizes[rank]]) for x, t in _batches(total)]
         model = nn.parallel.DistributedDataParallel(nk.sync(_module(method)))
         torch.save(_train(model, batches, total, scale=world), f"{out}.{rank}")
         del model
-    except BaseException:
-        dist.destroy_process_group()  # the parent reports the error; no barrier a peer may miss
-        raise
-    _teardown()
 
 
 def _resume_worker(rank: int, world: int, init: str, out: str, method: str,
                    sizes: list[int]) -> None:
     """Train STEPS steps straight, and again with a save after STEPS − 1 steps and a reload into
     fresh modules (model, optimizer) for the last one; record both last steps."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, init):
         total, lo = sum(sizes), sum(sizes[:rank])
         batches = [(x[lo: lo + sizes[rank]], t[lo: lo + sizes[rank]]) for x, t in _batches(total)]
         straight = nn.parallel.DistributedDataParallel(nk.sync(_module(method)))
@@ -136,10 +143,6 @@ def _resume_worker(rank: int, world: int, init: str, out: str, method: str,
         b = _train(resumed, batches[-1:], total, scale=world, opt=opt2)
         torch.save({"straight": a, "resumed": b}, f"{out}.{rank}")
         del straight, first, resumed
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _teardown()
 
 
 def _run_ranks(worker: Any, world: int, tmp_path: Any, *args: Any) -> list[Any]:
@@ -150,7 +153,7 @@ def _run_ranks(worker: Any, world: int, tmp_path: Any, *args: Any) -> list[Any]:
     init = f"file://{tmp_path}/rendezvous"
     out = str(tmp_path / "result")
     ctx = mp.start_processes(worker, args=(world, init, out, *args), nprocs=world,
-                             join=False, start_method="spawn")
+                             join=False, start_method="forkserver")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -170,6 +173,11 @@ def _spawn(world: int, tmp_path: Any, method: str, sizes: list[int],
            worker: Any = _worker) -> list[dict[str, Any]]:
     return _run_ranks(worker, world, tmp_path, method, sizes)
 
+
+# Ranks start from a fork server that has imported torch, normkit and this module once (and run
+# no torch op, so no thread pool exists to fork): a fresh process per rank, as with "spawn", but
+# without re-importing torch for each — most of these tests' time otherwise.
+multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "normkit", __name__])
 
 PAIRS = [(m, s) for m in METHODS for s in SPLITS
          if m in ("bn", "batch_group_norm", "iternorm", "dbn") or s in ("unequal_3", "empty_rank_3")]
@@ -237,9 +245,7 @@ def _world_of_one_worker(rank: int, world: int, init: str, out: str) -> None:
     from normkit.functional import statistics as S
     from normkit.functional import whiten as W
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, init):
         x = torch.randn(5, 2, 3, 4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda t: _AllReduceSum.apply(t, None), (x,))
         assert torch.autograd.gradcheck(lambda t: synced_moments(t, (0, 3)), (x,))
@@ -253,10 +259,6 @@ def _world_of_one_worker(rank: int, world: int, init: str, out: str) -> None:
             bn(torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)).sum().backward()
         torch.save(dict(c), f"{out}.{rank}")
         del bn  # its process_group is the group
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _teardown()
 
 
 def test_world_of_one_gradcheck_and_equals_local(tmp_path):

@@ -299,3 +299,26 @@ def test_moments_op_keeps_float32_under_autocast() -> None:
     for a, b in zip((mean, cov, centered), ref, strict=True):
         assert a.dtype == F32
         assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- torch.func
+@pytest.mark.parametrize("method", ["zca", "pca", "cholesky", "newton"])
+def test_functional_form_under_torch_func(method: str) -> None:
+    """``nk.functional.normalize`` with whitening under ``torch.func``: ``vmap`` equals a loop;
+    ``grad`` equals autograd (custom ops do not support the transforms, so the plain composition
+    runs under them), except ZCA, whose divided-difference backward is first order and says so
+    (``torch.func.grad`` differentiates with a graph)."""
+    nap, nop = nk.nap.Batch(group_size=2), nk.nop.Whiten(method)
+    xs = torch.randn(2, 6, 4, 3, generator=gen(60), dtype=F64)
+
+    def f(x: Tensor) -> Tensor:
+        return nk.functional.normalize(x, nap=nap, nop=nop)
+
+    assert_close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), **EXACT)
+    loss = lambda x: f(x).sin().sum()  # noqa: E731
+    if method == "zca":
+        with pytest.raises(RuntimeError, match="first-order only"):
+            torch.func.grad(loss)(xs[0])
+        return
+    x = xs[0].clone().requires_grad_()
+    assert_close(torch.func.grad(loss)(xs[0]), torch.autograd.grad(loss(x), x)[0], **EXACT)

@@ -106,18 +106,25 @@ class _InvSqrtEigh(torch.autograd.Function):
     First-order only: a second derivative raises instead of being wrong.
     """
 
+    generate_vmap_rule = True  # torch.func transforms: forward is plain torch ops
+
     @staticmethod
-    def forward(ctx, sigma: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(sigma: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
         lam, u = torch.linalg.eigh(sigma + eps * _eye_like(sigma))
         lam = lam.clamp_min(eps if eps > 0 else torch.finfo(lam.dtype).tiny)
         f = lam.rsqrt()
+        return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2), lam, u, f
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        _, lam, u, f = output
+        ctx.mark_non_differentiable(lam, u, f)
         ctx.save_for_backward(lam, u, f)
-        return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2)
 
     @staticmethod
     @_first_order("ZCA whitening's divided-difference backward",
                   "use method='cholesky' or 'newton' (IterNorm) where second derivatives are needed")
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         lam, u, f = ctx.saved_tensors
         li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
         diff = li - lj
@@ -132,11 +139,16 @@ class _InvSqrtEigh(torch.autograd.Function):
 class _SafeEigh(torch.autograd.Function):
     """``eigh`` whose eigenvector backward masks near-equal eigenvalue pairs (finite gradients)."""
 
+    generate_vmap_rule = True  # torch.func transforms: forward is plain torch ops
+
     @staticmethod
-    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         lam, u = torch.linalg.eigh(a)
-        ctx.save_for_backward(lam, u)
         return lam, u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(*output)
 
     @staticmethod
     def backward(ctx, g_lam: Tensor, g_u: Tensor) -> Tensor:  # type: ignore[override]
@@ -186,7 +198,7 @@ def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
         >>> torch.allclose(covariance(w @ xc), torch.eye(3, dtype=torch.float64).expand(1, 3, 3))
         True
     """
-    return _InvSqrtEigh.apply(_check(sigma, eps), eps)
+    return _InvSqrtEigh.apply(_check(sigma, eps), eps)[0]
 
 
 @_finite_guard

@@ -162,7 +162,7 @@ class Whiten(Operation):
     ) -> Stats:
         # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
         # large offsets, and autograd saves the one tensor for both products.
-        if not self.fused or _synced(nap):  # the plain autograd composition
+        if not self._use_fused(nap):  # the plain autograd composition
             mean, cov, centered = self._moments(v, nap)
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
         # Fused: two custom ops (one graph node each under torch.compile / export) with a
@@ -170,6 +170,14 @@ class Whiten(Operation):
         shared, roles = self._layout(v, nap)
         mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+
+    def _use_fused(self, nap: Partition) -> bool:
+        """Whether batch statistics go through the fused custom ops: not when synchronized
+        (the collectives need autograd), nor under a ``torch.func`` transform (``grad``,
+        ``vmap``, ...), which custom ops with a registered autograd do not support."""
+        if not self.fused or _synced(nap):
+            return False
+        return torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
 
     def _num_padded(self, d: int) -> int:
         return 0 if self.last_group is None else d - self.last_group
@@ -210,7 +218,7 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
-        if centered is not None and self.fused and not _synced(nap):
+        if centered is not None and self._use_fused(nap):
             return self._fused_transform(v, stats, w, centered, nap, weight, bias)
         if self._layout(v, nap)[0]:  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
