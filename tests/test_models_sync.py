@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import models_table as mt
 import normkit as nk
 from models_util import import_or_fail
-from test_distributed import _run_ranks, _teardown  # spawn with a deadline, safe gloo teardown
+from test_distributed import _process_group, _run_ranks  # deadline, safe gloo teardown
 
 WORLD, STEPS, TOL = 2, 3, 1e-9
 ROWS = [  # (family, convert spec or None): torch BN → synced normkit BN; whitening; norm+act
@@ -59,9 +58,7 @@ def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, init: str, out: str, family: str, spec: str | None) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, init):
         x, y = _batch(family)
         n = x.shape[0] // world
         synced = nk.sync(_model(family, spec))
@@ -70,11 +67,7 @@ def _worker(rank: int, world: int, init: str, out: str, family: str, spec: str |
         rec = _run(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
         rec["acts"] = mt.act_count(synced)
         torch.save(rec, f"{out}.{rank}")
-        del model, synced
-    except BaseException:
-        dist.destroy_process_group()  # the parent reports the error; no barrier a peer may miss
-        raise
-    _teardown()
+        del model, synced  # they hold the group: gone before _process_group tears it down
 
 
 @pytest.mark.parametrize(("family", "spec"), ROWS, ids=[r[0] for r in ROWS])
