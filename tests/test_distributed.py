@@ -6,12 +6,22 @@ parent trains one process on the whole batches and compares: outputs, input grad
 parameters after every SGD step, running statistics — float64, 1e-9 (the same sums merged in a
 different order: ~1e-15 relative per step, far below). A hung collective fails the test at its
 timeout instead of hanging the suite.
+
+Nothing here initializes a process group in the pytest process: every test that communicates runs
+its ranks in spawned processes (:func:`_spawn`, killed at a deadline), and every rank tears down in
+one safe order (:func:`_process_group`) — a gloo group whose last reference is dropped by a destructor
+that holds the GIL (DDP's reducer, a module's ``process_group``) can deadlock against gloo's own
+threads, or abort at interpreter exit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -78,28 +88,43 @@ def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], t
     return record
 
 
-def _worker(rank: int, world: int, init: str, out: str, method: str, sizes: list[int]) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, init: str) -> Iterator[None]:
+    """One rank's gloo group, torn down in a safe order. Inside the block, ``del`` every DDP
+    wrapper and synchronized module before it ends: they hold the group (DDP's reducer, each
+    module's ``process_group``), and a group whose last reference goes in their destructor,
+    under the GIL, can deadlock against gloo's threads or abort at exit. On leaving, collect any
+    cycle still holding one, wait until every rank is here (no rank leaves gloo while another is
+    in a collective), then destroy the group. On an error: destroy at once (no barrier a peer may
+    never reach) and re-raise, so the parent reports the traceback."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        raise
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, init: str, out: str, method: str, sizes: list[int]) -> None:
+    with _process_group(rank, world, init):
         total = sum(sizes)
         lo = sum(sizes[:rank])
         batches = [(x[lo: lo + sizes[rank]], t[lo: lo + sizes[rank]]) for x, t in _batches(total)]
         model = nn.parallel.DistributedDataParallel(nk.sync(_module(method)))
         torch.save(_train(model, batches, total, scale=world), f"{out}.{rank}")
-        del model  # DDP's reducer holds the group: release it before the group goes away
-        dist.barrier()  # no rank tears gloo down while another is still in a collective
-    finally:
-        dist.destroy_process_group()
+        del model
 
 
 def _resume_worker(rank: int, world: int, init: str, out: str, method: str,
                    sizes: list[int]) -> None:
     """Train STEPS steps straight, and again with a save after STEPS − 1 steps and a reload into
     fresh modules (model, optimizer) for the last one; record both last steps."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, init):
         total, lo = sum(sizes), sum(sizes[:rank])
         batches = [(x[lo: lo + sizes[rank]], t[lo: lo + sizes[rank]]) for x, t in _batches(total)]
         straight = nn.parallel.DistributedDataParallel(nk.sync(_module(method)))
@@ -118,25 +143,41 @@ def _resume_worker(rank: int, world: int, init: str, out: str, method: str,
         b = _train(resumed, batches[-1:], total, scale=world, opt=opt2)
         torch.save({"straight": a, "resumed": b}, f"{out}.{rank}")
         del straight, first, resumed
-        dist.barrier()
+
+
+def _run_ranks(worker: Any, world: int, tmp_path: Any, *args: Any) -> list[Any]:
+    """Run ``worker(rank, world, init, out, *args)`` in ``world`` spawned processes and return what
+    each rank saved to ``f"{out}.{rank}"``. A rank that raises or dies by a signal fails the test
+    with its traceback or signal; ranks still running at the deadline are killed and the test
+    fails (a collective or a teardown hung) — the pytest process never joins a group itself."""
+    init = f"file://{tmp_path}/rendezvous"
+    out = str(tmp_path / "result")
+    ctx = mp.start_processes(worker, args=(world, init, out, *args), nprocs=world,
+                             join=False, start_method="forkserver")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                pytest.fail(f"ranks {alive} of {world} still running after {TIMEOUT_S} s "
+                            f"({worker.__name__}): a collective or the teardown hung; killed")
     finally:
-        dist.destroy_process_group()
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
 
 
 def _spawn(world: int, tmp_path: Any, method: str, sizes: list[int],
            worker: Any = _worker) -> list[dict[str, Any]]:
-    init = f"file://{tmp_path}/rendezvous"
-    out = str(tmp_path / "result")
-    ctx = mp.start_processes(worker, args=(world, init, out, method, sizes), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"distributed run did not finish in {TIMEOUT_S} s (a collective hung)")
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    return _run_ranks(worker, world, tmp_path, method, sizes)
 
+
+# Ranks start from a fork server that has imported torch, normkit and this module once (and run
+# no torch op, so no thread pool exists to fork): a fresh process per rank, as with "spawn", but
+# without re-importing torch for each — most of these tests' time otherwise.
+multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "normkit", __name__])
 
 PAIRS = [(m, s) for m in METHODS for s in SPLITS
          if m in ("bn", "batch_group_norm", "iternorm", "dbn") or s in ("unequal_3", "empty_rank_3")]
@@ -198,15 +239,13 @@ def test_eval_makes_no_collective_call():
     assert y.shape == (4, 3, 2)
 
 
-def test_world_of_one_gradcheck_and_equals_local(tmp_path):
-    """The custom all-reduce Function and the merged moments, gradchecked in a world of one
-    (where they must equal the local statistics)."""
+def _world_of_one_worker(rank: int, world: int, init: str, out: str) -> None:
+    """The checks of :func:`test_world_of_one_gradcheck_and_equals_local`, in a group of one."""
     from normkit.distributed import _AllReduceSum, synced_covariance, synced_moments
     from normkit.functional import statistics as S
     from normkit.functional import whiten as W
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rv", rank=0, world_size=1)
-    try:
+    with _process_group(rank, world, init):
         x = torch.randn(5, 2, 3, 4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda t: _AllReduceSum.apply(t, None), (x,))
         assert torch.autograd.gradcheck(lambda t: synced_moments(t, (0, 3)), (x,))
@@ -215,11 +254,17 @@ def test_world_of_one_gradcheck_and_equals_local(tmp_path):
         assert torch.autograd.gradcheck(lambda t: synced_covariance(t)[1], (x,))
         for a, b in zip(synced_covariance(x), W.batch_moments(x, shared=True), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        # communication per step of a synchronized BN over C channels: forward (count, sum) and
-        # M2 — 3C values — and the same again in the backward; float64: 2·3C·8 bytes, 4 calls
         bn = nk.sync(nk.create("bn", 3, dtype=torch.float64))
         with nk.distributed.count_communication() as c:
             bn(torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)).sum().backward()
-        assert c == {"calls": 4, "bytes": 2 * 3 * 3 * 8}
-    finally:
-        dist.destroy_process_group()
+        torch.save(dict(c), f"{out}.{rank}")
+        del bn  # its process_group is the group
+
+
+def test_world_of_one_gradcheck_and_equals_local(tmp_path):
+    """The custom all-reduce Function and the merged moments, gradchecked in a world of one
+    (where they must equal the local statistics)."""
+    (counts,) = _run_ranks(_world_of_one_worker, 1, tmp_path)
+    # communication per step of a synchronized BN over C channels: forward (count, sum) and
+    # M2 — 3C values — and the same again in the backward; float64: 2·3C·8 bytes, 4 calls
+    assert counts == {"calls": 4, "bytes": 2 * 3 * 3 * 8}

@@ -26,6 +26,8 @@ from .apply import fold as fold
 from .apply import freeze as freeze
 from .apply import recalibrate as recalibrate
 from .apply import unfreeze as unfreeze
+from .apply.norm_act import norm_act as norm_act
+from .apply.recognize import NormAct as NormAct
 from .distributed import sync as sync
 from .errors import ConfigError as ConfigError
 from .errors import DTypeError as DTypeError

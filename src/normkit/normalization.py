@@ -368,15 +368,16 @@ class Normalization(nn.Module):
         """``folded()`` of a whitening module in evaluation, cached until one of its parameters
         or buffers changes (a new tensor object or an in-place update: ``_version``); ``None``
         where the one-matmul path does not apply. It applies when nothing needs a gradient and
-        not inside ``torch.compile`` (which traces the generic path), to whole groups along
+        not inside ``torch.compile`` / ``torch.export`` (which trace the generic path) nor under
+        autocast (which would run the fold's matmul in half precision), to whole groups along
         ``channel_axis=1``: the evaluation of batch whitening is then one block-diagonal matmul
         and one add, with no per-call fold of γ, μ into ``W`` (benchmarks/: eval / block matmul).
         """
         if (not self.native or type(self.nop) is not nop_.Whiten or self.nrr.conditional
                 or self.channel_axis != 1
                 or self._num_padded or x.dim() < 2 or x.numel() == 0
-                or torch.compiler.is_compiling()):
-            return None
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+            return None  # autocast: the generic path keeps float32 products, the input's dtype
         tensors = [t for t in (*self._parameters.values(), *self._buffers.values())
                    if t is not None]
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):

@@ -133,6 +133,17 @@ class NormAct(nn.Module):
             self.add_module(name, mod)
         self._register_load_state_dict_pre_hook(self._flat_keys)
 
+    @property
+    def weight(self) -> Tensor | None:
+        """The norm's ``γ`` (model initialisers such as timm RegNet's ``zero_init_last`` set
+        ``layer.weight`` of a norm+act layer, which in timm *is* a BN)."""
+        return getattr(self.norm, "weight", None)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The norm's ``β``."""
+        return getattr(self.norm, "bias", None)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         for name in self.tail_names:

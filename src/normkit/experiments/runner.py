@@ -17,6 +17,7 @@ exception ``status="failed"`` with the error text. Example::
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -451,6 +452,9 @@ def _parallel_worker(rank: int, world: int, init: str, out: str, ds: Dataset,
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(record, f)
+        # The DDP model (its reducer and synced modules hold the group) must be gone before the
+        # group is destroyed: freed later, under the GIL, gloo's teardown can deadlock.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -205,7 +205,7 @@ def matrix_view(v: Tensor, roles: Sequence[Role]) -> Tensor:
     g, d, m = _matrix_perm(roles)
     lead = [0] if roles[0] == "G" else []
     p = v.permute(*lead, *g, *d, *m)
-    sizes = [math.prod(v.shape[i] for i in axes) for axes in (g, d, m)]
+    sizes = [math.prod([v.shape[i] for i in axes]) for axes in (g, d, m)]
     return p.reshape(v.shape[0] if lead else 1, *sizes)
 
 
@@ -219,6 +219,6 @@ def unmatrix_view(mat: Tensor, shape: Sequence[int], roles: Sequence[Role]) -> T
 
 def matrix_sizes(groups: tuple[int, int], roles: Sequence[Role]) -> tuple[int, int]:
     """``(Gc, D)`` of :func:`matrix_view` for the channel split ``groups = (A, B)``."""
-    gc = math.prod(n for n, r in zip(groups, roles[1:3], strict=True) if r == "G")
-    d = math.prod(n for n, r in zip(groups, roles[1:3], strict=True) if r == "D")
+    gc = math.prod([n for n, r in zip(groups, roles[1:3], strict=True) if r == "G"])
+    d = math.prod([n for n, r in zip(groups, roles[1:3], strict=True) if r == "D"])
     return gc, d

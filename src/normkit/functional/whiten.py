@@ -21,15 +21,14 @@ Computations run in at least float32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .partition import Role, matrix_view, unmatrix_view
 
 __all__ = [
     "WhiteningMethod",
@@ -42,7 +41,6 @@ __all__ = [
     "coloring_matrix",
     "batch_moments",
     "grouped_matmul",
-    "whiten_with_gradient",
     "MAX_ITERATIONS",
 ]
 
@@ -62,6 +60,15 @@ def covariance(xc: Tensor) -> Tensor:
     """``Σ = X Xᵀ / m`` of centred ``xc`` of shape ``(G, D, m)`` → ``(G, D, D)`` (biased)."""
     m = max(xc.shape[-1], 1)
     return torch.bmm(xc, xc.transpose(-1, -2)) / m
+
+
+def _full_precision(t: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``t``'s device, where it is on: whitening's statistics and matrices are
+    float32 under ``torch.autocast`` (which would cast their matmuls to half precision), as
+    torch's own normalizations keep their statistics in float32."""
+    kind = t.device.type
+    return (torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind)
+            else contextlib.nullcontext())
 
 
 def _first_order(what: str, instead: str):  # type: ignore[no-untyped-def]
@@ -99,18 +106,25 @@ class _InvSqrtEigh(torch.autograd.Function):
     First-order only: a second derivative raises instead of being wrong.
     """
 
+    generate_vmap_rule = True  # torch.func transforms: forward is plain torch ops
+
     @staticmethod
-    def forward(ctx, sigma: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(sigma: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
         lam, u = torch.linalg.eigh(sigma + eps * _eye_like(sigma))
         lam = lam.clamp_min(eps if eps > 0 else torch.finfo(lam.dtype).tiny)
         f = lam.rsqrt()
+        return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2), lam, u, f
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        _, lam, u, f = output
+        ctx.mark_non_differentiable(lam, u, f)
         ctx.save_for_backward(lam, u, f)
-        return (u * f.unsqueeze(-2)) @ u.transpose(-1, -2)
 
     @staticmethod
     @_first_order("ZCA whitening's divided-difference backward",
                   "use method='cholesky' or 'newton' (IterNorm) where second derivatives are needed")
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         lam, u, f = ctx.saved_tensors
         li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
         diff = li - lj
@@ -125,11 +139,16 @@ class _InvSqrtEigh(torch.autograd.Function):
 class _SafeEigh(torch.autograd.Function):
     """``eigh`` whose eigenvector backward masks near-equal eigenvalue pairs (finite gradients)."""
 
+    generate_vmap_rule = True  # torch.func transforms: forward is plain torch ops
+
     @staticmethod
-    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         lam, u = torch.linalg.eigh(a)
-        ctx.save_for_backward(lam, u)
         return lam, u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(*output)
 
     @staticmethod
     def backward(ctx, g_lam: Tensor, g_u: Tensor) -> Tensor:  # type: ignore[override]
@@ -179,7 +198,7 @@ def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
         >>> torch.allclose(covariance(w @ xc), torch.eye(3, dtype=torch.float64).expand(1, 3, 3))
         True
     """
-    return _InvSqrtEigh.apply(_check(sigma, eps), eps)
+    return _InvSqrtEigh.apply(_check(sigma, eps), eps)[0]
 
 
 @_finite_guard
@@ -307,93 +326,3 @@ def grouped_matmul(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
         return out.view(p * g, d, s).baddbmm_(mats, flat).view(x.shape)
     y = torch.bmm(mats, flat).view(x.shape)
     return y if shift is None else y.add_(shift)
-
-
-class _WhitenApply(torch.autograd.Function):
-    r"""``y = γ ⊙ (W x_c) + β`` with batch statistics, and the gradient of the whole map ``x → y``
-    (through ``μ``, ``Σ`` and ``W(Σ)``) in one backward.
-
-    With ``M = γ ⊙ W`` (rows scaled), ``g = ∂L/∂y``, ``m`` samples and ``Ĝ = Σ_samples g x_cᵀ``:
-
-    .. math::
-        ∂L/∂β = Σ g,\quad ∂L/∂γ = \mathrm{diag}(Ĝ Wᵀ),\quad ∂L/∂W = γ ⊙ Ĝ,\quad
-        ∂L/∂x = Mᵀ (g − \bar g) + \tfrac{2}{m}\,\mathrm{sym}(∂L/∂Σ)\, x_c
-
-    where ``∂L/∂Σ`` comes from ``W``'s own backward (a small ``(D, D)`` graph kept from fit) and
-    the mean's projection ``v − v̄`` drops out of the second term (``x_c`` has zero mean). Three
-    passes over the activations instead of autograd's many; saves only ``x_c``. First order only.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, centered, matrix, graph, shared, roles):  # type: ignore[override]
-        mat = matrix if weight is None else matrix * weight.to(matrix.dtype)
-        shift = None if bias is None else bias.to(matrix.dtype)
-        y = grouped_matmul(mat, centered, shift)
-        ctx.save_for_backward(centered, matrix, mat, weight)
-        ctx.graph, ctx.shared, ctx.roles, ctx.shape, ctx.dtype = graph, shared, roles, x.shape, x.dtype
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        return y if roles is None else unmatrix_view(y, x.shape, roles)
-
-    @staticmethod
-    @_first_order("the fused batch-whitening backward",
-                  "build the module with native=False for the plain autograd composition "
-                  "(twice differentiable for cholesky, newton and pca)")
-    def backward(ctx, grad):  # type: ignore[override]
-        centered, matrix, mat, weight = ctx.saved_tensors
-        g = grad.to(centered.dtype)
-        g = g if ctx.roles is None else matrix_view(g, ctx.roles)
-        p, _, _, s = centered.shape
-        shared = ctx.shared
-        m = p * s if shared else s
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gsum = g.sum((0, 3) if shared else (3,), keepdim=True)
-        dx = dw = None
-        if need_x or need_w:
-            outer = torch.matmul(g, centered.transpose(-1, -2))  # Ĝ = Σ g x_cᵀ
-            outer = outer.sum(0, keepdim=True) if shared else outer
-            if need_w:
-                dw = (outer * matrix).sum(-1, keepdim=True)
-                dw = (dw if dw.shape[0] == weight.shape[0] else dw.sum(0, keepdim=True)).to(weight.dtype)
-        if need_x:
-            mat_t = mat.transpose(-1, -2)
-            dx = grouped_matmul(mat_t, g, -torch.matmul(mat_t, gsum) / m)  # Mᵀ (g − ḡ)
-            if ctx.graph is not None:
-                leaf, w_graph = ctx.graph
-                dmat = outer if weight is None else outer * weight.to(outer.dtype)
-                (dcov,) = torch.autograd.grad(w_graph, leaf, dmat.reshape(w_graph.shape),
-                                              retain_graph=True)
-                dcov = dcov.reshape(mat.shape)
-                grouped_matmul((dcov + dcov.transpose(-1, -2)) / m, centered, out=dx)
-            dx = dx if ctx.roles is None else unmatrix_view(dx, ctx.shape, ctx.roles)
-            dx = dx.to(ctx.dtype)
-        db = None
-        if need_b:
-            shape, dtype = ctx.bias_meta
-            db = (gsum if gsum.shape[0] == shape[0] else gsum.sum(0, keepdim=True)).to(dtype)
-        return dx, dw, db, None, None, None, None, None
-
-
-def whiten_with_gradient(
-    x: Tensor,
-    centered: Tensor,
-    matrix: Tensor,
-    graph: tuple[Tensor, Tensor] | None,
-    *,
-    shared: bool,
-    roles: Sequence[Role] | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-) -> Tensor:
-    """Whiten a batch whose statistics were computed without autograd, with the exact gradient.
-
-    ``centered`` (``x − μ`` in the ``(P, G, D, S)`` layout of :func:`batch_moments`), ``matrix``
-    ``W`` (detached) and ``graph = (Σ, W(Σ))`` — ``Σ`` a leaf requiring grad and ``W`` computed
-    from it with autograd — were made from ``x`` beforehand; this returns
-    ``γ ⊙ (W x_c) + β`` in ``x``'s layout (``roles``: ``centered`` is ``x``'s matrix view, see
-    :func:`~normkit.functional.partition.matrix_view`; ``None``: the same layout) with the
-    gradient of the whole map ``x → y`` w.r.t. ``x``, ``weight`` and ``bias`` (``(1 or P, G, D,
-    1)`` views). First-order: a second derivative raises. The plain autograd composition
-    (``W (x − μ)`` with ``μ`` and ``Σ`` from autograd) is the reference it is tested against.
-    """
-    return _WhitenApply.apply(x, weight, bias, centered, matrix, graph, shared,
-                              None if roles is None else tuple(roles))

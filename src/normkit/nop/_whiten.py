@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -13,6 +14,7 @@ from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional import whiten as W
+from ..functional import whiten_ops as WO
 from ..functional.partition import matrix_sizes, matrix_view, unmatrix_view
 from ..nap import Partition
 from ._base import Coefficients, Operation, Stats
@@ -27,6 +29,20 @@ def _in_place(v: Tensor, roles: Sequence[str]) -> bool:
     positions as features per group (S ≥ d): its per-sample d×d blocks then cost no more than the
     input. With few positions (e.g. (N, C) inputs) the (A, B, N·S) matrix layout is cheaper."""
     return tuple(roles) == _BATCH_ROLES and v.shape[3] >= v.shape[2]
+
+
+def _float32(method: Callable) -> Callable:
+    """Run an operation's ``method(self, v_or_stats, ...)`` with autocast off: under
+    ``torch.autocast`` whitening keeps its statistics, matrices and products in float32 and
+    returns the input's dtype (torch's batch norm's rule)."""
+
+    @functools.wraps(method)
+    def wrapped(self, first, *args, **kwargs):  # type: ignore[no-untyped-def]
+        t = first if isinstance(first, Tensor) else next(iter(first.values()))
+        with W._full_precision(t):
+            return method(self, first, *args, **kwargs)
+
+    return wrapped
 
 
 def _synced(nap: Partition) -> bool:
@@ -54,9 +70,10 @@ class Whiten(Operation):
         estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
-        fused: train with one autograd Function for the map ``x → y`` whose backward is derived
-            by hand (:func:`~normkit.functional.whiten.whiten_with_gradient`: fewer passes over
-            the activations, only ``x − μ`` saved; first order only). ``False``: the plain
+        fused: train with batch statistics through two ``torch.library`` custom ops whose
+            backward is derived by hand (:mod:`normkit.functional.whiten_ops`: fewer passes
+            over the activations, only ``x − μ`` saved; one graph node each under
+            ``torch.compile``; first order only). ``False``: the plain
             autograd composition (what ``native=False`` selects; twice differentiable for
             ``cholesky``, ``newton`` and ``pca``).
     """
@@ -149,22 +166,29 @@ class Whiten(Operation):
         shared, roles = self._layout(v, nap)
         return W.batch_moments(v if roles is None else matrix_view(v, roles), shared)
 
+    @_float32
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
         # ``centered`` is reused by transform(): the batch is whitened as W (x − μ), exact under
         # large offsets, and autograd saves the one tensor for both products.
-        if not self.fused or _synced(nap):  # the plain autograd composition
+        if not self._use_fused(nap):  # the plain autograd composition
             mean, cov, centered = self._moments(v, nap)
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
-        # Fused: the statistics without autograd; only W(Σ) keeps a (D × D) graph from a leaf Σ,
-        # and transform()'s autograd Function gives the gradient of the whole map x → y.
-        with torch.no_grad():
-            mean, cov, centered = self._moments(v, nap)
-        if torch.is_grad_enabled() and v.requires_grad:
-            cov.requires_grad_()
+        # Fused: two custom ops (one graph node each under torch.compile / export) with a
+        # hand-derived backward; only W(Σ) is autograd math, on (D × D) tensors.
+        shared, roles = self._layout(v, nap)
+        mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+
+    def _use_fused(self, nap: Partition) -> bool:
+        """Whether batch statistics go through the fused custom ops: not when synchronized
+        (the collectives need autograd), nor under a ``torch.func`` transform (``grad``,
+        ``vmap``, ...), which custom ops with a registered autograd do not support."""
+        if not self.fused or _synced(nap):
+            return False
+        return torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
 
     def _num_padded(self, d: int) -> int:
         return 0 if self.last_group is None else d - self.last_group
@@ -178,10 +202,11 @@ class Whiten(Operation):
 
     def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
-        mean = torch.nn.functional.pad(running["mean"], (0, self._num_padded(d)))
+        dtype = torch.promote_types(running["mean"].dtype, torch.float32)  # half buffers
+        mean = torch.nn.functional.pad(running["mean"].to(dtype), (0, self._num_padded(d)))
         out = {"mean": mean.reshape(1, gc, d, 1)}
         key = self.stat_names[1]
-        return {**out, key: running[key].unsqueeze(0)}
+        return {**out, key: running[key].to(dtype).unsqueeze(0)}
 
     def whitening(self, stats: Stats, eps: float) -> Tensor:
         """The whitening matrix ``(Gn, Gc, D, D)`` of fitted or running statistics (from the
@@ -190,6 +215,7 @@ class Whiten(Operation):
             return stats["matrix"]
         return self._matrix(stats["cov"], eps)
 
+    @_float32
     def transform(
         self,
         v: Tensor,
@@ -203,7 +229,7 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
-        if centered is not None and self.fused and not _synced(nap):
+        if centered is not None and self._use_fused(nap):
             return self._fused_transform(v, stats, w, centered, nap, weight, bias)
         if self._layout(v, nap)[0]:  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
@@ -231,15 +257,15 @@ class Whiten(Operation):
 
     def _fused_transform(self, v: Tensor, stats: Stats, w: Tensor, centered: Tensor,
                          nap: Partition, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """Batch statistics, fused: :func:`~normkit.functional.whiten.whiten_with_gradient`
+        """Batch statistics, fused: :func:`~normkit.functional.whiten_ops.whiten_with_gradient`
         with the recovery folded into ``W`` when it is per row (else applied after)."""
         rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
-        graph = (stats["cov"], w) if w.requires_grad else None
         shared, roles = self._layout(v, nap)
-        out = W.whiten_with_gradient(
-            v, centered, w.detach(), graph, shared=shared, roles=roles,
+        out = WO.whiten_with_gradient(
+            v, centered, w, shared=shared, roles=roles,
             weight=rows[0] if foldable else None, bias=rows[1] if foldable else None)
+        out = out if roles is None else unmatrix_view(out, v.shape, roles)
         return out if foldable else Fs.affine_transform(out, None, None, weight, bias)
 
     @staticmethod
@@ -258,6 +284,7 @@ class Whiten(Operation):
             shift = b.to(w.dtype) if shift is None else shift + b.to(w.dtype)
         return mat, shift
 
+    @_float32
     def fold(
         self,
         stats: Stats,
@@ -352,6 +379,7 @@ class SwitchableWhiten(Whiten):
         cov = sum(wc[i] * parts_c[k] for i, k in enumerate(self.modes))
         return {"mix_mean": mean, "matrix": self._matrix(cov, eps)}
 
+    @_float32
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
@@ -361,6 +389,7 @@ class SwitchableWhiten(Whiten):
         mixed = self._mix(mean, cov, inst_mean, inst_cov, params or {}, eps)
         return {"mean": mean, "cov": cov, **mixed}
 
+    @_float32
     def eval_stats(
         self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
         num_features: int, eps: float, params: Stats | None = None,
@@ -369,6 +398,7 @@ class SwitchableWhiten(Whiten):
         inst_mean, inst_cov = self._instance(v, nap)
         return self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps)
 
+    @_float32
     def transform(
         self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
         weight: Tensor | None, bias: Tensor | None,
@@ -384,6 +414,7 @@ class SwitchableWhiten(Whiten):
         out = out.permute(1, 2, 0, 3).reshape(1, gc, d, -1)
         return unmatrix_view(out, v.shape, nap.roles)
 
+    @_float32
     def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
              bias: Tensor | None) -> tuple[Tensor, Tensor]:
         raise ConfigError("switchable whitening mixes in each input's own statistics; nothing fixed to fold")
