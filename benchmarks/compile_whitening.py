@@ -8,8 +8,9 @@ fixed ``dy``), ``fb-eval`` (the same in eval mode: running statistics) and ``fwd
 forward under ``torch.no_grad()``). ``compiled`` is ``torch.compile(module, fullgraph=True)``
 (inductor) of a deep copy; its first calls (the compiles) are excluded, and its outputs and
 gradients are checked against eager before timing. Medians over ``--repeats`` rounds after
-three warm-up rounds, eager and compiled alternating round by round (minima in brackets).
-Not a test: numbers depend on the machine.
+three warm-up rounds, eager and compiled alternating round by round (minima in brackets), in
+process CPU time (``time.process_time``: with one thread it is the op time, and unlike wall time
+it does not count the time the process waits for a core on a shared machine). Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _modes(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, C
 
 
 def _times_ms(fns: list[Callable[[], None]], repeats: int) -> list[tuple[float, float]]:
-    """(median, min) in ms of each of ``fns``, timed in alternation round by round (so a change
+    """(median, min) CPU ms of each of ``fns``, timed in alternation round by round (so a change
     of machine load hits every implementation alike)."""
     for _ in range(3):
         for fn in fns:
@@ -53,9 +54,9 @@ def _times_ms(fns: list[Callable[[], None]], repeats: int) -> list[tuple[float, 
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times, strict=True):
-            t = time.perf_counter()
+            t = time.process_time()
             fn()
-            ts.append(time.perf_counter() - t)
+            ts.append(time.process_time() - t)
     return [(1e3 * statistics.median(ts), 1e3 * min(ts)) for ts in times]
 
 

@@ -18,8 +18,9 @@ fake kernel gives their shapes), with a hand-derived backward that is a custom o
 in :mod:`normkit.functional.whiten`), and ``M = γ ⊙ W``, ``b = β`` are formed by autograd too,
 so ``∂Σ``, ``∂γ``, ``∂β`` come from autograd on ``D × D`` tensors and the activations are read
 three times in the backward with ``x − μ`` the only saved activation. ``∂x`` sums both ops'
-terms: ``Mᵀ(g − ḡ) + (2/m)·sym(∂Σ)·x_c`` (the mean's own term ``(2/m)·sym(∂Σ)·μ``-projection
-vanishes because ``x_c`` has zero mean).
+terms: ``Mᵀ(g − ḡ) + (2/m)·sym(∂Σ)·x_c``. ``Σ``'s path through ``μ`` adds nothing (its term is
+a sum of ``x_c`` over the samples, which is zero), which is why ``μ`` and ``x_c`` may be
+constants to autograd when both ops are used together, as :func:`whiten_with_gradient` does.
 
 Both ops compute in at least float32 with autocast disabled (their statistics and matrices are
 float32 under ``torch.autocast``), return fresh tensors (never views: an in-place op such as
