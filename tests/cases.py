@@ -718,10 +718,5 @@ from cases_robust import CASES as _ROBUST  # noqa: E402
 CASES += _COMBINATION + _IBN + _CONDITIONAL + _MULTIMODE + _ONLINE + _POWER + _ROBUST
 
 CASE_IDS = [c.name for c in CASES]
-# Whitening methods whose torch.compile / torch.export / in-place / autocast support arrives with
-# the wip/whiten branch: tests/test_generic_compat.py and test_compile_matches_eager skip them
-# ("pending wip/whiten merge"). Removed at that merge.
-PENDING_WHITENING = {"dbn", "pca_bw", "cd_bw", "iternorm", "group_whitening",
-                     "instance_whitening", "switchable_whitening"}
 ERROR_PARAMS = [(c, e) for c in CASES for e in c.errors]
 ERROR_IDS = [f"{c.name}-{e.desc}" for c, e in ERROR_PARAMS]

@@ -34,7 +34,6 @@ from cases import (
     CASES,
     ERROR_IDS,
     ERROR_PARAMS,
-    PENDING_WHITENING,
     Case,
     from_layout,
     layout_shape,
@@ -616,8 +615,6 @@ with warnings.catch_warnings():
 def test_compile_matches_eager(case: Case, backend: str, dynamo_reset: None) -> None:
     """``torch.compile(fullgraph=True)`` — one graph, no break — gives the eager outputs,
     gradients and buffer updates, train and eval."""
-    if case.method in PENDING_WHITENING:
-        pytest.skip("pending wip/whiten merge")
     # backend="eager" runs the traced aten ops unchanged: only op-order noise (eps32 ≈ 1.2e-7).
     # Inductor's decompositions reassociate float32 reductions (≤ 60 values: tens of eps32 on
     # O(1) values); inductor itself also fuses them (Welford vs two-pass): a few hundred eps32

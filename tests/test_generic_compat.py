@@ -5,8 +5,7 @@ or bool input. ``torch.compile(fullgraph=True)`` parity is ``test_compile_matche
 
 Helpers (``build``, ``fwd_bwd``, ...) are those of ``tests/test_generic.py``; every test runs in
 training and in evaluation (after one training step, so running buffers differ from their
-initial values). Rows of the methods in ``cases.PENDING_WHITENING`` are skipped until the
-whitening custom ops are merged.
+initial values).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 import normkit as nk
-from cases import CASE_IDS, CASES, PENDING_WHITENING, Case
+from cases import CASE_IDS, CASES, Case
 from test_generic import F32, assert_buffers_close, assert_same_run, build, fwd_bwd, layout_x
 
 cases = pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -27,11 +26,6 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 # torch.export keeps the aten ops of the eager forward (training IR, no decomposition): only
 # op-order noise of float32 (eps32 ≈ 1.2e-7) on O(10) values, as test_compile_matches_eager.
 EXPORT_TOL = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def _skip_pending(case: Case) -> None:
-    if case.method in PENDING_WHITENING:
-        pytest.skip("pending wip/whiten merge")
 
 
 def _main_shape(case: Case) -> tuple[int, ...]:
@@ -51,7 +45,6 @@ def test_inplace_op_after(case: Case, train: bool) -> None:
     """``nn.ReLU(inplace=True)`` after the layer (every ResNet block) works with autograd and
     equals the out-of-place ReLU: outputs, input and parameter gradients, buffers; under
     ``no_grad`` too. Fails when an output is a view of a custom autograd Function's output."""
-    _skip_pending(case)
     m = build(case)
     _warm(m, case)
     ref = copy.deepcopy(m)
@@ -76,7 +69,6 @@ def test_export_matches_eager(case: Case, train: bool) -> None:
     """``torch.export.export`` in training and evaluation: the exported program's module gives
     the eager outputs and, in training, the same running-buffer updates — as torch's own
     ``BatchNorm2d`` exported in training mode, whose buffer mutations stay in the program."""
-    _skip_pending(case)
     eager = build(case)
     _warm(eager, case)
     eager.train(train)
@@ -116,7 +108,6 @@ def test_autocast(case: Case, dtype: torch.dtype, train: bool) -> None:
     RMSNorm do under CPU autocast), is finite and close to the same module run in float32 on
     the same (upcast) values; parameters, their gradients and the running statistics stay
     float32, the statistics equal to the float32 run's up to summation order."""
-    _skip_pending(case)
     m = build(case)
     _warm(m, case)
     ref = copy.deepcopy(m)
