@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..registry import parse_spec
 from .data import DATASETS, IDX_DATASETS, Dataset
 from .models import MODELS, build_model
+from .tuning import DEFAULT_LRS, to_validation, validation_split
 
 __all__ = ["DEFAULT_METHODS", "CompareConfig", "canonical_method", "validate_methods", "train_run",
            "evaluate"]
@@ -60,7 +61,14 @@ class CompareConfig:
         batch_sizes: training batch sizes.
         seeds: run seeds (model initialization and data order).
         epochs: passes over the training set, the same for every batch size.
-        lr: learning rate at ``base_batch_size``.
+        lr: learning rate at ``base_batch_size`` of an untuned sweep (``lrs=None``).
+        lrs: the grid of learning rates at ``base_batch_size`` to tune over: each method's lr is
+            chosen per batch size on a validation split of the training set, and only the
+            chosen one is trained on the whole training set and tested
+            (:mod:`normkit.experiments.tuning`); ``None``: no tuning, ``lr`` for every method.
+        val_fraction: share of the training set held out for validation when tuning.
+        convert: the model (a ``module:function`` spec) is a stock model whose normalization
+            layers :func:`normkit.convert` replaces by each method.
         base_batch_size: batch size at which ``lr`` applies when ``lr_scaling`` is on.
         lr_scaling: scale the learning rate linearly with the batch size.
         momentum: SGD momentum.
@@ -105,6 +113,8 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 4
     lr: float = 0.1
+    lrs: list[float] | None = field(default_factory=lambda: list(DEFAULT_LRS))
+    val_fraction: float = 0.2
     base_batch_size: int = 64
     lr_scaling: bool = True
     momentum: float = 0.9
@@ -120,16 +130,24 @@ class CompareConfig:
     input_norm: str | None = None
     population: str | None = None
     refresh_every: int = 100
+    convert: bool = False
 
-    _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
+    _GRID = ("methods", "batch_sizes", "seeds", "data_dir", "lrs")
 
     def settings(self) -> dict[str, Any]:
         """The fields that change what a run computes (all but the grid and ``data_dir``;
-        ``weight`` / ``gradient`` only when set, so older results keep their hash)."""
+        ``weight`` / ``gradient`` only when set, so older results keep their hash). A tuned
+        sweep has ``tuned`` and ``val_fraction`` instead of ``lr`` (its lrs are part of the grid:
+        adding one resumes)."""
         values = asdict(self)
         values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
+        if self.lrs is not None:
+            values = {k: v for k, v in values.items() if k != "lr"} | {"tuned": True}
+        else:
+            del values["val_fraction"]
         optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False,
-                    "shift": None, "input_norm": None, "population": None, "refresh_every": 100}
+                    "shift": None, "input_norm": None, "population": None, "refresh_every": 100,
+                    "convert": False}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def config_hash(self) -> str:
@@ -144,16 +162,29 @@ class CompareConfig:
             ConfigError: naming the option, the value received and what is allowed.
             UnknownMethodError: for an unknown method name.
         """
-        if self.dataset not in DATASETS:
+        from .user import is_spec
+
+        if self.dataset not in DATASETS and not is_spec(self.dataset):
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of "
-                              f"{', '.join(DATASETS)}")
+                              f"{', '.join(DATASETS)} or give module:function")
         if self.data_dir is not None and self.dataset not in IDX_DATASETS:
             raise ConfigError(f"--data-dir is only read by mnist and fashion-mnist, but the "
                               f"dataset is {self.dataset!r}; drop --data-dir or change --dataset")
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.model not in MODELS and not is_spec(self.model):
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)} "
+                              "or give module:function")
+        if self.convert and not is_spec(self.model):
+            raise ConfigError(f"--convert replaces the norms of a user model (--model "
+                              f"module:function), not of the built-in {self.model!r}; drop "
+                              "--convert")
+        if self.lrs is not None:
+            if any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+                raise ConfigError(f"learning rates must be > 0, got {self.lrs}")
+            if not 0 < self.val_fraction < 1:
+                raise ConfigError(f"the validation fraction must be in (0, 1), got "
+                                  f"{self.val_fraction}")
         for name, values in (("methods", self.methods), ("batch sizes", self.batch_sizes),
-                             ("seeds", self.seeds)):
+                             ("seeds", self.seeds), ("learning rates", self.lrs or [1])):
             if not values:
                 raise ConfigError(f"the list of {name} is empty; give at least one")
             if len(set(values)) != len(values):
@@ -214,9 +245,11 @@ class CompareConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"the list of methods names one method twice: {self.methods}")
 
-    def run_lr(self, batch_size: int) -> float:
-        """Learning rate of a run: ``lr · batch_size / base_batch_size`` when scaling is on."""
-        return self.lr * batch_size / self.base_batch_size if self.lr_scaling else self.lr
+    def run_lr(self, batch_size: int, lr: float | None = None) -> float:
+        """Learning rate of a run: ``lr · batch_size / base_batch_size`` when scaling is on
+        (``lr``: a value of the tuning grid; default ``self.lr``)."""
+        lr = self.lr if lr is None else lr
+        return lr * batch_size / self.base_batch_size if self.lr_scaling else lr
 
 
 def canonical_method(spec: str) -> str:
@@ -257,12 +290,20 @@ def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
     if max(cfg.batch_sizes) > n_train:
         raise ConfigError(f"batch size {max(cfg.batch_sizes)} exceeds the {n_train} training "
                           "examples; lower --batch-sizes or raise --subset")
-    build_model(cfg.model, dataset.input_shape, dataset.num_classes, "none")  # model vs data
+    if cfg.lrs is not None:  # the validation runs train on the rest of the training set
+        n_train -= round(cfg.val_fraction * n_train)
+        if max(cfg.batch_sizes) > n_train:
+            raise ConfigError(f"batch size {max(cfg.batch_sizes)} exceeds the {n_train} training "
+                              f"examples left beside the validation split; lower --batch-sizes, "
+                              f"--val-fraction, or raise --subset")
+    build_model(cfg.model, dataset.input_shape, dataset.num_classes, "none",
+                **_model_kw(cfg))  # model vs data
     sizes = {}
     x, y = dataset.x_train[:2], dataset.y_train[:2]
     for method in cfg.methods:
         try:
-            model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, method)
+            model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, method,
+                                **_model_kw(cfg))
             F.cross_entropy(model.train()(x), y).backward()
             with torch.no_grad():
                 model.eval()(x)
@@ -297,7 +338,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return loss_sum / n, correct / n
 
 
+def _model_kw(cfg: CompareConfig) -> dict[str, Any]:
+    return {"convert": True} if cfg.convert else {}
+
+
 def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int, seed: int, *,
+              lr: float | None = None, phase: str = "test",
               on_steps: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one model; never raises for a failed or diverged run.
 
@@ -307,11 +353,17 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
         method: canonical method spec (see :func:`canonical_method`).
         batch_size: training batch size; the last incomplete batch of an epoch is dropped.
         seed: seeds the model initialization and the data order.
+        lr: the lr at the base batch size, a value of ``cfg.lrs`` (``None``: ``cfg.lr``).
+        phase: ``"test"`` trains on the training set and tests; ``"val"`` trains on the training
+            set minus the validation split and is evaluated on that split only
+            (:func:`~normkit.experiments.tuning.validation_split`; results named ``val_*``,
+            no batch-statistics, shift or analysis evaluation).
         on_steps: called with the number of optimizer steps done since its last call.
 
     Returns:
-        A JSON-able record: ``method``, ``batch_size``, ``seed``, ``config_hash``, ``status``
-        (``ok``/``diverged``/``failed``), ``error``, ``lr``, ``steps``, ``test_acc``,
+        A JSON-able record: ``method``, ``batch_size``, ``seed``, ``config_hash``, ``phase``,
+        ``status`` (``ok``/``diverged``/``failed``), ``error``, ``lr`` (of this batch size),
+        ``base_lr`` (with ``lr``), ``steps``, ``val_error`` (validation phase), ``test_acc``,
         ``test_error`` (percent), ``test_acc_batch_stats``/``test_error_batch_stats`` (with
         ``cfg.eval_batch_stats``), ``time_per_step_ms``, ``wall_s``, ``history`` (per epoch)
         and, with ``cfg.shift``, ``shift`` (see :func:`normkit.experiments.shift.evaluate_shifts`).
@@ -319,10 +371,15 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     start = time.perf_counter()
     record: dict[str, Any] = {
         "method": method, "batch_size": batch_size, "seed": seed,
-        "config_hash": cfg.config_hash(), "status": "ok", "error": None,
-        "lr": cfg.run_lr(batch_size), "epochs": cfg.epochs, "steps": 0, "history": [],
+        "config_hash": cfg.config_hash(), "phase": phase, "status": "ok", "error": None,
+        "lr": cfg.run_lr(batch_size, lr), "epochs": cfg.epochs, "steps": 0, "history": [],
         "test_loss": None, "test_acc": None, "test_error": None, "time_per_step_ms": None,
     }
+    if lr is not None:
+        record["base_lr"] = lr
+    if phase == "val":  # the test set is not read: the validation split replaces it
+        dataset = validation_split(dataset, cfg.val_fraction, cfg.data_seed)
+        cfg = replace(cfg, eval_batch_stats=False, shift=None, analyze=False)
     if cfg.eval_batch_stats:
         record |= {"test_acc_batch_stats": None, "test_error_batch_stats": None}
     if cfg.shift is not None:
@@ -336,7 +393,7 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     except Exception as err:  # one broken run must not end the sweep; KeyboardInterrupt does
         record |= {"status": "failed", "error": f"{type(err).__name__}: {_one_line(err)}"}
     record["wall_s"] = round(time.perf_counter() - start, 3)
-    return record
+    return to_validation(record) if phase == "val" else record
 
 
 def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
@@ -346,7 +403,8 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
     batch, normalizations synchronized; logged values are global."""
     batch_size, seed = record["batch_size"], record["seed"]
     torch.manual_seed(seed)
-    model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"])
+    model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"],
+                        **_model_kw(cfg))
     if cfg.population is not None:
         from .. import population
 
