@@ -341,6 +341,7 @@ def _summary(cfg: Any, dataset: Any) -> str:
 def _compare_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from .experiments.backends import check_backend
     from .experiments.report import results_table, shift_table, write_report
     from .experiments.runner import CompareConfig
     from .experiments.stats import recommend, recommendation_lines
@@ -363,6 +364,7 @@ def _compare_run(args: argparse.Namespace) -> int:
     out = args.out or "runs/compare-" + "-".join(
         Path(v.rpartition(":")[2] if ":" in v else v).name for v in (args.dataset, args.model))
     console = Console(stderr=True, quiet=args.quiet)
+    check_backend(args.backend, args.address)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training
     runs = len(grid(cfg)) + (len(cfg.methods) * len(cfg.batch_sizes) * len(cfg.seeds)
                              if cfg.lrs is not None else 0)

@@ -30,7 +30,7 @@ from .data import Dataset
 from .runner import CompareConfig, train_run
 from .tuning import Run
 
-__all__ = ["BACKENDS", "Backend", "WorkerError", "execute", "run_one"]
+__all__ = ["BACKENDS", "Backend", "WorkerError", "check_backend", "execute", "run_one"]
 
 Backend = Literal["local", "ray"]
 BACKENDS = ("local", "ray")
@@ -54,6 +54,23 @@ def run_one(dataset: Dataset, cfg: CompareConfig, run: Run,
                      phase=run.phase, on_steps=on_steps)
 
 
+def check_backend(backend: str, address: str | None = None) -> None:
+    """Refuse an unknown backend, an ``address`` without Ray, or Ray when it is not installed.
+
+    Raises:
+        ConfigError: naming the value and the fix.
+    """
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise ConfigError("--address is the Ray cluster's; add --backend ray or drop --address")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--backend ray needs Ray: pip install 'normkit[ray]' (or "
+                          "'ray>=2.9'), or use the default local backend")
+
+
 def execute(dataset: Dataset, cfg: CompareConfig, todo: list[Run], *, backend: str = "local",
             jobs: int = 1, threads: int = 1, address: str | None = None,
             advance: Callable[[int], None] = lambda n: None,
@@ -72,10 +89,7 @@ def execute(dataset: Dataset, cfg: CompareConfig, todo: list[Run], *, backend: s
         ConfigError: for an unknown backend, ``address`` without Ray, or Ray not installed.
         WorkerError: when a worker process or Ray task dies.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if address is not None and backend != "ray":
-        raise ConfigError("--address is the Ray cluster's; add --backend ray or drop --address")
+    check_backend(backend, address)
     if not todo:
         return
     if backend == "ray":
@@ -178,11 +192,8 @@ def _execute_ray(dataset: Dataset, cfg: CompareConfig, todo: list[Run], threads:
                  address: str | None, advance: Callable[[int], None],
                  describe: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """Submit every run as a Ray task; yield records in the order they finish."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install 'normkit[ray]' (or "
-                          "'ray>=2.9'), or use the default local backend") from None
+    import ray
+
     started = not ray.is_initialized()
     if started:
         import logging

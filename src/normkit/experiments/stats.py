@@ -141,7 +141,8 @@ def recommend(records: Iterable[Record], alpha: float = ALPHA) -> list[Recommend
 
 
 def _fmt(ev: Evidence) -> str:
-    ci = f" [{ev.low:.1f}, {ev.high:.1f}]" if ev.low is not None else ""
+    ci = (f" [{max(ev.low, 0.0):.1f}, {min(ev.high, 100.0):.1f}]"  # type: ignore[type-var]
+          if ev.low is not None else "")
     if ev.diff is None:
         return f"{ev.method} {ev.mean:.1f} %{ci}"
     p = "no test" if ev.p is None else ("p < 0.001" if ev.p < 0.001 else f"p = {ev.p:.3f}")
