@@ -59,6 +59,12 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _subset(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    return int(_positive(int)(text))
+
+
 def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
     def parse(text: str) -> float | int:
         try:
@@ -184,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cholesky; default: plain layers)")
     c.add_argument("--refresh-every", type=_positive(int), default=100, metavar="T",
                    help="steps between population refreshes (default: 100)")
-    c.add_argument("--subset", type=_positive(int), default=None, metavar="N",
-                   help="use at most N training and N test examples (smaller = faster)")
+    c.add_argument("--subset", type=_subset, default=d.subset, metavar="N|all",
+                   help="use at most N training and N test examples (smaller = faster; 'all': "
+                   f"the whole dataset; default: {d.subset})")
     c.add_argument("--out", metavar="DIR", default=None,
                    help="run directory (default: runs/compare-DATASET-MODEL); reusing it with "
                    "other settings is refused, so pass a new one when you change them")

@@ -76,7 +76,7 @@ def test_list_unknown_family(capsys):
 def test_compare_errors_exit_2_before_training(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     argv = ["compare", "--dataset", "gaussian", "--subset", "64", "--methods", "bn",
-            "--batch-sizes", "16",
+            "--batch-sizes", "16", "--model", "mlp",
             "--out", str(out), *[a.format(tmp=tmp_path) for a in args]]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -228,6 +228,8 @@ def plot_training_curves(records: list[Record], path: str | Path) -> Path:
             axes[row][col].grid(alpha=0.3)
     for ax in (a for line in axes for a in line):  # one epoch: a point at 1, not a 0.95–1.05 axis
         ax.set_xlim(0.5, most + 0.5)
+        if most <= 10:
+            ax.set_xticks(range(1, most + 1))
     axes[0][0].set_ylabel("train loss")
     axes[1][0].set_ylabel("test error (%)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper",

@@ -108,18 +108,18 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     dataset: str = "mnist1d"
     data_dir: str | None = None
-    model: str = "mlp"
-    batch_sizes: list[int] = field(default_factory=lambda: [2, 4, 16, 64])
+    model: str = "cnn1d"
+    batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 32])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 4
+    epochs: int = 2
     lr: float = 0.1
     lrs: list[float] | None = field(default_factory=lambda: list(DEFAULT_LRS))
     val_fraction: float = 0.2
-    base_batch_size: int = 64
+    base_batch_size: int = 32
     lr_scaling: bool = True
     momentum: float = 0.9
     weight_decay: float = 0.0
-    subset: int | None = None
+    subset: int | None = 4000
     data_seed: int = 0
     eval_batch_stats: bool = False
     weight: str | None = None
