@@ -95,9 +95,9 @@ def _join(values: list[int] | list[float]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``normkit`` command (all subcommands)."""
+    from .experiments.backends import BACKENDS
     from .experiments.data import DATASETS
     from .experiments.models import MODELS
-    from .experiments.backends import BACKENDS
     from .experiments.runner import GRADIENT_METHODS, CompareConfig
 
     d = CompareConfig()  # the defaults live there, once
