@@ -143,7 +143,7 @@ def test_recommendation_names_the_best_and_the_tied_with_evidence():
 def test_one_seed_cannot_test_anything():
     (r,) = recommend(_recs({"bn": [3.0], "gn": [3.1]}))
     assert r.tied == [] and r.evidence[1].p is None
-    assert "One seed: nothing can be tested" in recommendation_lines([r])[-1]
+    assert "of one seed: nothing can be tested" in recommendation_lines([r])[-1]
 
 
 def test_tuned_report_has_the_recommendation_and_the_lr_section(tmp_path):

@@ -159,9 +159,8 @@ def recommendation_lines(recs: list[Recommendation], alpha: float = ALPHA) -> li
                         if r.missing else ""))
     if recs:
         n = max(r.seeds for r in recs)
-        lines.append(f"Test error % and its 95 % t interval over {n} seed{'s' * (n != 1)}; in "
-                     "parentheses the difference to the best (points) and the p-value of a "
-                     "one-sided paired t-test over seeds; tied with the best when "
-                     f"p ≥ {alpha}."
-                     + (" One seed: nothing can be tested; run more --seeds." if n < 2 else ""))
+        lines.append(f"Test error % and its 95 % t interval over {n} seeds; in parentheses the "
+                     "difference to the best (points) and the p-value of a one-sided paired "
+                     f"t-test over seeds; tied with the best when p ≥ {alpha}." if n > 1 else
+                     "Test error % of one seed: nothing can be tested; run more --seeds.")
     return lines
