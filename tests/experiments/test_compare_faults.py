@@ -104,6 +104,13 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path):
     finally:
         os.fsync = real
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+    target.chmod(0o640)
+    files.write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o640
+    fresh = files.write_text_atomic(tmp_path / "fresh.md", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_one_epoch_curves_and_summary(monkeypatch, tmp_path):

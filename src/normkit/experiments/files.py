@@ -32,6 +32,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode(path))  # mkstemp's 0600 would hide reports from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -44,6 +45,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def _mode(path: Path) -> int:
+    """The permissions of the file being replaced, or what ``open()`` would give a new one."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
