@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gc, block, agc (hooks on SGD) or lars, lamb (replace SGD); default SGD")
     c.add_argument("--nproc", type=_positive(int), default=1, metavar="N",
                    help="data-parallel processes per run (DDP on gloo, batch statistics "
-                        "synchronized over the global batch; --jobs is then 1)")
+                        "synchronized over the global batch; --jobs is then 1). Across machines, "
+                        "start the command with torchrun instead: every run is then DDP over "
+                        "torchrun's processes")
     c.add_argument("--analyze", action="store_true",
                    help="record the output layer's conditioning (λ_max, κ of its input and output "
                         "gradient) and weight norm after every epoch; a table in the report")
@@ -348,6 +350,8 @@ def _summary(cfg: Any, dataset: Any) -> str:
 def _compare_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from .errors import ConfigError
+    from .experiments import torchrun
     from .experiments.backends import check_backend
     from .experiments.report import results_table, shift_table, write_report
     from .experiments.runner import CompareConfig
@@ -370,6 +374,13 @@ def _compare_run(args: argparse.Namespace) -> int:
         refresh_every=args.refresh_every)
     out = args.out or "runs/compare-" + "-".join(
         Path(v.rpartition(":")[2] if ":" in v else v).name for v in (args.dataset, args.model))
+    jobs = 1 if cfg.nproc > 1 else (args.jobs or default_jobs())
+    if torchrun.launched():  # every run DDP over torchrun's processes; rank 0 reports
+        if cfg.nproc > 1 or args.backend != "local":
+            raise ConfigError("under torchrun every run is data-parallel over torchrun's "
+                              "processes: drop --nproc and --backend")
+        torchrun.init()
+        jobs, args.quiet = 1, args.quiet or torchrun.rank() != 0
     console = Console(stderr=True, quiet=args.quiet)
     check_backend(args.backend, args.address)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training
@@ -379,8 +390,7 @@ def _compare_run(args: argparse.Namespace) -> int:
                   f"{len(dataset.x_test)} test){' with the lr tuned' if cfg.lrs else ''} -> "
                   f"{store.dir}")
     try:
-        records = run_sweep(cfg, out, jobs=1 if cfg.nproc > 1 else (args.jobs or default_jobs()),
-                            show_progress=not args.quiet, console=console, prepared=prepared,
+        records = run_sweep(cfg, out, jobs=jobs, show_progress=not args.quiet, console=console, prepared=prepared,
                             backend=args.backend, address=args.address)
     except WorkerError as err:  # not bad input: status 1
         print(f"error: {err}", file=sys.stderr)
@@ -388,6 +398,8 @@ def _compare_run(args: argparse.Namespace) -> int:
     meta = {"dataset": cfg.dataset, "model": cfg.model, "summary": _summary(cfg, dataset),
             **cfg.settings(), **({"lrs": cfg.lrs} if cfg.lrs else {}),
             "config_hash": cfg.config_hash()}
+    if torchrun.rank() != 0:  # rank 0 writes the report
+        return 0
     paths = write_report(records, store.dir, meta)
     _print_whole(results_table(records, title=f"test error (%) — {cfg.model} on {cfg.dataset}"),
                  args.quiet)

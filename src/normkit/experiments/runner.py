@@ -33,6 +33,7 @@ from .. import gradient as nk_gradient
 from .. import weight as nk_weight
 from ..errors import ConfigError
 from ..registry import parse_spec
+from . import torchrun
 from .config import DEFAULT_METHODS as DEFAULT_METHODS
 from .config import GRADIENT_METHODS as GRADIENT_METHODS
 from .config import CompareConfig as CompareConfig
@@ -160,7 +161,12 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     if cfg.shift is not None:
         record["shift"] = None
     try:
-        if cfg.nproc > 1:
+        if cfg.nproc == 1 and torchrun.active():  # every torchrun process trains this run
+            import torch.distributed as dist
+
+            _train(dataset, cfg, record, on_steps or (lambda n: None), rank=dist.get_rank(),
+                   world=dist.get_world_size())
+        elif cfg.nproc > 1:
             record |= _train_parallel(dataset, cfg, record)
             (on_steps or (lambda n: None))(record["steps"])
         else:
@@ -177,6 +183,8 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
     (inside :func:`_train_parallel`'s processes) each rank trains DDP on its slice of every
     batch, normalizations synchronized; logged values are global."""
     batch_size, seed = record["batch_size"], record["seed"]
+    if world > 1:  # data-parallel: the record says over how many processes
+        record["world_size"] = world
     torch.manual_seed(seed)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"],
                         **_model_kw(cfg))

@@ -45,6 +45,7 @@ from rich.progress import (
 from rich.table import Column
 
 from ..errors import ConfigError
+from . import torchrun
 from .backends import WorkerError, execute
 from .data import Dataset, load_dataset
 from .files import write_text_atomic
@@ -256,7 +257,8 @@ def run_sweep(cfg: CompareConfig, out_dir: str | Path, *, jobs: int = 1,
         OSError: results cannot be written (read-only directory, disk full).
     """
     dataset, store = prepared or prepare(cfg, out_dir)
-    done = store.load()
+    lead = torchrun.rank() == 0  # under torchrun, rank 0 owns the run directory
+    done = torchrun.broadcast(store.load() if lead else {})
     h = cfg.config_hash()
 
     def key(run: Run) -> str:
@@ -292,7 +294,8 @@ def run_sweep(cfg: CompareConfig, out_dir: str | Path, *, jobs: int = 1,
         for record in execute(dataset, cfg, runs, backend=backend, jobs=jobs, threads=threads,
                               address=address, advance=lambda n: progress.advance(task, n),
                               describe=lambda text: progress.update(task, description=text)):
-            store.append(record)
+            if lead:
+                store.append(record)
             done[record_key(record)] = record
             finished += 1
             progress.update(task, runs=f"{finished}")
@@ -302,7 +305,7 @@ def run_sweep(cfg: CompareConfig, out_dir: str | Path, *, jobs: int = 1,
         run_all(todo)
         runs = first
         if cfg.lrs is not None:
-            second = grid(cfg, select_lrs(done[key(run)] for run in first))
+            second = grid(cfg, torchrun.broadcast(select_lrs(done[key(run)] for run in first)))
             run_all([run for run in second if key(run) not in done])
             runs = first + second
         progress.update(task, description="done", completed=total or 1)
