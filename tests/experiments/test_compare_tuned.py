@@ -59,7 +59,7 @@ def test_tuned_sweep_validates_every_lr_then_tests_only_the_chosen(tmp_path, cou
     chosen = select_lrs(records)
     assert {(r["method"], r["base_lr"]) for r in test} == {(m, chosen[m, 16]) for m in
                                                            ("bn", "none")}
-    assert all(r["lr"] == pytest.approx(r["base_lr"] * 16 / 64) for r in records)
+    assert all(r["lr"] == pytest.approx(r["base_lr"] * 16 / 32) for r in records)
     # the test runs train on the whole training set, the validation runs on 80 % of it
     assert {r["steps"] for r in test} == {128 // 16} and {r["steps"] for r in val} == {102 // 16}
     counted.clear()
