@@ -221,32 +221,24 @@ def _examples() -> str:
 
 
 def _compare_tables() -> str:
-    """Mean ± std test error per method and batch size from the committed run."""
+    """The committed run's recommendation, test-error table and lr table: the sections of the
+    ``report.md`` that ``normkit compare`` wrote there (images re-pointed into ``compare-run/``),
+    and its settings from ``config.json``."""
     config = json.loads((COMPARE_DIR / "config.json").read_text())
-    rows = [json.loads(line) for line in (COMPARE_DIR / "results.jsonl").read_text().splitlines()
-            if line.strip()]
-    grid = config["grid"]
-    out = ["| test error (%) | " + " | ".join(f"bs={b}" for b in grid["batch_sizes"]) + " |",
-           "|---|" + "---|" * len(grid["batch_sizes"])]
-    for method in grid["methods"]:
-        cells = []
-        for b in grid["batch_sizes"]:
-            errs = [r["test_error"] for r in rows
-                    if r["method"] == method and r["batch_size"] == b and "test_error" in r]
-            if not errs:
-                cells.append("—")
-                continue
-            mean = sum(errs) / len(errs)
-            std = (sum((e - mean) ** 2 for e in errs) / max(len(errs) - 1, 1)) ** 0.5
-            cells.append(f"{mean:.1f} ± {std:.1f} (n={len(errs)})")
-        out.append(f"| `{method}` | " + " | ".join(cells) + " |")
-    s = config["settings"]
-    ds = config.get("dataset", {})
-    out += ["", f"Settings: dataset `{s['dataset']}` ({ds.get('train', '?')} train / "
-            f"{ds.get('test', '?')} test examples), model `{s['model']}`, {s['epochs']} epochs, "
-            f"SGD lr {s['lr']} at batch {s['base_batch_size']} (scaled linearly: "
-            f"{s['lr_scaling']}), momentum {s['momentum']}, {s['schedule']} schedule; seeds "
-            f"{', '.join(map(str, grid['seeds']))}; {len(rows)} runs."]
+    sections = re.split(r"^## ", (COMPARE_DIR / "report.md").read_text(), flags=re.M)
+    keep = ("Recommendation", "Test error (%)", "Learning rate")
+    out = []
+    for section in sections[1:]:
+        title, _, body = section.partition("\n")
+        if title.startswith(keep):
+            body = re.sub(r"!\[([^]]*)\]\(([^)/]+)\)", r"![\1](compare-run/\2)", body)
+            out.append(f"**{title}**\n{body}")
+    rows = sum(1 for line in (COMPARE_DIR / "results.jsonl").read_text().splitlines() if line)
+    s, grid, ds = config["settings"], config["grid"], config.get("dataset", {})
+    out.append(f"Settings: dataset `{s['dataset']}` ({ds.get('train', '?')} train / "
+               f"{ds.get('test', '?')} test examples), model `{s['model']}`, {s['epochs']} "
+               f"epochs, batch sizes {', '.join(map(str, grid['batch_sizes']))}, seeds "
+               f"{', '.join(map(str, grid['seeds']))}; {rows} runs.")
     return "\n".join(out) + "\n"
 
 

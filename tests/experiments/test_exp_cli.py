@@ -11,7 +11,7 @@ from normkit.cli import main, split_methods
 COMPARE_OPTIONS = ["--methods", "--dataset", "--data-dir", "--model", "--batch-sizes", "--seeds",
                    "--epochs", "--lr", "--base-batch-size", "--no-lr-scaling", "--momentum",
                    "--weight-decay", "--subset", "--out", "--eval-batch-stats", "--jobs",
-                   "--quiet"]
+                   "--quiet", "--lrs", "--val-fraction", "--convert", "--backend", "--address"]
 
 
 def test_top_level_help(capsys):
@@ -59,13 +59,24 @@ def test_list_unknown_family(capsys):
     (["--momentum", "1.5"], r"error: momentum must be in \[0, 1\), got 1.5"),
     (["--batch-sizes", "2,x"], r"argument --batch-sizes: expected comma-separated integers"),
     (["--epochs", "0"], r"argument --epochs: must be > 0, got 0"),
-    (["--dataset", "cifar"], r"argument --dataset: invalid choice: 'cifar'"),
+    (["--dataset", "cifar"], r"error: unknown dataset 'cifar'; choose one of mnist1d, .* or give "
+                             r"module:function"),
+    (["--lrs", "0.1,-1"], r"argument --lrs: expected positive learning rates, got '0.1,-1'"),
+    (["--lrs", "0.1", "--lr", "0.1"], r"argument --lr: not allowed with argument --lrs"),
+    (["--val-fraction", "1.5"], r"error: the validation fraction must be in \(0, 1\), got 1.5"),
+    (["--convert"], r"error: --convert replaces the norms of a user model"),
+    (["--model", "nosuchmod:net"], r"error: cannot import 'nosuchmod' of 'nosuchmod:net': "
+                                   r"ModuleNotFoundError"),
+    (["--address", "auto"], r"error: --address is the Ray cluster's; add --backend ray"),
     (["--dataset", "mnist", "--data-dir", "{tmp}"], r"error: mnist data not found.*--data-dir"),
     (["--batch-sizes", "128"], r"error: batch size 128 exceeds the 64 training examples"),
+    (["--batch-sizes", "60"], r"error: batch size 60 exceeds the 51 training examples left "
+                              r"beside the validation split"),
 ])
 def test_compare_errors_exit_2_before_training(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     argv = ["compare", "--dataset", "gaussian", "--subset", "64", "--methods", "bn",
+            "--batch-sizes", "16", "--model", "mlp",
             "--out", str(out), *[a.format(tmp=tmp_path) for a in args]]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -76,7 +87,7 @@ def test_compare_errors_exit_2_before_training(tmp_path, capsys, args, message):
 def test_compare_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["compare", "--dataset", "gaussian", "--subset", "64", "--methods", "bn,none",
-            "--batch-sizes", "8,16", "--seeds", "0", "--epochs", "1", "--jobs", "1",
+            "--batch-sizes", "8,16", "--seeds", "0", "--epochs", "1", "--jobs", "1", "--lr", "0.1",
             "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()

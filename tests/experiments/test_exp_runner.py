@@ -18,7 +18,8 @@ def gaussian():
 
 
 def tiny(**kw) -> CompareConfig:
-    return CompareConfig(**{"methods": ["bn"], "dataset": "gaussian", "epochs": 1, **kw})
+    return CompareConfig(**{"methods": ["bn"], "dataset": "gaussian", "epochs": 1, "model": "mlp",
+                            "base_batch_size": 64, "lrs": None, "subset": None, **kw})
 
 
 def test_tiny_run_trains_and_records_everything(gaussian):

@@ -8,7 +8,7 @@ import pytest
 
 import normkit  # noqa: F401  (registers the methods)
 from normkit.errors import ConfigError
-from normkit.experiments import sweep
+from normkit.experiments import backends, sweep
 from normkit.experiments.report import results_table, summarize, write_report
 from normkit.experiments.runner import CompareConfig
 
@@ -17,20 +17,22 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def tiny(**kw) -> CompareConfig:
     return CompareConfig(**{"methods": ["bn", "none"], "dataset": "gaussian", "subset": 64,
-                            "batch_sizes": [8, 16], "seeds": [0, 1], "epochs": 1, **kw})
+                            "batch_sizes": [8, 16], "seeds": [0, 1], "epochs": 1, "lrs": None,
+                            **kw})
 
 
 @pytest.fixture
 def counted(monkeypatch):
     """Count the runs actually trained."""
     calls = []
-    real = sweep.train_run
+    real = backends.train_run
 
     def train_run(dataset, cfg, method, batch_size, seed, **kw):
-        calls.append((method, batch_size, seed))
+        calls.append((method, batch_size, seed) if kw.get("lr") is None else
+                     (method, batch_size, seed, kw["lr"], kw["phase"]))
         return real(dataset, cfg, method, batch_size, seed, **kw)
 
-    monkeypatch.setattr(sweep, "train_run", train_run)
+    monkeypatch.setattr(backends, "train_run", train_run)
     return calls
 
 
@@ -57,7 +59,9 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, counted):
     # a kill mid-write: the last finished run lost and a torn line left behind
     results.write_text("\n".join(kept[:3]) + "\n" + kept[3][:25])
     counted.clear()
-    records = sweep.run_sweep(tiny(), tmp_path, show_progress=False)
+    with pytest.warns(sweep.RejectedLinesWarning, match=r"^1 line of .* is not a run record"):
+        records = sweep.run_sweep(tiny(), tmp_path, show_progress=False)
+    assert (tmp_path / "results.rejected.jsonl").read_text() == kept[3][:25] + "\n"
     lost = json.loads(kept[3])
     expected = {(m, b, 1) for m in ("bn", "none") for b in (8, 16)}
     assert set(counted) == expected | {(lost["method"], lost["batch_size"], lost["seed"])}

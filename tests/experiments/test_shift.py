@@ -129,7 +129,7 @@ def test_compare_with_shift_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["compare", "--dataset", "gaussian", "--subset", "128", "--methods", "bn,none",
             "--batch-sizes", "16", "--seeds", "0,1", "--epochs", "1", "--jobs", "1",
-            "--shift", "noise,contrast", "--out", str(out)]
+            "--lr", "0.1", "--shift", "noise,contrast", "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "under shift" in captured.out and "AdaBN" in captured.out
@@ -164,7 +164,7 @@ def test_default_compare_output_has_no_shift_section(tmp_path):
     out = tmp_path / "run"
     assert main(["compare", "--dataset", "gaussian", "--subset", "64", "--methods", "none",
                  "--batch-sizes", "16", "--seeds", "0", "--epochs", "1", "--jobs", "1",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--lr", "0.1", "--out", str(out), "--quiet"]) == 0
     record = json.loads((out / "results.jsonl").read_text())
     assert "shift" not in record and not (out / "shift.png").exists()
     assert "shift" not in (out / "report.md").read_text()

@@ -270,7 +270,8 @@ def load_dataset(
 
     Args:
         name: one of :data:`DATASETS` (``mnist1d``, ``fashion-mnist``, ``mnist``, ``digits``,
-            ``gaussian``).
+            ``gaussian``), or a ``module:function`` spec of the user's data
+            (:mod:`normkit.experiments.user`; not standardized).
         data_dir: directory holding IDX files (``mnist``, ``fashion-mnist``); ignored otherwise.
         subset: keep at most this many training and this many test examples, chosen by a
             permutation seeded with ``seed`` (``None``: keep all).
@@ -291,11 +292,17 @@ def load_dataset(
         >>> bool((a.x_train == b.x_train).all()), a.input_shape
         (True, (1, 8, 8))
     """
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    from .user import is_spec, load_user_dataset
+
+    user = is_spec(name)
+    if name not in DATASETS and not user:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or "
+                          "give module:function")
     if subset is not None and subset < 1:
         raise ConfigError(f"subset must be a positive number of examples, got {subset}")
-    x_train, y_train, x_test, y_test, source = DATASETS[name](data_dir, seed)
+    x_train, y_train, x_test, y_test, source = (load_user_dataset(name) if user
+                                                else DATASETS[name](data_dir, seed))
+    x_train, y_train, x_test, y_test = (np.asarray(a) for a in (x_train, y_train, x_test, y_test))
     if subset is not None:
         rng = np.random.default_rng(seed)
         keep_train = np.sort(rng.permutation(len(y_train))[:subset])
@@ -304,7 +311,8 @@ def load_dataset(
         x_test, y_test = x_test[keep_test], y_test[keep_test]
     x_train, x_test = (np.asarray(x, dtype=np.float32) for x in (x_train, x_test))
     mean, std = x_train.mean(dtype=np.float64), x_train.std(dtype=np.float64)
-    std = std if std > 0 else 1.0
+    std = std if std > 0 and not user else 1.0
+    mean = 0.0 if user else mean  # the user's data are used as given
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     return Dataset(
         name=name,

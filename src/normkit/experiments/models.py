@@ -247,7 +247,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, norm:
     """Build a model of :data:`MODELS` by name with ``norm`` after every Linear/Conv.
 
     Args:
-        name: ``mlp``, ``cnn1d``, ``cnn2d`` or ``resnet``.
+        name: ``mlp``, ``cnn1d``, ``cnn2d``, ``resnet``, or a ``module:function`` spec of the
+            user's model (:mod:`normkit.experiments.user`; ``convert=True`` for a stock model
+            whose norms :func:`normkit.convert` replaces).
         input_shape: shape of one example, without the batch axis.
         num_classes: number of outputs.
         norm: the normalization (see :func:`make_norm`).
@@ -260,6 +262,17 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, norm:
         ConfigError: for an unknown model name or inputs of the wrong rank for it.
         UnknownMethodError: for an unknown normalization name.
     """
+    from .user import build_user_model, is_spec
+
+    if is_spec(name):
+        if not isinstance(norm, str):
+            raise ConfigError(f"a user model ({name}) takes the method as a spec string, got "
+                              f"{norm!r}")
+        return build_user_model(name, tuple(input_shape), num_classes, norm, **kwargs)
+    if kwargs.pop("convert", False):
+        raise ConfigError(f"--convert replaces the norms of a user model (--model "
+                          f"module:function), not of the built-in {name!r}; drop --convert")
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give "
+                          "module:function")
     return MODELS[name](tuple(input_shape), num_classes, norm, **kwargs)

@@ -2,9 +2,12 @@
 
 From the run records of :func:`normkit.experiments.sweep.run_sweep` this writes, in the run
 directory: ``results.csv`` (one row per run), ``error_vs_batch_size.png`` (test error against
-batch size on a log2 axis, mean ± std over seeds), ``training_curves.png`` (train loss and test
-error per epoch), and ``report.md`` / ``report.html`` embedding them (the HTML is self-contained:
-images are base64 data URIs). :func:`results_table` gives the same summary as a rich table. Runs
+batch size on a log2 axis, mean and 95 % t interval over seeds), ``training_curves.png`` (train
+loss and test error per epoch), for a tuned sweep ``error_vs_lr.png`` (validation error against
+the lr, :mod:`normkit.experiments.report_lr`), and ``report.md`` / ``report.html`` embedding them
+with the recommendation (:mod:`normkit.experiments.stats`; the HTML is self-contained: images are
+base64 data URIs). Every file is written atomically (:mod:`normkit.experiments.files`). Tables
+and plots show the test-phase runs; a tuned sweep's validation runs appear in the lr section. :func:`results_table` gives the same summary as a rich table. Runs
 of ``compare --shift`` add a table (method × shift × adaptation: :func:`summarize_shift`,
 :func:`shift_table`) and ``shift.png`` (:func:`plot_shift`).
 Example::
@@ -12,8 +15,8 @@ Example::
     >>> from normkit.experiments.report import summarize
     >>> rows = summarize([{"method": "bn", "batch_size": 2, "seed": 0, "status": "ok",
     ...                    "test_error": 10.0, "time_per_step_ms": 1.0}])
-    >>> rows[0]["error_mean"], rows[0]["ok"]
-    (10.0, 1)
+    >>> rows[0]["error_mean"], rows[0]["ok"], rows[0]["error_ci"]
+    (10.0, 1, None)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import math
 import statistics
 from collections.abc import Iterable
@@ -30,13 +34,22 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-__all__ = ["summarize", "results_table", "write_csv", "plot_error_vs_batch_size",
+from .files import save_figure_atomic, write_text_atomic
+from .stats import interval, recommend, recommendation_lines
+
+__all__ = ["headline", "summarize", "results_table", "write_csv", "plot_error_vs_batch_size",
            "plot_training_curves", "write_report", "summarize_shift", "shift_table", "plot_shift"]
 
 Record = dict[str, Any]
 _CSV_FIELDS = ["method", "batch_size", "seed", "status", "test_error", "test_acc", "test_loss",
                "test_error_batch_stats", "lr", "epochs", "steps", "time_per_step_ms", "wall_s",
-               "num_params", "error", "config_hash"]
+               "num_params", "error", "config_hash", "phase", "base_lr", "val_error"]
+
+
+def headline(records: Iterable[Record]) -> list[Record]:
+    """The test-phase records (all of an untuned sweep; a tuned one's runs at the chosen lr)."""
+    return [r for r in records if r.get("phase", "test") == "test"]
+
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -46,16 +59,19 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
-    """One row per (method, batch size): mean ± std over the seeds that finished.
+    """One row per (method, batch size) of the test-phase runs: mean, std and 95 % t interval
+    over the seeds that finished.
 
     Returns:
         Rows in first-seen method order, then by batch size, with ``method``, ``batch_size``,
         ``ok`` (finished runs), ``runs``, ``error_mean``/``error_std`` (test error, percent),
+        ``error_ci`` (half-width of the 95 % t interval; ``None`` for one seed), ``lr`` (the
+        base lr of a tuned sweep's runs),
         ``bstats_mean``/``bstats_std`` (with batch statistics, when measured),
         ``ms_per_step`` and ``problems`` (``status: error`` of each run that did not finish).
     """
     groups: dict[tuple[str, int], list[Record]] = {}
-    for r in records:
+    for r in headline(records):
         groups.setdefault((r["method"], r["batch_size"]), []).append(r)
     order = list(dict.fromkeys(m for m, _ in groups))
     rows = []
@@ -63,12 +79,15 @@ def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
                                                                       kv[0][1])):
         ok = [r for r in runs if r["status"] == "ok"]
         err_mean, err_std = _mean_std([r["test_error"] for r in ok])
+        _, low, high = interval([r["test_error"] for r in ok]) if ok else (None, None, None)
         bs_mean, bs_std = _mean_std([r["test_error_batch_stats"] for r in ok
                                      if r.get("test_error_batch_stats") is not None])
         ms, _ = _mean_std([r["time_per_step_ms"] for r in ok])
         rows.append({
             "method": method, "batch_size": bs, "ok": len(ok), "runs": len(runs),
-            "error_mean": err_mean, "error_std": err_std, "bstats_mean": bs_mean,
+            "error_mean": err_mean, "error_std": err_std,
+            "error_ci": None if high is None else (high - low) / 2,
+            "lr": runs[0].get("base_lr"), "bstats_mean": bs_mean,
             "bstats_std": bs_std, "ms_per_step": ms,
             "problems": [f"seed {r['seed']} {r['status']}: {r.get('error')}"
                          for r in runs if r["status"] != "ok"],
@@ -77,9 +96,10 @@ def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
 
 
 def _cell(row: dict[str, Any], key: str = "error") -> str:
-    """``"12.3 ± 0.4"`` (one seed: ``"12.3"``), with ``(k/n)`` when only k of n seeds finished,
+    """``"12.3 ± 0.4"`` (± the 95 % t interval's half-width for the test error, the std for
+    batch statistics; one seed: ``"12.3"``), with ``(k/n)`` when only k of n seeds finished,
     ``"failed"`` if none did."""
-    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    mean, std = row[f"{key}_mean"], row.get(f"{key}_ci") or row[f"{key}_std"]
     if mean is None:
         return "—" if key == "bstats" and row["ok"] else "failed"
     text = f"{mean:.1f} ± {std:.1f}" if row["ok"] > 1 else f"{mean:.1f}"
@@ -100,7 +120,8 @@ def _grid(rows: list[dict[str, Any]], key: str = "error") -> tuple[list[int], li
 
 
 def results_table(records: Iterable[Record], title: str = "test error (%)") -> Table:
-    """Rich table: a row per method, a column per batch size, cells "mean ± std" test error."""
+    """Rich table: a row per method, a column per batch size, cells "mean ± 95 % interval"
+    test error (the test-phase runs)."""
     rows = summarize(records)
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     sizes, lines = _grid(rows)
@@ -118,19 +139,19 @@ def results_table(records: Iterable[Record], title: str = "test error (%)") -> T
 
 
 def write_csv(records: Iterable[Record], path: str | Path) -> Path:
-    """One CSV row per run with the scalar fields (no per-epoch history)."""
+    """One CSV row per run with the scalar fields (no per-epoch history), written atomically."""
     path = Path(path)
     records = list(records)
     extra = list(dict.fromkeys(f"shift_{s}_{a}_error" for r in records
                                for s, row in (r.get("shift") or {}).items() for a in row))
-    with path.open("w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS + extra, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(({**r, **{f"shift_{s}_{a}_error": None if v is None else _pct(v)
                                    for s, row in (r.get("shift") or {}).items()
                                    for a, v in row.items()}} for r in records) if extra
                          else records)
-    return path
+        return write_text_atomic(path, f.getvalue())
 
 
 def _figure(ncols: int = 1, nrows: int = 1, figsize: tuple[float, float] | None = None,
@@ -149,7 +170,8 @@ def _colors(methods: list[str]) -> dict[str, Any]:
 
 
 def plot_error_vs_batch_size(records: list[Record], path: str | Path) -> Path:
-    """Test error against batch size (log2 axis), one line per method, mean ± std over seeds.
+    """Test error against batch size (log2 axis), one line per method, mean and 95 % t interval
+    over seeds (test-phase runs).
 
     Dashed lines show the error with batch statistics when it was measured.
     """
@@ -163,7 +185,8 @@ def plot_error_vs_batch_size(records: list[Record], path: str | Path) -> Path:
             pts = [r for r in rows if r["method"] == method and r[f"{key}_mean"] is not None]
             if pts:
                 ax.errorbar([r["batch_size"] for r in pts], [r[f"{key}_mean"] for r in pts],
-                            yerr=[r[f"{key}_std"] for r in pts], fmt=style, capsize=3,
+                            yerr=[r.get(f"{key}_ci") or r[f"{key}_std"] for r in pts],
+                            fmt=style, capsize=3,
                             color=colors[method], label=method + suffix)
     sizes = sorted({r["batch_size"] for r in rows})
     ax.set_xscale("log", base=2)
@@ -171,25 +194,27 @@ def plot_error_vs_batch_size(records: list[Record], path: str | Path) -> Path:
     ax.set(xlabel="batch size", ylabel="test error (%)", title="test error vs batch size")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize="small")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def plot_training_curves(records: list[Record], path: str | Path) -> Path:
     """Per batch size (columns): train loss (top) and test error (bottom) per epoch, mean over
-    seeds, one line per method."""
+    seeds, one line per method (test-phase runs)."""
     from matplotlib.ticker import MaxNLocator
 
+    records = headline(records)
     sizes = sorted({r["batch_size"] for r in records})
     methods = list(dict.fromkeys(r["method"] for r in records))
     colors = _colors(methods)
     fig, axes = _figure(len(sizes), 2, sharey="row")
+    most = 1
     for col, bs in enumerate(sizes):
         for method in methods:
             runs = [r["history"] for r in records
                     if r["method"] == method and r["batch_size"] == bs and r.get("history")]
             for row, (key, scale) in enumerate((("train_loss", 1.0), ("test_acc", -100.0))):
                 epochs = max((len(h) for h in runs), default=0)
+                most = max(most, epochs)
                 means = [statistics.fmean(h[e][key] for h in runs if len(h) > e)
                          for e in range(epochs)]
                 ys = [100 + m * scale if scale < 0 else m for m in means]
@@ -201,30 +226,38 @@ def plot_training_curves(records: list[Record], path: str | Path) -> Path:
         for row in (0, 1):
             axes[row][col].xaxis.set_major_locator(MaxNLocator(integer=True))
             axes[row][col].grid(alpha=0.3)
+    for ax in (a for line in axes for a in line):  # one epoch: a point at 1, not a 0.95–1.05 axis
+        ax.set_xlim(0.5, most + 0.5)
+        if most <= 10:
+            ax.set_xticks(range(1, most + 1))
     axes[0][0].set_ylabel("train loss")
     axes[1][0].set_ylabel("test error (%)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper",
                fontsize="small")
-    fig.savefig(path, dpi=90)
-    return Path(path)
+    return save_figure_atomic(fig, path, dpi=90)
 
 
 def _blocks(records: list[Record], meta: dict[str, Any]) -> list[tuple[str, Any]]:
     """The report's content as (kind, value) blocks, rendered to Markdown and to HTML."""
+    from .report_lr import lr_blocks
+
     rows = summarize(records)
     sizes, lines = _grid(rows)
     header = ["method", *(f"bs={b}" for b in sizes), "ms/step"]
+    tuned = any(r.get("phase") == "val" for r in records)
     blocks: list[tuple[str, Any]] = [
         ("h1", f"normkit compare: {meta.get('dataset', '')} / {meta.get('model', '')}"),
         ("p", meta.get("summary", "")),
-        ("h2", "Test error (%), mean ± std over seeds (eval-mode statistics)"),
+        ("h2", "Recommendation"), ("ul", recommendation_lines(recommend(records))),
+        ("h2", "Test error (%), mean ± 95 % t interval over seeds (eval-mode statistics"
+               + (", each method at its tuned lr)" if tuned else ")")),
         ("table", (header, lines)),
     ]
     if any(r["bstats_mean"] is not None for r in rows):
         blocks += [("h2", "Test error (%) with batch statistics (train mode, run's batch size)"),
                    ("table", (header[:-1], [line[:-1] for line in _grid(rows, "bstats")[1]]))]
     blocks += [("h2", "Test error vs batch size"), ("img", "error_vs_batch_size.png"),
-               ("h2", "Training curves"), ("img", "training_curves.png")]
+               *lr_blocks(records), ("h2", "Training curves"), ("img", "training_curves.png")]
     shift = _shift_lines(records)
     if shift:
         blocks += [("h2", "Test error (%) under covariate shift, mean ± std over seeds"),
@@ -283,6 +316,13 @@ def _markdown(blocks: list[tuple[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _bold(text: str) -> str:
+    """Markdown ``**bold**`` of a list item as HTML."""
+    import re
+
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+
+
 def _html(blocks: list[tuple[str, Any]], out_dir: Path) -> str:
     esc = html.escape
     body = []
@@ -298,7 +338,8 @@ def _html(blocks: list[tuple[str, Any]], out_dir: Path) -> str:
             data = base64.b64encode((out_dir / value).read_bytes()).decode()
             body.append(f'<img alt="{esc(value)}" src="data:image/png;base64,{data}">')
         elif kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{esc(str(i))}</li>" for i in value) + "</ul>")
+            body.append("<ul>" + "".join(f"<li>{_bold(esc(str(i)))}</li>" for i in value)
+                        + "</ul>")
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
              "text-align:right}td:first-child{text-align:left}img{max-width:100%}")
@@ -319,17 +360,21 @@ def write_report(records: list[Record], out_dir: str | Path,
 
     Returns:
         The written paths by name (``csv``, ``error_plot``, ``curves_plot``, ``markdown``,
-        ``html``; ``shift_plot`` for runs with ``shift``).
+        ``html``; ``lr_plot`` for a tuned sweep, ``shift_plot`` for runs with ``shift``).
     """
+    from .report_lr import plot_error_vs_lr
+
     out = Path(out_dir)
     paths = {"csv": write_csv(records, out / "results.csv"),
              "error_plot": plot_error_vs_batch_size(records, out / "error_vs_batch_size.png"),
              "curves_plot": plot_training_curves(records, out / "training_curves.png")}
+    if any(r.get("phase") == "val" for r in records):
+        paths["lr_plot"] = plot_error_vs_lr(records, out / "error_vs_lr.png")
     if summarize_shift(records):
         paths["shift_plot"] = plot_shift(records, out / "shift.png")
     blocks = _blocks(records, meta)
-    (out / "report.md").write_text(_markdown(blocks))
-    (out / "report.html").write_text(_html(blocks, out))
+    write_text_atomic(out / "report.md", _markdown(blocks))
+    write_text_atomic(out / "report.html", _html(blocks, out))
     return paths | {"markdown": out / "report.md", "html": out / "report.html"}
 
 
@@ -438,5 +483,4 @@ def plot_shift(records: list[Record], path: str | Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("test error (%)")
     fig.legend(loc="outside right upper", fontsize="small")
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure_atomic(fig, path, dpi=100)

@@ -1,4 +1,5 @@
-"""One training run and its configuration: the unit ``normkit compare`` sweeps over.
+"""One training run: the unit ``normkit compare`` sweeps over (its configuration,
+:class:`~normkit.experiments.config.CompareConfig`, is re-exported here).
 
 A run trains one model (one normalization method, batch size and seed) with SGD + momentum and a
 cosine learning-rate decay, evaluates the test set after every epoch and returns a JSON-able record.
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,213 +31,22 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import gradient as nk_gradient
-from .. import registry
 from .. import weight as nk_weight
 from ..errors import ConfigError
 from ..registry import parse_spec
-from .data import DATASETS, IDX_DATASETS, Dataset
-from .models import MODELS, build_model
+from . import torchrun
+from .config import DEFAULT_METHODS as DEFAULT_METHODS
+from .config import GRADIENT_METHODS as GRADIENT_METHODS
+from .config import CompareConfig as CompareConfig
+from .config import canonical_method as canonical_method
+from .data import Dataset
+from .models import build_model
+from .tuning import to_validation, validation_split
 
-__all__ = ["DEFAULT_METHODS", "CompareConfig", "canonical_method", "validate_methods", "train_run",
-           "evaluate"]
+__all__ = ["DEFAULT_METHODS", "GRADIENT_METHODS", "CompareConfig", "canonical_method",
+           "validate_methods", "train_run", "evaluate"]
 
-DEFAULT_METHODS = ("bn", "gn:num_groups=8", "ln", "none")
 _EVAL_CHUNK = 1024
-
-
-@dataclass
-class CompareConfig:
-    """Everything that defines a comparison sweep.
-
-    The grid (``methods`` × ``batch_sizes`` × ``seeds``) says which runs to do; every other field
-    is a *setting* that changes what a run computes and is hashed into :meth:`config_hash`, so
-    results of different settings are never mixed.
-
-    Attributes:
-        methods: normalization specs (``"bn"``, ``"gn:num_groups=8"``, ``"none"``, ...).
-        dataset: a name of :data:`normkit.experiments.data.DATASETS`.
-        data_dir: directory of IDX files (``mnist``, ``fashion-mnist``); not a setting.
-        model: a name of :data:`normkit.experiments.models.MODELS`.
-        batch_sizes: training batch sizes.
-        seeds: run seeds (model initialization and data order).
-        epochs: passes over the training set, the same for every batch size.
-        lr: learning rate at ``base_batch_size``.
-        base_batch_size: batch size at which ``lr`` applies when ``lr_scaling`` is on.
-        lr_scaling: scale the learning rate linearly with the batch size.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        subset: keep at most this many training and test examples (``None``: all).
-        data_seed: seed of the dataset (generation, split and subset), shared by all runs.
-        eval_batch_stats: also measure test accuracy with batch statistics (train mode).
-        weight: a :mod:`normkit.weight` method applied to every Linear/Conv layer but the output
-            layer (``"ws"``, ``"oni:iterations=5"``, ...; ``None``: none).
-        gradient: a :mod:`normkit.gradient` method: ``"gc"`` (centralization), ``"block"``
-            (block-normalized), ``"agc"`` (adaptive clipping, output layer excluded) as hooks on
-            SGD, or ``"lars"`` / ``"lamb"`` replacing SGD (``lr`` is then theirs: LARS steps by
-            ``lr·η·‖w‖`` with η = 1e-3, so its ``lr`` is ~100× SGD's; LAMB's is Adam's, ~1e-3);
-            ``None``: SGD.
-        nproc: data-parallel processes per run (DDP over gloo, every batch-dependent
-            normalization synchronized with :func:`normkit.sync`, so the global batch is
-            ``batch_size``); 1: one process.
-        analyze: after every epoch, record the conditioning of the output layer's input and
-            output gradient (:func:`normkit.analysis.layer_statistics` on a copy of the model in
-            training mode, 256 training examples), its weight norm and effective learning rate
-            η/‖W‖² in the history.
-        shift: comma-separated covariate shifts of the test set (``"noise,contrast"``,
-            ``"noise:0.5"``; :mod:`normkit.experiments.shift`): after training, each run is
-            evaluated on every shifted test set as is, with AdaBN, with prediction-time BN and
-            with TENT (``record["shift"]``); ``None``: none.
-        input_norm: an :class:`normkit.InputNormalizer` method (``"center"``, ``"standardize"``,
-            ``"zca"``, ``"cholesky"``; ``"pca"`` with the ``mlp``) fitted on the training set and
-            put in front of the model; ``None``: the inputs as loaded.
-        population: ``"pca"``, ``"zca"`` or ``"cholesky"``: every Linear / Conv2d becomes a
-            population-whitened layer (:func:`normkit.population.whiten_layers`, Natural Neural
-            Networks), refreshed before training and every ``refresh_every`` steps on 4 random
-            batches of 256 training examples (:class:`normkit.population.RefreshEvery`, SGD
-            momentum transformed); ``None``: plain layers.
-        refresh_every: steps between population refreshes (with ``population``).
-    """
-
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    dataset: str = "mnist1d"
-    data_dir: str | None = None
-    model: str = "mlp"
-    batch_sizes: list[int] = field(default_factory=lambda: [2, 4, 16, 64])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 4
-    lr: float = 0.1
-    base_batch_size: int = 64
-    lr_scaling: bool = True
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    subset: int | None = None
-    data_seed: int = 0
-    eval_batch_stats: bool = False
-    weight: str | None = None
-    gradient: str | None = None
-    nproc: int = 1
-    analyze: bool = False
-    shift: str | None = None
-    input_norm: str | None = None
-    population: str | None = None
-    refresh_every: int = 100
-
-    _GRID = ("methods", "batch_sizes", "seeds", "data_dir")
-
-    def settings(self) -> dict[str, Any]:
-        """The fields that change what a run computes (all but the grid and ``data_dir``;
-        ``weight`` / ``gradient`` only when set, so older results keep their hash)."""
-        values = asdict(self)
-        values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
-        optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False,
-                    "shift": None, "input_norm": None, "population": None, "refresh_every": 100}
-        return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
-
-    def config_hash(self) -> str:
-        """Short stable hash of :meth:`settings`; part of every result's key."""
-        text = json.dumps(self.settings(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def validate(self) -> None:
-        """Check every value; canonicalize method specs in place.
-
-        Raises:
-            ConfigError: naming the option, the value received and what is allowed.
-            UnknownMethodError: for an unknown method name.
-        """
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of "
-                              f"{', '.join(DATASETS)}")
-        if self.data_dir is not None and self.dataset not in IDX_DATASETS:
-            raise ConfigError(f"--data-dir is only read by mnist and fashion-mnist, but the "
-                              f"dataset is {self.dataset!r}; drop --data-dir or change --dataset")
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        for name, values in (("methods", self.methods), ("batch sizes", self.batch_sizes),
-                             ("seeds", self.seeds)):
-            if not values:
-                raise ConfigError(f"the list of {name} is empty; give at least one")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"the list of {name} has duplicates: {values}")
-        if any(b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"batch sizes must be ≥ 1, got {self.batch_sizes}")
-        checks = [("epochs", self.epochs, self.epochs >= 1, "≥ 1"),
-                  ("lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "> 0"),
-                  ("base batch size", self.base_batch_size, self.base_batch_size >= 1, "≥ 1"),
-                  ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
-                  ("weight decay", self.weight_decay, self.weight_decay >= 0, "≥ 0")]
-        for name, value, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {allowed}, got {value}")
-        if self.subset is not None and self.subset < 2:
-            raise ConfigError(f"subset must be ≥ 2 examples, got {self.subset}")
-        if self.weight is not None:
-            name, kwargs = parse_spec(self.weight)
-            nk_weight.parametrization(name, torch.zeros(2, 2), **kwargs)  # raises on a bad spec
-        if not isinstance(self.nproc, int) or self.nproc < 1:
-            raise ConfigError(f"nproc must be an int ≥ 1, got {self.nproc!r}")
-        if self.nproc > 1 and min(self.batch_sizes) < self.nproc:
-            raise ConfigError(f"every batch size must be ≥ nproc ({self.nproc}) so each process "
-                              f"gets a sample, got {self.batch_sizes}")
-        if self.analyze and self.nproc > 1:
-            raise ConfigError("--analyze runs in one process; drop --nproc or --analyze")
-        if self.shift is not None:
-            from .shift import parse_shifts, shift_label
-
-            if self.nproc > 1:
-                raise ConfigError("--shift evaluates in one process; drop --nproc or --shift")
-            self.shift = ",".join(shift_label(*s) for s in parse_shifts(self.shift))
-        if self.input_norm is not None:
-            from ..input_norm import _METHODS as input_methods
-
-            if self.input_norm not in input_methods:
-                raise ConfigError(f"unknown input normalization {self.input_norm!r}; choose one "
-                                  f"of {', '.join(input_methods)}")
-            if self.input_norm == "pca" and self.model != "mlp":
-                raise ConfigError(f"--input-norm pca gives flat (N, k) inputs, which only the mlp "
-                                  f"takes; use zca (same whitening, input shape kept) with "
-                                  f"--model {self.model}")
-        if self.population is not None:
-            if self.population not in ("pca", "zca", "cholesky"):
-                raise ConfigError(f"unknown population whitening {self.population!r}; choose one "
-                                  f"of pca, zca, cholesky")
-            if self.weight is not None or self.nproc > 1:
-                raise ConfigError("--population replaces the Linear/Conv layers and refreshes them "
-                                  "in one process: drop --weight and --nproc")
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
-            raise ConfigError(f"refresh_every must be an int ≥ 1, got {self.refresh_every!r}")
-        if self.refresh_every != 100 and self.population is None:
-            raise ConfigError("--refresh-every applies to --population layers; add --population")
-        if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
-            raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
-                              f"{', '.join(GRADIENT_METHODS)}")
-        self.methods = [canonical_method(m) for m in self.methods]
-        if len(set(self.methods)) != len(self.methods):
-            raise ConfigError(f"the list of methods names one method twice: {self.methods}")
-
-    def run_lr(self, batch_size: int) -> float:
-        """Learning rate of a run: ``lr · batch_size / base_batch_size`` when scaling is on."""
-        return self.lr * batch_size / self.base_batch_size if self.lr_scaling else self.lr
-
-
-def canonical_method(spec: str) -> str:
-    """Canonical form of a method spec: registry name, sorted ``key=value`` arguments.
-
-    Example: ``canonical_method("GroupNorm: num_groups=8")`` == ``"gn:num_groups=8"`` (if
-    ``groupnorm`` is an alias of ``gn``); ``canonical_method("none")`` == ``"none"``.
-
-    Raises:
-        UnknownMethodError: for an unknown name, listing close matches.
-        ConfigError: for a malformed spec or arguments given to ``none``.
-    """
-    name, kwargs = registry.parse_spec(spec)
-    if name.lower() == "none":
-        if kwargs:
-            raise ConfigError(f"method 'none' takes no arguments, got {spec!r}")
-        return "none"
-    canon = registry.info(name).name
-    args = ",".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
-    return f"{canon}:{args}" if args else canon
 
 
 def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
@@ -258,12 +67,20 @@ def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
     if max(cfg.batch_sizes) > n_train:
         raise ConfigError(f"batch size {max(cfg.batch_sizes)} exceeds the {n_train} training "
                           "examples; lower --batch-sizes or raise --subset")
-    build_model(cfg.model, dataset.input_shape, dataset.num_classes, "none")  # model vs data
+    if cfg.lrs is not None:  # the validation runs train on the rest of the training set
+        n_train -= round(cfg.val_fraction * n_train)
+        if max(cfg.batch_sizes) > n_train:
+            raise ConfigError(f"batch size {max(cfg.batch_sizes)} exceeds the {n_train} training "
+                              f"examples left beside the validation split; lower --batch-sizes, "
+                              f"--val-fraction, or raise --subset")
+    build_model(cfg.model, dataset.input_shape, dataset.num_classes, "none",
+                **_model_kw(cfg))  # model vs data
     sizes = {}
     x, y = dataset.x_train[:2], dataset.y_train[:2]
     for method in cfg.methods:
         try:
-            model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, method)
+            model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, method,
+                                **_model_kw(cfg))
             F.cross_entropy(model.train()(x), y).backward()
             with torch.no_grad():
                 model.eval()(x)
@@ -298,7 +115,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return loss_sum / n, correct / n
 
 
+def _model_kw(cfg: CompareConfig) -> dict[str, Any]:
+    return {"convert": True} if cfg.convert else {}
+
+
 def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int, seed: int, *,
+              lr: float | None = None, phase: str = "test",
               on_steps: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one model; never raises for a failed or diverged run.
 
@@ -308,11 +130,17 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
         method: canonical method spec (see :func:`canonical_method`).
         batch_size: training batch size; the last incomplete batch of an epoch is dropped.
         seed: seeds the model initialization and the data order.
+        lr: the lr at the base batch size, a value of ``cfg.lrs`` (``None``: ``cfg.lr``).
+        phase: ``"test"`` trains on the training set and tests; ``"val"`` trains on the training
+            set minus the validation split and is evaluated on that split only
+            (:func:`~normkit.experiments.tuning.validation_split`; results named ``val_*``,
+            no batch-statistics, shift or analysis evaluation).
         on_steps: called with the number of optimizer steps done since its last call.
 
     Returns:
-        A JSON-able record: ``method``, ``batch_size``, ``seed``, ``config_hash``, ``status``
-        (``ok``/``diverged``/``failed``), ``error``, ``lr``, ``steps``, ``test_acc``,
+        A JSON-able record: ``method``, ``batch_size``, ``seed``, ``config_hash``, ``phase``,
+        ``status`` (``ok``/``diverged``/``failed``), ``error``, ``lr`` (of this batch size),
+        ``base_lr`` (with ``lr``), ``steps``, ``val_error`` (validation phase), ``test_acc``,
         ``test_error`` (percent), ``test_acc_batch_stats``/``test_error_batch_stats`` (with
         ``cfg.eval_batch_stats``), ``time_per_step_ms``, ``wall_s``, ``history`` (per epoch)
         and, with ``cfg.shift``, ``shift`` (see :func:`normkit.experiments.shift.evaluate_shifts`).
@@ -320,16 +148,26 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     start = time.perf_counter()
     record: dict[str, Any] = {
         "method": method, "batch_size": batch_size, "seed": seed,
-        "config_hash": cfg.config_hash(), "status": "ok", "error": None,
-        "lr": cfg.run_lr(batch_size), "epochs": cfg.epochs, "steps": 0, "history": [],
+        "config_hash": cfg.config_hash(), "phase": phase, "status": "ok", "error": None,
+        "lr": cfg.run_lr(batch_size, lr), "epochs": cfg.epochs, "steps": 0, "history": [],
         "test_loss": None, "test_acc": None, "test_error": None, "time_per_step_ms": None,
     }
+    if lr is not None:
+        record["base_lr"] = lr
+    if phase == "val":  # the test set is not read: the validation split replaces it
+        dataset = validation_split(dataset, cfg.val_fraction, cfg.data_seed)
+        cfg = replace(cfg, eval_batch_stats=False, shift=None, analyze=False)
     if cfg.eval_batch_stats:
         record |= {"test_acc_batch_stats": None, "test_error_batch_stats": None}
     if cfg.shift is not None:
         record["shift"] = None
     try:
-        if cfg.nproc > 1:
+        if cfg.nproc == 1 and torchrun.active():  # every torchrun process trains this run
+            import torch.distributed as dist
+
+            _train(dataset, cfg, record, on_steps or (lambda n: None), rank=dist.get_rank(),
+                   world=dist.get_world_size())
+        elif cfg.nproc > 1:
             record |= _train_parallel(dataset, cfg, record)
             (on_steps or (lambda n: None))(record["steps"])
         else:
@@ -337,7 +175,7 @@ def train_run(dataset: Dataset, cfg: CompareConfig, method: str, batch_size: int
     except Exception as err:  # one broken run must not end the sweep; KeyboardInterrupt does
         record |= {"status": "failed", "error": f"{type(err).__name__}: {_one_line(err)}"}
     record["wall_s"] = round(time.perf_counter() - start, 3)
-    return record
+    return to_validation(record) if phase == "val" else record
 
 
 def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
@@ -346,8 +184,11 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
     (inside :func:`_train_parallel`'s processes) each rank trains DDP on its slice of every
     batch, normalizations synchronized; logged values are global."""
     batch_size, seed = record["batch_size"], record["seed"]
+    if world > 1:  # data-parallel: the record says over how many processes
+        record["world_size"] = world
     torch.manual_seed(seed)
-    model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"])
+    model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"],
+                        **_model_kw(cfg))
     if cfg.population is not None:
         from .. import population
 
@@ -502,7 +343,6 @@ def _analysis(model: nn.Module, ds: Dataset, lr: float, previous: dict[str, Tens
             "angular_update": turned}
 
 
-GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
 
 
 def _output_layer(model: nn.Module) -> str:
