@@ -32,9 +32,10 @@ def _hooks():
 @pytest.mark.parametrize("name", METHODS)
 def test_registered_class_is_exported(name: str) -> None:
     cls = nk.info(name).cls
-    assert getattr(nk, cls.__name__, None) is cls, f"add {cls.__name__} to normkit/__init__.py"
-    assert getattr(nk.methods, cls.__name__, None) is cls, (
-        f"add {cls.__name__} to normkit/methods/__init__.py")
+    hint = (f"list {cls.__name__} in the __all__ of {cls.__module__} (a new family module: "
+            "star-import it in normkit/methods/__init__.py)")
+    assert getattr(nk.methods, cls.__name__, None) is cls and cls.__name__ in nk.methods.__all__, hint
+    assert getattr(nk, cls.__name__, None) is cls, hint
 
 
 # --------------------------------------------------------------------------- summaries

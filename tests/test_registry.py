@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import normkit as nk
-
 from cases import CASES
 
 # Derived, not hand lists: the case table (tests/cases.py) names every method it tests, and a

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
-
 import math
+from typing import Any, Literal, TypedDict
 
 import torch
 

@@ -8,7 +8,6 @@ learned weights, gated, chained, or fused with an activation — so each is one 
 
 from __future__ import annotations
 
-
 import torch
 from typing_extensions import Unpack
 
