@@ -177,3 +177,16 @@ def test_moved_operation_keeps_a_deprecated_alias() -> None:
         assert type(nk.IBN(4).nop) is nk.nop.InstanceBatchStandardize
     with pytest.raises(AttributeError):
         ibn.NotAnOperation  # noqa: B018
+
+
+def test_normkit_list_prints_each_summary_whole(capsys, monkeypatch) -> None:
+    pytest.importorskip("rich")
+    from normkit import cli
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per row: the summaries are not wrapped
+    assert cli.main(["list"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name in METHODS:
+        summary = nk.info(name).summary
+        assert " ".join(summary.replace("`", "").split()) in out, name  # `code` styled, not shown
+    assert "``" not in out
