@@ -2,8 +2,9 @@
 
 * ``on_config`` expands the ``Methods`` and ``API reference`` entries of the nav into one page per
   registered family (``normkit.registry.list_families()``) and one page per public module of
-  ``normkit`` (every module found by ``pkgutil.walk_packages``, private ``_x`` ones left out), so a
-  new family or module appears without touching ``mkdocs.yml``;
+  ``normkit`` (every module found by ``pkgutil.walk_packages``, less the private ``_x`` ones and
+  the tools: ``cli``, ``experiments``, ``bench*``), so a new family or module appears without
+  touching ``mkdocs.yml``;
 * ``on_files`` adds those pages;
 * ``on_page_markdown`` replaces ``<!-- normkit:NAME -->`` markers in hand-written pages with
   generated content (the application modules, the examples, the committed ``normkit compare`` run,
@@ -46,12 +47,23 @@ def _family_title(family: str) -> str:
     return family.replace("_", " ").capitalize()
 
 
+# Modules of the package that are tools, not library API: the command line and its experiments,
+# the benchmarks. A module is public unless a part of its dotted name starts with "_", is one of
+# these or starts with "bench".
+PRIVATE_PARTS = frozenset({"cli", "experiments", "__main__"})
+
+
+def _is_public(module: str) -> bool:
+    return not any(part.startswith(("_", "bench")) or part in PRIVATE_PARTS
+                   for part in module.split(".")[1:])
+
+
 def _public_modules() -> list[str]:
     import normkit
 
     names = ["normkit"]
-    for mod in pkgutil.walk_packages(normkit.__path__, "normkit."):
-        if not any(part.startswith("_") for part in mod.name.split(".")):
+    for mod in pkgutil.walk_packages(normkit.__path__, "normkit.", onerror=lambda name: None):
+        if _is_public(mod.name):
             names.append(mod.name)
     return sorted(names)
 

@@ -281,9 +281,20 @@ def _load_methods() -> None:
     importlib.import_module("normkit")
 
 
+def _code_spans(text: str) -> Any:
+    """``text`` as rich Text (no markup parsing: ``[0, 1]`` stays literal), `code` spans cyan."""
+    from rich.text import Text
+
+    out = Text()
+    for i, part in enumerate(text.split("`")):
+        out.append(part, style="cyan" if i % 2 else "")
+    return out
+
+
 def _list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from . import registry
 
@@ -294,7 +305,8 @@ def _list(args: argparse.Namespace) -> int:
         table.add_column(header, overflow="fold")
     for name in names:
         meta = registry.info(name)
-        table.add_row(meta.name, meta.family, ", ".join(meta.aliases), meta.paper, meta.summary)
+        table.add_row(meta.name, meta.family, ", ".join(meta.aliases), Text(meta.paper),
+                      _code_spans(meta.summary))
     Console().print(table)
     return 0
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
+import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,6 +40,7 @@ __all__ = [
     "list_methods",
     "list_families",
     "parse_spec",
+    "summary_of",
 ]
 
 T = TypeVar("T", bound=type)
@@ -53,7 +56,8 @@ class MethodInfo:
         family: catalog family (``"standardization"``, ``"scaling"``, ``"local"``, ...).
         aliases: other accepted names.
         paper: short citation of the paper that introduced the method.
-        summary: first line of the class docstring.
+        summary: the first paragraph of the class docstring, whole, on one line, its inline
+            reStructuredText as Markdown code (:func:`summary_of`).
     """
 
     name: str
@@ -66,6 +70,25 @@ class MethodInfo:
 
 _METHODS: dict[str, MethodInfo] = {}
 _KEYS: dict[str, str] = {}  # normalized key (name or alias) -> canonical name
+
+
+_ROLE = re.compile(r":(?:py:)?[a-z]+:`~?([^`<]*?)\s*(?:<[^`>]*>)?`")
+
+
+def summary_of(doc: str | None) -> str:
+    r"""The summary of a docstring: its first paragraph whole, on one line, as plain Markdown.
+
+    RST inline literals ````x```` become ```x```, a role ``:class:`~a.b.C``` becomes ```C```; the
+    paragraph is never cut mid-sentence (``normkit list`` and the docs' method tables show it).
+
+    Example:
+        >>> summary_of("Scale by ``g``, see\n    :class:`~normkit.nrr.Affine`.\n\n    More.")
+        'Scale by `g`, see `Affine`.'
+    """
+    paragraph = inspect.cleandoc(doc or "").split("\n\n", 1)[0]
+    text = " ".join(line.strip() for line in paragraph.splitlines())
+    text = re.sub(r"``(.+?)``", r"`\1`", text)
+    return _ROLE.sub(lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", text)
 
 
 def _key(name: str) -> str:
@@ -82,8 +105,7 @@ def register(
     """
 
     def decorator(cls: T) -> T:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        meta = MethodInfo(name, cls, family, tuple(aliases), paper, doc[0] if doc else "")
+        meta = MethodInfo(name, cls, family, tuple(aliases), paper, summary_of(cls.__doc__))
         names = (name, *aliases)
         for n in names:  # check every name before writing any, so a failure changes nothing
             k = _key(n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, TypedDict
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from .. import nap, nrr
 from ..errors import ConfigError
 
-__all__ = ["NormKwargs", "affine_recovery", "layer_partition"]
+__all__ = ["NormKwargs", "affine_recovery", "layer_partition", "default_grouping", "GN_GROUPS",
+           "WHITENING_GROUP"]
 
 
 class NormKwargs(TypedDict, total=False):
@@ -58,3 +60,40 @@ def layer_partition(
     if over == "channels":
         return nap.Position()
     raise ConfigError(f"over must be 'all', 'channels' or None, got {over!r}")
+
+
+GN_GROUPS = 32  # GroupNorm's paper: 32 groups (the default of every standardization grouping)
+WHITENING_GROUP = 16  # DBN's paper: groups of 16 channels (the default of every whitening grouping)
+
+
+def default_grouping(num_features: int, paper: int, *, count: bool) -> int:
+    """The default grouping of a grouped preset: the paper's value where it divides ``C``,
+    else the largest valid value below it.
+
+    One rule for every grouped method (applied only when the user gives neither ``num_groups``
+    nor ``group_size``; an explicit value is used as given and raises if it does not divide):
+
+    * a group **count** (``count=True``: GN, batch-group, ILM, EvoNorm-S0, BCN with
+      ``paper=32``) is ``gcd(C, paper)`` — at most ``paper`` groups, and the groups stay the
+      paper's (``C/32`` channels) wherever 32 divides ``C``, coarser otherwise (48 → 16,
+      24 → 8, 7 → 1 group): rounding a count down merges groups, never splits a channel off
+      into a group of its own (``g = C`` would be IN, not GN);
+    * a group **size** (``count=False``: the batch whitenings, switchable whitening with
+      ``paper=16``) is the largest divisor of ``C`` that is at most ``paper`` (48 → 16, 24 → 12,
+      7 → 7); group whitening's count uses the same (``count=False, paper=16``) as its paper's
+      groups are at most 16 as well.
+
+    Example:
+        >>> [default_grouping(c, 32, count=True) for c in (64, 48, 24, 7)]
+        [32, 16, 8, 1]
+        >>> [default_grouping(c, 16, count=False) for c in (64, 48, 24, 7)]
+        [16, 16, 12, 7]
+
+    Raises:
+        ConfigError: if ``num_features`` is not a positive int.
+    """
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+        raise ConfigError(f"num_features must be a positive int, got {num_features!r}")
+    if count:
+        return math.gcd(num_features, paper)
+    return max(d for d in range(1, min(paper, num_features) + 1) if num_features % d == 0)

@@ -8,8 +8,6 @@ learned weights, gated, chained, or fused with an activation — so each is one 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from typing_extensions import Unpack
 
@@ -25,20 +23,12 @@ from ..nop._combination import (
 )
 from ..normalization import Normalization
 from ..registry import register
-from ._common import NormKwargs, affine_recovery
+from ._common import GN_GROUPS, NormKwargs, affine_recovery, default_grouping
 
 __all__ = ["SwitchableNorm", "BatchInstanceNorm", "EvoNormB0", "EvoNormS0", "FilterResponseNorm",
            "BatchChannelNorm"]
 
 _FAMILY = "combination"
-
-
-def _default_groups(num_features: int) -> int:
-    """32 groups (GroupNorm's default), or the largest power of two dividing ``C`` when 32 does
-    not: ``gcd(C, 32)`` — so the default works for every channel count."""
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
-        raise ConfigError(f"num_features must be a positive int, got {num_features!r}")
-    return math.gcd(num_features, 32)
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -238,7 +228,8 @@ class EvoNormS0(Normalization):
     Args:
         num_features: channels ``C``.
         num_groups / group_size: the grouping (at most one; must divide ``C``; default
-            ``gcd(C, 32)`` groups: 32 where 32 divides ``C``, as :class:`~normkit.GroupNorm`).
+            ``gcd(C, 32)`` groups: 32 where 32 divides ``C``, as :class:`~normkit.GroupNorm`;
+            :func:`~normkit.methods._common.default_grouping`).
         affine: per-channel ``γ``, ``β`` (``v`` is always learned). Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
@@ -265,7 +256,7 @@ class EvoNormS0(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None and group_size is None:
-            num_groups = _default_groups(num_features)
+            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
         partition = nap.Group(num_groups=num_groups, group_size=group_size)
         super().__init__(num_features, nap=partition, nop=EvoS0(), nrr=affine_recovery(affine),
                          **kw)
@@ -373,7 +364,8 @@ class BatchChannelNorm(Normalization):
     Args:
         num_features: channels ``C``.
         num_groups / group_size: the GN grouping (at most one; must divide ``C``; default
-            ``gcd(C, 32)`` groups: 32 where 32 divides ``C``, the paper's GN setting).
+            ``gcd(C, 32)`` groups: 32 where 32 divides ``C``, the paper's GN setting;
+            :func:`~normkit.methods._common.default_grouping`).
         bn_affine: learn ``γ_b, β_b`` between the steps. Default ``True``.
         affine: learn ``γ, β`` after the GN step. Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs` (``eps`` used by both steps).
@@ -401,7 +393,7 @@ class BatchChannelNorm(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None and group_size is None:
-            num_groups = _default_groups(num_features)
+            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
         op = BatchChannelStandardize(num_groups=num_groups, group_size=group_size,
                                      bn_affine=bn_affine)
         super().__init__(num_features, nap=nap.Batch(), nop=op, nrr=affine_recovery(affine), **kw)

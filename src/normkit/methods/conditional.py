@@ -15,7 +15,7 @@ from .. import nap, nop, nrr
 from ..nop._combination import InstanceLayerStandardize
 from ..normalization import Normalization
 from ..registry import register
-from ._common import NormKwargs, layer_partition
+from ._common import GN_GROUPS, NormKwargs, default_grouping, layer_partition
 
 __all__ = ["AdaLIN", "InstanceLevelMetaNorm", "ConditionalBatchNorm", "ConditionalInstanceNorm", "AdaIN", "SPADENorm",
            "InstanceEnhancedBatchNorm", "AttentiveNorm", "DynamicLayerNorm"]
@@ -301,7 +301,7 @@ class InstanceLevelMetaNorm(Normalization):
 
     Args:
         num_features: channels ``C``.
-        num_groups: GN's groups (32).
+        num_groups: GN's groups. Default ``gcd(C, 32)``, as :class:`~normkit.GroupNorm`.
         reduction: bottleneck ratio ``r`` of the encoder (4).
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
@@ -316,7 +316,9 @@ class InstanceLevelMetaNorm(Normalization):
         True
     """
 
-    def __init__(self, num_features: int, *, num_groups: int = 32, reduction: int = 4,
+    def __init__(self, num_features: int, *, num_groups: int | None = None, reduction: int = 4,
                  **kw: Unpack[NormKwargs]) -> None:
+        if num_groups is None:
+            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
         super().__init__(num_features, nap=nap.Group(num_groups=num_groups), nop=nop.Standardize(),
                          nrr=nrr.MetaAffine(reduction=reduction), **kw)

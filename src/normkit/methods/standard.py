@@ -13,7 +13,7 @@ from .. import nap
 from ..functional.normalize import default_eps
 from ..normalization import Normalization
 from ..registry import register
-from ._common import NormKwargs, affine_recovery, layer_partition
+from ._common import GN_GROUPS, NormKwargs, affine_recovery, default_grouping, layer_partition
 from ._torch_form import TrailingDims, torch_call_form
 
 __all__ = ["BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "PositionalNorm", "BatchGroupNorm"]
@@ -200,8 +200,9 @@ class GroupNorm(Normalization):
     Args:
         num_features: channels ``C``.
         num_groups: number of groups ``g`` (must divide ``C``), or
-        group_size: channels per group (exactly one of the two; default ``num_groups=32`` when
-            neither is given and 32 divides ``C``).
+        group_size: channels per group (at most one of the two). Default: ``gcd(C, 32)`` groups
+            — the paper's 32 wherever 32 divides ``C`` (:func:`~normkit.methods._common.
+            default_grouping`).
         affine: per-channel ``γ, β``. Default ``True``.
         bias: with ``affine``, learn ``β`` too (torch's ``bias``). Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.
@@ -228,7 +229,7 @@ class GroupNorm(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None and group_size is None:
-            num_groups = 32
+            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
         partition = nap.Group(num_groups=num_groups, group_size=group_size)
         super().__init__(num_features, nap=partition, nrr=affine_recovery(affine, bias=bias), **kw)
 
@@ -289,7 +290,7 @@ class BatchGroupNorm(Normalization):
     Args:
         num_features: channels ``C``.
         num_groups / group_size: the grouping (at most one; must divide ``C``; default
-            ``num_groups=32``).
+            ``gcd(C, 32)`` groups, as :class:`GroupNorm`).
         affine: per-channel ``γ, β``. Default ``True``.
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
@@ -314,6 +315,6 @@ class BatchGroupNorm(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None and group_size is None:
-            num_groups = 32
+            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
         partition = nap.BatchGroup(num_groups=num_groups, group_size=group_size)
         super().__init__(num_features, nap=partition, nrr=affine_recovery(affine), **kw)

@@ -10,7 +10,7 @@ from .. import nap, nop, nrr
 from ..errors import ConfigError
 from ..normalization import Normalization
 from ..registry import register
-from ._common import NormKwargs, affine_recovery
+from ._common import WHITENING_GROUP, NormKwargs, affine_recovery, default_grouping
 
 __all__ = [
     "BatchWhitening",
@@ -39,13 +39,6 @@ def _iterations(module: object, method: str, iterations: int | None) -> int | No
             f"does not iterate: iterations applies to method='newton' (IterNorm) only. Remove "
             f"iterations=, or use method='newton' / normkit.IterNorm")
     return iterations
-
-
-def _largest_divisor(num_features: int, limit: int = 16) -> int:
-    """Default group size / count: the largest divisor of ``C`` up to ``limit``."""
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
-        raise ConfigError(f"num_features must be a positive int, got {num_features!r}")
-    return max(d for d in range(1, limit + 1) if num_features % d == 0)
 
 
 class BatchWhitening(Normalization):
@@ -100,7 +93,7 @@ class BatchWhitening(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if group_size is None:
-            group_size = _largest_divisor(num_features)
+            group_size = default_grouping(num_features, WHITENING_GROUP, count=False)
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),
@@ -287,7 +280,7 @@ class GroupWhitening(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if num_groups is None:
-            num_groups = _largest_divisor(num_features)
+            num_groups = default_grouping(num_features, WHITENING_GROUP, count=False)
         super().__init__(
             num_features,
             nap=nap.Group(num_groups=num_groups),
@@ -404,7 +397,7 @@ class SwitchableWhitening(Normalization):
         **kw: Unpack[NormKwargs],
     ) -> None:
         if group_size is None:
-            group_size = _largest_divisor(num_features)
+            group_size = default_grouping(num_features, WHITENING_GROUP, count=False)
         super().__init__(
             num_features,
             nap=nap.Batch(group_size=group_size),

@@ -17,6 +17,10 @@ operation            x̂                                            statistics
 ``Divisive(...)``    (x − μ)/(k + α·σ²)^β   (``center=False``: x/(k + α·E[x²])^β)  mean, var / ms
 ===================  ===========================================  ==================
 
+The operations of the other families (combination, multi-mode, robust, online, power) are
+exported here too: every public :class:`Operation` subclass of this package is importable as
+``normkit.nop.<Name>``.
+
 Example:
     >>> import torch, normkit as nk
     >>> x = torch.randn(4, 3, 5)
@@ -28,6 +32,26 @@ Example:
 from ._base import Coefficients as Coefficients
 from ._base import Operation as Operation
 from ._base import Stats as Stats
+from ._combination import BatchChannelStandardize as BatchChannelStandardize
+from ._combination import BatchInstanceStandardize as BatchInstanceStandardize
+from ._combination import EvoB0 as EvoB0
+from ._combination import EvoS0 as EvoS0
+from ._combination import FilterResponse as FilterResponse
+from ._combination import InstanceLayerStandardize as InstanceLayerStandardize
+from ._combination import SwitchableStandardize as SwitchableStandardize
+from ._ibn import InstanceBatchStandardize as InstanceBatchStandardize
+from ._multimode import MixtureStandardize as MixtureStandardize
+from ._multimode import ModeStandardize as ModeStandardize
+from ._multimode import TaskStandardize as TaskStandardize
+from ._online import ExampleWeighted as ExampleWeighted
+from ._online import OnlineStandardize as OnlineStandardize
+from ._power import PowerScale as PowerScale
+from ._robust import Ghost as Ghost
+from ._robust import MomentumStandardize as MomentumStandardize
+from ._robust import MovingAverageStandardize as MovingAverageStandardize
+from ._robust import Renormalize as Renormalize
+from ._robust import RobustStandardize as RobustStandardize
+from ._robust import WindowStandardize as WindowStandardize
 from ._standard import L1 as L1
 from ._standard import Center as Center
 from ._standard import Divisive as Divisive
@@ -37,4 +61,18 @@ from ._standard import Standardize as Standardize
 from ._whiten import SwitchableWhiten as SwitchableWhiten
 from ._whiten import Whiten as Whiten
 
-__all__ = ["Operation", "Standardize", "Center", "Scale", "L1", "Range", "Divisive", "Whiten", "SwitchableWhiten"]
+__all__ = [
+    "Operation", "Stats", "Coefficients",
+    # standardization, scaling, local
+    "Standardize", "Center", "Scale", "L1", "Range", "Divisive",
+    # whitening
+    "Whiten", "SwitchableWhiten",
+    # combination
+    "SwitchableStandardize", "BatchInstanceStandardize", "InstanceLayerStandardize",
+    "InstanceBatchStandardize", "EvoB0", "EvoS0", "FilterResponse", "BatchChannelStandardize",
+    # multi-mode
+    "ModeStandardize", "MixtureStandardize", "TaskStandardize",
+    # robust, online, power
+    "RobustStandardize", "Renormalize", "Ghost", "MomentumStandardize", "WindowStandardize",
+    "MovingAverageStandardize", "ExampleWeighted", "OnlineStandardize", "PowerScale",
+]
