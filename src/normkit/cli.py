@@ -21,6 +21,27 @@ from typing import Any
 
 __all__ = ["main", "build_parser", "split_methods"]
 
+# What the ``compare`` extra installs (pyproject.toml); the core library needs torch alone.
+COMPARE_EXTRA = ("numpy", "scipy", "matplotlib", "rich", "mnist1d")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("normkit")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH
+        from . import __version__
+
+        return __version__
+
+
+def _missing_extra() -> list[str]:
+    """The modules of the ``compare`` extra that are not installed."""
+    import importlib.util
+
+    return [m for m in COMPARE_EXTRA if importlib.util.find_spec(m) is None]
+
 def split_methods(text: str) -> list[str]:
     """Split a ``--methods`` value into specs; a ``key=value`` piece continues the spec before.
 
@@ -104,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="normkit: normalization methods for PyTorch.",
         epilog="Run 'normkit COMMAND --help' for the options of each command.")
+    parser.add_argument("--version", action="version", version=f"normkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = _HelpFormatter
 
@@ -236,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import NormkitError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"normkit {_version()}")
+        return 0
+    if argv[:1] != ["bench"] and _missing_extra():  # bench needs torch alone
+        command = argv[0] if argv and not argv[0].startswith("-") else "compare"
+        print(f"normkit {command} needs the compare extra: pip install 'normkit[compare]' "
+              f"(missing: {', '.join(_missing_extra())})", file=sys.stderr)
+        return 2
     if argv[:1] == ["bench"]:  # the benchmark parses its own options, --help included
         return _bench(argv[1:])
     if argv[:1] == ["analyze"]:  # so do the analysis tools
