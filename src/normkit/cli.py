@@ -293,13 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
+    from ._bench import main as bench_main
+
     try:
-        from . import benchmarking
-    except ImportError as err:
-        print(f"error: the benchmark is not available ({err})", file=sys.stderr)
-        return 2
-    try:
-        return int(benchmarking.main(argv) or 0)
+        return int(bench_main(argv) or 0)
     except SystemExit as exit_:  # its argparse: --help or a usage error
         return int(exit_.code or 0)
 
