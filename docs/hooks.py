@@ -50,8 +50,9 @@ def _public_modules() -> list[str]:
     import normkit
 
     names = ["normkit"]
+    deprecated = {"normkit.benchmarking", "normkit.bench_weight"}  # aliases of normkit._bench
     for mod in pkgutil.walk_packages(normkit.__path__, "normkit."):
-        if not any(part.startswith("_") for part in mod.name.split(".")):
+        if not any(part.startswith("_") for part in mod.name.split(".")) and mod.name not in deprecated:
             names.append(mod.name)
     return sorted(names)
 
