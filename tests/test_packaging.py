@@ -62,26 +62,43 @@ def test_layers_work_without_numpy_and_the_extras() -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("command", ["compare", "list"])
-def test_cli_without_the_extra_says_which_extra(command: str) -> None:
-    r = _run(f"from normkit.cli import main; sys.exit(main([{command!r}]))", *HEAVY)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert lines[0].startswith(f"normkit {command} needs the compare extra: "
-                               "pip install 'normkit[compare]'")
+def test_cli_without_the_extra(tmp_path: Path) -> None:
+    """``compare`` / ``list`` name the extra in one line and exit 2; ``bench`` and ``--version``
+    need torch alone (one interpreter for all four: each start imports torch)."""
+    out = tmp_path / "b.json"
+    r = _run(f"""
+        import contextlib, io, json
+        from normkit.cli import main
+        got = {{}}
+        for argv in (["compare"], ["list"], ["--version"],
+                     ["bench", "--shapes", "4x8x2x2", "--methods", "bn", "--repeats", "1",
+                      "--no-compile", "--plain", "--threads", "1", "--json", {str(out)!r}]):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = main(argv)
+            got[argv[0]] = [rc, err.getvalue()]
+        print(json.dumps(got))
+    """, *HEAVY)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for command in ("compare", "list"):
+        rc, err = got[command]
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(f"normkit {command} needs the compare extra: "
+                              "pip install 'normkit[compare]'"), err
+    assert got["--version"][0] == 0
+    assert got["bench"][0] == 0, got["bench"][1]
+    assert json.loads(out.read_text())["cells"]
 
 
 @pytest.mark.timeout(300)
 def test_version_and_python_m() -> None:
     import normkit
 
-    for argv in (["--version"], ["-V"]):
-        r = subprocess.run([sys.executable, "-m", "normkit", *argv], capture_output=True,
-                           text=True, timeout=240,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.split() == ["normkit", normkit.__version__]
+    r = subprocess.run([sys.executable, "-m", "normkit", "-V"], capture_output=True, text=True,
+                       timeout=240, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["normkit", normkit.__version__]
 
 
 def _requirements() -> tuple[list[str], dict[str, list[str]]]:

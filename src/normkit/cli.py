@@ -3,7 +3,10 @@
 ``normkit compare`` trains small models with several normalization methods across batch sizes
 and seeds, and writes a resumable run directory with results, plots and reports; ``normkit list``
 prints the catalog of methods; ``normkit bench`` runs the speed benchmark. Every bad option or
-method exits with status 2 and one ``error: ...`` line before any training starts. Example::
+method exits with status 2 and one ``error: ...`` line before any training starts. ``compare``,
+``list`` and ``analyze`` need the ``compare`` extra (``pip install 'normkit[compare]'``); without it
+they exit with status 2 and one line saying so. ``bench`` and ``--version`` need torch alone; ``python
+-m normkit`` is the same command. Example::
 
     $ normkit compare --methods bn,gn:num_groups=8,ln,none --batch-sizes 2,4,16,64
     $ normkit compare --model my_models.py:net --dataset my_data.py:load --backend ray
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="normkit: normalization methods for PyTorch.",
         epilog="Run 'normkit COMMAND --help' for the options of each command.")
-    parser.add_argument("--version", action="version", version=f"normkit {_version()}")
+    parser.add_argument("-V", "--version", action="version", version=f"normkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = _HelpFormatter
 
@@ -262,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"normkit {_version()}")
         return 0
     if argv[:1] != ["bench"] and _missing_extra():  # bench needs torch alone
-        command = argv[0] if argv and not argv[0].startswith("-") else "compare"
-        print(f"normkit {command} needs the compare extra: pip install 'normkit[compare]' "
+        command = f"normkit {argv[0]}" if argv[:1] in (["compare"], ["list"], ["analyze"]) else "normkit"
+        print(f"{command} needs the compare extra: pip install 'normkit[compare]' "
               f"(missing: {', '.join(_missing_extra())})", file=sys.stderr)
         return 2
     if argv[:1] == ["bench"]:  # the benchmark parses its own options, --help included
