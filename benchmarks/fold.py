@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 import normkit as nk
+from normkit._bench import machine_info
 from normkit.apply.fold import fold
-from normkit.benchmarking import machine_info
 
 NORMS: dict[str, Callable[[int], nn.Module]] = {
     "torch_bn": nn.BatchNorm2d,

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from normkit import ConfigError, ShapeError
+from normkit._bench.reference import whitening_matrix  # the float64 formula, shared
 
 __all__ = ["Case", "ErrorInput", "CASES", "CASE_IDS", "ERROR_PARAMS", "ERROR_IDS", "to_layout",
            "from_layout", "layout_shape"]
@@ -220,27 +221,6 @@ def _eval_ref(kind: str) -> Callable[[Any, Tensor], Tensor]:
     return ref
 
 
-def _whitening_matrix(method: str, cov: Tensor, eps: float, iterations: int) -> Tensor:
-    """Float64 whitening matrices of ``cov + εI`` straight from the formulas (METHODS.md)."""
-    d = cov.shape[-1]
-    s = cov + eps * torch.eye(d, dtype=cov.dtype)
-    if method == "cholesky":
-        return torch.linalg.inv(torch.linalg.cholesky(s))
-    if method == "newton":  # IterNorm as written in the paper (uncoupled; fine for small T)
-        tr = s.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
-        sn, p = s / tr, torch.eye(d, dtype=cov.dtype).expand_as(s)
-        for _ in range(iterations):
-            p = 0.5 * (3 * p - p @ p @ p @ sn)
-        return p / tr.sqrt()
-    lam, u = torch.linalg.eigh(s)
-    if method == "zca":
-        return u @ torch.diag_embed(lam.rsqrt()) @ u.transpose(-1, -2)
-    if method == "pca":  # Λ^{-1/2}Uᵀ, each eigenvector's largest-magnitude entry positive
-        pivot = u.gather(-2, u.abs().argmax(-2, keepdim=True))
-        return torch.diag_embed(lam.rsqrt()) @ (u * pivot.sign()).transpose(-1, -2)
-    raise ValueError(method)
-
-
 def _whiten_stats(method: str, d: int, *, estimate: str = "matrix", eps: float = 1e-5,
                   iterations: int = 5) -> Callable[[Tensor], Stats]:
     """Batch whitening in groups of ``d`` channels: running ``mean`` (C,) and ``matrix`` (the
@@ -254,7 +234,7 @@ def _whiten_stats(method: str, d: int, *, estimate: str = "matrix", eps: float =
         cov = g @ g.transpose(1, 2) / m
         if estimate == "covariance":
             return {"mean": mean, "cov": cov * m / (m - 1)}
-        return {"mean": mean, "matrix": _whitening_matrix(method, cov, eps, iterations)}
+        return {"mean": mean, "matrix": whitening_matrix(cov, method, eps, iterations)}
 
     return stats
 
@@ -269,7 +249,7 @@ def _whiten_eval_ref(d: int, method: str = "zca", iterations: int = 5, coloring:
         c = x.shape[1]
         xc = _per_channel(x) - m.running_mean.double()[:, None]
         if getattr(m, "running_cov", None) is not None:
-            w = _whitening_matrix(method, m.running_cov.double(), m.eps, iterations)
+            w = whitening_matrix(m.running_cov.double(), method, m.eps, iterations)
         else:
             w = m.running_matrix.double()
         if coloring:
@@ -684,7 +664,7 @@ def _sw_eval_ref(d: int) -> Callable[[Any, Tensor], Tensor]:
         modes = m.nop.modes
         mean = sum(wm[i] * means[k] for i, k in enumerate(modes))
         cov = sum(wc[i] * covs[k] for i, k in enumerate(modes)).expand(n, -1, -1, -1)
-        w = _whitening_matrix("zca", cov.reshape(-1, d, d), m.eps, 0).reshape(cov.shape)
+        w = whitening_matrix(cov.reshape(-1, d, d), "zca", m.eps, 0).reshape(cov.shape)
         y = (w @ (xi - mean)).reshape(n, c, -1)
         y = y * m.weight.detach().double()[:, None] + m.bias.detach().double()[:, None]
         return y.reshape(x.shape)

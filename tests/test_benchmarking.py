@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from normkit import benchmarking as B
+from normkit import _bench as B
+from normkit._bench import reference, speed, whitening
 
 
 def test_parse_shape() -> None:
@@ -41,7 +42,7 @@ def test_main_writes_json(tmp_path, capsys) -> None:
     bn = cells[("bn", "4x32x4x4", "fb-train")]
     assert bn["native"] and bn["ref"] == "torch"
     assert {"ours", "torch", "plain", "generic"} <= set(bn["medians_ms"])
-    assert "target_met" in bn and bn["target"] == B.NATIVE_TARGET
+    assert "target_met" in bn and bn["target"] == speed.NATIVE_TARGET
     l1 = cells[("l1_bn", "16x32", "fb-train")]
     assert not l1["native"] and l1["ref"] == "bn_torch"
     assert {"ours", "plain", "bn_torch"} <= set(l1["medians_ms"])
@@ -77,7 +78,7 @@ def test_whitening_mode(tmp_path, capsys) -> None:
     assert set(rows) == {(m, d, s) for m in ("dbn", "pca_bw", "cd_bw", "iternorm") for d in (8, 16)
                          for s in ("8x32x4x4", "64x32")}
     for row in w["rows"]:
-        assert set(row["medians_ms"]) == set(B.WHITENING_MODES)
+        assert set(row["medians_ms"]) == set(whitening.WHITENING_MODES)
         assert {"ours", "plain", "bn_torch"} <= set(row["medians_ms"]["fb-train"])
         assert "blockmm" in row["medians_ms"]["fwd-eval"]
         assert {"ours/BN", "plain/BN", "ours/plain", "eval/mm", "saved/in"} <= set(row["ratios"])
@@ -90,10 +91,10 @@ def test_whitening_mode(tmp_path, capsys) -> None:
     assert w["targets"]["judged"] == 0 and all(not x["targets"] for x in w["rows"])
     row = {"method": "dbn", "group_size": 16, "shape": "128x64x16x16",
            "ratios": {"ours/BN": 1.9, "eval/mm": 1.3, "saved/in": 1.0}}
-    assert {(t["metric"], t["met"]) for t in B._whitening_targets(row)} == {
+    assert {(t["metric"], t["met"]) for t in whitening._whitening_targets(row)} == {
         ("ours/BN", True), ("eval/mm", False), ("saved/in", True)}
-    assert B._whitening_targets({**row, "method": "iternorm", "group_size": 64}) != []
-    assert B._whitening_targets({**row, "shape": "256x512"}) == []
+    assert whitening._whitening_targets({**row, "method": "iternorm", "group_size": 64}) != []
+    assert whitening._whitening_targets({**row, "shape": "256x512"}) == []
     # a saved run prints again
     assert B.main(["--from-json", str(path), "--plain"]) == 0
     assert "targets met" in capsys.readouterr().out
@@ -105,13 +106,13 @@ def test_plain_whitening_matches_functional() -> None:
     x = torch.randn(32, 8, dtype=torch.float64) @ torch.randn(8, 8, dtype=torch.float64)
     xc = (x - x.mean(0)).T.unsqueeze(0)
     for kind in ("zca", "cholesky", "newton"):
-        p = B._PlainWhitening(kind, 8, 8, eps=1e-5).double()
+        p = reference.PlainWhitening(kind, 8, 8, eps=1e-5).double()
         want = (W.whitening_matrix(W.covariance(xc), kind, eps=1e-5) @ xc)[0].T
         assert torch.allclose(p(x), want, atol=1e-8), kind
 
 
 def test_weights_mode(tmp_path) -> None:
-    from normkit.bench_weight import LAYER_METHODS, run_weights, weights_report
+    from normkit._bench.weights import LAYER_METHODS, run_weights, weights_report
 
     r = run_weights(batch=2, channels=4, size=4, ortho_shapes=((4, 36),), repeats=1, threads=1,
                     log=lambda s: None)
@@ -126,3 +127,14 @@ def test_weights_mode(tmp_path) -> None:
     path = tmp_path / "w.json"
     assert B.main(["--weights", "--repeats", "1", "--threads", "1", "--plain", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["weights"]["layer"]
+
+
+def test_deprecated_aliases() -> None:
+    import importlib
+    import sys
+
+    for name, attr in (("normkit.benchmarking", "main"), ("normkit.bench_weight", "run_weights")):
+        sys.modules.pop(name, None)
+        with pytest.warns(DeprecationWarning, match="deprecated"):
+            mod = importlib.import_module(name)
+        assert getattr(mod, attr) is getattr(B, attr)

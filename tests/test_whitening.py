@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import normkit as nk
+from normkit._bench.reference import whitening_matrix
 from normkit.functional import whiten as W
 
 _SNAPSHOT = dict(nk.registry._METHODS), dict(nk.registry._KEYS)
@@ -102,28 +103,9 @@ def _eye(d: int, dtype=DT) -> torch.Tensor:
 
 
 def ref_matrix(sigma: torch.Tensor, method: str, eps: float, iterations: int = 5) -> torch.Tensor:
-    """Whitening matrix of ``Σ + εI`` by the textbook formula, in float64 (test-side reference)."""
-    s = sigma.to(DT) + eps * _eye(sigma.shape[-1])
-    if method in ("zca", "pca"):
-        lam, u = torch.linalg.eigh(s)
-        if method == "zca":
-            return (u * lam.rsqrt().unsqueeze(-2)) @ u.transpose(-1, -2)
-        # documented sign convention: each eigenvector's largest-magnitude entry is positive
-        pivot = u.gather(-2, u.abs().argmax(-2, keepdim=True))
-        return lam.rsqrt().unsqueeze(-1) * (u * pivot.sign()).transpose(-1, -2)
-    if method == "cholesky":
-        return torch.linalg.inv(torch.linalg.cholesky(s))
-    return naive_newton(s, iterations)
-
-
-def naive_newton(s: torch.Tensor, iterations: int) -> torch.Tensor:
-    """IterNorm as in the paper: ``P_{k+1} = ½(3P_k − P_k³ Σ_N)``, ``W = P_T/√tr Σ``."""
-    tr = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    sn = s / tr
-    p = _eye(s.shape[-1]).expand_as(s)
-    for _ in range(iterations):
-        p = 0.5 * (3 * p - p @ p @ p @ sn)
-    return p / tr.sqrt()
+    """Whitening matrix of ``Σ + εI`` by the textbook formula, in float64 (the shared reference;
+    PCA with the documented sign convention: each eigenvector's largest-magnitude entry positive)."""
+    return whitening_matrix(sigma.to(DT), method, eps, iterations)
 
 
 def correlated(n: int, c: int, seed: int, *spatial: int, dtype=DT) -> torch.Tensor:
@@ -276,7 +258,7 @@ def test_newton_matches_the_naive_formula(iterations):
     sigma = _spd(3, 5, seed=11)
     got = W.newton_schulz_matrix(sigma, iterations, eps=1e-3)
     # the coupled form equals P_T in exact arithmetic; float64 drift after ≤ 8 steps ≪ 1e-10
-    torch.testing.assert_close(got, naive_newton(sigma + 1e-3 * _eye(5), iterations),
+    torch.testing.assert_close(got, whitening_matrix(sigma, "newton", 1e-3, iterations),
                                rtol=1e-10, atol=1e-10)
 
 

@@ -3,7 +3,10 @@
 ``normkit compare`` trains small models with several normalization methods across batch sizes
 and seeds, and writes a resumable run directory with results, plots and reports; ``normkit list``
 prints the catalog of methods; ``normkit bench`` runs the speed benchmark. Every bad option or
-method exits with status 2 and one ``error: ...`` line before any training starts. Example::
+method exits with status 2 and one ``error: ...`` line before any training starts. ``compare``,
+``list`` and ``analyze`` need the ``compare`` extra (``pip install 'normkit[compare]'``); without it
+they exit with status 2 and one line saying so. ``bench`` and ``--version`` need torch alone; ``python
+-m normkit`` is the same command. Example::
 
     $ normkit compare --methods bn,gn:num_groups=8,ln,none --batch-sizes 2,4,16,64
     $ normkit compare --model my_models.py:net --dataset my_data.py:load --backend ray
@@ -20,6 +23,27 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser", "split_methods"]
+
+# What the ``compare`` extra installs (pyproject.toml); the core library needs torch alone.
+COMPARE_EXTRA = ("numpy", "scipy", "matplotlib", "rich", "mnist1d")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("normkit")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH
+        from . import __version__
+
+        return __version__
+
+
+def _missing_extra() -> list[str]:
+    """The modules of the ``compare`` extra that are not installed."""
+    import importlib.util
+
+    return [m for m in COMPARE_EXTRA if importlib.util.find_spec(m) is None]
 
 def split_methods(text: str) -> list[str]:
     """Split a ``--methods`` value into specs; a ``key=value`` piece continues the spec before.
@@ -104,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="normkit: normalization methods for PyTorch.",
         epilog="Run 'normkit COMMAND --help' for the options of each command.")
+    parser.add_argument("-V", "--version", action="version", version=f"normkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = _HelpFormatter
 
@@ -236,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import NormkitError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"normkit {_version()}")
+        return 0
+    if argv[:1] != ["bench"] and _missing_extra():  # bench needs torch alone
+        command = f"normkit {argv[0]}" if argv[:1] in (["compare"], ["list"], ["analyze"]) else "normkit"
+        print(f"{command} needs the compare extra: pip install 'normkit[compare]' "
+              f"(missing: {', '.join(_missing_extra())})", file=sys.stderr)
+        return 2
     if argv[:1] == ["bench"]:  # the benchmark parses its own options, --help included
         return _bench(argv[1:])
     if argv[:1] == ["analyze"]:  # so do the analysis tools
@@ -263,13 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
+    from ._bench import main as bench_main
+
     try:
-        from . import benchmarking
-    except ImportError as err:
-        print(f"error: the benchmark is not available ({err})", file=sys.stderr)
-        return 2
-    try:
-        return int(benchmarking.main(argv) or 0)
+        return int(bench_main(argv) or 0)
     except SystemExit as exit_:  # its argparse: --help or a usage error
         return int(exit_.code or 0)
 

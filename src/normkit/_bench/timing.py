@@ -1,0 +1,209 @@
+"""Timing, memory and printing helpers of the benchmarks (``normkit bench``).
+
+Every implementation of one cell is timed round-robin in the same loop (the order rotates each
+round), so machine noise hits all of them alike; medians are reported. Memory is the bytes autograd
+saves for backward (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage).
+
+Example:
+    >>> parse_shape("64x64x32x32:cl")
+    ShapeSpec(dims=(64, 64, 32, 32), layout='channels_last')
+    >>> median([3.0, 1.0, 2.0, 10.0])
+    2.5
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ShapeSpec", "copy_bandwidth", "fmt", "fmt_load", "loadavg", "machine_info", "median",
+           "parse_shape", "runner", "saved_bytes", "table", "time_cell"]
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """An input shape and its memory layout (``nchw``, ``channels_last`` or ``rows``)."""
+
+    dims: tuple[int, ...]
+    layout: str
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.dims)) + (":cl" if self.layout == "channels_last" else "")
+
+    def make(self, gen: torch.Generator) -> Tensor:
+        x = torch.randn(self.dims, generator=gen)
+        return x.contiguous(memory_format=torch.channels_last) if self.layout == "channels_last" else x
+
+
+def parse_shape(text: str) -> ShapeSpec:
+    """``"128x64x16x16"`` (NCHW), ``"…:cl"`` (channels-last, 4-D only) or ``"8192x768"`` (rows)."""
+    body, _, tag = text.strip().partition(":")
+    try:
+        dims = tuple(int(d) for d in body.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bad shape {text!r}: expected e.g. 64x64x32x32, 64x64x32x32:cl or 8192x768") from None
+    if len(dims) not in (2, 4) or min(dims) < 1:
+        raise ValueError(f"bad shape {text!r}: need 2 (rows x features) or 4 (NCHW) positive sizes")
+    if tag not in ("", "cl", "nchw") or (tag == "cl" and len(dims) != 4):
+        raise ValueError(f"bad layout {tag!r} in {text!r}: use ':cl' on a 4-D shape or nothing")
+    return ShapeSpec(dims, "rows" if len(dims) == 2 else ("channels_last" if tag == "cl" else "nchw"))
+
+
+
+def runner(mod: nn.Module, x: Tensor, g: Tensor, mode: str) -> Callable[[], None]:
+    """One call of ``mod`` in ``mode``: a forward under ``no_grad`` (``fwd-*``) or a forward and
+    ``autograd.grad`` of the input and parameters with upstream ``g`` (``fb-*``)."""
+    mod.train(mode.endswith("train"))
+    if mode.startswith("fwd"):
+        def fwd() -> None:
+            with torch.no_grad():
+                mod(x)
+        return fwd
+    xg = x.detach().requires_grad_()
+    inputs = [xg, *(p for p in mod.parameters() if p.requires_grad)]
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(mod(xg), inputs, g)
+    return fwd_bwd
+
+
+def time_cell(runs: dict[str, Callable[[], None]], repeats: int, warmup: int,
+               budget_s: float) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
+    """Round-robin timing of ``runs`` (ms per call), the first call's seconds, and errors.
+
+    Each implementation is called ``warmup`` times untimed (the first call, which includes any
+    compilation, is reported), then ``repeats`` rounds run, the order rotating each round. Past
+    ``budget_s`` the cell stops after 3 rounds — or after 1 if 3 would not fit the budget.
+    """
+    first: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    last: dict[str, float] = {}
+    for name, run in list(runs.items()):
+        try:
+            for i in range(max(warmup, 1)):
+                t0 = time.perf_counter()
+                run()
+                last[name] = time.perf_counter() - t0
+                if i == 0:
+                    first[name] = last[name]
+        except Exception as e:  # record and drop the implementation, keep benchmarking
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
+            del runs[name]
+    names = list(runs)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    min_rounds = min(3, repeats) if 3 * sum(last.values()) <= budget_s else 1
+    start = time.perf_counter()
+    for r in range(repeats):
+        if r >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+        k = r % len(names) if names else 0
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            runs[n]()
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    return samples, first, errors
+
+
+def median(v: list[float]) -> float:
+    """The median of ``v`` (the mean of the two middle values for an even count)."""
+    s = sorted(v)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else 0.5 * (s[k - 1] + s[k])
+
+
+def saved_bytes(mod: nn.Module, x: Tensor) -> dict[str, int]:
+    """Bytes autograd saves for backward in one training forward, deduplicated by storage."""
+    mod.train()
+    xg = x.detach().requires_grad_()
+    seen: dict[int, int] = {}
+    own = {xg.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in mod.parameters()}
+
+    def pack(t: Tensor) -> Tensor:
+        key = t.untyped_storage().data_ptr()
+        seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = mod(xg)
+    del y
+    return {"saved_bytes": sum(seen.values()),
+            "saved_extra_bytes": sum(v for k, v in seen.items() if k not in own)}
+
+
+def copy_bandwidth(numel: int = 1 << 24, repeats: int = 11) -> float:
+    """GB/s of ``y.copy_(x)`` on float32 (bytes read + written over the median time)."""
+    x, y = torch.randn(numel), torch.empty(numel)
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / median(times[2:]) / 1e9
+
+
+
+def loadavg() -> list[float] | None:
+    """``os.getloadavg()``, or ``None`` where the platform has none."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, torch/python versions, threads and load of this machine."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from .. import __version__
+
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "normkit": __version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg_start": loadavg(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    """``v`` formatted by ``spec``; ``-`` for a missing or NaN value."""
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def table(title: str, header: list[str], rows: list[list[str]], rich: bool) -> str | None:
+    """A plain-text table (returned), or a rich table printed directly (returns ``None``)."""
+    if rich:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i < 2 else "right")
+        for r in rows:
+            t.add_row(*r)
+        Console().print(t)
+        return None
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    return "\n".join([title, line(header), *(line(r) for r in rows)])
+
+
+def fmt_load(load: list[float] | None) -> str:
+    """A load average as ``1.0/2.0/3.0``."""
+    return "-" if not load else "/".join(f"{v:.1f}" for v in load)
+
