@@ -1,6 +1,6 @@
 """``normkit bench --weights``: the cost of weight parametrizations (issue: book ch. 7).
 
-Two tables, timed round-robin in one process (:func:`normkit.benchmarking._time_cell`):
+Two tables, timed round-robin in one process (:func:`normkit._bench_timing._time_cell`):
 
 * **layer** — forward + backward of a ``Conv2d(64, 64, 3)`` (weight ``64 × 576``) on
   ``(32, 64, 16, 16)`` with each :mod:`normkit.weight` method, against the plain layer and, for
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations as TP
 
 from . import weight as nk_weight
-from .benchmarking import _median, _table, _time_cell, machine_info
+from ._bench_timing import _median, _table, _time_cell, machine_info
 
 __all__ = ["run_weights", "weights_report", "LAYER_METHODS", "ORTHO_SHAPES"]
 

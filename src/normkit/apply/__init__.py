@@ -55,10 +55,10 @@ from .stats import freeze as freeze
 from .stats import recalibrate as recalibrate
 from .stats import statistics_modules as statistics_modules
 from .stats import unfreeze as unfreeze
-from .sync import sync as sync
 from .style import adain as adain
 from .style import feature_moments as feature_moments
 from .style import wct as wct
+from .sync import sync as sync
 
 __all__ = [
     "convert", "ConversionReport", "ConvertedLayer", "fold", "FoldReport",
