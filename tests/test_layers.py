@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "population": 5,
     "input_norm": 5,
     "analysis": 5,
+    "analysis.cli": 7,  # `normkit analyze`: a command, beside cli.py (loads datasets, prints)
     "": 6,
     "_version": 0,
     "experiments": 7,
@@ -67,6 +68,13 @@ LAYERS: dict[str, int] = {
     "benchmarking": 7,
     "bench_weight": 7,
     "bench": 7,
+}
+
+# A deprecation alias keeps an old public name working for one release and may reach up to where
+# the name went; each such edge is listed here with the names it serves, and nothing else may.
+DEPRECATED_UPWARD: dict[tuple[str, str], str] = {
+    ("normkit.analysis.inputs", "normkit.experiments.data"):
+        "analysis.inputs.load_inputs and input_conditioning() without x (deprecated in 0.1)",
 }
 
 
@@ -228,11 +236,16 @@ def test_no_import_runs_back_up(graph: dict[str, dict[str, int]]) -> None:
     for a, targets in sorted(graph.items()):
         for b in sorted(targets):
             la, lb = layer_of(a), layer_of(b)
-            if la is not None and lb is not None and lb > la:
+            if la is not None and lb is not None and lb > la and (a, b) not in DEPRECATED_UPWARD:
                 upward.append(
                     f"{_edge(graph, a, b)}: {LAYER_NAMES[la]} imports {LAYER_NAMES[lb]}"
                 )
     assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+
+
+def test_deprecated_upward_imports_still_exist(graph: dict[str, dict[str, int]]) -> None:
+    stale = [edge for edge in DEPRECATED_UPWARD if edge[1] not in graph.get(edge[0], {})]
+    assert not stale, f"remove these from DEPRECATED_UPWARD, their alias is gone: {stale}"
 
 
 def test_no_import_cycle(graph: dict[str, dict[str, int]]) -> None:
