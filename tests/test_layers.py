@@ -45,30 +45,29 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "registry": 0,  # the @register decorator and the method table: presets register into it
     "_estimator": 0,  # scikit-learn estimator conventions, used by input_norm
+    "_version": 0,  # (if packaging adds one) the version string
     "functional": 1,
-    "nap": 2,
+    "nap": 2,  # incl. the Synced partition (merges over ranks with functional.collectives)
     "nop": 2,
     "nrr": 2,
-    "sync": 2,  # reserved: a synced partition module beside nap, should it leave nap.py
     "normalization": 3,
     "methods": 4,
     "weight": 5,
     "gradient": 5,
-    "apply": 5,
+    "apply": 5,  # incl. apply.sync: nk.sync(model)
     "distributed": 5,  # public face of synchronization: re-exports, no upward imports
     "population": 5,
     "input_norm": 5,
     "analysis": 5,
-    "analysis.cli": 7,  # `normkit analyze`: a command, beside cli.py (loads datasets, prints)
     "": 6,
-    "_version": 0,
     "experiments": 7,
     "cli": 7,
-    "__main__": 7,
+    "__main__": 7,  # `python -m normkit`
+    "analysis.cli": 7,  # `normkit analyze`: a command, beside cli.py (loads datasets, prints)
     "benchmarking": 7,
     "bench_weight": 7,
     "_bench_timing": 7,  # timing helpers of the two above
-    "bench": 7,
+    "bench": 7,  # (if the benchmarks become a subpackage) normkit.bench
 }
 
 # A deprecation alias keeps an old public name working for one release and may reach up to where
