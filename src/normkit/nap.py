@@ -34,14 +34,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from .errors import ConfigError
 from .functional import statistics as S
+from .functional.collectives import global_count, synced_moments
 from .functional.partition import Role, reduce_dims, resolve_groups, stat_count, stats_dtype
 
-__all__ = ["Partition", "Batch", "BatchGroup", "Layer", "Instance", "Group", "Position", "Local"]
+__all__ = ["Partition", "Batch", "BatchGroup", "Layer", "Instance", "Group", "Position", "Local",
+           "Synced"]
 
 
 class Partition:
@@ -269,3 +272,50 @@ class Local(Partition):
 
     def value_range(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
         raise ConfigError("Local partitions support Standardize, Center, RMS and Divisive only")
+
+
+@dataclass(frozen=True, repr=False)
+class Synced(Partition):
+    """A batch-dependent partition whose statistics are merged over the ranks of ``group``.
+
+    Delegates its shape (roles, groups) to ``inner``; ``mean`` / ``moments`` / ``mean_square``
+    and ``count`` are global (:mod:`normkit.functional.collectives`). Used by
+    :class:`normkit.Normalization` in training when a process group is set (:func:`normkit.sync`);
+    also importable as ``normkit.distributed.Synced``.
+    """
+
+    inner: Partition = None  # type: ignore[assignment]
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, Partition) or not self.inner.batch_dependent:
+            raise ConfigError(f"only batch-dependent partitions synchronize, got {self.inner!r}")
+
+    @property
+    def roles(self):  # type: ignore[override]
+        return self.inner.roles
+
+    def groups(self, num_features: int) -> tuple[int, int]:
+        return self.inner.groups(num_features)
+
+    def count(self, v: Tensor, spatial: Sequence[int]) -> int:
+        return global_count(self.inner.count(v, spatial), self.group)
+
+    def mean(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
+        return synced_moments(v, self.dims, self.group)[0]
+
+    def moments(self, v: Tensor, spatial: Sequence[int]) -> tuple[Tensor, Tensor]:
+        return synced_moments(v, self.dims, self.group)
+
+    def mean_square(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
+        mean, var = synced_moments(v, self.dims, self.group)
+        return var + mean * mean
+
+    def mean_abs_deviation(self, v: Tensor, mean: Tensor, spatial: Sequence[int]) -> Tensor:
+        raise ConfigError("L1 normalization is not synchronized; use Standardize")
+
+    def value_range(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
+        raise ConfigError("range normalization is not synchronized; use Standardize")
+
+    def __repr__(self) -> str:
+        return f"Synced({self.inner!r})"

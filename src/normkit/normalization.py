@@ -422,9 +422,7 @@ class Normalization(nn.Module):
         training (evaluation never communicates)."""
         if self.process_group is None or not self.training:
             return self.nap
-        from .distributed import Synced
-
-        return Synced(inner=self.nap, group=self.process_group)
+        return nap_.Synced(inner=self.nap, group=self.process_group)
 
     def _forward_generic(
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool,

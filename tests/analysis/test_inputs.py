@@ -14,9 +14,9 @@ from normkit.analysis.inputs import (
     input_conditioning,
     kfac_factors,
     linear_hessian,
-    load_inputs,
 )
 from normkit.errors import ConfigError, ShapeError
+from normkit.experiments.data import load_inputs
 from normkit.input_norm import InputNormalizer
 
 F64 = torch.float64
@@ -157,3 +157,15 @@ def test_kfac_factors_need_the_covariances():
                           keep_covariances=False)["0"]
     with pytest.raises(ConfigError, match=r"keep_covariances=True"):
         lc.kfac_factors()
+
+
+def test_old_load_inputs_path_is_a_deprecated_alias(digits):
+    import normkit.analysis.inputs as inputs
+
+    with pytest.warns(DeprecationWarning, match="normkit.experiments.data.load_inputs"):
+        old = inputs.load_inputs
+    assert old is load_inputs
+    x, y, rows = digits
+    with pytest.warns(DeprecationWarning, match="pass x, y"):
+        default = input_conditioning(preprocessings=("whitened",), max_steps=10)
+    assert default[0].cond == pytest.approx(rows[-1].cond, rel=1e-9)

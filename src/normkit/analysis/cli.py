@@ -149,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .inputs import input_conditioning, load_inputs
+    from ..experiments.data import load_inputs
+    from .inputs import input_conditioning
 
     start = time.perf_counter()
     try:

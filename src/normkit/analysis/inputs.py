@@ -44,9 +44,10 @@ is left out of ``κ`` and ``η`` (none on digits).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,6 @@ __all__ = [
     "input_conditioning",
     "kfac_factors",
     "linear_hessian",
-    "load_inputs",
 ]
 
 PREPROCESSINGS: dict[str, str | None] = {
@@ -131,15 +131,21 @@ def _with_bias(x: Tensor, bias: bool) -> Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if bias else x
 
 
-def load_inputs(name: str = "digits", *, subset: int | None = None, seed: int = 0,
-                data_dir: str | None = None) -> tuple[Tensor, Tensor]:
-    """Training inputs ``(n, d)`` (flattened, float64, as :func:`~normkit.experiments.data.
-    load_dataset` gives them: one global shift and scale, no per-feature preprocessing) and
-    labels ``(n,)``."""
-    from ..experiments.data import load_dataset
+def __getattr__(name: str) -> Any:
+    if name == "load_inputs":  # deprecated alias (0.1): the analysis tools take data, not names
+        warnings.warn("normkit.analysis.inputs.load_inputs moved to "
+                      "normkit.experiments.data.load_inputs; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        return _experiments_loader()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    ds = load_dataset(name, subset=subset, seed=seed, data_dir=data_dir)
-    return ds.x_train.flatten(1).to(torch.float64), ds.y_train
+
+def _experiments_loader() -> Any:
+    """The dataset loader of ``normkit compare``, for the deprecated paths only (the one import
+    of this module from the experiments' layer; tests/test_layers.py names it)."""
+    from ..experiments.data import load_inputs
+
+    return load_inputs
 
 
 def _nonnull(h: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
@@ -226,7 +232,9 @@ def input_conditioning(
     features and null directions are handled.
 
     Args:
-        x: inputs ``(n, *shape)``; default: digits' training set (:func:`load_inputs`).
+        x: inputs ``(n, *shape)``, e.g. digits' training set
+            (:func:`normkit.experiments.data.load_inputs`); leaving it out is deprecated (it
+            loads digits).
         y: integer labels ``(n,)`` (required with ``x``).
         preprocessings: labels of :data:`PREPROCESSINGS`. Default all four, in order.
         loss: ``"least_squares"`` (one-hot targets) or ``"logistic"`` (softmax CE).
@@ -251,7 +259,10 @@ def input_conditioning(
         True
     """
     if x is None:
-        x, y = load_inputs()
+        warnings.warn("input_conditioning() without inputs is deprecated: pass x, y, e.g. "
+                      "normkit.experiments.data.load_inputs('digits')", DeprecationWarning,
+                      stacklevel=2)
+        x, y = _experiments_loader()()
     with torch.no_grad():
         return _input_conditioning(x, y, preprocessings, loss, eps, rel_tol, target_loss,
                                    max_steps, rtol, curve_points)

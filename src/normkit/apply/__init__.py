@@ -21,6 +21,7 @@ function                   what
 ``Tent`` / ``tent_adapt``  test-time entropy minimisation over the norm layers' γ, β
 ``adain``, ``wct``         style transfer: AdaIN and whitening–coloring of features
 ``gamma_l1``, ``slim``     network slimming: L1 on γ, then prune channels with small |γ|
+``sync(model)``            synchronize batch statistics over a process group (``nk.sync``)
 =========================  ==============================================================
 """
 
@@ -57,6 +58,7 @@ from .stats import unfreeze as unfreeze
 from .style import adain as adain
 from .style import feature_moments as feature_moments
 from .style import wct as wct
+from .sync import sync as sync
 
 __all__ = [
     "convert", "ConversionReport", "ConvertedLayer", "fold", "FoldReport",
@@ -65,5 +67,5 @@ __all__ = [
     "adabn", "DomainSpecificNorm", "TransNorm", "domain_specific", "use_domain",
     "prediction_time_bn", "softmax_entropy", "tent_parameters", "Tent", "tent_adapt",
     "adain", "wct", "feature_moments",
-    "gamma_l1", "add_gamma_l1", "slim", "SlimReport", "SlimmedLayer", "is_slimmable",
+    "gamma_l1", "add_gamma_l1", "slim", "SlimReport", "SlimmedLayer", "is_slimmable", "sync",
 ]

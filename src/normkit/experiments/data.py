@@ -42,6 +42,7 @@ __all__ = [
     "Dataset",
     "find_idx_files",
     "load_dataset",
+    "load_inputs",
     "read_idx",
 ]
 
@@ -323,3 +324,12 @@ def load_dataset(
         num_classes=num_classes,
         source=source,
     )
+
+
+def load_inputs(name: str = "digits", *, subset: int | None = None, seed: int = 0,
+                data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training inputs ``(n, d)`` (flattened, float64, as :func:`load_dataset` gives them: one
+    global shift and scale, no per-feature preprocessing) and labels ``(n,)``, for the input
+    analyses of :mod:`normkit.analysis.inputs` (``normkit analyze inputs``)."""
+    ds = load_dataset(name, subset=subset, seed=seed, data_dir=data_dir)
+    return ds.x_train.flatten(1).to(torch.float64), ds.y_train

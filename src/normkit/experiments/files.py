@@ -1,4 +1,5 @@
-"""Atomic file writes for run directories: a temp file in the same directory, then a rename.
+"""Atomic file writes for run directories: a temp file in the same directory, then a rename;
+and the figure and colour helpers every report plot starts from.
 
 A reader (or a rerun after a kill, a full disk or a read-only directory) sees either the old file
 or the whole new one, never a 0-byte PNG or half a report. Example::
@@ -19,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_bytes_atomic", "write_text_atomic", "save_figure_atomic"]
+__all__ = ["write_bytes_atomic", "write_text_atomic", "save_figure_atomic", "new_figure",
+           "method_colors"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -69,3 +71,20 @@ def save_figure_atomic(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **kwargs)
     return write_bytes_atomic(path, buffer.getvalue())
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, figsize: tuple[float, float] | None = None,
+               **kw: Any) -> tuple[Any, Any]:
+    """A constrained-layout matplotlib figure with ``nrows × ncols`` axes (a 2-D array)."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
+
+    fig = Figure(figsize=figsize or (3.6 * ncols + 1.6, 3.0 * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
+
+
+def method_colors(methods: list[str]) -> dict[str, Any]:
+    """One tab10 colour per method, in order (the same method, the same colour in every plot)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}

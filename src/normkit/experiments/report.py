@@ -34,7 +34,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from .files import save_figure_atomic, write_text_atomic
+from .files import method_colors, new_figure, save_figure_atomic, write_text_atomic
 from .stats import interval, recommend, recommendation_lines
 
 __all__ = ["headline", "summarize", "results_table", "write_csv", "plot_error_vs_batch_size",
@@ -154,21 +154,6 @@ def write_csv(records: Iterable[Record], path: str | Path) -> Path:
         return write_text_atomic(path, f.getvalue())
 
 
-def _figure(ncols: int = 1, nrows: int = 1, figsize: tuple[float, float] | None = None,
-            **kw: Any) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
-
-    fig = Figure(figsize=figsize or (3.6 * ncols + 1.6, 3.0 * nrows), layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
-
-
-def _colors(methods: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
-
-
 def plot_error_vs_batch_size(records: list[Record], path: str | Path) -> Path:
     """Test error against batch size (log2 axis), one line per method, mean and 95 % t interval
     over seeds (test-phase runs).
@@ -177,8 +162,8 @@ def plot_error_vs_batch_size(records: list[Record], path: str | Path) -> Path:
     """
     rows = summarize(records)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = _colors(methods)
-    fig, axes = _figure(figsize=(7.5, 4))
+    colors = method_colors(methods)
+    fig, axes = new_figure(figsize=(7.5, 4))
     ax = axes[0][0]
     for method in methods:
         for key, style, suffix in (("error", "-o", ""), ("bstats", "--x", " (batch stats)")):
@@ -205,8 +190,8 @@ def plot_training_curves(records: list[Record], path: str | Path) -> Path:
     records = headline(records)
     sizes = sorted({r["batch_size"] for r in records})
     methods = list(dict.fromkeys(r["method"] for r in records))
-    colors = _colors(methods)
-    fig, axes = _figure(len(sizes), 2, sharey="row")
+    colors = method_colors(methods)
+    fig, axes = new_figure(len(sizes), 2, sharey="row")
     most = 1
     for col, bs in enumerate(sizes):
         for method in methods:
@@ -463,8 +448,8 @@ def plot_shift(records: list[Record], path: str | Path) -> Path:
     shifts = list(dict.fromkeys(r["shift"] for r in rows))
     several = len({r["batch_size"] for r in rows}) > 1
     keys = ("clean", *_ADAPT_NAMES)
-    colors = _colors(list(keys))
-    fig, axes = _figure(len(shifts), 1, figsize=(3.2 * len(shifts) + 1.6, 3.4), sharey="row")
+    colors = method_colors(list(keys))
+    fig, axes = new_figure(len(shifts), 1, figsize=(3.2 * len(shifts) + 1.6, 3.4), sharey="row")
     width = 0.8 / len(keys)
     for col, name in enumerate(shifts):
         ax = axes[0][col]

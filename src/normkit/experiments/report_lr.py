@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .files import save_figure_atomic
+from .files import method_colors, new_figure, save_figure_atomic
 from .tuning import select_lrs
 
 __all__ = ["validation_errors", "lr_table", "lr_blocks", "plot_error_vs_lr"]
@@ -68,8 +68,6 @@ def lr_blocks(records: list[Record]) -> list[tuple[str, Any]]:
 
 def plot_error_vs_lr(records: list[Record], path: str | Path) -> Path:
     """Validation error against lr per batch size (see the module docstring)."""
-    from .report import _colors, _figure
-
     errs, chosen = validation_errors(records), select_lrs(records)
     tests: dict[tuple[str, int], list[float]] = {}
     for r in records:
@@ -77,8 +75,8 @@ def plot_error_vs_lr(records: list[Record], path: str | Path) -> Path:
             tests.setdefault((r["method"], r["batch_size"]), []).append(r["test_error"])
     sizes = sorted({b for _, b in errs})
     methods = list(dict.fromkeys(m for m, _ in errs))
-    colors = _colors(methods)
-    fig, axes = _figure(len(sizes), 1, figsize=(3.2 * len(sizes) + 1.8, 3.3), sharey="row")
+    colors = method_colors(methods)
+    fig, axes = new_figure(len(sizes), 1, figsize=(3.2 * len(sizes) + 1.8, 3.3), sharey="row")
     for col, b in enumerate(sizes):
         ax = axes[0][col]
         for m in methods:

@@ -41,13 +41,11 @@ from .config import CompareConfig as CompareConfig
 from .config import canonical_method as canonical_method
 from .data import Dataset
 from .models import build_model
+from .scoring import evaluate as evaluate
 from .tuning import to_validation, validation_split
 
 __all__ = ["DEFAULT_METHODS", "GRADIENT_METHODS", "CompareConfig", "canonical_method",
            "validate_methods", "train_run", "evaluate"]
-
-_EVAL_CHUNK = 1024
-
 
 def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
     """Build the model with every method and run one training step on two examples.
@@ -92,27 +90,6 @@ def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
             ) from err
         sizes[method] = sum(p.numel() for p in model.parameters())
     return sizes
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-             batch_size: int = _EVAL_CHUNK) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in its current mode.
-
-    Runs under ``torch.no_grad`` in chunks of ``batch_size``; a last chunk smaller than that is
-    dropped when the model is in training mode (batch statistics of a tiny chunk are meaningless).
-
-    Returns:
-        ``(loss, accuracy)`` with accuracy in ``[0, 1]``.
-    """
-    n = len(x) - len(x) % batch_size if model.training and len(x) >= batch_size else len(x)
-    loss_sum, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            logits = model(x[start:start + batch_size])
-            target = y[start:start + batch_size]
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(1) == target).sum())
-    return loss_sum / n, correct / n
 
 
 def _model_kw(cfg: CompareConfig) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from ..apply.adapt import adabn, prediction_time_bn, tent_adapt, tent_parameters
 from ..apply.stats import statistics_modules
 from ..errors import ConfigError, ShapeError
+from .scoring import evaluate
 
 __all__ = ["SHIFTS", "ADAPTATIONS", "ADAPT_BATCH_SIZE", "TENT_LR", "parse_shifts",
            "shift_inputs", "evaluate_shifts"]
@@ -187,8 +188,6 @@ def evaluate_shifts(model: nn.Module, x: Tensor, y: Tensor, shifts: list[tuple[s
     Returns:
         ``{shift label: {adaptation: accuracy in [0, 1] or None}}``.
     """
-    from .runner import evaluate  # runner imports this module
-
     model.eval()
     has_stats, has_affine = bool(statistics_modules(model)), bool(tent_parameters(model))
     out: dict[str, dict[str, float | None]] = {}

@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.partition import resolve_groups, stats_dtype
-from ..nap import Batch, Instance, Partition
+from ..nap import Batch, Instance, Partition, Synced
 from ._base import Coefficients, Operation, Stats
 from ._standard import Scale
 
@@ -106,9 +106,7 @@ def pooled_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tens
 def _batch_moments(v: Tensor, nap: Partition, spatial: Sequence[int],
                    inst: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """BN's moments: pooled from the instance moments (exact, no second pass), or from the
-    partition when it merges them across processes (:class:`normkit.distributed.Synced`)."""
-    from ..distributed import Synced
-
+    partition when it merges them across processes (:class:`normkit.nap.Synced`)."""
     if isinstance(nap, Synced):
         return nap.moments(v, spatial)
     return pooled_moments(*inst, (0,))

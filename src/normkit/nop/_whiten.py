@@ -15,8 +15,9 @@ from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional import whiten as W
 from ..functional import whiten_ops as WO
+from ..functional.collectives import synced_covariance
 from ..functional.partition import matrix_sizes, matrix_view, unmatrix_view
-from ..nap import Partition
+from ..nap import Partition, Synced
 from ._base import Coefficients, Operation, Stats
 
 __all__ = ["Whiten", "SwitchableWhiten"]
@@ -46,9 +47,7 @@ def _float32(method: Callable) -> Callable:
 
 
 def _synced(nap: Partition) -> bool:
-    """Whether ``nap`` merges statistics across processes (:class:`normkit.distributed.Synced`)."""
-    from ..distributed import Synced
-
+    """Whether ``nap`` merges statistics across processes (:class:`normkit.nap.Synced`)."""
     return isinstance(nap, Synced)
 
 
@@ -160,8 +159,6 @@ class Whiten(Operation):
         """Mean ``(Gn, Gc, D, 1)``, biased covariance ``(Gn, Gc, D, D)`` and centred samples (in
         the layout of :meth:`_layout`), with autograd."""
         if _synced(nap):
-            from ..distributed import synced_covariance
-
             return synced_covariance(v, nap.group)
         shared, roles = self._layout(v, nap)
         return W.batch_moments(v if roles is None else matrix_view(v, roles), shared)
