@@ -57,11 +57,16 @@ def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     return rec
 
 
-def _worker(rank: int, world: int, init: str, out: str, family: str, spec: str | None) -> None:
+def _worker(rank: int, world: int, init: str, out: str, family: str, spec: str | None,
+            start: str) -> None:
     with _process_group(rank, world, init):
         x, y = _batch(family)
         n = x.shape[0] // world
-        synced = nk.sync(_model(family, spec))
+        model = _model(family, spec)
+        # the parent's initial weights: a model's random initialization depends on the process's
+        # thread pool (OMP_NUM_THREADS), so two processes with one seed need not agree
+        model.load_state_dict(torch.load(start, weights_only=True))
+        synced = nk.sync(model)
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in synced.modules())
         model = nn.parallel.DistributedDataParallel(synced)
         rec = _run(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
@@ -74,8 +79,10 @@ def _worker(rank: int, world: int, init: str, out: str, family: str, spec: str |
 def test_sync_two_processes_equal_one_on_the_whole_batch(family: str, spec: str | None,
                                                          tmp_path: Any) -> None:
     import_or_fail(mt.FAMILIES[family].requires)
-    ranks = _run_ranks(_worker, WORLD, tmp_path, family, spec)
     ref_model = _model(family, spec)
+    start = str(tmp_path / "start.pt")
+    torch.save(ref_model.state_dict(), start)
+    ranks = _run_ranks(_worker, WORLD, tmp_path, family, spec, start)
     x, y = _batch(family)
     ref = _run(ref_model, x, y)
     for r in ranks:
