@@ -96,10 +96,12 @@ class EstimatorAPI:
         """(Re)build the state for the current constructor arguments."""
 
     def fit(self, x: Any, y: Any = None) -> Any:  # pragma: no cover - implemented by the class
-        raise NotImplementedError
+        """Fit on ``x`` (rows are samples); returns ``self``."""
+        raise NotImplementedError(f"{type(self).__name__} must define fit(x, y=None)")
 
     def transform(self, x: Any) -> Any:  # pragma: no cover - implemented by the class
-        raise NotImplementedError
+        """Apply the fitted transform to ``x``."""
+        raise NotImplementedError(f"{type(self).__name__} must define transform(x)")
 
     def __sklearn_tags__(self) -> Any:
         """scikit-learn's estimator tags (a transformer, no target), for its utilities

@@ -211,6 +211,14 @@ def plain_for(method: str, ours: Any, spec: ShapeSpec) -> nn.Module | None:
 
 # --------------------------------------------------------------------------- torch natives
 class Lambda(nn.Module):
+    """A module around a function ``y = fn(x)``: torch's functional forms as timed modules.
+
+    Example:
+        >>> import torch
+        >>> Lambda(torch.tanh)(torch.zeros(2)).tolist()
+        [0.0, 0.0]
+    """
+
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.fn = fn
@@ -220,6 +228,8 @@ class Lambda(nn.Module):
 
 
 def bn_torch(c: int, rank: int) -> nn.Module:
+    """torch's BatchNorm for ``c`` channels and an input of ``rank`` dims: ``BatchNorm1d`` for
+    ``(N, C)``, else ``BatchNorm2d`` (the baseline every ratio of the benchmark divides by)."""
     return nn.BatchNorm1d(c) if rank == 2 else nn.BatchNorm2d(c)
 
 
