@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "nop": 2,
     "nrr": 2,
     "normalization": 3,
+    "_pipeline": 3,  # the forward pipeline: Normalization's steps and the functional form
     "methods": 4,
     "weight": 5,
     "gradient": 5,
@@ -74,6 +75,8 @@ LAYERS: dict[str, int] = {
 DEPRECATED_UPWARD: dict[tuple[str, str], str] = {
     ("normkit.analysis.inputs", "normkit.experiments.data"):
         "analysis.inputs.load_inputs and input_conditioning() without x (deprecated in 0.1)",
+    ("normkit.functional.normalize", "normkit._pipeline"):
+        "functional.normalize, now normkit.normalize (deprecated in 0.1)",
 }
 
 
@@ -249,6 +252,9 @@ def test_deprecated_upward_imports_still_exist(graph: dict[str, dict[str, int]])
 
 
 def test_no_import_cycle(graph: dict[str, dict[str, int]]) -> None:
+    # a deprecation alias imports where its name went lazily, at call time: not a cycle
+    graph = {a: {b: line for b, line in targets.items() if (a, b) not in DEPRECATED_UPWARD}
+             for a, targets in graph.items()}
     report = []
     for component in cycles(graph):
         members = set(component)

@@ -180,21 +180,25 @@ def test_without_running_statistics_is_rms_batch_norm(toggled: bool) -> None:
         G.assert_state_equal(G.state(m), before)
 
 
-def test_operation_in_a_plain_normalization_is_rms_batch_norm() -> None:
-    """A plain Normalization gives the operation no running estimates: RMS batch normalization
-    in training (the running quadratic mean still tracked), the running one in evaluation."""
-    m = randomize(nk.Normalization(3, nap=nk.nap.Batch(), nop=PowerScale(warmup_steps=0),
-                                   dtype=F64))
-    ref = randomize(rms_bn(3, dtype=F64))
-    for step in range(2):
-        x = rand(4, 3, 2, seed=step)
-        a, r = grads(m, x), grads(ref, x)
-        for u, v in zip([a[0], a[1], *a[2]], [r[0], r[1], *r[2]], strict=True):
-            assert_close(u, v, **TIGHT)
-    assert_close(m.running_ms, ref.running_ms, **TIGHT)
-    m.eval()
-    ref.eval()
-    assert_close(m(x), ref(x), **TIGHT)
+def test_operation_in_a_plain_normalization_is_power_norm() -> None:
+    """The operation carries the method: a plain Normalization with PowerScale keeps its state
+    (``grad_nu``) and gives it the call's State, so it is PowerNorm — outputs, every gradient,
+    running estimates and state — and, untracked, RMS batch normalization."""
+    for tracked in (True, False):
+        m = randomize(nk.Normalization(3, nap=nk.nap.Batch(), nop=PowerScale(warmup_steps=1),
+                                       track_running_stats=tracked, dtype=F64))
+        ref = randomize(PowerNorm(3, warmup_steps=1, track_running_stats=tracked, dtype=F64)
+                        if tracked else rms_bn(3, track_running_stats=False, dtype=F64))
+        assert [n for n, _ in m.named_buffers()] == [n for n, _ in ref.named_buffers()]
+        for step in range(3):  # the warm-up step, then ψ²_{t−1} and ν
+            x = rand(4, 3, 2, seed=step)
+            a, r = grads(m, x), grads(ref, x)
+            for u, v in zip([a[0], a[1], *a[2]], [r[0], r[1], *r[2]], strict=True):
+                assert_close(u, v, **TIGHT)
+        G.assert_state_equal(G.state(m), G.state(ref))
+        m.eval()
+        ref.eval()
+        assert_close(m(x), ref(x), **TIGHT)
 
 
 def test_alpha_fwd_is_one_minus_momentum() -> None:

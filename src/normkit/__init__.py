@@ -20,6 +20,7 @@ from . import nop as nop
 from . import nrr as nrr
 from . import population as population
 from . import weight as weight
+from ._pipeline import normalize as normalize
 from .apply import batch_statistics as batch_statistics
 from .apply import convert as convert
 from .apply import fold as fold

@@ -7,22 +7,22 @@ this class.
 
 from __future__ import annotations
 
-import math
 import weakref
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _pipeline as P
 from . import nap as nap_
 from . import nop as nop_
 from . import nrr as nrr_
 from .errors import ConfigError
 from .functional import statistics as S
-from .functional.normalize import apply_normalization, check_eps, check_spread, default_eps
-from .functional.partition import canonical_view, check_input, narrow_channels, pad_channels
-from .functional.standardize import affine_transform
+from .functional.kernels import kernel_accepts, run_kernel
+from .functional.normalize import check_eps, default_eps
+from .functional.partition import check_input, pad_channels
+from .functional.snapshot import snapshot
 
 __all__ = ["Normalization"]
 
@@ -32,10 +32,7 @@ _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
 # that pickling, deepcopy and state_dict never see them; an entry dies with its module.
 _FOLDS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
-Native = Literal[
-    "batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
-    "local_response_norm",
-]
+Native = nop_.Kernel  # the torch kernels an operation may declare (kept for older imports)
 
 
 class Normalization(nn.Module):
@@ -181,7 +178,13 @@ class Normalization(nn.Module):
             for stat in nop.stat_names:
                 self.register_buffer(f"running_{stat}", None)
             self.register_buffer("num_batches_tracked", None)
-        self._native: Native | None = self._native_kind() if native else None
+        # the operation's own state buffers (reads_state operations), beside the running ones
+        spec = nop.state_buffers(nap, num_features) if track_running_stats else {}
+        self._state_init = {name: init for name, (_, init) in spec.items()}
+        for name, (shape, init) in spec.items():
+            self.register_buffer(name, torch.full(shape, init, **factory))
+        # the torch kernel computing this composition, where one does (the operation says)
+        self._native: Native | None = self.nop.native_kernel(self._layout()) if native else None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ state
@@ -212,8 +215,15 @@ class Normalization(nn.Module):
         bufs = {s: getattr(self, f"running_{s}") for s in self.nop.stat_names}
         return None if not bufs or any(b is None for b in bufs.values()) else bufs
 
+    def _state_buffers(self) -> dict[str, Tensor]:
+        """The operation's own state buffers (:meth:`~normkit.nop.Operation.state_buffers`)."""
+        return {name: getattr(self, name) for name in getattr(self, "_state_init", {})}
+
     def reset_running_stats(self) -> None:
-        """Reset running estimates to mean 0, variance/scale 1 and the batch counter to 0."""
+        """Reset running estimates to mean 0, variance/scale 1, the batch counter to 0 and the
+        operation's state buffers to their initial values."""
+        for name, buf in self._state_buffers().items():
+            buf.fill_(self._state_init[name])
         running = self._running()
         if running is None:
             return
@@ -281,38 +291,21 @@ class Normalization(nn.Module):
         if (version is None or version < 2) and self.num_batches_tracked is not None:
             # torch BN checkpoints before version 2 have no counter; start it at 0 like torch.
             state_dict.setdefault(key, torch.tensor(0, dtype=torch.long))
+        for name, buf in self._state_buffers().items():  # a BN state_dict loads (strictly) into
+            # a stateful preset: its extra buffers start as after a reset
+            state_dict.setdefault(prefix + name, torch.full_like(buf, self._state_init[name]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kw)
 
     # ---------------------------------------------------------------- forward
-    def _native_kind(self) -> Native | None:
-        nap, nop, nrr = self.nap, self.nop, self.nrr
-        plain_affine = isinstance(nrr, nrr_.Identity) or (  # torch's kernels take bias=None
-            type(nrr) is nrr_.Affine and nrr.weight and nrr.shape is None
-            and (nrr.bias or type(nap) is not nap_.BatchGroup))
-        if type(nop) is nop_.Standardize and plain_affine:
-            if type(nap) is nap_.Batch and self.groups[1] == 1:
-                return "batch_norm"
-            if type(nap) is nap_.BatchGroup and self.channel_axis == 1:
-                return "batch_group_norm"  # BN kernel over (N, g, C/g·S), then the affine
-            if type(nap) is nap_.Instance and self.channel_axis == 1:
-                return "instance_norm"
-            if not self.track_running_stats:
-                if type(nap) in (nap_.Group, nap_.Layer) and self.channel_axis == 1:
-                    return "group_norm"
-                if type(nap) is nap_.Position:
-                    return "layer_norm"
-        if (type(nop) is nop_.Scale and nop.kind == "rms" and type(nap) is nap_.Position
-                and not self.track_running_stats and self.channel_axis == -1
-                and (isinstance(nrr, nrr_.Identity)
-                     or (type(nrr) is nrr_.Affine and nrr.weight and not nrr.bias
-                         and nrr.shape is None))):
-            return "rms_norm"
-        if (type(nop) is nop_.Divisive and not nop.center and type(nap) is nap_.Local
-                and nap.channel_window is not None and nap.include_pad
-                and nap.window in (1, (1,), (1, 1), (1, 1, 1))
-                and isinstance(nrr, nrr_.Identity) and self.channel_axis == 1):
-            return "local_response_norm"
-        return None
+    def _layout(self) -> nop_.Layout:
+        nrr = self.nrr
+        recovery: Any = "other"
+        if isinstance(nrr, nrr_.Identity):
+            recovery = "none"
+        elif type(nrr) is nrr_.Affine and nrr.shape is None and nrr.weight:
+            recovery = "affine" if nrr.bias else "weight"
+        return nop_.Layout(nap=self.nap, groups=self.groups, channel_axis=self.channel_axis,
+                           tracking=self.track_running_stats, recovery=recovery)
 
     def _factor(self) -> float | Tensor:
         """Weight of the new batch: ``momentum``, or ``1/n`` after ``n`` batches (cumulative
@@ -332,6 +325,17 @@ class Normalization(nn.Module):
             ShapeError: on an input of the wrong rank or channel count.
             ConfigError: when a conditional recovery gets no condition, or another gets one.
         """
+        return self._run(x, condition)
+
+    def _run(self, x: Tensor, condition: Any = None, *, use_batch: bool | None = None,
+             update: bool | None = None, steps: int = 1, generic: bool = False,
+             extra: dict[str, Any] | None = None) -> Tensor:
+        """The pipeline of one call (:mod:`normkit._pipeline`). Presets change a call through the
+        keywords — ``use_batch``/``update`` (default torch's rule from the mode and the running
+        estimates), ``steps`` added to ``num_batches_tracked`` by an updating call, ``generic``
+        (no torch kernel, no evaluation fold), ``extra`` (their own inputs, on
+        :attr:`Call.extra`) — and through the hooks :meth:`_statistics` and :meth:`_transform`.
+        """
         check_input(x, self.num_features, self.channel_axis)
         self.nrr.check_condition(condition, x)
         shape = tuple(x.shape)
@@ -339,41 +343,42 @@ class Normalization(nn.Module):
         if vector:
             x = x.unsqueeze(0)
         running = self._running()
-        use_batch = self.training or running is None
-        update = self.training and self.track_running_stats and running is not None
+        if use_batch is None:
+            use_batch = self.training or running is None
+        if update is None:
+            update = self.training and self.track_running_stats and running is not None
         nap = self._training_nap()
         if x.numel() == 0 and nap is self.nap:  # defined result: empty output, buffers untouched
             update = False
         elif use_batch:  # before any state changes; also in eval without running stats (torch)
-            spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-            if self._num_padded:  # only the view's shape matters: no padded copy to count
-                v = x.new_empty(()).expand(x.shape[0], *self.groups, math.prod(spatial))
-            else:
-                v = canonical_view(x, self.groups, self.channel_axis)
-            check_spread(shape, self.nop.count(v, nap, spatial), nap, self.nop)
+            P.check_batch(x, self.groups, self.channel_axis, self._num_padded, nap, self.nop,
+                          shape)
         if update:
-            self.num_batches_tracked.add_(1)
-        if nap is not self.nap:  # synchronized: the statistics' collectives run on every rank,
-            # a rank with an empty batch included (it contributes nothing but must take part)
-            y = self._forward_generic(x, running, use_batch, update, condition, nap=nap)
+            self.num_batches_tracked.add_(steps)
+        kind = None if generic or nap is not self.nap else self._native
+        if nap is not self.nap or generic:  # synchronized: the statistics' collectives run on
+            # every rank, a rank with an empty batch included (it contributes nothing but must
+            # take part)
+            y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
         elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
             y = _apply_block_fold(x, *fold)
-        elif self._native is not None and x.numel() > 0 and self._native_ok(x):
+        elif kind is not None and x.numel() > 0 and self._native_ok(x, use_batch):
             y = self._forward_native(x, running, use_batch, update)
         else:
-            y = self._forward_generic(x, running, use_batch, update, condition)
+            y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
         return y.squeeze(0) if vector else y
 
     def _eval_fold(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """``folded()`` of a whitening module in evaluation, cached until one of its parameters
         or buffers changes (a new tensor object or an in-place update: ``_version``); ``None``
-        where the one-matmul path does not apply. It applies when nothing needs a gradient and
-        not inside ``torch.compile`` / ``torch.export`` (which trace the generic path) nor under
-        autocast (which would run the fold's matmul in half precision), to whole groups along
-        ``channel_axis=1``: the evaluation of batch whitening is then one block-diagonal matmul
-        and one add, with no per-call fold of γ, μ into ``W`` (benchmarks/: eval / block matmul).
+        where the one-matmul path does not apply. It applies to operations with
+        ``block_eval_fold`` when nothing needs a gradient and not inside ``torch.compile`` /
+        ``torch.export`` (which trace the generic path) nor under autocast (which would run the
+        fold's matmul in half precision), to whole groups along ``channel_axis=1``: the
+        evaluation of batch whitening is then one block-diagonal matmul and one add, with no
+        per-call fold of γ, μ into ``W`` (normkit bench: eval / block matmul).
         """
-        if (not self.native or type(self.nop) is not nop_.Whiten or self.nrr.conditional
+        if (not self.native or not self.nop.block_eval_fold or self.nrr.conditional
                 or self.channel_axis != 1
                 or self._num_padded or x.dim() < 2 or x.numel() == 0
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
@@ -395,27 +400,18 @@ class Normalization(nn.Module):
         mat, shift = cached[1]
         return (mat, shift) if mat.dtype == x.dtype and mat.device == x.device else None
 
-    def _native_ok(self, x: Tensor) -> bool:
-        w = getattr(self, "weight", None)
+    def _native_ok(self, x: Tensor, use_batch: bool | None = None) -> bool:
+        """Whether this call runs torch's kernel (:func:`~normkit.functional.kernels.kernel_accepts`)."""
+        if self._native is None:
+            return False
+        if use_batch is None:
+            use_batch = self.training or self._running() is None
         if (self.momentum is None and self.training and self.track_running_stats
                 and torch.compiler.is_compiling()):
             return False  # torch's kernels take the 1/n of a cumulative average as a Python float
-        if self._native == "rms_norm" and x.device.type == "cpu":
-            return False  # composite on CPU: the generic path is faster (benchmarks/)
-        if self._native == "batch_group_norm" and not (self.training or self._running() is None):
-            return False  # eval: the generic path folds running stats and affine into one FMA
-        if self._native == "local_response_norm":
-            # torch's kernel needs rank >= 3, views its input (contiguous only), no upcast
-            return (x.dim() >= 3 and x.is_contiguous()
-                    and x.dtype not in (torch.float16, torch.bfloat16))
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # torch's CPU kernels reduce in the input precision unless a float32 parameter makes
-            # them take the mixed-precision path; the generic path always reduces in float32.
-            # torch's rms_norm has no mixed-precision kernel and warns, and batch-group calls the
-            # BN kernel without the parameters: generic path for both.
-            return (w is not None and w.dtype == torch.float32
-                    and self._native not in ("rms_norm", "batch_group_norm"))
-        return w is None or w.dtype == x.dtype
+        if not self.nop.native_applies(use_batch):
+            return False
+        return kernel_accepts(self._native, x, getattr(self, "weight", None), use_batch=use_batch)
 
     def _training_nap(self) -> nap_.Partition:
         """The partition statistics are fitted over: synchronized over ``process_group`` in
@@ -427,82 +423,85 @@ class Normalization(nn.Module):
     def _forward_generic(
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool,
         condition: Any = None, nap: nap_.Partition | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Tensor:
         nap = self.nap if nap is None else nap
         eps = self.eps if self.eps is not None else default_eps(x.dtype)
-        shape = x.shape
-        x = pad_channels(x, self._num_padded, self.channel_axis)
-        v = canonical_view(x, self.groups, self.channel_axis)
-        spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-        w, b = self._recovery_views(x, condition)
+        xp, v = P.view_of(x, self.groups, self.channel_axis, self._num_padded)
+        w, b = self._recovery_views(xp, condition)
         if x.numel() == 0 and nap is self.nap:
-            out = affine_transform(v, None, None, w, b)
-            for p in self._nop_params().values():  # connected, so every parameter gets a 0 grad
-                out = out + 0 * p.sum()
-            out = out.to(x.dtype).reshape(shape)
-            return self.nrr.post(out, self._recovery_params(), self.channel_axis)
-        m = nap.count(v, spatial)
+            y = P.empty_output(v, xp, self.num_features, self.channel_axis, w, b,
+                               list(self._nop_params().values()))
+            return self.nrr.post(y, self._recovery_params(), self.channel_axis)
+        spatial = P.spatial_of(xp, self.channel_axis)
+        call = P.Call(x=xp, v=v, spatial=spatial, m=nap.count(v, spatial), eps=eps, nap=nap,
+                      use_batch=use_batch, update=update, running=running,
+                      extra={} if extra is None else extra)
         with S.autocast_off(x):  # statistics in float32 (the recovery above runs under autocast)
-            if use_batch:
-                stats = self.nop.fit(v, nap, spatial, eps=eps, params=self._nop_params())
-                if update:
-                    self._update_running(running, stats, m)
-            else:
-                stats = self.nop.eval_stats(
-                    v, running, nap=self.nap, spatial=spatial, num_features=self.num_features,
-                    eps=eps, params=self._nop_params(),
-                )
-            y = apply_normalization(
-                x, v, stats, nop=self.nop, nap=nap, eps=eps, m=m, weight=w, bias=b,
-                channel_axis=self.channel_axis,
-            )
-        y = narrow_channels(y, self.num_features, self.channel_axis)
+            call.stats = self._statistics(call)
+            out = self._transform(call, call.stats, w, b)
+        y = P.finish(out, xp, self.num_features, self.channel_axis)
         return self.nrr.post(y, self._recovery_params(), self.channel_axis)
+
+    def _statistics(self, call: P.Call) -> nop_.Stats:
+        """Hook: the statistics ``call`` normalizes with — fitted on the batch (and the running
+        estimates updated) or, for evaluation, from the running estimates."""
+        params = self._nop_params()
+        if call.use_batch:
+            stats = self.nop.fit(call.v, call.nap, call.spatial, eps=call.eps, params=params,
+                                 **({"state": self._op_state(call)} if self.nop.reads_state else {}))
+            if call.update and call.running is not None:
+                self._update_running(call.running, stats, call.m)
+            return stats
+        assert call.running is not None
+        return self.nop.eval_stats(call.v, call.running, nap=self.nap, spatial=call.spatial,
+                                   num_features=self.num_features, eps=call.eps, params=params)
+
+    def _transform(self, call: P.Call, stats: nop_.Stats, weight: Tensor | None,
+                   bias: Tensor | None) -> Tensor:
+        """Hook: the output on the canonical view — the operation's transform with the
+        recovery's ``γ, β``."""
+        return P.transform(call, stats, self.nop, weight, bias)
+
+    def _op_state(self, call: P.Call) -> nop_.State | None:
+        """The operation's :class:`~normkit.nop.State` for this call: the running estimates, the
+        counter and its state buffers, when the module tracks them (torch's rule: with the
+        tracking off, training uses the batch alone). Read as they are before this step updates
+        them, compiled backward included (:func:`~normkit.functional.snapshot.snapshot`); the
+        buffers the backward reads and records when it runs stay live."""
+        if not self.track_running_stats or call.running is None:
+            return None
+        live = self.nop.backward_state
+        return nop_.State(
+            running={k: snapshot(t) for k, t in call.running.items()},
+            step=snapshot(self.num_batches_tracked),
+            buffers={k: t if k in live else snapshot(t) for k, t in self._state_buffers().items()},
+        )
 
     @torch.no_grad()
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:
         factor = self._factor()
         for k, t in self.nop.running(stats, m).items():
             S.ema_update(running[k], t, factor)
+        self.nop.update_state(self._state_buffers(), stats)
 
     def _forward_native(
         self, x: Tensor, running: dict[str, Tensor] | None, use_batch: bool, update: bool
     ) -> Tensor:
-        w, b = getattr(self, "weight", None), getattr(self, "bias", None)
         kind = self._native
-        eps = self.eps if self.eps is not None else default_eps(x.dtype)
-        if kind == "batch_norm":
-            xc = x if self.channel_axis == 1 else x.movedim(-1, 1)
-            rm, rv = (None, None) if running is None or (use_batch and not update) else (
-                running["mean"], running["var"])
-            y = F.batch_norm(xc, rm, rv, w, b, use_batch, self._factor() if update else 0.0, eps)
-            return y if self.channel_axis == 1 else y.movedim(1, -1)
-        if kind == "batch_group_norm":
-            g, per = self.groups
-            rm, rv = (None, None) if running is None or (use_batch and not update) else (
-                running["mean"], running["var"])
-            y = F.batch_norm(x.reshape(x.shape[0], g, -1), rm, rv, None, None, use_batch,
-                             self._factor() if update else 0.0, eps)
-            if w is not None:
-                shape = (1, g, per, 1)
-                y = torch.addcmul(b.reshape(shape), y.reshape(x.shape[0], g, per, -1), w.reshape(shape))
-            return y.reshape(x.shape)
-        if kind == "instance_norm":
-            rm, rv = (None, None) if running is None else (running["mean"], running["var"])
-            if use_batch and not update:
-                rm, rv = None, None
-            return F.instance_norm(x, rm, rv, w, b, use_batch, self._factor() if update else 0.0,
-                                   eps)
-        if kind == "group_norm":
-            return F.group_norm(x, self.groups[0], w, b, eps)
-        if kind == "layer_norm":
-            if self.channel_axis == 1:
-                return F.layer_norm(x.movedim(1, -1), (self.num_features,), w, b, eps).movedim(-1, 1)
-            return F.layer_norm(x, (self.num_features,), w, b, eps)
+        assert kind is not None
+        keep = running is not None and (update or not use_batch)
+        lrn = None
         if kind == "local_response_norm":
-            nop = self.nop
-            return F.local_response_norm(x, self.nap.channel_window, nop.alpha, nop.beta, nop.k)
-        return F.rms_norm(x, (self.num_features,), w, eps)
+            nop: Any = self.nop
+            lrn = (self.nap.channel_window, nop.alpha, nop.beta, nop.k)  # type: ignore[attr-defined]
+        return run_kernel(
+            kind, x, weight=getattr(self, "weight", None), bias=getattr(self, "bias", None),
+            running=(running["mean"], running["var"]) if keep else None,  # type: ignore[index]
+            use_batch=use_batch, factor=self._factor() if update else 0.0,
+            eps=self.eps if self.eps is not None else default_eps(x.dtype),
+            groups=self.groups, channel_axis=self.channel_axis, lrn=lrn,
+        )
 
 
 def _apply_block_fold(x: Tensor, mat: Tensor, shift: Tensor) -> Tensor:

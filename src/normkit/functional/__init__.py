@@ -8,3 +8,4 @@ from .standardize import affine_transform as affine_transform
 from .statistics import box_mean as box_mean
 from .statistics import local_moments as local_moments
 from .statistics import moments as moments
+

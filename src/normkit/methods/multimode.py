@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
@@ -153,15 +152,6 @@ class MixtureNorm(Normalization):
     ) -> None:
         op = MixtureStandardize(num_components=num_components, iterations=iterations, init=init)
         super().__init__(num_features, nap=nap.Batch(), nop=op, nrr=affine_recovery(affine), **kw)
-
-    def _nop_params(self) -> dict[str, Tensor]:
-        # EM's warm start: the running mixture, passed to fit() when this forward trains and
-        # tracks (torch's rule: with track_running_stats off, training ignores the buffers).
-        params = super()._nop_params()
-        running = self._running()
-        if self.training and self.track_running_stats and running is not None:
-            params = {**params, **{f"running_{k}": t for k, t in running.items()}}
-        return params
 
 
 @register("task_norm", family="multimode", aliases=("task_normalization",),

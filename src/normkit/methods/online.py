@@ -12,12 +12,11 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from .. import nap
-from .. import nrr as nrr_
+from .._pipeline import Call
 from ..errors import ConfigError, ShapeError
 from ..functional import statistics as S
-from ..functional.normalize import apply_normalization, check_spread
-from ..functional.partition import canonical_view, check_input, restore_view
 from ..functional.standardize import affine_transform
+from ..nop import Stats
 from ..nop._online import ExampleWeighted, OnlineStandardize, _check_weight, kalman_estimate
 from ..normalization import Normalization
 from ..registry import register
@@ -26,11 +25,6 @@ from ._common import NormKwargs, affine_recovery
 __all__ = ["EvalNorm", "KalmanNorm", "OnlineNorm"]
 
 _PAPER_SD = "Summers & Dinneen 2020, arXiv:1906.03548; Singh & Shrivastava 2019 (EvalNorm, ICCV)"
-
-
-def _plain_affine(recovery: nrr_.Recovery) -> bool:
-    return isinstance(recovery, nrr_.Identity) or (
-        type(recovery) is nrr_.Affine and recovery.weight and recovery.bias)
 
 
 @register("eval_norm", family="robust",
@@ -95,15 +89,6 @@ class EvalNorm(Normalization):
     @alpha.setter
     def alpha(self, value: float) -> None:
         self.nop = ExampleWeighted(alpha=value)
-
-    def _native_kind(self) -> Any:
-        # training is BN: its kernel (ExampleWeighted is not `type(nop) is Standardize`)
-        return "batch_norm" if _plain_affine(self.nrr) and self.groups[1] == 1 else None
-
-    def _native_ok(self, x: Tensor) -> bool:
-        if not self.training and self._running() is not None and self.alpha != 0:
-            return False  # example-weighted evaluation: the generic path's eval_stats
-        return super()._native_ok(x)
 
 
 @register("kalman_norm", family="robust", aliases=("kalmannorm", "kn"),
@@ -198,7 +183,7 @@ class KalmanNorm(Normalization):
         s = super().extra_repr()
         return s + (f", prev_features={self.prev_features}" if self.prev_features else "")
 
-    def _prediction_inputs(self, prev_stats: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _prediction_inputs(self, prev_stats: Any) -> tuple[Tensor, Tensor]:
         if self.prev_features is None:
             raise ConfigError(
                 f"{type(self).__name__}({self.num_features}) was built without prev_features; "
@@ -210,7 +195,7 @@ class KalmanNorm(Normalization):
         for what, t in zip(("mean", "var"), prev_stats, strict=True):
             if tuple(t.shape) != shape:
                 raise ShapeError(f"prev_stats {what} must have shape {shape}, got {tuple(t.shape)}")
-        return prev_stats[0].to(dtype), prev_stats[1].to(dtype)
+        return prev_stats[0], prev_stats[1]
 
     def forward(self, x: Tensor, condition: Any = None, *, prev_stats: Any = None,
                 return_stats: bool = False) -> Any:
@@ -218,52 +203,48 @@ class KalmanNorm(Normalization):
         ``return_stats`` also returns this layer's (see the class docstring)."""
         if prev_stats is None and not return_stats:
             return super().forward(x, condition)
-        check_input(x, self.num_features, self.channel_axis)
-        self.nrr.check_condition(condition, x)
-        vector = x.dim() == 1
-        x = x.unsqueeze(0) if vector else x
-        running = self._running()
-        use_batch = self.training or running is None
-        update = self.training and self.track_running_stats and running is not None
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        v = canonical_view(x, self.groups, self.channel_axis)
-        spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
+        extra: dict[str, Any] = {}
+        if prev_stats is not None and (self.training or self._running() is None):
+            extra["prev"] = self._prediction_inputs(prev_stats)  # before any state changes
+        y = self._run(x, condition, generic=True, extra=extra)
+        if not return_stats:
+            return y
+        if "estimate" in extra:
+            return y, extra["estimate"]
+        running = self._running()  # an empty batch: nothing estimated
+        if running is not None:
+            return y, (running["mean"], running["var"])
+        nan = torch.full((self.num_features,), math.nan, device=x.device)
+        return y, (nan, nan)
+
+    def _statistics(self, call: Call) -> Stats:
+        """Training: the Kalman update of the prediction from ``call.extra["prev"]`` by the
+        batch's moments (the running estimates track it, with the batch variance unbiased);
+        evaluation: the running estimates (as BN)."""
+        if not call.use_batch:  # the running estimates themselves are this layer's estimate
+            assert call.running is not None
+            call.extra["estimate"] = (call.running["mean"], call.running["var"])
+            return super()._statistics(call)
+        batch_mean, batch_var = call.nap.moments(call.v, call.spatial)
+        mean, var = batch_mean.reshape(-1), batch_var.reshape(-1)
+        prev = call.extra.get("prev")
+        if prev is not None:
+            prev = (prev[0].to(mean.dtype), prev[1].to(mean.dtype))
+            mean, var = kalman_estimate(mean, var, *prev, self.transition.to(mean.dtype),
+                                        torch.sigmoid(self.gain_logit.to(mean.dtype)))
+        if call.update and call.running is not None:
+            with torch.no_grad():
+                r_mean = batch_mean.reshape(-1)
+                r_var = S.unbiased_variance(batch_var.reshape(-1), call.m)
+                if prev is not None:
+                    r_mean, r_var = kalman_estimate(
+                        r_mean, r_var, *prev, self.transition.to(r_mean.dtype),
+                        torch.sigmoid(self.gain_logit.to(r_mean.dtype)))
+                S.ema_update(call.running["mean"], r_mean, self._factor())
+                S.ema_update(call.running["var"], r_var, self._factor())
+        call.extra["estimate"] = (mean, var)
         shape = self.nap.stat_view_shape(self.num_features)
-        if x.numel() == 0 or not use_batch:
-            y = super().forward(x, condition)
-            if running is not None:
-                mean, var = running["mean"], running["var"]
-            else:  # empty batch without running estimates: nothing to estimate from
-                mean = var = torch.full((self.num_features,), math.nan, device=x.device)
-            y = y.squeeze(0) if vector else y
-            return (y, (mean, var)) if return_stats else y
-        m = self.nap.count(v, spatial)
-        check_spread(tuple(x.shape), m, self.nap, self.nop)
-        w, b = self._recovery_views(x, condition)  # under autocast, as a model layer
-        with S.autocast_off(x):  # statistics in float32 (the Kalman transition is a matmul)
-            batch_mean, batch_var = self.nap.moments(v, spatial)
-            mean, var = batch_mean.reshape(-1), batch_var.reshape(-1)
-            prev = None if prev_stats is None else self._prediction_inputs(prev_stats, mean.dtype)
-            if prev is not None:
-                mean, var = kalman_estimate(mean, var, *prev, self.transition.to(mean.dtype),
-                                            torch.sigmoid(self.gain_logit.to(mean.dtype)))
-            if update:
-                self.num_batches_tracked.add_(1)
-                with torch.no_grad():
-                    r_mean = batch_mean.reshape(-1)
-                    r_var = S.unbiased_variance(batch_var.reshape(-1), m)
-                    if prev is not None:
-                        r_mean, r_var = kalman_estimate(
-                            r_mean, r_var, *prev, self.transition.to(r_mean.dtype),
-                            torch.sigmoid(self.gain_logit.to(r_mean.dtype)))
-                    S.ema_update(running["mean"], r_mean, self._factor())
-                    S.ema_update(running["var"], r_var, self._factor())
-            stats = {"mean": mean.reshape(shape), "var": var.reshape(shape)}
-            y = apply_normalization(x, v, stats, nop=self.nop, nap=self.nap, eps=eps, m=m,
-                                    weight=w, bias=b, channel_axis=self.channel_axis)
-        y = self.nrr.post(y, self._recovery_params(), self.channel_axis)
-        y = y.squeeze(0) if vector else y
-        return (y, (mean, var)) if return_stats else y
+        return {"mean": mean.reshape(shape), "var": var.reshape(shape)}
 
 
 @register("online_norm", family="robust", aliases=("onlinenorm", "online_normalization"),
@@ -347,38 +328,39 @@ class OnlineNorm(Normalization):
         return self.nop.backward_momentum  # type: ignore[attr-defined, no-any-return]
 
     def _sample_factors(self, n: int) -> list[float] | list[Tensor]:
+        """The weight of each of the call's ``n`` samples (``num_batches_tracked`` already counts
+        them)."""
         if self.momentum is None:
             if torch.compiler.is_compiling():  # int() of a buffer would break the graph
-                seen = self.num_batches_tracked.double()
+                seen = self.num_batches_tracked.double() - n
                 return [(seen + (t + 1)).reciprocal() for t in range(n)]
-            seen = int(self.num_batches_tracked)
-            return [1.0 / (seen + t + 1) for t in range(n)]
+            seen_n = int(self.num_batches_tracked) - n
+            return [1.0 / (seen_n + t + 1) for t in range(n)]
         return [float(self.momentum)] * n
 
     def forward(self, x: Tensor, condition: Any = None) -> Tensor:
         """Normalize ``x`` sample by sample in training (see the class docstring)."""
-        running = self._running()
-        if not self.training or x.numel() == 0 or running is None:
+        if not self.training or x.numel() == 0 or self._running() is None:
             return super().forward(x, condition)
-        check_input(x, self.num_features, self.channel_axis)
-        self.nrr.check_condition(condition, x)
-        vector = x.dim() == 1
-        x = x.unsqueeze(0) if vector else x
         if not self.track_running_stats:  # turned off after construction: frozen estimates
-            y = self._forward_generic(x, running, False, False, condition)
-            return y.squeeze(0) if vector else y
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        v = canonical_view(x, self.groups, self.channel_axis)
-        spatial = tuple(x.shape[2:] if self.channel_axis == 1 else x.shape[1:-1])
-        factors = self._sample_factors(x.shape[0])
-        with S.autocast_off(x):  # statistics in float32, as in Normalization
-            with torch.no_grad():
-                samples = self.nop.fit(v, self.nap, spatial)
-            stats = self.nop.stream(samples, running, self.nap, self.num_features, factors)
-            self.num_batches_tracked.add_(x.shape[0])
-            xhat = self.nop.normalize(v, stats, running, eps)
-        w, b = self._recovery_views(x, condition)
-        out = affine_transform(xhat, None, None, w, b)
-        y = restore_view(out.to(x.dtype), x.shape, self.channel_axis)
-        y = self.nrr.post(y, self._recovery_params(), self.channel_axis)
-        return y.squeeze(0) if vector else y
+            return self._run(x, condition, use_batch=False, update=False, generic=True)
+        steps = x.shape[0] if x.dim() > 1 else 1  # a (C,) vector is one sample
+        return self._run(x, condition, use_batch=True, update=True, steps=steps, generic=True)
+
+    def _statistics(self, call: Call) -> Stats:
+        """Streaming: each sample's moments update the estimates left by the samples before it
+        (the running buffers, in place); the sample is standardized with the earlier ones."""
+        if not call.update or call.running is None:
+            return super()._statistics(call)
+        with torch.no_grad():
+            samples = self.nop.fit(call.v, self.nap, call.spatial)
+        factors = self._sample_factors(call.v.shape[0])
+        return self.nop.stream(samples, call.running, self.nap, self.num_features, factors)
+
+    def _transform(self, call: Call, stats: Stats, weight: Tensor | None,
+                   bias: Tensor | None) -> Tensor:
+        """Streaming: the control process's normalization (its backward), then ``γ, β``."""
+        if not call.update or call.running is None:
+            return super()._transform(call, stats, weight, bias)
+        xhat = self.nop.normalize(call.v, stats, call.running, call.eps)
+        return affine_transform(xhat, None, None, weight, bias)

@@ -3,12 +3,10 @@ running quadratic mean with an approximate backward (:mod:`normkit.nop._power`).
 
 from __future__ import annotations
 
-from torch import Tensor
 from typing_extensions import Unpack
 
 from ..errors import ConfigError
 from ..nop._power import PowerScale, check_alpha
-from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs
 from .robust import _Stateful
@@ -113,11 +111,6 @@ class PowerNorm(_Stateful):
             kw["momentum"] = 1.0 - alpha_fwd
         op = PowerScale(alpha_bkw=alpha_bkw, warmup_steps=warmup_steps)
         super().__init__(num_features, nop=op, affine=affine, eps=eps, **kw)  # type: ignore[arg-type]
-
-    def _nop_params(self) -> dict[str, Tensor]:
-        if not self.track_running_stats:  # torch's rule: training uses batch statistics
-            return Normalization._nop_params(self)
-        return super()._nop_params()
 
     @property
     def alpha_fwd(self) -> float | None:

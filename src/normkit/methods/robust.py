@@ -5,17 +5,15 @@ All five standardize per channel over the batch like BN and evaluate like BN (ru
 unbiased variance of the batch statistics, ``momentum`` as torch's); they change the statistics
 used in training (:mod:`normkit.nop._robust`). Without running statistics
 (``track_running_stats=False``) the stateful ones keep no memory and train as BN; with the
-tracking switched off after construction they use their state as it is and leave it alone.
+tracking switched off after construction they train as BN too (torch's rule: batch statistics)
+and leave their state alone.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
 from typing_extensions import Unpack
 
 from .. import nap
-from ..functional.snapshot import snapshot
 from ..nop._robust import (
     Ghost,
     MomentumStandardize,
@@ -34,9 +32,11 @@ __all__ = ["BatchRenorm", "GhostBatchNorm", "MomentumBatchNorm", "MovingAverageB
 
 class _Stateful(Normalization):
     """BN-area normalization whose operation reads, in training, the running estimates, the step
-    counter ``num_batches_tracked`` and its own buffers (:meth:`RobustStandardize.state_buffers`,
-    registered here beside the running estimates, reset with them, recorded by
-    :meth:`RobustStandardize.update_state` on the steps that update the running estimates).
+    counter ``num_batches_tracked`` and its own buffers (a ``reads_state`` operation:
+    :class:`~normkit.Normalization` registers its :meth:`~normkit.nop.Operation.state_buffers`
+    beside the running estimates, resets and loads them with them, passes them in the call's
+    :class:`~normkit.nop.State`, and has :meth:`~normkit.nop.Operation.update_state` record the
+    steps that update the running estimates).
 
     A BN ``state_dict`` loads into these modules (strictly): missing extra buffers start empty.
     """
@@ -44,42 +44,6 @@ class _Stateful(Normalization):
     def __init__(self, num_features: int, *, nop: RobustStandardize, affine: bool,
                  **kw: Unpack[NormKwargs]) -> None:
         super().__init__(num_features, nap=nap.Batch(), nop=nop, nrr=affine_recovery(affine), **kw)
-        spec = nop.state_buffers(self.nap, num_features) if self.track_running_stats else {}
-        self._state_init = {name: init for name, (_, init) in spec.items()}
-        for name, (shape, init) in spec.items():
-            self.register_buffer(
-                name, torch.full(shape, init, device=kw.get("device"), dtype=kw.get("dtype")))
-
-    def _state(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in getattr(self, "_state_init", {})}
-
-    def _nop_params(self) -> dict[str, Tensor]:
-        params = super()._nop_params()
-        running = self._running()
-        if running is None:
-            return params
-        state = {**{f"running_{k}": t for k, t in running.items()},
-                 "num_batches_tracked": self.num_batches_tracked, **self._state()}
-        # read as they are before this step updates them (compiled backward included); the
-        # backward's own state (read and recorded when the backward runs) stays live
-        live = getattr(self.nop, "backward_state", ()) if self.training else tuple(state)
-        return {**params, **{k: t if k in live else snapshot(t) for k, t in state.items()}}
-
-    @torch.no_grad()
-    def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:
-        super()._update_running(running, stats, m)
-        self.nop.update_state(self._state(), stats)  # type: ignore[attr-defined]
-
-    def reset_running_stats(self) -> None:
-        """Reset running estimates, the batch counter and the extra state."""
-        super().reset_running_stats()
-        for name, buf in self._state().items():
-            buf.fill_(self._state_init[name])
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kw):  # type: ignore[no-untyped-def]
-        for name, buf in self._state().items():
-            state_dict.setdefault(prefix + name, torch.full_like(buf, self._state_init[name]))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kw)
 
 
 @register("batch_renorm", family="robust", aliases=("batch_renormalization", "brn"),

@@ -24,13 +24,17 @@ exported here too: every public :class:`Operation` subclass of this package is i
 Example:
     >>> import torch, normkit as nk
     >>> x = torch.randn(4, 3, 5)
-    >>> y = nk.functional.normalize(x, nap=nk.nap.Layer(), nop=nk.nop.Scale("rms"), eps=1e-6)
+    >>> y = nk.normalize(x, nap=nk.nap.Layer(), nop=nk.nop.Scale("rms"), eps=1e-6)
     >>> torch.allclose(y, x / (x.pow(2).mean((1, 2), keepdim=True) + 1e-6).sqrt())
     True
 """
 
 from ._base import Coefficients as Coefficients
+from ._base import Kernel as Kernel
+from ._base import Layout as Layout
 from ._base import Operation as Operation
+from ._base import State as State
+from ._base import StateSpec as StateSpec
 from ._base import Stats as Stats
 from ._combination import BatchChannelStandardize as BatchChannelStandardize
 from ._combination import BatchInstanceStandardize as BatchInstanceStandardize
@@ -62,7 +66,7 @@ from ._whiten import SwitchableWhiten as SwitchableWhiten
 from ._whiten import Whiten as Whiten
 
 __all__ = [
-    "Operation", "Stats", "Coefficients",
+    "Operation", "Stats", "Coefficients", "State", "StateSpec", "Layout", "Kernel",
     # standardization, scaling, local
     "Standardize", "Center", "Scale", "L1", "Range", "Divisive",
     # whitening

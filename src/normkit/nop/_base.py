@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -14,10 +15,54 @@ from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..nap import Partition
 
-__all__ = ["Operation", "Stats", "Coefficients"]
+__all__ = ["Operation", "Stats", "Coefficients", "State", "Layout", "Kernel", "StateSpec"]
 
 Stats = dict[str, Tensor]
 Coefficients = tuple["Tensor | None", "Tensor | None"]
+StateSpec = dict[str, tuple[tuple[int, ...], float]]
+Kernel = Literal[
+    "batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
+    "local_response_norm",
+]
+
+
+@dataclass(frozen=True)
+class State:
+    """What a stateful operation reads in one training call besides its learnable parameters.
+
+    :class:`~normkit.Normalization` builds it for operations with ``reads_state = True`` when it
+    tracks running estimates, and passes it to :meth:`Operation.fit` as ``state``.
+
+    Attributes:
+        running: the running estimates by statistic name (``"mean"``, ``"var"``, ``"ms"`` ...),
+            as they are before this call updates them.
+        step: ``num_batches_tracked``, this call counted (a 0-d long tensor).
+        buffers: the operation's own state buffers by name (:meth:`Operation.state_buffers`).
+    """
+
+    running: Stats
+    step: Tensor
+    buffers: Stats
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What decides whether one of torch's kernels computes an operation (:meth:`Operation.native_kernel`).
+
+    Attributes:
+        nap: the partition.
+        groups: ``nap.groups(C)``: ``(A, B)`` of the canonical view.
+        channel_axis: ``1`` or ``-1``.
+        tracking: whether the module keeps running estimates.
+        recovery: the recovery's form: ``"none"``, ``"affine"`` (per-channel ``γ, β``),
+            ``"weight"`` (per-channel ``γ`` only) or ``"other"``.
+    """
+
+    nap: Partition
+    groups: tuple[int, int]
+    channel_axis: int
+    tracking: bool
+    recovery: Literal["none", "affine", "weight", "other"]
 
 
 class Operation(ABC):
@@ -32,6 +77,43 @@ class Operation(ABC):
     stat_names: tuple[str, ...] = ()
     needs_spread: bool = True
     uses_eps: bool = True
+    #: :meth:`fit` takes the call's :class:`State` (running estimates, step, own buffers)
+    reads_state: ClassVar[bool] = False
+    #: state buffers the backward reads and records when it runs: passed live, never snapshotted
+    backward_state: ClassVar[tuple[str, ...]] = ()
+    #: evaluation is one block-diagonal matmul of :meth:`fold`'s ``(M, b)`` (batch whitening);
+    #: not inherited, like :meth:`native_kernel`
+    block_eval_fold: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        # A subclass computes something else: it has neither its parent's torch kernel nor its
+        # evaluation fold unless it declares them itself.
+        if "native_kernel" not in cls.__dict__:
+            cls.native_kernel = Operation.native_kernel  # type: ignore[method-assign]
+        if "block_eval_fold" not in cls.__dict__:
+            cls.block_eval_fold = False
+
+    def native_kernel(self, layout: Layout) -> Kernel | None:
+        """The torch kernel that computes this operation (with the recovery) under ``layout``,
+        or ``None``; :class:`~normkit.Normalization` (``native=True``) dispatches to it. Not
+        inherited: a subclass declares its own."""
+        return None
+
+    def native_applies(self, use_batch: bool) -> bool:
+        """Whether :meth:`native_kernel` computes this call: ``use_batch`` is ``True`` when the
+        call normalizes with batch statistics, ``False`` with the running estimates."""
+        return True
+
+    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
+        """State buffers the module keeps besides the running estimates (``reads_state``
+        operations): name → (shape, initial value). Default: none."""
+        return {}
+
+    def update_state(self, state: Stats, stats: Stats) -> None:
+        """Record a training step into the :meth:`state_buffers` (in place; called without grad,
+        after :meth:`fit`, only where the module updates its running estimates)."""
+        return None
 
     @abstractmethod
     def fit(
@@ -42,6 +124,9 @@ class Operation(ABC):
 
         ``eps`` is given for operations whose statistics depend on it (whitening matrices);
         ``params`` holds the operation's own learnable parameters (:meth:`create_parameters`).
+        Operations with ``reads_state = True`` also take ``state``, the call's :class:`State`
+        (``None`` where the module keeps no running estimates: then they normalize with the
+        batch's statistics).
         """
 
     @abstractmethod

@@ -37,7 +37,7 @@ from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.partition import stats_dtype
 from ..nap import Partition
-from ._base import Coefficients, Operation, Stats
+from ._base import Coefficients, Operation, State, Stats
 
 __all__ = [
     "ModeStandardize",
@@ -306,8 +306,8 @@ class MixtureStandardize(Operation):
     Training runs ``iterations`` EM steps (:func:`gmm_em`) on each channel's ``N·S`` values and
     normalizes with the posteriors of the fitted mixture. EM starts from
 
-    * ``init="running"``: the running mixture (the module passes its running buffers to
-      :meth:`fit` as ``params["running_<stat>"]``). Warm-starting keeps each component's identity
+    * ``init="running"``: the running mixture (the module passes its running estimates to
+      :meth:`fit` in its :class:`~normkit.nop.State` when it tracks them). Warm-starting keeps each component's identity
       from batch to batch, which the running averages of its moments need. Where the running
       components of a channel are all equal (at the start, after ``reset_running_stats()``) EM
       could never separate them, so that channel starts as with ``"batch"``.
@@ -332,6 +332,7 @@ class MixtureStandardize(Operation):
     init: Literal["running", "batch"] = "running"
 
     stat_names = ("mean", "var", "log_prior")
+    reads_state = True  # init="running": EM starts from the running mixture
 
     def __post_init__(self) -> None:
         _positive_int("num_components", self.num_components)
@@ -356,13 +357,13 @@ class MixtureStandardize(Operation):
         log_prior = torch.full_like(mean, -math.log(self.num_components))
         return mean, var, log_prior
 
-    def _start(self, z: Tensor, shift: Tensor, eps: float, params: Stats | None
+    def _start(self, z: Tensor, shift: Tensor, eps: float, state: State | None
                ) -> tuple[Tensor, Tensor, Tensor]:
         batch = self._batch_start(z, eps)
-        if self.init == "batch" or not params or "running_mean" not in params:
+        if self.init == "batch" or state is None:
             return batch
         # clones: the buffers are updated in place after this forward and must not be saved
-        rm, rv, rl = (params[f"running_{k}"].detach().to(z.dtype).clone() for k in self.stat_names)
+        rm, rv, rl = (state.running[k].detach().to(z.dtype).clone() for k in self.stat_names)
         running = (rm - shift, rv, torch.log_softmax(rl, 0))
         same = torch.ones_like(rm[0], dtype=torch.bool)
         for t in (rm, rv, rl):
@@ -370,11 +371,11 @@ class MixtureStandardize(Operation):
         return tuple(torch.where(same, b, r) for b, r in zip(batch, running, strict=True))  # type: ignore[return-value]
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-            params: Stats | None = None) -> Stats:
+            params: Stats | None = None, state: State | None = None) -> Stats:
         x = _samples(v)
         shift = x.mean((0, 2))  # (C,): EM runs on centred values (exact under large offsets)
         z = x - shift[:, None]
-        mean, var, log_prior = gmm_em(z, *self._start(z, shift, eps, params),
+        mean, var, log_prior = gmm_em(z, *self._start(z, shift, eps, state),
                                       iterations=self.iterations, eps=eps)
         post = gmm_posterior(z, mean, var, log_prior, eps)
         return {"mean": mean + shift, "var": var, "log_prior": log_prior,

@@ -37,7 +37,7 @@ from ..functional.partition import canonical_view, check_input, restore_view, st
 from ..functional.snapshot import snapshot
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import Coefficients, Operation, Stats
+from ._base import Coefficients, Kernel, Layout, Operation, Stats
 from ._standard import Standardize
 
 __all__ = [
@@ -127,6 +127,16 @@ class ExampleWeighted(Standardize):
         mean_x, var_x = S.moments(v, sample_dims(nap))
         mean, var = mix_moments(mean_x, var_x, pop["mean"], pop["var"], self.alpha)
         return {"mean": mean, "var": var}
+
+    def native_kernel(self, layout: Layout) -> Kernel | None:
+        """Training is BN: its kernel (per-channel ``γ, β`` or none)."""
+        if layout.recovery == "weight":
+            return None
+        return "batch_norm" if Standardize.native_kernel(self, layout) == "batch_norm" else None
+
+    def native_applies(self, use_batch: bool) -> bool:
+        """The kernel computes training, and evaluation only at ``α = 0``."""
+        return use_batch or self.alpha == 0
 
     def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
              bias: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -41,8 +41,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import Stats
-from ._robust import StateSpec, _int
+from ._base import State, StateSpec, Stats
+from ._robust import _int
 from ._standard import Scale
 
 __all__ = ["PowerScale", "check_alpha"]
@@ -58,16 +58,16 @@ def check_alpha(name: str, value: Any, what: str) -> None:
 @dataclass(frozen=True, repr=False)
 class PowerScale(Scale):
     """Scaling by the running quadratic mean with PowerNorm's approximate backward (see the module
-    docstring). Implements the stateful-operation protocol of
-    :class:`~normkit.nop._robust.RobustStandardize` (:meth:`state_buffers`, :meth:`update_state`)
-    so :class:`~normkit.methods.robust._Stateful` modules give it the running estimates, the step
-    counter and ``grad_nu``."""
+    docstring). A ``reads_state`` operation (:meth:`state_buffers`, :meth:`update_state`): the
+    module gives it the running estimates, the step counter and ``grad_nu`` in the call's
+    :class:`~normkit.nop.State`."""
 
     kind: Literal["rms"] = field(default="rms", repr=False)
     alpha_bkw: float = 0.9
     warmup_steps: int = 10000
     # read and recorded by the backward when it runs: passed live, never snapshotted
     backward_state = ("grad_nu",)
+    reads_state = True
 
     def __post_init__(self) -> None:
         if self.kind != "rms":
@@ -85,20 +85,19 @@ class PowerScale(Scale):
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None,
+        params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        p = params or {}
-        if "running_ms" not in p:  # no running estimates: RMS batch normalization
+        if state is None:  # no running estimates: RMS batch normalization
             return {"ms": nap.mean_square(v, spatial)}
-        nu = p.get("grad_nu")
+        nu = state.buffers.get("grad_nu")
         if nu is None:  # plain autograd: exact in both phases
             batch = nap.mean_square(v, spatial)
         else:
             with torch.no_grad():  # the autograd Function below gives the whole input gradient
                 batch = nap.mean_square(v, spatial)
-        gate = p["num_batches_tracked"] > self.warmup_steps  # past the warm-up: ψ²_{t−1}
+        gate = state.step > self.warmup_steps  # past the warm-up: ψ²_{t−1}
         # torch.where makes a new tensor: ψ²_{t−1} is kept when the buffer is updated after fit
-        prev = p["running_ms"].to(batch.dtype).reshape(batch.shape)
+        prev = state.running["ms"].to(batch.dtype).reshape(batch.shape)
         stats = {"ms": torch.where(gate, prev, batch), "batch_ms": batch}
         if nu is not None:
             stats["grad_nu"], stats["grad_gate"] = nu, gate

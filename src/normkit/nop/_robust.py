@@ -17,12 +17,13 @@ operation                       training statistics
 Evaluation is BN's everywhere: the running mean and unbiased variance of the *batch*
 statistics, updated with ``momentum`` as :class:`~normkit.Normalization` does.
 
-The stateful ones (all but :class:`Ghost`) read the module's running estimates, its step counter
-``num_batches_tracked`` and their own buffers (:meth:`RobustStandardize.state_buffers`) from the
-``params`` passed to :meth:`~normkit.nop.Operation.fit`, and record the step in
-:meth:`RobustStandardize.update_state`. The presets of :mod:`normkit.methods.robust` provide
-both; a plain :class:`~normkit.Normalization` passes neither, and these operations then
-normalize with the batch statistics (BN), as they do without running statistics.
+The stateful ones (all but :class:`Ghost`, ``reads_state = True``) read the module's running
+estimates, its step counter ``num_batches_tracked`` and their own buffers
+(:meth:`~normkit.nop.Operation.state_buffers`) from the :class:`~normkit.nop.State` passed to
+:meth:`~normkit.nop.Operation.fit` as ``state``, and record the step in
+:meth:`~normkit.nop.Operation.update_state`. :class:`~normkit.Normalization` provides both
+whenever it tracks running estimates; without them (``state=None``) these operations normalize
+with the batch statistics (BN).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import Coefficients, Operation, Stats
+from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
 from ._whiten import Whiten
 
@@ -51,8 +52,6 @@ __all__ = [
     "WindowStandardize",
     "MovingAverageStandardize",
 ]
-
-StateSpec = dict[str, tuple[tuple[int, ...], float]]
 
 
 def _int(name: str, value: Any, low: int) -> None:
@@ -86,18 +85,11 @@ class RobustStandardize(Standardize):
 
     :meth:`fit` returns the statistics to normalize with (``mean``, ``var``) and, where they
     differ, the batch's own (``batch_mean``, ``batch_var``, biased). Running estimates track the
-    batch's, as BN's do, so evaluation is BN's.
+    batch's, as BN's do, so evaluation is BN's. :meth:`fit` takes the call's
+    :class:`~normkit.nop.State` (``reads_state``).
     """
 
-    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
-        """Extra buffers the module keeps (besides the running estimates): name → (shape, initial
-        value). Default: none."""
-        return {}
-
-    def update_state(self, state: Stats, stats: Stats) -> None:
-        """Record a training step into the ``state`` buffers (in place; called without grad,
-        after :meth:`fit`, only where the module updates its running estimates)."""
-        return None
+    reads_state = True
 
     def running(self, stats: Stats, m: int) -> Stats:
         batch = {"mean": stats.get("batch_mean", stats["mean"]),
@@ -156,17 +148,16 @@ class Renormalize(RobustStandardize):
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None,
+        params: Stats | None = None, state: State | None = None,
     ) -> Stats:
         mean, var = nap.moments(v, spatial)
-        p = params or {}
-        if "running_mean" not in p:  # no running estimates: r = 1, d = 0 (BN)
+        if state is None:  # no running estimates: r = 1, d = 0 (BN)
             return {"mean": mean, "var": var}
         mu_b, var_b = mean.detach(), var.detach()
-        r_max, d_max = self.limits(p["num_batches_tracked"], mean.dtype)
-        sigma = torch.sqrt(p["running_var"].to(mean.dtype).reshape(mean.shape) + eps)
+        r_max, d_max = self.limits(state.step, mean.dtype)
+        sigma = torch.sqrt(state.running["var"].to(mean.dtype).reshape(mean.shape) + eps)
         r = torch.clamp(torch.sqrt(var_b + eps) / sigma, 1 / r_max, r_max)
-        d = torch.clamp((mu_b - p["running_mean"].to(mean.dtype).reshape(mean.shape)) / sigma,
+        d = torch.clamp((mu_b - state.running["mean"].to(mean.dtype).reshape(mean.shape)) / sigma,
                         -d_max, d_max)
         return {"mean": mean, "var": var, "r": r, "d": d}
 
@@ -324,16 +315,15 @@ class MomentumStandardize(RobustStandardize):
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None,
+        params: Stats | None = None, state: State | None = None,
     ) -> Stats:
         mean, var = nap.moments(v, spatial)
         stats = {"mean": mean, "var": var, "batch_mean": mean, "batch_var": var}
-        p = params or {}
-        if "momentum_mean" not in p:
+        if state is None or "momentum_mean" not in state.buffers:
             return stats
-        lam = self.momentum_weight(v.shape[0], p["num_batches_tracked"], mean.dtype)
-        prev_mean = p["momentum_mean"].to(mean.dtype).reshape(mean.shape)
-        prev_var = p["momentum_var"].to(mean.dtype).reshape(mean.shape)
+        lam = self.momentum_weight(v.shape[0], state.step, mean.dtype)
+        prev_mean = state.buffers["momentum_mean"].to(mean.dtype).reshape(mean.shape)
+        prev_var = state.buffers["momentum_var"].to(mean.dtype).reshape(mean.shape)
         stats["mean"] = lam * prev_mean + (1 - lam) * mean
         stats["var"] = lam * prev_var + (1 - lam) * var
         return stats
@@ -377,15 +367,16 @@ class WindowStandardize(RobustStandardize):
         return {"history": ((self.window - 1, 2, size), 0.0),
                 "history_weight": ((self.window - 1,), 0.0)}
 
-    def _gate(self, p: Stats, dtype: torch.dtype) -> Tensor:
-        return (p["num_batches_tracked"] > self.warmup_steps).to(dtype)
+    def _gate(self, state: State, dtype: torch.dtype) -> Tensor:
+        return (state.step > self.warmup_steps).to(dtype)
 
-    def window_moments(self, mean: Tensor, var: Tensor, p: Stats) -> tuple[Tensor, Tensor]:
-        """``(μ̄, σ̄²)`` of the batch's ``(mean, var)`` and the history in ``p`` (if any)."""
-        if "history" not in p:
+    def window_moments(self, mean: Tensor, var: Tensor, state: State | None
+                       ) -> tuple[Tensor, Tensor]:
+        """``(μ̄, σ̄²)`` of the batch's ``(mean, var)`` and the history in ``state`` (if any)."""
+        if state is None or "history" not in state.buffers:
             return mean, var
-        w = p["history_weight"].to(mean.dtype) * self._gate(p, mean.dtype)
-        hist = p["history"]
+        w = state.buffers["history_weight"].to(mean.dtype) * self._gate(state, mean.dtype)
+        hist = state.buffers["history"]
         mbar = _window_average(mean, hist[:, 0], w)
         past = hist[:, 0].to(mean.dtype).reshape(-1, *mean.shape[1:])
         spread = (past - mbar).square().reshape(hist.shape[0], -1)  # (μ_τ − μ̄)² of the past
@@ -394,10 +385,10 @@ class WindowStandardize(RobustStandardize):
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None,
+        params: Stats | None = None, state: State | None = None,
     ) -> Stats:
         mean, var = nap.moments(v, spatial)
-        mbar, vbar = self.window_moments(mean, var, params or {})
+        mbar, vbar = self.window_moments(mean, var, state)
         return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
 
     @torch.no_grad()
@@ -439,14 +430,14 @@ class MovingAverageStandardize(WindowStandardize):
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None,
+        params: Stats | None = None, state: State | None = None,
     ) -> Stats:
         with torch.no_grad():  # the autograd Function below gives the whole input gradient
-            stats = super().fit(v, nap, spatial, eps=eps, params=params)
-        p = params or {}
-        if "grad_history" in p:
-            stats["grad_history"], stats["grad_weight"] = p["grad_history"], p["grad_weight"]
-            stats["grad_gate"] = self._gate(p, stats["mean"].dtype)
+            stats = super().fit(v, nap, spatial, eps=eps, params=params, state=state)
+        if state is not None and "grad_history" in state.buffers:
+            stats["grad_history"] = state.buffers["grad_history"]
+            stats["grad_weight"] = state.buffers["grad_weight"]
+            stats["grad_gate"] = self._gate(state, stats["mean"].dtype)
         return stats
 
     def update_state(self, state: Stats, stats: Stats) -> None:

@@ -12,8 +12,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..nap import Partition
-from ._base import Coefficients, Operation, Stats
+from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position
+from ._base import Coefficients, Kernel, Layout, Operation, Stats
 
 __all__ = ["Standardize", "Center", "Scale", "L1", "Range", "Divisive"]
 
@@ -33,6 +33,27 @@ class Standardize(Operation):
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
+
+    def native_kernel(self, layout: Layout) -> Kernel | None:
+        """BN over ``Batch()`` (one channel per group), the BN kernel per group over
+        ``BatchGroup`` (then the affine), IN over ``Instance()``, and — without running
+        estimates — GN over ``Group``/``Layer`` and LN over ``Position``; torch's kernels take
+        ``γ, β`` per channel (``bias=None`` allowed, except for the batch-group form)."""
+        nap, rec, cl = layout.nap, layout.recovery, layout.channel_axis == 1
+        if rec not in ("none", "affine", "weight"):
+            return None
+        if type(nap) is Batch and layout.groups[1] == 1:
+            return "batch_norm"
+        if type(nap) is BatchGroup and cl and rec != "weight":
+            return "batch_group_norm"  # BN kernel over (N, g, C/g·S), then the affine
+        if type(nap) is Instance and cl:
+            return "instance_norm"
+        if not layout.tracking:
+            if type(nap) in (Group, Layer) and cl:
+                return "group_norm"
+            if type(nap) is Position:
+                return "layer_norm"
+        return None
 
 
 @dataclass(frozen=True, repr=False)
@@ -76,6 +97,13 @@ class Scale(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         ms = stats["ms"] if self.kind == "rms" else stats["ms"] * m
         return Fs.rms_coefficients(ms, eps)
+
+    def native_kernel(self, layout: Layout) -> Kernel | None:
+        """torch's ``rms_norm`` over the channels of a channels-last input (``γ`` only)."""
+        if (self.kind == "rms" and type(layout.nap) is Position and not layout.tracking
+                and layout.channel_axis == -1 and layout.recovery in ("none", "weight")):
+            return "rms_norm"
+        return None
 
 
 @dataclass(frozen=True, repr=False)
@@ -163,3 +191,13 @@ class Divisive(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         second = stats["var"] if self.center else stats["ms"]
         return Fs.divisive_coefficients(stats.get("mean"), second, self.k, self.alpha, self.beta)
+
+    def native_kernel(self, layout: Layout) -> Kernel | None:
+        """torch's ``local_response_norm``: uncentred, over a window of channels only (padded
+        with zeros), no recovery."""
+        nap = layout.nap
+        if (not self.center and type(nap) is Local and nap.channel_window is not None
+                and nap.include_pad and nap.window in (1, (1,), (1, 1), (1, 1, 1))
+                and layout.recovery == "none" and layout.channel_axis == 1):
+            return "local_response_norm"
+        return None

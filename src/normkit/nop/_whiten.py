@@ -83,6 +83,8 @@ class Whiten(Operation):
     fused: bool = field(default=True, repr=False)
     last_group: int | None = field(default=None, repr=False)
 
+    block_eval_fold = True  # evaluation: one block-diagonal matmul of fold()'s (M, b)
+
     def __post_init__(self) -> None:
         if self.last_group is not None and (not isinstance(self.last_group, int)
                                             or self.last_group < 1):
