@@ -19,7 +19,7 @@ from . import nop as nop_
 from . import nrr as nrr_
 from .errors import ConfigError
 from .functional import statistics as S
-from .functional.kernels import kernel_accepts, run_kernel
+from .functional.kernels import block_affine, kernel_accepts, run_kernel
 from .functional.normalize import check_eps, default_eps
 from .functional.partition import check_input, pad_channels
 from .functional.snapshot import snapshot
@@ -361,7 +361,7 @@ class Normalization(nn.Module):
             # take part)
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
         elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
-            y = _apply_block_fold(x, *fold)
+            y = block_affine(x, *fold)
         elif kind is not None and x.numel() > 0 and self._native_ok(x, use_batch):
             y = self._forward_native(x, running, use_batch, update)
         else:
@@ -502,16 +502,3 @@ class Normalization(nn.Module):
             eps=self.eps if self.eps is not None else default_eps(x.dtype),
             groups=self.groups, channel_axis=self.channel_axis, lrn=lrn,
         )
-
-
-def _apply_block_fold(x: Tensor, mat: Tensor, shift: Tensor) -> Tensor:
-    """``y = M x + b`` per group of ``d`` channels of ``x`` ``(N, C, *S)``: ``mat`` ``(C/d, d, d)``,
-    ``shift`` ``(C,)`` (the output of :meth:`Normalization.folded` for whitening)."""
-    g, d, n = mat.shape[0], mat.shape[-1], x.shape[0]
-    v = x.reshape(n, g, d, -1)
-    if v.shape[-1] > d:  # many positions: N·G products (d × d)(d × S), no copy
-        return torch.matmul(mat, v).add_(shift.view(g, d, 1)).reshape(x.shape)
-    # few positions ((N, C) input: S = 1): N·G tiny products would be ~100× slower than G
-    # products (d × d)(d × N·S) on a (G, d, N·S) copy
-    y = torch.baddbmm(shift.view(g, d, 1), mat, v.permute(1, 2, 0, 3).reshape(g, d, -1))
-    return y.view(g, d, n, -1).permute(2, 0, 1, 3).reshape(x.shape)

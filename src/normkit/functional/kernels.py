@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KERNELS", "kernel_accepts", "run_kernel"]
+__all__ = ["KERNELS", "block_affine", "kernel_accepts", "run_kernel"]
 
 KERNELS = ("batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm",
            "rms_norm", "local_response_norm")
@@ -92,3 +92,24 @@ def run_kernel(
     if kind == "rms_norm":
         return F.rms_norm(x, (num_features,), weight, eps)
     raise ValueError(f"unknown kernel {kind!r}; one of {KERNELS}")
+
+
+def block_affine(x: Tensor, mat: Tensor, shift: Tensor) -> Tensor:
+    """``y = M x + b`` per group of ``d`` channels of ``x`` ``(N, C, *S)``: ``mat`` ``(C/d, d, d)``,
+    ``shift`` ``(C,)`` (the output of :meth:`normkit.Normalization.folded` for whitening): the
+    evaluation of batch whitening as one block-diagonal matmul.
+
+    Example:
+        >>> x, mat, shift = torch.randn(2, 4, 3), torch.randn(2, 2, 2), torch.randn(4)
+        >>> ref = torch.einsum("gij,ngjs->ngis", mat, x.view(2, 2, 2, 3)).reshape(2, 4, 3)
+        >>> torch.allclose(block_affine(x, mat, shift), ref + shift[:, None], atol=1e-6)
+        True
+    """
+    g, d, n = mat.shape[0], mat.shape[-1], x.shape[0]
+    v = x.reshape(n, g, d, -1)
+    if v.shape[-1] > d:  # many positions: N·G products (d × d)(d × S), no copy
+        return torch.matmul(mat, v).add_(shift.view(g, d, 1)).reshape(x.shape)
+    # few positions ((N, C) input: S = 1): N·G tiny products would be ~100× slower than G
+    # products (d × d)(d × N·S) on a (G, d, N·S) copy
+    y = torch.baddbmm(shift.view(g, d, 1), mat, v.permute(1, 2, 0, 3).reshape(g, d, -1))
+    return y.view(g, d, n, -1).permute(2, 0, 1, 3).reshape(x.shape)
