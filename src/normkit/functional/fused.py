@@ -1,0 +1,259 @@
+r"""Hand-derived backwards for the composite per-sample operations (FRN + TLU, EvoNorm-S0).
+
+Autograd through a composition of ``k`` elementwise ops and reductions makes about ``2k``
+passes over the activations and saves most intermediates. Each Function here computes the
+forward in a few passes, saves the input (already alive) and per-sample statistics — plus at
+most a 1-byte mask — and derives the input gradient in closed form, so the backward reads the
+activations a few times. Shapes are the canonical view ``(N, A, B, S)``; ``dims`` are the
+reduced axes of the statistic (per sample: never ``0``); parameters are views broadcastable
+against it (``(1, A, B, 1)``). The statistics are computed in at least float32 (the output has
+that dtype; the caller casts back). A second derivative (``create_graph=True``) differentiates
+the plain composition instead (:func:`frn_plain`, :func:`evo_s0_plain`): exact, at autograd's
+cost.
+
+FRN + TLU (Singh & Krishnan 2020), with ``M`` the number of reduced values and
+``r = (\nu^2 + \epsilon)^{-1/2}``, ``\nu^2 = \frac1M\sum x^2``:
+
+.. math::
+    y = \max(\gamma r x + \beta,\ \tau),\qquad
+    \frac{\partial L}{\partial x} = \gamma r\Big(g_m - x\,r^2\,\frac{1}{M}\sum g_m x\Big),\quad
+    g_m = g\,[\gamma r x + \beta > \tau]
+
+EvoNorm-S0 (Liu et al. 2020), ``s = \mathrm{sigmoid}(v x)``, ``d = (\sigma^2 + \epsilon)^{-1/2}``
+with ``\sigma^2`` the (biased) variance over the group:
+
+.. math::
+    y = \gamma\,d\,x s + \beta,\qquad
+    \frac{\partial L}{\partial x} = g_\gamma d\, s\,(1 + v x (1 - s))
+        - (x - \mu)\,d^3\,\frac{1}{M}\sum g_\gamma x s,\quad g_\gamma = \gamma g
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["evo_s0", "evo_s0_plain", "frn", "frn_plain"]
+
+
+def _compute_dtype(v: Tensor) -> torch.dtype:
+    return torch.promote_types(v.dtype, torch.float32)
+
+
+def _reduced(x: Tensor, dims: Sequence[int]) -> int:
+    return math.prod(x.shape[d] for d in dims)
+
+
+def _trailing(x: Tensor, dims: Sequence[int]) -> bool:
+    return x.is_contiguous() and sorted(dims) == list(range(x.dim() - len(dims), x.dim()))
+
+
+def _sum_sq(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``Σ x²`` over ``dims`` (kept), in one pass."""
+    return torch.linalg.vector_norm(x, 2, dims, keepdim=True).square()
+
+
+def _var_mean(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``(σ², μ)`` over ``dims`` (kept, biased): two passes around the mean (no cancellation),
+    several times faster than ``torch.var_mean`` over several axes on CPU."""
+    mean = x.mean(dims, keepdim=True)
+    return _sum_sq(x - mean, dims) / _reduced(x, dims), mean
+
+
+def _dot(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``Σ a·b`` over ``dims`` (kept): one pass (a batched dot product) when ``dims`` are the
+    trailing axes of contiguous tensors of one shape."""
+    if a.shape == b.shape and _trailing(a, dims) and _trailing(b, dims):
+        k = len(dims)
+        lead, m = a.shape[: a.dim() - k], math.prod(a.shape[a.dim() - k:])
+        out = torch.bmm(a.reshape(-1, 1, m), b.reshape(-1, m, 1))
+        return out.reshape(*lead, *([1] * k))
+    return (a * b).sum(dims, keepdim=True)
+
+
+def _plain_vjp(plain: Any, args: tuple[Any, ...], g: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients of ``plain(*args)`` for the tensors of ``args`` that need one, with a graph
+    (a second derivative through the saved inputs)."""
+    wanted = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.requires_grad]
+    y = plain(*args)
+    grads = torch.autograd.grad(y, [args[i] for i in wanted], g, create_graph=True,
+                                allow_unused=True)
+    out: list[Tensor | None] = [None] * len(args)
+    for i, gi in zip(wanted, grads, strict=True):
+        out[i] = gi
+    return tuple(out)
+
+
+def _param_grad(t: Tensor | None, g: Tensor | None) -> Tensor | None:
+    if t is None or g is None or not t.requires_grad:
+        return None
+    return g.sum_to_size(t.shape).to(t.dtype)
+
+
+class _FRN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                tau: Tensor | None, extra: Tensor | None, eps: float, dims: tuple[int, ...]
+                ) -> Tensor:
+        dt = _compute_dtype(v)
+        x = v.to(dt)
+        ms = _sum_sq(x, dims) / _reduced(x, dims)
+        if extra is not None:
+            ms = ms + extra.to(dt)
+        r = torch.rsqrt(ms + eps)
+        a = r if weight is None else r * weight.to(dt)
+        y = x * a if bias is None else (x * a).add_(bias.to(dt))
+        keep = None
+        if tau is not None:
+            t = tau.to(dt)
+            y = torch.maximum(y, t)
+            keep = y > t  # = (γ r x + β > τ)
+        ctx.save_for_backward(v, r, weight, bias, tau, extra, keep)
+        ctx.dims, ctx.eps = dims, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, r, weight, bias, tau, extra, keep = ctx.saved_tensors
+        dims = ctx.dims
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return _plain_vjp(frn_plain, (v, weight, bias, tau, extra, ctx.eps, dims), g)
+        x = v.to(r.dtype)
+        g = g.to(r.dtype)
+        g_tau = None
+        gm = g if keep is None else g * keep
+        if tau is not None and tau.requires_grad:  # Σ g where the threshold holds
+            g_tau = (g.sum_to_size(tau.shape) - gm.sum_to_size(tau.shape)).to(tau.dtype)
+        big = _reduced(x, dims)
+        acc = _dot(gm, x, dims)  # Σ g_m x per statistic
+        w = None if weight is None else weight.to(r.dtype)
+        c = r if w is None else w * r  # γ r
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (gm * c).addcmul_(x, c * r * r * acc / big, value=-1)
+        g_weight = _param_grad(weight, acc * r) if weight is not None else None
+        g_bias = _param_grad(bias, gm)
+        g_extra = None
+        if extra is not None and extra.requires_grad:  # ∂r/∂ε_l = −r³/2
+            g_extra = _param_grad(extra, -0.5 * c * r * r * acc)
+        return (None if dx is None else dx.to(v.dtype), g_weight, g_bias, g_tau, g_extra,
+                None, None)
+
+
+def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor | None,
+        tau: Tensor | None, eps: float, extra_eps: Tensor | None = None) -> Tensor:
+    r"""``y = max(γ x/√(ν² + ε + ε_l) + β, τ)``, ``ν² = mean(x²)`` over ``dims``, with the
+    hand-derived backward (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, A, B, S)``.
+        dims: the axes ``ν²`` is taken over (per sample: not ``0``).
+        weight, bias, tau: ``γ, β, τ`` broadcastable against ``v`` (or ``None``: none, no TLU).
+        eps: the stability constant.
+        extra_eps: a learned ``|ε_l|`` added to ``ν²`` (broadcastable), or ``None``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 1, 5, dtype=torch.float64)
+        >>> ref = torch.relu(x / (x.square().mean(3, keepdim=True) + 1e-6).sqrt())
+        >>> torch.allclose(frn(x, (3,), weight=None, bias=None, tau=x.new_zeros(()), eps=1e-6), ref)
+        True
+    """
+    return _FRN.apply(v, weight, bias, tau, extra_eps, eps, tuple(dims))  # type: ignore[no-any-return]
+
+
+class _EvoS0(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, vparam: Tensor, weight: Tensor | None,  # type: ignore[override]
+                bias: Tensor | None, eps: float, dims: tuple[int, ...]) -> Tensor:
+        dt = _compute_dtype(v)
+        x = v.to(dt)
+        var, mean = _var_mean(x, dims)
+        d = torch.rsqrt(var + eps)
+        vp = vparam.to(dt)
+        s = torch.sigmoid(x * vp)
+        a = d if weight is None else d * weight.to(dt)
+        y = (x * s).mul_(a)
+        if bias is not None:
+            y = y.add_(bias.to(dt))
+        ctx.save_for_backward(v, s, mean, d, vparam, weight, bias)
+        ctx.dims, ctx.eps = dims, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, s, mean, d, vparam, weight, bias = ctx.saved_tensors
+        dims = ctx.dims
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return _plain_vjp(evo_s0_plain, (v, vparam, weight, bias, ctx.eps, dims), g)
+        dt = s.dtype
+        x = v.to(dt)
+        g = g.to(dt)
+        g_bias = _param_grad(bias, g)
+        last = (x.dim() - 1,)  # positions: every statistic and parameter is constant along them
+        w = None if weight is None else weight.to(dt)
+        wd = d if w is None else w * d  # γ d, per sample and channel
+        gs = g * s
+        r_sum = _dot(gs, x, last)  # Σ_S g s x, per sample and channel
+        g_weight = _param_grad(weight, r_sum * d) if weight is not None else None
+        acc = (r_sum if w is None else r_sum * w).sum(dims, keepdim=True)  # Σ g_γ x s per group
+        gds = gs * wd  # g_γ d s
+        q = gds - gds * s  # g_γ d s (1 − s)
+        qx = q * x
+        g_v = _param_grad(vparam, qx * x) if vparam.requires_grad else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            c = d * d * d * acc / _reduced(x, dims)
+            dx = (qx * vparam.to(dt)).add_(gds)
+            dx = dx.addcmul_(x, c, value=-1).add_(mean * c)
+            dx = dx.to(v.dtype)
+        return dx, g_v, g_weight, g_bias, None, None
+
+
+def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | None,
+           bias: Tensor | None, eps: float) -> Tensor:
+    r"""EvoNorm-S0 ``y = γ·x·sigmoid(v x)/√(σ² + ε) + β`` with ``σ²`` the biased variance over
+    ``dims``, with the hand-derived backward (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, A, B, S)`` (``Group(g)``: ``A = g`` groups).
+        dims: the axes ``σ²`` is taken over (per sample: not ``0``).
+        vparam: ``v``, broadcastable against ``v`` (per channel ``(1, A, B, 1)``).
+        weight, bias: ``γ, β`` broadcastable against ``v``, or ``None``.
+        eps: the stability constant.
+
+    Example:
+        >>> x = torch.randn(2, 2, 3, 4, dtype=torch.float64)
+        >>> var = x.var((2, 3), correction=0, keepdim=True)
+        >>> ref = x * torch.sigmoid(x) / (var + 1e-5).sqrt()
+        >>> torch.allclose(evo_s0(x, (2, 3), vparam=x.new_ones(()), weight=None, bias=None,
+        ...                       eps=1e-5), ref)
+        True
+    """
+    return _EvoS0.apply(v, vparam, weight, bias, eps, tuple(dims))  # type: ignore[no-any-return]
+
+
+def frn_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, tau: Tensor | None,
+              extra_eps: Tensor | None, eps: float, dims: Sequence[int]) -> Tensor:
+    """:func:`frn` as the plain autograd composition of its formula."""
+    x = v.to(_compute_dtype(v))
+    ms = x.square().mean(tuple(dims), keepdim=True)
+    if extra_eps is not None:
+        ms = ms + extra_eps
+    y = x * torch.rsqrt(ms + eps)
+    y = y if weight is None else y * weight
+    y = y if bias is None else y + bias
+    return y if tau is None else torch.maximum(y, tau.to(y.dtype))
+
+
+def evo_s0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 eps: float, dims: Sequence[int]) -> Tensor:
+    """:func:`evo_s0` as the plain autograd composition of its formula."""
+    x = v.to(_compute_dtype(v))
+    var = x.var(tuple(dims), correction=0, keepdim=True)
+    y = x * torch.sigmoid(vparam * x) * torch.rsqrt(var + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
