@@ -400,9 +400,12 @@ class Normalization(nn.Module):
         mat, shift = cached[1]
         return (mat, shift) if mat.dtype == x.dtype and mat.device == x.device else None
 
-    def _native_ok(self, x: Tensor, use_batch: bool | None = None) -> bool:
-        """Whether this call runs torch's kernel (:func:`~normkit.functional.kernels.kernel_accepts`)."""
-        if self._native is None:
+    def _native_ok(self, x: Tensor, use_batch: bool | None = None, kind: str | None = None
+                   ) -> bool:
+        """Whether this call runs torch's ``kind`` kernel (default: the module's own;
+        :func:`~normkit.functional.kernels.kernel_accepts`)."""
+        kind = self._native if kind is None else kind
+        if kind is None:
             return False
         if use_batch is None:
             use_batch = self.training or self._running() is None
@@ -411,7 +414,7 @@ class Normalization(nn.Module):
             return False  # torch's kernels take the 1/n of a cumulative average as a Python float
         if not self.nop.native_applies(use_batch):
             return False
-        return kernel_accepts(self._native, x, getattr(self, "weight", None), use_batch=use_batch)
+        return kernel_accepts(kind, x, getattr(self, "weight", None), use_batch=use_batch)
 
     def _training_nap(self) -> nap_.Partition:
         """The partition statistics are fitted over: synchronized over ``process_group`` in

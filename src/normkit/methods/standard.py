@@ -139,7 +139,7 @@ class LayerNorm(TrailingDims, Normalization):
 
     def _trailing_kernel(self, x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
         """torch's ``layer_norm`` over several trailing dimensions (it takes γ's shape)."""
-        if not self._native_ok(x):
+        if not self._native_ok(x, kind="layer_norm"):
             return None
         eps = self.eps if self.eps is not None else default_eps(x.dtype)
         return F.layer_norm(x, shape, self.weight, self.bias, eps)
