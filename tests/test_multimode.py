@@ -565,8 +565,8 @@ def test_refuses_to_fold(name):
 
 def test_generic_params_mirror_the_generic_build():
     """``cases_multimode.generic_params`` (the gate of mode_norm's reference statistics) must
-    stay in step with ``test_generic.build``."""
-    from test_generic import build
+    stay in step with ``generic_util.build``."""
+    from generic_util import build
 
     case = next(c for c in CASES if c.name == "mode_norm")
     m = build(case, dtype=F64)

@@ -9,11 +9,15 @@ BN, cross-iteration BN and moving-average BN.
   with the training state frozen); batch renormalization's stop-gradient and MABN's
   moving-average backward against their formulas; MABN's autograd Function against plain
   autograd of the same formula (BN) where they coincide.
-* The generic battery of ``tests/test_generic.py`` over the *stateful* configurations
-  (``cases_robust.STATEFUL``), minus the two generic tests that assume a training forward with no
-  state: ``test_case_matches_module`` (every buffer a running statistic; replaced here by
-  :func:`test_stateful_buffers`) and ``test_gradcheck`` (hundreds of training forwards on one
-  module; replaced by :func:`test_gradcheck_with_frozen_state` where the gradient is exact).
+* The generic battery (``tests/test_generic*.py``) runs over the *stateful* configurations
+  (``cases_robust.STATEFUL``, ``Case.stateful``) too, minus the generic tests that assume a
+  training forward with no state, replaced here: ``test_case_matches_module`` (every buffer a
+  running statistic) by :func:`test_stateful_buffers`, ``test_gradcheck`` (hundreds of training
+  forwards on one module) by :func:`test_gradcheck_with_frozen_state` where the gradient is
+  exact, and for MABN (``Case.backward_state``: its backward reads the backward history when it
+  runs) ``test_two_forwards_one_backward`` by its defined order and ``test_low_precision`` (it
+  compares buffers of a module that ran backward passes with one that did not) by
+  :func:`test_mabn_low_precision`.
 * Properties (hypothesis).
 
 Tolerances: two float64 computations of one formula agree to ``1e-10`` (eps64 = 2.2e-16; a few
@@ -35,8 +39,8 @@ from torch import Tensor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
+import generic_util as G
 import normkit as nk
-import test_generic as G
 from cases_robust import STATE_BUFFERS, STATEFUL
 from normkit import ConfigError, ShapeError
 from normkit.methods.robust import (
@@ -612,36 +616,6 @@ def test_bn_checkpoint_loads_into_stateful_methods() -> None:
         for n, b in fresh.named_buffers():
             if n not in bn.state_dict():
                 assert torch.equal(getattr(m, n), b), n
-
-
-# The generic battery (tests/test_generic.py) over the stateful configurations. Every generic
-# test except the two replaced above, with their parametrizations; omitted pairs and why:
-# MABN's backward reads the backward history when it runs, so one backward through two
-# recorded forwards (test_two_forwards_one_backward) differs from two separate ones by design
-# (its defined order is tested below), and test_low_precision compares the buffers of a module
-# that ran backward passes (recording MABN's backward statistics) with one that did not
-# (replaced by test_mabn_low_precision).
-# (not the generic-path variant of track_running_stats_toggled_off: these presets have no
-# native kernel, so it repeats the native one)
-_GENERIC = [(n, kw) for n, kw in G.REPLAYS
-            if (n, kw) != ("track_running_stats_toggled_off", {"native": False})]
-_OMIT = {("mabn_window3", "two_forwards_one_backward"), ("mabn_window3", "low_precision")}
-_BATTERY = [(c, name, kw) for c in STATEFUL for name, kw in _GENERIC
-            if (c.name, name) not in _OMIT]
-_BATTERY += [(c, "one_value_per_statistic_raises_in_training", {"shape": s})
-             for c in STATEFUL for s in c.degenerate_shapes]
-_BATTERY += [(c, "batch_one_and_spatial_one", {"shape": s}) for c in STATEFUL for s in c.edge_shapes]
-
-
-@pytest.mark.parametrize(
-    ("case", "name", "kw"), _BATTERY,
-    ids=[f"{c.name}-{n}-{'-'.join(str(v) for v in kw.values() if v is not None)}"
-         for c, n, kw in _BATTERY])
-def test_generic_battery_on_stateful_configurations(case: Any, name: str, kw: dict[str, Any],
-                                                    request: pytest.FixtureRequest) -> None:
-    kw = {k: (request.getfixturevalue(k) if k in ("monkeypatch", "dynamo_reset") else v)
-          for k, v in kw.items()}
-    getattr(G, f"test_{name}")(case, **kw)
 
 
 def test_mabn_two_forwards_one_backward_reads_history_at_backward() -> None:

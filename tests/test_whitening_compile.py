@@ -28,10 +28,10 @@ from torch.testing import assert_close
 
 import normkit as nk
 from cases import CASES, Case
+from generic_util import assert_buffers_close, assert_same_run, build, fwd_bwd, gen, layout_x
 from normkit.functional import whiten as W
 from normkit.functional import whiten_ops as WO
 from normkit.functional.partition import matrix_view
-from test_generic import assert_buffers_close, assert_same_run, build, fwd_bwd, gen, layout_x
 
 F32, F64 = torch.float32, torch.float64
 METHODS = ("dbn", "pca_bw", "cd_bw", "iternorm", "group_whitening", "instance_whitening",
