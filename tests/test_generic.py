@@ -68,6 +68,7 @@ def test_case_table_is_well_formed() -> None:
             f"{c.name}: cases with running statistics need batch_stats and eval_ref formulas")
         for s in (*c.shapes, *c.edge_shapes, *c.degenerate_shapes, c.grad_shape):
             assert s[1] == c.num_features, f"{c.name}: logical shape {s} is not (N, C, *)"
+    assert len({c.name for c in STATEFUL}) == len(STATEFUL), "stateful row names must be unique"
     for c in STATEFUL:
         assert c.stateful and c.name not in CASE_IDS, f"{c.name}: a stateful row outside CASES"
         assert nk.info(c.method).name == c.method, f"{c.name}: use the canonical method name"
