@@ -9,7 +9,7 @@ by channel (the library works with log-densities on the whole tensor), TaskNorm'
 
 Mode normalization's batch statistics depend on its gate parameters, which ``Case.batch_stats``
 (a function of the input only) cannot see: :func:`generic_params` reproduces the parameters that
-``tests/test_generic.py``'s ``build`` gives the module (seed 0, ``named_parameters`` order), and
+``tests/generic_util.py``'s ``build`` gives the module (seed 0, ``named_parameters`` order), and
 ``tests/test_multimode.py`` checks that the two stay in step.
 """
 
@@ -32,7 +32,7 @@ F64 = torch.float64
 
 # ----------------------------------------------------------------------------- helpers
 def generic_params(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, Tensor]:
-    """The parameters ``test_generic.build(case, seed=seed)`` draws, in ``named_parameters``
+    """The parameters ``generic_util.build(case, seed=seed)`` draws, in ``named_parameters``
     order (``shapes`` must follow it): ``bias`` ~ N(0, 0.25), anything else U[0.5, 1.5), drawn
     in float32 and then cast to float64."""
     g = torch.Generator().manual_seed(seed)

@@ -10,9 +10,9 @@ used: the rows of ``CASES`` are the configurations whose training step is a func
 alone — the warm-up phase (a warm-up longer than any test runs) with ``alpha_bkw=1`` (no
 ``grad_nu``) — which is RMS batch normalization through PowerNorm's own module and operation.
 
-``STATEFUL`` holds the configurations past the warm-up and with ``grad_nu``;
-``tests/test_power.py`` runs the generic battery over them, minus the generic tests that assume a
-stateless training step (see its module docstring), and the reference and equivalence tests.
+``STATEFUL`` holds the configurations past the warm-up and with ``grad_nu`` (``Case.stateful``,
+``Case.backward_state``); the generic battery runs them, minus the generic tests that assume a
+stateless training step, which ``tests/test_power.py`` replaces (see its module docstring).
 
 The float64 formulas are written from the paper's equations with plain tensor operations on the
 logical ``(N, C, *spatial)`` input, never by calling normkit.
@@ -83,20 +83,21 @@ CASES: list[Case] = [
 # test_channel_axis_last_equals_first on the row above and by the "power_norm_transformer"
 # configuration below.
 
-# Configurations with state across training steps (run by tests/test_power.py). A warm-up of one
+# Configurations with state across training steps (cases.STATEFUL: the generic battery runs them;
+# tests/test_power.py replaces the generic tests they skip). A warm-up of one
 # step: every battery test of two or more steps covers both phases, and the first step of a fresh
 # module uses batch statistics, as training with the tracking switched off does.
 STATEFUL: list[Case] = [
     # past the warm-up, exact gradient of x/√(ψ²_{t−1} + ε) (ν = 0): plain autograd
     Case(name="power_norm_exact_backward", method="power_norm",
-         kwargs={"warmup_steps": 1, "alpha_bkw": 1.0}, **_COMMON),
+         kwargs={"warmup_steps": 1, "alpha_bkw": 1.0}, **_COMMON, stateful=True),
     # the paper's approximate backward (α_bkw = 0.9): one first-order autograd Function
     Case(name="power_norm_paper", method="power_norm", kwargs={"warmup_steps": 1}, **_COMMON,
-         double_backward=False),
+         double_backward=False, stateful=True, backward_state=True),
     # a transformer's (B, T, D) activations: logical (B, D, T), statistics over B·T per feature
     Case(name="power_norm_transformer", method="power_norm",
          kwargs={"warmup_steps": 1, "alpha_bkw": 0.5, "channel_axis": -1}, channel_axis=-1,
-         double_backward=False,
+         double_backward=False, stateful=True, backward_state=True,
          **{**_COMMON, "num_features": 6, "shapes": ((4, 6, 5), (2, 6, 7), (3, 6)),
             "grad_shape": (2, 6, 3), "edge_shapes": ((1, 6, 2), (1, 6))}),
 ]

@@ -8,9 +8,9 @@ enough that ``r`` and ``d`` are clipped for every input below (its stop-gradient
 ghost BN (stateless), and the one-iteration configurations of momentum / cross-iteration /
 moving-average BN (BN itself, through their own code paths).
 
-``STATEFUL`` holds configurations that keep state across training steps (extra buffers, history);
-``tests/test_robust.py`` runs the generic battery over them, minus the two generic tests that
-assume no training state (see its module docstring).
+``STATEFUL`` holds configurations that keep state across training steps (extra buffers, history;
+``Case.stateful``); the generic battery runs them, minus the generic tests that assume a
+training step with no state, which ``tests/test_robust.py`` replaces (see its module docstring).
 
 The float64 reference formulas are written from the papers' equations with plain tensor
 operations on the logical ``(N, C, *spatial)`` input, never by calling normkit.
@@ -132,31 +132,33 @@ CASES: list[Case] = [
     ),
 ]
 
-# Configurations with state across training steps (run by tests/test_robust.py).
+# Configurations with state across training steps (cases.STATEFUL: the generic battery runs them;
+# tests/test_robust.py replaces the generic tests they skip).
 STATEFUL: list[Case] = [
     Case(
         name="batch_renorm_schedule", method="batch_renorm", num_features=4,
         kwargs={"r_max": 1.5, "d_max": 0.5, "warmup_steps": 1, "r_max_steps": 3,
                 "d_max_steps": 2},
-        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),),
+        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),), stateful=True,
     ),
     Case(
         name="momentum_bn_fixed", method="momentum_bn", num_features=4, kwargs={"lambda_": 0.6},
-        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),),
+        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),), stateful=True,
     ),
     Case(
         name="momentum_bn_dynamic", method="momentum_bn", num_features=4,
         kwargs={"ideal_batch_size": 8, "total_steps": 3},
-        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),),
+        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),), stateful=True,
     ),
     Case(
         name="cross_iteration_bn_window3", method="cross_iteration_bn", num_features=4,
         kwargs={"window": 3}, **_BN_LIKE, degenerate_shapes=((1, 4),),
-        edge_shapes=((1, 4, 3),),
+        edge_shapes=((1, 4, 3),), stateful=True,
     ),
     Case(
         name="mabn_window3", method="mabn", num_features=4, kwargs={"window": 3}, **_BN_LIKE,
         degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),), double_backward=False,
+        stateful=True, backward_state=True,  # the backward reads and records a history
     ),
 ]
 

@@ -1,9 +1,9 @@
 """Compatibility of every case of ``tests/cases.py`` with the ways models run normalization layers
 (DESIGN.md §3): an in-place op after the layer, ``torch.export``, ``torch.autocast`` and integer
 or bool input. ``torch.compile(fullgraph=True)`` parity is ``test_compile_matches_eager`` in
-``tests/test_generic.py`` (the stateful configurations of test_robust / test_power replay it).
+``tests/test_generic_gradients.py`` (over the stateful configurations too).
 
-Helpers (``build``, ``fwd_bwd``, ...) are those of ``tests/test_generic.py``; every test runs in
+Helpers (``build``, ``fwd_bwd``, ...) are those of ``tests/generic_util.py``; every test runs in
 training and in evaluation (after one training step, so running buffers differ from their
 initial values).
 """
@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import normkit as nk
 from cases import CASE_IDS, CASES, Case
-from test_generic import F32, assert_buffers_close, assert_same_run, build, fwd_bwd, layout_x
+from generic_util import F32, assert_buffers_close, assert_same_run, build, fwd_bwd, layout_x
 
 cases = pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 EXACT = {"rtol": 0.0, "atol": 0.0}

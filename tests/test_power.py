@@ -13,11 +13,13 @@
   ``ν = 0`` (the exact derivative, ``ψ²`` a constant); gradcheck and gradgradcheck of the
   ``alpha_bkw=1`` configuration with its state frozen; the approximate backward (``ν ≠ 0``) is not
   a derivative and is tested against its formula only; it is first-order only and says so.
-* The generic battery of ``tests/test_generic.py`` over the stateful configurations
-  (``cases_power.STATEFUL``), minus the generic tests that assume a stateless training step:
+* The generic battery (``tests/test_generic*.py``) runs over the stateful configurations
+  (``cases_power.STATEFUL``, ``Case.stateful``) too, minus the generic tests that assume a
+  stateless training step, replaced here:
   ``test_case_matches_module`` (every buffer a running statistic: replaced by
   :func:`test_stateful_buffers`), ``test_gradcheck`` (hundreds of training forwards on one module:
-  replaced as above), and, for configurations with ``grad_nu``, ``test_two_forwards_one_backward``
+  replaced as above), and, for configurations with ``grad_nu`` (``Case.backward_state``),
+  ``test_two_forwards_one_backward``
   and ``test_low_precision`` (``ν`` is recorded by backward passes: replaced by
   :func:`test_two_forwards_one_backward_records_in_backward_order` and
   :func:`test_low_precision_with_backward`).
@@ -40,8 +42,8 @@ from torch import Tensor
 from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
+import generic_util as G
 import normkit as nk
-import test_generic as G
 from cases_power import STATE_BUFFERS, STATEFUL
 from normkit import ConfigError
 from normkit.methods.power import PowerNorm
@@ -395,25 +397,6 @@ def test_stateful_buffers(case: Any) -> None:
     for n, b in m.named_buffers():
         assert torch.equal(b, fresh[n]), n
     assert list(G.build(case, track_running_stats=False).buffers()) == []
-
-
-_GENERIC = G.REPLAYS
-_WITH_NU = {c.name for c in STATEFUL if STATE_BUFFERS[c.name]}
-_OMIT = {(n, t) for n in _WITH_NU for t in ("two_forwards_one_backward", "low_precision")}
-_BATTERY = [(c, name, kw) for c in STATEFUL for name, kw in _GENERIC
-            if (c.name, name) not in _OMIT]
-_BATTERY += [(c, "batch_one_and_spatial_one", {"shape": s}) for c in STATEFUL for s in c.edge_shapes]
-
-
-@pytest.mark.parametrize(
-    ("case", "name", "kw"), _BATTERY,
-    ids=[f"{c.name}-{n}-{'-'.join(str(v) for v in kw.values() if v is not None)}"
-         for c, n, kw in _BATTERY])
-def test_generic_battery_on_stateful_configurations(case: Any, name: str, kw: dict[str, Any],
-                                                    request: pytest.FixtureRequest) -> None:
-    kw = {k: (request.getfixturevalue(k) if k in ("monkeypatch", "dynamo_reset") else v)
-          for k, v in kw.items()}
-    getattr(G, f"test_{name}")(case, **kw)
 
 
 # ============================================================================ properties

@@ -28,10 +28,10 @@ from torch.testing import assert_close
 
 import normkit as nk
 from cases import CASES, Case
+from generic_util import assert_buffers_close, assert_same_run, build, fwd_bwd, gen, layout_x
 from normkit.functional import whiten as W
 from normkit.functional import whiten_ops as WO
 from normkit.functional.partition import matrix_view
-from test_generic import assert_buffers_close, assert_same_run, build, fwd_bwd, gen, layout_x
 
 F32, F64 = torch.float32, torch.float64
 METHODS = ("dbn", "pca_bw", "cd_bw", "iternorm", "group_whitening", "instance_whitening",
@@ -304,7 +304,7 @@ def test_moments_op_keeps_float32_under_autocast() -> None:
 # ---------------------------------------------------------------------------- torch.func
 @pytest.mark.parametrize("method", ["zca", "pca", "cholesky", "newton"])
 def test_functional_form_under_torch_func(method: str) -> None:
-    """``nk.functional.normalize`` with whitening under ``torch.func``: ``vmap`` equals a loop;
+    """``nk.normalize`` with whitening under ``torch.func``: ``vmap`` equals a loop;
     ``grad`` equals autograd (custom ops do not support the transforms, so the plain composition
     runs under them), except ZCA, whose divided-difference backward is first order and says so
     (``torch.func.grad`` differentiates with a graph)."""
@@ -312,7 +312,7 @@ def test_functional_form_under_torch_func(method: str) -> None:
     xs = torch.randn(2, 6, 4, 3, generator=gen(60), dtype=F64)
 
     def f(x: Tensor) -> Tensor:
-        return nk.functional.normalize(x, nap=nap, nop=nop)
+        return nk.normalize(x, nap=nap, nop=nop)
 
     assert_close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), **EXACT)
     loss = lambda x: f(x).sin().sum()  # noqa: E731
