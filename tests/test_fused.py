@@ -16,7 +16,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
-from normkit.functional.fused import evo_s0, evo_s0_plain, frn, frn_plain
+from normkit.functional.fused import evo_b0, evo_b0_plain, evo_s0, evo_s0_plain, frn, frn_plain
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-10)
@@ -61,6 +61,23 @@ def _evo_args(affine: bool, shape: tuple[int, ...] = (3, 2, 3, 4)
     return fused, plain, args
 
 
+def _evo_b0_args(affine: bool, running: bool, shape: tuple[int, ...] = (4, 3, 1, 5)
+                 ) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], list[Any]]:
+    c = shape[1]
+    args = [rand(*shape, seed=0), rand(1, c, 1, 1, seed=1),
+            rand(1, c, 1, 1, seed=2) if affine else None,
+            rand(1, c, 1, 1, seed=3) if affine else None]
+    batch_var = rand(1, c, 1, 1, seed=4, grad=False).abs() + 0.5 if running else None
+
+    def fused(x: Any, v: Any, w: Any, bias: Any) -> torch.Tensor:
+        return evo_b0(x, vparam=v, weight=w, bias=bias, eps=1e-5, batch_var=batch_var)
+
+    def plain(x: Any, v: Any, w: Any, bias: Any) -> torch.Tensor:
+        return evo_b0_plain(x, v, w, bias, batch_var, 1e-5)
+
+    return fused, plain, args
+
+
 CASES = {
     "frn": lambda: _frn_args(True, True, False),
     "frn_learned_eps": lambda: _frn_args(True, True, True),
@@ -68,7 +85,21 @@ CASES = {
     "frn_no_affine": lambda: _frn_args(False, True, False),
     "evo_s0": lambda: _evo_args(True),
     "evo_s0_no_affine": lambda: _evo_args(False),
+    "evo_b0": lambda: _evo_b0_args(True, False),
+    "evo_b0_running": lambda: _evo_b0_args(True, True),
+    "evo_b0_no_affine": lambda: _evo_b0_args(False, False),
 }
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_evo_b0_data_takes_both_branches(running: bool) -> None:
+    """The equality tests above mean something only if both denominators occur."""
+    _, _, args = _evo_b0_args(True, running)
+    x, v = args[0].detach(), args[1].detach()
+    vi = x.var(3, correction=0, keepdim=True)
+    vb = x.var((0, 3), correction=0, keepdim=True)
+    on_b = v * x + (vi + 1e-5).sqrt() > (vb + 1e-5).sqrt()
+    assert 0.2 < on_b.double().mean() < 0.8
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -99,7 +130,7 @@ def test_frn_threshold_gradient_is_where_the_threshold_holds() -> None:
     assert torch.equal(g_tau, (pre <= tau).to(F64).sum((0, 3), keepdim=True))
 
 
-@pytest.mark.parametrize("name", ["frn", "evo_s0"])
+@pytest.mark.parametrize("name", ["frn", "evo_s0", "evo_b0"])
 def test_half_input_computes_in_float32(name: str) -> None:
     fused, plain, args = CASES[name]()
     x = args[0].detach().to(torch.bfloat16).requires_grad_()
@@ -111,7 +142,7 @@ def test_half_input_computes_in_float32(name: str) -> None:
     assert gx.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["frn", "evo_s0"])
+@pytest.mark.parametrize("name", ["frn", "evo_s0", "evo_b0"])
 def test_an_inplace_op_may_follow(name: str) -> None:
     fused, plain, args = CASES[name]()
     y = fused(*args)

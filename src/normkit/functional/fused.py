@@ -1,4 +1,4 @@
-r"""Hand-derived backwards for the composite per-sample operations (FRN + TLU, EvoNorm-S0).
+r"""Hand-derived backwards for the composite operations (FRN + TLU, EvoNorm-S0, EvoNorm-B0).
 
 Autograd through a composition of ``k`` elementwise ops and reductions makes about ``2k``
 passes over the activations and saves most intermediates. Each Function here computes the
@@ -26,6 +26,11 @@ with ``\sigma^2`` the (biased) variance over the group:
     y = \gamma\,d\,x s + \beta,\qquad
     \frac{\partial L}{\partial x} = g_\gamma d\, s\,(1 + v x (1 - s))
         - (x - \mu)\,d^3\,\frac{1}{M}\sum g_\gamma x s,\quad g_\gamma = \gamma g
+
+EvoNorm-B0, ``A = \sqrt{\sigma_B^2 + \epsilon}`` per channel (batch), ``B = v x +
+\sqrt{\sigma_I^2 + \epsilon}`` per element (``\sigma_I^2`` per sample and channel), ``y =
+\gamma x/\max(A, B) + \beta``: where ``B > A`` the element's gradient runs through ``x``, ``v``
+and ``\sigma_I``, elsewhere through ``x`` and ``\sigma_B`` (:func:`evo_b0`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["evo_s0", "evo_s0_plain", "frn", "frn_plain"]
+__all__ = ["evo_b0", "evo_b0_plain", "evo_s0", "evo_s0_plain", "frn", "frn_plain"]
 
 
 def _compute_dtype(v: Tensor) -> torch.dtype:
@@ -255,5 +260,103 @@ def evo_s0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor 
     x = v.to(_compute_dtype(v))
     var = x.var(tuple(dims), correction=0, keepdim=True)
     y = x * torch.sigmoid(vparam * x) * torch.rsqrt(var + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def _instance_and_batch(x: Tensor, batch: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(μ_I, σ²_I, μ_B, σ²_B)`` of ``x`` ``(N, C, 1, S)``: per sample and channel over the
+    positions, and per channel over the batch and positions (pooled: the mean of ``σ²_I`` plus
+    the variance of ``μ_I``; ``μ_B, σ²_B`` are ``None`` unless ``batch``)."""
+    vi, mi = _var_mean(x, (x.dim() - 1,))
+    if not batch:
+        return mi, vi, None, None  # type: ignore[return-value]
+    mb = mi.mean(0, keepdim=True)
+    vb = vi.mean(0, keepdim=True) + (mi - mb).square().mean(0, keepdim=True)
+    return mi, vi, mb, vb
+
+
+class _EvoB0(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, vparam: Tensor, weight: Tensor | None,  # type: ignore[override]
+                bias: Tensor | None, batch_var: Tensor | None, eps: float) -> Tensor:
+        dt = _compute_dtype(v)
+        x = v.to(dt)
+        mi, vi, mb, vb = _instance_and_batch(x, batch_var is None)
+        big_a = torch.sqrt((vb if batch_var is None else batch_var.to(dt)) + eps)
+        sigma_i = torch.sqrt(vi + eps)
+        den = torch.maximum(x * vparam.to(dt) + sigma_i, big_a)  # max(B, A)
+        y = x / den
+        if weight is not None:
+            y = y.mul_(weight.to(dt))
+        if bias is not None:
+            y = y.add_(bias.to(dt))
+        ctx.save_for_backward(v, den, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, den, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return _plain_vjp(evo_b0_plain, (v, vparam, weight, bias, batch_var, ctx.eps), g)
+        dt = den.dtype
+        x = v.to(dt)
+        g = g.to(dt)
+        g_bias = _param_grad(bias, g)
+        z = x / den
+        g_weight = _param_grad(weight, g * z) if weight is not None else None
+        gz = g if weight is None else g * weight.to(dt)
+        on_b = den > big_a  # the element's denominator is v x + σ_I
+        gzd = gz / den  # ∂L/∂x through the numerator, and −gz·z/den through the denominator
+        h = (gzd * z).neg_()  # ∂L/∂den
+        h_b = h * on_b
+        h_a = h - h_b
+        g_v = _param_grad(vparam, h_b * x) if vparam.requires_grad else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            last = (x.dim() - 1,)
+            s = x.shape[-1]
+            dx = gzd.addcmul_(h_b, vparam.to(dt))  # direct: 1/den, and v through B
+            g_sigma_i = h_b.sum(last, keepdim=True)  # ∂L/∂σ_I per sample and channel
+            dx = dx.addcmul_(x - mi, g_sigma_i / (sigma_i * s))
+            if batch_var is None:  # ∂L/∂A per channel, through σ²_B of this batch
+                g_a = h_a.sum((0, *last), keepdim=True)
+                dx = dx.addcmul_(x - mb, g_a / (big_a * x.shape[0] * s))
+            dx = dx.to(v.dtype)
+        return dx, g_v, g_weight, g_bias, None, None
+
+
+def evo_b0(v: Tensor, *, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
+           eps: float, batch_var: Tensor | None = None) -> Tensor:
+    r"""EvoNorm-B0 ``y = γ·x/max(√(σ²_B + ε), v x + √(σ²_I + ε)) + β`` on the BN view
+    ``(N, C, 1, S)`` with the hand-derived backward (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, C, 1, S)`` of ``Batch()``.
+        vparam: ``v`` per channel, broadcastable (``(1, C, 1, 1)``).
+        weight, bias: ``γ, β`` broadcastable against ``v``, or ``None``.
+        eps: the stability constant.
+        batch_var: ``σ²_B`` to use (``(1, C, 1, 1)``, e.g. the running estimate at evaluation;
+            a constant), or ``None`` for this batch's (biased, differentiated).
+
+    Example:
+        >>> x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
+        >>> vb = x.var((0, 3), correction=0, keepdim=True)
+        >>> vi = x.var(3, correction=0, keepdim=True)
+        >>> ref = x / torch.maximum((vb + 1e-5).sqrt(), x + (vi + 1e-5).sqrt())
+        >>> torch.allclose(evo_b0(x, vparam=x.new_ones(()), weight=None, bias=None, eps=1e-5), ref)
+        True
+    """
+    return _EvoB0.apply(v, vparam, weight, bias, batch_var, eps)  # type: ignore[no-any-return]
+
+
+def evo_b0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 batch_var: Tensor | None, eps: float) -> Tensor:
+    """:func:`evo_b0` as the plain autograd composition of its formula."""
+    x = v.to(_compute_dtype(v))
+    vi = x.var(3, correction=0, keepdim=True)
+    vb = x.var((0, 3), correction=0, keepdim=True) if batch_var is None else batch_var
+    y = x / torch.maximum(torch.sqrt(vb + eps), vparam * x + torch.sqrt(vi + eps))
     y = y if weight is None else y * weight
     return y if bias is None else y + bias
