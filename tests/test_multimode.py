@@ -29,15 +29,9 @@ import normkit as nk
 from cases import CASES  # first: cases.py imports cases_multimode at its end
 from cases_multimode import _gmm_post, generic_params
 from normkit import ConfigError
+from normkit.functional.mixture import gmm_em, gmm_posterior, normal_quantiles
 from normkit.methods.multimode import MixtureNorm, ModeNorm, TaskNorm
-from normkit.nop._multimode import (
-    MixtureStandardize,
-    ModeStandardize,
-    TaskStandardize,
-    gmm_em,
-    gmm_posterior,
-    normal_quantiles,
-)
+from normkit.nop import MixtureStandardize, ModeStandardize, TaskStandardize
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
