@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import normkit as nk
-from normkit.functional.moments import pool_moments
+from normkit.functional.merging import pool_moments
 from normkit.functional.simplex import sparsemax
 from normkit.nop import BatchChannelStandardize, SwitchableStandardize
 from normkit.nop._owned import instance_moments

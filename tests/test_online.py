@@ -23,7 +23,7 @@ from torch.testing import assert_close
 import cases  # noqa: F401  (import the table first: it loads cases_online at its end)
 import normkit as nk
 from cases_online import online_step_ref
-from normkit.functional.moments import mix_moments
+from normkit.functional.merging import mix_moments
 from normkit.functional.online import online_normalize
 
 DT = torch.float64

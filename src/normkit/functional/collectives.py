@@ -2,7 +2,8 @@
 
 Every rank computes its local count ``n_r``, mean ``μ_r`` and centred second moment ``M_{2,r}``;
 two differentiable all-reduces merge them into the statistics of the union of the ranks' samples
-(each rank's term is its scatter about the global mean, :func:`~normkit.functional.moments.scatter_about`):
+(each rank's term is its scatter about the global mean,
+:func:`~normkit.functional.merging.scatter_about`):
 
 .. math::
     n = \\sum_r n_r,\\quad \\mu = \\frac{1}{n}\\sum_r n_r \\mu_r,\\quad
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .moments import scatter_about
+from .merging import scatter_about
 from .partition import stats_dtype
 
 __all__ = ["count_communication", "global_count", "synced_moments", "synced_covariance",

@@ -2,7 +2,7 @@ r"""The math of the estimate-based methods (book ch. 6): Kalman normalization's 
 Normalization's forward recursion and control-process backward, and its forward as a function.
 
 Each combines two sets of moments — a sample's or a batch's own and an estimate from elsewhere
-(the stream, the previous layer) — with :func:`~normkit.functional.moments.mix_moments`, the
+(the stream, the previous layer) — with :func:`~normkit.functional.merging.mix_moments`, the
 moments of a two-component mixture. The operations that keep the state
 (:class:`~normkit.nop.OnlineStandardize`, the presets of :mod:`normkit.methods.online`) call them.
 """
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from . import statistics as S
-from .moments import mix_moments
+from .merging import mix_moments
 from .partition import canonical_view, check_input, restore_view, stats_dtype
 
 __all__ = [

@@ -201,13 +201,13 @@ _MOVED = {"merge_moments", "MomentPool"}
 
 
 def __getattr__(name: str) -> object:
-    """Deprecated aliases (0.1): the moment merging moved to :mod:`normkit.functional.moments`."""
+    """Deprecated aliases (0.1): the moment merging moved to :mod:`normkit.functional.merging`."""
     if name in _MOVED:
         import warnings
 
-        from . import moments
+        from . import merging
 
         warnings.warn(f"normkit.functional.statistics.{name} is deprecated; use "
-                      f"normkit.functional.moments.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(moments, name)
+                      f"normkit.functional.merging.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(merging, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,8 +19,8 @@ canonical ``(N, A, B, S)`` view) beside the statistics; only the statistics name
 
 The per-sample statistics are computed once, per instance ``(n, c)`` over the positions, and
 the layer and batch statistics are pooled from them with the law of total variance
-(:func:`~normkit.functional.moments.pool_moments`: exact for cells of equal size, and without the cancellation of
-``E[x²] − μ²``), so a switchable mixture costs one pass over the input.
+(:func:`~normkit.functional.merging.pool_moments`: exact for cells of equal size, and without
+the cancellation of ``E[x²] − μ²``), so a switchable mixture costs one pass over the input.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
-from ..functional.moments import pool_moments
-from ..functional.moments import pool_moments as pooled_moments  # noqa: F401 - the old name
+from ..functional.merging import pool_moments
+from ..functional.merging import pool_moments as pooled_moments  # noqa: F401 - the old name
 from ..functional.partition import stats_dtype
 from ..functional.simplex import sparsemax
 from ..nap import Partition

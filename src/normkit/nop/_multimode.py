@@ -14,8 +14,8 @@ operation                 x̂                                                   
 
 The math is in pure functions of :mod:`normkit.functional.mixture` (:func:`mode_gates`,
 :func:`mode_moments`, :func:`gmm_posterior`, :func:`gmm_m_step`, :func:`gmm_em`) and
-:func:`normkit.functional.moments.mix_moments`; the operation classes only lay the canonical view
-out for them and turn statistics into running estimates.
+:func:`normkit.functional.merging.mix_moments`; the operation classes only lay the canonical
+view out for them and turn statistics into running estimates.
 
 Numerics: every statistic is computed in at least float32 from the upcast input (two-pass,
 variance never negative); the variance tracked by running estimates is multiplied by BN's Bessel
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.merging import mix_moments
 from ..functional.mixture import gmm_em, gmm_posterior, mode_gates, mode_moments, normal_quantiles
-from ..functional.moments import mix_moments
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, Stats

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..functional.moments import pool_moments
+from ..functional.merging import pool_moments
 from ..functional.partition import resolve_groups, stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Stats

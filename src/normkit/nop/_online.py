@@ -3,7 +3,7 @@ r"""Operations whose statistics are estimates rather than the batch's own (book 
 Three methods combine two sets of moments — the input's own and an estimate from elsewhere (the
 population, the stream, the previous layer) — and all three do it with the same rule, the
 moments of a two-component mixture with weight :math:`w` on the first component
-(:func:`~normkit.functional.moments.mix_moments`, the law of total variance); the math is in
+(:func:`~normkit.functional.merging.mix_moments`, the law of total variance); the math is in
 :mod:`normkit.functional.online`:
 
 .. math::
@@ -34,7 +34,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..functional.moments import mix_moments
+from ..functional.merging import mix_moments
 from ..functional.online import check_weight as _check_weight
 from ..functional.online import online_control_backward, stream_moments
 from ..functional.online import online_normalize as online_normalize  # noqa: F401 - old path

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..functional import statistics as S
-from ..functional.moments import pool_moments
+from ..functional.merging import pool_moments
 from ..functional.partition import stats_dtype
 from ..nap import Batch, Instance, Partition, Synced
 from ._base import Operation, Stats

@@ -4,7 +4,7 @@ r"""Operations of the robust-estimation family whose statistics average over tra
 
 Both keep a shift register of the last ``window − 1`` iterations' statistics in buffers of the
 module (:meth:`~normkit.nop.RobustStandardize.state_buffers`) and pool them with the current
-batch's by the law of total variance (:func:`~normkit.functional.moments.pool_moments`).
+batch's by the law of total variance (:func:`~normkit.functional.merging.pool_moments`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..functional.moments import pool_moments, weighted_mean
+from ..functional.merging import pool_moments, weighted_mean
 from ..functional.whiten import _first_order
 from ..nap import Partition
 from ._base import Stats
@@ -54,7 +54,7 @@ class WindowStandardize(RobustStandardize):
     over the current batch and up to ``window − 1`` earlier ones (``n`` of them; fewer right after
     a reset). Earlier statistics are constants (the gradient flows through the current batch's).
     The history stores each batch's ``(μ_τ, σ_τ²)`` and the variance is computed as
-    ``mean(σ_τ²) + mean((μ_τ − μ̄)²)`` (:func:`~normkit.functional.moments.pool_moments`), equal
+    ``mean(σ_τ²) + mean((μ_τ − μ̄)²)`` (:func:`~normkit.functional.merging.pool_moments`), equal
     to the ``E[x²]`` form without its cancellation
     (``max(ν, μ²) = ν`` holds for uncompensated statistics). Up to ``warmup_steps`` (the paper's
     burn-in) it normalizes with the batch statistics while the history fills.

@@ -1,17 +1,19 @@
-r"""Moment merging, written once: the moments of a union (or a mixture) from the moments of its parts.
+r"""Moment merging, written once: the moments of a union or a mixture from those of its parts.
 
 Every place in normkit that combines statistics of several sets uses these functions:
 
-=============================  =============================================================  ==========================
-function                       result                                                         used by
-=============================  =============================================================  ==========================
-:func:`mix_moments`            two-component mixture ``w·A + (1 − w)·B``                       TaskNorm, example weighting, Kalman, Online
-:func:`pool_moments`           ``K`` groups of (equal or weighted) counts, law of total variance  switchable / EvoNorm / IBN pooling, window BN
-:func:`weighted_mean`          ``Σ wᵢxᵢ / Σ wᵢ``                                                the first moment of :func:`pool_moments`, MABN
-:func:`scatter_about`          a set's scatter about another centre (parallel-axis theorem)    :func:`merge_moments`, the collectives
-:func:`merge_moments`          Chan et al.'s merge of (count, mean, scatter) pairs            :class:`MomentPool`, input normalization
-:class:`MomentPool`            a running merge over batches, in float64                       recalibration, population whitening
-=============================  =============================================================  ==========================
+* :func:`mix_moments` — the two-component mixture ``w·A + (1 − w)·B`` (TaskNorm, inference
+  example weighting, Kalman and Online Normalization);
+* :func:`pool_moments` — ``K`` groups of equal or given counts, the law of total variance
+  (IN → LN / BN pooling of the switchable and EvoNorm operations, cross-iteration BN);
+* :func:`weighted_mean` — ``Σ wᵢxᵢ / Σ wᵢ``, the first moment of :func:`pool_moments` (and
+  moving-average BN's backward statistics);
+* :func:`scatter_about` — a set's scatter about another centre, the parallel-axis theorem
+  (:func:`merge_moments`, the collectives of :mod:`normkit.functional.collectives`);
+* :func:`merge_moments` — Chan et al.'s merge of ``(count, mean, scatter)`` triples
+  (:class:`MomentPool`, :class:`normkit.InputNormalizer`'s streaming fit);
+* :class:`MomentPool` — a running merge over batches in float64 (recalibration, population
+  whitening).
 
 All of them keep every term a sum of squares around a mean (no ``E[x²] − μ²``), so a variance is
 never negative and a mean offset of 1e4 in float32 costs nothing. They are plain autograd ops,
