@@ -80,6 +80,16 @@ def test_weighted_mean_is_the_mean_of_repeated_values():
     assert_close(got[0], repeated.mean(0), **TIGHT)
 
 
+def test_weighted_mean_broadcasts_both_ways_and_is_finite_for_zero_weights():
+    x = _data(1, 5, 3, seed=7)  # (1, N, C): N values per feature
+    w = torch.tensor([[1.0] * 5, [0.0, 2.0, 0.0, 0.0, 1.0], [0.0] * 5], dtype=F64).unsqueeze(-1)
+    got = weighted_mean(x, w, (1,))  # one mean per row of weights: (K, 1, C)
+    assert got.shape == (3, 1, 3)
+    assert_close(got[0, 0], x[0].mean(0), **TIGHT)
+    assert_close(got[1, 0], (2 * x[0, 1] + x[0, 4]) / 3, **TIGHT)
+    assert torch.equal(got[2], torch.zeros(1, 3, dtype=F64))  # no weight at all: 0, not 0/0
+
+
 @pytest.mark.parametrize("sizes", [(4, 4, 4), (1, 5, 2, 7), (3,)])
 def test_pool_moments_with_counts_are_the_moments_of_the_union(sizes):
     x = _data(sum(sizes), 2, 3, seed=len(sizes), loc=-4.0)

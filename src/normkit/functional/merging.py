@@ -5,7 +5,8 @@ Every place in normkit that combines statistics of several sets uses these funct
 * :func:`mix_moments` — the two-component mixture ``w·A + (1 − w)·B`` (TaskNorm, inference
   example weighting, Kalman and Online Normalization);
 * :func:`pool_moments` — ``K`` groups of equal or given counts, the law of total variance
-  (IN → LN / BN pooling of the switchable and EvoNorm operations, cross-iteration BN);
+  (IN → LN / BN pooling of the switchable and EvoNorm operations, Mode Normalization's
+  gate-weighted modes, cross-iteration BN);
 * :func:`weighted_mean` — ``Σ wᵢxᵢ / Σ wᵢ``, the first moment of :func:`pool_moments` (and
   moving-average BN's backward statistics);
 * :func:`scatter_about` — a set's scatter about another centre, the parallel-axis theorem
@@ -75,9 +76,12 @@ def mix_moments(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor,
 def weighted_mean(x: Tensor, weight: Tensor, dims: Sequence[int]) -> Tensor:
     r"""``Σᵢ wᵢxᵢ / Σᵢ wᵢ`` over ``dims`` (kept as size-1 axes).
 
+    Weights summing to 0 (every weight underflowed) give 0, not ``0/0``: the sum is floored at
+    the dtype's smallest normal number.
+
     Shape:
-        ``weight`` broadcasts against ``x`` (e.g. ``(K, 1, …)`` against ``(K, C, …)``); the
-        result is ``x``'s shape with ``dims`` reduced to 1.
+        ``weight`` and ``x`` broadcast against each other (e.g. ``(K, N, 1)`` against
+        ``(1, N, C)``); the result has the broadcast shape with ``dims`` reduced to 1.
 
     Example:
         >>> weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0]), (0,))
@@ -85,7 +89,8 @@ def weighted_mean(x: Tensor, weight: Tensor, dims: Sequence[int]) -> Tensor:
     """
     dims = tuple(dims)
     w = weight.to(x.dtype)
-    return (w * x).sum(dims, keepdim=True) / torch.broadcast_to(w, x.shape).sum(dims, keepdim=True)
+    total = w.expand(torch.broadcast_shapes(w.shape, x.shape)).sum(dims, keepdim=True)
+    return (w * x).sum(dims, keepdim=True) / total.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def pool_moments(mean: Tensor, var: Tensor, dims: Sequence[int],
@@ -97,7 +102,8 @@ def pool_moments(mean: Tensor, var: Tensor, dims: Sequence[int],
         \sigma^2 = \frac{\sum_i n_i\big(\sigma_i^2 + (\mu_i - \mu)^2\big)}{\sum_i n_i}
 
     over the groups laid out along ``dims``, with ``n_i`` the counts (``weight``; any
-    non-negative weights, not all 0) or all equal (``weight=None``: plain means over ``dims``).
+    non-negative weights, broadcasting against ``mean``, see :func:`weighted_mean`) or all equal
+    (``weight=None``: plain means over ``dims``).
     Exact, not an approximation, when the ``σ²_i`` are biased variances and ``n_i`` the true
     counts — e.g. the instances of a batch, all of the same size, pool into the batch's moments.
     Every term is non-negative.
@@ -105,10 +111,10 @@ def pool_moments(mean: Tensor, var: Tensor, dims: Sequence[int],
     Args:
         mean, var: each group's mean and biased variance.
         dims: the axes that index the groups (reduced, kept as size 1).
-        weight: the groups' counts or weights, broadcasting against ``mean``; ``None``: equal.
+        weight: the groups' counts or weights; ``None``: equal.
 
     Shape:
-        ``mean``, ``var``: ``(*)``; results: ``(*)`` with ``dims`` of size 1.
+        ``mean``, ``var``: ``(*)``; results: ``(*)`` broadcast with ``weight``, ``dims`` of size 1.
 
     Example:
         >>> x = torch.randn(4, 3, 5, dtype=torch.float64) + 1e4

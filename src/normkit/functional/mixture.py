@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from .merging import pool_moments
+
 __all__ = [
     "mode_gates",
     "mode_moments",
@@ -52,12 +54,10 @@ def mode_moments(means: Tensor, within: Tensor, gates: Tensor) -> tuple[Tensor, 
         means, within ``(N, C)``, gates ``(N, K)`` → mean, var ``(K, C)``.
     """
     shift = means.mean(0, keepdim=True)
-    d = means - shift  # (N, C)
-    weights = gates / gates.sum(0).clamp_min(torch.finfo(gates.dtype).tiny)  # (N, K), columns sum to 1
-    mean = weights.t() @ d  # (K, C), relative to the shift
-    spread = (d.unsqueeze(0) - mean.unsqueeze(1)).square() + within.unsqueeze(0)  # (K, N, C)
-    var = (weights.t().unsqueeze(-1) * spread).sum(1)
-    return mean + shift, var
+    # the samples are the groups (axis 1), pooled once per mode with the mode's gates as weights
+    mean, var = pool_moments((means - shift).unsqueeze(0), within.unsqueeze(0), (1,),
+                             gates.t().unsqueeze(-1))  # (K, 1, C)
+    return mean.squeeze(1) + shift, var.squeeze(1)
 
 
 def gmm_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, eps: float) -> Tensor:

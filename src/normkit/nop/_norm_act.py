@@ -46,12 +46,27 @@ class _NotAffine(_OwnsParameters):
         raise ConfigError(f"{self!r} is not affine in x; use transform()")
 
 
-def _ones(num_features: int, factory: dict[str, Any], name: str) -> dict[str, nn.Parameter]:
-    return {name: nn.Parameter(torch.ones(num_features, **factory))}
+class _EvoNorm(_NotAffine):
+    """EvoNorm's per-channel parameter ``v`` (init 1), viewed against the canonical view; 1
+    without the parameter (functional use)."""
+
+    def create_parameters(
+        self, num_features: int, nap: Partition, factory: dict[str, Any]
+    ) -> dict[str, nn.Parameter]:
+        return {"v": nn.Parameter(torch.ones(num_features, **factory))}
+
+    @torch.no_grad()
+    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
+        params["v"].fill_(1.0)
+
+    @staticmethod
+    def _v(v: Tensor, params: Stats | None) -> Tensor:
+        p = (params or {}).get("v")
+        return torch.ones((), dtype=stats_dtype(v), device=v.device) if p is None else _channel_view(p, v)
 
 
 @dataclass(frozen=True, repr=False)
-class EvoB0(_NotAffine):
+class EvoB0(_EvoNorm):
     r"""EvoNorm-B0's normalization-activation (Liu et al. 2020):
 
     .. math::
@@ -72,20 +87,6 @@ class EvoB0(_NotAffine):
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
         return min(v.shape[0] * v.shape[3], v.shape[3])
-
-    def create_parameters(
-        self, num_features: int, nap: Partition, factory: dict[str, Any]
-    ) -> dict[str, nn.Parameter]:
-        return _ones(num_features, factory, "v")
-
-    @torch.no_grad()
-    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
-        params["v"].fill_(1.0)
-
-    @staticmethod
-    def _v(v: Tensor, params: Stats | None) -> Tensor:
-        p = (params or {}).get("v")
-        return torch.ones((), dtype=stats_dtype(v), device=v.device) if p is None else _channel_view(p, v)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
@@ -111,7 +112,7 @@ class EvoB0(_NotAffine):
 
 
 @dataclass(frozen=True, repr=False)
-class EvoS0(_NotAffine):
+class EvoS0(_EvoNorm):
     r"""EvoNorm-S0's normalization-activation (Liu et al. 2020):
 
     .. math::
@@ -123,27 +124,18 @@ class EvoS0(_NotAffine):
 
     stat_names = ("var",)
 
-    def create_parameters(
-        self, num_features: int, nap: Partition, factory: dict[str, Any]
-    ) -> dict[str, nn.Parameter]:
-        return _ones(num_features, factory, "v")
-
-    @torch.no_grad()
-    def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
-        params["v"].fill_(1.0)
-
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        return {"var": nap.moments(v, spatial)[1], "v": EvoB0._v(v, params)}
+        return {"var": nap.moments(v, spatial)[1], "v": self._v(v, params)}
 
     def eval_stats(
         self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
         num_features: int, eps: float, params: Stats | None = None,
     ) -> Stats:
         var = self.from_running(running, nap, num_features)["var"].to(stats_dtype(v))
-        return {"var": var, "v": EvoB0._v(v, params)}
+        return {"var": var, "v": self._v(v, params)}
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..functional import standardize as Fs
 from ..functional.merging import pool_moments, weighted_mean
 from ..functional.whiten import _first_order
 from ..nap import Partition
@@ -171,8 +172,7 @@ class _MovingAverageBackward(torch.autograd.Function):
     def forward(ctx, v, mean, var, weight, bias, eps, dims, history, hweight, gate, record):  # type: ignore[override]
         inv = torch.rsqrt(var + eps)
         xhat = (v.to(mean.dtype) - mean) * inv
-        y = xhat if weight is None else xhat * weight
-        y = y if bias is None else y + bias
+        y = Fs.recover(xhat, weight, bias)
         ctx.save_for_backward(xhat, inv, weight)
         ctx.dims, ctx.in_dtype = dims, v.dtype
         ctx.history, ctx.hweight, ctx.gate, ctx.record = history, hweight, gate, record
@@ -196,6 +196,5 @@ class _MovingAverageBackward(torch.autograd.Function):
             if ctx.record:
                 _push(ctx.history, ctx.hweight, torch.stack([g_mean.reshape(-1), psi.reshape(-1)]))
         gx = ((g - g_bar - xhat * psi_bar) * inv).to(ctx.in_dtype)
-        gw = None if weight is None else (gy * xhat).sum_to_size(weight.shape).to(weight.dtype)
-        gb = None if ctx.bias is None else gy.sum_to_size(ctx.bias[0]).to(ctx.bias[1])
+        gw, gb = Fs.recover_backward(gy, xhat, weight, ctx.bias)
         return gx, None, None, gw, gb, None, None, None, None, None, None
