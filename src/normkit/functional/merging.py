@@ -48,9 +48,10 @@ def mix_moments(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor,
         \mu = w\mu_a + (1-w)\mu_b,\qquad
         \sigma^2 = w\sigma_a^2 + (1-w)\sigma_b^2 + w(1-w)(\mu_a-\mu_b)^2
 
-    Every term is non-negative for ``w ∈ [0, 1]``; ``w = 0`` returns ``(μ_b, σ²_b)`` and ``w = 1``
-    returns ``(μ_a, σ²_a)`` exactly. With ``w = n_a/(n_a + n_b)`` and biased variances this is
-    the moments of the union of the two sets.
+    Every term is non-negative for ``w ∈ [0, 1]``. The mean is computed as ``μ_b + w(μ_a − μ_b)``
+    (two operations, which matters in Online Normalization's per-sample loop): ``w = 0`` returns
+    ``(μ_b, σ²_b)`` exactly, ``w = 1`` returns ``σ²_a`` exactly and ``μ_a`` to one rounding. With
+    ``w = n_a/(n_a + n_b)`` and biased variances this is the moments of the union of the sets.
 
     Args:
         mean_a, var_a: the first component's mean and (biased) variance.
@@ -68,7 +69,7 @@ def mix_moments(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor,
         (True, True)
     """
     d = mean_a - mean_b
-    mean = weight * mean_a + (1 - weight) * mean_b
+    mean = mean_b + weight * d
     var = weight * var_a + (1 - weight) * var_b + (weight * (1 - weight)) * d * d
     return mean, var
 
