@@ -89,9 +89,17 @@ def weighted_mean(x: Tensor, weight: Tensor, dims: Sequence[int]) -> Tensor:
         tensor([1.5000])
     """
     dims = tuple(dims)
+    return (_shares(weight, x, dims) * x).sum(dims, keepdim=True)
+
+
+def _shares(weight: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``w / Σw`` over ``dims`` in ``x``'s dtype, the sum over the extent ``w`` broadcasts to
+    against ``x`` and floored at the smallest normal number (computed once per pooling, on the
+    weights alone where they span ``dims`` themselves)."""
     w = weight.to(x.dtype)
-    total = w.expand(torch.broadcast_shapes(w.shape, x.shape)).sum(dims, keepdim=True)
-    return (w * x).sum(dims, keepdim=True) / total.clamp_min(torch.finfo(x.dtype).tiny)
+    if w.dim() != x.dim() or any(w.shape[d] < x.shape[d] for d in dims):
+        w = w.expand(torch.broadcast_shapes(w.shape, x.shape))
+    return w / w.sum(dims, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def pool_moments(mean: Tensor, var: Tensor, dims: Sequence[int],
@@ -128,9 +136,10 @@ def pool_moments(mean: Tensor, var: Tensor, dims: Sequence[int],
         mu = mean.mean(dims, keepdim=True)
         d = mean - mu
         return mu, (var + d * d).mean(dims, keepdim=True)
-    mu = weighted_mean(mean, weight, dims)
+    p = _shares(weight, mean, dims)
+    mu = (p * mean).sum(dims, keepdim=True)
     d = mean - mu
-    return mu, weighted_mean(var + d * d, weight, dims)
+    return mu, (p * (var + d * d)).sum(dims, keepdim=True)
 
 
 def _outer(delta: Tensor, like: Tensor) -> Tensor:

@@ -33,13 +33,12 @@ def _push(history: Tensor, weight: Tensor, entry: Tensor) -> None:
 
 
 def _with_history(current: Tensor, history: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``current`` (kept-dim, weight 1) stacked above the ``history`` rows ``(k, size)`` laid out
-    like it, and the weights ``(1 + k, 1, …)``: the groups that :func:`pool_moments` and
-    :func:`weighted_mean` average over axis 0."""
-    past = history.to(current.dtype).reshape(-1, *current.shape[1:])
-    w = torch.cat([torch.ones(1, dtype=current.dtype, device=current.device),
-                   weight.to(current.dtype)])
-    return torch.cat([current, past]), w.reshape(-1, *([1] * (current.dim() - 1)))
+    """The current pair ``(2, size)`` (weight 1) stacked above the ``history`` ``(k, 2, size)``,
+    and the weights ``(1 + k, 1, 1)``: the groups :func:`pool_moments` and :func:`weighted_mean`
+    average over axis 0 (both pair members at once)."""
+    rows = torch.cat([current.unsqueeze(0), history.to(current.dtype)])
+    w = torch.cat([weight.new_ones(1), weight]).to(current.dtype)
+    return rows, w.reshape(-1, 1, 1)
 
 
 @dataclass(frozen=True, repr=False)
@@ -83,10 +82,10 @@ class WindowStandardize(RobustStandardize):
         if "history" not in p:
             return mean, var
         w = p["history_weight"].to(mean.dtype) * self._gate(p, mean.dtype)
-        hist = p["history"]
-        means, weights = _with_history(mean, hist[:, 0], w)
-        variances, _ = _with_history(var, hist[:, 1], w)
-        return pool_moments(means, variances, (0,), weights)
+        rows, weights = _with_history(torch.stack([mean.reshape(-1), var.reshape(-1)]),
+                                      p["history"], w)
+        mbar, vbar = pool_moments(rows[:, 0], rows[:, 1], (0,), weights[..., 0])
+        return mbar.reshape(mean.shape), vbar.reshape(var.shape)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
@@ -191,10 +190,11 @@ class _MovingAverageBackward(torch.autograd.Function):
         g_bar, psi_bar = g_mean, psi
         if ctx.history is not None:
             w = ctx.hweight.to(xhat.dtype) * ctx.gate
-            g_bar = weighted_mean(*_with_history(g_mean, ctx.history[:, 0], w), (0,))
-            psi_bar = weighted_mean(*_with_history(psi, ctx.history[:, 1], w), (0,))
+            current = torch.stack([g_mean.reshape(-1), psi.reshape(-1)])
+            bar = weighted_mean(*_with_history(current, ctx.history, w), (0,))[0]
+            g_bar, psi_bar = bar[0].reshape(g_mean.shape), bar[1].reshape(psi.shape)
             if ctx.record:
-                _push(ctx.history, ctx.hweight, torch.stack([g_mean.reshape(-1), psi.reshape(-1)]))
+                _push(ctx.history, ctx.hweight, current)
         gx = ((g - g_bar - xhat * psi_bar) * inv).to(ctx.in_dtype)
         gw, gb = Fs.recover_backward(gy, xhat, weight, ctx.bias)
         return gx, None, None, gw, gb, None, None, None, None, None, None
