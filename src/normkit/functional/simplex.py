@@ -19,6 +19,9 @@ def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
     the second by at least 1. Piecewise linear, differentiable almost everywhere (autograd
     through the sort).
 
+    Shape:
+        ``z``: any shape; the result has ``z``'s shape and sums to 1 along ``dim``.
+
     Example:
         >>> sparsemax(torch.tensor([0.0, 0.0, 2.0]))
         tensor([0., 0., 1.])
