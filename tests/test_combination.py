@@ -33,11 +33,9 @@ from combination_util import (
     _x,
     seeds,
 )
-from normkit.nop._combination import (
-    instance_moments,
-    pooled_moments,
-    sparsemax,
-)
+from normkit.functional.merging import pool_moments
+from normkit.functional.simplex import sparsemax
+from normkit.nop._owned import instance_moments
 
 
 # ===================================================================== hand-computed values
@@ -160,10 +158,10 @@ def test_sparsemax_one_hot_and_uniform():
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 5), seeds)
 def test_pooled_moments_equal_direct_moments(n, c, s, seed):
     x = _x((n, c, 1, s), seed, loc=50.0)
-    mean, var = pooled_moments(*instance_moments(x), (0, 3))
+    mean, var = pool_moments(*instance_moments(x), (0, 3))
     assert_close(mean.flatten(), x.mean((0, 2, 3)), **TIGHT)
     assert_close(var.flatten(), x.var((0, 2, 3), correction=0), **TIGHT)
-    mean, var = pooled_moments(*instance_moments(x), (1, 2))
+    mean, var = pool_moments(*instance_moments(x), (1, 2))
     assert_close(var.flatten(), x.reshape(n, -1).var(1, correction=0), **TIGHT)
 
 

@@ -38,11 +38,8 @@ from multimode_util import (
     _x,
     seeds,
 )
+from normkit.functional.mixture import gmm_em, normal_quantiles
 from normkit.methods.multimode import MixtureNorm, ModeNorm, TaskNorm
-from normkit.nop._multimode import (
-    gmm_em,
-    normal_quantiles,
-)
 
 
 # =================================================================== hand-computed references

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import cases  # noqa: F401  (import the table first: it loads cases_online at its end)
 import normkit as nk
-from normkit.nop._online import mix_moments
+from normkit.functional.merging import mix_moments
 from online_util import (
     DT,
     TIGHT,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._estimator import EstimatorAPI, deprecated_alias, is_array, to_numpy, to_tensor
 from .errors import ConfigError, NormkitError, ShapeError
-from .functional.statistics import merge_moments
+from .functional.merging import merge_moments
 from .functional.whiten import (
     batch_moments,
     cholesky_matrix,
@@ -76,7 +76,7 @@ class InputNormalizer(EstimatorAPI, nn.Module):
     *Fitting.* ``fit(x)`` on one tensor, ``fit(loader)`` on an iterable of tensors or of
     ``(x, y, ...)`` tuples/lists, ``partial_fit(x)`` to add one batch and refresh ``W`` (streaming).
     Batches are merged exactly, count-weighted, with Chan et al.'s formula
-    (:func:`~normkit.functional.statistics.merge_moments`) on the centred scatter
+    (:func:`~normkit.functional.merging.merge_moments`) on the centred scatter
     ``M₂ = Σ (x − μ)(x − μ)ᵀ`` in float64, so streaming in any batch sizes gives the fit at once
     to rounding. ``fit`` restarts from scratch; ``partial_fit`` continues (also after loading).
 

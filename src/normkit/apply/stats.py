@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ..errors import ConfigError
-from ..functional.statistics import MomentPool as _Pool
+from ..functional.merging import MomentPool as _Pool
 from ..nop._online import OnlineStandardize
 from ..normalization import Normalization
 

@@ -1,7 +1,9 @@
 """The collectives' math: moments merged over the ranks of a ``torch.distributed`` group.
 
 Every rank computes its local count ``n_r``, mean ``μ_r`` and centred second moment ``M_{2,r}``;
-two differentiable all-reduces merge them into the statistics of the union of the ranks' samples:
+two differentiable all-reduces merge them into the statistics of the union of the ranks' samples
+(each rank's term is its scatter about the global mean,
+:func:`~normkit.functional.merging.scatter_about`):
 
 .. math::
     n = \\sum_r n_r,\\quad \\mu = \\frac{1}{n}\\sum_r n_r \\mu_r,\\quad
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .merging import scatter_about
 from .partition import stats_dtype
 
 __all__ = ["count_communication", "global_count", "synced_moments", "synced_covariance",
@@ -108,7 +111,7 @@ def synced_moments(v: Tensor, dims: Sequence[int], group: Any = None) -> tuple[T
     mean = total[count.shape[0]:] / size.clamp_min(1)
     local_mean = local_sum / max(n, 1)
     d = x - local_mean
-    m2 = (d * d).sum(dims, keepdim=True) + n * (local_mean - mean) ** 2
+    m2 = scatter_about((d * d).sum(dims, keepdim=True), local_mean, n, mean)
     return mean, all_reduce_sum(m2, group) / size.clamp_min(1)
 
 
@@ -126,6 +129,5 @@ def synced_covariance(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, Ten
     local_mean = local_sum / max(n, 1)
     d = xf - local_mean
     cross = torch.matmul(d, d.transpose(-1, -2)).sum(0, keepdim=True)
-    dm = local_mean - mean
-    m2 = cross + n * torch.matmul(dm, dm.transpose(-1, -2))
+    m2 = scatter_about(cross, local_mean.squeeze(-1), n, mean.squeeze(-1))
     return mean, all_reduce_sum(m2, group) / size, xf - mean

@@ -18,6 +18,8 @@ __all__ = [
     "inverse_scale_coefficients",
     "divisive_coefficients",
     "affine_transform",
+    "recover",
+    "recover_backward",
 ]
 
 
@@ -102,3 +104,32 @@ def _scale_shift(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tenso
     if shift is not None:
         return x + shift
     return x
+
+
+def recover(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The affine recovery ``y = x̂·γ + β`` as two plain ops (``γ``, ``β`` optional): the
+    forward of the custom autograd Functions whose backward :func:`recover_backward` completes.
+
+    Example:
+        >>> x, w, b = torch.randn(2, 3, 4), torch.rand(1, 3, 1), torch.randn(1, 3, 1)
+        >>> torch.equal(recover(x, w, b), x * w + b), torch.equal(recover(x, None, None), x)
+        (True, True)
+    """
+    y = xhat if weight is None else xhat * weight
+    return y if bias is None else y + bias
+
+
+def recover_backward(
+    grad: Tensor, xhat: Tensor, weight: Tensor | None,
+    bias: tuple[torch.Size, torch.dtype] | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of :func:`recover` with respect to ``γ`` and ``β``:
+    ``∂γ = Σ grad·x̂``, ``∂β = Σ grad`` over the axes they broadcast along.
+
+    Shape:
+        ``grad``, ``xhat``: the output's; ``weight``: ``γ`` itself (or ``None``); ``bias``:
+        ``β``'s ``(shape, dtype)`` (or ``None``). Returns ``(∂γ, ∂β)`` in those shapes and dtypes.
+    """
+    gw = None if weight is None else (grad * xhat).sum_to_size(weight.shape).to(weight.dtype)
+    gb = None if bias is None else grad.sum_to_size(bias[0]).to(bias[1])
+    return gw, gb

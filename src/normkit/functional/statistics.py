@@ -39,8 +39,6 @@ __all__ = [
     "autocast_off",
     "box_mean",
     "local_moments",
-    "merge_moments",
-    "MomentPool",
 ]
 
 
@@ -199,101 +197,17 @@ def local_moments(
     return m1 + shift, (m2 - m1 * m1).clamp_min(0)
 
 
-def merge_moments(
-    count_a: int, mean_a: Tensor | None, m2_a: Tensor | None,
-    count_b: int, mean_b: Tensor, m2_b: Tensor,
-) -> tuple[int, Tensor, Tensor]:
-    r"""Merge the moments of two disjoint sample sets (Chan, Golub & LeVeque's parallel formula).
-
-    .. math::
-
-        n = n_a + n_b, \qquad \delta = \mu_b - \mu_a, \qquad
-        \mu = \mu_a + \delta\, \frac{n_b}{n}, \qquad
-        M_2 = M_{2,a} + M_{2,b} + \delta\delta^\top \frac{n_a n_b}{n}
-
-    with ``M₂ = Σᵢ (xᵢ − μ)(xᵢ − μ)ᵀ`` the *centred scatter* (no division by the count). Exact
-    in exact arithmetic and stable in floating point: no ``E[x²] − E[x]²`` cancellation, so a
-    mean offset of 1e4 costs nothing. ``m2`` of the same shape as ``mean`` is a per-feature
-    scatter (``δ²`` instead of ``δδᵀ``); one more trailing dimension makes it a scatter matrix.
-    ``count_a = 0`` (``mean_a``/``m2_a`` may be ``None``) returns the second set unchanged.
-
-    Args:
-        count_a, mean_a, m2_a: count, mean ``(..., D)`` and scatter of the first set.
-        count_b, mean_b, m2_b: the same for the second set.
-
-    Returns:
-        ``(n, mean, m2)`` of the union; the biased covariance is ``m2 / n``.
-
-    Shape:
-        ``mean``: ``(..., D)``; ``m2``: ``(..., D)`` or ``(..., D, D)``.
-
-    Example:
-        >>> x = torch.randn(10, 3, dtype=torch.float64) + 1e4
-        >>> def scatter(z):
-        ...     zc = z - z.mean(0)
-        ...     return z.shape[0], z.mean(0), zc.T @ zc
-        >>> n, mean, m2 = merge_moments(*scatter(x[:3]), *scatter(x[3:]))
-        >>> n, torch.allclose(mean, x.mean(0)), torch.allclose(m2 / n, torch.cov(x.T, correction=0))
-        (10, True, True)
-    """
-    if count_a == 0 or mean_a is None or m2_a is None:
-        return count_b, mean_b, m2_b
-    total = count_a + count_b
-    delta = mean_b - mean_a
-    between = delta * delta if m2_b.dim() == delta.dim() else delta[..., :, None] * delta[..., None, :]
-    return total, mean_a + delta * (count_b / total), m2_a + m2_b + between * (count_a * count_b / total)
+_MOVED = {"merge_moments", "MomentPool"}
 
 
-class MomentPool:
-    """Running pooled moments in float64 over batches of ``m_b`` values each (Chan et al.'s
-    parallel merge, :func:`merge_moments`): means and unbiased variances / covariances combine
-    exactly; any other statistic is averaged with weights ``m_b``.
+def __getattr__(name: str) -> object:
+    """Deprecated aliases (0.1): the moment merging moved to :mod:`normkit.functional.merging`."""
+    if name in _MOVED:
+        import warnings
 
-    Used by :func:`normkit.apply.recalibrate`: ``add(stats, m)`` takes one batch's ``{"mean":
-    (C,), "var": (C,) or "cov": (G, d, d), ...}`` (unbiased ``var``/``cov``, a smaller last
-    covariance group zero-padded) and ``result()`` returns the pooled dict.
-    """
+        from . import merging
 
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: dict[str, Tensor] = {}
-        self.avg: dict[str, Tensor] = {}
-
-    @staticmethod
-    def _blocks(mean: Tensor, t: Tensor, key: str) -> Tensor:
-        """``mean`` laid out like the statistic ``t``: ``t``'s shape for ``var``, zero-padded
-        ``(G, d)`` rows for ``cov`` blocks ``(G, d, d)``."""
-        if key == "var":
-            return mean.reshape(t.shape)
-        rows = t.shape[:-1].numel()
-        return torch.nn.functional.pad(mean.reshape(-1), (0, rows - mean.numel())).reshape(t.shape[:-1])
-
-    def add(self, stats: dict[str, Tensor], m: int) -> None:
-        stats = {k: t.detach().to(torch.float64, copy=True) for k, t in stats.items()}  # not views
-        n, total = self.n, self.n + m
-        mean_b = stats.get("mean")
-        for k, t in stats.items():
-            if k == "mean":
-                continue
-            if k in ("var", "cov") and mean_b is not None:
-                own = t * (m - 1) if m > 1 else torch.zeros_like(t)
-                if self.mean is None:
-                    self.m2[k] = own
-                    continue
-                _, _, self.m2[k] = merge_moments(n, self._blocks(self.mean, t, k), self.m2[k],
-                                                 m, self._blocks(mean_b, t, k), own)
-            else:
-                prev = self.avg.get(k)
-                self.avg[k] = t if prev is None else prev + (t - prev) * (m / total)
-        if mean_b is not None:
-            self.mean = mean_b if self.mean is None else self.mean + (mean_b - self.mean) * (m / total)
-        self.n = total
-
-    def result(self) -> dict[str, Tensor]:
-        out = dict(self.avg)
-        if self.mean is not None:
-            out["mean"] = self.mean
-        for k, m2 in self.m2.items():
-            out[k] = m2 / (self.n - 1) if self.n > 1 else m2
-        return out
+        warnings.warn(f"normkit.functional.statistics.{name} is deprecated; use "
+                      f"normkit.functional.merging.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(merging, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

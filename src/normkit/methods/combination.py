@@ -13,14 +13,8 @@ from typing_extensions import Unpack
 
 from .. import nap, nop
 from ..errors import ConfigError
-from ..nop._combination import (
-    BatchChannelStandardize,
-    BatchInstanceStandardize,
-    EvoB0,
-    EvoS0,
-    FilterResponse,
-    SwitchableStandardize,
-)
+from ..nop._combination import BatchInstanceStandardize, SwitchableStandardize
+from ..nop._norm_act import BatchChannelStandardize, EvoB0, EvoS0, FilterResponse
 from ..normalization import Normalization
 from ..registry import register
 from ._common import GN_GROUPS, NormKwargs, affine_recovery, default_grouping

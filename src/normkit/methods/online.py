@@ -15,9 +15,11 @@ from .. import nap
 from .._pipeline import Call
 from ..errors import ConfigError, ShapeError
 from ..functional import statistics as S
+from ..functional.online import check_weight as _check_weight
+from ..functional.online import kalman_estimate
 from ..functional.standardize import affine_transform
 from ..nop import Stats
-from ..nop._online import ExampleWeighted, OnlineStandardize, _check_weight, kalman_estimate
+from ..nop._online import ExampleWeighted, OnlineStandardize
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery
@@ -101,7 +103,7 @@ class KalmanNorm(Normalization):
     (``C'`` channels, e.g. returned by ``prev(h, return_stats=True)``), training standardizes
     with the Kalman update of a prediction through a learned transition ``A`` (``C × C'``) by
     this batch's moments, weighted by a learned per-channel gain ``p ∈ (0, 1)``
-    (:func:`~normkit.nop._online.kalman_estimate`):
+    (:func:`~normkit.functional.online.kalman_estimate`):
 
     .. math::
         \mu_{pred} = A\mu',\quad \sigma^2_{pred} = (A\circ A)\sigma'^2,\quad
@@ -256,7 +258,7 @@ class OnlineNorm(Normalization):
     Training processes the samples of a batch one after another (batch size 1 is the intended
     use; a batch of ``N`` is exactly ``N`` calls on one sample). Sample ``t`` is standardized per
     channel with the estimates left by the samples before it, which are then updated with its own
-    moments ``μ(x_t), σ²(x_t)`` over its positions (:func:`~normkit.nop._online.stream_moments`):
+    moments ``μ(x_t), σ²(x_t)`` over its positions (:func:`~normkit.functional.online.stream_moments`):
 
     .. math::
         y_t = \gamma\frac{x_t - \mu_{t-1}}{\sqrt{\sigma^2_{t-1}+\epsilon}} + \beta, \qquad
@@ -266,7 +268,7 @@ class OnlineNorm(Normalization):
                      + \alpha_f(1-\alpha_f)(\mu(x_t) - \mu_{t-1})^2
 
     The backward replaces differentiation through the statistics by the paper's control process
-    (:func:`~normkit.nop._online.online_control_backward`): running estimates of the gradient's
+    (:func:`~normkit.functional.online.online_control_backward`): running estimates of the gradient's
     projections on ``x̂`` and on the constant (buffers ``running_grad_proj`` ``v`` and
     ``running_grad_mean`` ``u``) are fed back with weight ``1 − α_b``, so that on average the
     input gradient has zero mean and is orthogonal to ``x̂`` (BN's projection, in time instead of

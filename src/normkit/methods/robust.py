@@ -14,14 +14,8 @@ from __future__ import annotations
 from typing_extensions import Unpack
 
 from .. import nap
-from ..nop._robust import (
-    Ghost,
-    MomentumStandardize,
-    MovingAverageStandardize,
-    Renormalize,
-    RobustStandardize,
-    WindowStandardize,
-)
+from ..nop._robust import Ghost, MomentumStandardize, Renormalize, RobustStandardize
+from ..nop._window import MovingAverageStandardize, WindowStandardize
 from ..normalization import Normalization
 from ..registry import register
 from ._common import NormKwargs, affine_recovery

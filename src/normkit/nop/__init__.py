@@ -36,26 +36,24 @@ from ._base import Operation as Operation
 from ._base import State as State
 from ._base import StateSpec as StateSpec
 from ._base import Stats as Stats
-from ._combination import BatchChannelStandardize as BatchChannelStandardize
 from ._combination import BatchInstanceStandardize as BatchInstanceStandardize
-from ._combination import EvoB0 as EvoB0
-from ._combination import EvoS0 as EvoS0
-from ._combination import FilterResponse as FilterResponse
 from ._combination import InstanceLayerStandardize as InstanceLayerStandardize
 from ._combination import SwitchableStandardize as SwitchableStandardize
 from ._ibn import InstanceBatchStandardize as InstanceBatchStandardize
 from ._multimode import MixtureStandardize as MixtureStandardize
 from ._multimode import ModeStandardize as ModeStandardize
 from ._multimode import TaskStandardize as TaskStandardize
+from ._norm_act import BatchChannelStandardize as BatchChannelStandardize
+from ._norm_act import EvoB0 as EvoB0
+from ._norm_act import EvoS0 as EvoS0
+from ._norm_act import FilterResponse as FilterResponse
 from ._online import ExampleWeighted as ExampleWeighted
 from ._online import OnlineStandardize as OnlineStandardize
 from ._power import PowerScale as PowerScale
 from ._robust import Ghost as Ghost
 from ._robust import MomentumStandardize as MomentumStandardize
-from ._robust import MovingAverageStandardize as MovingAverageStandardize
 from ._robust import Renormalize as Renormalize
 from ._robust import RobustStandardize as RobustStandardize
-from ._robust import WindowStandardize as WindowStandardize
 from ._standard import L1 as L1
 from ._standard import Center as Center
 from ._standard import Divisive as Divisive
@@ -64,6 +62,8 @@ from ._standard import Scale as Scale
 from ._standard import Standardize as Standardize
 from ._whiten import SwitchableWhiten as SwitchableWhiten
 from ._whiten import Whiten as Whiten
+from ._window import MovingAverageStandardize as MovingAverageStandardize
+from ._window import WindowStandardize as WindowStandardize
 
 __all__ = [
     "Operation", "Stats", "Coefficients", "State", "StateSpec", "Layout", "Kernel",

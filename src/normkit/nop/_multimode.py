@@ -12,9 +12,10 @@ operation                 x̂                                                   
 ``TaskStandardize()``     (x − μ)/√(σ² + ε), (μ, σ²) = α·BN moments ⊕ (1 − α)·IN moments  per sample
 ========================  =========================================================  ==========
 
-The math is in the pure functions of this module (:func:`mode_gates`, :func:`mode_moments`,
-:func:`gmm_posterior`, :func:`gmm_m_step`, :func:`gmm_em`, :func:`mix_moments`); the operation
-classes only lay the canonical view out for them and turn statistics into running estimates.
+The math is in pure functions of :mod:`normkit.functional.mixture` (:func:`mode_gates`,
+:func:`mode_moments`, :func:`gmm_posterior`, :func:`gmm_m_step`, :func:`gmm_em`) and
+:func:`normkit.functional.merging.mix_moments`; the operation classes only lay the canonical
+view out for them and turn statistics into running estimates.
 
 Numerics: every statistic is computed in at least float32 from the upcast input (two-pass,
 variance never negative); the variance tracked by running estimates is multiplied by BN's Bessel
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.merging import mix_moments
+from ..functional.mixture import gmm_em, gmm_posterior, mode_gates, mode_moments, normal_quantiles
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
@@ -43,138 +46,10 @@ __all__ = [
     "ModeStandardize",
     "MixtureStandardize",
     "TaskStandardize",
-    "mode_gates",
-    "mode_moments",
-    "gmm_posterior",
-    "gmm_m_step",
-    "gmm_em",
-    "normal_quantiles",
-    "mix_moments",
 ]
 
 MAX_EM_ITERATIONS = 100
 GATE_SEED = 0  # fixed seed of the gate initialization: reset_parameters() reproduces construction
-
-
-# ------------------------------------------------------------------------------ pure math
-def mode_gates(pooled: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Mode Normalization's gate ``g(x_n) = softmax(W·pool(x_n) + b)``.
-
-    Shape:
-        pooled ``(N, C)`` (each sample's spatially averaged features), weight ``(K, C)``, bias
-        ``(K,)`` → ``(N, K)``, rows summing to 1.
-    """
-    w, b = weight.to(pooled.dtype), bias.to(pooled.dtype)
-    return torch.softmax(torch.addmm(b, pooled, w.t()), dim=-1)
-
-
-def mode_moments(means: Tensor, within: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Gate-weighted mean and biased variance of each mode over the batch.
-
-    .. math::
-        N_k = \sum_n g_{nk},\quad
-        \mu_k = \frac{1}{N_k}\sum_n g_{nk}\,\bar{x}_n,\quad
-        \sigma^2_k = \frac{1}{N_k}\sum_n g_{nk}\big(v_n + (\bar{x}_n - \mu_k)^2\big)
-
-    with ``x̄_n`` and ``v_n`` each sample's mean and variance over its positions, so
-    ``v_n + (x̄_n − μ_k)²`` is the mean of ``(x_n − μ_k)²`` over the positions (exact, every term
-    non-negative). The sample means are first centred on their batch average (a shift of the
-    data, which stays exact under a large common offset). A mode no sample is assigned to
-    (``N_k`` underflowing to 0) gets the batch mean and variance 0, finite.
-
-    Shape:
-        means, within ``(N, C)``, gates ``(N, K)`` → mean, var ``(K, C)``.
-    """
-    shift = means.mean(0, keepdim=True)
-    d = means - shift  # (N, C)
-    weights = gates / gates.sum(0).clamp_min(torch.finfo(gates.dtype).tiny)  # (N, K), columns sum to 1
-    mean = weights.t() @ d  # (K, C), relative to the shift
-    spread = (d.unsqueeze(0) - mean.unsqueeze(1)).square() + within.unsqueeze(0)  # (K, N, C)
-    var = (weights.t().unsqueeze(-1) * spread).sum(1)
-    return mean + shift, var
-
-
-def gmm_posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, eps: float) -> Tensor:
-    r"""E-step: posteriors ``p(k | z) ∝ π_k 𝒩(z; μ_k, σ²_k + ε)`` of a per-channel Gaussian mixture.
-
-    Shape:
-        z ``(N, C, S)``; mean, var, log_prior ``(K, C)`` → ``(K, N, C, S)``, summing to 1 over
-        ``K``.
-    """
-    k, c = mean.shape
-    view = (k, 1, c, 1)
-    s = (var + eps).reshape(view)
-    logits = (log_prior.reshape(view) - 0.5 * torch.log(s)
-              - 0.5 * (z.unsqueeze(0) - mean.reshape(view)).square() / s)
-    return torch.softmax(logits, dim=0)
-
-
-def gmm_m_step(z: Tensor, post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""M-step: posterior-weighted means, biased variances and log mixing weights per channel.
-
-    .. math::
-        N_k = \sum_i p_{ik},\quad \mu_k = \frac{1}{N_k}\sum_i p_{ik} z_i,\quad
-        \sigma^2_k = \frac{1}{N_k}\sum_i p_{ik}(z_i - \mu_k)^2,\quad \log\pi_k = \log(N_k/m)
-
-    over the ``m = N·S`` values ``i`` of each channel. ``N_k`` is floored at the dtype's smallest
-    normal number, so a component that lost every value stays finite (``π_k`` ≈ 0).
-
-    Shape:
-        z ``(N, C, S)``, post ``(K, N, C, S)`` → mean, var, log_prior each ``(K, C)``.
-    """
-    m = z.shape[0] * z.shape[2]
-    count = post.sum((1, 3)).clamp_min(torch.finfo(post.dtype).tiny)  # (K, C)
-    mean = (post * z.unsqueeze(0)).sum((1, 3)) / count
-    var = (post * (z.unsqueeze(0) - mean[:, None, :, None]).square()).sum((1, 3)) / count
-    return mean, var, torch.log(count / m)
-
-
-def gmm_em(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, *, iterations: int,
-           eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``iterations`` EM steps (E then M) of a per-channel Gaussian mixture from the given start.
-
-    Plain autograd ops throughout: the result is differentiable with respect to ``z`` and to the
-    start. With ``eps = 0`` this is exact EM and never decreases the likelihood; ``eps > 0``
-    evaluates the densities with ``σ² + ε`` (what the normalization divides by), which keeps a
-    collapsed component finite.
-
-    Shape:
-        z ``(N, C, S)``; mean, var, log_prior ``(K, C)`` → the same three, ``(K, C)``.
-    """
-    for _ in range(iterations):
-        post = gmm_posterior(z, mean, var, log_prior, eps)
-        mean, var, log_prior = gmm_m_step(z, post)
-    return mean, var, log_prior
-
-
-def normal_quantiles(k: int, *, dtype: torch.dtype = torch.float64,
-                     device: torch.device | str | None = None) -> Tensor:
-    """The ``K`` standard normal quantiles ``Φ⁻¹((i + ½)/K) = √2·erfinv((2i + 1)/K − 1)``,
-    ``i = 0..K−1`` (0 for ``K = 1``), computed in float64.
-
-    Example:
-        >>> normal_quantiles(3)
-        tensor([-0.9674,  0.0000,  0.9674], dtype=torch.float64)
-    """
-    p = (2 * torch.arange(k, dtype=torch.float64, device=device) + 1) / k - 1
-    return (math.sqrt(2) * torch.erfinv(p)).to(dtype)
-
-
-def mix_moments(alpha: Tensor, mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor
-                ) -> tuple[Tensor, Tensor]:
-    r"""Moments of the two-component mixture ``α·A + (1 − α)·B`` (law of total variance).
-
-    .. math::
-        \mu = \alpha\mu_A + (1-\alpha)\mu_B,\quad
-        \sigma^2 = \alpha\big(\sigma_A^2 + (\mu_A - \mu)^2\big)
-                 + (1-\alpha)\big(\sigma_B^2 + (\mu_B - \mu)^2\big)
-
-    Every term is non-negative (no cancellation); ``α = 1`` returns ``(μ_A, σ²_A)`` exactly.
-    """
-    beta = 1 - alpha
-    mean = alpha * mean_a + beta * mean_b
-    var = alpha * (var_a + (mean_a - mean).square()) + beta * (var_b + (mean_b - mean).square())
-    return mean, var
 
 
 # ------------------------------------------------------------------------- shared helpers
@@ -420,8 +295,8 @@ class TaskStandardize(Operation):
     .. math::
         \alpha = \mathrm{sigmoid}(a\,m + b),\quad
         \mu = \alpha\mu_{BN} + (1-\alpha)\mu_{IN},\quad
-        \sigma^2 = \alpha\big(\sigma^2_{BN} + (\mu_{BN}-\mu)^2\big)
-                 + (1-\alpha)\big(\sigma^2_{IN} + (\mu_{IN}-\mu)^2\big)
+        \sigma^2 = \alpha\sigma^2_{BN} + (1-\alpha)\sigma^2_{IN}
+                 + \alpha(1-\alpha)(\mu_{BN}-\mu_{IN})^2
 
     (:func:`mix_moments`), ``x̂ = (x − μ)/√(σ² + ε)``. ``μ_BN, σ²_BN`` are the batch (context
     set) moments per channel, ``m`` the batch size ``N`` (the context-set size) and ``μ_IN,
@@ -466,7 +341,7 @@ class TaskStandardize(Operation):
         a = params.get("alpha_scale", torch.zeros(1)).to(mean_in)
         b = params.get("alpha_offset", torch.zeros(1)).to(mean_in)
         alpha = torch.sigmoid(a * size + b)
-        return mix_moments(alpha, mean_bn.to(mean_in), var_bn.to(mean_in), mean_in, var_in)
+        return mix_moments(mean_bn.to(mean_in), var_bn.to(mean_in), mean_in, var_in, alpha)
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
             params: Stats | None = None) -> Stats:

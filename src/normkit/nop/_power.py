@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..functional import standardize as Fs
 from ..functional.whiten import _first_order
 from ..nap import Partition
 from ._base import State, StateSpec, Stats
@@ -134,8 +135,7 @@ class _PowerBackward(torch.autograd.Function):
     def forward(ctx, v, ms, weight, bias, eps, dims, nu, gate, alpha, record):  # type: ignore[override]
         inv = torch.rsqrt(ms + eps)
         xhat = v.to(ms.dtype) * inv
-        y = xhat if weight is None else xhat * weight
-        y = y if bias is None else y + bias
+        y = Fs.recover(xhat, weight, bias)
         ctx.save_for_backward(xhat, inv, weight)
         ctx.dims, ctx.in_dtype = dims, v.dtype
         ctx.nu, ctx.gate, ctx.alpha, ctx.record = nu, gate, alpha, record
@@ -156,6 +156,5 @@ class _PowerBackward(torch.autograd.Function):
             c = 1 - ctx.alpha
             gamma = xhat.square().mean(ctx.dims, keepdim=True)  # Γ
             ctx.nu.copy_((nu * (1 - c * gamma) + c * lam).reshape(-1))
-        gw = None if weight is None else (gy * xhat).sum_to_size(weight.shape).to(weight.dtype)
-        gb = None if ctx.bias is None else gy.sum_to_size(ctx.bias[0]).to(ctx.bias[1])
+        gw, gb = Fs.recover_backward(gy, xhat, weight, ctx.bias)
         return gx, None, gw, gb, None, None, None, None, None, None

@@ -14,6 +14,8 @@ operation                       training statistics
 ``MovingAverageStandardize``    the same forward, moving-average statistics in the backward too
 ==============================  ==========================================================
 
+The last two, which average over iterations, are in :mod:`._window`.
+
 Evaluation is BN's everywhere: the running mean and unbiased variance of the *batch*
 statistics, updated with ``momentum`` as :class:`~normkit.Normalization` does.
 
@@ -38,7 +40,6 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
-from ..functional.whiten import _first_order
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
@@ -49,9 +50,8 @@ __all__ = [
     "Renormalize",
     "Ghost",
     "MomentumStandardize",
-    "WindowStandardize",
-    "MovingAverageStandardize",
 ]
+
 
 
 def _int(name: str, value: Any, low: int) -> None:
@@ -63,20 +63,6 @@ def _number(name: str, value: Any, low: float, what: str) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
             or value < low):
         raise ConfigError(f"{name} must be a finite number >= {low} ({what}), got {value!r}")
-
-
-@torch.no_grad()
-def _push(history: Tensor, weight: Tensor, entry: Tensor) -> None:
-    """Shift register: ``entry`` becomes ``history[0]`` (weight 1), the oldest entry drops out."""
-    history.copy_(torch.cat([entry.unsqueeze(0).to(history.dtype), history[:-1]]))
-    weight.copy_(torch.cat([weight.new_ones(1), weight[:-1]]))
-
-
-def _window_average(current: Tensor, history: Tensor, weight: Tensor) -> Tensor:
-    """``(current + Σ_τ w_τ·history_τ)/(1 + Σ w)``; ``history`` is ``(k, size)``, ``current`` kept-dim."""
-    past = history.to(current.dtype).reshape(-1, *current.shape[1:])
-    w = weight.to(current.dtype).reshape(-1, *([1] * (current.dim() - 1)))
-    return (current + (w * past).sum(0, keepdim=True)) / (1 + w.sum())
 
 
 @dataclass(frozen=True, repr=False)
@@ -333,165 +319,3 @@ class MomentumStandardize(RobustStandardize):
         if "momentum_mean" in state:
             state["momentum_mean"].copy_(stats["mean"].reshape(-1))
             state["momentum_var"].copy_(stats["var"].reshape(-1))
-
-
-@dataclass(frozen=True, repr=False)
-class WindowStandardize(RobustStandardize):
-    r"""Statistics averaged over the last ``window`` training iterations (cross-iteration BN,
-    Yao et al. 2020, without its weight-change compensation):
-
-    .. math::
-        \bar\mu = \frac{1}{n}\sum_{\tau} \mu_\tau,\qquad
-        \bar\sigma^2 = \frac{1}{n}\sum_\tau \max(\nu_\tau, \mu_\tau^2) - \bar\mu^2,\qquad
-        \nu_\tau = \mathrm{E}_\tau[x^2]
-
-    over the current batch and up to ``window − 1`` earlier ones (``n`` of them; fewer right after
-    a reset). Earlier statistics are constants (the gradient flows through the current batch's).
-    The history stores each batch's ``(μ_τ, σ_τ²)`` and the variance is computed as
-    ``mean(σ_τ²) + mean((μ_τ − μ̄)²)``, equal to the ``E[x²]`` form without its cancellation
-    (``max(ν, μ²) = ν`` holds for uncompensated statistics). Up to ``warmup_steps`` (the paper's
-    burn-in) it normalizes with the batch statistics while the history fills.
-    """
-
-    window: int = 8
-    warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        _int("window", self.window, 1)
-        _int("warmup_steps", self.warmup_steps, 0)
-
-    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
-        if self.window == 1:
-            return {}
-        size = nap.stat_size(num_features)
-        return {"history": ((self.window - 1, 2, size), 0.0),
-                "history_weight": ((self.window - 1,), 0.0)}
-
-    def _gate(self, state: State, dtype: torch.dtype) -> Tensor:
-        return (state.step > self.warmup_steps).to(dtype)
-
-    def window_moments(self, mean: Tensor, var: Tensor, state: State | None
-                       ) -> tuple[Tensor, Tensor]:
-        """``(μ̄, σ̄²)`` of the batch's ``(mean, var)`` and the history in ``state`` (if any)."""
-        if state is None or "history" not in state.buffers:
-            return mean, var
-        w = state.buffers["history_weight"].to(mean.dtype) * self._gate(state, mean.dtype)
-        hist = state.buffers["history"]
-        mbar = _window_average(mean, hist[:, 0], w)
-        past = hist[:, 0].to(mean.dtype).reshape(-1, *mean.shape[1:])
-        spread = (past - mbar).square().reshape(hist.shape[0], -1)  # (μ_τ − μ̄)² of the past
-        vbar = _window_average(var + (mean - mbar).square(), hist[:, 1] + spread, w)
-        return mbar, vbar
-
-    def fit(
-        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None, state: State | None = None,
-    ) -> Stats:
-        mean, var = nap.moments(v, spatial)
-        mbar, vbar = self.window_moments(mean, var, state)
-        return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
-
-    @torch.no_grad()
-    def update_state(self, state: Stats, stats: Stats) -> None:
-        if "history" in state:
-            entry = torch.stack([stats["batch_mean"].reshape(-1), stats["batch_var"].reshape(-1)])
-            _push(state["history"], state["history_weight"], entry)
-
-
-@dataclass(frozen=True, repr=False)
-class MovingAverageStandardize(WindowStandardize):
-    r"""Moving-average BN (Yan et al. 2020): :class:`WindowStandardize`'s forward (simple moving
-    averages of ``μ`` and ``E[x²]`` over ``window`` iterations) and moving averages of the
-    *backward* statistics too:
-
-    .. math::
-        \frac{\partial L}{\partial x} = \frac{1}{\bar\sigma}\big(g - \bar g - \hat{x}\,\bar\psi\big),
-        \qquad g = \gamma\,\frac{\partial L}{\partial y},\quad
-        \bar g = \overline{\mathrm{E}[g]},\quad \bar\psi = \overline{\mathrm{E}[g\,\hat{x}]}
-
-    where ``E`` is the mean over the batch area and the bar the average over the current and up
-    to ``window − 1`` earlier backward passes (recorded by training steps that update the running
-    estimates). With one iteration (``window=1``, the warm-up, or right after a reset) this is
-    BN's exact gradient; otherwise it is the paper's approximation, not the derivative of the
-    forward (it is affine, not linear, in the incoming gradient). One autograd Function, first
-    order only; the backward of a step reads the backward history as it is when it runs.
-    """
-
-    window: int = 16
-    # read and recorded by the backward when it runs: passed live, never snapshotted
-    backward_state = ("grad_history", "grad_weight")
-
-    def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
-        spec = super().state_buffers(nap, num_features)
-        if spec:
-            spec["grad_history"] = spec["history"]
-            spec["grad_weight"] = spec["history_weight"]
-        return spec
-
-    def fit(
-        self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
-        params: Stats | None = None, state: State | None = None,
-    ) -> Stats:
-        with torch.no_grad():  # the autograd Function below gives the whole input gradient
-            stats = super().fit(v, nap, spatial, eps=eps, params=params, state=state)
-        if state is not None and "grad_history" in state.buffers:
-            stats["grad_history"] = state.buffers["grad_history"]
-            stats["grad_weight"] = state.buffers["grad_weight"]
-            stats["grad_gate"] = self._gate(state, stats["mean"].dtype)
-        return stats
-
-    def update_state(self, state: Stats, stats: Stats) -> None:
-        super().update_state(state, stats)
-        if "grad_history" in stats:
-            stats["record_grad"] = stats["grad_weight"]  # arms this step's backward to record
-
-    def transform(
-        self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
-        weight: Tensor | None, bias: Tensor | None,
-    ) -> Tensor:
-        if "batch_mean" not in stats:  # evaluation with the running estimates
-            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
-        return _MovingAverageBackward.apply(
-            v, stats["mean"], stats["var"], weight, bias, eps, nap.dims,
-            stats.get("grad_history"), stats.get("grad_weight"), stats.get("grad_gate"),
-            "record_grad" in stats,
-        )
-
-
-class _MovingAverageBackward(torch.autograd.Function):
-    """``y = γ(x − μ̄)/√(σ̄² + ε) + β`` with MABN's moving-average backward (see
-    :class:`MovingAverageStandardize`). The backward history buffers are read (and, for a
-    recording step, pushed to) when the backward runs."""
-
-    @staticmethod
-    def forward(ctx, v, mean, var, weight, bias, eps, dims, history, hweight, gate, record):  # type: ignore[override]
-        inv = torch.rsqrt(var + eps)
-        xhat = (v.to(mean.dtype) - mean) * inv
-        y = xhat if weight is None else xhat * weight
-        y = y if bias is None else y + bias
-        ctx.save_for_backward(xhat, inv, weight)
-        ctx.dims, ctx.in_dtype = dims, v.dtype
-        ctx.history, ctx.hweight, ctx.gate, ctx.record = history, hweight, gate, record
-        ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        return y
-
-    @staticmethod
-    @_first_order("MABN's moving-average backward",
-                  "use cross_iteration_bn (plain autograd) where second derivatives are needed")
-    def backward(ctx, gy):  # type: ignore[override]
-        xhat, inv, weight = ctx.saved_tensors
-        gy = gy.to(xhat.dtype)
-        g = gy if weight is None else gy * weight
-        g_mean = g.mean(ctx.dims, keepdim=True)
-        psi = (g * xhat).mean(ctx.dims, keepdim=True)
-        g_bar, psi_bar = g_mean, psi
-        if ctx.history is not None:
-            w = ctx.hweight.to(xhat.dtype) * ctx.gate
-            g_bar = _window_average(g_mean, ctx.history[:, 0], w)
-            psi_bar = _window_average(psi, ctx.history[:, 1], w)
-            if ctx.record:
-                _push(ctx.history, ctx.hweight, torch.stack([g_mean.reshape(-1), psi.reshape(-1)]))
-        gx = ((g - g_bar - xhat * psi_bar) * inv).to(ctx.in_dtype)
-        gw = None if weight is None else (gy * xhat).sum_to_size(weight.shape).to(weight.dtype)
-        gb = None if ctx.bias is None else gy.sum_to_size(ctx.bias[0]).to(ctx.bias[1])
-        return gx, None, None, gw, gb, None, None, None, None, None, None

@@ -43,7 +43,7 @@ folds exactly into the bias: ``d′ = d + Σ_{ij} V_{:,:,i,j}\,W(c′ − c)``.
 
 **Statistics.** :func:`refresh` runs the model in eval mode without gradient and pools, per
 layer, the mean and the **unbiased** covariance over every value of every batch (Chan's
-count-weighted merge, :class:`normkit.functional.statistics.MomentPool`), in float64; ``W′``
+count-weighted merge, :class:`normkit.functional.merging.MomentPool`), in float64; ``W′``
 comes from :func:`normkit.functional.whiten.whitening_matrix` (``zca``, ``pca`` or
 ``cholesky``) with ``ε`` added to ``Σ``. Since a full-rank refresh leaves each layer's function
 unchanged, the inputs of later layers are unchanged too, so one pass collects the statistics of all

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ShapeError
+from ..functional.merging import MomentPool
 from ..functional.partition import resolve_groups
-from ..functional.statistics import MomentPool, unbiased_variance
+from ..functional.statistics import unbiased_variance
 from ..functional.whiten import batch_moments, whitening_matrix
 
 __all__ = ["WhitenedLinear", "WhitenedConv2d"]

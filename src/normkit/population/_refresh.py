@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..apply.stats import _call
 from ..errors import ConfigError
-from ..functional.statistics import MomentPool
+from ..functional.merging import MomentPool
 from ._layers import (
     _STATES,
     OptimizerState,
