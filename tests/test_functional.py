@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import normkit as nk
-from normkit import nap, nop
-from normkit.functional import box_mean, moments, normalize, resolve_groups
+from normkit import nap, nop, normalize
+from normkit.functional import box_mean, moments, resolve_groups
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
