@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -239,6 +241,8 @@ def test_population_layers_are_refreshed_every_t_steps(gaussian, monkeypatch):
         return real(model, batches, **kw)
 
     monkeypatch.setattr(population, "refresh", counting)
+    # RefreshEvery calls the function of its own module (normkit.population._refresh)
+    monkeypatch.setattr(sys.modules["normkit.population._refresh"], "refresh", counting)
     cfg = tiny(population="zca", refresh_every=4)
     cfg.validate()
     record = train_run(gaussian, cfg, "none", batch_size=16, seed=0)
