@@ -115,25 +115,26 @@ class _FRN(torch.autograd.Function):
         r = torch.rsqrt(ms + eps)
         a = r if weight is None else r * weight.to(dt)
         y = x * a if bias is None else (x * a).add_(bias.to(dt))
-        keep = None
-        if tau is not None:
+        above = None
+        if tau is not None:  # y = τ + relu(γ r x + β − τ); the backward masks with `above`
             t = tau.to(dt)
-            y = torch.maximum(y, t)
-            keep = y > t  # = (γ r x + β > τ)
-        ctx.save_for_backward(v, r, weight, bias, tau, extra, keep)
+            above = y.sub_(t)
+            y = torch.relu(above).add_(t)
+        ctx.save_for_backward(v, r, weight, bias, tau, extra, above)
         ctx.dims, ctx.eps = dims, eps
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v, r, weight, bias, tau, extra, keep = ctx.saved_tensors
+        v, r, weight, bias, tau, extra, above = ctx.saved_tensors
         dims = ctx.dims
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
             return (*_plain_vjp(frn_plain, (v, weight, bias, tau, extra, ctx.eps, dims), g), None)
         x = v.to(r.dtype)
         g = g.to(r.dtype)
         g_tau = None
-        gm = g if keep is None else g * keep
+        # where γ r x + β > τ (relu's backward kernel: no bool tensors, slow on CPU)
+        gm = g if above is None else torch.ops.aten.threshold_backward(g, above, 0)
         if tau is not None and tau.requires_grad:  # Σ g where the threshold holds
             g_tau = (g.sum_to_size(tau.shape) - gm.sum_to_size(tau.shape)).to(tau.dtype)
         big = _reduced(x, dims)
@@ -330,10 +331,10 @@ class _EvoB0(torch.autograd.Function):
         z = x / den
         g_weight = _param_grad(weight, g * z) if weight is not None else None
         gz = g if weight is None else g * weight.to(dt)
-        on_b = den > big_a  # the element's denominator is v x + σ_I
         gzd = gz / den  # ∂L/∂x through the numerator, and −gz·z/den through the denominator
         h = (gzd * z).neg_()  # ∂L/∂den
-        h_b = h * on_b
+        # where den > A the element's denominator is v x + σ_I (relu's backward: no bool mask)
+        h_b = torch.ops.aten.threshold_backward(h, den - big_a, 0)
         h_a = h - h_b
         g_v = _param_grad(vparam, h_b * x) if vparam.requires_grad else None
         dx = None
