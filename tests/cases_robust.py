@@ -80,7 +80,8 @@ CASES: list[Case] = [
         # input (grad_shape, seed 0) σ_B ∈ [1.11, 1.59] and μ_B ∈ [0.64, 1.31] per channel: both
         # sit on their limits (1.05, 0.25), where the stop-gradient is the exact derivative
         name="batch_renorm", method="batch_renorm", num_features=4,
-        kwargs=_fixed_limits(r_max=1.05, d_max=0.25, momentum=0.0), **_BN_LIKE,
+        kwargs=_fixed_limits(r_max=1.05, d_max=0.25, momentum=0.0),
+        **{**_BN_LIKE, "native": "batch_norm"}, native_eval=False,  # training: BN's kernel
         degenerate_shapes=((1, 4), (1, 4, 1, 1)), edge_shapes=((1, 4, 3), (2, 4, 1, 1)),
         errors=_common_errors(4, (3, 4, 5), 1) + _BRN_ERRORS,
     ),
@@ -139,7 +140,8 @@ STATEFUL: list[Case] = [
         name="batch_renorm_schedule", method="batch_renorm", num_features=4,
         kwargs={"r_max": 1.5, "d_max": 0.5, "warmup_steps": 1, "r_max_steps": 3,
                 "d_max_steps": 2},
-        **_BN_LIKE, degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),), stateful=True,
+        **{**_BN_LIKE, "native": "batch_norm"}, native_eval=False,  # training: BN's kernel
+        degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3),), stateful=True,
     ),
     Case(
         name="momentum_bn_fixed", method="momentum_bn", num_features=4, kwargs={"lambda_": 0.6},

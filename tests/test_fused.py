@@ -151,3 +151,53 @@ def test_an_inplace_op_may_follow(name: str) -> None:
     (gx,) = torch.autograd.grad(y.sum(), args[0])
     (ref,) = torch.autograd.grad(torch.relu(plain(*args)).sum(), args[0])
     assert_close(gx, ref, **TIGHT)
+
+
+def test_precomputed_statistics_give_the_same_function() -> None:
+    """The modules hand training's statistics to the Functions (computed once, without
+    autograd); the Functions still differentiate through them."""
+    x = rand(4, 3, 1, 5, seed=0)
+    w, b = rand(1, 3, 1, 1, seed=1), rand(1, 3, 1, 1, seed=2)
+    cot = rand(4, 3, 1, 5, seed=9, grad=False)
+    pairs = []
+    with torch.no_grad():
+        ms = x.square().mean(3, keepdim=True)
+        mean, var = x.mean(3, keepdim=True), x.var(3, correction=0, keepdim=True)
+        mb = x.mean((0, 3), keepdim=True)
+        vb = x.var((0, 3), correction=0, keepdim=True)
+    pairs.append((frn(x, (3,), weight=w, bias=b, tau=None, eps=1e-6, ms=ms),
+                  frn(x, (3,), weight=w, bias=b, tau=None, eps=1e-6)))
+    pairs.append((evo_s0(x, (3,), vparam=w, weight=None, bias=b, eps=1e-5, moments=(mean, var)),
+                  evo_s0(x, (3,), vparam=w, weight=None, bias=b, eps=1e-5)))
+    pairs.append((evo_b0(x, vparam=w, weight=None, bias=b, eps=1e-5,
+                         moments=(mean, var, mb, vb)),
+                  evo_b0(x, vparam=w, weight=None, bias=b, eps=1e-5)))
+    for given, computed in pairs:
+        assert_close(given, computed, **TIGHT)
+        for u, v in zip(torch.autograd.grad(given, (x, w, b), cot),
+                        torch.autograd.grad(computed, (x, w, b), cot), strict=True):
+            assert_close(u, v, **TIGHT)
+
+
+@pytest.mark.parametrize("method", ["frn", "evonorm_s0", "evonorm_b0"])
+def test_modules_use_the_fused_backward_and_native_false_the_composition(method: str) -> None:
+    import normkit as nk
+
+    fused, plain = nk.create(method, 4, dtype=F64), nk.create(method, 4, dtype=F64, native=False)
+    assert fused.nop.fused and not plain.nop.fused
+    plain.load_state_dict(fused.state_dict())
+    x = rand(3, 4, 5, 5, seed=0)
+    def nodes(y: torch.Tensor) -> set[str]:
+        seen, todo = set(), [y.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is not None and type(fn).__name__ not in seen:
+                seen.add(type(fn).__name__)
+                todo.extend(f for f, _ in fn.next_functions)
+        return seen
+
+    fn = {"frn": "_FRNBackward", "evonorm_s0": "_EvoS0Backward", "evonorm_b0": "_EvoB0Backward"}
+    x = x.requires_grad_()
+    y, ref = fused(x), plain(x)
+    assert fn[method] in nodes(y) and fn[method] not in nodes(ref)
+    assert_close(y, ref, **TIGHT)

@@ -50,7 +50,10 @@ def _compute_dtype(v: Tensor) -> torch.dtype:
 
 
 def _reduced(x: Tensor, dims: Sequence[int]) -> int:
-    return math.prod(x.shape[d] for d in dims)
+    n = 1
+    for d in dims:  # a loop, not a generator: torch.compile traces the backward too
+        n *= x.shape[d]
+    return n
 
 
 def _trailing(x: Tensor, dims: Sequence[int]) -> bool:
@@ -102,35 +105,36 @@ def _param_grad(t: Tensor | None, g: Tensor | None) -> Tensor | None:
 class _FRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
-                tau: Tensor | None, extra: Tensor | None, eps: float, dims: tuple[int, ...]
-                ) -> Tensor:
+                tau: Tensor | None, extra: Tensor | None, eps: float, dims: tuple[int, ...],
+                ms: Tensor | None) -> Tensor:
         dt = _compute_dtype(v)
         x = v.to(dt)
-        ms = _sum_sq(x, dims) / _reduced(x, dims)
+        ms = _sum_sq(x, dims) / _reduced(x, dims) if ms is None else ms.to(dt)
         if extra is not None:
             ms = ms + extra.to(dt)
         r = torch.rsqrt(ms + eps)
         a = r if weight is None else r * weight.to(dt)
         y = x * a if bias is None else (x * a).add_(bias.to(dt))
-        keep = None
-        if tau is not None:
+        above = None
+        if tau is not None:  # y = τ + relu(γ r x + β − τ); the backward masks with `above`
             t = tau.to(dt)
-            y = torch.maximum(y, t)
-            keep = y > t  # = (γ r x + β > τ)
-        ctx.save_for_backward(v, r, weight, bias, tau, extra, keep)
+            above = y.sub_(t)
+            y = torch.relu(above).add_(t)
+        ctx.save_for_backward(v, r, weight, bias, tau, extra, above)
         ctx.dims, ctx.eps = dims, eps
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v, r, weight, bias, tau, extra, keep = ctx.saved_tensors
+        v, r, weight, bias, tau, extra, above = ctx.saved_tensors
         dims = ctx.dims
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
-            return _plain_vjp(frn_plain, (v, weight, bias, tau, extra, ctx.eps, dims), g)
+            return (*_plain_vjp(frn_plain, (v, weight, bias, tau, extra, ctx.eps, dims), g), None)
         x = v.to(r.dtype)
         g = g.to(r.dtype)
         g_tau = None
-        gm = g if keep is None else g * keep
+        # where γ r x + β > τ (relu's backward kernel: no bool tensors, slow on CPU)
+        gm = g if above is None else torch.ops.aten.threshold_backward(g, above, 0)
         if tau is not None and tau.requires_grad:  # Σ g where the threshold holds
             g_tau = (g.sum_to_size(tau.shape) - gm.sum_to_size(tau.shape)).to(tau.dtype)
         big = _reduced(x, dims)
@@ -146,11 +150,12 @@ class _FRN(torch.autograd.Function):
         if extra is not None and extra.requires_grad:  # ∂r/∂ε_l = −r³/2
             g_extra = _param_grad(extra, -0.5 * c * r * r * acc)
         return (None if dx is None else dx.to(v.dtype), g_weight, g_bias, g_tau, g_extra,
-                None, None)
+                None, None, None)
 
 
 def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor | None,
-        tau: Tensor | None, eps: float, extra_eps: Tensor | None = None) -> Tensor:
+        tau: Tensor | None, eps: float, extra_eps: Tensor | None = None,
+        ms: Tensor | None = None) -> Tensor:
     r"""``y = max(γ x/√(ν² + ε + ε_l) + β, τ)``, ``ν² = mean(x²)`` over ``dims``, with the
     hand-derived backward (see the module docstring).
 
@@ -160,6 +165,7 @@ def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor |
         weight, bias, tau: ``γ, β, τ`` broadcastable against ``v`` (or ``None``: none, no TLU).
         eps: the stability constant.
         extra_eps: a learned ``|ε_l|`` added to ``ν²`` (broadcastable), or ``None``.
+        ms: ``ν²`` of ``v`` if already computed (its derivative is still taken), or ``None``.
 
     Example:
         >>> x = torch.randn(2, 3, 1, 5, dtype=torch.float64)
@@ -167,16 +173,21 @@ def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor |
         >>> torch.allclose(frn(x, (3,), weight=None, bias=None, tau=x.new_zeros(()), eps=1e-6), ref)
         True
     """
-    return _FRN.apply(v, weight, bias, tau, extra_eps, eps, tuple(dims))  # type: ignore[no-any-return]
+    return _FRN.apply(v, weight, bias, tau, extra_eps, eps, tuple(dims),  # type: ignore[no-any-return]
+                      None if ms is None else ms.detach())
 
 
 class _EvoS0(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, vparam: Tensor, weight: Tensor | None,  # type: ignore[override]
-                bias: Tensor | None, eps: float, dims: tuple[int, ...]) -> Tensor:
+                bias: Tensor | None, eps: float, dims: tuple[int, ...],
+                mean: Tensor | None, var: Tensor | None) -> Tensor:
         dt = _compute_dtype(v)
         x = v.to(dt)
-        var, mean = _var_mean(x, dims)
+        if mean is None or var is None:
+            var, mean = _var_mean(x, dims)
+        else:
+            mean, var = mean.to(dt), var.to(dt)
         d = torch.rsqrt(var + eps)
         vp = vparam.to(dt)
         s = torch.sigmoid(x * vp)
@@ -193,7 +204,8 @@ class _EvoS0(torch.autograd.Function):
         v, s, mean, d, vparam, weight, bias = ctx.saved_tensors
         dims = ctx.dims
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
-            return _plain_vjp(evo_s0_plain, (v, vparam, weight, bias, ctx.eps, dims), g)
+            return (*_plain_vjp(evo_s0_plain, (v, vparam, weight, bias, ctx.eps, dims), g),
+                    None, None)
         dt = s.dtype
         x = v.to(dt)
         g = g.to(dt)
@@ -215,11 +227,12 @@ class _EvoS0(torch.autograd.Function):
             dx = (qx * vparam.to(dt)).add_(gds)
             dx = dx.addcmul_(x, c, value=-1).add_(mean * c)
             dx = dx.to(v.dtype)
-        return dx, g_v, g_weight, g_bias, None, None
+        return dx, g_v, g_weight, g_bias, None, None, None, None
 
 
 def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | None,
-           bias: Tensor | None, eps: float) -> Tensor:
+           bias: Tensor | None, eps: float, moments: tuple[Tensor, Tensor] | None = None
+           ) -> Tensor:
     r"""EvoNorm-S0 ``y = γ·x·sigmoid(v x)/√(σ² + ε) + β`` with ``σ²`` the biased variance over
     ``dims``, with the hand-derived backward (see the module docstring).
 
@@ -229,6 +242,8 @@ def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | N
         vparam: ``v``, broadcastable against ``v`` (per channel ``(1, A, B, 1)``).
         weight, bias: ``γ, β`` broadcastable against ``v``, or ``None``.
         eps: the stability constant.
+        moments: ``(μ, σ²)`` of ``v`` over ``dims`` if already computed (their derivative is
+            still taken), or ``None``.
 
     Example:
         >>> x = torch.randn(2, 2, 3, 4, dtype=torch.float64)
@@ -238,7 +253,8 @@ def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | N
         ...                       eps=1e-5), ref)
         True
     """
-    return _EvoS0.apply(v, vparam, weight, bias, eps, tuple(dims))  # type: ignore[no-any-return]
+    mean, var = (None, None) if moments is None else (moments[0].detach(), moments[1].detach())
+    return _EvoS0.apply(v, vparam, weight, bias, eps, tuple(dims), mean, var)  # type: ignore[no-any-return]
 
 
 def frn_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, tau: Tensor | None,
@@ -279,10 +295,17 @@ def _instance_and_batch(x: Tensor, batch: bool) -> tuple[Tensor, Tensor, Tensor,
 class _EvoB0(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, vparam: Tensor, weight: Tensor | None,  # type: ignore[override]
-                bias: Tensor | None, batch_var: Tensor | None, eps: float) -> Tensor:
+                bias: Tensor | None, batch_var: Tensor | None, eps: float,
+                mi: Tensor | None, vi: Tensor | None, mb: Tensor | None, vb: Tensor | None
+                ) -> Tensor:
         dt = _compute_dtype(v)
         x = v.to(dt)
-        mi, vi, mb, vb = _instance_and_batch(x, batch_var is None)
+        if mi is None or vi is None:
+            mi, vi, mb, vb = _instance_and_batch(x, batch_var is None)
+        else:
+            mi, vi = mi.to(dt), vi.to(dt)
+            mb = None if mb is None else mb.to(dt)
+            vb = None if vb is None else vb.to(dt)
         big_a = torch.sqrt((vb if batch_var is None else batch_var.to(dt)) + eps)
         sigma_i = torch.sqrt(vi + eps)
         den = torch.maximum(x * vparam.to(dt) + sigma_i, big_a)  # max(B, A)
@@ -299,7 +322,8 @@ class _EvoB0(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         v, den, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
-            return _plain_vjp(evo_b0_plain, (v, vparam, weight, bias, batch_var, ctx.eps), g)
+            return (*_plain_vjp(evo_b0_plain, (v, vparam, weight, bias, batch_var, ctx.eps), g),
+                    None, None, None, None)
         dt = den.dtype
         x = v.to(dt)
         g = g.to(dt)
@@ -307,10 +331,10 @@ class _EvoB0(torch.autograd.Function):
         z = x / den
         g_weight = _param_grad(weight, g * z) if weight is not None else None
         gz = g if weight is None else g * weight.to(dt)
-        on_b = den > big_a  # the element's denominator is v x + σ_I
         gzd = gz / den  # ∂L/∂x through the numerator, and −gz·z/den through the denominator
         h = (gzd * z).neg_()  # ∂L/∂den
-        h_b = h * on_b
+        # where den > A the element's denominator is v x + σ_I (relu's backward: no bool mask)
+        h_b = torch.ops.aten.threshold_backward(h, den - big_a, 0)
         h_a = h - h_b
         g_v = _param_grad(vparam, h_b * x) if vparam.requires_grad else None
         dx = None
@@ -324,11 +348,12 @@ class _EvoB0(torch.autograd.Function):
                 g_a = h_a.sum((0, *last), keepdim=True)
                 dx = dx.addcmul_(x - mb, g_a / (big_a * x.shape[0] * s))
             dx = dx.to(v.dtype)
-        return dx, g_v, g_weight, g_bias, None, None
+        return dx, g_v, g_weight, g_bias, None, None, None, None, None, None
 
 
 def evo_b0(v: Tensor, *, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
-           eps: float, batch_var: Tensor | None = None) -> Tensor:
+           eps: float, batch_var: Tensor | None = None,
+           moments: tuple[Tensor | None, ...] | None = None) -> Tensor:
     r"""EvoNorm-B0 ``y = γ·x/max(√(σ²_B + ε), v x + √(σ²_I + ε)) + β`` on the BN view
     ``(N, C, 1, S)`` with the hand-derived backward (see the module docstring).
 
@@ -339,6 +364,8 @@ def evo_b0(v: Tensor, *, vparam: Tensor, weight: Tensor | None, bias: Tensor | N
         eps: the stability constant.
         batch_var: ``σ²_B`` to use (``(1, C, 1, 1)``, e.g. the running estimate at evaluation;
             a constant), or ``None`` for this batch's (biased, differentiated).
+        moments: ``(μ_I, σ²_I, μ_B, σ²_B)`` of ``v`` if already computed (the batch pair
+            ``None`` with ``batch_var``; their derivatives are still taken), or ``None``.
 
     Example:
         >>> x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
@@ -348,7 +375,11 @@ def evo_b0(v: Tensor, *, vparam: Tensor, weight: Tensor | None, bias: Tensor | N
         >>> torch.allclose(evo_b0(x, vparam=x.new_ones(()), weight=None, bias=None, eps=1e-5), ref)
         True
     """
-    return _EvoB0.apply(v, vparam, weight, bias, batch_var, eps)  # type: ignore[no-any-return]
+    mi = vi = mb = vb = None
+    if moments is not None:
+        mi, vi, mb, vb = [None if t is None else t.detach() for t in moments]
+    return _EvoB0.apply(v, vparam, weight, bias, batch_var, eps,  # type: ignore[no-any-return]
+                        mi, vi, mb, vb)
 
 
 def evo_b0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,

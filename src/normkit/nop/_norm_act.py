@@ -14,6 +14,11 @@ Like the operations of :mod:`._combination` they own learnable parameters (EvoNo
 FRN's threshold ``τ`` and learned ``ε``, BCN's intermediate affine), declared by
 ``create_parameters`` and passed to ``fit`` / ``eval_stats`` beside the statistics. Only
 :class:`FilterResponse` is affine in ``x``; the others define ``transform``.
+
+EvoNorm-B0/S0 and FRN run, by default (``fused=True``), as one autograd Function each with a
+hand-derived backward (:mod:`normkit.functional.fused`): training's statistics are computed once,
+without autograd (the Function differentiates through them), and handed to it under the
+``batch_*`` keys; ``Normalization(native=False)`` (:meth:`unfused`) runs the plain composition.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..functional import fused as Ff
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.merging import pool_moments
 from ..functional.partition import resolve_groups, stats_dtype
 from ..nap import Partition
-from ._base import Coefficients, Stats
+from ._base import Coefficients, Operation, Stats
 from ._owned import _channel_view, _OwnsParameters, _per_channel_split, instance_moments
 from ._standard import Scale
 
@@ -48,7 +54,12 @@ class _NotAffine(_OwnsParameters):
 
 class _EvoNorm(_NotAffine):
     """EvoNorm's per-channel parameter ``v`` (init 1), viewed against the canonical view; 1
-    without the parameter (functional use)."""
+    without the parameter (functional use). Subclasses have the dataclass field ``fused``."""
+
+    fused: bool
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)  # type: ignore[type-var]
 
     def create_parameters(
         self, num_features: int, nap: Partition, factory: dict[str, Any]
@@ -79,6 +90,8 @@ class EvoB0(_EvoNorm):
     ``Batch()``.
     """
 
+    fused: bool = field(default=True, repr=False)
+
     stat_names = ("var",)
 
     def bind(self, nap: Partition, num_features: int) -> EvoB0:
@@ -92,6 +105,12 @@ class EvoB0(_EvoNorm):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused:  # statistics once, without autograd: the Function differentiates them
+            with torch.no_grad():
+                mi, vi = instance_moments(v)
+                mb, vb = pool_moments(mi, vi, (0,))
+            return {"var": vb, "inst_var": vi, "inst_mean": mi, "batch_mean": mb,
+                    "v": self._v(v, params)}
         mi, vi = instance_moments(v)
         _, vb = pool_moments(mi, vi, (0,))
         return {"var": vb, "inst_var": vi, "v": self._v(v, params)}
@@ -105,6 +124,12 @@ class EvoB0(_EvoNorm):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if self.fused:
+            batch = "batch_mean" in stats  # this batch's σ²_B (differentiated), else running
+            moments = ((stats["inst_mean"], stats["inst_var"], stats["batch_mean"], stats["var"])
+                       if batch else None)
+            return Ff.evo_b0(v, vparam=stats["v"], weight=weight, bias=bias, eps=eps,
+                             batch_var=None if batch else stats["var"], moments=moments)
         x = v.to(stats["inst_var"].dtype)
         den = torch.maximum(torch.sqrt(stats["var"] + eps),
                             stats["v"] * x + torch.sqrt(stats["inst_var"] + eps))
@@ -122,12 +147,18 @@ class EvoS0(_EvoNorm):
     ``Group(g)``); ``v`` is a per-channel parameter of the module (init 1). No centering.
     """
 
+    fused: bool = field(default=True, repr=False)
+
     stat_names = ("var",)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused:  # statistics once, without autograd: the Function differentiates them
+            with torch.no_grad():
+                mean, var = nap.moments(v, spatial)
+            return {"var": var, "batch_mean": mean, "v": self._v(v, params)}
         return {"var": nap.moments(v, spatial)[1], "v": self._v(v, params)}
 
     def eval_stats(
@@ -139,6 +170,9 @@ class EvoS0(_EvoNorm):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if self.fused and "batch_mean" in stats:
+            return Ff.evo_s0(v, nap.dims, vparam=stats["v"], weight=weight, bias=bias, eps=eps,
+                             moments=(stats["batch_mean"], stats["var"]))
         x = v.to(stats["var"].dtype)
         out = x * torch.sigmoid(stats["v"] * x) * torch.rsqrt(stats["var"] + eps)
         return Fs.affine_transform(out, None, None, weight, bias)
@@ -166,6 +200,7 @@ class FilterResponse(_OwnsParameters, Scale):
     kind: Literal["rms"] = field(default="rms", repr=False)
     tlu: bool = True
     learned_eps: bool = False
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind != "rms":
@@ -202,10 +237,17 @@ class FilterResponse(_OwnsParameters, Scale):
             out["learned_eps"] = params["learned_eps"].abs().to(stats_dtype(v)).reshape(1, 1, 1, 1)
         return out
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused:  # ν² once, without autograd: the Function differentiates it
+            with torch.no_grad():
+                ms = nap.mean_square(v, spatial)
+            return {"ms": ms, "batch_ms": ms, **self._extras(v, params)}
         return {"ms": nap.mean_square(v, spatial), **self._extras(v, params)}
 
     def eval_stats(
@@ -220,6 +262,9 @@ class FilterResponse(_OwnsParameters, Scale):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if self.fused and "batch_ms" in stats:
+            return Ff.frn(v, nap.dims, weight=weight, bias=bias, tau=stats.get("tau"), eps=eps,
+                          extra_eps=stats.get("learned_eps"), ms=stats["batch_ms"])
         scale, _ = self.coefficients(stats, eps, m)
         out = Fs.affine_transform(v, scale, None, weight, bias)
         return torch.maximum(out, stats["tau"].to(out.dtype)) if self.tlu else out

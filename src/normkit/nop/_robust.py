@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -106,6 +107,8 @@ class Renormalize(RobustStandardize):
     warmup_steps: int = 5000
     r_max_steps: int = 40000
     d_max_steps: int = 25000
+    #: training with r, d runs BN's kernel with γ·r, β + γ·d (:meth:`transform`)
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         _number("r_max", self.r_max, 1, "r is clipped to [1/r_max, r_max]")
@@ -132,11 +135,18 @@ class Renormalize(RobustStandardize):
         return (1 + (self.r_max - 1) * self._ramp(t, self.r_max_steps),
                 self.d_max * self._ramp(t, self.d_max_steps))
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        mean, var = nap.moments(v, spatial)
+        if self.fused and state is not None:  # BN's kernel differentiates the batch moments
+            with torch.no_grad():
+                mean, var = nap.moments(v, spatial)
+        else:
+            mean, var = nap.moments(v, spatial)
         if state is None:  # no running estimates: r = 1, d = 0 (BN)
             return {"mean": mean, "var": var}
         mu_b, var_b = mean.detach(), var.detach()
@@ -152,6 +162,19 @@ class Renormalize(RobustStandardize):
         if "r" in stats:
             scale, shift = scale * stats["r"], shift * stats["r"] + stats["d"]
         return scale, shift
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Training with ``r, d`` (constants to autograd) is BN with ``γ·r`` and ``β + γ·d``:
+        torch's kernel computes it, with BN's backward through ``μ_B, σ_B`` (``fused``)."""
+        if not (self.fused and "r" in stats and v.shape[2] == 1):
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        r, d = stats["r"].reshape(-1), stats["d"].reshape(-1)
+        w = r if weight is None else weight.reshape(-1) * r
+        b = d if weight is None else weight.reshape(-1) * d
+        b = b if bias is None else b + bias.reshape(-1)
+        y = F.batch_norm(v.reshape(v.shape[0], v.shape[1], -1), None, None, w, b, True, 0.0, eps)
+        return y.reshape(v.shape)
 
 
 @dataclass(frozen=True, repr=False)
