@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import speed as _speed
+from .goalrun import GOAL_SHAPES, goals_report, run_goals
 from .speed import (
     COMPILE_METHODS,
     COMPILE_MODES,
@@ -22,7 +23,6 @@ from .speed import (
     report,
 )
 from .timing import loadavg, machine_info, parse_shape
-from .goalrun import GOAL_SHAPES, goals_report, run_goals
 from .whitening import WHITENING_GROUPS, WHITENING_METHODS, WHITENING_SHAPES, run_whitening
 
 __all__ = ["build_parser", "main"]
