@@ -13,8 +13,8 @@ unless said otherwise):
 * ``eager/LRN`` — over torch ``LocalResponseNorm`` at the same window (local methods);
 * ``compiled`` — ``torch.compile(fullgraph=True)`` of the method over the compiled torch BN;
 * ``peer`` — over timm's implementation of the same layer (:data:`PEERS`);
-* ``eval`` — evaluation forward over torch BN's, where the method's eval is an affine map per
-  channel (:meth:`normkit.Normalization.folded` gives ``(C,)`` vectors);
+* ``eval`` — evaluation forward over torch BN's; judged where the method's eval is an affine map
+  per channel (:meth:`normkit.Normalization.folded` gives ``(C,)`` vectors);
 * ``eval/mm`` — whitening eval forward over one block-diagonal matmul (``folded()`` gives blocks);
 * ``saved`` — bytes autograd saves for backward beyond the input and parameters, over the input's.
 
