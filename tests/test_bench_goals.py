@@ -14,7 +14,8 @@ import normkit as nk
 from normkit import _bench as B
 from normkit._bench import goalrun, goals
 from normkit._bench.conditioned import build_method
-from normkit._bench.timing import load_warning, time_call
+from normkit._bench.reference import Lambda
+from normkit._bench.timing import load_warning, saved_bytes, time_call
 
 
 def test_goals_table_covers_every_registered_method() -> None:
@@ -142,6 +143,16 @@ def test_without_timm_the_peer_is_left_out_with_a_note(monkeypatch) -> None:
     assert "peer" not in row["medians_ms"]["fb-train"] and "peer" not in row
     assert any("timm is not installed" in w for w in r["warnings"])
     assert [g["verdict"] for g in row["goals"] if g["figure"] == "peer"] == ["n/a"]
+
+
+def test_saved_bytes_tells_statistics_from_activations() -> None:
+    """``exp(x) * mean(x)``: autograd keeps exp(x) (input-sized) and the (N, C, 1, 1) means."""
+    x = torch.randn(3, 4, 5, 5)
+    m = Lambda(lambda t: t.exp() * t.mean((2, 3), keepdim=True))
+    got = saved_bytes(m, x, stats_numel=3 * 4)
+    assert got["saved_extra_bytes"] == x.nbytes + 3 * 4 * 4
+    assert got["saved_stats_bytes"] == 3 * 4 * 4
+    assert saved_bytes(m, x)["saved_stats_bytes"] == 0
 
 
 def test_load_warning_and_timing_helpers() -> None:

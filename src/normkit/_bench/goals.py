@@ -16,7 +16,9 @@ unless said otherwise):
 * ``eval`` — evaluation forward over torch BN's; judged where the method's eval is an affine map
   per channel (:meth:`normkit.Normalization.folded` gives ``(C,)`` vectors);
 * ``eval/mm`` — whitening eval forward over one block-diagonal matmul (``folded()`` gives blocks);
-* ``saved`` — bytes autograd saves for backward beyond the input and parameters, over the input's.
+* ``saved`` — bytes autograd saves for backward beyond the input and parameters, over the input's;
+  statistics aside (saved storages of at most ``N·C`` values, one per sample and channel: they are
+  ``1/(H·W)`` of the input each), so the figure counts activation-sized tensors.
 
 Example:
     >>> goals_for("pca_bw")["eager"].limit, goals_for("bn")["eager"].limit
@@ -73,7 +75,8 @@ GOALS: tuple[Goal, ...] = (
     Goal("*", "peer", 1.0, "no slower than timm's implementation (fwd+bwd)"),
     Goal("*", "eval", 1.1, "eval forward <= 1.1x torch BN eval (per-channel affine eval)"),
     Goal("*", "eval/mm", 1.2, "whitening eval forward <= 1.2x one block-diagonal matmul"),
-    Goal("*", "saved", 1.0, "saved-for-backward memory beyond the input <= 1x the input"),
+    Goal("*", "saved", 1.0, "saved-for-backward memory beyond the input <= 1x the input "
+         "(statistics of <= N*C values aside)"),
 )
 
 
@@ -118,8 +121,7 @@ def goals_for(method: str) -> dict[str, Goal]:
 
 def verdict(value: float | None, goal: Goal | None, error: str | None = None) -> str:
     """``met``/``missed`` for a measured ``value``, judged as printed (:data:`DECIMALS` places: the
-    verdict never contradicts the table, and a saved input-sized tensor plus its per-channel
-    statistics is 1.00 of the input); ``missed`` when the measurement failed with ``error`` (a
+    verdict never contradicts the table); ``missed`` when the measurement failed with ``error`` (a
     compile error misses the compiled goal); ``n/a`` without a goal or a value."""
     if goal is None:
         return "n/a"

@@ -151,23 +151,31 @@ def median(v: list[float]) -> float:
     return s[k] if len(s) % 2 else 0.5 * (s[k - 1] + s[k])
 
 
-def saved_bytes(mod: nn.Module, x: Tensor) -> dict[str, int]:
-    """Bytes autograd saves for backward in one training forward, deduplicated by storage."""
+def saved_bytes(mod: nn.Module, x: Tensor, stats_numel: int = 0) -> dict[str, int]:
+    """Bytes autograd saves for backward in one training forward, deduplicated by storage.
+
+    ``saved_bytes``: every storage; ``saved_extra_bytes``: those other than the input's and the
+    parameters'; ``saved_stats_bytes``: the part of the extra held in storages of at most
+    ``stats_numel`` elements (statistics, e.g. ``N·C`` for one value per sample and channel).
+    """
     mod.train()
     xg = x.detach().requires_grad_()
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}  # storage -> (bytes, elements) of its largest saved view
     own = {xg.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in mod.parameters()}
 
     def pack(t: Tensor) -> Tensor:
         key = t.untyped_storage().data_ptr()
-        seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+        size = (t.numel() * t.element_size(), t.numel())
+        seen[key] = max(seen.get(key, (0, 0)), size)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = mod(xg)
     del y
-    return {"saved_bytes": sum(seen.values()),
-            "saved_extra_bytes": sum(v for k, v in seen.items() if k not in own)}
+    extra = [v for k, v in seen.items() if k not in own]
+    return {"saved_bytes": sum(b for b, _ in seen.values()),
+            "saved_extra_bytes": sum(b for b, _ in extra),
+            "saved_stats_bytes": sum(b for b, n in extra if n <= stats_numel)}
 
 
 def copy_bandwidth(numel: int = 1 << 24, repeats: int = 11) -> float:
