@@ -145,6 +145,16 @@ def test_without_timm_the_peer_is_left_out_with_a_note(monkeypatch) -> None:
     assert [g["verdict"] for g in row["goals"] if g["figure"] == "peer"] == ["n/a"]
 
 
+def test_an_exhausted_budget_skips_compilation_and_says_so() -> None:
+    r = goalrun.run_goals(["2x8x3x3"], ["gn"], repeats=1, max_seconds=0.0, log=lambda s: None)
+    (row,) = r["rows"]
+    assert "compiled" not in row["medians_ms"]["fb-train"]
+    assert [g["verdict"] for g in row["goals"] if g["figure"] == "compiled"] == [
+        "not run (--max-minutes)"]
+    assert any("compilation skipped" in w for w in r["warnings"])
+    assert row["figures"]["eager"] is not None  # the eager columns are still measured
+
+
 def test_saved_bytes_tells_statistics_from_activations() -> None:
     """``exp(x) * mean(x)``: autograd keeps exp(x) (input-sized) and the (N, C, 1, 1) means."""
     x = torch.randn(3, 4, 5, 5)

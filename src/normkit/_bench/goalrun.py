@@ -194,11 +194,15 @@ def _applies(figure: str, row: dict[str, Any], compiled: bool) -> bool:
             "eval/mm": row.get("eval_kind") == "matrix", "saved": True}[figure]
 
 
-def _judge(row: dict[str, Any], compiled: bool) -> list[dict[str, Any]]:
-    """The goals of ``row``'s method that apply to it, each with its verdict."""
+def _judge(row: dict[str, Any], compiled: bool, skipped: bool = False) -> list[dict[str, Any]]:
+    """The goals of ``row``'s method that apply to it, each with its verdict (``skipped``: the
+    compiled goal was not run for the time budget, and says so)."""
     out = []
     errors = row["errors"]
     for figure, goal in goals_for(row["method"]).items():
+        if figure == "compiled" and skipped:
+            out.append({"figure": figure, "limit": goal.limit, "value": None, "error": None,
+                        "wording": goal.wording, "verdict": "not run (--max-minutes)"})
         if not _applies(figure, row, compiled):
             continue
         value = row["figures"].get(figure)
@@ -275,7 +279,7 @@ def run_goals(shapes: Sequence[str] = GOAL_SHAPES, methods: Sequence[str] | None
                        "medians_ms": {}, "errors": {"ours": _first_line(f"{type(e).__name__}: {e}")},
                        "notes": [], "input_bytes": 0}
             row["figures"] = _figures(row) if row["input_bytes"] else {}
-            row["goals"] = _judge(row, compile_now)
+            row["goals"] = _judge(row, compile_now, skipped=compile_ and not compile_now)
             result["rows"].append(row)
             case_s.append(time.perf_counter() - t0)
             log(f"  {method:<22} {spec.label:<14} {case_s[-1]:5.1f} s")
@@ -319,7 +323,7 @@ def _method_rows(result: dict[str, Any]) -> list[list[str]]:
         judged = sum(g["verdict"] in ("met", "missed") for g in r["goals"])
         notes = [f"{k}: {v}"[:110] for k, v in r["errors"].items()] + r["notes"]
         rows.append([r["shape"], r["method"], r["family"], fmt(fb.get("ours"), ".3g"),
-                     fmt(f.get("eager")), comp,
+                     fmt(f.get("eager")), comp, fmt(r.get("compile_s", {}).get("compiled"), ".1f"),
                      f"{fmt(f.get('peer'))} {r.get('peer', '')}".strip(), fmt(f.get("eval")),
                      fmt(f.get("eval/mm")), fmt(f.get("eager/LRN")), fmt(f.get("saved")),
                      f"{met}/{judged}", "; ".join(notes)])
@@ -332,14 +336,15 @@ def goals_report(result: dict[str, Any], rich: bool = False) -> str:
     c, m = result["config"], result["machine"]
     where = (f"{c['device']}, {c['threads']} thread(s), {c['dtype']}, "
              f"{'compiled with ' + c.get('backend', 'inductor') if c['compile'] else 'no compile'}")
-    header = ["shape", "method", "family", "ms fb", "x BN", "comp x cBN", "x timm", "eval x BN",
-              "eval x mm", "x LRN", "saved/in", "goals", "errors / notes"]
+    header = ["shape", "method", "family", "ms fb", "x BN", "comp x cBN", "compile s", "x timm",
+              "eval x BN", "eval x mm", "x LRN", "saved/in", "goals", "errors / notes"]
     out: list[str | None] = [table(
         f"every method, fwd+bwd training unless eval ({where}): ms of ours, ratios to torch "
-        "BatchNorm2d at the same shape in the same loop (compiled: to the compiled BN), to timm's "
-        "layer, to torch LocalResponseNorm (local methods), eval forward to BN eval (judged where "
-        "the eval is a per-channel affine map) / one block matmul (whitening); saved = bytes "
-        "saved for backward beyond the input, statistics (<= N*C values) aside / input bytes",
+        "BatchNorm2d at the same shape in the same loop (compiled: to the compiled BN; compile s: "
+        "its first call), to timm's layer, to torch LocalResponseNorm (local methods); eval "
+        "forward to BN eval (judged where the eval is a per-channel affine map) / one block "
+        "matmul (whitening); saved = bytes saved for backward beyond the input, statistics "
+        "(<= N*C values) aside / input bytes",
         header, _method_rows(result), rich)]
     goal_rows = []
     for r in result["rows"]:
