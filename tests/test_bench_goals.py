@@ -146,8 +146,11 @@ def test_without_timm_the_peer_is_left_out_with_a_note(monkeypatch) -> None:
 
 
 def test_an_exhausted_budget_skips_compilation_and_says_so() -> None:
-    r = goalrun.run_goals(["2x8x3x3"], ["gn"], repeats=1, max_seconds=0.0, log=lambda s: None)
+    r = goalrun.run_goals(["2x8x3x3"], ["gn"], repeats=2, max_seconds=0.0, statistic="min",
+                          log=lambda s: None)
     (row,) = r["rows"]
+    fb = row["min_ms"]["fb-train"]  # statistic="min": ratios of the minima
+    assert row["figures"]["eager"] == fb["ours"] / fb["bn"]
     assert "compiled" not in row["medians_ms"]["fb-train"]
     assert [g["verdict"] for g in row["goals"] if g["figure"] == "compiled"] == [
         "not run (--max-minutes)"]
@@ -181,3 +184,5 @@ def test_goals_bad_arguments(capsys) -> None:
         assert B.main(["--goals", "--device", "cuda", "--json", "/dev/null"]) == 2
         assert "cuda" in capsys.readouterr().err
     assert B.main(["--device", "cuda", "--json", "/dev/null"]) == 2  # --goals only
+    with pytest.raises(ValueError, match="statistic must be"):
+        goalrun.run_goals(["2x8x3x3"], ["gn"], statistic="mean")

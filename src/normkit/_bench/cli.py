@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", "--shape", nargs="+",
                    help=f"shapes (default {' '.join(DEFAULT_SHAPES)}; --goals: {' '.join(GOAL_SHAPES)})")
     p.add_argument("--methods", nargs="+", help="methods, comma- or space-separated (default all)")
-    p.add_argument("--repeats", type=int, help="timed rounds per cell (default 7, --quick 3)")
+    p.add_argument("--repeats", type=int,
+                   help="timed rounds per cell (default 7, --quick 3, --goals 15)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls per implementation, the first included (1)")
     p.add_argument("--quick", action="store_true",
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", help=f"subset of {','.join(MODES)}")
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads for the run (default 2; --goals: 1)")
+    p.add_argument("--statistic", default="median", choices=("median", "min"),
+                   help="--goals: ratios of medians (default) or of minima (steadier on a loaded "
+                        "machine)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                    help="--goals: where to run (cuda: timed with torch.cuda.Event; default cpu)")
     p.add_argument("--cell-budget", type=float, default=4.0,
@@ -118,10 +122,10 @@ def _main_goals(args: argparse.Namespace, rich: bool) -> int:
             raise ValueError("--device mps: torch.backends.mps.is_available() is False; "
                              "use --device cpu")
         minutes = args.max_minutes if args.max_minutes is not None else 13.0
-        result = run_goals(shapes, methods, repeats=args.repeats or 7, warmup=args.warmup,
+        result = run_goals(shapes, methods, repeats=args.repeats or 15, warmup=args.warmup,
                            compile_=not args.no_compile, device=args.device, threads=args.threads,
                            cell_budget_s=args.cell_budget, max_seconds=60 * minutes,
-                           backend=args.compile_backend)
+                           backend=args.compile_backend, statistic=args.statistic)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
