@@ -226,7 +226,8 @@ def load_warning(load: list[float] | None, cores: int, threads: int, own: float 
         return None
     return (f"WARNING: the machine is loaded (1-min load {load[0]:.1f}, about {others:.1f} from "
             f"other processes, {cores} cores, {threads} thread(s) for this run): timings share "
-            f"cores, ratios can move by ±30 %; rerun on a quiet machine before judging a goal")
+            f"cores, so ratios move between runs (by ±30 % at a load of 2-3 on 2 cores, by up to "
+            f"2-3x at 6-8); rerun on a quiet machine before judging a goal")
 
 
 def machine_info() -> dict[str, Any]:
