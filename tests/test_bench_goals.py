@@ -176,6 +176,34 @@ def test_load_warning_and_timing_helpers() -> None:
     assert time_call(lambda: None) >= 0.0
 
 
+def test_cuda_calls_are_timed_between_two_events(monkeypatch) -> None:
+    """The protocol of ``time_call`` on CUDA, with torch.cuda stubbed (no GPU here): drain the
+    queue, record ``start``, run, record ``end``, wait for ``end``, read ``start.elapsed_time(end)``."""
+    calls: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.name = "start" if not any(c.endswith("new") for c in calls) else "end"
+            calls.append(f"{self.name} new")
+
+        def record(self) -> None:
+            calls.append(f"{self.name} record")
+
+        def synchronize(self) -> None:
+            calls.append(f"{self.name} wait")
+
+        def elapsed_time(self, end: Event) -> float:
+            calls.append(f"{self.name} to {end.name}")
+            return 2.5
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    assert time_call(lambda: calls.append("run"), torch.device("cuda")) == 2.5
+    assert calls == ["sync", "start new", "end new", "start record", "run", "end record",
+                     "end wait", "start to end"]
+
+
 def test_goals_bad_arguments(capsys) -> None:
     assert B.main(["--goals", "--shapes", "16x32", "--json", "/dev/null"]) == 2
     assert "NCHW" in capsys.readouterr().err
