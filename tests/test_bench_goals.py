@@ -135,6 +135,17 @@ def test_compile_failure_stays_in_its_row(monkeypatch) -> None:
     assert "error: RuntimeError: graph break" in goalrun.goals_report(r)
 
 
+def test_a_method_that_fails_misses_its_goals_with_the_error(monkeypatch) -> None:
+    def broken(method: str, x: torch.Tensor, gen: torch.Generator, **kw) -> nn.Module:
+        raise RuntimeError("cannot build\ntraceback ...")
+
+    monkeypatch.setattr(goalrun, "build_method", broken)
+    r = goalrun.run_goals(["2x8x3x3"], ["gn"], repeats=1, compile_=False, log=lambda s: None)
+    (row,) = r["rows"]
+    assert row["errors"] == {"ours": "RuntimeError: cannot build"}
+    assert {g["figure"]: g["verdict"] for g in row["goals"]} == {"eager": "missed", "saved": "missed"}
+
+
 def test_without_timm_the_peer_is_left_out_with_a_note(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     monkeypatch.setitem(sys.modules, "timm.layers", None)
