@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the goals of issue 20: every method's eager and compiled fwd+bwd ratio to "
                         "torch BatchNorm2d, to timm's layer and torch LocalResponseNorm where they "
                         "apply, eval ratio, saved memory; a met/missed table (default "
-                        f"{' '.join(GOAL_SHAPES)}, float32, 1 thread, ~10-15 min for all methods)")
+                        f"{' '.join(GOAL_SHAPES)}, float32, 1 thread; all methods in ~3 min, ~10 with a "
+                        "cold inductor cache)")
     p.add_argument("--shapes", "--shape", nargs="+",
                    help=f"shapes (default {' '.join(DEFAULT_SHAPES)}; --goals: {' '.join(GOAL_SHAPES)})")
     p.add_argument("--methods", nargs="+", help="methods, comma- or space-separated (default all)")
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads for the run (default 2; --goals: 1)")
     p.add_argument("--statistic", default="median", choices=("median", "min"),
-                   help="--goals: ratios of medians (default) or of minima (steadier on a loaded "
-                        "machine)")
+                   help="--goals: ratios of medians (default) or of minima (the least "
+                        "disturbed call)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                    help="--goals: where to run (cuda: timed with torch.cuda.Event; default cpu)")
     p.add_argument("--cell-budget", type=float, default=4.0,

@@ -17,9 +17,8 @@ then, in a second loop (three times the rounds: the calls are short), the evalua
 block-diagonal matmul) for whitening. Saved-for-backward bytes come from
 :func:`~normkit._bench.timing.saved_bytes`; the judged figure leaves out statistics (storages of at
 most ``N·C`` values: per-sample / per-channel moments), so it counts activations. Ratios are of
-medians (``statistic="min"``: of minima, steadier when other processes take the cores) of the same
-loop; the goals (:data:`~normkit._bench.goals.GOALS`) are judged per method and listed met /
-missed. On CUDA
+medians (``statistic="min"``: of minima, the least disturbed call) of the same loop; the goals
+(:data:`~normkit._bench.goals.GOALS`) are judged per method and listed met / missed. On CUDA
 every call is timed with ``torch.cuda.Event`` (:func:`~normkit._bench.timing.time_call`).
 """
 
