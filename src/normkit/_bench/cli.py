@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"small shapes ({' '.join(QUICK_SHAPES)}), 3 rounds, no compile rows "
                         "(< 1 min)")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"),
-                   help="where to write the results (default benchmarks/results/latest.json)")
+    p.add_argument("--json", type=Path,
+                   help="where to write the results (default benchmarks/results/latest.json; "
+                        "--goals: benchmarks/results/goals.json)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--compile-methods", nargs="+", help=f"default {','.join(COMPILE_METHODS)}")
     p.add_argument("--compile-modes", nargs="+", help=f"default {','.join(COMPILE_MODES)}")
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads is None:
         args.threads = 1 if args.goals else 2
+    if args.json is None:
+        args.json = Path("benchmarks/results/goals.json" if args.goals else "benchmarks/results/latest.json")
     if args.goals:
         return _main_goals(args, rich)
     if args.device != "cpu":
