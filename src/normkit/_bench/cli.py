@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import speed as _speed
+from .goalrun import GOAL_SHAPES, goals_report, run_goals
 from .speed import (
     COMPILE_METHODS,
     COMPILE_MODES,
@@ -36,27 +37,43 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of ``normkit bench`` / ``python benchmarks/run.py``."""
     p = argparse.ArgumentParser(prog="normkit bench", description=_speed.__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", help=f"shapes (default {' '.join(DEFAULT_SHAPES)})")
+    p.add_argument("--goals", action="store_true",
+                   help="the goals of issue 20: every method's eager and compiled fwd+bwd ratio to "
+                        "torch BatchNorm2d, to timm's layer and torch LocalResponseNorm where they "
+                        "apply, eval ratio, saved memory; a met/missed table (default "
+                        f"{' '.join(GOAL_SHAPES)}, float32, 1 thread; all methods in ~3 min, ~10 with a "
+                        "cold inductor cache)")
+    p.add_argument("--shapes", "--shape", nargs="+",
+                   help=f"shapes (default {' '.join(DEFAULT_SHAPES)}; --goals: {' '.join(GOAL_SHAPES)})")
     p.add_argument("--methods", nargs="+", help="methods, comma- or space-separated (default all)")
-    p.add_argument("--repeats", type=int, help="timed rounds per cell (default 7, --quick 3)")
+    p.add_argument("--repeats", type=int,
+                   help="timed rounds per cell (default 7, --quick 3, --goals 15)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls per implementation, the first included (1)")
     p.add_argument("--quick", action="store_true",
                    help=f"small shapes ({' '.join(QUICK_SHAPES)}), 3 rounds, no compile rows "
                         "(< 1 min)")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"),
-                   help="where to write the results (default benchmarks/results/latest.json)")
+    p.add_argument("--json", type=Path,
+                   help="where to write the results (default benchmarks/results/latest.json; "
+                        "--goals: benchmarks/results/goals.json)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--compile-methods", nargs="+", help=f"default {','.join(COMPILE_METHODS)}")
     p.add_argument("--compile-modes", nargs="+", help=f"default {','.join(COMPILE_MODES)}")
     p.add_argument("--detail-shapes", nargs="+",
                    help=f"shapes with compiled rows (default {','.join(DETAIL_SHAPES)})")
     p.add_argument("--modes", nargs="+", help=f"subset of {','.join(MODES)}")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the run (2)")
+    p.add_argument("--threads", type=int,
+                   help="torch.set_num_threads for the run (default 2; --goals: 1)")
+    p.add_argument("--statistic", default="median", choices=("median", "min"),
+                   help="--goals: ratios of medians (default) or of minima (the least "
+                        "disturbed call)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
+                   help="--goals: where to run (cuda: timed with torch.cuda.Event; default cpu)")
     p.add_argument("--cell-budget", type=float, default=4.0,
                    help="seconds after which a cell stops at 3 rounds (default 4)")
     p.add_argument("--max-minutes", type=float,
-                   help="shrink cell budgets so the run ends near this (default 9, --quick 0.75)")
+                   help="shrink cell budgets so the run ends near this (default 9, --quick 0.75, "
+                        "--goals 13: past it compilation is skipped for the methods left)")
     p.add_argument("--plain", action="store_true", help="plain-text tables even on a terminal")
     p.add_argument("--from-json", type=Path, help="print the tables of a saved run and exit")
     p.add_argument("--whitening", action="store_true",
@@ -67,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the weight-parametrization benchmark: a conv layer with each "
                         "normkit.weight method vs the plain layer, OWN vs ONI (< 1 min)")
     p.add_argument("--whitening-shapes", nargs="+", help=argparse.SUPPRESS)  # tests: tiny shapes
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
     p.add_argument("--whitening-groups", nargs="+", help=argparse.SUPPRESS)
     return p
 
@@ -92,13 +110,52 @@ def _main_whitening(args: argparse.Namespace, rich: bool) -> int:
     return 0
 
 
+def _main_goals(args: argparse.Namespace, rich: bool) -> int:
+    try:
+        import normkit as nk
+
+        shapes = [parse_shape(s).label for s in _split(args.shapes) or GOAL_SHAPES]
+        methods = _split(args.methods)
+        for m in methods or ():
+            nk.info(m)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch.cuda.is_available() is False; use --device cpu")
+        if args.device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps: torch.backends.mps.is_available() is False; "
+                             "use --device cpu")
+        minutes = args.max_minutes if args.max_minutes is not None else 13.0
+        result = run_goals(shapes, methods, repeats=args.repeats or 15, warmup=args.warmup,
+                           compile_=not args.no_compile, device=args.device, threads=args.threads,
+                           cell_budget_s=args.cell_budget, max_seconds=60 * minutes,
+                           backend=args.compile_backend, statistic=args.statistic)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(goals_report(result, rich=rich))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``normkit bench`` / ``python benchmarks/run.py``: run, print tables, write JSON."""
     args = build_parser().parse_args(argv)
     rich = sys.stdout.isatty() and not args.plain
     if args.from_json is not None:
-        print(report(json.loads(args.from_json.read_text()), rich=rich))
+        saved = json.loads(args.from_json.read_text())
+        print(goals_report(saved, rich=rich) if "goals" in saved else report(saved, rich=rich))
         return 0
+    if args.threads is None:
+        args.threads = 1 if args.goals else 2
+    if args.json is None:
+        args.json = Path("benchmarks/results/goals.json" if args.goals else "benchmarks/results/latest.json")
+    if args.goals:
+        return _main_goals(args, rich)
+    if args.device != "cpu":
+        print("error: --device applies to --goals only (the other benchmarks run on the CPU)",
+              file=sys.stderr)
+        return 2
     if args.whitening:
         return _main_whitening(args, rich)
     if args.weights:

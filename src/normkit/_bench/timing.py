@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ShapeSpec", "copy_bandwidth", "fmt", "fmt_load", "loadavg", "machine_info", "median",
-           "parse_shape", "runner", "saved_bytes", "table", "time_cell"]
+__all__ = ["ShapeSpec", "copy_bandwidth", "fmt", "fmt_load", "load_warning", "loadavg",
+           "machine_info", "median", "parse_shape", "runner", "saved_bytes", "synchronize", "table",
+           "time_call", "time_cell", "usable_cores"]
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,46 @@ def runner(mod: nn.Module, x: Tensor, g: Tensor, mode: str) -> Callable[[], None
     return fwd_bwd
 
 
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the work queued on ``device`` (CUDA, MPS); nothing to wait for on the CPU."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device is not None and device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_call(run: Callable[[], None], device: torch.device | None = None) -> float:
+    """Milliseconds of one call of ``run`` on ``device``.
+
+    CPU: wall time (``time.perf_counter``). CUDA: the queue is drained first, then two
+    ``torch.cuda.Event(enable_timing=True)`` recorded around the call on the current stream give
+    the GPU time between them (``Event.elapsed_time``, after ``end.synchronize()``). MPS: wall time
+    between two ``torch.mps.synchronize()``.
+    """
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    synchronize(device)
+    t0 = time.perf_counter()
+    run()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_cell(runs: dict[str, Callable[[], None]], repeats: int, warmup: int,
-               budget_s: float) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
+               budget_s: float, device: torch.device | None = None
+               ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
     """Round-robin timing of ``runs`` (ms per call), the first call's seconds, and errors.
 
     Each implementation is called ``warmup`` times untimed (the first call, which includes any
     compilation, is reported), then ``repeats`` rounds run, the order rotating each round. Past
-    ``budget_s`` the cell stops after 3 rounds — or after 1 if 3 would not fit the budget.
+    ``budget_s`` the cell stops after 3 rounds — or after 1 if 3 would not fit the budget. Calls
+    are timed by :func:`time_call` on ``device`` (``None``: the CPU).
     """
     first: dict[str, float] = {}
     errors: dict[str, str] = {}
@@ -91,9 +125,7 @@ def time_cell(runs: dict[str, Callable[[], None]], repeats: int, warmup: int,
     for name, run in list(runs.items()):
         try:
             for i in range(max(warmup, 1)):
-                t0 = time.perf_counter()
-                run()
-                last[name] = time.perf_counter() - t0
+                last[name] = time_call(run, device) / 1e3
                 if i == 0:
                     first[name] = last[name]
         except Exception as e:  # record and drop the implementation, keep benchmarking
@@ -108,9 +140,7 @@ def time_cell(runs: dict[str, Callable[[], None]], repeats: int, warmup: int,
             break
         k = r % len(names) if names else 0
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            runs[n]()
-            samples[n].append((time.perf_counter() - t0) * 1e3)
+            samples[n].append(time_call(runs[n], device))
     return samples, first, errors
 
 
@@ -121,23 +151,31 @@ def median(v: list[float]) -> float:
     return s[k] if len(s) % 2 else 0.5 * (s[k - 1] + s[k])
 
 
-def saved_bytes(mod: nn.Module, x: Tensor) -> dict[str, int]:
-    """Bytes autograd saves for backward in one training forward, deduplicated by storage."""
+def saved_bytes(mod: nn.Module, x: Tensor, stats_numel: int = 0) -> dict[str, int]:
+    """Bytes autograd saves for backward in one training forward, deduplicated by storage.
+
+    ``saved_bytes``: every storage; ``saved_extra_bytes``: those other than the input's and the
+    parameters'; ``saved_stats_bytes``: the part of the extra held in storages of at most
+    ``stats_numel`` elements (statistics, e.g. ``N·C`` for one value per sample and channel).
+    """
     mod.train()
     xg = x.detach().requires_grad_()
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}  # storage -> (bytes, elements) of its largest saved view
     own = {xg.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in mod.parameters()}
 
     def pack(t: Tensor) -> Tensor:
         key = t.untyped_storage().data_ptr()
-        seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+        size = (t.numel() * t.element_size(), t.numel())
+        seen[key] = max(seen.get(key, (0, 0)), size)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = mod(xg)
     del y
-    return {"saved_bytes": sum(seen.values()),
-            "saved_extra_bytes": sum(v for k, v in seen.items() if k not in own)}
+    extra = [v for k, v in seen.items() if k not in own]
+    return {"saved_bytes": sum(b for b, _ in seen.values()),
+            "saved_extra_bytes": sum(b for b, _ in extra),
+            "saved_stats_bytes": sum(b for b, n in extra if n <= stats_numel)}
 
 
 def copy_bandwidth(numel: int = 1 << 24, repeats: int = 11) -> float:
@@ -158,6 +196,38 @@ def loadavg() -> list[float] | None:
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity where the platform says, else ``os.cpu_count``)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def load_warning(load: list[float] | None, cores: int, threads: int, own: float = 0.0) -> str | None:
+    """A warning when other processes compete for the cores a timing run needs, else ``None``.
+
+    Other processes' load is the 1-minute load average less ``own`` (what this run adds itself:
+    0 before it starts, about ``threads`` at its end). The machine is loaded when that plus the
+    run's ``threads`` exceeds ``cores``: then the scheduler shares cores and every ratio moves
+    (by ±30 % on a shared 2-core VM).
+
+    Example:
+        >>> load_warning([3.0, 2.0, 1.0], cores=2, threads=1) is not None
+        True
+        >>> load_warning([0.1, 0.1, 0.1], cores=2, threads=1) is None
+        True
+    """
+    if not load:
+        return None
+    others = max(load[0] - own, 0.0)
+    if others + threads <= cores:
+        return None
+    return (f"WARNING: the machine is loaded (1-min load {load[0]:.1f}, about {others:.1f} from "
+            f"other processes, {cores} cores, {threads} thread(s) for this run): timings share "
+            f"cores, so ratios move between runs (by ±30 % at a load of 2-3 on 2 cores, by up to "
+            f"2-3x at 6-8); rerun on a quiet machine before judging a goal")
 
 
 def machine_info() -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .reference import Lambda, PlainWhitening, bn_torch
 from .timing import fmt, median, parse_shape, runner, saved_bytes, table, time_cell
 
-__all__ = ["WHITENING_GROUPS", "WHITENING_METHODS", "WHITENING_MODES", "WHITENING_SHAPES",
+__all__ = ["WHITENING_GROUPS", "blockmm_for", "WHITENING_METHODS", "WHITENING_MODES", "WHITENING_SHAPES",
            "run_whitening", "whitening_report"]
 
 # ``--whitening``: batch whitening against torch BN, the papers' plain formulation and the cost
@@ -40,6 +40,18 @@ WHITENING_TARGETS: tuple[tuple[str | None, int | None, str | None, str, float], 
 
 def _group_view(y: Tensor, d: int) -> Tensor:
     return y.transpose(0, 1).reshape(y.shape[1] // d, d, -1)
+
+
+def blockmm_for(x: Tensor, d: int, gen: torch.Generator) -> nn.Module:
+    """The cost floor of whitening in evaluation: one ``torch.baddbmm`` of random ``(C/d, d, d)``
+    blocks and shift over ``x`` already in the ``(C/d, d, N·S)`` layout (the module ignores its
+    argument). ``d`` must divide ``C``; the blocks are drawn from ``gen`` (a CPU generator) and
+    moved to ``x``'s device."""
+    c = x.shape[1]
+    wmat = (torch.randn(c // d, d, d, generator=gen) / math.sqrt(d)).to(x.device)
+    shift = torch.randn(c // d, d, 1, generator=gen).to(x.device)
+    xm = _group_view(x, d).contiguous()
+    return Lambda(lambda _x, w=wmat, s=shift, v=xm: torch.baddbmm(s, w, v))
 
 
 def _whitening_check(ours: nn.Module, plain: nn.Module, kind: str, x: Tensor, g: Tensor,
@@ -129,10 +141,7 @@ def run_whitening(shapes: Sequence[str] = WHITENING_SHAPES, group_sizes: Sequenc
                                                 iterations=WHITENING_METHODS[method].get("iterations", 5))
                         check = _whitening_check(ours, plain, kind, x, g, d)
                         bn = bn_torch(c, len(spec.dims))
-                        wmat = torch.randn(c // d, d, d, generator=gen) / math.sqrt(d)
-                        shift = torch.randn(c // d, d, 1, generator=gen)
-                        xm = _group_view(x, d).contiguous()
-                        blockmm = Lambda(lambda _x, w=wmat, s=shift, v=xm: torch.baddbmm(s, w, v))
+                        blockmm = blockmm_for(x, d, gen)
                         saved = {n: saved_bytes(m, x) for n, m in (("ours", ours), ("plain", plain))}
                     except Exception as e:
                         out["errors"].append({**where, "error": f"{type(e).__name__}: {e}"[:300]})
