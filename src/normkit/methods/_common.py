@@ -97,3 +97,17 @@ def default_grouping(num_features: int, paper: int, *, count: bool) -> int:
     if count:
         return math.gcd(num_features, paper)
     return max(d for d in range(1, min(paper, num_features) + 1) if num_features % d == 0)
+
+
+def group_partition(kind: type[nap.Group] | type[nap.BatchGroup], num_features: int,
+                    num_groups: int | None, group_size: int | None) -> nap.Partition:
+    """The partition of a grouped standardization preset: ``kind(num_groups=…, group_size=…)``
+    as given, or — with neither — ``gcd(C, 32)`` groups (:func:`default_grouping`).
+
+    Example:
+        >>> group_partition(nap.Group, 48, None, None)
+        Group(num_groups=16)
+    """
+    if num_groups is None and group_size is None:
+        num_groups = default_grouping(num_features, GN_GROUPS, count=True)
+    return kind(num_groups=num_groups, group_size=group_size)

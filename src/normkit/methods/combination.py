@@ -17,7 +17,7 @@ from ..nop._combination import BatchInstanceStandardize, SwitchableStandardize
 from ..nop._norm_act import BatchChannelStandardize, EvoB0, EvoS0, FilterResponse
 from ..normalization import Normalization
 from ..registry import register
-from ._common import GN_GROUPS, NormKwargs, affine_recovery, default_grouping
+from ._common import GN_GROUPS, NormKwargs, affine_recovery, default_grouping, group_partition
 
 __all__ = ["SwitchableNorm", "BatchInstanceNorm", "EvoNormB0", "EvoNormS0", "FilterResponseNorm",
            "BatchChannelNorm"]
@@ -249,9 +249,7 @@ class EvoNormS0(Normalization):
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if num_groups is None and group_size is None:
-            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
-        partition = nap.Group(num_groups=num_groups, group_size=group_size)
+        partition = group_partition(nap.Group, num_features, num_groups, group_size)
         super().__init__(num_features, nap=partition, nop=EvoS0(), nrr=affine_recovery(affine),
                          **kw)
 

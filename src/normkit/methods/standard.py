@@ -13,7 +13,12 @@ from .. import nap
 from ..functional.normalize import default_eps
 from ..normalization import Normalization
 from ..registry import register
-from ._common import GN_GROUPS, NormKwargs, affine_recovery, default_grouping, layer_partition
+from ._common import (
+    NormKwargs,
+    affine_recovery,
+    group_partition,
+    layer_partition,
+)
 from ._torch_form import TrailingDims, torch_call_form
 
 __all__ = ["BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "PositionalNorm", "BatchGroupNorm"]
@@ -228,9 +233,7 @@ class GroupNorm(Normalization):
         bias: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if num_groups is None and group_size is None:
-            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
-        partition = nap.Group(num_groups=num_groups, group_size=group_size)
+        partition = group_partition(nap.Group, num_features, num_groups, group_size)
         super().__init__(num_features, nap=partition, nrr=affine_recovery(affine, bias=bias), **kw)
 
     @property
@@ -314,7 +317,5 @@ class BatchGroupNorm(Normalization):
         affine: bool = True,
         **kw: Unpack[NormKwargs],
     ) -> None:
-        if num_groups is None and group_size is None:
-            num_groups = default_grouping(num_features, GN_GROUPS, count=True)
-        partition = nap.BatchGroup(num_groups=num_groups, group_size=group_size)
+        partition = group_partition(nap.BatchGroup, num_features, num_groups, group_size)
         super().__init__(num_features, nap=partition, nrr=affine_recovery(affine), **kw)
