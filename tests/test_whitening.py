@@ -121,6 +121,37 @@ def test_pca_eigenvector_sign_is_fixed():
     torch.testing.assert_close(W.pca_matrix(sigma.float(), eps=1e-5).double(), w, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pca_gradient_of_already_white_half_data_is_the_repeated_eigenvalue_one(dtype):
+    # Regression (pca_bw, float16, already-white input: non-finite input gradient). Rounding the
+    # samples to half splits the repeated eigenvalue of white data by ~1e-4 relative, far above
+    # float32's gap tolerance, so the eigenvector term 1/(λ_j − λ_i) was ~1e4× the gradient and
+    # overflowed float16. Given the data's dtype, the gaps are below 2√d·eps(dtype) (pca_matrix):
+    # all eigenvector terms masked, leaving the eigenvalue term U diag(∂f/∂λ) Uᵀ exactly.
+    d, m = 4, 32
+    a = torch.randn(m, d, generator=_gen(44), dtype=DT)
+    q, _ = torch.linalg.qr(a - a.mean(0))  # orthonormal, zero-mean columns: white rows
+    x = (q.T * math.sqrt(m) * 1e-2).to(dtype).float().unsqueeze(0)  # (1, d, m), Σ ≈ 1e-4·I
+    xc = x - x.mean(-1, keepdim=True)
+    sigma = W.covariance(xc).requires_grad_()
+    lam = torch.linalg.eigvalsh(sigma.detach() + 1e-5 * _eye(d, torch.float32))
+    gaps = lam.diff(dim=-1) / lam[..., -1:]
+    assert gaps.max() > 64 * torch.finfo(torch.float32).eps  # the float32 tolerance misses them
+    assert gaps.max() < 2 * math.sqrt(d) * torch.finfo(dtype).eps
+    upstream = torch.randn(1, d, d, generator=_gen(45))
+    w = W.pca_matrix(sigma, eps=1e-5, data_dtype=dtype)
+    got = torch.autograd.grad((w * upstream).sum(), sigma)[0]
+    # W = Λ^{-1/2} Uᵀ ⇒ ∂f/∂λ_i = −½ λ_i^{-3/2} Σ_j G_ij W_ij λ_i^{1/2} = −½ (G ∘ W)_i· / λ_i
+    u = (w.detach() * lam.rsqrt().unsqueeze(-1)).transpose(-1, -2) * lam.unsqueeze(-2)
+    dlam = -0.5 * (upstream * w.detach()).sum(-1) / lam
+    ref = (u * dlam.unsqueeze(-2)) @ u.transpose(-1, -2)
+    # U is read back from W itself (U = Wᵀ Λ^{1/2}): the same float32 U on both sides, so they
+    # agree to the rounding of a few 4 × 4 products (measured ≈ 1e-7 relative)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    unmasked = torch.autograd.grad((W.pca_matrix(sigma, eps=1e-5) * upstream).sum(), sigma)[0]
+    assert unmasked.abs().max() > 100 * got.abs().max()  # float32 data: those gaps are resolved
+
+
 def test_zca_is_rotation_equivariant():
     # data level: ZCA(Qx) = Q·ZCA(x) for orthogonal Q (εI is rotation invariant, so exact with ε > 0)
     d, m = 5, 2000
@@ -332,6 +363,9 @@ def test_fault_rank_deficient(name, estimate, m, scale, dtype, seed):
        scale=st.sampled_from([1.0, 1e-2, 1e2]), m=st.sampled_from([8, 32]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**16))
+# regression: pca_bw gave a non-finite input gradient (float16 rounding split the eigenvalues
+# beyond float32's gap tolerance; see test_pca_gradient_of_already_white_half_data_...)
+@example(pattern="all", scale=1e-2, m=8, dtype=torch.float16, seed=0)
 def test_fault_repeated_eigenvalues(name, estimate, pattern, scale, m, dtype, seed):
     # already-white rows (all eigenvalues equal), pairwise equal eigenvalues, constant input (Σ = 0)
     d = group_size_for(name)
