@@ -263,9 +263,10 @@ def cholesky_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     make ``Σ + εI`` indefinite. Where ``λ_min(Σ + εI) ≥ J`` is not certain, the diagonal is topped
     up by ``δ = max(0, J − 1/tr((Σ + εI)⁻¹))`` (``1/tr A⁻¹ ≤ λ_min(A)``, from a first,
     non-differentiated factorization; 0 where that one fails), so ``λ_min ≥ J`` and
-    ``W (Σ + (ε + δ)I) Wᵀ = I``. On every other batch ``δ = 0``: ``W (Σ + εI) Wᵀ = I`` exactly as
-    ZCA and PCA, with no bias ``J/λ_min`` (a jitter added always biased a well-conditioned batch
-    with ``κ ≈ 4e3`` by 2e-3). ``δ`` is continuous in ``Σ`` and carries no gradient.
+    ``W (Σ + (ε + δ)I) Wᵀ = I``. On every other batch ``δ = 0``: ``W (Σ + εI) Wᵀ = I`` to rounding,
+    as ZCA and PCA, with no bias ``J/λ_min`` (a jitter added always biased a well-conditioned
+    batch with ``κ ≈ 4e3`` by 2e-3). ``δ`` falls continuously to 0 as ``λ_min`` grows past ``J``
+    and carries no gradient.
 
     Example:
         >>> sigma = torch.tensor([[[4.0, 2.0], [2.0, 2.0]]])
