@@ -92,9 +92,25 @@ def _first_order(what: str, instead: str):  # type: ignore[no-untyped-def]
     return decorate
 
 
-def _gap_tolerance(lam: Tensor) -> Tensor:
+def _gap_tolerance(lam: Tensor, rel: float | None = None) -> Tensor:
+    """``rel · max|λ|`` per matrix, ``(G, 1, 1)``: eigenvalue pairs closer than this count as equal.
+    ``rel`` defaults to 64 ulps of the working precision (:func:`_resolution`)."""
     scale = lam.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
-    return scale * (torch.finfo(lam.dtype).eps * 64)
+    return scale * (_resolution(lam.dtype, lam.dtype, lam.shape[-1]) if rel is None else rel)
+
+
+def _resolution(work: torch.dtype, data: torch.dtype, d: int) -> float:
+    """Relative gap ``τ`` below which two eigenvalues of a ``d × d`` covariance are not resolved:
+    ``τ = max(64·eps(work), 2√d·eps(data))`` (``eps`` = ``torch.finfo(·).eps`` = 2u).
+
+    The first term is the eigensolver's rounding at the working precision. The second is the data's
+    own: ``Σ = XXᵀ/m`` of centred samples ``X`` rounded to unit roundoff ``u`` (``X + E``,
+    ``|E| ≤ u|X|``) moves by ``‖ΔΣ‖₂ ≤ 2‖X‖₂‖E‖_F/m + O(u²) ≤ 2u√d·λ_max``, each eigenvalue as much
+    (Weyl), so a repeated pair of the unrounded data splits by up to ``4u√d·λ_max = τ·λ_max``.
+    Half input (``data`` float16/bfloat16, ``u`` = 2⁻¹¹/2⁻⁸) splits an already-white batch's
+    eigenvalues by ~1e-4 relative; float32 data stays within the first term for ``d ≤ 1024``.
+    """
+    return max(64 * torch.finfo(work).eps, 2 * d**0.5 * torch.finfo(data).eps)
 
 
 class _InvSqrtEigh(torch.autograd.Function):
@@ -137,29 +153,31 @@ class _InvSqrtEigh(torch.autograd.Function):
 
 
 class _SafeEigh(torch.autograd.Function):
-    """``eigh`` whose eigenvector backward masks near-equal eigenvalue pairs (finite gradients)."""
+    """``eigh`` whose eigenvector backward masks near-equal eigenvalue pairs (finite gradients):
+    pairs within ``rel·λ_max`` (:func:`_resolution`) are treated as repeated."""
 
     generate_vmap_rule = True  # torch.func transforms: forward is plain torch ops
 
     @staticmethod
-    def forward(a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(a: Tensor, rel: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         lam, u = torch.linalg.eigh(a)
         return lam, u
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
         ctx.save_for_backward(*output)
+        ctx.rel = inputs[1]
 
     @staticmethod
-    def backward(ctx, g_lam: Tensor, g_u: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, g_lam: Tensor, g_u: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         lam, u = ctx.saved_tensors
         diff = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # E_ij = λ_j − λ_i
-        close = diff.abs() <= _gap_tolerance(lam)
+        close = diff.abs() <= _gap_tolerance(lam, ctx.rel)
         inv = torch.where(close, 0, 1 / torch.where(close, 1, diff))
         inner = torch.diag_embed(g_lam) if g_lam is not None else torch.zeros_like(u)
         if g_u is not None:
             inner = inner + inv * (u.transpose(-1, -2) @ g_u)
-        return _sym(u @ inner @ u.transpose(-1, -2))
+        return _sym(u @ inner @ u.transpose(-1, -2)), None
 
 
 def _check(sigma: Tensor, eps: float) -> Tensor:
@@ -202,11 +220,30 @@ def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 @_finite_guard
-def pca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
+def pca_matrix(sigma: Tensor, eps: float = 1e-5, *, data_dtype: torch.dtype | None = None) -> Tensor:
     """PCA whitening matrix ``Λ^{-1/2} Uᵀ`` of ``Σ + εI`` (eigenvalues ascending, as ``eigh``;
-    each eigenvector's sign fixed so its largest-magnitude entry is positive)."""
+    each eigenvector's sign fixed so its largest-magnitude entry is positive).
+
+    The eigenvector gradient ``1/(λ_j − λ_i)`` is masked (set to 0, as for exactly repeated
+    eigenvalues) for pairs closer than ``τ·λ_max``, ``τ = max(64·eps(float32), 2√D·eps(data_dtype))``:
+    the gap that rounding at the working precision, or rounding of the samples ``Σ`` was computed
+    from to ``data_dtype`` (default: ``sigma``'s own dtype), can open between equal eigenvalues.
+    Whitening half-precision samples passes their dtype, so an already-white float16 batch keeps
+    the finite gradient of repeated eigenvalues instead of one ~1/τ times larger (which overflows
+    float16).
+
+    Example:
+        >>> sigma = torch.diag(torch.tensor([1.0, 1.0004, 2.0])).unsqueeze(0)
+        >>> s, up = sigma.clone().requires_grad_(), torch.arange(9.0).reshape(1, 3, 3)
+        >>> g16 = torch.autograd.grad((pca_matrix(s, data_dtype=torch.float16) * up).sum(), s)[0]
+        >>> g32 = torch.autograd.grad((pca_matrix(s) * up).sum(), s)[0]
+        >>> bool(g16.abs().max() < 10 < 1000 < g32.abs().max())  # 4e-4 gap: unresolved in float16
+        True
+    """
+    sigma_dtype = sigma.dtype
     sigma = _check(sigma, eps)
-    lam, u = _SafeEigh.apply(sigma + eps * _eye_like(sigma))
+    rel = _resolution(sigma.dtype, data_dtype or sigma_dtype, sigma.shape[-1])
+    lam, u = _SafeEigh.apply(sigma + eps * _eye_like(sigma), rel)
     # Eigenvectors are defined up to sign: make each one's largest-magnitude entry positive, so
     # the output does not flip between dtypes, devices or nearby batches.
     pivot = u.gather(-2, u.abs().argmax(-2, keepdim=True))
@@ -220,16 +257,39 @@ def cholesky_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
     """Cholesky whitening matrix ``L^{-1}`` with ``Σ + εI = LLᵀ`` (lower-triangular).
 
     Computed by a triangular solve, never an explicit inverse (Huang et al. 2020, CD).
+
+    A covariance and its factorization computed at unit roundoff ``u`` carry rounding of up to
+    ``J = D·eps·max Σ_ii`` (``eps = 2u``), which on a rank-deficient batch exceeds ``ε`` and can
+    make ``Σ + εI`` indefinite. Where ``λ_min(Σ + εI) ≥ J`` is not certain, the diagonal is topped
+    up by ``δ = max(0, J − 1/tr((Σ + εI)⁻¹))`` (``1/tr A⁻¹ ≤ λ_min(A)``, from a first,
+    non-differentiated factorization; 0 where that one fails), so ``λ_min ≥ J`` and
+    ``W (Σ + (ε + δ)I) Wᵀ = I``. On every other batch ``δ = 0``: ``W (Σ + εI) Wᵀ = I`` to rounding,
+    as ZCA and PCA, with no bias ``J/λ_min`` (a jitter added always biased a well-conditioned
+    batch with ``κ ≈ 4e3`` by 2e-3). ``δ`` falls continuously to 0 as ``λ_min`` grows past ``J``
+    and carries no gradient.
+
+    Example:
+        >>> sigma = torch.tensor([[[4.0, 2.0], [2.0, 2.0]]])
+        >>> w = cholesky_matrix(sigma, eps=1e-6)
+        >>> torch.allclose(w @ (sigma + 1e-6 * torch.eye(2)) @ w.mT, torch.eye(2), atol=1e-6)
+        True
+        >>> torch.isfinite(cholesky_matrix(torch.ones(1, 3, 3) * 1e4, eps=1e-6)).all().item()
+        True
     """
     sigma = _check(sigma, eps)
     if eps == 0:
         raise ConfigError("Cholesky whitening needs eps > 0 (Σ may be singular)")
-    # A covariance computed in float32 carries rounding of ~d·u·max Σ_ii, which can exceed ε on a
-    # rank-deficient batch and make Σ + εI indefinite; add that much more to the diagonal.
-    diag = sigma.diagonal(dim1=-2, dim2=-1)
-    jitter = sigma.shape[-1] * torch.finfo(sigma.dtype).eps * diag.amax(-1).clamp_min(0).detach()
-    chol = torch.linalg.cholesky(sigma + (eps + jitter)[:, None, None] * _eye_like(sigma))
-    return torch.linalg.solve_triangular(chol, _eye_like(chol), upper=False)
+    eye = _eye_like(sigma)
+    a = sigma + eps * eye
+    diag = sigma.diagonal(dim1=-2, dim2=-1).detach()
+    rounding = sigma.shape[-1] * torch.finfo(sigma.dtype).eps * diag.amax(-1).clamp_min(0)
+    chol0, info = torch.linalg.cholesky_ex(a.detach())
+    inv0 = torch.linalg.solve_triangular(chol0, eye, upper=False)
+    lower = inv0.square().sum((-2, -1)).reciprocal()  # 1/tr(A⁻¹) ≤ λ_min(A)
+    lower = torch.where((info == 0) & torch.isfinite(lower), lower, 0.0)
+    top_up = (rounding - lower).clamp_min(0)
+    chol = torch.linalg.cholesky(a + top_up[:, None, None] * eye)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 
 @_finite_guard
@@ -263,14 +323,17 @@ def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) 
 
 
 def whitening_matrix(
-    sigma: Tensor, method: WhiteningMethod, *, eps: float = 1e-5, iterations: int = 5
+    sigma: Tensor, method: WhiteningMethod, *, eps: float = 1e-5, iterations: int = 5,
+    data_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Dispatch to :func:`zca_matrix`, :func:`pca_matrix`, :func:`cholesky_matrix` or
-    :func:`newton_schulz_matrix`."""
+    :func:`newton_schulz_matrix`. ``data_dtype``: the dtype of the samples ``Σ`` was computed
+    from (default ``sigma``'s); PCA's eigenvector gradient depends on it (:func:`pca_matrix`), the
+    other methods need no eigenvalue gap."""
     if method == "zca":
         return zca_matrix(sigma, eps)
     if method == "pca":
-        return pca_matrix(sigma, eps)
+        return pca_matrix(sigma, eps, data_dtype=data_dtype)
     if method == "cholesky":
         return cholesky_matrix(sigma, eps)
     if method == "newton":

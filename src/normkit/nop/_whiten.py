@@ -113,22 +113,25 @@ class Whiten(Operation):
     def stat_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("mean", "matrix") if self.estimate == "matrix" else ("mean", "cov")
 
-    def _matrix(self, cov: Tensor, eps: float) -> Tensor:
+    def _matrix(self, cov: Tensor, eps: float, data_dtype: torch.dtype | None = None) -> Tensor:
         """Whitening matrices ``(Gn, Gc, D, D)`` of covariances ``(Gn, Gc, D, D)``; with a
-        :attr:`last_group` ``r`` the last ``Gc`` block is ``W(Σ[:r, :r]) ⊕ I``."""
+        :attr:`last_group` ``r`` the last ``Gc`` block is ``W(Σ[:r, :r]) ⊕ I``. ``data_dtype``:
+        the input's dtype when ``cov`` comes from a batch (PCA's gap tolerance, see
+        :func:`~normkit.functional.whiten.pca_matrix`)."""
         if self.last_group is None:
-            return self._blocks(cov, eps)
+            return self._blocks(cov, eps, data_dtype)
         r, d = self.last_group, cov.shape[-1]
-        last = self._blocks(cov[:, -1:, :r, :r], eps)
+        last = self._blocks(cov[:, -1:, :r, :r], eps, data_dtype)
         padding = (torch.arange(d, device=cov.device) >= r).to(last.dtype)
         last = torch.nn.functional.pad(last, (0, d - r, 0, d - r)) + torch.diag(padding)
         if cov.shape[1] == 1:
             return last
-        return torch.cat([self._blocks(cov[:, :-1], eps), last], 1)
+        return torch.cat([self._blocks(cov[:, :-1], eps, data_dtype), last], 1)
 
-    def _blocks(self, cov: Tensor, eps: float) -> Tensor:
+    def _blocks(self, cov: Tensor, eps: float, data_dtype: torch.dtype | None) -> Tensor:
         flat = cov.reshape(-1, *cov.shape[-2:])
-        w = W.whitening_matrix(flat, self.method, eps=eps, iterations=self.iterations)
+        w = W.whitening_matrix(flat, self.method, eps=eps, iterations=self.iterations,
+                               data_dtype=data_dtype)
         return w.reshape(cov.shape)
 
     def bind(self, nap: Partition, num_features: int) -> Whiten:
@@ -174,12 +177,14 @@ class Whiten(Operation):
         # large offsets, and autograd saves the one tensor for both products.
         if not self._use_fused(nap):  # the plain autograd composition
             mean, cov, centered = self._moments(v, nap)
-            return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+            return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
+                    "centered": centered}
         # Fused: two custom ops (one graph node each under torch.compile / export) with a
         # hand-derived backward; only W(Σ) is autograd math, on (D × D) tensors.
         shared, roles = self._layout(v, nap)
         mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
-        return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+        return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
+                "centered": centered}
 
     def _use_fused(self, nap: Partition) -> bool:
         """Whether batch statistics go through the fused custom ops: not when synchronized
@@ -366,7 +371,7 @@ class SwitchableWhiten(Whiten):
         return mean, cov
 
     def _mix(self, batch_mean: Tensor, batch_cov: Tensor, inst_mean: Tensor, inst_cov: Tensor,
-             params: Stats, eps: float) -> Stats:
+             params: Stats, eps: float, data_dtype: torch.dtype) -> Stats:
         uniform = torch.zeros(len(self.modes), dtype=inst_mean.dtype, device=inst_mean.device)
         wm = torch.softmax(params.get("mean_weight", uniform), 0).to(inst_mean.dtype)
         wc = torch.softmax(params.get("cov_weight", uniform), 0).to(inst_cov.dtype)
@@ -376,7 +381,7 @@ class SwitchableWhiten(Whiten):
                    "in": torch.diag_embed(inst_cov.diagonal(dim1=-2, dim2=-1))}
         mean = sum(wm[i] * parts_m[k] for i, k in enumerate(self.modes))
         cov = sum(wc[i] * parts_c[k] for i, k in enumerate(self.modes))
-        return {"mix_mean": mean, "matrix": self._matrix(cov, eps)}
+        return {"mix_mean": mean, "matrix": self._matrix(cov, eps, data_dtype)}
 
     @_float32
     def fit(
@@ -385,7 +390,7 @@ class SwitchableWhiten(Whiten):
     ) -> Stats:
         mean, cov, _ = self._moments(v, nap)  # no batch whitening matrix: the mixture's is used
         inst_mean, inst_cov = self._instance(v, nap)
-        mixed = self._mix(mean, cov, inst_mean, inst_cov, params or {}, eps)
+        mixed = self._mix(mean, cov, inst_mean, inst_cov, params or {}, eps, v.dtype)
         return {"mean": mean, "cov": cov, **mixed}
 
     @_float32
@@ -395,7 +400,8 @@ class SwitchableWhiten(Whiten):
     ) -> Stats:
         batch = self.from_running(running, nap, num_features)
         inst_mean, inst_cov = self._instance(v, nap)
-        return self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps)
+        return self._mix(batch["mean"], batch["cov"], inst_mean, inst_cov, params or {}, eps,
+                         v.dtype)
 
     @_float32
     def transform(
