@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train small models with several methods across batch sizes and report",
         description="Train one model per (method, batch size, seed) and compare test errors. "
         "Every run sees the same number of examples (--epochs passes over the training set) and "
-        "a learning rate scaled linearly with the batch size; by default each method's lr is "
-        "tuned per batch size over --lrs on a validation split of the training set, and the test "
-        "set is evaluated only at the chosen lr. The report gives the test error with its 95 % "
+        "a learning rate scaled with the batch size (--lr-scaling); by default each method's lr "
+        "is tuned per batch size over --lrs on a validation split of the training set, and the "
+        "test set is evaluated only at the chosen lr. The report gives the test error with its 95 % "
         "interval over seeds and recommends, per batch size, the best method and those not "
         "significantly worse (paired over seeds). The defaults take a few minutes on 2 CPU "
         "cores. Your own model and data: --model/--dataset module:function. Results go to "
@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--no-lr-scaling", dest="lr_scaling", action="store_const", const="none",
                          help="use --lr for every batch size instead of scaling it (= "
                          "--lr-scaling none)")
-    c.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
+    c.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                    help="sgd (with --momentum), adam or adamw (betas 0.9, 0.999); give --lrs "
-                   "on Adam's scale, e.g. 3e-4,1e-3,3e-3")
+                   "on its scale (SGD's ~0.1, Adam's ~1e-3 to 0.1) (default: "
+                   f"{d.optimizer}; sgd with --gradient lars/lamb, which replace it)")
     c.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
                    help="share of the training steps, in [0, 1), over which the lr rises "
                    "linearly to its value before the cosine decay (0: none)")
@@ -433,7 +434,9 @@ def _compare_run(args: argparse.Namespace) -> int:
         convert=args.convert,
         base_batch_size=args.base_batch_size,
         lr_scaling={"linear": True, "none": False}.get(args.lr_scaling, args.lr_scaling),
-        optimizer=args.optimizer, warmup=args.warmup, momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
+        optimizer=args.optimizer or ("sgd" if args.gradient in ("lars", "lamb") else d.optimizer),
+        warmup=args.warmup, momentum=args.momentum, weight_decay=args.weight_decay,
+        subset=args.subset,
         eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
         nproc=args.nproc, analyze=args.analyze, shift=args.shift,
         input_norm=args.input_norm, population=args.population,

@@ -21,7 +21,8 @@ def gaussian():
 
 def tiny(**kw) -> CompareConfig:
     return CompareConfig(**{"methods": ["bn"], "dataset": "gaussian", "epochs": 1, "model": "mlp",
-                            "base_batch_size": 64, "lrs": None, "subset": None, **kw})
+                            "base_batch_size": 64, "lrs": None, "subset": None,
+                            "optimizer": "sgd", "lr_scaling": True, "warmup": 0.0, **kw})
 
 
 def _lrs(total: int, warmup: float) -> list[float]:
@@ -65,7 +66,8 @@ def test_settings_hash_only_when_changed_and_linear_is_true():
     assert "optimizer" not in base.settings() and "warmup" not in base.settings()
     assert tiny(lr_scaling="linear").config_hash() == base.config_hash()
     hashes = {tiny(optimizer=o).config_hash() for o in ("sgd", "adam", "adamw")}
-    assert len(hashes | {tiny(warmup=0.1).config_hash(), tiny(lr_scaling="sqrt").config_hash()}) == 5
+    others = {tiny(warmup=0.1).config_hash(), tiny(lr_scaling="sqrt").config_hash()}
+    assert len(hashes | others) == 5
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -98,4 +100,12 @@ def test_cli_flags_reach_the_config():
     assert (args.optimizer, args.warmup, args.lr_scaling) == ("adamw", 0.05, "sqrt")
     assert build_parser().parse_args(["compare", "--no-lr-scaling"]).lr_scaling == "none"
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["compare", "--no-lr-scaling", "--lr-scaling", "sqrt"])
+        build_parser().parse_args(["compare", "--no-lr-scaling", "--lr-scaling", "linear"])
+
+
+def test_the_default_is_adam_with_warmup_and_sqrt_scaling_and_lars_keeps_working():
+    d = CompareConfig()
+    assert (d.optimizer, d.lr_scaling, d.warmup, d.lrs) == ("adam", "sqrt", 0.1, [0.03, 0.1])
+    assert d.settings()["optimizer"] == "adam"  # hashed: results of SGD runs are never mixed in
+    args = build_parser().parse_args(["compare", "--gradient", "lars"])
+    assert args.optimizer is None  # _compare_run then takes SGD, which LARS replaces

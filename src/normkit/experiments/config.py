@@ -6,7 +6,7 @@ Example::
     >>> cfg = CompareConfig(methods=["GN: num_groups=8", "none"], lrs=None)
     >>> cfg.validate()
     >>> cfg.methods, cfg.run_lr(8)
-    (['gn:num_groups=8', 'none'], 0.025)
+    (['gn:num_groups=8', 'none'], 0.015)
 """
 
 from __future__ import annotations
@@ -109,14 +109,14 @@ class CompareConfig:
     model: str = "cnn1d"
     batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 32])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 2
-    lr: float = 0.1
+    epochs: int = 3
+    lr: float = 0.03
     lrs: list[float] | None = field(default_factory=lambda: list(DEFAULT_LRS))
     val_fraction: float = 0.2
     base_batch_size: int = 32
-    lr_scaling: bool | str = True
-    optimizer: str = "sgd"
-    warmup: float = 0.0
+    lr_scaling: bool | str = "sqrt"
+    optimizer: str = "adam"
+    warmup: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     subset: int | None = 4000
