@@ -65,8 +65,8 @@ class CompareConfig:
             (``lr · B / base``, SGD's rule), ``"sqrt"`` (``lr · √(B / base)``, Adam's usual
             rule), ``False`` (the same lr at every batch size).
         optimizer: ``"sgd"`` (SGD with ``momentum``), ``"adam"`` or ``"adamw"`` (β = (0.9,
-            0.999); ``weight_decay`` is Adam's L2 term or AdamW's decoupled decay). Adam's lrs are
-            ~1e-3, SGD's ~0.1.
+            0.999), fused; ``weight_decay`` is Adam's L2 term or AdamW's decoupled decay). Adam's
+            usual lr is ~1e-3, but the default 1-D CNN with a warmup wants 0.03–0.1; SGD's ~0.1.
         warmup: share of the training steps over which the lr rises linearly from
             ``lr / warmup_steps`` to ``lr`` before the cosine decay to 0 (0: no warmup).
         momentum: SGD momentum.

@@ -1,8 +1,10 @@
 """One training run: the unit ``normkit compare`` sweeps over (its configuration,
 :class:`~normkit.experiments.config.CompareConfig`, is re-exported here).
 
-A run trains one model (one normalization method, batch size and seed) with SGD + momentum and a
-cosine learning-rate decay, evaluates the test set after every epoch and returns a JSON-able record.
+A run trains one model (one normalization method, batch size and seed) with the configured
+optimizer (Adam by default; SGD + momentum, AdamW, LARS, LAMB) and a cosine learning-rate decay
+after an optional linear warmup (:func:`lr_schedule`), evaluates the test set after every epoch and
+returns a JSON-able record.
 A run never raises for a training failure: a non-finite loss gives ``status="diverged"``, an
 exception ``status="failed"`` with the error text. Example::
 
