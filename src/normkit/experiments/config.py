@@ -205,8 +205,9 @@ class CompareConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
                               f"{', '.join(OPTIMIZERS)}")
         if self.optimizer != "sgd" and self.gradient in ("lars", "lamb"):
-            raise ConfigError(f"--gradient {self.gradient} replaces the optimizer, but "
-                              f"--optimizer is {self.optimizer!r}; drop one of them")
+            raise ConfigError(f"--gradient {self.gradient} replaces the optimizer, so the "
+                              f"optimizer must be 'sgd', got {self.optimizer!r}; pass "
+                              f"--optimizer sgd (optimizer='sgd' from Python)")
         if self.lr_scaling not in LR_SCALINGS:
             raise ConfigError(f"lr_scaling must be one of True, False, 'linear', 'sqrt', got "
                               f"{self.lr_scaling!r}")
