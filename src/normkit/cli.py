@@ -357,7 +357,9 @@ def _list(args: argparse.Namespace) -> int:
 
 def _scaling_name(scaling: bool | str) -> str:
     """The ``--lr-scaling`` choice of a config's ``lr_scaling``."""
-    return {True: "linear", False: "none"}.get(scaling, scaling)  # type: ignore[call-overload]
+    if isinstance(scaling, bool):
+        return "linear" if scaling else "none"
+    return scaling
 
 
 def _optimizer_text(cfg: Any) -> str:

@@ -109,3 +109,16 @@ def test_the_default_is_adam_with_warmup_and_sqrt_scaling_and_lars_keeps_working
     assert d.settings()["optimizer"] == "adam"  # hashed: results of SGD runs are never mixed in
     args = build_parser().parse_args(["compare", "--gradient", "lars"])
     assert args.optimizer is None  # _compare_run then takes SGD, which LARS replaces
+
+
+def test_the_report_summary_names_the_optimizer_scaling_and_warmup():
+    from normkit.cli import _summary
+
+    class Data:
+        name, x_train, x_test = "gaussian", [0] * 8, [0] * 4
+
+    text = _summary(CompareConfig(), Data())
+    assert "Adam with the lr tuned" in text and "square root of the batch size" in text
+    assert "a linear warmup over 10% of the steps, then cosine decay" in text
+    sgd = _summary(CompareConfig(optimizer="sgd", lr_scaling=True, warmup=0.0), Data())
+    assert "SGD (momentum 0.9)" in sgd and "scaled linearly" in sgd and "warmup" not in sgd
