@@ -76,6 +76,7 @@ def test_settings_hash_only_when_changed_and_linear_is_true():
     ({"lr_scaling": "cubic"}, r"lr_scaling must be one of .* got 'cubic'"),
     ({"warmup": 1.0}, r"warmup must be a share of the training steps in \[0, 1\), got 1.0"),
     ({"warmup": -0.1}, r"got -0.1"),
+    ({"optimizer": "adam", "momentum": 0.5}, r"momentum 0.5 is SGD's, but the optimizer is 'adam'"),
 ])
 def test_bad_optimizer_settings(kw, match):
     with pytest.raises(ConfigError, match=match):

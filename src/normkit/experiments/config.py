@@ -208,6 +208,10 @@ class CompareConfig:
             raise ConfigError(f"--gradient {self.gradient} replaces the optimizer, so the "
                               f"optimizer must be 'sgd', got {self.optimizer!r}; pass "
                               f"--optimizer sgd (optimizer='sgd' from Python)")
+        if self.optimizer != "sgd" and self.momentum != 0.9:
+            raise ConfigError(f"momentum {self.momentum} is SGD's, but the optimizer is "
+                              f"{self.optimizer!r} (its betas are fixed at 0.9, 0.999); pass "
+                              f"--optimizer sgd or drop --momentum")
         if self.lr_scaling not in LR_SCALINGS:
             raise ConfigError(f"lr_scaling must be one of True, False, 'linear', 'sqrt', got "
                               f"{self.lr_scaling!r}")
