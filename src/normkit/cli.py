@@ -120,6 +120,7 @@ def _join(values: list[int] | list[float]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``normkit`` command (all subcommands)."""
     from .experiments.backends import BACKENDS
+    from .experiments.config import OPTIMIZERS
     from .experiments.data import DATASETS
     from .experiments.models import MODELS
     from .experiments.runner import GRADIENT_METHODS, CompareConfig
@@ -137,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train small models with several methods across batch sizes and report",
         description="Train one model per (method, batch size, seed) and compare test errors. "
         "Every run sees the same number of examples (--epochs passes over the training set) and "
-        "a learning rate scaled linearly with the batch size; by default each method's lr is "
-        "tuned per batch size over --lrs on a validation split of the training set, and the test "
-        "set is evaluated only at the chosen lr. The report gives the test error with its 95 % "
+        "a learning rate scaled with the batch size (--lr-scaling); by default each method's lr "
+        "is tuned per batch size over --lrs on a validation split of the training set, and the "
+        "test set is evaluated only at the chosen lr. The report gives the test error with its 95 % "
         "interval over seeds and recommends, per batch size, the best method and those not "
         "significantly worse (paired over seeds). The defaults take a few minutes on 2 CPU "
         "cores. Your own model and data: --model/--dataset module:function. Results go to "
@@ -182,11 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the training set held out (seeded) to choose the lr")
     c.add_argument("--base-batch-size", type=_positive(int), default=d.base_batch_size,
                    help="batch size at which --lr applies; others get lr * batch / base")
-    c.add_argument("--no-lr-scaling", dest="lr_scaling", action="store_false",
-                   help="use --lr for every batch size instead of scaling it")
+    scaling = c.add_mutually_exclusive_group()
+    scaling.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"],
+                         default=_scaling_name(d.lr_scaling),
+                         help="how the lr follows the batch size B: linear (lr * B / base, "
+                         "SGD's rule), sqrt (lr * sqrt(B / base), Adam's) or none")
+    scaling.add_argument("--no-lr-scaling", dest="lr_scaling", action="store_const", const="none",
+                         help="use --lr for every batch size instead of scaling it (= "
+                         "--lr-scaling none)")
+    c.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help="sgd (with --momentum), adam or adamw (betas 0.9, 0.999); give --lrs "
+                   "on its scale (SGD's ~0.1, Adam's ~1e-3 to 0.1) (default: "
+                   f"{d.optimizer}; sgd with --gradient lars/lamb, which replace it)")
+    c.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
+                   help="share of the training steps, in [0, 1), over which the lr rises "
+                   "linearly to its value before the cosine decay (0: none)")
     c.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, in [0, 1)")
     c.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="SGD weight decay")
+                   help="weight decay of the optimizer (decoupled with adamw)")
     c.add_argument("--weight", default=None, metavar="METHOD[:k=v,...]",
                    help="a normkit.weight method on every hidden Linear/Conv layer, e.g. ws, sn, "
                         "oni:iterations=5 (default: none)")
@@ -341,8 +355,16 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling_name(scaling: bool | str) -> str:
+    """The ``--lr-scaling`` choice of a config's ``lr_scaling``."""
+    if isinstance(scaling, bool):
+        return "linear" if scaling else "none"
+    return scaling
+
+
 def _optimizer_text(cfg: Any) -> str:
-    opt = {"lars": "LARS", "lamb": "LAMB"}.get(cfg.gradient or "", f"SGD (momentum {cfg.momentum})")
+    base = {"adam": "Adam", "adamw": "AdamW"}.get(cfg.optimizer, f"SGD (momentum {cfg.momentum})")
+    opt = {"lars": "LARS", "lamb": "LAMB"}.get(cfg.gradient or "", base)
     if cfg.gradient in ("gc", "block", "agc"):
         opt += {"gc": " with gradient centralization", "block": " with block-normalized gradients",
                 "agc": " with adaptive gradient clipping"}[cfg.gradient]
@@ -376,7 +398,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _summary(cfg: Any, dataset: Any) -> str:
     epochs = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
-    scaled = " scaled linearly with the batch size" if cfg.lr_scaling else ""
+    scaled = {"linear": " scaled linearly with the batch size",
+              "sqrt": " scaled with the square root of the batch size",
+              "none": ""}[_scaling_name(cfg.lr_scaling)]
+    schedule = (f"a linear warmup over {cfg.warmup:.0%} of the steps, then cosine decay"
+                if cfg.warmup else "cosine decay")
     if cfg.lrs is None:
         lr = f"lr {cfg.lr} at batch size {cfg.base_batch_size}{scaled}"
     else:
@@ -386,7 +412,7 @@ def _summary(cfg: Any, dataset: Any) -> str:
               "retrained on the whole training set and tested")
     return (f"{cfg.model} on {dataset.name}: {len(dataset.x_train)} training and "
             f"{len(dataset.x_test)} test examples, {epochs}, {_optimizer_text(cfg)} with {lr}, "
-            f"cosine decay; seeds {cfg.seeds}.")
+            f"{schedule}; seeds {cfg.seeds}.")
 
 
 def _compare_run(args: argparse.Namespace) -> int:
@@ -408,8 +434,11 @@ def _compare_run(args: argparse.Namespace) -> int:
         lr=args.lr if args.lr is not None else d.lr,
         lrs=None if args.lr is not None else (args.lrs or d.lrs), val_fraction=args.val_fraction,
         convert=args.convert,
-        base_batch_size=args.base_batch_size, lr_scaling=args.lr_scaling,
-        momentum=args.momentum, weight_decay=args.weight_decay, subset=args.subset,
+        base_batch_size=args.base_batch_size,
+        lr_scaling={"linear": True, "none": False}.get(args.lr_scaling, args.lr_scaling),
+        optimizer=args.optimizer or ("sgd" if args.gradient in ("lars", "lamb") else d.optimizer),
+        warmup=args.warmup, momentum=args.momentum, weight_decay=args.weight_decay,
+        subset=args.subset,
         eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
         nproc=args.nproc, analyze=args.analyze, shift=args.shift,
         input_norm=args.input_norm, population=args.population,

@@ -23,7 +23,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def tuned(**kw) -> CompareConfig:
     return CompareConfig(**{"methods": ["bn", "none"], "dataset": "gaussian", "subset": 128,
                             "batch_sizes": [16], "seeds": [0, 1], "epochs": 1,
-                            "lrs": [0.01, 0.3], **kw})
+                            "lrs": [0.01, 0.3], "optimizer": "sgd", "lr_scaling": True,
+                            "warmup": 0.0, **kw})  # SGD's lrs, scaled linearly
 
 
 @pytest.fixture

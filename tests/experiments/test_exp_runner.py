@@ -20,8 +20,10 @@ def gaussian():
 
 
 def tiny(**kw) -> CompareConfig:
+    """One quick untuned run; SGD at lr 0.1 scaled linearly (the tests below pin SGD's numbers)."""
     return CompareConfig(**{"methods": ["bn"], "dataset": "gaussian", "epochs": 1, "model": "mlp",
-                            "base_batch_size": 64, "lrs": None, "subset": None, **kw})
+                            "base_batch_size": 64, "lrs": None, "subset": None, "lr": 0.1,
+                            "optimizer": "sgd", "lr_scaling": True, "warmup": 0.0, **kw})
 
 
 def test_tiny_run_trains_and_records_everything(gaussian):

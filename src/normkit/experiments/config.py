@@ -6,7 +6,7 @@ Example::
     >>> cfg = CompareConfig(methods=["GN: num_groups=8", "none"], lrs=None)
     >>> cfg.validate()
     >>> cfg.methods, cfg.run_lr(8)
-    (['gn:num_groups=8', 'none'], 0.025)
+    (['gn:num_groups=8', 'none'], 0.015)
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ from .data import DATASETS, IDX_DATASETS
 from .models import MODELS
 from .tuning import DEFAULT_LRS
 
-__all__ = ["DEFAULT_METHODS", "GRADIENT_METHODS", "CompareConfig", "canonical_method"]
+__all__ = ["DEFAULT_METHODS", "GRADIENT_METHODS", "OPTIMIZERS", "LR_SCALINGS", "CompareConfig",
+           "canonical_method"]
 
 DEFAULT_METHODS = ("bn", "gn:num_groups=8", "ln", "none")
 GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCALINGS = (True, False, "linear", "sqrt")
 
 
 @dataclass
@@ -58,9 +61,16 @@ class CompareConfig:
         convert: the model (a ``module:function`` spec) is a stock model whose normalization
             layers :func:`normkit.convert` replaces by each method.
         base_batch_size: batch size at which ``lr`` applies when ``lr_scaling`` is on.
-        lr_scaling: scale the learning rate linearly with the batch size.
+        lr_scaling: scale the learning rate with the batch size ``B``: ``True`` or ``"linear"``
+            (``lr · B / base``, SGD's rule), ``"sqrt"`` (``lr · √(B / base)``, Adam's usual
+            rule), ``False`` (the same lr at every batch size).
+        optimizer: ``"sgd"`` (SGD with ``momentum``), ``"adam"`` or ``"adamw"`` (β = (0.9,
+            0.999), fused; ``weight_decay`` is Adam's L2 term or AdamW's decoupled decay). Adam's
+            usual lr is ~1e-3, but the default 1-D CNN with a warmup wants 0.03–0.1; SGD's ~0.1.
+        warmup: share of the training steps over which the lr rises linearly from
+            ``lr / warmup_steps`` to ``lr`` before the cosine decay to 0 (0: no warmup).
         momentum: SGD momentum.
-        weight_decay: SGD weight decay.
+        weight_decay: weight decay of the optimizer.
         subset: keep at most this many training and test examples (``None``: all).
         data_seed: seed of the dataset (generation, split and subset), shared by all runs.
         eval_batch_stats: also measure test accuracy with batch statistics (train mode).
@@ -99,12 +109,14 @@ class CompareConfig:
     model: str = "cnn1d"
     batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 32])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 2
-    lr: float = 0.1
+    epochs: int = 3
+    lr: float = 0.03
     lrs: list[float] | None = field(default_factory=lambda: list(DEFAULT_LRS))
     val_fraction: float = 0.2
     base_batch_size: int = 32
-    lr_scaling: bool = True
+    lr_scaling: bool | str = "sqrt"
+    optimizer: str = "adam"
+    warmup: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     subset: int | None = 4000
@@ -129,13 +141,15 @@ class CompareConfig:
         adding one resumes)."""
         values = asdict(self)
         values = {k: v for k, v in values.items() if k not in self._GRID} | {"schedule": "cosine"}
+        if values["lr_scaling"] == "linear":  # the same runs as True: keep older hashes
+            values["lr_scaling"] = True
         if self.lrs is not None:
             values = {k: v for k, v in values.items() if k != "lr"} | {"tuned": True}
         else:
             del values["val_fraction"]
         optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False,
                     "shift": None, "input_norm": None, "population": None, "refresh_every": 100,
-                    "convert": False}
+                    "convert": False, "optimizer": "sgd", "warmup": 0.0}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def config_hash(self) -> str:
@@ -187,6 +201,23 @@ class CompareConfig:
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {allowed}, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                              f"{', '.join(OPTIMIZERS)}")
+        if self.optimizer != "sgd" and self.gradient in ("lars", "lamb"):
+            raise ConfigError(f"--gradient {self.gradient} replaces the optimizer, so the "
+                              f"optimizer must be 'sgd', got {self.optimizer!r}; pass "
+                              f"--optimizer sgd (optimizer='sgd' from Python)")
+        if self.optimizer != "sgd" and self.momentum != 0.9:
+            raise ConfigError(f"momentum {self.momentum} is SGD's, but the optimizer is "
+                              f"{self.optimizer!r} (its betas are fixed at 0.9, 0.999); pass "
+                              f"--optimizer sgd or drop --momentum")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"lr_scaling must be one of True, False, 'linear', 'sqrt', got "
+                              f"{self.lr_scaling!r}")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
+            raise ConfigError(f"warmup must be a share of the training steps in [0, 1), got "
+                              f"{self.warmup!r}")
         if self.subset is not None and self.subset < 2:
             raise ConfigError(f"subset must be ≥ 2 examples, got {self.subset}")
         if self.weight is not None:
@@ -234,9 +265,12 @@ class CompareConfig:
             raise ConfigError(f"the list of methods names one method twice: {self.methods}")
 
     def run_lr(self, batch_size: int, lr: float | None = None) -> float:
-        """Learning rate of a run: ``lr · batch_size / base_batch_size`` when scaling is on
-        (``lr``: a value of the tuning grid; default ``self.lr``)."""
+        """Learning rate of a run (``lr``: a value of the tuning grid; default ``self.lr``):
+        ``lr · B / base`` with linear scaling, ``lr · √(B / base)`` with ``"sqrt"``, ``lr``
+        without scaling (``B = batch_size``, ``base = base_batch_size``)."""
         lr = self.lr if lr is None else lr
+        if self.lr_scaling == "sqrt":
+            return lr * math.sqrt(batch_size / self.base_batch_size)
         return lr * batch_size / self.base_batch_size if self.lr_scaling else lr
 
 

@@ -1,8 +1,10 @@
 """One training run: the unit ``normkit compare`` sweeps over (its configuration,
 :class:`~normkit.experiments.config.CompareConfig`, is re-exported here).
 
-A run trains one model (one normalization method, batch size and seed) with SGD + momentum and a
-cosine learning-rate decay, evaluates the test set after every epoch and returns a JSON-able record.
+A run trains one model (one normalization method, batch size and seed) with the configured
+optimizer (Adam by default; SGD + momentum, AdamW, LARS, LAMB) and a cosine learning-rate decay
+after an optional linear warmup (:func:`lr_schedule`), evaluates the test set after every epoch and
+returns a JSON-able record.
 A run never raises for a training failure: a non-finite loss gives ``status="diverged"``, an
 exception ``status="failed"`` with the error text. Example::
 
@@ -45,7 +47,7 @@ from .scoring import evaluate as evaluate
 from .tuning import to_validation, validation_split
 
 __all__ = ["DEFAULT_METHODS", "GRADIENT_METHODS", "CompareConfig", "canonical_method",
-           "validate_methods", "train_run", "evaluate"]
+           "validate_methods", "train_run", "evaluate", "lr_schedule"]
 
 def validate_methods(dataset: Dataset, cfg: CompareConfig) -> dict[str, int]:
     """Build the model with every method and run one training step on two examples.
@@ -194,7 +196,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         model = nn.parallel.DistributedDataParallel(distributed.sync(model))
     lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world  # this rank's slice
     previous: dict[str, Tensor] = {}  # --analyze: the output layer's weight at the last epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sched = lr_schedule(opt, cfg.epochs * steps_per_epoch, cfg.warmup)
     order = torch.Generator().manual_seed(seed)
     train_time = 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -340,7 +342,13 @@ def _optimizer(model: nn.Module, cfg: CompareConfig, lr: float) -> torch.optim.O
         return nk_gradient.LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.gradient == "lamb":
         return nk_gradient.LAMB(params, lr=lr, weight_decay=cfg.weight_decay)
-    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("adam", "adamw"):
+        adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        # fused: one kernel for all parameters, as cheap per step as SGD on the small models
+        opt = adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
     if cfg.gradient == "gc":
         nk_gradient.centralize_gradients(opt)
     elif cfg.gradient == "block":
@@ -349,6 +357,36 @@ def _optimizer(model: nn.Module, cfg: CompareConfig, lr: float) -> torch.optim.O
         nk_gradient.clip_gradients_adaptive(opt, exclude=model.get_submodule(last).parameters()
                                             if last else None)
     return opt
+
+
+def lr_schedule(opt: torch.optim.Optimizer, total: int,
+                warmup: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The lr schedule of a run, stepped once per optimizer step: a linear warmup over the first
+    ``w = round(warmup · total)`` steps, then a cosine decay to 0 at step ``total``.
+
+    The lr of step ``t`` (0-based) is ``lr · (t + 1) / w`` for ``t < w``, then
+    ``lr · ½ (1 + cos(π (t − w) / (total − w)))``; ``warmup=0`` is torch's
+    ``CosineAnnealingLR(T_max=total)``.
+
+    Example::
+
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched, lrs = lr_schedule(opt, total=10, warmup=0.2), []
+        >>> for _ in range(4):
+        ...     lrs.append(round(opt.param_groups[0]["lr"], 3)); opt.step(); sched.step()
+        >>> lrs
+        [0.5, 1.0, 1.0, 0.962]
+    """
+    w = round(warmup * total)
+    if w == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+
+    def factor(t: int) -> float:
+        if t < w:
+            return (t + 1) / w
+        return 0.5 * (1 + math.cos(math.pi * (t - w) / max(total - w, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _percent(accuracy: float) -> float:
