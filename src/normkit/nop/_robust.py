@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
-from ..nap import Partition
+from ..nap import Batch, Partition
 from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
 from ._whiten import Whiten
@@ -138,11 +138,16 @@ class Renormalize(RobustStandardize):
     def unfused(self) -> Operation:
         return replace(self, fused=False)
 
+    def _through_kernel(self, nap: Partition, v: Tensor) -> bool:
+        """Training runs BN's kernel: fused, over a local ``Batch()`` of whole channels (a
+        synchronized partition's statistics come from every rank, the kernel's would not)."""
+        return self.fused and type(nap) is Batch and v.shape[2] == 1
+
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        if self.fused and state is not None:  # BN's kernel differentiates the batch moments
+        if self._through_kernel(nap, v) and state is not None:  # the kernel differentiates them
             with torch.no_grad():
                 mean, var = nap.moments(v, spatial)
         else:
@@ -167,7 +172,7 @@ class Renormalize(RobustStandardize):
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """Training with ``r, d`` (constants to autograd) is BN with ``γ·r`` and ``β + γ·d``:
         torch's kernel computes it, with BN's backward through ``μ_B, σ_B`` (``fused``)."""
-        if not (self.fused and "r" in stats and v.shape[2] == 1):
+        if not ("r" in stats and self._through_kernel(nap, v)):
             return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
         r, d = stats["r"].reshape(-1), stats["d"].reshape(-1)
         w = r if weight is None else weight.reshape(-1) * r
