@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional import fused_whiten as FW
 from ..functional import whiten as W
 from ..functional import whiten_ops as WO
 from ..functional.collectives import synced_covariance
@@ -72,7 +73,9 @@ class Whiten(Operation):
         fused: train with batch statistics through two ``torch.library`` custom ops whose
             backward is derived by hand (:mod:`normkit.functional.whiten_ops`: fewer passes
             over the activations, only ``x − μ`` saved; one graph node each under
-            ``torch.compile``; first order only). ``False``: the plain
+            ``torch.compile``; first order only; per-sample ZCA — group and instance
+            whitening — through :mod:`normkit.functional.fused_whiten`: statistics once
+            without autograd, one op with the eigen backward in closed form). ``False``: the plain
             autograd composition (what ``native=False`` selects; twice differentiable for
             ``cholesky``, ``newton`` and ``pca``).
     """
@@ -175,9 +178,16 @@ class Whiten(Operation):
         if not self._use_fused(nap):  # the plain autograd composition
             mean, cov, centered = self._moments(v, nap)
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
+        shared, roles = self._layout(v, nap)
+        if roles is not None and self.method == "zca" and self.last_group is None:
+            # Per-sample ZCA: statistics once, without autograd; transform's custom op
+            # differentiates through them (hand-derived eigen backward, no autograd on W(Σ)).
+            with torch.no_grad():
+                mean, cov, centered, f, u, w = FW.sample_zca_fit(v, roles, eps)
+            return {"mean": mean, "cov": cov, "matrix": w, "centered": centered,
+                    "eig_f": f, "eig_u": u}
         # Fused: two custom ops (one graph node each under torch.compile / export) with a
         # hand-derived backward; only W(Σ) is autograd math, on (D × D) tensors.
-        shared, roles = self._layout(v, nap)
         mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps), "centered": centered}
 
@@ -261,9 +271,13 @@ class Whiten(Operation):
         rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
         shared, roles = self._layout(v, nap)
-        out = WO.whiten_with_gradient(
-            v, centered, w, shared=shared, roles=roles,
-            weight=rows[0] if foldable else None, bias=rows[1] if foldable else None)
+        kept = [r if foldable else None for r in rows]
+        if "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
+            out = FW.sample_zca_apply(v, (centered, stats["eig_f"], stats["eig_u"], w),
+                                      roles=roles, weight=kept[0], bias=kept[1])
+        else:
+            out = WO.whiten_with_gradient(v, centered, w, shared=shared, roles=roles,
+                                          weight=kept[0], bias=kept[1])
         out = out if roles is None else unmatrix_view(out, v.shape, roles)
         return out if foldable else Fs.affine_transform(out, None, None, weight, bias)
 
