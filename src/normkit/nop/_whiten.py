@@ -392,11 +392,32 @@ class SwitchableWhiten(Whiten):
         cov = sum(wc[i] * parts_c[k] for i, k in enumerate(self.modes))
         return {"mix_mean": mean, "matrix": self._matrix(cov, eps)}
 
+    def _coefficients(self, params: Stats, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a_B, (c_bw, c_bn, c_iw, c_in))``: the batch share of the mixed mean and the
+        covariance weights (0 for the modes not mixed), with autograd to the logits."""
+        dt = torch.promote_types(like.dtype, torch.float32)
+        uniform = torch.zeros(len(self.modes), dtype=dt, device=like.device)
+        wm = torch.softmax(params.get("mean_weight", uniform), 0).to(dt)
+        wc = torch.softmax(params.get("cov_weight", uniform), 0).to(dt)
+        # constant selections (every logit keeps a gradient, 0 where it has no effect)
+        batch = [1.0 if k in ("bw", "bn") else 0.0 for k in self.modes]
+        order = [[1.0 if k == j else 0.0 for j in ("bw", "bn", "iw", "in")] for k in self.modes]
+        a_b = (wm * torch.tensor(batch, dtype=dt, device=like.device)).sum()
+        return a_b, wc @ torch.tensor(order, dtype=dt, device=like.device)
+
     @_float32
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.method == "zca" and self.last_group is None and self._use_fused(nap):
+            # Fused: statistics once without autograd (the batch moments pooled from the
+            # instance ones); transform's custom op differentiates through them.
+            a_b, coef = self._coefficients(params or {}, v)
+            with torch.no_grad():
+                xt, ci, delta, mb, cb, f, u, w = FW.switch_whiten_fit(v, coef, eps)
+            return {"mean": mb, "cov": cb, "matrix": w, "sw_centered": xt, "sw_cov": ci,
+                    "sw_delta": delta, "eig_f": f, "eig_u": u, "mean_coef": a_b, "coef": coef}
         mean, cov, _ = self._moments(v, nap)  # no batch whitening matrix: the mixture's is used
         inst_mean, inst_cov = self._instance(v, nap)
         mixed = self._mix(mean, cov, inst_mean, inst_cov, params or {}, eps)
@@ -416,6 +437,14 @@ class SwitchableWhiten(Whiten):
         self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
         weight: Tensor | None, bias: Tensor | None,
     ) -> Tensor:
+        if "sw_centered" in stats:  # fused training step (see fit)
+            rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
+            if any(r is not None and r.shape[-1] != 1 for r in rows):
+                raise ConfigError("switchable whitening needs a per-channel recovery foldable per group")
+            parts = (stats["sw_centered"], stats["sw_cov"], stats["sw_delta"], stats["cov"],
+                     stats["eig_f"], stats["eig_u"], stats["matrix"])
+            return FW.switch_whiten_apply(v, parts, stats["mean_coef"], stats["coef"],
+                                          weight=rows[0], bias=rows[1])
         inst = self._instance_view(v, nap)  # the statistics were computed by fit / eval_stats
         folded = self._fold(stats["matrix"], stats["mix_mean"], weight, bias, nap)
         if folded is None:
