@@ -1,5 +1,6 @@
-"""The hand-derived per-sample ZCA backward (``normkit.functional.fused_whiten``) against the plain
-autograd composition (``native=False``) and the float64 reference whitening matrix.
+"""The hand-derived per-sample ZCA and switchable-whitening backwards
+(``normkit.functional.fused_whiten``) against the plain autograd composition (``native=False``)
+and the float64 reference whitening matrix.
 
 Numerics: both paths whiten with ``eigh`` of the same float64 covariance; the plain one
 differentiates with divided differences ``(f_i − f_j)/(λ_i − λ_j)`` (its own rounding, relative
@@ -16,7 +17,8 @@ from torch.testing import assert_close
 
 import normkit as nk
 from normkit._bench.reference import whitening_matrix
-from normkit.functional.fused_whiten import inv_sqrt_eigh, sample_zca_apply, sample_zca_fit
+from normkit.functional.fused_whiten import (inv_sqrt_eigh, sample_zca_apply, sample_zca_fit,
+                                            switch_whiten_apply, switch_whiten_fit)
 
 F64 = torch.float64
 CLOSE = dict(rtol=1e-9, atol=1e-10)
@@ -131,3 +133,49 @@ def test_inv_sqrt_eigh_whitens() -> None:
     eye = torch.eye(3, dtype=F64)
     assert_close(w @ (cov + 1e-4 * eye) @ w, eye.expand(4, 3, 3), rtol=1e-8, atol=1e-8)
     assert_close(u @ torch.diag_embed(f) @ u.mT, w, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ switchable whitening
+MODES = [("bw", "iw", "bn", "in"), ("bw",), ("iw", "in"), ("bn", "iw")]
+
+
+@pytest.mark.parametrize("modes", MODES, ids=["all", "bw", "iw_in", "bn_iw"])
+def test_switchable_matches_the_composition(modes: tuple[str, ...]) -> None:
+    """Output, input gradient, γ, β and both mixture logits' gradients and the running
+    estimates equal ``native=False``'s (float64; logits away from uniform)."""
+    fused = nk.create("switchable_whitening", 4, group_size=2, modes=modes, dtype=F64)
+    with torch.no_grad():
+        for i, p in enumerate(fused.parameters()):
+            p.copy_(rand(*p.shape, seed=20 + i, grad=False))
+    plain = nk.create("switchable_whitening", 4, group_size=2, modes=modes, dtype=F64,
+                      native=False)
+    plain.load_state_dict(fused.state_dict())
+    x = rand(3, 4, 5, 6, seed=30)
+    g = rand(3, 4, 5, 6, seed=31, grad=False)
+    outs = []
+    for m in (fused, plain):
+        xi = x.detach().clone().requires_grad_()
+        y = m(xi)
+        outs.append((y, *torch.autograd.grad(y, [xi, *m.parameters()], g)))
+    assert len(outs[0]) == 6
+    for a, b in zip(*outs, strict=True):
+        assert_close(a, b, **CLOSE)
+    for name in ("running_mean", "running_cov"):
+        assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-12, atol=1e-12)
+
+
+def test_switchable_gradcheck() -> None:
+    """float64 gradcheck of fit + apply w.r.t. the input, the mixture weights and γ, β."""
+    x = rand(3, 2, 2, 4, seed=32)
+    a_b = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    coef = torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=F64, requires_grad=True)
+    w, b = rand(1, 2, 2, 1, seed=33), rand(1, 2, 2, 1, seed=34)
+
+    def f(x: torch.Tensor, a_b: torch.Tensor, coef: torch.Tensor, w: torch.Tensor,
+          b: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            xt, ci, delta, _, cb, fv, u, wm = switch_whiten_fit(x, coef, 1e-3)
+        return switch_whiten_apply(x, (xt, ci, delta, cb, fv, u, wm), a_b, coef, weight=w,
+                                   bias=b)
+
+    assert gradcheck(f, (x, a_b, coef, w, b))

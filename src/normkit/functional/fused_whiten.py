@@ -169,7 +169,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix
             gw, mt = outer.mul_(gam), w * gam.mT  # G_W = γ ⊙ G, Mᵀ = W diag(γ)
         inner = torch.bmm(uu.mT, torch.bmm(gw + gw.mT, uu)).mul_(_k(f.to(dt).view(b, d), s))
         pmat = torch.bmm(uu, torch.bmm(inner, uu.mT))  # P: the gradient through Σ, on x_c
-        dx = torch.baddbmm(torch.bmm(mt, gf), pmat, xc)
+        dx = torch.bmm(mt, gf).baddbmm_(pmat, xc)  # in place: no second activation buffer
         dx = dx.sub_(torch.bmm(mt, gsum).div_(s))  # − Mᵀ ḡ: the gradient through μ
         return (_to_input(dx.view(p, g, d, s), shape, roles, dtype), _fresh(dweight),
                 _fresh(gsum.view(p, g, d, 1)))
@@ -373,7 +373,7 @@ def _switch_backward(grad: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Te
         mtg = torch.bmm(mt, gsum).view(p, g, d, 1)  # Mᵀ ĝ
         h = torch.matmul(qb, delta).mul_(2.0 / p).add_(mtg * a_b)  # ∂L/∂δ
         col = (h - h.mean(0, keepdim=True) - mtg).div_(s).reshape(b, d, 1)
-        dx = torch.baddbmm(torch.bmm(mt, gf), pi.reshape(b, d, d), xc, alpha=2.0 / s)
+        dx = torch.bmm(mt, gf).baddbmm_(pi.reshape(b, d, d), xc, alpha=2.0 / s)
         dx = dx.add_(col)
         da = (mtg * delta).sum().reshape(1)  # Σ ĝᵀ M δ
         dcoef = torch.stack([(pbar * cb).sum(), (pbar.diagonal(dim1=-2, dim2=-1)
