@@ -18,8 +18,9 @@ with ``M = γ ⊙ W`` (rows), ``G = g x_cᵀ``, ``G_W = γ ⊙ G``, ``Σ + εI =
 ``(f_i − f_j)/(λ_i − λ_j)`` of ``f(λ) = λ^{-1/2}`` in closed form (``λ_i − λ_j =
 (√λ_i − √λ_j)(√λ_i + √λ_j)`` cancels): exact for equal eigenvalues too (``K_ii = f'(λ_i) =
 −½λ_i^{-3/2}`` up to the sign carried by ``P``), with no mask and no cancellation. The
-activations are read by three matmuls in the backward (``G``, ``Mᵀ g``, ``P x_c``); ``x − μ`` is
-the only activation-sized tensor saved.
+activations are read by three matmuls in the backward (``G``, ``Mᵀ g``, ``P x_c``); nothing
+activation-sized is saved beyond the input (``x − μ`` is recomputed from it: one pass), only the
+``D × D`` factors ``U``, ``W`` and the eigenvalues.
 
 Both ops compute in at least float32 with autocast off, return fresh tensors and are first
 order (a second derivative raises: use ``native=False``, the plain composition).
@@ -67,16 +68,22 @@ def inv_sqrt_eigh(cov: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return f, u, torch.matmul(u * f.unsqueeze(-2), u.mT)
 
 
+def _centered(xs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x − μ, μ)`` over the last axis of the samples ``xs`` ``(P, G, D, S)``, in at least
+    float32, contiguous. The backwards recompute it from the saved input (the same kernels on
+    the same values: the same bits) instead of saving an activation-sized tensor."""
+    xf = xs.to(torch.promote_types(xs.dtype, torch.float32))
+    mean = xf.mean(-1, keepdim=True)
+    return (xf - mean).contiguous(), mean
+
+
 # ------------------------------------------------------------------------------- fit
 @torch.library.custom_op("normkit::whiten_sample_fit", mutates_args=())
 def _fit(x: Tensor, roles: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                        Tensor]:
     with _full_precision(x):
-        xs = _samples(x, roles)
-        xf = xs.to(torch.promote_types(xs.dtype, torch.float32))
-        p, g, d, s = xf.shape
-        mean = xf.mean(-1, keepdim=True)
-        centered = (xf - mean).contiguous()
+        centered, mean = _centered(_samples(x, roles))
+        p, g, d, s = centered.shape
         cov = torch.matmul(centered, centered.mT).div_(max(s, 1))
         f, u, w = inv_sqrt_eigh(cov.view(p * g, d, d), eps)
         return (_fresh(mean), _fresh(cov), _fresh(centered), _fresh(f.view(p, g, d)),
@@ -147,10 +154,11 @@ def _(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
 
 
 @torch.library.custom_op("normkit::whiten_sample_apply_backward", mutates_args=())
-def _apply_backward(grad: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
                     weight: Tensor | None, roles: str, shape: Sequence[int], dtype: torch.dtype
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    with _full_precision(centered):
+    with _full_precision(x):
+        centered = _centered(_samples(x, roles))[0]
         dt = centered.dtype
         p, g, d, s = centered.shape
         b = p * g
@@ -176,18 +184,18 @@ def _apply_backward(grad: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix
 
 
 @_apply_backward.register_fake
-def _(grad: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+def _(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
       weight: Tensor | None, roles: str, shape: Sequence[int], dtype: torch.dtype
       ) -> tuple[Tensor, Tensor, Tensor]:
-    p, g, d, _ = centered.shape
-    stat = centered.new_empty((p, g, d, 1))
-    return (centered.new_empty(shape, dtype=dtype),
-            torch.empty_like(stat) if weight is not None else centered.new_empty(()), stat)
+    p, g, d, _ = _samples(x, roles).shape
+    stat = matrix.new_empty((p, g, d, 1))
+    return (x.new_empty(shape, dtype=dtype),
+            torch.empty_like(stat) if weight is not None else matrix.new_empty(()), stat)
 
 
 def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, centered, u, f, matrix, weight, bias, roles = inputs
-    ctx.save_for_backward(centered, u, f, matrix, weight)
+    ctx.save_for_backward(x, u, f, matrix, weight)  # the input (alive anyway), not x − μ
     ctx.meta = (roles, tuple(x.shape), x.dtype)
     ctx.params = (None if weight is None else (tuple(weight.shape), weight.dtype),
                   None if bias is None else (tuple(bias.shape), bias.dtype))
@@ -203,10 +211,9 @@ def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tens
 
 @_first_order(*_FIRST_ORDER)
 def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
-    centered, u, f, matrix, weight = ctx.saved_tensors
+    x, u, f, matrix, weight = ctx.saved_tensors
     roles, shape, dtype = ctx.meta
-    dx, dweight, dbias = _apply_backward(grad, centered, u, f, matrix, weight, roles, shape,
-                                         dtype)
+    dx, dweight, dbias = _apply_backward(grad, x, u, f, matrix, weight, roles, shape, dtype)
     return (dx, None, None, None, None, _reduce(dweight, ctx.params[0]),
             _reduce(dbias, ctx.params[1]), None)
 
@@ -260,8 +267,7 @@ def sample_zca_apply(
 def _switch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(x̃, Σ_I, δ, μ_B, Σ_B)`` of the samples ``x`` ``(P, G, D, S)`` (see above)."""
     p, g, d, s = x.shape
-    mi = x.mean(-1, keepdim=True)
-    xt = (x - mi).contiguous()
+    xt, mi = _centered(x)
     ci = torch.matmul(xt, xt.mT).div_(max(s, 1))
     mb = mi.mean(0, keepdim=True)
     delta = mi - mb
@@ -283,9 +289,8 @@ def _mixture(ci: Tensor, cb: Tensor, coef: Tensor) -> Tensor:
 def _switch_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                                                 Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        p, g, d, _ = xf.shape
-        xt, ci, delta, mb, cb = _switch_moments(xf)
+        p, g, d, _ = x.shape
+        xt, ci, delta, mb, cb = _switch_moments(x)
         f, u, w = inv_sqrt_eigh(_mixture(ci, cb, coef).reshape(p * g, d, d), eps)
         return (_fresh(xt), _fresh(ci), _fresh(delta), _fresh(mb), _fresh(cb),
                 _fresh(f.view(p, g, d)), _fresh(u.reshape(p, g, d, d)), _fresh(w.view(p, g, d, d)))
@@ -343,11 +348,12 @@ def _(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f
 
 
 @torch.library.custom_op("normkit::switch_whiten_apply_backward", mutates_args=())
-def _switch_backward(grad: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
+def _switch_backward(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
                      f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
                      weight: Tensor | None, dtype: torch.dtype
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with _full_precision(xt):
+    with _full_precision(x):
+        xt = _centered(x)[0]
         dt = xt.dtype
         p, g, d, s = xt.shape
         b = p * g
@@ -385,17 +391,18 @@ def _switch_backward(grad: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Te
 
 
 @_switch_backward.register_fake
-def _(grad: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f: Tensor,
+def _(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f: Tensor,
       matrix: Tensor, mean_coef: Tensor, coef: Tensor, weight: Tensor | None,
       dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    p, g, d, s = xt.shape
-    return (xt.new_empty((p, g, d, s), dtype=dtype), xt.new_empty((p, g, d, 1)),
-            xt.new_empty((p, g, d, 1)), xt.new_empty((1,)), xt.new_empty((4,)))
+    p, g, d, s = x.shape
+    e = matrix.new_empty
+    return (x.new_empty((p, g, d, s), dtype=dtype), e((p, g, d, 1)), e((p, g, d, 1)), e((1,)),
+            e((4,)))
 
 
 def _switch_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, xt, delta, ci, cb, u, f, matrix, mean_coef, coef, weight, bias = inputs
-    ctx.save_for_backward(xt, delta, ci, cb, u, f, matrix, mean_coef, coef, weight)
+    ctx.save_for_backward(x, delta, ci, cb, u, f, matrix, mean_coef, coef, weight)  # x, not x̃
     ctx.meta = x.dtype
     ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype)
                        for t in (weight, bias, mean_coef, coef))
@@ -404,8 +411,8 @@ def _switch_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 @_first_order("the fused switchable-whitening backward",
               "build the module with native=False for the plain autograd composition")
 def _switch_grad(ctx, grad):  # type: ignore[no-untyped-def]
-    xt, delta, ci, cb, u, f, matrix, mean_coef, coef, weight = ctx.saved_tensors
-    dx, dweight, dbias, da, dcoef = _switch_backward(grad, xt, delta, ci, cb, u, f, matrix,
+    x, delta, ci, cb, u, f, matrix, mean_coef, coef, weight = ctx.saved_tensors
+    dx, dweight, dbias, da, dcoef = _switch_backward(grad, x, delta, ci, cb, u, f, matrix,
                                                      mean_coef, coef, weight, ctx.meta)
     pw, pb, pa, pc = ctx.params
     return (dx, None, None, None, None, None, None, None, _reduce(da, pa), _reduce(dcoef, pc),
