@@ -87,6 +87,21 @@ def test_gradcheck(affine: bool) -> None:
     assert gradcheck(f, (x, w, b))
 
 
+def test_gradcheck_recovery_after_the_matrix() -> None:
+    """float64 gradcheck with a per-channel γ, β that varies within each sample's matrix (group
+    whitening: 2 group-vectors of 2 channels × 4 positions), applied inside the op."""
+    roles = ("G", "D", "M", "M")
+    x = rand(3, 2, 2, 4, seed=14)
+    w, b = rand(1, 2, 2, 1, seed=15), rand(1, 2, 2, 1, seed=16)
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            _, _, xc, fv, u, wm = sample_zca_fit(x, roles, 1e-3)
+        return sample_zca_apply(x, (xc, fv, u, wm), roles=roles, post_weight=w, post_bias=b)
+
+    assert gradcheck(f, (x, w, b))
+
+
 def test_equal_eigenvalues_give_the_exact_gradient() -> None:
     """Repeated eigenvalues (orthogonal rows of equal norm: ``Σ = I``): the closed form needs no
     mask and gives the composition's gradient."""

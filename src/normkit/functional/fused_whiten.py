@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .partition import Role
+from .partition import Role, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, grouped_matmul
 from .whiten_ops import _fresh, _roles, _samples, _to_input
 
@@ -140,31 +140,48 @@ def _k(f: Tensor, m: int) -> Tensor:
 
 @torch.library.custom_op("normkit::whiten_sample_apply", mutates_args=())
 def _apply(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-           weight: Tensor | None, bias: Tensor | None, roles: str) -> Tensor:
+           weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
+           post_bias: Tensor | None, roles: str) -> Tensor:
     with _full_precision(centered):
         dt = centered.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
-        return _fresh(grouped_matmul(mat, centered, None if bias is None else bias.to(dt)))
+        y = grouped_matmul(mat, centered, None if bias is None else bias.to(dt))
+        yc = unmatrix_view(y, x.shape, tuple(roles))  # type: ignore[arg-type]  # a view of y
+        if post_weight is not None:
+            yc.mul_(post_weight.to(dt))
+        if post_bias is not None:
+            yc.add_(post_bias.to(dt))
+        return _fresh(y)
 
 
 @_apply.register_fake
 def _(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-      weight: Tensor | None, bias: Tensor | None, roles: str) -> Tensor:
+      weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
+      post_bias: Tensor | None, roles: str) -> Tensor:
     return torch.empty_like(centered, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("normkit::whiten_sample_apply_backward", mutates_args=())
 def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-                    weight: Tensor | None, roles: str, shape: Sequence[int], dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    weight: Tensor | None, post_weight: Tensor | None, roles: str,
+                    shape: Sequence[int], dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         centered = _centered(_samples(x, roles))[0]
         dt = centered.dtype
         p, g, d, s = centered.shape
         b = p * g
-        gf = grad.to(dt).reshape(b, d, s)
         xc = centered.view(b, d, s)
         w = matrix.to(dt).reshape(b, d, d)
+        grad = grad.to(dt)
+        gc = unmatrix_view(grad, shape, tuple(roles))  # type: ignore[arg-type]
+        dpost_b = gc.sum((0, 3), keepdim=True)  # ∂β of a per-channel recovery after W
+        dpost_w = dpost_b.new_zeros(())
+        if post_weight is not None:  # y = γ ⊙ y₀ + β: ∂γ = Σ g y₀ (y₀ = W x_c recomputed)
+            y0 = unmatrix_view(torch.bmm(w, xc).view(p, g, d, s), shape, tuple(roles))  # type: ignore[arg-type]
+            dpost_w = (gc * y0).sum((0, 3), keepdim=True)
+            grad = matrix_view(gc * post_weight.to(dt), tuple(roles))  # type: ignore[arg-type]
+        gf = grad.reshape(b, d, s)
         uu = u.to(dt).reshape(b, d, d)
         outer = torch.bmm(gf, xc.mT)  # G = g x_cᵀ = ∂L/∂M
         gsum = gf.sum(-1, keepdim=True)
@@ -180,25 +197,27 @@ def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tenso
         dx = torch.bmm(mt, gf).baddbmm_(pmat, xc)  # in place: no second activation buffer
         dx = dx.sub_(torch.bmm(mt, gsum).div_(s))  # − Mᵀ ḡ: the gradient through μ
         return (_to_input(dx.view(p, g, d, s), shape, roles, dtype), _fresh(dweight),
-                _fresh(gsum.view(p, g, d, 1)))
+                _fresh(gsum.view(p, g, d, 1)), dpost_w, dpost_b)
 
 
 @_apply_backward.register_fake
 def _(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-      weight: Tensor | None, roles: str, shape: Sequence[int], dtype: torch.dtype
-      ) -> tuple[Tensor, Tensor, Tensor]:
+      weight: Tensor | None, post_weight: Tensor | None, roles: str, shape: Sequence[int],
+      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     p, g, d, _ = _samples(x, roles).shape
     stat = matrix.new_empty((p, g, d, 1))
+    chan = matrix.new_empty((1, shape[1], shape[2], 1))
     return (x.new_empty(shape, dtype=dtype),
-            torch.empty_like(stat) if weight is not None else matrix.new_empty(()), stat)
+            torch.empty_like(stat) if weight is not None else matrix.new_empty(()), stat,
+            torch.empty_like(chan) if post_weight is not None else matrix.new_empty(()), chan)
 
 
 def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, centered, u, f, matrix, weight, bias, roles = inputs
-    ctx.save_for_backward(x, u, f, matrix, weight)  # the input (alive anyway), not x − μ
+    x, centered, u, f, matrix, weight, bias, post_weight, post_bias, roles = inputs
+    ctx.save_for_backward(x, u, f, matrix, weight, post_weight)  # the input, not x − μ
     ctx.meta = (roles, tuple(x.shape), x.dtype)
-    ctx.params = (None if weight is None else (tuple(weight.shape), weight.dtype),
-                  None if bias is None else (tuple(bias.shape), bias.dtype))
+    ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype)
+                       for t in (weight, bias, post_weight, post_bias))
 
 
 def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tensor | None:
@@ -211,11 +230,13 @@ def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tens
 
 @_first_order(*_FIRST_ORDER)
 def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
-    x, u, f, matrix, weight = ctx.saved_tensors
+    x, u, f, matrix, weight, post_weight = ctx.saved_tensors
     roles, shape, dtype = ctx.meta
-    dx, dweight, dbias = _apply_backward(grad, x, u, f, matrix, weight, roles, shape, dtype)
-    return (dx, None, None, None, None, _reduce(dweight, ctx.params[0]),
-            _reduce(dbias, ctx.params[1]), None)
+    dx, dweight, dbias, dpw, dpb = _apply_backward(grad, x, u, f, matrix, weight, post_weight,
+                                                   roles, shape, dtype)
+    pw, pb, ppw, ppb = ctx.params
+    return (dx, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb),
+            _reduce(dpw, ppw), _reduce(dpb, ppb), None)
 
 
 _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
@@ -224,16 +245,22 @@ _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
 def sample_zca_apply(
     x: Tensor, stats: tuple[Tensor, Tensor, Tensor, Tensor], *, roles: Sequence[Role],
     weight: Tensor | None = None, bias: Tensor | None = None,
+    post_weight: Tensor | None = None, post_bias: Tensor | None = None,
 ) -> Tensor:
     r"""``y = (γ ⊙ W) x_c + β`` in the ``(P, G, D, S)`` matrix view of ``x`` under ``roles``, with
     the gradient of the whole map ``x → y`` (through ``μ``, ``Σ`` and ``W``; see the module
-    docstring).
+    docstring); or, with ``post_weight``, ``post_bias``, ``γ ⊙ (W x_c) + β`` with ``γ, β`` per
+    channel of the canonical view (a recovery that varies along the samples of a matrix, e.g.
+    group whitening's), applied in place: ``∂γ = Σ g ⊙ W x_c`` recomputes ``W x_c`` instead of
+    saving it.
 
     Args:
         x: the canonical view ``(N, A, B, S)`` the statistics were computed from.
         stats: ``(x_c, f, U, W)`` of :func:`sample_zca_fit` of ``x`` (constants to autograd).
         roles: the partition's roles (per-sample: the first is ``"G"``).
         weight, bias: ``γ, β`` per row, ``(1 or P, G, D, 1)`` views, or ``None``.
+        post_weight, post_bias: ``γ, β`` ``(1, A, B, 1)`` on the canonical view, or ``None``
+            (not with ``weight`` / ``bias``).
 
     Shape:
         output ``(P, G, D, S)``, float32 (float64 stays float64), fresh and contiguous; map it
@@ -256,7 +283,7 @@ def sample_zca_apply(
         True
     """
     centered, f, u, w = stats
-    return _apply(x, centered, u, f, w, weight, bias, _roles(roles))
+    return _apply(x, centered, u, f, w, weight, bias, post_weight, post_bias, _roles(roles))
 
 
 # ------------------------------------------------------------------ switchable whitening

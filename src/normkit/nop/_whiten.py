@@ -273,8 +273,16 @@ class Whiten(Operation):
         shared, roles = self._layout(v, nap)
         kept = [r if foldable else None for r in rows]
         if "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
+            # a per-channel γ, β that varies within a matrix (group whitening's): inside the op
+            inside = not foldable and all(t is None or (t.dim() == 4 and t.shape[0] == 1
+                                                        and t.shape[3] == 1)
+                                          for t in (weight, bias))
             out = FW.sample_zca_apply(v, (centered, stats["eig_f"], stats["eig_u"], w),
-                                      roles=roles, weight=kept[0], bias=kept[1])
+                                      roles=roles, weight=kept[0], bias=kept[1],
+                                      post_weight=weight if inside else None,
+                                      post_bias=bias if inside else None)
+            if inside:
+                return unmatrix_view(out, v.shape, roles)
         else:
             out = WO.whiten_with_gradient(v, centered, w, shared=shared, roles=roles,
                                           weight=kept[0], bias=kept[1])
