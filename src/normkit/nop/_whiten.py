@@ -344,6 +344,11 @@ class SwitchableWhiten(Whiten):
     ``mean_weight``, ``cov_weight`` (one per mode, init 0: equal mixture) are parameters of the
     module. Running estimates track the batch mean and covariance; evaluation mixes them with the
     input's instance statistics. Use with ``Batch(group_size=d)``.
+
+    Training with ZCA (``fused=True``, the default) runs two custom ops with a hand-derived
+    backward (:func:`~normkit.functional.fused_whiten.switch_whiten_fit`, ``switch_whiten_apply``:
+    the batch moments pooled from the instance ones, the input the only activation saved);
+    ``native=False`` runs the plain composition.
     """
 
     modes: tuple[str, ...] = ("bw", "iw")
