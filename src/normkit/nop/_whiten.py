@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional import fused_whiten as FW
 from ..functional import whiten as W
 from ..functional import whiten_ops as WO
 from ..functional.collectives import synced_covariance
@@ -72,7 +73,9 @@ class Whiten(Operation):
         fused: train with batch statistics through two ``torch.library`` custom ops whose
             backward is derived by hand (:mod:`normkit.functional.whiten_ops`: fewer passes
             over the activations, only ``x − μ`` saved; one graph node each under
-            ``torch.compile``; first order only). ``False``: the plain
+            ``torch.compile``; first order only; per-sample ZCA — group and instance
+            whitening — through :mod:`normkit.functional.fused_whiten`: statistics once
+            without autograd, one op with the eigen backward in closed form). ``False``: the plain
             autograd composition (what ``native=False`` selects; twice differentiable for
             ``cholesky``, ``newton`` and ``pca``).
     """
@@ -179,9 +182,16 @@ class Whiten(Operation):
             mean, cov, centered = self._moments(v, nap)
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                     "centered": centered}
+        shared, roles = self._layout(v, nap)
+        if roles is not None and self.method == "zca" and self.last_group is None:
+            # Per-sample ZCA: statistics once, without autograd; transform's custom op
+            # differentiates through them (hand-derived eigen backward, no autograd on W(Σ)).
+            with torch.no_grad():
+                mean, cov, centered, f, u, w = FW.sample_zca_fit(v, roles, eps)
+            return {"mean": mean, "cov": cov, "matrix": w, "centered": centered,
+                    "eig_f": f, "eig_u": u}
         # Fused: two custom ops (one graph node each under torch.compile / export) with a
         # hand-derived backward; only W(Σ) is autograd math, on (D × D) tensors.
-        shared, roles = self._layout(v, nap)
         mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                 "centered": centered}
@@ -266,9 +276,21 @@ class Whiten(Operation):
         rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
         shared, roles = self._layout(v, nap)
-        out = WO.whiten_with_gradient(
-            v, centered, w, shared=shared, roles=roles,
-            weight=rows[0] if foldable else None, bias=rows[1] if foldable else None)
+        kept = [r if foldable else None for r in rows]
+        if "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
+            # a per-channel γ, β that varies within a matrix (group whitening's): inside the op
+            inside = not foldable and all(t is None or (t.dim() == 4 and t.shape[0] == 1
+                                                        and t.shape[3] == 1)
+                                          for t in (weight, bias))
+            out = FW.sample_zca_apply(v, (centered, stats["eig_f"], stats["eig_u"], w),
+                                      roles=roles, weight=kept[0], bias=kept[1],
+                                      post_weight=weight if inside else None,
+                                      post_bias=bias if inside else None)
+            if inside:
+                return unmatrix_view(out, v.shape, roles)
+        else:
+            out = WO.whiten_with_gradient(v, centered, w, shared=shared, roles=roles,
+                                          weight=kept[0], bias=kept[1])
         out = out if roles is None else unmatrix_view(out, v.shape, roles)
         return out if foldable else Fs.affine_transform(out, None, None, weight, bias)
 
@@ -327,6 +349,11 @@ class SwitchableWhiten(Whiten):
     ``mean_weight``, ``cov_weight`` (one per mode, init 0: equal mixture) are parameters of the
     module. Running estimates track the batch mean and covariance; evaluation mixes them with the
     input's instance statistics. Use with ``Batch(group_size=d)``.
+
+    Training with ZCA (``fused=True``, the default) runs two custom ops with a hand-derived
+    backward (:func:`~normkit.functional.fused_whiten.switch_whiten_fit`, ``switch_whiten_apply``:
+    the batch moments pooled from the instance ones, the input the only activation saved);
+    ``native=False`` runs the plain composition.
     """
 
     modes: tuple[str, ...] = ("bw", "iw")
@@ -383,11 +410,32 @@ class SwitchableWhiten(Whiten):
         cov = sum(wc[i] * parts_c[k] for i, k in enumerate(self.modes))
         return {"mix_mean": mean, "matrix": self._matrix(cov, eps, data_dtype)}
 
+    def _coefficients(self, params: Stats, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a_B, (c_bw, c_bn, c_iw, c_in))``: the batch share of the mixed mean and the
+        covariance weights (0 for the modes not mixed), with autograd to the logits."""
+        dt = torch.promote_types(like.dtype, torch.float32)
+        uniform = torch.zeros(len(self.modes), dtype=dt, device=like.device)
+        wm = torch.softmax(params.get("mean_weight", uniform), 0).to(dt)
+        wc = torch.softmax(params.get("cov_weight", uniform), 0).to(dt)
+        # constant selections (every logit keeps a gradient, 0 where it has no effect)
+        batch = [1.0 if k in ("bw", "bn") else 0.0 for k in self.modes]
+        order = [[1.0 if k == j else 0.0 for j in ("bw", "bn", "iw", "in")] for k in self.modes]
+        a_b = (wm * torch.tensor(batch, dtype=dt, device=like.device)).sum()
+        return a_b, wc @ torch.tensor(order, dtype=dt, device=like.device)
+
     @_float32
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.method == "zca" and self.last_group is None and self._use_fused(nap):
+            # Fused: statistics once without autograd (the batch moments pooled from the
+            # instance ones); transform's custom op differentiates through them.
+            a_b, coef = self._coefficients(params or {}, v)
+            with torch.no_grad():
+                xt, ci, delta, mb, cb, f, u, w = FW.switch_whiten_fit(v, coef, eps)
+            return {"mean": mb, "cov": cb, "matrix": w, "sw_centered": xt, "sw_cov": ci,
+                    "sw_delta": delta, "eig_f": f, "eig_u": u, "mean_coef": a_b, "coef": coef}
         mean, cov, _ = self._moments(v, nap)  # no batch whitening matrix: the mixture's is used
         inst_mean, inst_cov = self._instance(v, nap)
         mixed = self._mix(mean, cov, inst_mean, inst_cov, params or {}, eps, v.dtype)
@@ -408,6 +456,14 @@ class SwitchableWhiten(Whiten):
         self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
         weight: Tensor | None, bias: Tensor | None,
     ) -> Tensor:
+        if "sw_centered" in stats:  # fused training step (see fit)
+            rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
+            if any(r is not None and r.shape[-1] != 1 for r in rows):
+                raise ConfigError("switchable whitening needs a per-channel recovery foldable per group")
+            parts = (stats["sw_centered"], stats["sw_cov"], stats["sw_delta"], stats["cov"],
+                     stats["eig_f"], stats["eig_u"], stats["matrix"])
+            return FW.switch_whiten_apply(v, parts, stats["mean_coef"], stats["coef"],
+                                          weight=rows[0], bias=rows[1])
         inst = self._instance_view(v, nap)  # the statistics were computed by fit / eval_stats
         folded = self._fold(stats["matrix"], stats["mix_mean"], weight, bias, nap)
         if folded is None:

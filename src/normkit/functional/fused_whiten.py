@@ -1,0 +1,482 @@
+r"""Per-sample ZCA whitening (instance and group whitening) as ``torch.library`` custom ops with a
+hand-derived backward.
+
+Each sample's ``(D × S)`` block ``x`` is whitened with its own ``W = (Σ + εI)^{-1/2}``,
+``Σ = x_c x_cᵀ/m`` (``m = S``). Autograd through ``μ``, ``x − μ``, ``Σ``, ``eigh``, ``W`` and
+``W x_c`` runs a dozen passes over the activations and the divided-difference eigen backward
+(:class:`normkit.functional.whiten._InvSqrtEigh`) masks near-equal pairs with bool tensors. Here
+the statistics are computed once without autograd (:func:`sample_zca_fit`) and one op applies
+``y = (γ ⊙ W) x_c + β`` (:func:`sample_zca_apply`) with the gradient of the whole map ``x → y``:
+
+.. math::
+    ∂L/∂x = Mᵀ (g − \bar g) + P\,x_c,\qquad
+    P = -\tfrac{1}{m}\,U\big(K ∘ Uᵀ (G_W + G_Wᵀ) U\big)Uᵀ,\qquad
+    K_{ij} = \frac{(f_i f_j)^2}{f_i + f_j}
+
+with ``M = γ ⊙ W`` (rows), ``G = g x_cᵀ``, ``G_W = γ ⊙ G``, ``Σ + εI = U Λ Uᵀ`` and
+``f = λ^{-1/2}``; ``∂γ_i = Σ_j G_{ij} W_{ij}``, ``∂β = Σ g``. ``K`` is the divided difference
+``(f_i − f_j)/(λ_i − λ_j)`` of ``f(λ) = λ^{-1/2}`` in closed form (``λ_i − λ_j =
+(√λ_i − √λ_j)(√λ_i + √λ_j)`` cancels): exact for equal eigenvalues too (``K_ii = f'(λ_i) =
+−½λ_i^{-3/2}`` up to the sign carried by ``P``), with no mask and no cancellation. The
+activations are read by three matmuls in the backward (``G``, ``Mᵀ g``, ``P x_c``); nothing
+activation-sized is saved beyond the input (``x − μ`` is recomputed from it: one pass), only the
+``D × D`` factors ``U``, ``W`` and the eigenvalues.
+
+Both ops compute in at least float32 with autocast off, return fresh tensors and are first
+order (a second derivative raises: use ``native=False``, the plain composition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .partition import Role, matrix_view, unmatrix_view
+from .whiten import _first_order, _full_precision, grouped_matmul
+from .whiten_ops import _fresh, _roles, _samples, _to_input
+
+__all__ = ["inv_sqrt_eigh", "sample_zca_apply", "sample_zca_fit", "switch_whiten_apply",
+           "switch_whiten_fit"]
+
+_FIRST_ORDER = ("the fused per-sample whitening backward",
+                "build the module with native=False for the plain autograd composition")
+
+
+def inv_sqrt_eigh(cov: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(f, U, W)`` with ``Σ + εI = U Λ Uᵀ``, ``f = λ^{-1/2}`` (``λ`` clamped at ``ε``, or the
+    dtype's ``tiny`` when ``ε = 0``) and ``W = U diag(f) Uᵀ``, for covariances ``(B, D, D)``;
+    no autograd. A non-finite ``Σ`` gives NaN ``f`` and ``W`` (never a LAPACK error).
+
+    Example:
+        >>> a = torch.randn(2, 3, 9, dtype=torch.float64)
+        >>> cov = a @ a.mT / 9
+        >>> f, u, w = inv_sqrt_eigh(cov, 1e-5)
+        >>> eye = torch.eye(3, dtype=torch.float64)
+        >>> torch.allclose(w @ (cov + 1e-5 * eye) @ w, eye.expand(2, 3, 3))
+        True
+    """
+    # Non-finite Σ: eigh on zeros instead (finite), then NaN eigenvalues for those matrices. The
+    # float64 sum neither overflows for finite float32 entries nor hides a NaN or ±Inf.
+    finite = torch.isfinite(cov.sum((-2, -1), dtype=torch.float64)).unsqueeze(-1)
+    a = torch.nan_to_num(cov, nan=0.0, posinf=0.0, neginf=0.0)
+    a.diagonal(dim1=-2, dim2=-1).add_(eps)
+    lam, u = torch.linalg.eigh(a)
+    f = lam.clamp_min(eps if eps > 0 else torch.finfo(lam.dtype).tiny).rsqrt()
+    f = torch.where(finite, f, torch.full_like(f, float("nan")))  # (B, D): small
+    return f, u, torch.matmul(u * f.unsqueeze(-2), u.mT)
+
+
+def _centered(xs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x − μ, μ)`` over the last axis of the samples ``xs`` ``(P, G, D, S)``, in at least
+    float32, contiguous. The backwards recompute it from the saved input (the same kernels on
+    the same values: the same bits) instead of saving an activation-sized tensor."""
+    xf = xs.to(torch.promote_types(xs.dtype, torch.float32))
+    mean = xf.mean(-1, keepdim=True)
+    return (xf - mean).contiguous(), mean
+
+
+# ------------------------------------------------------------------------------- fit
+@torch.library.custom_op("normkit::whiten_sample_fit", mutates_args=())
+def _fit(x: Tensor, roles: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                       Tensor]:
+    with _full_precision(x):
+        centered, mean = _centered(_samples(x, roles))
+        p, g, d, s = centered.shape
+        cov = torch.matmul(centered, centered.mT).div_(max(s, 1))
+        f, u, w = inv_sqrt_eigh(cov.view(p * g, d, d), eps)
+        return (_fresh(mean), _fresh(cov), _fresh(centered), _fresh(f.view(p, g, d)),
+                _fresh(u.reshape(p, g, d, d)), _fresh(w.view(p, g, d, d)))
+
+
+@_fit.register_fake
+def _(x: Tensor, roles: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p, g, d, s = _samples(x, roles).shape
+    dt = torch.promote_types(x.dtype, torch.float32)
+    mats = x.new_empty((p, g, d, d), dtype=dt)
+    return (x.new_empty((p, g, d, 1), dtype=dt), mats, x.new_empty((p, g, d, s), dtype=dt),
+            x.new_empty((p, g, d), dtype=dt), torch.empty_like(mats), torch.empty_like(mats))
+
+
+def _fit_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    ctx.mark_non_differentiable(*output)  # constants: sample_zca_apply differentiates them
+
+
+def _fit_grad(ctx, *grads):  # type: ignore[no-untyped-def]
+    return None, None, None
+
+
+_fit.register_autograd(_fit_grad, setup_context=_fit_setup)
+
+
+def sample_zca_fit(x: Tensor, roles: Sequence[Role], eps: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Per-sample statistics for :func:`sample_zca_apply`, as one custom op whose outputs are
+    constants to autograd (:func:`sample_zca_apply` carries their gradient):
+    ``(μ, Σ, x_c, f, U, W)`` of the ``(P, G, D, S)`` matrix view of ``x`` under ``roles``
+    (``P·G`` independent problems over their ``S`` samples), ``Σ`` biased, ``(f, U, W)`` of
+    :func:`inv_sqrt_eigh`. Float32 (float64 stays float64) whatever the dtype or autocast.
+
+    Shape:
+        ``x``: ``(N, A, B, S)``; outputs ``(P, G, D, 1)``, ``(P, G, D, D)``, ``(P, G, D, S)``
+        (contiguous), ``(P, G, D)``, ``(P, G, D, D)``, ``(P, G, D, D)``.
+
+    Example:
+        >>> x = torch.randn(2, 1, 3, 7, dtype=torch.float64)
+        >>> mean, cov, xc, f, u, w = sample_zca_fit(x, ("G", "G", "D", "M"), 1e-5)
+        >>> torch.allclose(cov[0, 0], torch.cov(x[0, 0], correction=0))
+        True
+    """
+    return _fit(x, _roles(roles), float(eps))
+
+
+# ----------------------------------------------------------------------------- apply
+def _k(f: Tensor, m: int) -> Tensor:
+    """``−K/m``: ``K_ij = (f_i f_j)²/(f_i + f_j)``, the divided difference of ``λ^{-1/2}``."""
+    ff = f.unsqueeze(-1) * f.unsqueeze(-2)
+    return ff.square_().div_(f.unsqueeze(-1) + f.unsqueeze(-2)).mul_(-1.0 / m)
+
+
+@torch.library.custom_op("normkit::whiten_sample_apply", mutates_args=())
+def _apply(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+           weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
+           post_bias: Tensor | None, roles: str) -> Tensor:
+    with _full_precision(centered):
+        dt = centered.dtype
+        mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
+        y = grouped_matmul(mat, centered, None if bias is None else bias.to(dt))
+        yc = unmatrix_view(y, x.shape, tuple(roles))  # type: ignore[arg-type]  # a view of y
+        if post_weight is not None:
+            yc.mul_(post_weight.to(dt))
+        if post_bias is not None:
+            yc.add_(post_bias.to(dt))
+        return _fresh(y)
+
+
+@_apply.register_fake
+def _(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+      weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
+      post_bias: Tensor | None, roles: str) -> Tensor:
+    return torch.empty_like(centered, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("normkit::whiten_sample_apply_backward", mutates_args=())
+def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+                    weight: Tensor | None, post_weight: Tensor | None, roles: str,
+                    shape: Sequence[int], dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _full_precision(x):
+        centered = _centered(_samples(x, roles))[0]
+        dt = centered.dtype
+        p, g, d, s = centered.shape
+        b = p * g
+        xc = centered.view(b, d, s)
+        w = matrix.to(dt).reshape(b, d, d)
+        grad = grad.to(dt)
+        gc = unmatrix_view(grad, shape, tuple(roles))  # type: ignore[arg-type]
+        dpost_b = gc.sum((0, 3), keepdim=True)  # ∂β of a per-channel recovery after W
+        dpost_w = dpost_b.new_zeros(())
+        if post_weight is not None:  # y = γ ⊙ y₀ + β: ∂γ = Σ g y₀ (y₀ = W x_c recomputed)
+            y0 = unmatrix_view(torch.bmm(w, xc).view(p, g, d, s), shape, tuple(roles))  # type: ignore[arg-type]
+            dpost_w = (gc * y0).sum((0, 3), keepdim=True)
+            grad = matrix_view(gc * post_weight.to(dt), tuple(roles))  # type: ignore[arg-type]
+        gf = grad.reshape(b, d, s)
+        uu = u.to(dt).reshape(b, d, d)
+        outer = torch.bmm(gf, xc.mT)  # G = g x_cᵀ = ∂L/∂M
+        gsum = gf.sum(-1, keepdim=True)
+        if weight is None:
+            dweight = gsum.new_zeros(())
+            gw, mt = outer, w  # W is symmetric: Mᵀ = W
+        else:
+            gam = weight.to(dt).expand(p, g, d, 1).reshape(b, d, 1)
+            dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)  # ∂γ_i = Σ_j G_ij W_ij
+            gw, mt = outer.mul_(gam), w * gam.mT  # G_W = γ ⊙ G, Mᵀ = W diag(γ)
+        inner = torch.bmm(uu.mT, torch.bmm(gw + gw.mT, uu)).mul_(_k(f.to(dt).view(b, d), s))
+        pmat = torch.bmm(uu, torch.bmm(inner, uu.mT))  # P: the gradient through Σ, on x_c
+        dx = torch.bmm(mt, gf).baddbmm_(pmat, xc)  # in place: no second activation buffer
+        dx = dx.sub_(torch.bmm(mt, gsum).div_(s))  # − Mᵀ ḡ: the gradient through μ
+        return (_to_input(dx.view(p, g, d, s), shape, roles, dtype), _fresh(dweight),
+                _fresh(gsum.view(p, g, d, 1)), dpost_w, dpost_b)
+
+
+@_apply_backward.register_fake
+def _(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+      weight: Tensor | None, post_weight: Tensor | None, roles: str, shape: Sequence[int],
+      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p, g, d, _ = _samples(x, roles).shape
+    stat = matrix.new_empty((p, g, d, 1))
+    chan = matrix.new_empty((1, shape[1], shape[2], 1))
+    return (x.new_empty(shape, dtype=dtype),
+            torch.empty_like(stat) if weight is not None else matrix.new_empty(()), stat,
+            torch.empty_like(chan) if post_weight is not None else matrix.new_empty(()), chan)
+
+
+def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, centered, u, f, matrix, weight, bias, post_weight, post_bias, roles = inputs
+    ctx.save_for_backward(x, u, f, matrix, weight, post_weight)  # the input, not x − μ
+    ctx.meta = (roles, tuple(x.shape), x.dtype)
+    ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype)
+                       for t in (weight, bias, post_weight, post_bias))
+
+
+def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tensor | None:
+    """A per-problem parameter gradient summed to the parameter's shape and dtype."""
+    if meta is None:
+        return None
+    shape, dtype = meta
+    return t.sum_to_size(shape).to(dtype)
+
+
+@_first_order(*_FIRST_ORDER)
+def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
+    x, u, f, matrix, weight, post_weight = ctx.saved_tensors
+    roles, shape, dtype = ctx.meta
+    dx, dweight, dbias, dpw, dpb = _apply_backward(grad, x, u, f, matrix, weight, post_weight,
+                                                   roles, shape, dtype)
+    pw, pb, ppw, ppb = ctx.params
+    return (dx, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb),
+            _reduce(dpw, ppw), _reduce(dpb, ppb), None)
+
+
+_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+
+
+def sample_zca_apply(
+    x: Tensor, stats: tuple[Tensor, Tensor, Tensor, Tensor], *, roles: Sequence[Role],
+    weight: Tensor | None = None, bias: Tensor | None = None,
+    post_weight: Tensor | None = None, post_bias: Tensor | None = None,
+) -> Tensor:
+    r"""``y = (γ ⊙ W) x_c + β`` in the ``(P, G, D, S)`` matrix view of ``x`` under ``roles``, with
+    the gradient of the whole map ``x → y`` (through ``μ``, ``Σ`` and ``W``; see the module
+    docstring); or, with ``post_weight``, ``post_bias``, ``γ ⊙ (W x_c) + β`` with ``γ, β`` per
+    channel of the canonical view (a recovery that varies along the samples of a matrix, e.g.
+    group whitening's), applied in place: ``∂γ = Σ g ⊙ W x_c`` recomputes ``W x_c`` instead of
+    saving it.
+
+    Args:
+        x: the canonical view ``(N, A, B, S)`` the statistics were computed from.
+        stats: ``(x_c, f, U, W)`` of :func:`sample_zca_fit` of ``x`` (constants to autograd).
+        roles: the partition's roles (per-sample: the first is ``"G"``).
+        weight, bias: ``γ, β`` per row, ``(1 or P, G, D, 1)`` views, or ``None``.
+        post_weight, post_bias: ``γ, β`` ``(1, A, B, 1)`` on the canonical view, or ``None``
+            (not with ``weight`` / ``bias``).
+
+    Shape:
+        output ``(P, G, D, S)``, float32 (float64 stays float64), fresh and contiguous; map it
+        back with :func:`~normkit.functional.partition.unmatrix_view`.
+
+    Example:
+        >>> x = torch.randn(3, 1, 2, 6, dtype=torch.float64, requires_grad=True)
+        >>> roles = ("G", "G", "D", "M")
+        >>> with torch.no_grad():
+        ...     mean, cov, xc, f, u, w = sample_zca_fit(x, roles, 1e-5)
+        >>> y = sample_zca_apply(x, (xc, f, u, w), roles=roles)
+        >>> from normkit.functional.whiten import zca_matrix
+        >>> c = x - x.mean(-1, keepdim=True)
+        >>> ref = zca_matrix((c @ c.mT / 6).flatten(0, 1), 1e-5).view(3, 1, 2, 2) @ c
+        >>> torch.allclose(y, ref)
+        True
+        >>> g = torch.randn_like(y)
+        >>> a, b = (torch.autograd.grad(t, x, g)[0] for t in (y, ref))
+        >>> torch.allclose(a, b)
+        True
+    """
+    centered, f, u, w = stats
+    return _apply(x, centered, u, f, w, weight, bias, post_weight, post_bias, _roles(roles))
+
+
+# ------------------------------------------------------------------ switchable whitening
+# Per sample n (of P) and group: x̃ = x − μ_I (instance-centred), Σ_I = x̃ x̃ᵀ/S, μ_B = mean μ_I,
+# δ = μ_I − μ_B, Σ_B = mean(Σ_I) + mean(δ δᵀ) (the batch moments pooled from the instance ones:
+# no second pass), Σ_n = c_bw Σ_B + c_bn Diag Σ_B + c_iw Σ_I + c_in Diag Σ_I, and with the
+# mixed mean a_B μ_B + (1 − a_B) μ_I: x − μ_n = x̃ + a_B δ, y = M (x̃ + a_B δ) + β, M = γ ⊙ W(Σ_n).
+def _switch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(x̃, Σ_I, δ, μ_B, Σ_B)`` of the samples ``x`` ``(P, G, D, S)`` (see above)."""
+    p, g, d, s = x.shape
+    xt, mi = _centered(x)
+    ci = torch.matmul(xt, xt.mT).div_(max(s, 1))
+    mb = mi.mean(0, keepdim=True)
+    delta = mi - mb
+    cb = ci.mean(0, keepdim=True) + torch.matmul(delta, delta.mT).mean(0, keepdim=True)
+    return xt, ci, delta, mb, cb
+
+
+def _diag(a: Tensor) -> Tensor:
+    return torch.diag_embed(a.diagonal(dim1=-2, dim2=-1))
+
+
+def _mixture(ci: Tensor, cb: Tensor, coef: Tensor) -> Tensor:
+    """``Σ_n`` of the coefficients ``coef = (c_bw, c_bn, c_iw, c_in)``."""
+    c = coef.to(ci.dtype)
+    return c[0] * cb + c[1] * _diag(cb) + c[2] * ci + c[3] * _diag(ci)
+
+
+@torch.library.custom_op("normkit::switch_whiten_fit", mutates_args=())
+def _switch_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                Tensor, Tensor, Tensor, Tensor]:
+    with _full_precision(x):
+        p, g, d, _ = x.shape
+        xt, ci, delta, mb, cb = _switch_moments(x)
+        f, u, w = inv_sqrt_eigh(_mixture(ci, cb, coef).reshape(p * g, d, d), eps)
+        return (_fresh(xt), _fresh(ci), _fresh(delta), _fresh(mb), _fresh(cb),
+                _fresh(f.view(p, g, d)), _fresh(u.reshape(p, g, d, d)), _fresh(w.view(p, g, d, d)))
+
+
+@_switch_fit.register_fake
+def _(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, ...]:
+    p, g, d, s = x.shape
+    dt = torch.promote_types(x.dtype, torch.float32)
+    e = x.new_empty
+    return (e((p, g, d, s), dtype=dt), e((p, g, d, d), dtype=dt), e((p, g, d, 1), dtype=dt),
+            e((1, g, d, 1), dtype=dt), e((1, g, d, d), dtype=dt), e((p, g, d), dtype=dt),
+            e((p, g, d, d), dtype=dt), e((p, g, d, d), dtype=dt))
+
+
+_switch_fit.register_autograd(lambda ctx, *grads: (None, None, None), setup_context=_fit_setup)
+
+
+def switch_whiten_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, ...]:
+    r"""Switchable whitening's statistics for :func:`switch_whiten_apply`, one custom op whose
+    outputs are constants to autograd: ``(x̃, Σ_I, δ, μ_B, Σ_B, f, U, W)`` of the samples ``x``
+    ``(P, G, D, S)`` (the ``Batch(group_size=D)`` canonical view): instance-centred ``x̃``, the
+    per-sample covariances ``Σ_I``, ``δ = μ_I − μ_B``, the batch mean and (biased) covariance
+    pooled from the instance moments, and :func:`inv_sqrt_eigh` of the mixture
+    ``c_bw Σ_B + c_bn Diag Σ_B + c_iw Σ_I + c_in Diag Σ_I`` (``coef`` ``(4,)`` in that order).
+
+    Example:
+        >>> x = torch.randn(4, 1, 2, 5, dtype=torch.float64)
+        >>> xt, ci, delta, mb, cb, f, u, w = switch_whiten_fit(x, torch.tensor([1., 0, 0, 0]), 0.)
+        >>> flat = x.permute(1, 2, 0, 3).reshape(2, 20)
+        >>> torch.allclose(cb[0, 0], torch.cov(flat, correction=0))
+        True
+    """
+    return _switch_fit(x, coef, float(eps))
+
+
+@torch.library.custom_op("normkit::switch_whiten_apply", mutates_args=())
+def _switch_apply(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
+                  f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    with _full_precision(xt):
+        dt = xt.dtype
+        mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
+        shift = torch.matmul(mat, delta * mean_coef.to(dt))  # M a_B δ, (P, G, D, 1)
+        if bias is not None:
+            shift = shift + bias.to(dt)
+        return _fresh(grouped_matmul(mat, xt, shift))
+
+
+@_switch_apply.register_fake
+def _(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f: Tensor,
+      matrix: Tensor, mean_coef: Tensor, coef: Tensor, weight: Tensor | None,
+      bias: Tensor | None) -> Tensor:
+    return torch.empty_like(xt, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("normkit::switch_whiten_apply_backward", mutates_args=())
+def _switch_backward(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
+                     f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
+                     weight: Tensor | None, dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _full_precision(x):
+        xt = _centered(x)[0]
+        dt = xt.dtype
+        p, g, d, s = xt.shape
+        b = p * g
+        gf = grad.to(dt).reshape(b, d, s)
+        xc = xt.view(b, d, s)
+        w = matrix.to(dt).reshape(b, d, d)
+        uu = u.to(dt).reshape(b, d, d)
+        a_b = mean_coef.to(dt)
+        c = coef.to(dt)
+        dlt = delta.reshape(b, d, 1)
+        gsum = gf.sum(-1, keepdim=True)  # ĝ
+        outer = torch.baddbmm(torch.bmm(gsum * a_b, dlt.mT), gf, xc.mT)  # ∂L/∂M
+        gam = None if weight is None else weight.to(dt).expand(p, g, d, 1).reshape(b, d, 1)
+        mt = w if gam is None else w * gam.mT  # Mᵀ (W symmetric)
+        dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)
+        gw = outer if gam is None else outer.mul_(gam)
+        k = _k(f.to(dt).view(b, d), 2)  # −K/2: P_n = U(−K ∘ Uᵀ sym(G_W) U)Uᵀ, sym = (G + Gᵀ)/2
+        inner = torch.bmm(uu.mT, torch.bmm(gw + gw.mT, uu)).mul_(k)
+        pn = torch.bmm(uu, torch.bmm(inner, uu.mT)).view(p, g, d, d)  # ∂L/∂Σ_n (symmetric)
+        pbar = pn.sum(0, keepdim=True)
+        qb = c[0] * pbar + c[1] * _diag(pbar)  # ∂L/∂Σ_B
+        pi = (c[2] * pn + c[3] * _diag(pn)).add_(qb / p)  # ∂L/∂Σ_I
+        mtg = torch.bmm(mt, gsum).view(p, g, d, 1)  # Mᵀ ĝ
+        h = torch.matmul(qb, delta).mul_(2.0 / p).add_(mtg * a_b)  # ∂L/∂δ
+        col = (h - h.mean(0, keepdim=True) - mtg).div_(s).reshape(b, d, 1)
+        dx = torch.bmm(mt, gf).baddbmm_(pi.reshape(b, d, d), xc, alpha=2.0 / s)
+        dx = dx.add_(col)
+        da = (mtg * delta).sum().reshape(1)  # Σ ĝᵀ M δ
+        dcoef = torch.stack([(pbar * cb).sum(), (pbar.diagonal(dim1=-2, dim2=-1)
+                                                 * cb.diagonal(dim1=-2, dim2=-1)).sum(),
+                             (pn * ci).sum(), (pn.diagonal(dim1=-2, dim2=-1)
+                                               * ci.diagonal(dim1=-2, dim2=-1)).sum()])
+        return (_fresh(dx.view(p, g, d, s).to(dtype)), _fresh(dweight),
+                _fresh(gsum.view(p, g, d, 1)), da, dcoef)
+
+
+@_switch_backward.register_fake
+def _(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f: Tensor,
+      matrix: Tensor, mean_coef: Tensor, coef: Tensor, weight: Tensor | None,
+      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p, g, d, s = x.shape
+    e = matrix.new_empty
+    return (x.new_empty((p, g, d, s), dtype=dtype), e((p, g, d, 1)), e((p, g, d, 1)), e((1,)),
+            e((4,)))
+
+
+def _switch_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, xt, delta, ci, cb, u, f, matrix, mean_coef, coef, weight, bias = inputs
+    ctx.save_for_backward(x, delta, ci, cb, u, f, matrix, mean_coef, coef, weight)  # x, not x̃
+    ctx.meta = x.dtype
+    ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype)
+                       for t in (weight, bias, mean_coef, coef))
+
+
+@_first_order("the fused switchable-whitening backward",
+              "build the module with native=False for the plain autograd composition")
+def _switch_grad(ctx, grad):  # type: ignore[no-untyped-def]
+    x, delta, ci, cb, u, f, matrix, mean_coef, coef, weight = ctx.saved_tensors
+    dx, dweight, dbias, da, dcoef = _switch_backward(grad, x, delta, ci, cb, u, f, matrix,
+                                                     mean_coef, coef, weight, ctx.meta)
+    pw, pb, pa, pc = ctx.params
+    return (dx, None, None, None, None, None, None, None, _reduce(da, pa), _reduce(dcoef, pc),
+            _reduce(dweight, pw), _reduce(dbias, pb))
+
+
+_switch_apply.register_autograd(_switch_grad, setup_context=_switch_setup)
+
+
+def switch_whiten_apply(x: Tensor, stats: Sequence[Tensor], mean_coef: Tensor, coef: Tensor, *,
+                        weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    r"""Switchable whitening ``y = (γ ⊙ W(Σ_n))(x − a_B μ_B − (1 − a_B) μ_I) + β`` of the samples
+    ``x`` ``(P, G, D, S)``, with the gradient of the whole map (through the instance and batch
+    moments, the mixture and ``W``) w.r.t. ``x``, the mean weight ``a_B`` (``mean_coef``, ``()``
+    or ``(1,)``), the covariance weights ``coef`` ``(4,)`` and ``γ, β`` ``(1, G, D, 1)``.
+
+    ``stats`` is ``(x̃, Σ_I, δ, Σ_B, f, U, W)`` from :func:`switch_whiten_fit` of ``x`` with the
+    same ``coef``. First order. Output ``(P, G, D, S)``, float32 (float64 stays float64).
+
+    Example:
+        >>> x = torch.randn(4, 1, 2, 5, dtype=torch.float64, requires_grad=True)
+        >>> coef = torch.tensor([0.5, 0.0, 0.5, 0.0], dtype=torch.float64)
+        >>> with torch.no_grad():
+        ...     xt, ci, delta, mb, cb, f, u, w = switch_whiten_fit(x, coef, 1e-5)
+        >>> a = torch.tensor(0.5, dtype=torch.float64)
+        >>> y = switch_whiten_apply(x, (xt, ci, delta, cb, f, u, w), a, coef)
+        >>> from normkit.functional.whiten import zca_matrix
+        >>> mi, mb = x.mean(-1, keepdim=True), x.mean((0, 3), keepdim=True)
+        >>> ci = (x - mi) @ (x - mi).mT / 5
+        >>> cb = ((x - mb) @ (x - mb).mT).sum(0, keepdim=True) / 20
+        >>> ref = zca_matrix((0.5 * cb + 0.5 * ci).flatten(0, 1), 1e-5).view(4, 1, 2, 2) @ (
+        ...     x - 0.5 * mb - 0.5 * mi)
+        >>> torch.allclose(y, ref)
+        True
+        >>> g = torch.randn_like(y)
+        >>> torch.allclose(*(torch.autograd.grad(t, x, g)[0] for t in (y, ref)))
+        True
+    """
+    xt, ci, delta, cb, f, u, w = stats
+    return _switch_apply(x, xt, delta, ci, cb, u, f, w, mean_coef, coef, weight, bias)
