@@ -17,8 +17,13 @@ from torch.testing import assert_close
 
 import normkit as nk
 from normkit._bench.reference import whitening_matrix
-from normkit.functional.fused_whiten import (inv_sqrt_eigh, sample_zca_apply, sample_zca_fit,
-                                            switch_whiten_apply, switch_whiten_fit)
+from normkit.functional.fused_whiten import (
+    inv_sqrt_eigh,
+    sample_zca_apply,
+    sample_zca_fit,
+    switch_whiten_apply,
+    switch_whiten_fit,
+)
 
 F64 = torch.float64
 CLOSE = dict(rtol=1e-9, atol=1e-10)

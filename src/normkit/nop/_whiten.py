@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..functional import fused_whiten as FW
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..functional import fused_whiten as FW
 from ..functional import whiten as W
 from ..functional import whiten_ops as WO
 from ..functional.collectives import synced_covariance
