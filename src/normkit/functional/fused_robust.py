@@ -71,7 +71,7 @@ class _OnlineAffine(torch.autograd.Function):
         b = b if bias is None else b + bias
         ctx.save_for_backward(x, mean, scale, sample_mean, sample_var, weight, bias)
         ctx.buffers, ctx.k = (grad_mean, grad_proj), k
-        return torch.addcmul(b, x, a)
+        return (x * a).add_(b)  # mul + add: a broadcasting addcmul is slower on CPU
 
     @staticmethod
     @_first_order("Online Normalization's control-process backward",
@@ -97,7 +97,7 @@ class _OnlineAffine(torch.autograd.Function):
         grad_mean.copy_(u.reshape(-1))
         grad_proj.copy_(v.reshape(-1))
         c2 = -k * v_b * s2  # ∂x = γ s g + c2 (x − μ_t) − k u_{t−1}
-        dx = torch.addcmul(-(c2 * mean) - k * u_b, g, ws).addcmul_(x, c2)
+        dx = (g * ws).add_(-(c2 * mean) - k * u_b).addcmul_(x, c2)
         g_weight = _param_grad(weight, gxh)
         g_bias = _param_grad(bias, g_sum)
         return dx, None, None, None, None, g_weight, g_bias, None, None, None
@@ -133,3 +133,108 @@ def online_affine(x: Tensor, mean: Tensor, scale: Tensor, *, sample_mean: Tensor
     return _OnlineAffine.apply(x, mean.detach(), scale.detach(),  # type: ignore[no-any-return]
                                sample_mean.detach(), sample_var.detach(), weight, bias,
                                grad_mean, grad_proj, k)
+
+
+def _sum_dot(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``Σ a·b`` over ``dims`` (kept): a batched dot product over the last axis, then a sum of
+    the small result over the others."""
+    last = a.dim() - 1
+    if last not in dims:
+        return (a * b).sum(dims, keepdim=True)
+    out = _dot(a, b, (last,))
+    rest = tuple(d for d in dims if d != last)
+    return out.sum(rest, keepdim=True) if rest else out
+
+
+def _mask(x: Tensor, value: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``[x = value]`` as floats (a comparison written straight into a float tensor: no bool
+    tensor, slow on CPU) and its count over ``dims``."""
+    e = torch.eq(x, value, out=torch.empty_like(x))
+    return e, e.sum(dims, keepdim=True)
+
+
+class _RobustScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, mean: Tensor, scale: Tensor,  # type: ignore[override]
+                weight: Tensor | None, bias: Tensor | None, eps: float, dims: tuple[int, ...],
+                kind: str, c: float) -> Tensor:
+        x = v.to(_compute_dtype(v))
+        r = 1.0 / (scale.to(x.dtype) + eps)
+        mean = mean.to(x.dtype)
+        a = r if weight is None else r * weight.to(x.dtype)
+        b = -mean * a
+        b = b if bias is None else b + bias.to(x.dtype)
+        ctx.save_for_backward(v, mean, r, weight, bias)
+        ctx.eps, ctx.dims, ctx.kind, ctx.c = eps, dims, kind, c
+        return (x * a).add_(b)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, mean, r, weight, bias = ctx.saved_tensors
+        dims, kind, c = ctx.dims, ctx.kind, ctx.c
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            dv, dw, db = _plain_vjp(robust_scale_plain, (v, weight, bias, ctx.eps, dims, kind, c),
+                                    g)[:3]
+            return dv, None, None, dw, db, None, None, None, None
+        x = v.to(r.dtype)
+        g = g.to(r.dtype)
+        g_sum = g.sum(dims, keepdim=True)
+        k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
+        g_weight = _param_grad(weight, r * k) if weight is not None else None
+        g_bias = _param_grad(bias, g_sum)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = r if weight is None else r * weight.to(r.dtype)  # γ r
+            big = _reduced(x, dims)
+            q = c * r * w * k  # c γ r² Σ g (x − μ): the factor of ∂ρ/∂x
+            if kind == "l1":  # ∂ρ/∂x = (sign(x − μ) − ⟨sign⟩)/M
+                s = torch.sub(x, mean).sign_()
+                q = q / big
+                dx = (g * w).add_(q * s.sum(dims, keepdim=True) / big - w * g_sum / big)
+                dx = dx.addcmul_(s, q, value=-1)
+            else:  # ∂ρ/∂x = [x = max]/n_max − [x = min]/n_min (ties share, as amax/amin)
+                e_max, n_max = _mask(x, x.amax(dims, keepdim=True), dims)
+                e_min, n_min = _mask(x, x.amin(dims, keepdim=True), dims)
+                dx = (g * w).add_(-w * g_sum / big)
+                dx = dx.addcmul_(e_max, q / n_max, value=-1).addcmul_(e_min, q / n_min)
+            dx = dx.to(v.dtype)
+        return dx, None, None, g_weight, g_bias, None, None, None, None
+
+
+def robust_scale(v: Tensor, dims: tuple[int, ...], *, kind: str, mean: Tensor, scale: Tensor,
+                 c: float, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    r"""L1 (``kind="l1"``) or range (``"range"``) standardization ``y = γ (x − μ)/(cρ + ε) +
+    β`` over ``dims`` with the hand-derived backward (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, A, B, S)``.
+        dims: the reduced axes; ``γ, β`` must be constant along them.
+        kind: ``"l1"`` (``ρ = E|x − μ|``) or ``"range"`` (``ρ = max − min``).
+        mean, scale: ``μ`` and ``cρ`` of ``v`` over ``dims`` (their derivative is still taken).
+        c: the constant ``c`` of ``cρ``.
+        weight, bias: ``γ, β`` broadcastable against ``v``, or ``None``.
+        eps: the stability constant.
+
+    Example:
+        >>> x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
+        >>> mu = x.mean((0, 3), keepdim=True)
+        >>> rho = x.amax((0, 3), keepdim=True) - x.amin((0, 3), keepdim=True)
+        >>> y = robust_scale(x, (0, 3), kind="range", mean=mu, scale=0.5 * rho, c=0.5,
+        ...                  weight=None, bias=None, eps=1e-5)
+        >>> torch.allclose(y, (x - mu) / (0.5 * rho + 1e-5))
+        True
+    """
+    return _RobustScale.apply(v, mean.detach(), scale.detach(), weight, bias,  # type: ignore[no-any-return]
+                              eps, tuple(dims), kind, c)
+
+
+def robust_scale_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                       dims: tuple[int, ...], kind: str, c: float) -> Tensor:
+    """:func:`robust_scale` as the plain autograd composition of its formula."""
+    x = v.to(_compute_dtype(v))
+    mean = x.mean(dims, keepdim=True)
+    rho = ((x - mean).abs().mean(dims, keepdim=True) if kind == "l1"
+           else x.amax(dims, keepdim=True) - x.amin(dims, keepdim=True))
+    y = (x - mean) / (c * rho + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
