@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
+from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced, _var_mean
 from .whiten import _first_order
 
-__all__ = ["online_affine", "robust_scale", "robust_scale_plain"]
+__all__ = ["moments", "moments_plain", "online_affine", "robust_scale", "robust_scale_plain",
+           "standardize_affine", "standardize_affine_plain"]
 
 
 def _control(gy: Tensor, yy: Tensor, hm_of: Any, u: Tensor, v: Tensor, k: float
@@ -236,5 +237,114 @@ def robust_scale_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, ep
     rho = ((x - mean).abs().mean(dims, keepdim=True) if kind == "l1"
            else x.amax(dims, keepdim=True) - x.amin(dims, keepdim=True))
     y = (x - mean) / (c * rho + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+class _Moments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, dims: tuple[int, ...]  # type: ignore[override]
+                ) -> tuple[Tensor, Tensor]:
+        var, mean = _var_mean(v.to(_compute_dtype(v)), dims)
+        ctx.save_for_backward(v, mean)
+        ctx.dims = dims
+        return mean, var
+
+    @staticmethod
+    def backward(ctx: Any, g_mean: Tensor, g_var: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor | None, None]:
+        v, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            y = moments_plain(v, ctx.dims)
+            (dv,) = torch.autograd.grad(y, v, (g_mean, g_var), create_graph=True)
+            return dv, None
+        x = v.to(mean.dtype)
+        big = _reduced(x, ctx.dims)
+        c = g_var * (2.0 / big)  # ∂σ²/∂x = 2(x − μ)/M, ∂μ/∂x = 1/M
+        dx = (x * c).add_(g_mean / big - c * mean)
+        return dx.to(v.dtype), None
+
+
+def moments(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    r"""``(μ, σ²)`` over ``dims`` (kept; biased; ≥ float32) in three passes (the mean, then
+    ``‖x − μ‖²``), with a backward of two: ``∂x = g_μ/M + 2 g_{σ²}(x − μ)/M``.
+
+    Example:
+        >>> x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
+        >>> mean, var = moments(x, (0, 3))
+        >>> torch.allclose(var, x.var((0, 3), correction=0, keepdim=True))
+        True
+    """
+    return _Moments.apply(v, tuple(dims))  # type: ignore[no-any-return]
+
+
+def moments_plain(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """:func:`moments` as the plain autograd composition."""
+    x = v.to(_compute_dtype(v))
+    mean = x.mean(dims, keepdim=True)
+    return mean, (x - mean).square().mean(dims, keepdim=True)
+
+
+class _StandardizeAffine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, mean: Tensor, var: Tensor,  # type: ignore[override]
+                weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        x = v.to(_compute_dtype(v))
+        s = torch.rsqrt(var + eps)
+        a = s if weight is None else s * weight.to(x.dtype)
+        b = -mean * a
+        b = b if bias is None else b + bias.to(x.dtype)
+        ctx.save_for_backward(v, mean, var, s, weight, bias)
+        ctx.eps = eps
+        return (x * a).add_(b)  # mul + add: a broadcasting addcmul is slower on CPU
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, mean, var, s, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return (*_plain_vjp(standardize_affine_plain, (v, mean, var, weight, bias, ctx.eps),
+                                g)[:5], None)
+        x = v.to(s.dtype)
+        g = g.to(s.dtype)
+        dims = tuple(d for d in range(x.dim()) if s.shape[d] == 1 and x.shape[d] > 1)
+        g_sum = g.sum(dims, keepdim=True)
+        k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
+        w = s if weight is None else s * weight.to(s.dtype)  # γ s
+        need = ctx.needs_input_grad
+        dx = (g * w).to(v.dtype) if need[0] else None
+        g_mean = -(w * g_sum) if need[1] else None
+        g_var = (-0.5 * s * s) * w * k if need[2] else None
+        g_weight = _param_grad(weight, s * k) if weight is not None else None
+        g_bias = _param_grad(bias, g_sum)
+        return dx, g_mean, g_var, g_weight, g_bias, None
+
+
+def standardize_affine(v: Tensor, mean: Tensor, var: Tensor, *, weight: Tensor | None,
+                       bias: Tensor | None, eps: float) -> Tensor:
+    r"""``y = γ (x − μ)/√(σ² + ε) + β`` with ``μ, σ²`` inputs that keep their gradient (from
+    :func:`moments` through any blend with other statistics): the backward gives
+    ``∂x = γ s g`` directly and ``∂μ = −γ s Σ g``, ``∂σ² = −½ γ s³ Σ g (x − μ)`` over the axes the
+    statistics broadcast along (``s = (σ² + ε)^{−1/2}``), in three passes.
+
+    Args:
+        v: the canonical view ``(N, A, B, S)``.
+        mean, var: the statistics, broadcastable against ``v``.
+        weight, bias: ``γ, β``, constant along the axes ``mean`` broadcasts along, or ``None``.
+        eps: the stability constant.
+
+    Example:
+        >>> x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
+        >>> mean, var = moments(x, (0, 3))
+        >>> y = standardize_affine(x, mean, var, weight=None, bias=None, eps=1e-5)
+        >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+        True
+    """
+    return _StandardizeAffine.apply(v, mean, var, weight, bias, eps)  # type: ignore[no-any-return]
+
+
+def standardize_affine_plain(v: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                             bias: Tensor | None, eps: float) -> Tensor:
+    """:func:`standardize_affine` as the plain autograd composition."""
+    y = (v.to(_compute_dtype(v)) - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
-from ..nap import Partition
+from ..functional.fused_robust import moments as fused_moments
+from ..functional.fused_robust import standardize_affine
+from ..nap import Local, Partition, Synced
 from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
 from ._whiten import Whiten
@@ -58,6 +60,30 @@ __all__ = [
 def _int(name: str, value: Any, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def batch_moments(fused: bool, v: Tensor, nap: Partition, spatial: Sequence[int]
+                  ) -> tuple[Tensor, Tensor]:
+    """``nap.moments`` — through :func:`~normkit.functional.fused_robust.moments` (a two-pass
+    backward) when ``fused`` and the partition is a plain one (not synchronized, not local)."""
+    if fused and not isinstance(nap, (Synced, Local)):
+        return fused_moments(v, nap.dims)
+    return nap.moments(v, spatial)
+
+
+def fused_standardize(fused: bool, v: Tensor, stats: Stats, weight: Tensor | None,
+                      bias: Tensor | None, eps: float) -> Tensor | None:
+    """``γ (x − μ)/√(σ² + ε) + β`` of ``stats``'s ``mean, var`` through
+    :func:`~normkit.functional.fused_robust.standardize_affine` when ``fused``, the statistics
+    carry a gradient (training) and ``γ, β`` are constant along the axes they broadcast along;
+    ``None`` otherwise (the caller runs the plain transform)."""
+    mean, var = stats["mean"], stats["var"]
+    if not (fused and (mean.requires_grad or var.requires_grad)):
+        return None
+    dims = [d for d in range(v.dim()) if mean.shape[d] == 1 and var.shape[d] == 1]
+    if any(t is not None and any(t.shape[d] != 1 for d in dims) for t in (weight, bias)):
+        return None
+    return standardize_affine(v, mean, var, weight=weight, bias=bias, eps=eps)
 
 
 def _number(name: str, value: Any, low: float, what: str) -> None:
@@ -287,6 +313,9 @@ class MomentumStandardize(RobustStandardize):
     lambda_: float | None = None
     ideal_batch_size: int = 32
     total_steps: int | None = None
+    #: training runs the moments and the standardization as Functions with hand-derived
+    #: backwards (:mod:`normkit.functional.fused_robust`); the blend stays autograd's
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.lambda_ is not None and (
@@ -326,7 +355,7 @@ class MomentumStandardize(RobustStandardize):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        mean, var = nap.moments(v, spatial)
+        mean, var = batch_moments(self.fused, v, nap, spatial)
         stats = {"mean": mean, "var": var, "batch_mean": mean, "batch_var": var}
         if state is None or "momentum_mean" not in state.buffers:
             return stats
@@ -336,6 +365,16 @@ class MomentumStandardize(RobustStandardize):
         stats["mean"] = lam * prev_mean + (1 - lam) * mean
         stats["var"] = lam * prev_var + (1 - lam) * var
         return stats
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     @torch.no_grad()
     def update_state(self, state: Stats, stats: Stats) -> None:

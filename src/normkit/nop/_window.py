@@ -10,7 +10,7 @@ batch's by the law of total variance (:func:`~normkit.functional.merging.pool_mo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -19,8 +19,8 @@ from ..functional import standardize as Fs
 from ..functional.merging import pool_moments, weighted_mean
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import State, StateSpec, Stats
-from ._robust import RobustStandardize, _int
+from ._base import Operation, State, StateSpec, Stats
+from ._robust import RobustStandardize, _int, batch_moments, fused_standardize
 
 __all__ = ["WindowStandardize", "MovingAverageStandardize"]
 
@@ -62,6 +62,9 @@ class WindowStandardize(RobustStandardize):
 
     window: int = 8
     warmup_steps: int = 0
+    #: training runs the moments and the standardization as Functions with hand-derived
+    #: backwards (:mod:`normkit.functional.fused_robust`); the pooling stays autograd's
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         _int("window", self.window, 1)
@@ -92,9 +95,19 @@ class WindowStandardize(RobustStandardize):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        mean, var = nap.moments(v, spatial)
+        mean, var = batch_moments(self.fused, v, nap, spatial)
         mbar, vbar = self.window_moments(mean, var, state)
         return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     @torch.no_grad()
     def update_state(self, state: Stats, stats: Stats) -> None:
