@@ -301,12 +301,15 @@ class _StandardizeAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         v, mean, var, s, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiate the composition
-            return (*_plain_vjp(standardize_affine_plain, (v, mean, var, weight, bias, ctx.eps),
-                                g)[:5], None)
+        # the axes the statistics broadcast along (size-1 axes of the input included: a sum
+        # over none would reduce everything)
+        dims = tuple(d for d in range(v.dim()) if s.shape[d] == 1)
+        if torch.is_grad_enabled() or not dims:  # create_graph: differentiate the composition
+            with torch.enable_grad():
+                return (*_plain_vjp(standardize_affine_plain,
+                                    (v, mean, var, weight, bias, ctx.eps), g)[:5], None)
         x = v.to(s.dtype)
         g = g.to(s.dtype)
-        dims = tuple(d for d in range(x.dim()) if s.shape[d] == 1 and x.shape[d] > 1)
         g_sum = g.sum(dims, keepdim=True)
         k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
         w = s if weight is None else s * weight.to(s.dtype)  # γ s
