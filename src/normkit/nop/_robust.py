@@ -77,8 +77,10 @@ def fused_standardize(fused: bool, v: Tensor, stats: Stats, weight: Tensor | Non
     :func:`~normkit.functional.fused_robust.standardize_affine` when ``fused``, the statistics
     carry a gradient (training) and ``γ, β`` are constant along the axes they broadcast along;
     ``None`` otherwise (the caller runs the plain transform)."""
+    if not fused:
+        return None
     mean, var = stats["mean"], stats["var"]
-    if not (fused and (mean.requires_grad or var.requires_grad)):
+    if not (mean.requires_grad or var.requires_grad):
         return None
     dims = [d for d in range(v.dim()) if mean.shape[d] == 1 and var.shape[d] == 1]
     if any(t is not None and any(t.shape[d] != 1 for d in dims) for t in (weight, bias)):
@@ -219,6 +221,9 @@ class Ghost(Operation):
 
     virtual_batch_size: int = 32
     inner: Operation = field(default_factory=Standardize)
+    #: standardization (``inner`` a plain :class:`Standardize`) trains through the fused moments
+    #: of every ghost at once and :func:`~normkit.functional.fused_robust.standardize_affine`
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         _int("virtual_batch_size", self.virtual_batch_size, 1)
@@ -249,7 +254,11 @@ class Ghost(Operation):
         return replace(self, inner=self.inner.bind(nap, num_features))
 
     def unfused(self) -> Operation:
-        return replace(self, inner=self.inner.unfused())
+        return replace(self, inner=self.inner.unfused(), fused=False)
+
+    def _fuses(self, nap: Partition) -> bool:
+        return self.fused and type(self.inner) is Standardize and not isinstance(
+            nap, (Synced, Local))
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
         n = v.shape[0]
@@ -261,6 +270,16 @@ class Ghost(Operation):
         params: Stats | None = None,
     ) -> Stats:
         chunks = torch.split(v, self.virtual_batch_size, 0)
+        if self._fuses(nap):
+            if len(chunks) <= 1:
+                mean, var = fused_moments(v, nap.dims)
+                return {"mean": mean, "var": var}
+            if v.shape[0] % self.virtual_batch_size == 0:  # every ghost at once: (k, vb, ...)
+                k, vb = len(chunks), self.virtual_batch_size
+                ghosts = v.reshape(k, vb, *v.shape[1:])
+                pair = fused_moments(ghosts, tuple(d + 1 for d in nap.dims))
+                return {name: t.expand(k, vb, *t.shape[2:]).reshape(v.shape[0], *t.shape[2:])
+                        for name, t in zip(("mean", "var"), pair, strict=True)}
         if len(chunks) <= 1:
             return self.inner.fit(v, nap, spatial, eps=eps, params=params)
         parts = [self.inner.fit(c, nap, spatial, eps=eps, params=params) for c in chunks]
@@ -282,6 +301,13 @@ class Ghost(Operation):
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return self.inner.coefficients(stats, eps, m)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self._fuses(nap), v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
         return self.inner.buffers(nap, num_features)
