@@ -37,11 +37,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced, _var_mean
+from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .whiten import _first_order
 
 __all__ = ["moments", "moments_plain", "online_affine", "robust_scale", "robust_scale_plain",
            "standardize_affine", "standardize_affine_plain"]
+
+
+def _last_first(t: Tensor, dims: tuple[int, ...], op: Any = torch.sum) -> Tensor:
+    """``op`` (``torch.sum``, ``torch.amax``, ``torch.amin``) over ``dims`` (kept), the last
+    (contiguous) axis first: several times faster on CPU than one reduction over ``(0, 3)``."""
+    last = t.dim() - 1
+    if last not in dims or len(dims) == 1:
+        return op(t, dims, keepdim=True)
+    rest = tuple(d for d in dims if d != last)
+    return op(op(t, last, keepdim=True), rest, keepdim=True)
+
+
+def _moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``(μ, σ²)`` over ``dims`` (kept, biased), around the mean (no cancellation), each
+    reduction over the last axis first (a vector norm over ``(0, 3)`` is ~10× one over the last
+    axis on CPU)."""
+    big = _reduced(x, dims)
+    mean = _last_first(x, dims) / big
+    d = x - mean
+    last = x.dim() - 1
+    if last in dims:
+        ss = torch.linalg.vector_norm(d, 2, (last,), keepdim=True).square()
+        rest = tuple(k for k in dims if k != last)
+        ss = ss.sum(rest, keepdim=True) if rest else ss
+    else:
+        ss = torch.linalg.vector_norm(d, 2, dims, keepdim=True).square()
+    return mean, ss / big
 
 
 def _control(gy: Tensor, yy: Tensor, hm_of: Any, u: Tensor, v: Tensor, k: float
@@ -151,7 +178,7 @@ def _mask(x: Tensor, value: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tens
     """``[x = value]`` as floats (a comparison written straight into a float tensor: no bool
     tensor, slow on CPU) and its count over ``dims``."""
     e = torch.eq(x, value, out=torch.empty_like(x))
-    return e, e.sum(dims, keepdim=True)
+    return e, _last_first(e, dims)
 
 
 class _RobustScale(torch.autograd.Function):
@@ -179,7 +206,7 @@ class _RobustScale(torch.autograd.Function):
             return dv, None, None, dw, db, None, None, None, None
         x = v.to(r.dtype)
         g = g.to(r.dtype)
-        g_sum = g.sum(dims, keepdim=True)
+        g_sum = _last_first(g, dims)
         k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
         g_weight = _param_grad(weight, r * k) if weight is not None else None
         g_bias = _param_grad(bias, g_sum)
@@ -191,11 +218,11 @@ class _RobustScale(torch.autograd.Function):
             if kind == "l1":  # ∂ρ/∂x = (sign(x − μ) − ⟨sign⟩)/M
                 s = torch.sub(x, mean).sign_()
                 q = q / big
-                dx = (g * w).add_(q * s.sum(dims, keepdim=True) / big - w * g_sum / big)
+                dx = (g * w).add_(q * _last_first(s, dims) / big - w * g_sum / big)
                 dx = dx.addcmul_(s, q, value=-1)
             else:  # ∂ρ/∂x = [x = max]/n_max − [x = min]/n_min (ties share, as amax/amin)
-                e_max, n_max = _mask(x, x.amax(dims, keepdim=True), dims)
-                e_min, n_min = _mask(x, x.amin(dims, keepdim=True), dims)
+                e_max, n_max = _mask(x, _last_first(x, dims, torch.amax), dims)
+                e_min, n_min = _mask(x, _last_first(x, dims, torch.amin), dims)
                 dx = (g * w).add_(-w * g_sum / big)
                 dx = dx.addcmul_(e_max, q / n_max, value=-1).addcmul_(e_min, q / n_min)
             dx = dx.to(v.dtype)
@@ -245,7 +272,7 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, dims: tuple[int, ...]  # type: ignore[override]
                 ) -> tuple[Tensor, Tensor]:
-        var, mean = _var_mean(v.to(_compute_dtype(v)), dims)
+        mean, var = _moments(v.to(_compute_dtype(v)), dims)
         ctx.save_for_backward(v, mean)
         ctx.dims = dims
         return mean, var
@@ -310,7 +337,7 @@ class _StandardizeAffine(torch.autograd.Function):
                                     (v, mean, var, weight, bias, ctx.eps), g)[:5], None)
         x = v.to(s.dtype)
         g = g.to(s.dtype)
-        g_sum = g.sum(dims, keepdim=True)
+        g_sum = _last_first(g, dims)
         k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
         w = s if weight is None else s * weight.to(s.dtype)  # γ s
         need = ctx.needs_input_grad

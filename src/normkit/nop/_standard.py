@@ -7,12 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..functional.fused_robust import robust_scale
+from ..functional.fused import _reduced
+from ..functional.fused_robust import _last_first, robust_scale
+from ..functional.partition import stats_dtype
 from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position, Synced
 from ._base import Coefficients, Kernel, Layout, Operation, Stats
 
@@ -135,6 +138,11 @@ class L1(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused and not isinstance(nap, (Synced, Local)):  # reductions last axis first
+            x, dims = v.to(stats_dtype(v)), nap.dims
+            mean = _last_first(x, dims) / _reduced(x, dims)
+            mad = _last_first((x - mean).abs(), dims) / _reduced(x, dims)
+            return {"mean": mean, "scale": mad * _L1_CONSTANT}
         mean = nap.mean(v, spatial)
         mad = nap.mean_abs_deviation(v, mean, spatial)
         return {"mean": mean, "scale": mad * _L1_CONSTANT}
@@ -168,8 +176,12 @@ class Range(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mean = nap.mean(v, spatial)
         c = S.range_constant(nap.count(v, spatial))
+        if self.fused and not isinstance(nap, (Synced, Local)):  # reductions last axis first
+            x, dims = v.to(stats_dtype(v)), nap.dims
+            rng = _last_first(x, dims, torch.amax) - _last_first(x, dims, torch.amin)
+            return {"mean": _last_first(x, dims) / _reduced(x, dims), "scale": rng * c}
+        mean = nap.mean(v, spatial)
         return {"mean": mean, "scale": nap.value_range(v, spatial) * c}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..functional.fused import _reduced
-from ..functional.fused_robust import _sum_dot
+from ..functional.fused_robust import _last_first, _sum_dot
 from ..functional.merging import pool_moments, weighted_mean
 from ..functional.whiten import _first_order
 from ..nap import Partition
@@ -209,7 +209,7 @@ class _MovingAverageBackward(torch.autograd.Function):
         g = gy if folded or weight is None else gy * weight
         w = 1.0 if not folded or weight is None else weight
         big = _reduced(x, dims)
-        g_sum = g.sum(dims, keepdim=True)
+        g_sum = _last_first(g, dims)
         dot = _sum_dot(g, x, dims)  # Σ g x
         g_mean = w * g_sum / big  # E[g'], g' = γ·∂L/∂y
         psi = w * inv * (dot - mean * g_sum) / big  # E[g' x̂]
