@@ -34,6 +34,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.fused_robust import moments as fused_moments
 from ..functional.fused_robust import online_affine
 from ..functional.merging import mix_moments
 from ..functional.online import check_weight as _check_weight
@@ -179,7 +180,10 @@ class OnlineStandardize(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mean, var = S.moments(v, sample_dims(nap))
+        if self.fused:  # the fused moments: one vector norm for Σ(x − μ)²
+            mean, var = fused_moments(v, sample_dims(nap))
+        else:
+            mean, var = S.moments(v, sample_dims(nap))
         return {"mean": mean, "var": var}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
