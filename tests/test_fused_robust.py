@@ -1,6 +1,7 @@
 """The hand-derived backwards of ``normkit.functional.fused_robust`` against their plain
-compositions: L1/range standardization (``robust_scale``) and Online Normalization's control
-process with the recovery (``online_affine``).
+compositions: L1/range standardization (``robust_scale``), Online Normalization's control
+process with the recovery (``online_affine``), and the moments and standardization that the
+robust operations blend statistics between (``moments``, ``standardize_affine``).
 
 Each Function must give the plain autograd composition's output and every gradient (float64,
 tight), pass ``gradcheck`` and ``gradgradcheck`` where it is differentiable twice, and the modules
@@ -17,7 +18,15 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
 import normkit as nk
-from normkit.functional.fused_robust import online_affine, robust_scale, robust_scale_plain
+from normkit.functional.fused_robust import (
+    moments,
+    moments_plain,
+    online_affine,
+    robust_scale,
+    robust_scale_plain,
+    standardize_affine,
+    standardize_affine_plain,
+)
 from normkit.functional.online import online_control_backward
 
 F64 = torch.float64
@@ -100,14 +109,62 @@ def _nodes(y: torch.Tensor) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize(("method", "node", "relu"), [
-    ("l1_bn", "_RobustScaleBackward", False), ("range_bn", "_RobustScaleBackward", False),
-    ("range_bn", "_RobustScaleBackward", True), ("online_norm", "_OnlineAffineBackward", False),
-])
+def _blended(x: torch.Tensor, w: Any, b: Any, fused: bool) -> torch.Tensor:
+    """A blend of the batch moments with constants (as momentum and cross-iteration BN do),
+    then the standardization."""
+    mean, var = (moments if fused else moments_plain)(x, DIMS)
+    mix_mean = 0.4 * mean + 0.3
+    mix_var = 0.6 * var + 0.2 + 0.5 * (mean - 0.3).square()
+    if fused:
+        return standardize_affine(x, mix_mean, mix_var, weight=w, bias=b, eps=1e-5)
+    return standardize_affine_plain(x, mix_mean, mix_var, w, b, 1e-5)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_moments_and_standardize_equal_the_composition(per_sample: bool) -> None:
+    x = rand(4, 3, 1, 5, seed=0, scale=2.0)
+    w, b = rand(1, 3, 1, 1, seed=1), rand(1, 3, 1, 1, seed=2)
+    cot = rand(4, 3, 1, 5, seed=9, grad=False)
+    if per_sample:  # statistics per sample and channel (ghost batches, TaskNorm's blend)
+        pairs = [(standardize_affine(x, *moments(x, (3,)), weight=w, bias=b, eps=1e-5),
+                  standardize_affine_plain(x, *moments_plain(x, (3,)), w, b, 1e-5))]
+    else:
+        pairs = [(_blended(x, w, b, True), _blended(x, w, b, False))]
+    for y, ref in pairs:
+        assert_close(y, ref, **TIGHT)
+        for u, v in zip(torch.autograd.grad(y, (x, w, b), cot),
+                        torch.autograd.grad(ref, (x, w, b), cot), strict=True):
+            assert_close(u, v, **TIGHT)
+
+
+def test_moments_and_standardize_gradcheck_and_second_derivatives() -> None:
+    args = (rand(3, 2, 1, 4, seed=0), rand(1, 2, 1, 1, seed=1), rand(1, 2, 1, 1, seed=2))
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _blended(x, w, b, True)
+
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+_MODULES = [
+    ("l1_bn", "_RobustScaleBackward", False, {}),
+    ("range_bn", "_RobustScaleBackward", False, {}),
+    ("range_bn", "_RobustScaleBackward", True, {}),
+    ("online_norm", "_OnlineAffineBackward", False, {"backward_momentum": 0.3, "momentum": 0.2}),
+    ("momentum_bn", "_StandardizeAffineBackward", False, {}),
+    ("cross_iteration_bn", "_StandardizeAffineBackward", False, {}),
+    ("ghost_bn", "_StandardizeAffineBackward", False, {"virtual_batch_size": 2}),
+    ("task_norm", "_StandardizeAffineBackward", False, {}),
+]
+
+
+@pytest.mark.parametrize(("method", "node", "relu", "kw"), _MODULES,
+                         ids=[f"{m[0]}{'-relu' if m[2] else ''}" for m in _MODULES])
 def test_modules_use_the_fused_backward_and_native_false_the_composition(
-        method: str, node: str, relu: bool) -> None:
-    """Three training steps (the state buffers included), then evaluation."""
-    kw = {"backward_momentum": 0.3, "momentum": 0.2} if method == "online_norm" else {}
+        method: str, node: str, relu: bool, kw: dict[str, Any]) -> None:
+    """Three training steps (the state buffers included: momentum statistics, the history of
+    cross-iteration BN), then evaluation."""
     fused = nk.create(method, 3, dtype=F64, **kw)
     plain = nk.create(method, 3, dtype=F64, native=False, **kw)
     with torch.no_grad():
@@ -121,8 +178,8 @@ def test_modules_use_the_fused_backward_and_native_false_the_composition(
         assert node in _nodes(y) and node not in _nodes(ref)
         assert_close(y, ref, **TIGHT)
         cot = rand(4, 3, 5, seed=10 + step, grad=False)
-        got = torch.autograd.grad(y, (x, fused.weight, fused.bias), cot)
-        want = torch.autograd.grad(ref, (x, plain.weight, plain.bias), cot)
+        got = torch.autograd.grad(y, (x, *fused.parameters()), cot)
+        want = torch.autograd.grad(ref, (x, *plain.parameters()), cot)
         for u, v in zip(got, want, strict=True):
             assert_close(u, v, **TIGHT)
         for (k, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items(),
