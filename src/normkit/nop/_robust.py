@@ -80,12 +80,29 @@ def fused_standardize(fused: bool, v: Tensor, stats: Stats, weight: Tensor | Non
     if not fused:
         return None
     mean, var = stats["mean"], stats["var"]
-    if not (mean.requires_grad or var.requires_grad):
-        return None
+    if not (mean.requires_grad or var.requires_grad):  # constants: the running estimates
+        return constant_standardize(v, mean, var, weight, bias, eps)
     dims = [d for d in range(v.dim()) if mean.shape[d] == 1 and var.shape[d] == 1]
     if any(t is not None and any(t.shape[d] != 1 for d in dims) for t in (weight, bias)):
         return None
     return standardize_affine(v, mean, var, weight=weight, bias=bias, eps=eps)
+
+
+def constant_standardize(v: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                         bias: Tensor | None, eps: float) -> Tensor | None:
+    """``γ (x − μ)/√(σ² + ε) + β`` with constant per-channel statistics (evaluation with the
+    running estimates) through BN's evaluation kernel, in one pass; ``None`` where the
+    statistics or ``γ, β`` are not one value per channel of the ``(N, C, 1, S)`` view."""
+    n, c, b, _ = v.shape
+    if b != 1 or any(t is not None and t.numel() != c for t in (mean, var, weight, bias)):
+        return None
+    if mean.shape[1] != c or var.shape[1] != c:
+        return None
+    x = v.to(torch.promote_types(v.dtype, mean.dtype)).reshape(n, c, -1)
+    flat = [None if t is None else t.reshape(-1).to(x.dtype) for t in (weight, bias)]
+    y = torch.batch_norm(x, flat[0], flat[1], mean.reshape(-1).to(x.dtype),
+                         var.reshape(-1).to(x.dtype), False, 0.0, eps, False)
+    return y.reshape(v.shape)
 
 
 def _number(name: str, value: Any, low: float, what: str) -> None:
