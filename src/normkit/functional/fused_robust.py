@@ -40,7 +40,7 @@ from torch import Tensor
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .whiten import _first_order
 
-__all__ = ["moments", "moments_plain", "online_affine", "robust_scale", "robust_scale_plain",
+__all__ = ["constant_standardize", "moments", "moments_plain", "online_affine", "robust_scale", "robust_scale_plain",
            "standardize_affine", "standardize_affine_plain"]
 
 
@@ -378,3 +378,28 @@ def standardize_affine_plain(v: Tensor, mean: Tensor, var: Tensor, weight: Tenso
     y = (v.to(_compute_dtype(v)) - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias
+
+
+def constant_standardize(v: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                         bias: Tensor | None, eps: float) -> Tensor | None:
+    """``γ (x − μ)/√(σ² + ε) + β`` with constant per-channel statistics (evaluation with the
+    running estimates) through BN's evaluation kernel, in one pass; ``None`` where the
+    statistics or ``γ, β`` are not one value per channel of the ``(N, C, 1, S)`` view.
+
+    Example:
+        >>> x = torch.randn(4, 3, 1, 5)
+        >>> mean, var = torch.randn(1, 3, 1, 1), torch.rand(1, 3, 1, 1) + 0.5
+        >>> y = constant_standardize(x, mean, var, None, None, 1e-5)
+        >>> torch.allclose(y, (x - mean) / (var + 1e-5).sqrt(), atol=1e-6)
+        True
+    """
+    n, c, b, _ = v.shape
+    if b != 1 or any(t is not None and t.numel() != c for t in (mean, var, weight, bias)):
+        return None
+    if mean.shape[1] != c or var.shape[1] != c:
+        return None
+    x = v.to(torch.promote_types(v.dtype, mean.dtype)).reshape(n, c, -1)
+    flat = [None if t is None else t.reshape(-1).to(x.dtype) for t in (weight, bias)]
+    y = torch.batch_norm(x, flat[0], flat[1], mean.reshape(-1).to(x.dtype),
+                         var.reshape(-1).to(x.dtype), False, 0.0, eps, False)
+    return y.reshape(v.shape)

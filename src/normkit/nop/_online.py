@@ -34,8 +34,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.fused_robust import constant_standardize, online_affine
 from ..functional.fused_robust import moments as fused_moments
-from ..functional.fused_robust import online_affine
 from ..functional.merging import mix_moments
 from ..functional.online import check_weight as _check_weight
 from ..functional.online import online_control_backward, stream_moments
@@ -175,6 +175,15 @@ class OnlineStandardize(Operation):
 
     def unfused(self) -> Operation:
         return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Evaluation (the streaming estimates, constants): BN's evaluation kernel (fused)."""
+        if self.fused and not (stats["mean"].requires_grad or stats["var"].requires_grad):
+            y = constant_standardize(v, stats["mean"], stats["var"], weight, bias, eps)
+            if y is not None:
+                return y
+        return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -40,10 +40,10 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..functional.fused import _reduced, _sum_sq
-from ..functional.fused_robust import _sum_dot
+from ..functional.fused_robust import _sum_dot, constant_standardize
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import State, StateSpec, Stats
+from ._base import Operation, State, StateSpec, Stats
 from ._robust import _int
 from ._standard import Scale
 
@@ -67,6 +67,8 @@ class PowerScale(Scale):
     kind: Literal["rms"] = field(default="rms", repr=False)
     alpha_bkw: float = 0.9
     warmup_steps: int = 10000
+    #: evaluation (the running ``ψ²``, a constant) runs BN's evaluation kernel
+    fused: bool = field(default=True, repr=False)
     # read and recorded by the backward when it runs: passed live, never snapshotted
     backward_state = ("grad_nu",)
     reads_state = True
@@ -78,6 +80,9 @@ class PowerScale(Scale):
         check_alpha("alpha_bkw", self.alpha_bkw,
                     "weight of the previous value in the backward running statistic ν")
         _int("warmup_steps", self.warmup_steps, 0)
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
 
     def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
         """``grad_nu`` (``ν``, initially 0), unless ``alpha_bkw = 1`` keeps it at 0 for good."""
@@ -119,6 +124,11 @@ class PowerScale(Scale):
         weight: Tensor | None, bias: Tensor | None,
     ) -> Tensor:
         if "grad_nu" not in stats:  # evaluation, no ν kept, or no running estimates
+            ms = stats["ms"]
+            if self.fused and not ms.requires_grad:  # constant ψ²: BN's kernel with μ = 0
+                y = constant_standardize(v, torch.zeros_like(ms), ms, weight, bias, eps)
+                if y is not None:
+                    return y
             return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
         return _PowerBackward.apply(
             v, stats["ms"].detach(), weight, bias, eps, nap.dims, stats["grad_nu"],

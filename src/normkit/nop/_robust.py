@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
+from ..functional.fused_robust import constant_standardize, standardize_affine
 from ..functional.fused_robust import moments as fused_moments
-from ..functional.fused_robust import standardize_affine
 from ..nap import Local, Partition, Synced
 from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
@@ -86,23 +86,6 @@ def fused_standardize(fused: bool, v: Tensor, stats: Stats, weight: Tensor | Non
     if any(t is not None and any(t.shape[d] != 1 for d in dims) for t in (weight, bias)):
         return None
     return standardize_affine(v, mean, var, weight=weight, bias=bias, eps=eps)
-
-
-def constant_standardize(v: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-                         bias: Tensor | None, eps: float) -> Tensor | None:
-    """``γ (x − μ)/√(σ² + ε) + β`` with constant per-channel statistics (evaluation with the
-    running estimates) through BN's evaluation kernel, in one pass; ``None`` where the
-    statistics or ``γ, β`` are not one value per channel of the ``(N, C, 1, S)`` view."""
-    n, c, b, _ = v.shape
-    if b != 1 or any(t is not None and t.numel() != c for t in (mean, var, weight, bias)):
-        return None
-    if mean.shape[1] != c or var.shape[1] != c:
-        return None
-    x = v.to(torch.promote_types(v.dtype, mean.dtype)).reshape(n, c, -1)
-    flat = [None if t is None else t.reshape(-1).to(x.dtype) for t in (weight, bias)]
-    y = torch.batch_norm(x, flat[0], flat[1], mean.reshape(-1).to(x.dtype),
-                         var.reshape(-1).to(x.dtype), False, 0.0, eps, False)
-    return y.reshape(v.shape)
 
 
 def _number(name: str, value: Any, low: float, what: str) -> None:

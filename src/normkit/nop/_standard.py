@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.fused import _reduced
-from ..functional.fused_robust import _last_first, robust_scale
+from ..functional.fused_robust import _last_first, constant_standardize, robust_scale
 from ..functional.partition import stats_dtype
 from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position, Synced
 from ._base import Coefficients, Kernel, Layout, Operation, Stats
@@ -22,6 +22,16 @@ from ._base import Coefficients, Kernel, Layout, Operation, Stats
 __all__ = ["Standardize", "Center", "Scale", "L1", "Range", "Divisive"]
 
 _L1_CONSTANT = math.sqrt(math.pi / 2)  # √(π/2)·E|x − μ| = σ for Gaussian x
+
+
+def _constant_scale(fused: bool, v: Tensor, stats: Stats, weight: Tensor | None,
+                    bias: Tensor | None, eps: float) -> Tensor | None:
+    """Evaluation (constant per-channel ``μ``, ``s``): ``(x − μ)/(s + ε)`` through BN's
+    evaluation kernel with ``σ² = (s + ε)²`` and no ``ε`` of its own; ``None`` otherwise."""
+    mean, scale = stats["mean"], stats["scale"]
+    if not fused or mean.requires_grad or scale.requires_grad:
+        return None
+    return constant_standardize(v, mean, (scale + eps).square(), weight, bias, 0.0)
 
 
 def _fusable(fused: bool, v: Tensor, stats: Stats, nap: Partition, weight: Tensor | None,
@@ -158,6 +168,9 @@ class L1(Operation):
         """Training (statistics of ``v`` that carry its gradient): one Function with the
         hand-derived backward (:func:`~normkit.functional.fused_robust.robust_scale`)."""
         if not _fusable(self.fused, v, stats, nap, weight, bias):
+            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
+            if y is not None:
+                return y
             return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
         return robust_scale(v, nap.dims, kind="l1", mean=stats["mean"], scale=stats["scale"],
                             c=_L1_CONSTANT, weight=weight, bias=bias, eps=eps)
@@ -195,6 +208,9 @@ class Range(Operation):
         """Training (statistics of ``v`` that carry its gradient): one Function with the
         hand-derived backward (:func:`~normkit.functional.fused_robust.robust_scale`)."""
         if not _fusable(self.fused, v, stats, nap, weight, bias):
+            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
+            if y is not None:
+                return y
             return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
         return robust_scale(v, nap.dims, kind="range", mean=stats["mean"], scale=stats["scale"],
                             c=S.range_constant(m), weight=weight, bias=bias, eps=eps)
