@@ -100,13 +100,15 @@ def test_robust_scale_half_input_computes_in_float32() -> None:
 
 
 def _nodes(y: torch.Tensor) -> set[str]:
-    seen, todo = set(), [y.grad_fn]
+    """The names of the autograd nodes ``y`` depends on."""
+    seen: dict[int, str] = {}
+    todo = [y.grad_fn]
     while todo:
         fn = todo.pop()
-        if fn is not None and type(fn).__name__ not in seen:
-            seen.add(type(fn).__name__)
+        if fn is not None and id(fn) not in seen:
+            seen[id(fn)] = type(fn).__name__
             todo.extend(f for f, _ in fn.next_functions)
-    return seen
+    return set(seen.values())
 
 
 def _blended(x: torch.Tensor, w: Any, b: Any, fused: bool) -> torch.Tensor:
@@ -222,3 +224,30 @@ def test_online_affine_is_first_order() -> None:
                       grad_proj=torch.zeros(3, dtype=F64), k=0.1)
     with pytest.raises(RuntimeError, match="first-order only"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("method", ["power_norm", "mabn", "momentum_bn", "l1_bn", "range_bn",
+                                    "online_norm"])
+def test_evaluation_runs_bn_kernel_and_equals_the_composition(method: str) -> None:
+    """Evaluation with the running estimates (constants) runs BN's evaluation kernel (one
+    ``native_batch_norm`` call) and gives the composition's output and input gradient."""
+    fused, plain = nk.create(method, 3, dtype=F64), nk.create(method, 3, dtype=F64, native=False)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 2.0)
+        fused.bias.normal_()
+    plain.load_state_dict(fused.state_dict())
+    for step in range(2):
+        x = (rand(4, 3, 5, seed=step, grad=False) * 2 + 1).requires_grad_()
+        fused(x).sum().backward()
+        plain(x).sum().backward()
+    fused.eval()
+    plain.eval()
+    x = rand(2, 3, 5, seed=7)
+    y, ref = fused(x), plain(x)
+    assert "NativeBatchNormBackward0" in _nodes(y)
+    assert "NativeBatchNormBackward0" not in _nodes(ref)
+    assert_close(y, ref, **TIGHT)
+    cot = rand(2, 3, 5, seed=8, grad=False)
+    for u, v in zip(torch.autograd.grad(y, (x, fused.weight), cot),
+                    torch.autograd.grad(ref, (x, plain.weight), cot), strict=True):
+        assert_close(u, v, **TIGHT)
