@@ -17,7 +17,6 @@ from ..errors import ConfigError, ShapeError
 from ..functional import statistics as S
 from ..functional.online import check_weight as _check_weight
 from ..functional.online import kalman_estimate
-from ..functional.standardize import affine_transform
 from ..nop import Stats
 from ..nop._online import ExampleWeighted, OnlineStandardize
 from ..normalization import Normalization
@@ -364,5 +363,5 @@ class OnlineNorm(Normalization):
         """Streaming: the control process's normalization (its backward), then ``γ, β``."""
         if not call.update or call.running is None:
             return super()._transform(call, stats, weight, bias)
-        xhat = self.nop.normalize(call.v, stats, call.running, call.eps)
-        return affine_transform(xhat, None, None, weight, bias)
+        return self.nop.normalize(call.v, stats, call.running, call.eps,  # type: ignore[attr-defined, no-any-return]
+                                  weight, bias)

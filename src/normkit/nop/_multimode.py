@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -36,11 +36,13 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.fused_robust import moments as fused_moments
 from ..functional.merging import mix_moments
 from ..functional.mixture import gmm_em, gmm_posterior, mode_gates, mode_moments, normal_quantiles
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
+from ._robust import fused_standardize
 
 __all__ = [
     "ModeStandardize",
@@ -309,6 +311,9 @@ class TaskStandardize(Operation):
     """
 
     moments: Literal["instance", "layer"] = "instance"
+    #: training runs the moments and the standardization as Functions with hand-derived
+    #: backwards (:mod:`normkit.functional.fused_robust`); the blend stays autograd's
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var", "size")
 
@@ -333,10 +338,17 @@ class TaskStandardize(Operation):
         for p in params.values():
             p.zero_()
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def _own_dims(self) -> tuple[int, ...]:
+        return (3,) if self.moments == "instance" else (1, 2, 3)
+
     def _blend(self, v: Tensor, mean_bn: Tensor, var_bn: Tensor, size: Tensor | float,
-               params: Stats | None) -> tuple[Tensor, Tensor]:
-        dims = (3,) if self.moments == "instance" else (1, 2, 3)
-        mean_in, var_in = S.moments(v, dims)  # (N, C, 1, 1) or (N, 1, 1, 1)
+               params: Stats | None, own: tuple[Tensor, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor]:
+        # (N, C, 1, 1) or (N, 1, 1, 1)
+        mean_in, var_in = S.moments(v, self._own_dims()) if own is None else own
         params = params or {}
         a = params.get("alpha_scale", torch.zeros(1)).to(mean_in)
         b = params.get("alpha_offset", torch.zeros(1)).to(mean_in)
@@ -345,8 +357,18 @@ class TaskStandardize(Operation):
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
             params: Stats | None = None) -> Stats:
-        mean_bn, var_bn = nap.moments(v, spatial)  # (1, C, 1, 1)
-        mean, var = self._blend(v, mean_bn, var_bn, float(v.shape[0]), params)
+        own = None
+        if not self.fused:
+            mean_bn, var_bn = nap.moments(v, spatial)  # (1, C, 1, 1)
+        elif self.moments == "instance":  # BN's moments pooled from each example's
+            own = fused_moments(v, (3,))
+            mean_bn = own[0].mean(0, keepdim=True)
+            var_bn = own[1].mean(0, keepdim=True) + (own[0] - mean_bn).square().mean(
+                0, keepdim=True)
+        else:
+            mean_bn, var_bn = fused_moments(v, nap.dims)
+            own = fused_moments(v, (1, 2, 3))
+        mean, var = self._blend(v, mean_bn, var_bn, float(v.shape[0]), params, own)
         size = torch.full((1,), float(v.shape[0]), dtype=mean_bn.dtype, device=v.device)
         return {"mean": mean_bn, "var": var_bn, "size": size, "mix_mean": mean, "mix_var": var}
 
@@ -367,6 +389,14 @@ class TaskStandardize(Operation):
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.standardize_coefficients(stats["mix_mean"], stats["mix_var"], eps)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self.fused, v, {"mean": stats["mix_mean"], "var": stats["mix_var"]},
+                              weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     def fold(self, stats: Stats, *, nap: Partition, eps: float, weight: Tensor | None,
              bias: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ Every term is non-negative, so the variance never is, and no ``E[x²] − μ²``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -34,6 +34,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.fused_robust import constant_standardize, online_affine
+from ..functional.fused_robust import moments as fused_moments
 from ..functional.merging import mix_moments
 from ..functional.online import check_weight as _check_weight
 from ..functional.online import online_control_backward, stream_moments
@@ -160,6 +162,9 @@ class OnlineStandardize(Operation):
     """
 
     backward_momentum: float = 0.01
+    #: training with the control process runs one Function with the recovery
+    #: (:func:`~normkit.functional.fused_robust.online_affine`)
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var", "grad_mean", "grad_proj")
     needs_spread = False
@@ -168,11 +173,26 @@ class OnlineStandardize(Operation):
         _check_weight("backward_momentum", self.backward_momentum,
                       "1 − alpha_bkw of the control process; 0 turns it off")
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Evaluation (the streaming estimates, constants): BN's evaluation kernel (fused)."""
+        if self.fused and not (stats["mean"].requires_grad or stats["var"].requires_grad):
+            y = constant_standardize(v, stats["mean"], stats["var"], weight, bias, eps)
+            if y is not None:
+                return y
+        return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mean, var = S.moments(v, sample_dims(nap))
+        if self.fused:  # the fused moments: one vector norm for Σ(x − μ)²
+            mean, var = fused_moments(v, sample_dims(nap))
+        else:
+            mean, var = S.moments(v, sample_dims(nap))
         return {"mean": mean, "var": var}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -195,13 +215,25 @@ class OnlineStandardize(Operation):
             samples["mean"].to(dtype), samples["var"].to(dtype), mean, var, factors)
         running["mean"].copy_(mean.reshape(-1))
         running["var"].copy_(var.reshape(-1))
-        return {"mean": m_before, "var": v_before}
+        # each sample's own moments go along: the fused backward's ⟨x̂²⟩ (normalize)
+        return {"mean": m_before, "var": v_before, "sample_mean": samples["mean"],
+                "sample_var": samples["var"]}
 
-    def normalize(self, v: Tensor, stats: Stats, running: Stats, eps: float) -> Tensor:
-        """``x̂`` of the canonical view ``v`` (≥ float32) with the control-process backward."""
+    def normalize(self, v: Tensor, stats: Stats, running: Stats, eps: float,
+                  weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """``x̂·γ + β`` of the canonical view ``v`` (≥ float32) with the control-process
+        backward; ``fused`` (and ``stats`` from :meth:`stream`): one Function, recovery
+        included."""
         scale, shift = self.coefficients(stats, eps, 1)
         vf = v.to(scale.dtype)
         if self.backward_momentum == 0:  # no control: the gradient with constant statistics
-            return torch.addcmul(shift, vf, scale)
-        return _OnlineControl.apply(vf, scale, shift, running["grad_mean"], running["grad_proj"],
+            return Fs.affine_transform(torch.addcmul(shift, vf, scale), None, None, weight, bias)
+        if self.fused and "sample_mean" in stats:
+            return online_affine(vf, stats["mean"].to(scale.dtype), scale,
+                                 sample_mean=stats["sample_mean"].to(scale.dtype),
+                                 sample_var=stats["sample_var"].to(scale.dtype),
+                                 weight=weight, bias=bias, grad_mean=running["grad_mean"],
+                                 grad_proj=running["grad_proj"], k=self.backward_momentum)
+        xhat = _OnlineControl.apply(vf, scale, shift, running["grad_mean"], running["grad_proj"],
                                     self.backward_momentum)
+        return Fs.affine_transform(xhat, None, None, weight, bias)

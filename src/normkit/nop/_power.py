@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..functional import standardize as Fs
+from ..functional.fused import _reduced, _sum_sq
+from ..functional.fused_robust import _sum_dot, constant_standardize
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import State, StateSpec, Stats
+from ._base import Operation, State, StateSpec, Stats
 from ._robust import _int
 from ._standard import Scale
 
@@ -66,6 +67,8 @@ class PowerScale(Scale):
     kind: Literal["rms"] = field(default="rms", repr=False)
     alpha_bkw: float = 0.9
     warmup_steps: int = 10000
+    #: evaluation (the running ``ψ²``, a constant) runs BN's evaluation kernel
+    fused: bool = field(default=True, repr=False)
     # read and recorded by the backward when it runs: passed live, never snapshotted
     backward_state = ("grad_nu",)
     reads_state = True
@@ -77,6 +80,9 @@ class PowerScale(Scale):
         check_alpha("alpha_bkw", self.alpha_bkw,
                     "weight of the previous value in the backward running statistic ν")
         _int("warmup_steps", self.warmup_steps, 0)
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
 
     def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
         """``grad_nu`` (``ν``, initially 0), unless ``alpha_bkw = 1`` keeps it at 0 for good."""
@@ -118,10 +124,15 @@ class PowerScale(Scale):
         weight: Tensor | None, bias: Tensor | None,
     ) -> Tensor:
         if "grad_nu" not in stats:  # evaluation, no ν kept, or no running estimates
+            ms = stats["ms"]
+            if self.fused and not ms.requires_grad:  # constant ψ²: BN's kernel with μ = 0
+                y = constant_standardize(v, torch.zeros_like(ms), ms, weight, bias, eps)
+                if y is not None:
+                    return y
             return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
         return _PowerBackward.apply(
             v, stats["ms"].detach(), weight, bias, eps, nap.dims, stats["grad_nu"],
-            stats["grad_gate"], self.alpha_bkw, "record_grad" in stats,
+            stats["grad_gate"], self.alpha_bkw, "record_grad" in stats, stats["batch_ms"].detach(),
         )
 
 
@@ -129,14 +140,21 @@ class _PowerBackward(torch.autograd.Function):
     """``y = γ·x/√(ms + ε) + β`` with PowerNorm's backward: ``(g − c·x̂)/√(ms + ε)`` where
     ``c = ν`` past the warm-up and ``c = Λ = E[g·x̂]`` (the exact gradient of RMS batch
     normalization, ``ms`` the batch's) during it. ``ν`` is read, and for a recording step
-    updated, when the backward runs."""
+    updated, when the backward runs. Saves the input and per-channel statistics only: ``Λ`` and
+    ``∂γ`` come from one batched dot product ``Σ g·x``, ``Γ = E[x̂²] = E_B[x²]/(ms + ε)`` from the
+    batch's mean square, and ``∂x = γ r g − c r² x`` is two passes (``r = (ms + ε)^{−1/2}``)."""
 
     @staticmethod
-    def forward(ctx, v, ms, weight, bias, eps, dims, nu, gate, alpha, record):  # type: ignore[override]
+    def forward(ctx, v, ms, weight, bias, eps, dims, nu, gate, alpha, record,  # type: ignore[override]
+                batch_ms=None):
         inv = torch.rsqrt(ms + eps)
-        xhat = v.to(ms.dtype) * inv
-        y = Fs.recover(xhat, weight, bias)
-        ctx.save_for_backward(xhat, inv, weight)
+        x = v.to(ms.dtype)
+        a = inv if weight is None else inv * weight
+        y = x * a
+        y = y if bias is None else y.add_(bias)  # mul + add: a broadcasting addcmul is slower
+        if batch_ms is None:  # E_B[x²] for Γ (the module hands the one fit computed)
+            batch_ms = ms if not record else _sum_sq(x, dims) / _reduced(x, dims)
+        ctx.save_for_backward(v, inv, batch_ms, weight)
         ctx.dims, ctx.in_dtype = dims, v.dtype
         ctx.nu, ctx.gate, ctx.alpha, ctx.record = nu, gate, alpha, record
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
@@ -146,15 +164,27 @@ class _PowerBackward(torch.autograd.Function):
     @_first_order("PowerNorm's approximate backward",
                   "use alpha_bkw=1 (plain autograd) where second derivatives are needed")
     def backward(ctx, gy):  # type: ignore[override]
-        xhat, inv, weight = ctx.saved_tensors
-        gy = gy.to(xhat.dtype)
-        g = gy if weight is None else gy * weight
-        lam = (g * xhat).mean(ctx.dims, keepdim=True)  # Λ
-        nu = ctx.nu.to(xhat.dtype).reshape(lam.shape)  # ν_{t−1}
-        gx = ((g - torch.where(ctx.gate, nu, lam) * xhat) * inv).to(ctx.in_dtype)
+        v, inv, batch_ms, weight = ctx.saved_tensors
+        dims = ctx.dims
+        x = v.to(inv.dtype)
+        gy = gy.to(inv.dtype)
+        # γ folds into the per-channel sums when it is constant along the reduced axes
+        folded = weight is None or all(weight.shape[d] == 1 for d in dims)
+        g = gy if folded or weight is None else gy * weight
+        w = weight if folded and weight is not None else None
+        dot = _sum_dot(g, x, dims)  # Σ g x
+        wi = inv if w is None else inv * w  # γ r
+        lam = wi * dot / _reduced(x, dims)  # Λ = E[g'·x̂]
+        nu = ctx.nu.to(inv.dtype).reshape(lam.shape)  # ν_{t−1}
+        c = torch.where(ctx.gate, nu, lam)
+        gx = (g * wi).addcmul_(x, c * inv * inv, value=-1).to(ctx.in_dtype)
         if ctx.record:
-            c = 1 - ctx.alpha
-            gamma = xhat.square().mean(ctx.dims, keepdim=True)  # Γ
-            ctx.nu.copy_((nu * (1 - c * gamma) + c * lam).reshape(-1))
-        gw, gb = Fs.recover_backward(gy, xhat, weight, ctx.bias)
-        return gx, None, gw, gb, None, None, None, None, None, None
+            k = 1 - ctx.alpha
+            gamma = inv * inv * batch_ms.to(inv.dtype).reshape(lam.shape)  # Γ = E[x̂²]
+            ctx.nu.copy_((nu * (1 - k * gamma) + k * lam).reshape(-1))
+        gw = gb = None
+        if weight is not None:
+            gw = (inv * dot if folded else gy * x * inv).sum_to_size(weight.shape).to(weight.dtype)
+        if ctx.bias is not None:
+            gb = gy.sum_to_size(ctx.bias[0]).to(ctx.bias[1])
+        return gx, None, gw, gb, None, None, None, None, None, None, None

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
-from ..nap import Batch, Partition
+from ..functional.fused_robust import constant_standardize, standardize_affine
+from ..functional.fused_robust import moments as fused_moments
+from ..nap import Batch, Local, Partition, Synced
 from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
 from ._whiten import Whiten
@@ -58,6 +60,32 @@ __all__ = [
 def _int(name: str, value: Any, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def batch_moments(fused: bool, v: Tensor, nap: Partition, spatial: Sequence[int]
+                  ) -> tuple[Tensor, Tensor]:
+    """``nap.moments`` — through :func:`~normkit.functional.fused_robust.moments` (a two-pass
+    backward) when ``fused`` and the partition is a plain one (not synchronized, not local)."""
+    if fused and not isinstance(nap, (Synced, Local)):
+        return fused_moments(v, nap.dims)
+    return nap.moments(v, spatial)
+
+
+def fused_standardize(fused: bool, v: Tensor, stats: Stats, weight: Tensor | None,
+                      bias: Tensor | None, eps: float) -> Tensor | None:
+    """``γ (x − μ)/√(σ² + ε) + β`` of ``stats``'s ``mean, var`` through
+    :func:`~normkit.functional.fused_robust.standardize_affine` when ``fused``, the statistics
+    carry a gradient (training) and ``γ, β`` are constant along the axes they broadcast along;
+    ``None`` otherwise (the caller runs the plain transform)."""
+    if not fused:
+        return None
+    mean, var = stats["mean"], stats["var"]
+    if not (mean.requires_grad or var.requires_grad):  # constants: the running estimates
+        return constant_standardize(v, mean, var, weight, bias, eps)
+    dims = [d for d in range(v.dim()) if mean.shape[d] == 1 and var.shape[d] == 1]
+    if any(t is not None and any(t.shape[d] != 1 for d in dims) for t in (weight, bias)):
+        return None
+    return standardize_affine(v, mean, var, weight=weight, bias=bias, eps=eps)
 
 
 def _number(name: str, value: Any, low: float, what: str) -> None:
@@ -198,6 +226,9 @@ class Ghost(Operation):
 
     virtual_batch_size: int = 32
     inner: Operation = field(default_factory=Standardize)
+    #: standardization (``inner`` a plain :class:`Standardize`) trains through the fused moments
+    #: of every ghost at once and :func:`~normkit.functional.fused_robust.standardize_affine`
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         _int("virtual_batch_size", self.virtual_batch_size, 1)
@@ -228,7 +259,11 @@ class Ghost(Operation):
         return replace(self, inner=self.inner.bind(nap, num_features))
 
     def unfused(self) -> Operation:
-        return replace(self, inner=self.inner.unfused())
+        return replace(self, inner=self.inner.unfused(), fused=False)
+
+    def _fuses(self, nap: Partition) -> bool:
+        return self.fused and type(self.inner) is Standardize and not isinstance(
+            nap, (Synced, Local))
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
         n = v.shape[0]
@@ -240,6 +275,16 @@ class Ghost(Operation):
         params: Stats | None = None,
     ) -> Stats:
         chunks = torch.split(v, self.virtual_batch_size, 0)
+        if self._fuses(nap):
+            if len(chunks) <= 1:
+                mean, var = fused_moments(v, nap.dims)
+                return {"mean": mean, "var": var}
+            if v.shape[0] % self.virtual_batch_size == 0:  # every ghost at once: (k, vb, ...)
+                k, vb = len(chunks), self.virtual_batch_size
+                ghosts = v.reshape(k, vb, *v.shape[1:])
+                pair = fused_moments(ghosts, tuple(d + 1 for d in nap.dims))
+                return {name: t.expand(k, vb, *t.shape[2:]).reshape(v.shape[0], *t.shape[2:])
+                        for name, t in zip(("mean", "var"), pair, strict=True)}
         if len(chunks) <= 1:
             return self.inner.fit(v, nap, spatial, eps=eps, params=params)
         parts = [self.inner.fit(c, nap, spatial, eps=eps, params=params) for c in chunks]
@@ -261,6 +306,13 @@ class Ghost(Operation):
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return self.inner.coefficients(stats, eps, m)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self._fuses(nap), v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
         return self.inner.buffers(nap, num_features)
@@ -292,6 +344,9 @@ class MomentumStandardize(RobustStandardize):
     lambda_: float | None = None
     ideal_batch_size: int = 32
     total_steps: int | None = None
+    #: training runs the moments and the standardization as Functions with hand-derived
+    #: backwards (:mod:`normkit.functional.fused_robust`); the blend stays autograd's
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.lambda_ is not None and (
@@ -331,7 +386,7 @@ class MomentumStandardize(RobustStandardize):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        mean, var = nap.moments(v, spatial)
+        mean, var = batch_moments(self.fused, v, nap, spatial)
         stats = {"mean": mean, "var": var, "batch_mean": mean, "batch_var": var}
         if state is None or "momentum_mean" not in state.buffers:
             return stats
@@ -341,6 +396,16 @@ class MomentumStandardize(RobustStandardize):
         stats["mean"] = lam * prev_mean + (1 - lam) * mean
         stats["var"] = lam * prev_var + (1 - lam) * var
         return stats
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     @torch.no_grad()
     def update_state(self, state: Stats, stats: Stats) -> None:

@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position
+from ..functional.fused import _reduced
+from ..functional.fused_robust import _last_first, constant_standardize, robust_scale
+from ..functional.partition import stats_dtype
+from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position, Synced
 from ._base import Coefficients, Kernel, Layout, Operation, Stats
 
 __all__ = ["Standardize", "Center", "Scale", "L1", "Range", "Divisive"]
+
+_L1_CONSTANT = math.sqrt(math.pi / 2)  # √(π/2)·E|x − μ| = σ for Gaussian x
+
+
+def _constant_scale(fused: bool, v: Tensor, stats: Stats, weight: Tensor | None,
+                    bias: Tensor | None, eps: float) -> Tensor | None:
+    """Evaluation (constant per-channel ``μ``, ``s``): ``(x − μ)/(s + ε)`` through BN's
+    evaluation kernel with ``σ² = (s + ε)²`` and no ``ε`` of its own; ``None`` otherwise."""
+    mean, scale = stats["mean"], stats["scale"]
+    if not fused or mean.requires_grad or scale.requires_grad:
+        return None
+    return constant_standardize(v, mean, (scale + eps).square(), weight, bias, 0.0)
+
+
+def _fusable(fused: bool, v: Tensor, stats: Stats, nap: Partition, weight: Tensor | None,
+             bias: Tensor | None) -> bool:
+    """Whether L1/range standardization runs its Function: statistics fitted on ``v`` that carry
+    its gradient (training; the running estimates at evaluation carry none), a partition that
+    ``Synced`` does not wrap, and ``γ, β`` constant along the reduced axes."""
+    if not (fused and stats["mean"].requires_grad and not isinstance(nap, Synced)):
+        return False
+    return all(t is None or all(t.shape[d] == 1 for d in nap.dims) for t in (weight, bias))
 
 
 @dataclass(frozen=True, repr=False)
@@ -115,17 +141,39 @@ class L1(Operation):
     """
 
     stat_names = ("mean", "scale")
+    #: training runs one Function with the hand-derived backward (:meth:`transform`)
+    fused: bool = field(default=True, repr=False)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused and not isinstance(nap, (Synced, Local)):  # reductions last axis first
+            x, dims = v.to(stats_dtype(v)), nap.dims
+            mean = _last_first(x, dims) / _reduced(x, dims)
+            mad = _last_first((x - mean).abs(), dims) / _reduced(x, dims)
+            return {"mean": mean, "scale": mad * _L1_CONSTANT}
         mean = nap.mean(v, spatial)
         mad = nap.mean_abs_deviation(v, mean, spatial)
-        return {"mean": mean, "scale": mad * math.sqrt(math.pi / 2)}
+        return {"mean": mean, "scale": mad * _L1_CONSTANT}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Training (statistics of ``v`` that carry its gradient): one Function with the
+        hand-derived backward (:func:`~normkit.functional.fused_robust.robust_scale`)."""
+        if not _fusable(self.fused, v, stats, nap, weight, bias):
+            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
+            if y is not None:
+                return y
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return robust_scale(v, nap.dims, kind="l1", mean=stats["mean"], scale=stats["scale"],
+                            c=_L1_CONSTANT, weight=weight, bias=bias, eps=eps)
 
 
 @dataclass(frozen=True, repr=False)
@@ -134,17 +182,38 @@ class Range(Operation):
     (Hoffer et al. 2018)."""
 
     stat_names = ("mean", "scale")
+    #: training runs one Function with the hand-derived backward (:meth:`transform`)
+    fused: bool = field(default=True, repr=False)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mean = nap.mean(v, spatial)
         c = S.range_constant(nap.count(v, spatial))
+        if self.fused and not isinstance(nap, (Synced, Local)):  # reductions last axis first
+            x, dims = v.to(stats_dtype(v)), nap.dims
+            rng = _last_first(x, dims, torch.amax) - _last_first(x, dims, torch.amin)
+            return {"mean": _last_first(x, dims) / _reduced(x, dims), "scale": rng * c}
+        mean = nap.mean(v, spatial)
         return {"mean": mean, "scale": nap.value_range(v, spatial) * c}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Training (statistics of ``v`` that carry its gradient): one Function with the
+        hand-derived backward (:func:`~normkit.functional.fused_robust.robust_scale`)."""
+        if not _fusable(self.fused, v, stats, nap, weight, bias):
+            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
+            if y is not None:
+                return y
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return robust_scale(v, nap.dims, kind="range", mean=stats["mean"], scale=stats["scale"],
+                            c=S.range_constant(m), weight=weight, bias=bias, eps=eps)
 
 
 @dataclass(frozen=True, repr=False)

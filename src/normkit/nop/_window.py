@@ -10,17 +10,18 @@ batch's by the law of total variance (:func:`~normkit.functional.merging.pool_mo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from ..functional import standardize as Fs
+from ..functional.fused import _reduced
+from ..functional.fused_robust import _last_first, _sum_dot
 from ..functional.merging import pool_moments, weighted_mean
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import State, StateSpec, Stats
-from ._robust import RobustStandardize, _int
+from ._base import Operation, State, StateSpec, Stats
+from ._robust import RobustStandardize, _int, batch_moments, fused_standardize
 
 __all__ = ["WindowStandardize", "MovingAverageStandardize"]
 
@@ -62,6 +63,9 @@ class WindowStandardize(RobustStandardize):
 
     window: int = 8
     warmup_steps: int = 0
+    #: training runs the moments and the standardization as Functions with hand-derived
+    #: backwards (:mod:`normkit.functional.fused_robust`); the pooling stays autograd's
+    fused: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         _int("window", self.window, 1)
@@ -92,9 +96,19 @@ class WindowStandardize(RobustStandardize):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None, state: State | None = None,
     ) -> Stats:
-        mean, var = nap.moments(v, spatial)
+        mean, var = batch_moments(self.fused, v, nap, spatial)
         mbar, vbar = self.window_moments(mean, var, state)
         return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
 
     @torch.no_grad()
     def update_state(self, state: Stats, stats: Stats) -> None:
@@ -166,36 +180,53 @@ class MovingAverageStandardize(WindowStandardize):
 class _MovingAverageBackward(torch.autograd.Function):
     """``y = γ(x − μ̄)/√(σ̄² + ε) + β`` with MABN's moving-average backward (see
     :class:`MovingAverageStandardize`). The backward history buffers are read (and, for a
-    recording step, pushed to) when the backward runs."""
+    recording step, pushed to) when the backward runs. Saves the input and per-channel
+    statistics only: ``E[g]`` and ``ψ = E[g x̂]`` come from ``Σ g`` and one batched dot product
+    ``Σ g x``, and ``∂x = γ s g − s ψ̄ s (x − μ̄) − s ḡ`` is three passes."""
 
     @staticmethod
     def forward(ctx, v, mean, var, weight, bias, eps, dims, history, hweight, gate, record):  # type: ignore[override]
         inv = torch.rsqrt(var + eps)
-        xhat = (v.to(mean.dtype) - mean) * inv
-        y = Fs.recover(xhat, weight, bias)
-        ctx.save_for_backward(xhat, inv, weight)
+        a = inv if weight is None else inv * weight
+        b = -mean * a
+        b = b if bias is None else b + bias
+        ctx.save_for_backward(v, mean, inv, weight)
         ctx.dims, ctx.in_dtype = dims, v.dtype
         ctx.history, ctx.hweight, ctx.gate, ctx.record = history, hweight, gate, record
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        return y
+        return (v.to(mean.dtype) * a).add_(b)  # mul + add: a broadcasting addcmul is slower
 
     @staticmethod
     @_first_order("MABN's moving-average backward",
                   "use cross_iteration_bn (plain autograd) where second derivatives are needed")
     def backward(ctx, gy):  # type: ignore[override]
-        xhat, inv, weight = ctx.saved_tensors
-        gy = gy.to(xhat.dtype)
-        g = gy if weight is None else gy * weight
-        g_mean = g.mean(ctx.dims, keepdim=True)
-        psi = (g * xhat).mean(ctx.dims, keepdim=True)
+        v, mean, inv, weight = ctx.saved_tensors
+        dims = ctx.dims
+        x = v.to(inv.dtype)
+        gy = gy.to(inv.dtype)
+        # γ folds into the per-channel sums when it is constant along the reduced axes
+        folded = weight is None or all(weight.shape[d] == 1 for d in dims)
+        g = gy if folded or weight is None else gy * weight
+        w = 1.0 if not folded or weight is None else weight
+        big = _reduced(x, dims)
+        g_sum = _last_first(g, dims)
+        dot = _sum_dot(g, x, dims)  # Σ g x
+        g_mean = w * g_sum / big  # E[g'], g' = γ·∂L/∂y
+        psi = w * inv * (dot - mean * g_sum) / big  # E[g' x̂]
         g_bar, psi_bar = g_mean, psi
         if ctx.history is not None:
-            w = ctx.hweight.to(xhat.dtype) * ctx.gate
+            hw = ctx.hweight.to(inv.dtype) * ctx.gate
             current = torch.stack([g_mean.reshape(-1), psi.reshape(-1)])
-            bar = weighted_mean(*_with_history(current, ctx.history, w), (0,))[0]
+            bar = weighted_mean(*_with_history(current, ctx.history, hw), (0,))[0]
             g_bar, psi_bar = bar[0].reshape(g_mean.shape), bar[1].reshape(psi.shape)
             if ctx.record:
                 _push(ctx.history, ctx.hweight, current)
-        gx = ((g - g_bar - xhat * psi_bar) * inv).to(ctx.in_dtype)
-        gw, gb = Fs.recover_backward(gy, xhat, weight, ctx.bias)
+        c2 = -(inv * inv * psi_bar)  # ∂x = (g' − ḡ − x̂ ψ̄)·s
+        gx = (g * (w * inv)).add_(-(inv * g_bar) - c2 * mean).addcmul_(x, c2).to(ctx.in_dtype)
+        gw = gb = None
+        if weight is not None:
+            gw = (inv * (dot - mean * g_sum) if folded else gy * (x - mean) * inv)
+            gw = gw.sum_to_size(weight.shape).to(weight.dtype)
+        if ctx.bias is not None:
+            gb = (g_sum if folded else gy).sum_to_size(ctx.bias[0]).to(ctx.bias[1])
         return gx, None, None, gw, gb, None, None, None, None, None, None
