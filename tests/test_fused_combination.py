@@ -1,0 +1,137 @@
+"""The combination family's kernel paths (``normkit.functional.fused_combination``) against their
+plain compositions (``native=False``).
+
+Batch-channel normalization trains through torch's BN kernel and GN kernel by default: output,
+every gradient and the running estimates must equal the plain composition's (float64, tight),
+gradcheck and gradgradcheck must pass through the module, and a synchronized partition (whose
+moments the kernel could not merge) or a per-sample recovery must still give the composition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.testing import assert_close
+
+import normkit as nk
+from normkit.functional.fused_combination import batch_standardize, group_standardize
+from normkit.nap import Batch
+
+F64 = torch.float64
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+
+
+def rand(*shape: int, seed: int, scale: float = 1.0, grad: bool = True) -> torch.Tensor:
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
+    return t.requires_grad_(grad)
+
+
+def _randomized(m: torch.nn.Module, seed: int) -> torch.nn.Module:
+    with torch.no_grad():
+        for i, p in enumerate(m.parameters()):
+            p.copy_(rand(*p.shape, seed=seed + i, grad=False) * 0.5 + (1.0 if p.dim() else 0.0))
+    return m
+
+
+def _pair(**kw: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    fused = _randomized(nk.create("bcn", 6, dtype=F64, **kw), 10)
+    plain = nk.create("bcn", 6, dtype=F64, native=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def _nodes(y: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``y`` depends on."""
+    seen, todo = {}, [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and id(fn) not in seen:
+            seen[id(fn)] = type(fn).__name__
+            todo.extend(f for f, _ in fn.next_functions)
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("kw", [{"num_groups": 2}, {"group_size": 1}, {"num_groups": 1},
+                                {"num_groups": 3, "bn_affine": False},
+                                {"num_groups": 2, "affine": False}],
+                         ids=["g2", "in", "ln", "no_bn_affine", "no_affine"])
+def test_bcn_kernels_equal_the_composition(kw: dict[str, Any]) -> None:
+    fused, plain = _pair(**kw)
+    assert fused.nop.fused and not plain.nop.fused
+    x = (rand(5, 6, 3, 4, seed=0) * 2 + 1).detach().requires_grad_()
+    for step in range(2):  # the running estimates after two updates, then evaluation
+        y, ref = fused(x), plain(x)
+        assert "NativeBatchNormBackward0" in _nodes(y)
+        assert "NativeBatchNormBackward0" not in _nodes(ref)
+        assert_close(y, ref, **TIGHT)
+        cot = rand(*y.shape, seed=20 + step, grad=False)
+        params = [x, *fused.parameters()]
+        grads = torch.autograd.grad(y, params, cot)
+        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
+        for a, b in zip(grads, refs, strict=True):
+            assert_close(a, b, **TIGHT)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(fused, name), getattr(plain, name), **TIGHT)
+    fused.eval(), plain.eval()
+    assert_close(fused(x), plain(x), **TIGHT)
+
+
+def test_bcn_gradcheck_and_second_derivatives() -> None:
+    m = _randomized(nk.create("bcn", 4, num_groups=2, dtype=F64), 3)
+    x = rand(3, 4, 2, 3, seed=1)
+    params = tuple(m.parameters())
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(m, dict(zip(dict(m.named_parameters()), ps,
+                                                       strict=True)), (x,))
+
+    assert gradcheck(f, (x, *params))
+    assert gradgradcheck(f, (x, *params))
+
+
+def test_bcn_channels_last_and_half_input() -> None:
+    fused, plain = _pair(num_groups=2, channel_axis=-1)
+    x = rand(4, 3, 3, 6, seed=2)
+    assert_close(fused(x), plain(x), **TIGHT)
+    f32 = nk.create("bcn", 6, num_groups=2)
+    x16 = torch.randn(4, 6, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    y = f32(x16)
+    assert y.dtype == torch.bfloat16
+    ref = nk.create("bcn", 6, num_groups=2, native=False)(x16)
+    assert_close(y, ref)
+    (g,) = torch.autograd.grad(y.float().sum(), x16)
+    assert g.dtype == torch.bfloat16
+
+
+def test_bcn_per_sample_recovery_and_synced_partition_use_the_composition() -> None:
+    """Kernels take γ, β per channel: a per-sample recovery is applied after GN's kernel; a
+    partition merging moments over ranks never reaches BN's kernel (``type(nap) is Batch``)."""
+    op = nk.nop.BatchChannelStandardize(num_groups=2)
+    v = rand(4, 6, 1, 5, seed=3)
+    stats = op.fit(v, Batch(), (5,), eps=1e-5)
+    w, b = rand(4, 6, 1, 1, seed=4), rand(4, 6, 1, 1, seed=5)
+    y = op.transform(v, stats, nap=Batch(), eps=1e-5, m=20, weight=w, bias=b)
+    plain = op.unfused()
+    ps = plain.fit(v, Batch(), (5,), eps=1e-5)
+    assert "batch_h" in stats and "batch_h" not in ps
+    assert_close(y, plain.transform(v, ps, nap=Batch(), eps=1e-5, m=20, weight=w, bias=b),
+                 **TIGHT)
+    for k in ("mean", "var"):
+        assert_close(stats[k], ps[k], **TIGHT)
+
+
+def test_batch_and_group_standardize_against_formulas() -> None:
+    x = rand(4, 3, 1, 5, seed=6, scale=3.0)
+    w, b = rand(1, 3, 1, 1, seed=7), rand(1, 3, 1, 1, seed=8)
+    h, mean, var = batch_standardize(x, w, b, 1e-5)
+    assert_close(mean, x.mean((0, 3), keepdim=True), **TIGHT)
+    assert_close(var, x.var((0, 3), correction=0, keepdim=True), **TIGHT)
+    assert_close(h, (x - mean) / (var + 1e-5).sqrt() * w + b, **TIGHT)
+    assert not mean.requires_grad and not var.requires_grad
+    y = group_standardize(h, 3, w, b, 1e-5)
+    assert_close(y, torch.nn.functional.instance_norm(h.reshape(4, 3, 5), weight=w.reshape(3),
+                                                      bias=b.reshape(3)).reshape(h.shape),
+                 **TIGHT)
