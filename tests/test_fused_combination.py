@@ -1,10 +1,13 @@
-"""The combination family's kernel paths (``normkit.functional.fused_combination``) against their
-plain compositions (``native=False``).
+"""The combination family's kernel paths and fused Function (``normkit.functional.
+fused_combination``) against their plain compositions (``native=False``).
 
 Batch-channel normalization trains through torch's BN kernel and GN kernel by default: output,
 every gradient and the running estimates must equal the plain composition's (float64, tight),
 gradcheck and gradgradcheck must pass through the module, and a synchronized partition (whose
 moments the kernel could not merge) or a per-sample recovery must still give the composition.
+Standardization with a per-sample affine (IEBN, attentive normalization, ILM) runs one Function
+with a hand-derived backward on ``fit``'s own moments: the same checks, and the composition
+wherever a caller replaced those moments.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
 import normkit as nk
-from normkit.functional.fused_combination import batch_standardize, group_standardize
+from normkit.functional.fused_combination import (
+    batch_standardize,
+    group_standardize,
+    standardize_affine,
+    standardize_affine_plain,
+)
 from normkit.nap import Batch
 
 F64 = torch.float64
@@ -135,3 +143,129 @@ def test_batch_and_group_standardize_against_formulas() -> None:
     assert_close(y, torch.nn.functional.instance_norm(h.reshape(4, 3, 5), weight=w.reshape(3),
                                                       bias=b.reshape(3)).reshape(h.shape),
                  **TIGHT)
+
+
+# ------------------------------------------------------- standardization, per-sample affine
+def _sa_args(dims: tuple[int, ...], shape: tuple[int, ...], affine: str) -> list[Any]:
+    n, a, b = shape[0], shape[1], shape[2]
+    lead = n if affine == "sample" else 1
+    x = (rand(*shape, seed=0) * 2 + 0.5).detach().requires_grad_()
+    w = rand(lead, a, b, 1, seed=1) if affine != "none" else None
+    bias = rand(lead, a, b, 1, seed=2) if affine != "none" else None
+    return [x, w, bias]
+
+
+SA_CASES = {
+    "batch_per_sample": ((0, 3), (4, 3, 1, 5), "sample"),
+    "batch_per_channel": ((0, 3), (4, 3, 1, 5), "channel"),
+    "batch_no_affine": ((0, 3), (4, 3, 1, 5), "none"),
+    "group_per_sample": ((2, 3), (3, 2, 3, 4), "sample"),
+    "layer_per_sample": ((1, 2, 3), (3, 1, 4, 5), "sample"),
+    "instance_per_sample": ((3,), (3, 4, 1, 6), "sample"),
+}
+
+
+@pytest.mark.parametrize("name", list(SA_CASES))
+def test_standardize_affine_equals_the_composition(name: str) -> None:
+    dims, shape, affine = SA_CASES[name]
+    args = _sa_args(dims, shape, affine)
+    y = standardize_affine(args[0], dims, weight=args[1], bias=args[2], eps=1e-5)
+    ref = standardize_affine_plain(args[0], args[1], args[2], 1e-5, dims)
+    assert_close(y, ref, **TIGHT)
+    tensors = [t for t in args if t is not None]
+    cot = rand(*y.shape, seed=9, grad=False)
+    for a, b in zip(torch.autograd.grad(y, tensors, cot), torch.autograd.grad(ref, tensors, cot),
+                    strict=True):
+        assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ["batch_per_sample", "group_per_sample", "batch_no_affine"])
+def test_standardize_affine_gradcheck_and_second_derivatives(name: str) -> None:
+    dims, shape, affine = SA_CASES[name]
+
+    def f(x: torch.Tensor, w: Any, b: Any) -> torch.Tensor:
+        return standardize_affine(x, dims, weight=w, bias=b, eps=1e-5)
+
+    args = tuple(_sa_args(dims, shape, affine))
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+def test_standardize_affine_half_input_and_inplace_after() -> None:
+    x = torch.randn(4, 3, 1, 5, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(4, 3, 1, 1)
+    y = standardize_affine(x, (0, 3), weight=w, bias=None, eps=1e-5)
+    assert y.dtype == torch.float32
+    assert_close(y, standardize_affine_plain(x, w, None, 1e-5, (0, 3)))
+    (g,) = torch.autograd.grad(y.relu_().sum(), x)
+    assert g.dtype == torch.bfloat16
+    (ref,) = torch.autograd.grad(standardize_affine_plain(x, w, None, 1e-5, (0, 3)).relu().sum(), x)
+    assert_close(g, ref, atol=1e-2, rtol=1e-2)  # bfloat16 gradients: 8 bits of mantissa
+
+
+def test_standardize_uses_the_function_only_on_its_own_moments() -> None:
+    """``fit``'s moments mark themselves; a caller that replaces them (another mean, the running
+    estimates) gets the composition, differentiated through what it passed."""
+    op = nk.nop.Standardize()
+    v = rand(4, 3, 1, 5, seed=3)
+    w = rand(4, 3, 1, 1, seed=4)
+    stats = op.fit(v, Batch(), (5,))
+    y = op.transform(v, stats, nap=Batch(), eps=1e-5, m=20, weight=w, bias=None)
+    assert type(y.grad_fn).__name__ == "_StandardizeAffineBackward"
+    moved = dict(stats, mean=stats["mean"] + 1)
+    y2 = op.transform(v, moved, nap=Batch(), eps=1e-5, m=20, weight=w, bias=None)
+    assert type(y2.grad_fn).__name__ != "_StandardizeAffineBackward"
+    assert_close(y2, (v - stats["mean"] - 1) * torch.rsqrt(stats["var"] + 1e-5) * w, **TIGHT)
+    stats["var"] = stats["var"] * 2  # replaced in place of the dict: no longer its own
+    y3 = op.transform(v, stats, nap=Batch(), eps=1e-5, m=20, weight=w, bias=None)
+    assert type(y3.grad_fn).__name__ != "_StandardizeAffineBackward"
+    plain = op.unfused().fit(v, Batch(), (5,))
+    assert type(plain) is dict
+
+
+@pytest.mark.parametrize("method, kw", [("iebn", {}), ("attentive_norm", {"num_affines": 3}),
+                                        ("ilm", {"num_groups": 2}), ("ilm", {"num_groups": 6})])
+def test_conditional_presets_equal_the_composition(method: str, kw: dict[str, Any]) -> None:
+    fused = _randomized(nk.create(method, 6, dtype=F64, **kw), 30)
+    plain = nk.create(method, 6, dtype=F64, native=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    x = (rand(5, 6, 3, 4, seed=0) * 2 + 1).detach().requires_grad_()
+    for step in range(2):
+        y, ref = fused(x), plain(x)
+        assert "_StandardizeAffineBackward" in _nodes(y)
+        assert "_StandardizeAffineBackward" not in _nodes(ref)
+        assert_close(y, ref, **TIGHT)
+        cot = rand(*y.shape, seed=40 + step, grad=False)
+        grads = torch.autograd.grad(y, [x, *fused.parameters()], cot)
+        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
+        for a, b in zip(grads, refs, strict=True):
+            assert_close(a, b, **TIGHT)
+    for name, buf in fused.named_buffers():
+        assert_close(buf, dict(plain.named_buffers())[name], **TIGHT)
+    fused.eval(), plain.eval()
+    assert_close(fused(x), plain(x), **TIGHT)
+
+
+def test_conditional_preset_gradcheck_and_second_derivatives() -> None:
+    m = _randomized(nk.create("iebn", 4, dtype=F64), 5)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (x,))
+
+    args = (rand(3, 4, 2, 3, seed=1), *m.parameters())
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+def test_spatially_varying_recovery_uses_the_composition() -> None:
+    """SPADE's γ, β vary with position: not the Function's (constant along the positions)."""
+    op = nk.nop.Standardize()
+    v = rand(2, 3, 1, 4, seed=5)
+    w = rand(2, 3, 1, 4, seed=6)
+    y = op.transform(v, op.fit(v, Batch(), (4,)), nap=Batch(), eps=1e-5, m=8, weight=w,
+                     bias=None)
+    assert type(y.grad_fn).__name__ != "_StandardizeAffineBackward"
+    ref = (v - v.mean((0, 3), keepdim=True)) * torch.rsqrt(
+        v.var((0, 3), correction=0, keepdim=True) + 1e-5) * w
+    assert_close(y, ref, **TIGHT)

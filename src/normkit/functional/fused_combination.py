@@ -15,15 +15,53 @@ Batch-channel normalization (Qiao et al. 2019), ``x̂_B = (x − μ_B)/√(σ_B�
 .. math::
     h = \gamma_b \hat{x}_B + \beta_b,\qquad
     y = \gamma\,\frac{h - \mu_{ng}(h)}{\sqrt{\sigma^2_{ng}(h) + \epsilon}} + \beta
+
+Standardization with a per-sample affine (the conditional recoveries: IEBN's gate, attentive
+normalization's mixture, ILM's meta affine) has no torch kernel; :func:`standardize_affine` is
+one autograd Function with a hand-derived backward. With ``x̂ = (x − μ) r``, ``r = (σ² + ε)^{-1/2}``
+over the ``M`` values of a statistic (the reduced axes ``D``, positions included), ``y = A x̂ + B``
+(``A, B`` constant along the positions) and ``g' = A g``:
+
+.. math::
+    \frac{\partial L}{\partial x} = r\Big(g' - \frac{1}{M}\sum_D g'
+        - \hat{x}\,\frac{1}{M}\sum_D g'\hat{x}\Big),\qquad
+    \frac{\partial L}{\partial A} = \sum r\,(s_2 - \mu s_1),\quad
+    \frac{\partial L}{\partial B} = \sum s_1
+
+where ``s_1 = Σ_S g`` and ``s_2 = Σ_S g x`` per row of positions are the only full passes (every
+other sum runs over those rows), so the backward reads ``g`` twice and ``x`` once and writes ``dx``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["batch_standardize", "group_standardize"]
+from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
+from .statistics import moments as _moments
+
+__all__ = ["OwnMoments", "batch_standardize", "group_standardize", "standardize_affine",
+           "standardize_affine_plain"]
+
+
+class OwnMoments(dict):  # type: ignore[type-arg]
+    """The statistics ``{"mean": μ, "var": σ²}`` an operation's ``fit`` computed from the view
+    itself: :func:`is_own` tells whether they are still those (not replaced by a caller), so a
+    Function may differentiate through them itself."""
+
+    def __init__(self, mean: Tensor, var: Tensor) -> None:
+        super().__init__(mean=mean, var=var)
+        self.own = (mean, var)
+
+
+def is_own(stats: Any) -> bool:
+    """Whether ``stats`` are an :class:`OwnMoments` whose ``mean`` and ``var`` are unchanged."""
+    return (isinstance(stats, OwnMoments) and stats.get("mean") is stats.own[0]
+            and stats.get("var") is stats.own[1])
 
 
 def _flat(t: Tensor | None, c: int) -> Tensor | None:
@@ -95,4 +133,95 @@ def group_standardize(h: Tensor, num_groups: int, weight: Tensor | None, bias: T
         return y
     if weight is not None:
         y = y * weight
+    return y if bias is None else y + bias
+
+
+def per_sample(weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether a recovery ``γ, β`` (views against ``(N, A, B, S)``) is per sample, and constant
+    along the positions (what :func:`standardize_affine` takes; not SPADE's maps)."""
+    views = [t for t in (weight, bias) if t is not None]
+    return (any(t.shape[0] > 1 for t in views)
+            and all(t.dim() == 4 and t.shape[3] == 1 for t in views))
+
+
+class _StandardizeAffine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                eps: float, dims: tuple[int, ...], mean: Tensor, var: Tensor) -> Tensor:
+        x = v.to(mean.dtype)
+        r = torch.rsqrt(var + eps)
+        a = r if weight is None else r * weight.to(mean.dtype)
+        shift = -mean * a
+        y = torch.addcmul(shift if bias is None else shift + bias.to(mean.dtype), x, a)
+        ctx.save_for_backward(v, mean, r, weight, bias)
+        ctx.dims, ctx.eps = dims, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, mean, r, weight, bias = ctx.saved_tensors
+        dims = ctx.dims
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return (*_plain_vjp(standardize_affine_plain, (v, weight, bias, ctx.eps, dims), g),
+                    None, None)
+        dt = r.dtype
+        x = v.to(dt)
+        g = g.to(dt)
+        last = (x.dim() - 1,)
+        s1 = g.sum(last, keepdim=True)  # Σ_S g per row
+        s2 = _dot(g, x, last)  # Σ_S g x per row
+        gx_hat = r * (s2 - mean * s1)  # Σ_S g x̂ per row
+        w = None if weight is None else weight.to(dt)
+        g_weight = _param_grad(weight, gx_hat)
+        g_bias = _param_grad(bias, s1)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            big = _reduced(x, dims)
+            m1 = (s1 if w is None else w * s1).sum(dims, keepdim=True) / big  # mean_D g'
+            m2 = (gx_hat if w is None else w * gx_hat).sum(dims, keepdim=True) / big  # g'x̂
+            c1 = -r * r * m2  # dx = r A g + c1 x + c0
+            c0 = r * (r * m2 * mean - m1)
+            a = r if w is None else r * w
+            dx = torch.addcmul(c0, x, c1).addcmul_(g, a).to(v.dtype)
+        return dx, g_weight, g_bias, None, None, None, None
+
+
+def standardize_affine(v: Tensor, dims: Sequence[int], *, weight: Tensor | None,
+                       bias: Tensor | None, eps: float,
+                       moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    r"""``y = γ (x − μ)/√(σ² + ε) + β`` with ``μ, σ²`` (biased) over ``dims`` and ``γ, β``
+    constant along the positions (per channel or per sample and channel), with the
+    hand-derived backward (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, A, B, S)``.
+        dims: the reduced axes of the statistics; they include the positions ``3``.
+        weight, bias: ``γ, β`` broadcastable against ``v`` with size 1 along ``3``, or ``None``.
+        eps: the stability constant.
+        moments: ``(μ, σ²)`` of ``v`` over ``dims`` if already computed (at least float32;
+            their derivative is still taken), or ``None``.
+
+    Example:
+        >>> x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
+        >>> w = torch.rand(4, 3, 1, 1, dtype=torch.float64)
+        >>> ref = (x - x.mean((0, 3), keepdim=True)) / (x.var((0, 3), correction=0,
+        ...        keepdim=True) + 1e-5).sqrt() * w
+        >>> torch.allclose(standardize_affine(x, (0, 3), weight=w, bias=None, eps=1e-5), ref)
+        True
+    """
+    if moments is None:
+        with torch.no_grad():
+            mean, var = _moments(v, tuple(dims))
+    else:
+        mean, var = moments[0].detach(), moments[1].detach()
+    return _StandardizeAffine.apply(v, weight, bias, eps, tuple(dims),  # type: ignore[no-any-return]
+                                    mean.to(_compute_dtype(v)), var.to(_compute_dtype(v)))
+
+
+def standardize_affine_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                             dims: Sequence[int]) -> Tensor:
+    """:func:`standardize_affine` as the plain autograd composition of its formula."""
+    mean, var = _moments(v, tuple(dims))
+    y = (v.to(mean.dtype) - mean) * torch.rsqrt(var + eps)
+    y = y if weight is None else y * weight
     return y if bias is None else y + bias
