@@ -7,7 +7,8 @@ gradcheck and gradgradcheck must pass through the module, and a synchronized par
 moments the kernel could not merge) or a per-sample recovery must still give the composition.
 Standardization with a per-sample affine (IEBN, attentive normalization, ILM) runs one Function
 with a hand-derived backward on ``fit``'s own moments: the same checks, and the composition
-wherever a caller replaced those moments.
+wherever a caller replaced those moments. The switchable and batch-instance mixtures run their
+instance moments and their per-sample affine as one Function each: equal to the composition.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import normkit as nk
 from normkit.functional.fused_combination import (
     batch_standardize,
     group_standardize,
+    row_affine,
+    row_moments,
     standardize_affine,
     standardize_affine_plain,
 )
@@ -269,3 +272,82 @@ def test_spatially_varying_recovery_uses_the_composition() -> None:
     ref = (v - v.mean((0, 3), keepdim=True)) * torch.rsqrt(
         v.var((0, 3), correction=0, keepdim=True) + 1e-5) * w
     assert_close(y, ref, **TIGHT)
+
+
+# ------------------------------------------------- switchable / batch-instance mixtures
+def test_row_moments_and_row_affine_equal_the_composition() -> None:
+    x = rand(3, 4, 2, 5, seed=11, scale=3.0)
+    a, b = rand(3, 4, 2, 1, seed=12), rand(1, 4, 2, 1, seed=13)
+    mean, var = row_moments(x)
+    assert_close(mean, x.mean(3, keepdim=True), **TIGHT)
+    assert_close(var, x.var(3, correction=0, keepdim=True), **TIGHT)
+    y = row_affine(x, a, b)
+    assert_close(y, x * a + b, **TIGHT)
+    out = (y * mean + var.sqrt()).sum()  # both Functions in one graph, every input used
+    ref_mean, ref_var = x.mean(3, keepdim=True), x.var(3, correction=0, keepdim=True)
+    ref = ((x * a + b) * ref_mean + ref_var.sqrt()).sum()
+    for u, w in zip(torch.autograd.grad(out, (x, a, b)), torch.autograd.grad(ref, (x, a, b)),
+                    strict=True):
+        assert_close(u, w, **TIGHT)
+
+
+def test_row_functions_gradcheck_and_second_derivatives() -> None:
+    x = rand(2, 3, 1, 4, seed=14)
+    a, b = rand(2, 3, 1, 1, seed=15), rand(1, 3, 1, 1, seed=16)
+    for f, args in ((lambda t: torch.cat(row_moments(t)), (x,)), (row_affine, (x, a, b))):
+        assert gradcheck(f, args)
+        assert gradgradcheck(f, args)
+
+
+MIXTURES = [("switchable_norm", {}), ("switchable_norm", {"sparse": True}),
+            ("switchable_norm", {"modes": ("in", "ln"), "track_running_stats": False}),
+            ("bin", {}), ("ibn", {}), ("ibn", {"ratio": 1.0})]
+
+
+@pytest.mark.parametrize("method, kw", MIXTURES, ids=lambda p: str(p))
+def test_mixtures_equal_the_composition(method: str, kw: dict[str, Any]) -> None:
+    fused = _randomized(nk.create(method, 6, dtype=F64, **kw), 50)
+    plain = nk.create(method, 6, dtype=F64, native=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    assert fused.nop.fused and not plain.nop.fused
+    x = (rand(5, 6, 3, 4, seed=0) * 2 + 1).detach().requires_grad_()
+    for step in range(2):
+        y, ref = fused(x), plain(x)
+        assert "_RowAffineBackward" in _nodes(y) and "_RowMomentsBackward" in _nodes(y)
+        assert "_RowAffineBackward" not in _nodes(ref)
+        assert_close(y, ref, **TIGHT)
+        cot = rand(*y.shape, seed=60 + step, grad=False)
+        grads = torch.autograd.grad(y, [x, *fused.parameters()], cot)
+        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
+        for a, b in zip(grads, refs, strict=True):
+            assert_close(a, b, **TIGHT)
+    for name, buf in fused.named_buffers():
+        assert_close(buf, dict(plain.named_buffers())[name], **TIGHT)
+
+
+def test_adalin_with_per_sample_recovery_equals_the_composition() -> None:
+    fused = _randomized(nk.create("adalin", 4, dtype=F64), 70)
+    plain = nk.create("adalin", 4, dtype=F64, native=False)
+    plain.load_state_dict(fused.state_dict())
+    x = rand(3, 4, 3, 3, seed=1)
+    cond = (rand(3, 4, seed=2), rand(3, 4, seed=3))
+    y, ref = fused(x, cond), plain(x, cond)
+    assert "_RowAffineBackward" in _nodes(y)
+    assert_close(y, ref, **TIGHT)
+    ins = [x, *cond, *fused.parameters()]
+    for a, b in zip(torch.autograd.grad(y.sum(), ins),
+                    torch.autograd.grad(ref.sum(), [x, *cond, *plain.parameters()]), strict=True):
+        assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("method", ["switchable_norm", "bin"])
+def test_mixture_gradcheck_and_second_derivatives(method: str) -> None:
+    m = _randomized(nk.create(method, 4, dtype=F64), 5)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (x,))
+
+    args = (rand(3, 4, 2, 3, seed=1), *m.parameters())
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)

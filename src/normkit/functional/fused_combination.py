@@ -44,8 +44,8 @@ from torch.nn import functional as F
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .statistics import moments as _moments
 
-__all__ = ["OwnMoments", "batch_standardize", "group_standardize", "standardize_affine",
-           "standardize_affine_plain"]
+__all__ = ["OwnMoments", "batch_standardize", "group_standardize", "row_affine", "row_moments",
+           "standardize_affine", "standardize_affine_plain"]
 
 
 class OwnMoments(dict):  # type: ignore[type-arg]
@@ -225,3 +225,84 @@ def standardize_affine_plain(v: Tensor, weight: Tensor | None, bias: Tensor | No
     y = (v.to(mean.dtype) - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias
+
+
+# ------------------------------------------------------------- per-row moments and affine
+class _RowMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor) -> Tensor:  # type: ignore[override]
+        x = v.to(_compute_dtype(v))
+        last = (x.dim() - 1,)
+        mean = x.mean(last, keepdim=True)
+        var = torch.linalg.vector_norm(x - mean, 2, last, keepdim=True).square_() / x.shape[-1]
+        ctx.save_for_backward(v, mean)
+        return torch.stack((mean, var))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        v, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return _plain_vjp(row_moments_plain, (v,), g)[0]  # type: ignore[return-value]
+        s = v.shape[-1]
+        c1 = g[1] * (2.0 / s)  # ∂σ²/∂x = 2(x − μ)/S, ∂μ/∂x = 1/S
+        c0 = g[0] / s - c1 * mean
+        return torch.addcmul(c0, v.to(mean.dtype), c1).to(v.dtype)
+
+
+def row_moments(v: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Mean and biased variance of each row ``(n, a, b)`` over the positions (the last axis),
+    ``(N, A, B, 1)`` each, in at least float32, as one Function: the backward is one pass,
+    ``∂L/∂x = g_μ/S + 2 g_{σ²}(x − μ)/S``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 1, 5, dtype=torch.float64)
+        >>> mean, var = row_moments(x)
+        >>> torch.allclose(var, x.var(3, correction=0, keepdim=True))
+        True
+    """
+    mv = _RowMoments.apply(v)
+    return mv[0], mv[1]
+
+
+def row_moments_plain(v: Tensor) -> Tensor:
+    """:func:`row_moments` as the plain composition (stacked ``(μ, σ²)``)."""
+    return torch.stack(_moments(v, (v.dim() - 1,)))
+
+
+class _RowAffine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(v, scale, shift)
+        return torch.addcmul(shift, v.to(scale.dtype), scale)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, scale, shift = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return _plain_vjp(row_affine_plain, (v, scale, shift), g)
+        x = v.to(scale.dtype)
+        g = g.to(scale.dtype)
+        last = (x.dim() - 1,)
+        need = ctx.needs_input_grad
+        dx = (g * scale).to(v.dtype) if need[0] else None
+        d_scale = _dot(g, x, last).sum_to_size(scale.shape) if need[1] else None
+        d_shift = g.sum(last, keepdim=True).sum_to_size(shift.shape) if need[2] else None
+        return dx, d_scale, d_shift
+
+
+def row_affine(v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    r"""``y = x·scale + shift`` with ``scale, shift`` constant along the positions (per row
+    ``(N, A, B, 1)`` or broadcastable to it), in their dtype, as one Function: ``Σ_S g x`` by a
+    batched dot product, no broadcast product saved.
+
+    Example:
+        >>> x, a, b = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 1), torch.randn(1, 3, 1, 1)
+        >>> torch.allclose(row_affine(x, a, b), x * a + b)
+        True
+    """
+    return _RowAffine.apply(v, scale, shift)  # type: ignore[no-any-return]
+
+
+def row_affine_plain(v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """:func:`row_affine` as the plain composition."""
+    return torch.addcmul(shift, v.to(scale.dtype), scale)
