@@ -21,6 +21,10 @@ The per-sample statistics are computed once, per instance ``(n, c)`` over the po
 the layer and batch statistics are pooled from them with the law of total variance
 (:func:`~normkit.functional.merging.pool_moments`: exact for cells of equal size, and without
 the cancellation of ``E[x²] − μ²``), so a switchable mixture costs one pass over the input.
+By default (``fused``) the instance moments and the final per-sample affine ``x·scale + shift``
+are one autograd Function each, with one-pass backwards
+(:mod:`normkit.functional.fused_combination`); ``Normalization(native=False)`` runs the plain
+composition.
 """
 
 from __future__ import annotations
