@@ -1,14 +1,16 @@
-r"""torch's kernels for the combination family: batch-channel normalization as BN's kernel
-followed by GN's, and a standardization with a per-sample affine (conditional recoveries) as the
-statistics-only kernel followed by one ``addcmul``.
+r"""Faster training paths for the combination family: batch-channel normalization through
+torch's BN and GN kernels; the per-row (instance) moments and the per-row affine ``x·A + B`` that
+switchable and batch-instance normalization reduce to; standardization with a per-sample affine
+(conditional recoveries) — each as one autograd Function with a one-pass backward.
 
 A composition of separate torch ops pays one memory pass per op, forward and backward, and
 autograd saves most intermediates. torch's normalization kernels compute the statistics, the
-normalized output and the affine in one forward and the whole input gradient (through the
-statistics) in one backward; their second derivatives are torch's own. Shapes are the canonical
-view ``(N, C, 1, S)`` of ``Batch()``/``Instance()`` (one channel per group); per-channel
-parameters are views ``(1, C, 1, 1)`` (or ``(C,)``). Everything runs in the dtype of the input
-given (the callers pass at least float32).
+normalized output and the affine in one forward and the whole input gradient in one backward
+(second derivatives: torch's own). The Functions here save the input (already alive) and
+statistics; the small per-row coefficients between them (mixing, pooling, gating) stay plain
+autograd; a second derivative (``create_graph=True``) differentiates the plain composition
+(exact, at autograd's cost). Shapes are the canonical view ``(N, A, B, S)``; per-row tensors
+``(N, A, B, 1)``; statistics in at least float32.
 
 Batch-channel normalization (Qiao et al. 2019), ``x̂_B = (x − μ_B)/√(σ_B² + ε)`` per channel:
 
