@@ -207,7 +207,8 @@ CASES: list[Case] = [
     Case(
         name="bcn", method="bcn", num_features=4, kwargs={"num_groups": 2}, shapes=S4,
         grad_shape=(3, 4, 2), batch_dependent=True, running=("mean", "var"),
-        params=("weight", "bias", "bn_weight", "bn_bias"), takes_affine=True, native=None,
+        params=("weight", "bias", "bn_weight", "bn_bias"), takes_affine=True,
+        native="group_norm", native_eval=False,  # training: BN's kernel (aten), then GN's
         degenerate_shapes=((1, 4),), edge_shapes=((1, 4, 3), (2, 4, 1, 1)),
         batch_stats=_bn_stats, eval_ref=_bcn_eval_ref(2), foldable=False,
         errors=_common_errors(4, (3, 4, 5), 1) + _group_errors(4) + (

@@ -21,25 +21,30 @@ The per-sample statistics are computed once, per instance ``(n, c)`` over the po
 the layer and batch statistics are pooled from them with the law of total variance
 (:func:`~normkit.functional.merging.pool_moments`: exact for cells of equal size, and without
 the cancellation of ``E[x²] − μ²``), so a switchable mixture costs one pass over the input.
+By default (``fused``) the instance moments and the final per-sample affine ``x·scale + shift``
+are one autograd Function each, with one-pass backwards
+(:mod:`normkit.functional.fused_combination`); ``Normalization(native=False)`` runs the plain
+composition.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..functional import fused_combination as Fc
 from ..functional import standardize as Fs
 from ..functional.merging import pool_moments
 from ..functional.merging import pool_moments as pooled_moments  # noqa: F401 - the old name
 from ..functional.partition import stats_dtype
 from ..functional.simplex import sparsemax
 from ..nap import Partition
-from ._base import Coefficients, Stats
+from ._base import Coefficients, Operation, Stats
 from ._norm_act import BatchChannelStandardize as BatchChannelStandardize
 from ._norm_act import EvoB0 as EvoB0
 from ._norm_act import EvoS0 as EvoS0
@@ -54,12 +59,41 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------------- fused
+class _RowFused(_OwnsParameters):
+    """Mixtures whose ``x̂ = x·scale + shift`` has ``scale, shift`` per sample and channel, all
+    from the instance moments: by default (``fused``) those moments and the affine are one
+    Function each (:func:`~normkit.functional.fused_combination.row_moments`,
+    :func:`~normkit.functional.fused_combination.row_affine`) — a one-pass backward each
+    instead of autograd's several; ``Normalization(native=False)`` runs the composition."""
+
+    fused: bool
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)  # type: ignore[type-var]
+
+    def _instance(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        return Fc.row_moments(v) if self.fused else instance_moments(v)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        scale, shift = self.coefficients(stats, eps, m)
+        rows = [t for t in (scale, shift, weight, bias) if t is not None]
+        if not self.fused or any(t.dim() != 4 or t.shape[3] != 1 for t in rows):
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        if weight is not None:
+            scale, shift = scale * weight, shift * weight
+        if bias is not None:
+            shift = shift + bias
+        return Fc.row_affine(v, scale, shift)
+
+
 # ---------------------------------------------------------------------------- switchable
 _SN_MODES = ("in", "ln", "bn")
 
 
 @dataclass(frozen=True, repr=False)
-class SwitchableStandardize(_OwnsParameters):
+class SwitchableStandardize(_RowFused):
     r"""Switchable standardization: a learned mixture of IN, LN and BN statistics (Luo et al.).
 
     .. math::
@@ -77,6 +111,7 @@ class SwitchableStandardize(_OwnsParameters):
 
     modes: tuple[str, ...] = _SN_MODES
     sparse: bool = False
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
 
@@ -143,7 +178,7 @@ class SwitchableStandardize(_OwnsParameters):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        inst = instance_moments(v)
+        inst = self._instance(v)
         if "bn" not in self.modes:
             return self._mix(inst, None, params or {})
         batch = _batch_moments(v, nap, spatial, inst)
@@ -155,7 +190,7 @@ class SwitchableStandardize(_OwnsParameters):
     ) -> Stats:
         r = self.from_running(running, nap, num_features)
         batch = (r["mean"].to(stats_dtype(v)), r["var"].to(stats_dtype(v)))
-        return self._mix(instance_moments(v), batch, params or {})
+        return self._mix(self._instance(v), batch, params or {})
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.standardize_coefficients(stats["mix_mean"], stats["mix_var"], eps)
@@ -163,7 +198,7 @@ class SwitchableStandardize(_OwnsParameters):
 
 # ------------------------------------------------------------------------ batch-instance
 @dataclass(frozen=True, repr=False)
-class BatchInstanceStandardize(_OwnsParameters):
+class BatchInstanceStandardize(_RowFused):
     r"""Batch-instance standardization: a per-channel gate between BN and IN (Nam & Kim 2018).
 
     .. math::
@@ -177,6 +212,7 @@ class BatchInstanceStandardize(_OwnsParameters):
     """
 
     gate_init: float = 1.0
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
 
@@ -214,7 +250,7 @@ class BatchInstanceStandardize(_OwnsParameters):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mi, vi = instance_moments(v)
+        mi, vi = self._instance(v)
         mb, vb = _batch_moments(v, nap, spatial, (mi, vi))
         return {"mean": mb, "var": vb, "inst_mean": mi, "inst_var": vi, "gate": self._gate(v, params)}
 
@@ -223,7 +259,7 @@ class BatchInstanceStandardize(_OwnsParameters):
         num_features: int, eps: float, params: Stats | None = None,
     ) -> Stats:
         r = self.from_running(running, nap, num_features)
-        mi, vi = instance_moments(v)
+        mi, vi = self._instance(v)
         return {"mean": r["mean"].to(mi.dtype), "var": r["var"].to(mi.dtype), "inst_mean": mi,
                 "inst_var": vi, "gate": self._gate(v, params)}
 
@@ -261,7 +297,7 @@ class InstanceLayerStandardize(BatchInstanceStandardize):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
-        mi, vi = instance_moments(v)
+        mi, vi = self._instance(v)
         ml, vl = pool_moments(mi, vi, (1, 2))
         # BatchInstanceStandardize.coefficients mixes "mean"/"var" (here LN's) with the instance
         # moments by ρ: ρ → IN, 1 − ρ → LN

@@ -19,6 +19,9 @@ EvoNorm-B0/S0 and FRN run, by default (``fused=True``), as one autograd Function
 hand-derived backward (:mod:`normkit.functional.fused`): training's statistics are computed once,
 without autograd (the Function differentiates through them), and handed to it under the
 ``batch_*`` keys; ``Normalization(native=False)`` (:meth:`unfused`) runs the plain composition.
+Batch-channel normalization trains, by default, through torch's BN kernel (in ``fit``: its output
+``batch_h`` and the batch moments) and GN kernel (in ``transform``;
+:mod:`normkit.functional.fused_combination`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import fused as Ff
+from ..functional import fused_combination as Fc
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.merging import pool_moments
 from ..functional.partition import resolve_groups, stats_dtype
-from ..nap import Partition
+from ..nap import Batch, Partition
 from ._base import Coefficients, Operation, Stats
 from ._owned import _channel_view, _OwnsParameters, _per_channel_split, instance_moments
 from ._standard import Scale
@@ -289,8 +293,12 @@ class BatchChannelStandardize(_NotAffine):
     num_groups: int | None = None
     group_size: int | None = None
     bn_affine: bool = True
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bn_affine, bool):
@@ -335,8 +343,13 @@ class BatchChannelStandardize(_NotAffine):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        aff = self._affine(v, params)
+        if self.fused and type(nap) is Batch:  # BN's kernel: h, and μ_B, σ²_B for the running
+            h, mean, var = Fc.batch_standardize(  # estimates (its backward differentiates them)
+                v.to(stats_dtype(v)), aff.get("bn_weight"), aff.get("bn_bias"), eps)
+            return {"mean": mean, "var": var, "batch_h": h}
         mean, var = nap.moments(v, spatial)
-        return {"mean": mean, "var": var, **self._affine(v, params)}
+        return {"mean": mean, "var": var, **aff}
 
     def eval_stats(
         self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
@@ -348,12 +361,14 @@ class BatchChannelStandardize(_NotAffine):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        c = v.shape[1] * v.shape[2]
+        if "batch_h" in stats:  # fused: GN's kernel on BN's output
+            return Fc.group_standardize(stats["batch_h"], self._groups(c), weight, bias, eps)
         scale, shift = Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
         if "bn_weight" in stats:
             scale, shift = scale * stats["bn_weight"], shift * stats["bn_weight"] + stats["bn_bias"]
         h = torch.addcmul(shift, v.to(scale.dtype), scale)  # (N, C, 1, S)
-        n, c = h.shape[0], h.shape[1] * h.shape[2]
-        hg = h.reshape(n, self._groups(c), -1)
+        hg = h.reshape(h.shape[0], self._groups(c), -1)
         mg, vg = S.moments(hg, (2,))
         out = ((hg - mg) * torch.rsqrt(vg + eps)).reshape(h.shape)
         return Fs.affine_transform(out, None, None, weight, bias)

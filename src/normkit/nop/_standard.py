@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..functional import fused_combination as Fc
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.fused import _reduced
@@ -44,21 +45,46 @@ def _fusable(fused: bool, v: Tensor, stats: Stats, nap: Partition, weight: Tenso
     return all(t is None or all(t.shape[d] == 1 for d in nap.dims) for t in (weight, bias))
 
 
+#: partitions whose moments :meth:`Standardize.fit` computes from the view alone (never merged
+#: over processes), over axes that include the positions
+_OWN_NAPS = (Batch, Group, Layer, Instance)
+
+
 @dataclass(frozen=True, repr=False)
 class Standardize(Operation):
-    """Standardization ``x̂ = (x − μ)/√(σ² + ε)`` (biased batch variance)."""
+    """Standardization ``x̂ = (x − μ)/√(σ² + ε)`` (biased batch variance).
+
+    With a per-sample recovery (conditional ``γ, β``, which no torch kernel takes) training runs,
+    by default, as one autograd Function with a hand-derived backward
+    (:func:`~normkit.functional.fused_combination.standardize_affine`) on the moments ``fit``
+    computed (while they are unchanged); ``Normalization(native=False)`` runs the composition.
+    """
+
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
         mean, var = nap.moments(v, spatial)
+        if self.fused and type(nap) in _OWN_NAPS and not torch.compiler.is_compiling():
+            return Fc.OwnMoments(mean, var)  # this view's own moments: see transform
         return {"mean": mean, "var": var}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if Fc.per_sample(weight, bias) and Fc.is_own(stats) and 3 in nap.dims:
+            return Fc.standardize_affine(v, nap.dims, weight=weight, bias=bias, eps=eps,
+                                         moments=(stats["mean"], stats["var"]))
+        return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
 
     def native_kernel(self, layout: Layout) -> Kernel | None:
         """BN over ``Batch()`` (one channel per group), the BN kernel per group over
