@@ -199,3 +199,27 @@ def test_switchable_gradcheck() -> None:
                                    bias=b)
 
     assert gradcheck(f, (x, a_b, coef, w, b))
+
+
+@pytest.mark.parametrize("shape", [(6, 32), (4, 32, 2, 2), (8, 32, 5, 5)])
+def test_batch_whitening_keeps_its_own_fused_ops(shape: tuple[int, ...]) -> None:
+    """Only per-sample whitening runs the per-sample op; batch whitening (dbn), in either layout
+    (few positions: the matrix view; many: in place), keeps its checked custom ops."""
+    seen: list[str] = []
+
+    def spy(func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    x = torch.randn(*shape, requires_grad=True)
+    m = nk.create("dbn", 32)
+    from torch.overrides import TorchFunctionMode
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            return spy(func, types, args, kwargs)
+
+    with Spy():
+        m(x)
+    ops = " ".join(seen)
+    assert "whiten_sample" not in ops and "whiten_moments" in ops

@@ -183,8 +183,11 @@ class Whiten(Operation):
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                     "centered": centered}
         shared, roles = self._layout(v, nap)
-        if roles is not None and self.method == "zca" and self.last_group is None:
-            # Per-sample ZCA: statistics once, without autograd; transform's custom op
+        if (roles is not None and roles[0] == "G" and self.method == "zca"
+                and self.last_group is None):
+            # Per-sample ZCA (instance / group whitening: the batch axis is a G axis; batch
+            # whitening keeps its own fused ops below): statistics once, without autograd;
+            # transform's custom op
             # differentiates through them (hand-derived eigen backward, no autograd on W(Σ)).
             with torch.no_grad():
                 mean, cov, centered, f, u, w = FW.sample_zca_fit(v, roles, eps)
