@@ -65,6 +65,9 @@ def inv_sqrt_eigh(cov: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     lam, u = torch.linalg.eigh(a)
     f = lam.clamp_min(eps if eps > 0 else torch.finfo(lam.dtype).tiny).rsqrt()
     f = torch.where(finite, f, torch.full_like(f, float("nan")))  # (B, D): small
+    # eigh's eigenvectors are column-major; contiguous so that the custom ops' outputs have the
+    # strides of their fake kernels (inductor asserts them)
+    u = u.contiguous()
     return f, u, torch.matmul(u * f.unsqueeze(-2), u.mT)
 
 
