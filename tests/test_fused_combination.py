@@ -65,6 +65,24 @@ def _nodes(y: torch.Tensor) -> set[str]:
     return set(seen.values())
 
 
+def _assert_steps_equal(fused: torch.nn.Module, plain: torch.nn.Module, x: torch.Tensor,
+                        seed: int, present: tuple[str, ...]) -> None:
+    """Two training steps: the fused module's graph holds the ``present`` nodes and the
+    composition's holds none of them; outputs, the input's and every parameter's gradient are the
+    composition's; then every buffer is."""
+    for step in range(2):
+        y, ref = fused(x), plain(x)
+        assert set(present) <= _nodes(y) and not set(present) & _nodes(ref)
+        assert_close(y, ref, **TIGHT)
+        cot = rand(*y.shape, seed=seed + step, grad=False)
+        grads = torch.autograd.grad(y, [x, *fused.parameters()], cot)
+        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
+        for a, b in zip(grads, refs, strict=True):
+            assert_close(a, b, **TIGHT)
+    for name, buf in fused.named_buffers():
+        assert_close(buf, dict(plain.named_buffers())[name], **TIGHT)
+
+
 @pytest.mark.parametrize("kw", [{"num_groups": 2}, {"group_size": 1}, {"num_groups": 1},
                                 {"num_groups": 3, "bn_affine": False},
                                 {"num_groups": 2, "affine": False}],
@@ -73,19 +91,8 @@ def test_bcn_kernels_equal_the_composition(kw: dict[str, Any]) -> None:
     fused, plain = _pair(**kw)
     assert fused.nop.fused and not plain.nop.fused
     x = (rand(5, 6, 3, 4, seed=0) * 2 + 1).detach().requires_grad_()
-    for step in range(2):  # the running estimates after two updates, then evaluation
-        y, ref = fused(x), plain(x)
-        assert "NativeBatchNormBackward0" in _nodes(y)
-        assert "NativeBatchNormBackward0" not in _nodes(ref)
-        assert_close(y, ref, **TIGHT)
-        cot = rand(*y.shape, seed=20 + step, grad=False)
-        params = [x, *fused.parameters()]
-        grads = torch.autograd.grad(y, params, cot)
-        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
-        for a, b in zip(grads, refs, strict=True):
-            assert_close(a, b, **TIGHT)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert_close(getattr(fused, name), getattr(plain, name), **TIGHT)
+    # the running estimates after two updates, then evaluation
+    _assert_steps_equal(fused, plain, x, 20, ("NativeBatchNormBackward0",))
     fused.eval(), plain.eval()
     assert_close(fused(x), plain(x), **TIGHT)
 
@@ -233,18 +240,7 @@ def test_conditional_presets_equal_the_composition(method: str, kw: dict[str, An
     plain = nk.create(method, 6, dtype=F64, native=False, **kw)
     plain.load_state_dict(fused.state_dict())
     x = (rand(5, 6, 3, 4, seed=0) * 2 + 1).detach().requires_grad_()
-    for step in range(2):
-        y, ref = fused(x), plain(x)
-        assert "_StandardizeAffineBackward" in _nodes(y)
-        assert "_StandardizeAffineBackward" not in _nodes(ref)
-        assert_close(y, ref, **TIGHT)
-        cot = rand(*y.shape, seed=40 + step, grad=False)
-        grads = torch.autograd.grad(y, [x, *fused.parameters()], cot)
-        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
-        for a, b in zip(grads, refs, strict=True):
-            assert_close(a, b, **TIGHT)
-    for name, buf in fused.named_buffers():
-        assert_close(buf, dict(plain.named_buffers())[name], **TIGHT)
+    _assert_steps_equal(fused, plain, x, 40, ("_StandardizeAffineBackward",))
     fused.eval(), plain.eval()
     assert_close(fused(x), plain(x), **TIGHT)
 
@@ -311,18 +307,7 @@ def test_mixtures_equal_the_composition(method: str, kw: dict[str, Any]) -> None
     plain.load_state_dict(fused.state_dict())
     assert fused.nop.fused and not plain.nop.fused
     x = (rand(5, 6, 3, 4, seed=0) * 2 + 1).detach().requires_grad_()
-    for step in range(2):
-        y, ref = fused(x), plain(x)
-        assert "_RowAffineBackward" in _nodes(y) and "_RowMomentsBackward" in _nodes(y)
-        assert "_RowAffineBackward" not in _nodes(ref)
-        assert_close(y, ref, **TIGHT)
-        cot = rand(*y.shape, seed=60 + step, grad=False)
-        grads = torch.autograd.grad(y, [x, *fused.parameters()], cot)
-        refs = torch.autograd.grad(ref, [x, *plain.parameters()], cot)
-        for a, b in zip(grads, refs, strict=True):
-            assert_close(a, b, **TIGHT)
-    for name, buf in fused.named_buffers():
-        assert_close(buf, dict(plain.named_buffers())[name], **TIGHT)
+    _assert_steps_equal(fused, plain, x, 60, ("_RowAffineBackward", "_RowMomentsBackward"))
 
 
 def test_adalin_with_per_sample_recovery_equals_the_composition() -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 from torch.autograd import gradcheck, gradgradcheck
@@ -48,36 +48,7 @@ from cases_power import STATE_BUFFERS, STATEFUL
 from normkit import ConfigError
 from normkit.methods.power import PowerNorm
 from normkit.nop._power import PowerScale, _PowerBackward
-
-F64 = torch.float64
-TIGHT = {"rtol": 1e-10, "atol": 1e-10}
-EPS = 1e-5
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rand(*shape: int, seed: int = 0, scale: float = 1.5, offset: float = 0.5) -> Tensor:
-    return torch.randn(shape, generator=gen(seed), dtype=F64) * scale + offset
-
-
-def randomize(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen(seed)) * 0.5 + (1.0 if name == "weight" else 0.0))
-    return m
-
-
-def grads(m: torch.nn.Module, x: Tensor, seed: int = 7) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Output, input gradient and parameter gradients for a fixed random cotangent."""
-    x = x.detach().clone().requires_grad_()
-    y = m(x)
-    cot = torch.randn(y.shape, generator=gen(seed), dtype=F64).to(y.dtype)
-    out = torch.autograd.grad(y, [x, *m.parameters()], cot)
-    return y.detach(), out[0], list(out[1:])
+from robust_util import EPS, F64, SETTINGS, TIGHT, gen, grads, rand, randomize
 
 
 def rms_bn(c: int, **kw: Any) -> nk.Normalization:

@@ -10,6 +10,7 @@ Every normalization is a composition of an area partition (:mod:`normkit.nap`), 
     True
 """
 
+from . import _deprecated  # noqa: E402,F401  (installs the deprecated aliases)
 from . import analysis as analysis
 from . import apply as apply
 from . import distributed as distributed

@@ -1,6 +1,5 @@
 """Pure tensor math of normkit: partitions, statistics, operations, recovery. No state."""
 
-from .normalize import normalize as normalize
 from .partition import canonical_view as canonical_view
 from .partition import resolve_groups as resolve_groups
 from .partition import restore_view as restore_view

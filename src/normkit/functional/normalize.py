@@ -1,7 +1,9 @@
 """The stability constant of a normalization: its default and its check.
 
 The stateless composition that was here (``normalize``) drives a partition and an operation; it
-is :func:`normkit.normalize` now (:mod:`normkit._pipeline`), with deprecated aliases here.
+is :func:`normkit.normalize` now (:mod:`normkit._pipeline`). ``normkit.functional.normalize``
+stays as a deprecated alias, installed by the package (:mod:`normkit._deprecated`) so that
+nothing here imports upward.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["check_eps", "default_eps", "normalize"]
+__all__ = ["check_eps", "default_eps"]
 
 
 def default_eps(dtype: torch.dtype) -> float:
@@ -37,15 +38,3 @@ def check_eps(eps: float, nop: Any) -> None:
         raise ConfigError(
             f"eps=0 with {nop!r} divides by zero on constant input; use a small eps such as 1e-5"
         )
-
-
-def normalize(x: Tensor, **kw: Any) -> Tensor:
-    """Deprecated alias of :func:`normkit.normalize` (the functional form moved up with the
-    pipeline it runs, :mod:`normkit._pipeline`; ``functional`` is pure tensor math)."""
-    import warnings
-
-    from .._pipeline import normalize as moved
-
-    warnings.warn("normkit.functional.normalize is deprecated; use normkit.normalize",
-                  DeprecationWarning, stacklevel=2)
-    return moved(x, **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -158,8 +158,36 @@ class Scale(Operation):
         return None
 
 
+class _ScaleStandardize(Operation):
+    """L1 / range standardization's shared transform: while ``fused``, training (statistics of
+    ``v`` that carry its gradient) runs one Function with the hand-derived backward
+    (:func:`~normkit.functional.fused_robust.robust_scale`), evaluation with constant
+    per-channel statistics BN's evaluation kernel; otherwise the composition."""
+
+    fused: bool
+    kind: ClassVar[Literal["l1", "range"]]
+
+    def scale_constant(self, m: int) -> float:
+        """``c`` of ``scale = c·(statistic)`` for ``m`` values per statistic."""
+        raise NotImplementedError
+
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)  # type: ignore[type-var]
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if not _fusable(self.fused, v, stats, nap, weight, bias):
+            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
+            if y is not None:
+                return y
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return robust_scale(v, nap.dims, kind=self.kind, mean=stats["mean"],
+                            scale=stats["scale"], c=self.scale_constant(m), weight=weight,
+                            bias=bias, eps=eps)
+
+
 @dataclass(frozen=True, repr=False)
-class L1(Operation):
+class L1(_ScaleStandardize):
     """L1 standardization ``x̂ = (x − μ)/(√(π/2)·E|x − μ| + ε)`` (Wu et al. 2018).
 
     For Gaussian ``x``, ``√(π/2)·E|x − μ| = σ``, so it matches BN in distribution while avoiding
@@ -169,6 +197,10 @@ class L1(Operation):
     stat_names = ("mean", "scale")
     #: training runs one Function with the hand-derived backward (:meth:`transform`)
     fused: bool = field(default=True, repr=False)
+    kind = "l1"
+
+    def scale_constant(self, m: int) -> float:
+        return _L1_CONSTANT
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
@@ -186,30 +218,20 @@ class L1(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
 
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
-    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
-                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """Training (statistics of ``v`` that carry its gradient): one Function with the
-        hand-derived backward (:func:`~normkit.functional.fused_robust.robust_scale`)."""
-        if not _fusable(self.fused, v, stats, nap, weight, bias):
-            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
-            if y is not None:
-                return y
-            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
-        return robust_scale(v, nap.dims, kind="l1", mean=stats["mean"], scale=stats["scale"],
-                            c=_L1_CONSTANT, weight=weight, bias=bias, eps=eps)
 
 
 @dataclass(frozen=True, repr=False)
-class Range(Operation):
+class Range(_ScaleStandardize):
     """Range (L∞) standardization ``x̂ = (x − μ)/((max − min)·C(m) + ε)``, ``C(m) = 1/√(2 ln m)``
     (Hoffer et al. 2018)."""
 
     stat_names = ("mean", "scale")
     #: training runs one Function with the hand-derived backward (:meth:`transform`)
     fused: bool = field(default=True, repr=False)
+    kind = "range"
+
+    def scale_constant(self, m: int) -> float:
+        return S.range_constant(m)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
@@ -226,20 +248,6 @@ class Range(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
 
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
-    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
-                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """Training (statistics of ``v`` that carry its gradient): one Function with the
-        hand-derived backward (:func:`~normkit.functional.fused_robust.robust_scale`)."""
-        if not _fusable(self.fused, v, stats, nap, weight, bias):
-            y = _constant_scale(self.fused, v, stats, weight, bias, eps)
-            if y is not None:
-                return y
-            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
-        return robust_scale(v, nap.dims, kind="range", mean=stats["mean"], scale=stats["scale"],
-                            c=S.range_constant(m), weight=weight, bias=bias, eps=eps)
 
 
 @dataclass(frozen=True, repr=False)
