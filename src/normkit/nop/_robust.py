@@ -327,7 +327,22 @@ class Ghost(Operation):
 
 
 @dataclass(frozen=True, repr=False)
-class MomentumStandardize(RobustStandardize):
+class _BlendedStandardize(RobustStandardize):
+    """Standardization with statistics blended from the batch's and earlier ones (momentum,
+    window): while ``fused``, training runs :func:`fused_standardize` (the batch moments'
+    Function, the blend by autograd on per-channel tensors); otherwise the composition.
+    ``unfused()`` is :class:`~normkit.nop.Standardize`'s."""
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
+        if y is None:
+            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+        return y
+
+
+@dataclass(frozen=True, repr=False)
+class MomentumStandardize(_BlendedStandardize):
     r"""Momentum BN (Yong et al. 2020): normalize with momentum statistics
     ``μ_M ← λμ_M + (1 − λ)μ_B``, ``σ_M² ← λσ_M² + (1 − λ)σ_B²`` (biased batch variance; the
     gradient flows through the current batch's share).
@@ -396,16 +411,6 @@ class MomentumStandardize(RobustStandardize):
         stats["mean"] = lam * prev_mean + (1 - lam) * mean
         stats["var"] = lam * prev_var + (1 - lam) * var
         return stats
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
-    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
-                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
-        if y is None:
-            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
-        return y
 
     @torch.no_grad()
     def update_state(self, state: Stats, stats: Stats) -> None:

@@ -10,7 +10,7 @@ batch's by the law of total variance (:func:`~normkit.functional.merging.pool_mo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,8 +20,8 @@ from ..functional.fused_robust import _last_first, _sum_dot
 from ..functional.merging import pool_moments, weighted_mean
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import Operation, State, StateSpec, Stats
-from ._robust import RobustStandardize, _int, batch_moments, fused_standardize
+from ._base import State, StateSpec, Stats
+from ._robust import _BlendedStandardize, _int, batch_moments
 
 __all__ = ["WindowStandardize", "MovingAverageStandardize"]
 
@@ -43,7 +43,7 @@ def _with_history(current: Tensor, history: Tensor, weight: Tensor) -> tuple[Ten
 
 
 @dataclass(frozen=True, repr=False)
-class WindowStandardize(RobustStandardize):
+class WindowStandardize(_BlendedStandardize):
     r"""Statistics averaged over the last ``window`` training iterations (cross-iteration BN,
     Yao et al. 2020, without its weight-change compensation):
 
@@ -99,16 +99,6 @@ class WindowStandardize(RobustStandardize):
         mean, var = batch_moments(self.fused, v, nap, spatial)
         mbar, vbar = self.window_moments(mean, var, state)
         return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
-    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
-                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        y = fused_standardize(self.fused, v, stats, weight, bias, eps)
-        if y is None:
-            return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
-        return y
 
     @torch.no_grad()
     def update_state(self, state: Stats, stats: Stats) -> None:
