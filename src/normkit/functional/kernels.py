@@ -20,6 +20,13 @@ def kernel_accepts(kind: str, x: Tensor, weight: Tensor | None, *, use_batch: bo
     """Whether torch's ``kind`` kernel computes this call exactly as the generic composition.
 
     ``use_batch``: the call normalizes with batch statistics (``False``: running estimates).
+
+    Example:
+        >>> x = torch.randn(4, 3, 5)
+        >>> kernel_accepts("batch_norm", x, torch.ones(3), use_batch=True)
+        True
+        >>> kernel_accepts("batch_norm", x.half(), torch.ones(3).half(), use_batch=True)
+        False
     """
     if kind == "rms_norm" and x.device.type == "cpu":
         return False  # composite on CPU: the generic path is faster (normkit bench)
@@ -62,6 +69,16 @@ def run_kernel(
         factor: the weight of the new batch in the running estimates (torch's ``momentum``).
         groups: ``(A, B)`` of the canonical view (group count and size).
         lrn: ``(size, alpha, beta, k)`` of ``local_response_norm``.
+
+    Shape:
+        ``y`` has the shape and layout of ``x``.
+
+    Example:
+        >>> x = torch.randn(4, 6, 5)
+        >>> y = run_kernel("group_norm", x, weight=None, bias=None, running=None, use_batch=True,
+        ...                factor=0.0, eps=1e-5, groups=(2, 3), channel_axis=1)
+        >>> torch.allclose(y, torch.nn.functional.group_norm(x, 2))
+        True
     """
     rm, rv = (None, None) if running is None else running
     num_features = groups[0] * groups[1]
