@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "nrr": 2,
     "normalization": 3,
     "_pipeline": 3,  # the forward pipeline: Normalization's steps and the functional form
+    "_eval_kernel": 3,  # Normalization's evaluation in one BN kernel call
     "methods": 4,
     "weight": 5,
     "gradient": 5,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _eval_kernel as EK
 from . import _pipeline as P
 from . import nap as nap_
 from . import nop as nop_
@@ -185,6 +186,7 @@ class Normalization(nn.Module):
             self.register_buffer(name, torch.full(shape, init, **factory))
         # the torch kernel computing this composition, where one does (the operation says)
         self._native: Native | None = self.nop.native_kernel(self._layout()) if native else None
+        self._eval_kernel = EK.applies(self)  # evaluation: one BN kernel call (_eval_kernel.py)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ state
@@ -360,6 +362,9 @@ class Normalization(nn.Module):
             # every rank, a rank with an empty batch included (it contributes nothing but must
             # take part)
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
+        elif not (use_batch or update) and running is not None and x.numel() > 0 and (
+                ev := EK.evaluate(self, x, running)) is not None:
+            y = ev
         elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
             y = block_affine(x, *fold)
         elif kind is not None and x.numel() > 0 and self._native_ok(x, use_batch):

@@ -149,6 +149,9 @@ class KalmanNorm(Normalization):
         True
     """
 
+    #: the hooks are BN's in evaluation with the running estimates (one BN kernel call there)
+    _plain_eval_hooks = True
+
     def __init__(self, num_features: int, *, prev_features: int | None = None, gain: float = 0.5,
                  affine: bool = True, **kw: Unpack[NormKwargs]) -> None:
         if prev_features is not None and (not isinstance(prev_features, int)
@@ -309,6 +312,9 @@ class OnlineNorm(Normalization):
         >>> torch.equal(on.running_mean, ref.running_mean), int(on.num_batches_tracked)
         (True, 4)
     """
+
+    #: the hooks are BN's in evaluation with the streaming estimates (one BN kernel call there)
+    _plain_eval_hooks = True
 
     def __init__(self, num_features: int, *, backward_momentum: float = 0.01, affine: bool = True,
                  **kw: Unpack[NormKwargs]) -> None:

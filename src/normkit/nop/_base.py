@@ -93,11 +93,21 @@ class Operation(ABC):
             cls.native_kernel = Operation.native_kernel  # type: ignore[method-assign]
         if "block_eval_fold" not in cls.__dict__:
             cls.block_eval_fold = False
+        if "eval_moments" not in cls.__dict__:
+            cls.eval_moments = Operation.eval_moments  # type: ignore[method-assign]
 
     def native_kernel(self, layout: Layout) -> Kernel | None:
         """The torch kernel that computes this operation (with the recovery) under ``layout``,
         or ``None``; :class:`~normkit.Normalization` (``native=True``) dispatches to it. Not
         inherited: a subclass declares its own."""
+        return None
+
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        """Evaluation with the running estimates as BN's evaluation kernel: ``(μ, σ², ε')``,
+        shaped like the running buffers, with ``x̂ = (x − μ)/√(σ² + ε')`` equal to this
+        operation's evaluation transform; ``None`` where it has no such form (the default).
+        :class:`~normkit.Normalization` then evaluates in one kernel call. Not inherited: a
+        subclass computes something else unless it declares its own."""
         return None
 
     def native_applies(self, use_batch: bool) -> bool:

@@ -168,6 +168,7 @@ class OnlineStandardize(Operation):
 
     stat_names = ("mean", "var", "grad_mean", "grad_proj")
     needs_spread = False
+    eval_moments = Standardize.eval_moments  # evaluation: BN's, with the streaming estimates
 
     def __post_init__(self) -> None:
         _check_weight("backward_momentum", self.backward_momentum,

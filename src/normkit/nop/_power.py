@@ -73,6 +73,10 @@ class PowerScale(Scale):
     backward_state = ("grad_nu",)
     reads_state = True
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        ms = running["ms"]  # x/√(ψ² + ε): BN's evaluation with μ = 0
+        return torch.zeros_like(ms), ms, eps
+
     def __post_init__(self) -> None:
         if self.kind != "rms":
             raise ConfigError(f"PowerScale scales by the quadratic mean: kind must be 'rms', "

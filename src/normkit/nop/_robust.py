@@ -190,6 +190,8 @@ class Renormalize(RobustStandardize):
                         -d_max, d_max)
         return {"mean": mean, "var": var, "r": r, "d": d}
 
+    eval_moments = Standardize.eval_moments  # evaluation: BN's, with the running estimates
+
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         scale, shift = Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
         if "r" in stats:
@@ -307,6 +309,9 @@ class Ghost(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return self.inner.coefficients(stats, eps, m)
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        return self.inner.eval_moments(running, eps)  # evaluation: the inner operation's
+
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
         y = fused_standardize(self._fuses(nap), v, stats, weight, bias, eps)
@@ -362,6 +367,7 @@ class MomentumStandardize(_BlendedStandardize):
     #: training runs the moments and the standardization as Functions with hand-derived
     #: backwards (:mod:`normkit.functional.fused_robust`); the blend stays autograd's
     fused: bool = field(default=True, repr=False)
+    eval_moments = Standardize.eval_moments  # evaluation: BN's, with the running estimates
 
     def __post_init__(self) -> None:
         if self.lambda_ is not None and (

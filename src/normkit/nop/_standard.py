@@ -79,6 +79,9 @@ class Standardize(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        return running["mean"], running["var"], eps  # BN's evaluation
+
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if Fc.per_sample(weight, bias) and Fc.is_own(stats) and 3 in nap.dims:
@@ -125,6 +128,10 @@ class Center(Operation):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.center_coefficients(stats["mean"])
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        mean = running["mean"]  # x − μ = (x − μ)/√(1 + 0)
+        return mean, torch.ones_like(mean), 0.0
+
 
 @dataclass(frozen=True, repr=False)
 class Scale(Operation):
@@ -156,6 +163,12 @@ class Scale(Operation):
                 and layout.channel_axis == -1 and layout.recovery in ("none", "weight")):
             return "rms_norm"
         return None
+
+
+def _scale_moments(running: Stats, eps: float) -> tuple[Tensor, Tensor, float]:
+    """``(x − μ)/(s + ε)`` as BN's ``(x − μ)/√(σ² + 0)`` with ``σ² = (s + ε)²`` (``√`` of a
+    rounded square gives ``s + ε`` back exactly)."""
+    return running["mean"], (running["scale"] + eps).square(), 0.0
 
 
 class _ScaleStandardize(Operation):
@@ -218,6 +231,9 @@ class L1(_ScaleStandardize):
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        return _scale_moments(running, eps)
+
 
 
 @dataclass(frozen=True, repr=False)
@@ -247,6 +263,9 @@ class Range(_ScaleStandardize):
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         return Fs.inverse_scale_coefficients(stats["scale"], eps, stats["mean"])
+
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        return _scale_moments(running, eps)
 
 
 

@@ -22,6 +22,7 @@ from ..functional.whiten import _first_order
 from ..nap import Partition
 from ._base import State, StateSpec, Stats
 from ._robust import _BlendedStandardize, _int, batch_moments
+from ._standard import Standardize
 
 __all__ = ["WindowStandardize", "MovingAverageStandardize"]
 
@@ -66,6 +67,7 @@ class WindowStandardize(_BlendedStandardize):
     #: training runs the moments and the standardization as Functions with hand-derived
     #: backwards (:mod:`normkit.functional.fused_robust`); the pooling stays autograd's
     fused: bool = field(default=True, repr=False)
+    eval_moments = Standardize.eval_moments  # evaluation: BN's, with the running estimates
 
     def __post_init__(self) -> None:
         _int("window", self.window, 1)
@@ -129,6 +131,7 @@ class MovingAverageStandardize(WindowStandardize):
     window: int = 16
     # read and recorded by the backward when it runs: passed live, never snapshotted
     backward_state = ("grad_history", "grad_weight")
+    eval_moments = Standardize.eval_moments  # evaluation: BN's, with the running estimates
 
     def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
         spec = super().state_buffers(nap, num_features)

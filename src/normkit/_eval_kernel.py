@@ -1,0 +1,138 @@
+"""Evaluation through BN's kernel: one ``torch.batch_norm`` call on the running estimates.
+
+Where an operation's evaluation with the running estimates is a per-channel affine map that BN's
+evaluation kernel computes (:meth:`~normkit.nop.Operation.eval_moments` gives its
+``(μ, σ², ε')``) and the recovery is a per-channel ``γ, β``, :class:`~normkit.Normalization`
+evaluates in that one kernel call instead of the pipeline's steps (canonical view, statistics,
+transform, restored layout): ``y = γ (x − μ)/√(σ² + ε') + β``, computed as torch's BN does.
+
+What decides it once at construction (:func:`applies`): ``native``, the operation declares
+``eval_moments``, a per-channel (or no) recovery, whole groups, no parameters of the operation's
+own, and the preset's hooks (:meth:`~normkit.Normalization._statistics`, ``_transform``) are the
+base's or declared plain in evaluation (``_plain_eval_hooks = True`` on the class that overrides
+them). Per call (:func:`evaluate`): the running estimates are read as they are now (no cache: a
+``load_state_dict``, an in-place edit, ``.to()`` are seen at once) and the dtypes must be ones
+BN's kernel takes as the generic path computes them (else ``None``: the generic path runs).
+Gradients reach ``x``, ``γ`` and ``β`` through the kernel's backward; ``torch.compile`` and
+``torch.export`` trace the same call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .functional.kernels import kernel_accepts, run_kernel
+from .functional.normalize import default_eps
+from .nop import Operation
+from .nrr import Affine, Identity, Recovery
+
+Normalization = Any  # normkit.Normalization (not imported: it imports this module)
+
+__all__ = ["applies", "evaluate"]
+
+# Per-channel evaluation moments by module, ``module -> (key, running tensors, (μ, σ², ε'))``:
+# kept outside the modules (pickling, deepcopy and state_dict never see them); an entry dies
+# with its module.
+_MOMENTS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+_HOOKS = ("_statistics", "_transform")
+
+
+def _plain_hooks(cls: type) -> bool:
+    """Whether ``cls``'s hooks are the base's (those of the root-most class defining them,
+    :class:`~normkit.Normalization`), or every class overriding one declares them plain in
+    evaluation (``_plain_eval_hooks = True`` in its own body)."""
+    for hook in _HOOKS:
+        owners = [c for c in cls.__mro__ if hook in c.__dict__]
+        for owner in owners[:-1]:
+            if not owner.__dict__.get("_plain_eval_hooks", False):
+                return False
+    return True
+
+
+def _per_channel(nrr: Recovery) -> bool:
+    """Whether ``nrr`` is no recovery or per-channel ``γ`` and/or ``β`` (``weight``, ``bias``)."""
+    return type(nrr) is Identity or (type(nrr) is Affine and nrr.shape is None)
+
+
+def applies(module: Normalization) -> bool:
+    """Whether ``module``'s evaluation with running estimates may run BN's kernel (decided once,
+    at construction: nothing it reads changes afterwards)."""
+    return (module.native and module._num_padded == 0
+            and type(module.nop).eval_moments is not Operation.eval_moments
+            and not module._nop_param_names
+            and _per_channel(module.nrr)
+            and _plain_hooks(type(module)))
+
+
+def _derive(module: Normalization, running: dict[str, Tensor], eps: float
+            ) -> tuple[Tensor, Tensor, float] | None:
+    """The operation's ``(μ, σ², ε')`` per channel (statistics per group repeated over its
+    channels)."""
+    moments = module.nop.eval_moments(running, eps)
+    if moments is None:
+        return None
+    mean, var, eps = moments
+    num_features = module.num_features
+    if mean.numel() != num_features:  # one statistic per group: per channel
+        shape, full = module.nap.stat_view_shape(num_features), (1, *module.groups, 1)
+        mean = mean.reshape(shape).expand(full).reshape(-1)
+        var = var.reshape(shape).expand(full).reshape(-1)
+    return mean, var, eps
+
+
+def _moments(module: Normalization, running: dict[str, Tensor], eps: float
+             ) -> tuple[Tensor, Tensor, float] | None:
+    """:func:`_derive`, cached while the running buffers and ``num_batches_tracked`` are the same
+    tensors at the same version (``_version``: in-place updates, ``load_state_dict``, ``.to()``
+    and training steps — which count — are seen; an edit through ``.data``, or by torch's BN
+    kernel from outside the module, bypasses version counters and is not). Where the moments are the buffers
+    themselves (BN's) the cache holds them, read as they are at each call. Not cached inside
+    ``torch.compile`` / ``torch.export`` nor for inference tensors (no version counter)."""
+    if torch.compiler.is_compiling():
+        return _derive(module, running, eps)
+    bufs = tuple(running.values())
+    if module.num_batches_tracked is not None:  # counted by every updating call: BN's kernel
+        bufs = (*bufs, module.num_batches_tracked)  # updates the estimates without a version bump
+    for t in bufs:
+        if t.is_inference():
+            return _derive(module, running, eps)
+    key = (eps, *[t._version for t in bufs])
+    cached = _MOMENTS.get(module)
+    if cached is not None and cached[0] == key and len(cached[1]) == len(bufs) and all(
+            a is b for a, b in zip(cached[1], bufs, strict=True)):
+        return cached[2]  # type: ignore[no-any-return]
+    with torch.no_grad():
+        moments = _derive(module, running, eps)
+    _MOMENTS[module] = (key, bufs, moments)
+    return moments
+
+
+def evaluate(module: Normalization, x: Tensor, running: dict[str, Tensor]) -> Tensor | None:
+    """``module``'s evaluation of ``x`` (a batch axis, non-empty) with the ``running`` estimates
+    in one BN kernel call, or ``None`` where it does not apply (:func:`applies`, dtypes, a
+    running estimate that requires a gradient)."""
+    if not getattr(module, "_eval_kernel", False):  # False: a module pickled before it existed
+        return None
+    for t in running.values():
+        if t.requires_grad and torch.is_grad_enabled():
+            return None  # the generic path: BN's kernel has no gradient for the statistics
+    eps = module.eps if module.eps is not None else default_eps(x.dtype)
+    moments = _moments(module, running, eps)
+    if moments is None:
+        return None
+    mean, var, eps = moments
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not kernel_accepts("batch_norm", x, weight, use_batch=False):
+        return None
+    ref = x.dtype if weight is None else weight.dtype
+    for t in (mean, var, bias):  # a loop, not a generator: traced by dynamo
+        if t is not None and (t.dtype != ref or t.device != x.device):
+            return None
+    return run_kernel("batch_norm", x, weight=weight, bias=bias, running=(mean, var),
+                      use_batch=False, factor=0.0, eps=eps, groups=module.groups,
+                      channel_axis=module.channel_axis)
