@@ -419,6 +419,8 @@ class Normalization(nn.Module):
             return False  # torch's kernels take the 1/n of a cumulative average as a Python float
         if not self.nop.native_applies(use_batch):
             return False
+        if kind == "layer_norm" and self.channel_axis == 1 and torch.compiler.is_compiling():
+            return False  # inductor: the composition beats LN over moved channels (2x, bench)
         return kernel_accepts(kind, x, getattr(self, "weight", None), use_batch=use_batch)
 
     def _training_nap(self) -> nap_.Partition:

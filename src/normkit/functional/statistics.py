@@ -55,9 +55,15 @@ def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
         >>> bool((var >= 0).all()), tuple(mean.shape)
         (True, (1, 3, 1))
     """
-    # Two passes (mean, then the mean of squared deviations): as stable as Welford under large
-    # offsets and, on CPU, several times faster than torch.var_mean over several dimensions.
+    # Eager: two passes (mean, then the mean of squared deviations): as stable as Welford under
+    # large offsets and, on CPU, several times faster than torch.var_mean over several
+    # dimensions. Compiled (not exported): inductor turns var_mean into one Welford reduction (pn
+    # fwd+bwd 1.2x → 1.1x compiled BN, normkit bench).
     xf = _up(x)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():  # inductor's
+        # one Welford pass; an exported graph runs eager kernels: the two passes, as eager
+        var, mean = torch.var_mean(xf, dim=tuple(dims), correction=0, keepdim=True)
+        return mean, var
     mean = xf.mean(dim=tuple(dims), keepdim=True)
     d = xf - mean
     return mean, (d * d).mean(dim=tuple(dims), keepdim=True)

@@ -1,0 +1,66 @@
+"""What the compiled (``torch.compile`` / ``torch.export``) forward traces where it differs from
+eager: the moments as one ``var_mean`` (inductor's Welford reduction) and no layer-norm kernel
+over moved channels (inductor reduces the composition faster). Both must give eager's numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import normkit as nk
+from normkit.functional import statistics as S
+
+
+def test_compiled_moments_are_eagers() -> None:
+    x = torch.randn(6, 5, 7, dtype=torch.float64) * 3 + 1e4  # a large offset: no cancellation
+
+    def f(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return S.moments(x, (0, 2))
+
+    torch._dynamo.reset()
+    graphs: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+        graphs.append(gm.code)
+        return gm
+
+    mean, var = torch.compile(f, backend=backend, fullgraph=True)(x)
+    assert any("var_mean" in g for g in graphs)
+    ref_mean, ref_var = f(x)
+    assert_close(mean, ref_mean)
+    assert_close(var, ref_var)
+    assert_close(var, x.var(dim=(0, 2), keepdim=True, correction=0))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_compiled_positional_norm_skips_moved_layer_norm(channel_axis: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    m = nk.create("pn", 6, affine=True, channel_axis=channel_axis).double()
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    x = x if channel_axis == 1 else x.movedim(1, -1)
+    ref = m(x)
+    calls: list[int] = []
+    orig = torch.nn.functional.layer_norm
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", spy)
+    torch._dynamo.reset()
+    xg = x.clone().requires_grad_()
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(xg)
+    assert bool(calls) == (channel_axis == -1)  # channels last: torch's kernel, as eager
+    assert_close(y, ref)
+    g = torch.randn_like(y)
+    xr = x.clone().requires_grad_()
+    assert_close(torch.autograd.grad(y, xg, g)[0], torch.autograd.grad(m(xr), xr, g)[0])
+    torch._dynamo.reset()
