@@ -46,24 +46,35 @@ from torch.nn import functional as F
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .statistics import moments as _moments
 
-__all__ = ["OwnMoments", "batch_standardize", "group_standardize", "row_affine", "row_moments",
+__all__ = ["OwnMoments", "OwnStats", "batch_standardize", "group_standardize", "row_affine", "row_moments",
            "standardize_affine", "standardize_affine_plain"]
 
 
-class OwnMoments(dict):  # type: ignore[type-arg]
-    """The statistics ``{"mean": μ, "var": σ²}`` an operation's ``fit`` computed from the view
-    itself: :func:`is_own` tells whether they are still those (not replaced by a caller), so a
-    Function may differentiate through them itself."""
+class OwnStats(dict):  # type: ignore[type-arg]
+    """Statistics an operation's ``fit`` computed from the view itself: :func:`is_own` tells
+    whether they are still those (not replaced by a caller), so a Function may differentiate
+    through them itself."""
+
+    def __init__(self, **stats: Tensor) -> None:
+        super().__init__(**stats)
+        self.own = dict(stats)
+
+
+class OwnMoments(OwnStats):
+    """The moments ``{"mean": μ, "var": σ²}`` as :class:`OwnStats`."""
 
     def __init__(self, mean: Tensor, var: Tensor) -> None:
         super().__init__(mean=mean, var=var)
-        self.own = (mean, var)
 
 
 def is_own(stats: Any) -> bool:
-    """Whether ``stats`` are an :class:`OwnMoments` whose ``mean`` and ``var`` are unchanged."""
-    return (isinstance(stats, OwnMoments) and stats.get("mean") is stats.own[0]
-            and stats.get("var") is stats.own[1])
+    """Whether ``stats`` are an :class:`OwnStats` whose tensors are unchanged."""
+    if not isinstance(stats, OwnStats):
+        return False
+    for k, t in stats.own.items():  # a loop, not a generator: traced by dynamo
+        if stats.get(k) is not t:
+            return False
+    return True
 
 
 def _flat(t: Tensor | None, c: int) -> Tensor | None:

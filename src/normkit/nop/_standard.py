@@ -16,6 +16,7 @@ from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.fused import _reduced
 from ..functional.fused_robust import _last_first, constant_standardize, robust_scale
+from ..functional.fused_scale import channel_mean_square, rms_scale
 from ..functional.partition import stats_dtype
 from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position, Synced
 from ._base import Coefficients, Kernel, Layout, Operation, Stats
@@ -139,6 +140,10 @@ class Scale(Operation):
     ``x/√(Σx² + ε)`` (ScaleNorm's ``x/‖x‖``)."""
 
     kind: Literal["rms", "l2"] = "rms"
+    #: RMS over the channels of each position (``Position``) runs one Function with the
+    #: hand-derived backward (:func:`~normkit.functional.fused_scale.rms_scale`) on the ``E[x²]``
+    #: ``fit`` computed; otherwise, and with ``native=False``, the composition
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("ms",)
     needs_spread = False
@@ -147,15 +152,30 @@ class Scale(Operation):
         if self.kind not in ("rms", "l2"):
             raise ConfigError(f"Scale kind must be 'rms' or 'l2', got {self.kind!r}")
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
+    def _fuses(self, nap: Partition) -> bool:
+        return (self.fused and self.kind == "rms" and type(nap) is Position
+                and not torch.compiler.is_compiling())
+
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self._fuses(nap):  # the channels of each position: see transform
+            return Fc.OwnStats(ms=channel_mean_square(v))
         return {"ms": nap.mean_square(v, spatial)}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         ms = stats["ms"] if self.kind == "rms" else stats["ms"] * m
         return Fs.rms_coefficients(ms, eps)
+
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if self._fuses(nap) and Fc.is_own(stats) and _channel_views(v, weight, bias):
+            return rms_scale(v, weight=weight, bias=bias, eps=eps, ms=stats["ms"])
+        return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
 
     def native_kernel(self, layout: Layout) -> Kernel | None:
         """torch's ``rms_norm`` over the channels of a channels-last input (``γ`` only)."""
@@ -163,6 +183,13 @@ class Scale(Operation):
                 and layout.channel_axis == -1 and layout.recovery in ("none", "weight")):
             return "rms_norm"
         return None
+
+
+def _channel_views(v: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether ``γ, β`` are ``None`` or one value per channel of ``v`` ``(N, A, B, S)``, shaped
+    ``(1, A, B, 1)``."""
+    shape = (1, v.shape[1], v.shape[2], 1)
+    return all(t is None or tuple(t.shape) == shape for t in (weight, bias))
 
 
 def _scale_moments(running: Stats, eps: float) -> tuple[Tensor, Tensor, float]:
