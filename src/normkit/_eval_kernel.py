@@ -10,9 +10,12 @@ What decides it once at construction (:func:`applies`): ``native``, the operatio
 ``eval_moments``, a per-channel (or no) recovery, whole groups, no parameters of the operation's
 own, and the preset's hooks (:meth:`~normkit.Normalization._statistics`, ``_transform``) are the
 base's or declared plain in evaluation (``_plain_eval_hooks = True`` on the class that overrides
-them). Per call (:func:`evaluate`): the running estimates are read as they are now (no cache: a
-``load_state_dict``, an in-place edit, ``.to()`` are seen at once) and the dtypes must be ones
-BN's kernel takes as the generic path computes them (else ``None``: the generic path runs).
+them). Per call (:func:`evaluate`): the moments derived from the running estimates (L1's
+``(s + ε)²``, a group's statistics repeated per channel) are cached while the buffers and
+``num_batches_tracked`` keep their identity and version (``load_state_dict``, in-place edits,
+``.to()``, training steps are seen; BN's are the buffers themselves, read at each call), and the
+dtypes must be ones BN's kernel takes as the generic path computes them (else ``None``: the
+generic path runs).
 Gradients reach ``x``, ``γ`` and ``β`` through the kernel's backward; ``torch.compile`` and
 ``torch.export`` trace the same call.
 """
@@ -90,9 +93,10 @@ def _moments(module: Normalization, running: dict[str, Tensor], eps: float
     """:func:`_derive`, cached while the running buffers and ``num_batches_tracked`` are the same
     tensors at the same version (``_version``: in-place updates, ``load_state_dict``, ``.to()``
     and training steps — which count — are seen; an edit through ``.data``, or by torch's BN
-    kernel from outside the module, bypasses version counters and is not). Where the moments are the buffers
-    themselves (BN's) the cache holds them, read as they are at each call. Not cached inside
-    ``torch.compile`` / ``torch.export`` nor for inference tensors (no version counter)."""
+    kernel from outside the module, bypasses version counters and is not). Where the moments
+    are the buffers themselves (BN's) the cache holds them, read as they are at each call. Not
+    cached inside ``torch.compile`` / ``torch.export`` nor for inference tensors (no version
+    counter)."""
     if torch.compiler.is_compiling():
         return _derive(module, running, eps)
     bufs = tuple(running.values())
