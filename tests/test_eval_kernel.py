@@ -174,7 +174,9 @@ def test_overridden_hooks_keep_their_evaluation(kernel_calls: list[str]) -> None
     m = Recording(C).double().eval()
     m(torch.randn(2, C, 3, dtype=F64))
     assert seen == [False] and kernel_calls == []
-    assert not m._eval_kernel and nk.L1BatchNorm(C)._eval_kernel
+    assert m._eval_kernel is None and nk.L1BatchNorm(C)._eval_kernel == "derived"
+    assert nk.create("batch_renorm", C)._eval_kernel == "direct"  # the buffers, read per call
+    assert nk.create("bn", C, track_running_stats=False)._eval_kernel is None
 
 
 def test_errors_and_edge_inputs_in_eval() -> None:

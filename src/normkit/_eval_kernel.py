@@ -6,7 +6,8 @@ evaluation kernel computes (:meth:`~normkit.nop.Operation.eval_moments` gives it
 evaluates in that one kernel call instead of the pipeline's steps (canonical view, statistics,
 transform, restored layout): ``y = γ (x − μ)/√(σ² + ε') + β``, computed as torch's BN does.
 
-What decides it once at construction (:func:`applies`): ``native``, the operation declares
+What decides it once at construction (:func:`applies`): ``native``, running estimates, the
+operation declares
 ``eval_moments``, a per-channel (or no) recovery, whole groups, no parameters of the operation's
 own, and the preset's hooks (:meth:`~normkit.Normalization._statistics`, ``_transform``) are the
 base's or declared plain in evaluation (``_plain_eval_hooks = True`` on the class that overrides
@@ -37,7 +38,7 @@ Normalization = Any  # normkit.Normalization (not imported: it imports this modu
 
 __all__ = ["applies", "evaluate"]
 
-# Per-channel evaluation moments by module, ``module -> (key, running tensors, (μ, σ², ε'))``:
+# Derived evaluation moments by module, ``module -> (ε, [(buffer, version)], (μ, σ², ε'))``:
 # kept outside the modules (pickling, deepcopy and state_dict never see them); an entry dies
 # with its module.
 _MOMENTS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
@@ -62,14 +63,28 @@ def _per_channel(nrr: Recovery) -> bool:
     return type(nrr) is Identity or (type(nrr) is Affine and nrr.shape is None)
 
 
-def applies(module: Normalization) -> bool:
-    """Whether ``module``'s evaluation with running estimates may run BN's kernel (decided once,
-    at construction: nothing it reads changes afterwards)."""
-    return (module.native and module._num_padded == 0
+def applies(module: Normalization) -> str | None:
+    """How ``module``'s evaluation with running estimates runs BN's kernel — ``"direct"`` (on the
+    running buffers themselves: BN's, read at each call), ``"derived"`` (on moments derived from
+    them, cached: :func:`_moments`) — or ``None`` (the pipeline). Decided once, at construction:
+    nothing it reads changes afterwards."""
+    if not (module.native and module._num_padded == 0
             and type(module.nop).eval_moments is not Operation.eval_moments
             and not module._nop_param_names
             and _per_channel(module.nrr)
-            and _plain_hooks(type(module)))
+            and _plain_hooks(type(module))):
+        return None
+    running = module._running()
+    if running is None:  # no estimates: evaluation normalizes with the batch's statistics
+        return None
+    with torch.no_grad():
+        moments = module.nop.eval_moments(running, 1e-5)
+    if moments is None:
+        return None
+    values = list(running.values())
+    direct = (moments[0].numel() == module.num_features
+              and any(moments[0] is t for t in values) and any(moments[1] is t for t in values))
+    return "direct" if direct else "derived"
 
 
 def _derive(module: Normalization, running: dict[str, Tensor], eps: float
@@ -99,20 +114,23 @@ def _moments(module: Normalization, running: dict[str, Tensor], eps: float
     counter)."""
     if torch.compiler.is_compiling():
         return _derive(module, running, eps)
-    bufs = tuple(running.values())
-    if module.num_batches_tracked is not None:  # counted by every updating call: BN's kernel
-        bufs = (*bufs, module.num_batches_tracked)  # updates the estimates without a version bump
-    for t in bufs:
-        if t.is_inference():
-            return _derive(module, running, eps)
-    key = (eps, *[t._version for t in bufs])
+    bufs = [*running.values()]
+    counter = module._buffers.get("num_batches_tracked")
+    if counter is not None:  # counted by every updating call: BN's kernel updates the
+        bufs.append(counter)  # estimates without a version bump
     cached = _MOMENTS.get(module)
-    if cached is not None and cached[0] == key and len(cached[1]) == len(bufs) and all(
-            a is b for a, b in zip(cached[1], bufs, strict=True)):
-        return cached[2]  # type: ignore[no-any-return]
+    if cached is not None and cached[0] == eps and len(cached[1]) == len(bufs):
+        for (t, version), b in zip(cached[1], bufs, strict=True):  # identity first: a cached
+            if t is not b or t._version != version:  # tensor is no inference tensor
+                break
+        else:
+            return cached[2]  # type: ignore[no-any-return]
+    for t in bufs:
+        if t.is_inference():  # no version counter to key on
+            return _derive(module, running, eps)
     with torch.no_grad():
         moments = _derive(module, running, eps)
-    _MOMENTS[module] = (key, bufs, moments)
+    _MOMENTS[module] = (eps, [(t, t._version) for t in bufs], moments)
     return moments
 
 
@@ -120,13 +138,17 @@ def evaluate(module: Normalization, x: Tensor, running: dict[str, Tensor]) -> Te
     """``module``'s evaluation of ``x`` (a batch axis, non-empty) with the ``running`` estimates
     in one BN kernel call, or ``None`` where it does not apply (:func:`applies`, dtypes, a
     running estimate that requires a gradient)."""
-    if not getattr(module, "_eval_kernel", False):  # False: a module pickled before it existed
+    kind = getattr(module, "_eval_kernel", None)  # None too for a module pickled before it
+    if kind is None:
         return None
     for t in running.values():
         if t.requires_grad and torch.is_grad_enabled():
             return None  # the generic path: BN's kernel has no gradient for the statistics
     eps = module.eps if module.eps is not None else default_eps(x.dtype)
-    moments = _moments(module, running, eps)
+    if kind == "direct":  # the buffers themselves: nothing to cache
+        moments = module.nop.eval_moments(running, eps)
+    else:
+        moments = _moments(module, running, eps)
     if moments is None:
         return None
     mean, var, eps = moments
