@@ -293,6 +293,10 @@ def _instance_and_batch(x: Tensor, batch: bool) -> tuple[Tensor, Tensor, Tensor,
 
 
 class _EvoB0(torch.autograd.Function):
+    # Saves ``t = relu(B − A) ≥ 0`` (one activation-sized tensor): the denominator is ``A + t``
+    # and the branch mask is ``t > 0`` (relu's backward kernel reads it, no bool tensor).
+    # Activation-sized temporaries are few and reused in place: on CPU each fresh one costs
+    # page faults comparable to several elementwise passes.
     @staticmethod
     def forward(ctx: Any, v: Tensor, vparam: Tensor, weight: Tensor | None,  # type: ignore[override]
                 bias: Tensor | None, batch_var: Tensor | None, eps: float,
@@ -308,46 +312,51 @@ class _EvoB0(torch.autograd.Function):
             vb = None if vb is None else vb.to(dt)
         big_a = torch.sqrt((vb if batch_var is None else batch_var.to(dt)) + eps)
         sigma_i = torch.sqrt(vi + eps)
-        den = torch.maximum(x * vparam.to(dt) + sigma_i, big_a)  # max(B, A)
-        y = x / den
+        t = torch.addcmul(sigma_i - big_a, x, vparam.to(dt)).relu_()  # relu(B − A)
+        y = torch.add(t, big_a)  # max(A, B)
+        y = torch.div(x, y, out=y)
         if weight is not None:
             y = y.mul_(weight.to(dt))
         if bias is not None:
             y = y.add_(bias.to(dt))
-        ctx.save_for_backward(v, den, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var)
+        ctx.save_for_backward(v, t, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v, den, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var = ctx.saved_tensors
+        v, t, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
             return (*_plain_vjp(evo_b0_plain, (v, vparam, weight, bias, batch_var, ctx.eps), g),
                     None, None, None, None)
-        dt = den.dtype
+        dt = t.dtype
         x = v.to(dt)
-        g = g.to(dt)
+        g = g.to(dt).contiguous()
+        last = (x.dim() - 1,)
         g_bias = _param_grad(bias, g)
-        z = x / den
-        g_weight = _param_grad(weight, g * z) if weight is not None else None
-        gz = g if weight is None else g * weight.to(dt)
-        gzd = gz / den  # ∂L/∂x through the numerator, and −gz·z/den through the denominator
-        h = (gzd * z).neg_()  # ∂L/∂den
-        # where den > A the element's denominator is v x + σ_I (relu's backward: no bool mask)
-        h_b = torch.ops.aten.threshold_backward(h, den - big_a, 0)
-        h_a = h - h_b
-        g_v = _param_grad(vparam, h_b * x) if vparam.requires_grad else None
+        z = torch.add(t, big_a).reciprocal_()  # 1/den
+        gd = torch.mul(g, z)  # g/den
+        z = z.mul_(x)  # x/den
+        g_weight = _param_grad(weight, _dot(gd, x, last)) if weight is not None else None
+        if weight is not None:
+            gd = gd.mul_(weight.to(dt))  # g_z/den, g_z = γ g: ∂L/∂x through the numerator
+        hn = z.mul_(gd)  # −∂L/∂den = g_z x/den²
+        sum_hn = hn.sum(last, keepdim=True) if batch_var is None else None
+        # where B > A (t > 0) the denominator is v x + σ_I: relu's backward kernel masks
+        hbn = torch.ops.aten.threshold_backward.grad_input(hn, t, 0, grad_input=hn)
+        g_v = _param_grad(vparam, -_dot(hbn, x, last)) if vparam.requires_grad else None
         dx = None
         if ctx.needs_input_grad[0]:
-            last = (x.dim() - 1,)
             s = x.shape[-1]
-            dx = gzd.addcmul_(h_b, vparam.to(dt))  # direct: 1/den, and v through B
-            g_sigma_i = h_b.sum(last, keepdim=True)  # ∂L/∂σ_I per sample and channel
-            dx = dx.addcmul_(x - mi, g_sigma_i / (sigma_i * s))
-            if batch_var is None:  # ∂L/∂A per channel, through σ²_B of this batch
-                g_a = h_a.sum((0, *last), keepdim=True)
-                dx = dx.addcmul_(x - mb, g_a / (big_a * x.shape[0] * s))
-            dx = dx.to(v.dtype)
+            sum_hbn = hbn.sum(last, keepdim=True)
+            k = sum_hbn / (sigma_i * -s)  # ∂L/∂σ_I / (σ_I S), through σ²_I = mean((x − μ_I)²)
+            shift = k * mi
+            if batch_var is None:  # ∂L/∂A / (A N S) per channel, through σ²_B of this batch
+                ka = (sum_hn - sum_hbn).sum(0, keepdim=True) / (big_a * -(x.shape[0] * s))
+                k = k + ka
+                shift = shift + ka * mb
+            dx = gd.addcmul_(hbn, vparam.to(dt), value=-1)  # direct 1/den, and v through B
+            dx = dx.addcmul_(x, k).sub_(shift).to(v.dtype)
         return dx, g_v, g_weight, g_bias, None, None, None, None, None, None
 
 

@@ -111,8 +111,7 @@ class EvoB0(_EvoNorm):
     ) -> Stats:
         if self.fused:  # statistics once, without autograd: the Function differentiates them
             with torch.no_grad():
-                mi, vi = instance_moments(v)
-                mb, vb = pool_moments(mi, vi, (0,))
+                mi, vi, mb, vb = Ff._instance_and_batch(v.to(stats_dtype(v)), True)
             return {"var": vb, "inst_var": vi, "inst_mean": mi, "batch_mean": mb,
                     "v": self._v(v, params)}
         mi, vi = instance_moments(v)
