@@ -159,8 +159,10 @@ class EvoS0(_EvoNorm):
         params: Stats | None = None,
     ) -> Stats:
         if self.fused:  # statistics once, without autograd: the Function differentiates them
-            with torch.no_grad():
-                mean, var = nap.moments(v, spatial)
+            with torch.no_grad():  # the mean + vector-norm pass unless the area is special
+                var, mean = (Ff._var_mean(v.to(stats_dtype(v)), nap.dims)
+                             if type(nap).moments is Partition.moments
+                             else nap.moments(v, spatial)[::-1])
             return {"var": var, "batch_mean": mean, "v": self._v(v, params)}
         return {"var": nap.moments(v, spatial)[1], "v": self._v(v, params)}
 
