@@ -1,6 +1,8 @@
 """The fast training paths of mode normalization, AdaIN and the EvoNorms as modules: the same
 function as their plain compositions (``native=False``) — output, every gradient, running
-estimates — in float64, and first and second derivatives by finite differences."""
+estimates — in float64, and first and second derivatives by finite differences. Online
+Normalization's recursions as scans against the loops (its control-process backward is not a
+derivative: no gradcheck)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
 import normkit as nk
+from normkit.functional.fused_online import linear_scan, stream_moments_scan
+from normkit.functional.online import stream_moments
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-10)
@@ -82,3 +86,50 @@ def test_gradcheck_and_second_derivatives(method: str) -> None:
     ps = tuple(p.detach().clone().requires_grad_() for p in fused.parameters())
     assert gradcheck(f, (x, *ps))
     assert gradgradcheck(f, (x, *ps))
+
+
+# ------------------------------------------------------------------ Online Normalization's scans
+@pytest.mark.parametrize("n", [1, 2, 5, 33])
+def test_linear_scan_equals_the_loop(n: int) -> None:
+    """Any factor sign, exact zeros (a reset), ``N`` not a power of two."""
+    a = rand(n, 3, 2, seed=1) * 1.5
+    if n > 2:
+        a[2, 1] = 0.0
+    b, s0 = rand(n, 3, 2, seed=2), rand(3, 2, seed=3)
+    s, ref = s0, []
+    for t in range(n):
+        ref.append(s)
+        s = a[t] * s + b[t]
+    before, after = linear_scan(a, b, s0)
+    assert_close(before, torch.stack(ref), **TIGHT)
+    assert_close(after, s, **TIGHT)
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_stream_moments_scan_equals_the_loop(cumulative: bool) -> None:
+    m, v = rand(7, 4, 1, 1, seed=1), rand(7, 4, 1, 1, seed=2).abs()
+    mu, var = rand(4, 1, 1, seed=3), rand(4, 1, 1, seed=4).abs()
+    factors: list[Any] = ([torch.tensor(1.0 / (t + 1), dtype=F64) for t in range(7)] if cumulative
+                          else [0.3] * 7)  # cumulative: the first weight is 1 (a reset)
+    for a, b in zip(stream_moments_scan(m, v, mu, var, factors),
+                    stream_moments(m, v, mu, var, factors), strict=True):
+        assert_close(a, b, **TIGHT)
+
+
+def test_online_norm_equals_its_plain_composition() -> None:
+    """Outputs, gradients, streaming estimates and the control buffers over several steps."""
+    fused = nk.create("online_norm", 4, dtype=F64, momentum=0.2, backward_momentum=0.3)
+    plain = nk.create("online_norm", 4, dtype=F64, momentum=0.2, backward_momentum=0.3,
+                      native=False)
+    plain.load_state_dict(fused.state_dict())
+    for step in range(3):
+        x = rand(6, 4, 3, 3, seed=step) * (1 + step)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, ref = fused(xa), plain(xb)
+        assert_close(y, ref, **TIGHT)
+        cot = rand(*y.shape, seed=10 + step)
+        for a, b in zip(torch.autograd.grad(y, [xa, *fused.parameters()], cot),
+                        torch.autograd.grad(ref, [xb, *plain.parameters()], cot), strict=True):
+            assert_close(a, b, **TIGHT)
+        for (name, a), (_, b) in zip(fused.named_buffers(), plain.named_buffers(), strict=True):
+            assert_close(a, b, **TIGHT, msg=name)
