@@ -1,4 +1,4 @@
-"""The fast training paths of mode normalization, AdaIN and the EvoNorms as modules: the same
+"""The fast training paths of mode normalization, AdaIN, SPADE and the EvoNorms as modules: the same
 function as their plain compositions (``native=False``) — output, every gradient, running
 estimates — in float64, and first and second derivatives by finite differences. Online
 Normalization's recursions as scans against the loops (its control-process backward is not a
@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 import normkit as nk
 from normkit.functional.fused_online import linear_scan, stream_moments_scan
+from normkit.functional.fused_spade import modulated_standardize, modulated_standardize_plain
 from normkit.functional.online import stream_moments
 
 F64 = torch.float64
@@ -27,6 +28,9 @@ METHODS: dict[str, tuple[dict[str, Any], Any]] = {
                                                  generator=torch.Generator().manual_seed(5))),
     "evonorm_b0": ({}, None),
     "evonorm_s0": ({"num_groups": 2}, None),
+    "spade": ({"label_channels": 2, "hidden": 3},
+              lambda x: torch.rand(x.shape[0], 2, *x.shape[2:], dtype=F64,
+                                   generator=torch.Generator().manual_seed(6))),
 }
 
 
@@ -133,3 +137,25 @@ def test_online_norm_equals_its_plain_composition() -> None:
             assert_close(a, b, **TIGHT)
         for (name, a), (_, b) in zip(fused.named_buffers(), plain.named_buffers(), strict=True):
             assert_close(a, b, **TIGHT, msg=name)
+
+
+# ------------------------------------------------------- SPADE's per-position modulation
+@pytest.mark.parametrize("bias", [True, False])
+def test_modulated_standardize_equals_the_composition(bias: bool) -> None:
+    x = rand(3, 2, 1, 4, seed=0).requires_grad_()
+    a = (1 + 0.5 * rand(3, 2, 1, 4, seed=1)).requires_grad_()
+    b = rand(3, 2, 1, 4, seed=2).requires_grad_() if bias else None
+    args = [t for t in (x, a, b) if t is not None]
+    y = modulated_standardize(x, (0, 3), weight=a, bias=b, eps=1e-5)
+    ref = modulated_standardize_plain(x, a, b, 1e-5, (0, 3))
+    assert_close(y, ref, **TIGHT)
+    cot = rand(*y.shape, seed=9)
+    for p, q in zip(torch.autograd.grad(y, args, cot), torch.autograd.grad(ref, args, cot),
+                    strict=True):
+        assert_close(p, q, **TIGHT)
+
+    def f(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return modulated_standardize(x, (0, 3), weight=a, bias=b, eps=1e-5)
+
+    assert gradcheck(f, tuple(args))
+    assert gradgradcheck(f, tuple(args))
