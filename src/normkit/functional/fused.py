@@ -200,7 +200,7 @@ class _EvoS0(torch.autograd.Function):
         d = torch.rsqrt(var + eps)
         s = torch.mul(x, vparam.to(dt)).sigmoid_()
         a = d if weight is None else d * weight.to(dt)
-        y = torch.mul(x, s).mul_(a)
+        y = torch.mul(x, s).mul_(a)  # (an addcmul with a broadcast first operand is slower)
         if bias is not None:
             y = y.add_(bias.to(dt))
         ctx.save_for_backward(v, s, mean, d, vparam, weight, bias)
@@ -222,17 +222,20 @@ class _EvoS0(torch.autograd.Function):
         # parameter is constant along them
         w = None if weight is None else weight.to(dt)
         wd = d if w is None else w * d  # γ d, per sample and channel
-        gs = torch.mul(g, s)
-        r_sum = _row_dot(gs, x)  # Σ_S g s x, per sample and channel
+        gs = torch.mul(g, s)  # becomes dx
+        u = torch.mul(gs, x)  # scratch: g s x, then g s x (1 − s), then g s x² (1 − s)
+        r_sum = u.sum(-1, keepdim=True)  # Σ_S g s x, per sample and channel
         g_weight = _param_grad(weight, r_sum * d) if weight is not None else None
         acc = (r_sum if w is None else r_sum * w).sum(dims, keepdim=True)  # Σ g_γ x s per group
-        u = torch.addcmul(x, x, s, value=-1).mul_(gs)  # g s x (1 − s)
-        g_v = _param_grad(vparam, _row_dot(u, x) * wd) if vparam.requires_grad else None
-        dx = None
+        u = u.addcmul_(u, s, value=-1)  # g s x (1 − s)
+        dx = gs.addcmul_(u, vparam.to(dt))  # g s (1 + v x (1 − s))
+        g_v = (_param_grad(vparam, u.mul_(x).sum(-1, keepdim=True) * wd)
+               if vparam.requires_grad else None)
         if ctx.needs_input_grad[0]:  # γ d g s (1 + v x (1 − s)) − (x − μ) d³ Σ g_γ x s / M
             c = d * d * d * acc / _reduced(x, dims)
-            dx = gs.addcmul_(u, vparam.to(dt)).mul_(wd)
-            dx = dx.addcmul_(x, c, value=-1).add_(mean * c).to(v.dtype)
+            dx = dx.mul_(wd).addcmul_(x, c, value=-1).add_(mean * c).to(v.dtype)
+        else:
+            dx = None
         return dx, g_v, g_weight, g_bias, None, None, None, None
 
 
@@ -318,7 +321,8 @@ class _EvoB0(torch.autograd.Function):
             vb = None if vb is None else vb.to(dt)
         big_a = torch.sqrt((vb if batch_var is None else batch_var.to(dt)) + eps)
         sigma_i = torch.sqrt(vi + eps)
-        t = torch.addcmul(sigma_i - big_a, x, vparam.to(dt)).relu_()  # relu(B − A)
+        # relu(B − A) (mul + add: an addcmul with a broadcast first operand is slower on CPU)
+        t = torch.mul(x, vparam.to(dt)).add_(sigma_i - big_a).relu_()
         y = torch.add(t, big_a)  # max(A, B)
         y = torch.div(x, y, out=y)
         if weight is not None:
@@ -340,9 +344,9 @@ class _EvoB0(torch.autograd.Function):
         g = g.to(dt)
         last = (x.dim() - 1,)
         g_bias = _param_grad(bias, g)
-        z = torch.add(t, big_a).reciprocal_()  # 1/den
-        gd = torch.mul(g, z)  # g/den
-        z = z.mul_(x)  # x/den
+        z = torch.add(t, big_a)  # den
+        gd = torch.div(g, z)  # g/den, becomes dx
+        z = torch.div(x, z, out=z)  # x/den
         g_weight = _param_grad(weight, _row_dot(gd, x)) if weight is not None else None
         if weight is not None:
             gd = gd.mul_(weight.to(dt))  # g_z/den, g_z = γ g: ∂L/∂x through the numerator
@@ -350,19 +354,21 @@ class _EvoB0(torch.autograd.Function):
         sum_hn = hn.sum(last, keepdim=True) if batch_var is None else None
         # where B > A (t > 0) the denominator is v x + σ_I: relu's backward kernel masks
         hbn = torch.ops.aten.threshold_backward.grad_input(hn, t, 0, grad_input=hn)
-        g_v = _param_grad(vparam, -_row_dot(hbn, x)) if vparam.requires_grad else None
-        dx = None
+        sum_hbn = hbn.sum(last, keepdim=True)
+        dx = gd.addcmul_(hbn, vparam.to(dt), value=-1)  # direct 1/den, and v through B
+        g_v = (_param_grad(vparam, hbn.mul_(x).sum(last, keepdim=True).neg_())
+               if vparam.requires_grad else None)
         if ctx.needs_input_grad[0]:
             s = x.shape[-1]
-            sum_hbn = hbn.sum(last, keepdim=True)
             k = sum_hbn / (sigma_i * -s)  # ∂L/∂σ_I / (σ_I S), through σ²_I = mean((x − μ_I)²)
             shift = k * mi
             if batch_var is None:  # ∂L/∂A / (A N S) per channel, through σ²_B of this batch
                 ka = (sum_hn - sum_hbn).sum(0, keepdim=True) / (big_a * -(x.shape[0] * s))
                 k = k + ka
                 shift = shift + ka * mb
-            dx = gd.addcmul_(hbn, vparam.to(dt), value=-1)  # direct 1/den, and v through B
             dx = dx.addcmul_(x, k).sub_(shift).to(v.dtype)
+        else:
+            dx = None
         return dx, g_v, g_weight, g_bias, None, None, None, None, None, None
 
 
