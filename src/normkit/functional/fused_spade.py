@@ -50,23 +50,26 @@ class _ModulatedStandardize(torch.autograd.Function):
         y = torch.addcmul(-mean * r, x, r)
         a = weight.to(dt)
         y = y.mul_(a) if bias is None else torch.addcmul(bias.to(dt), y, a, out=y)
-        ctx.save_for_backward(v, weight, bias, mean, r)
+        ctx.save_for_backward(v, weight, mean, r)  # not B: its gradient is g
         ctx.dims, ctx.eps = dims, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v, weight, bias, mean, r = ctx.saved_tensors
+        v, weight, mean, r = ctx.saved_tensors
         dims = ctx.dims
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
-            return (*_plain_vjp(modulated_standardize_plain, (v, weight, bias, ctx.eps, dims), g),
-                    None, None)
+            g_bias = g.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+            g_x, g_w = _plain_vjp(modulated_standardize_plain, (v, weight, None, ctx.eps, dims),
+                                  g)[:2]
+            return g_x, g_w, g_bias, None, None, None, None
         dt = r.dtype
         x = v.to(dt)
         g = g.to(dt)
         a = weight.to(dt)
         need = ctx.needs_input_grad
-        g_bias = g.to(bias.dtype) if bias is not None and need[2] else None
+        g_bias = g.to(ctx.bias_dtype) if need[2] else None
         g_a = torch.sub(x, mean).mul_(r).mul_(g)  # g x̂
         dx = None
         if need[0]:
