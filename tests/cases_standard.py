@@ -109,7 +109,8 @@ CASES: list[Case] = [
         name="batch_group_norm", method="batch_group_norm", num_features=6,
         kwargs={"num_groups": 3}, shapes=((5, 6), (3, 6, 4), (2, 6, 3, 3), (2, 6, 2, 2, 2)),
         grad_shape=(3, 6, 2), batch_dependent=True, running=("mean", "var"),
-        params=("weight", "bias"), takes_affine=True, native="batch_norm", native_eval=False,
+        # training: one fused standardization (functional/fused_batch_group), no torch kernel
+        params=("weight", "bias"), takes_affine=True, native=None, native_eval=False,
         edge_shapes=((1, 6), (2, 6, 1, 1)),  # 2 channels per group: batch 1 has 2 values
         batch_stats=_batch_group_stats(3), eval_ref=_eval_ref("std"),
         errors=_common_errors(6, (3, 6, 4), 1) + _group_errors(6),
@@ -118,7 +119,7 @@ CASES: list[Case] = [
         name="batch_group_norm_gs1", method="batch_group_norm", num_features=6,
         kwargs={"group_size": 1}, shapes=((5, 6), (3, 6, 4)), grad_shape=(3, 6, 2),
         batch_dependent=True, running=("mean", "var"), params=("weight", "bias"),
-        takes_affine=True, native="batch_norm", native_eval=False, degenerate_shapes=((1, 6),), edge_shapes=((1, 6, 2),),
+        takes_affine=True, native=None, native_eval=False, degenerate_shapes=((1, 6),), edge_shapes=((1, 6, 2),),
         batch_stats=_batch_group_stats(6), eval_ref=_eval_ref("std"),
     ),
     Case(

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
+from .fused_online import linear_scan
 from .whiten import _first_order
 
 __all__ = ["constant_standardize", "moments", "moments_plain", "online_affine", "robust_scale", "robust_scale_plain",
@@ -73,20 +74,16 @@ def _moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 def _control(gy: Tensor, yy: Tensor, hm_of: Any, u: Tensor, v: Tensor, k: float
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The two recursions of the control process over the samples (small tensors): ``v`` from
-    ``gy = ⟨g' x̂⟩`` and ``yy = ⟨x̂²⟩``, then ``u`` from ``hm_of(v_before) = ⟨h⟩``. Returns
+    """The two recursions of the control process over the samples (small tensors), as linear
+    scans (:func:`~normkit.functional.fused_online.linear_scan`): ``v`` from ``gy = ⟨g' x̂⟩``
+    and ``yy = ⟨x̂²⟩``, then ``u`` from ``hm_of(v_before) = ⟨h⟩``. Returns
     ``(v_before, u_before, v_T, u_T)``."""
-    vs = []
-    for t in range(gy.shape[0]):  # v_t = v_{t−1} + ⟨g'_t x̂_t⟩ − k v_{t−1} ⟨x̂_t²⟩
-        vs.append(v)
-        v = v + gy[t] - k * v * yy[t]
-    v_before = torch.stack(vs)
+    # v_t = v_{t−1} + ⟨g'_t x̂_t⟩ − k v_{t−1} ⟨x̂_t²⟩
+    v_before, v = linear_scan(1 - k * yy, gy, v)
     hm = hm_of(v_before)
-    us = []
-    for t in range(gy.shape[0]):  # u_t = u_{t−1} + ⟨h_t⟩ − k u_{t−1}
-        us.append(u)
-        u = u + hm[t] - k * u
-    return v_before, torch.stack(us), v, u
+    # u_t = u_{t−1} + ⟨h_t⟩ − k u_{t−1}
+    u_before, u = linear_scan(hm.new_full((1,) * hm.dim(), 1 - k), hm, u)
+    return v_before, u_before, v, u
 
 
 class _OnlineAffine(torch.autograd.Function):

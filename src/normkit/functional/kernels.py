@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused_batch_group import batch_group_standardize
+
 __all__ = ["KERNELS", "block_affine", "kernel_accepts", "run_kernel"]
 
 KERNELS = ("batch_norm", "batch_group_norm", "instance_norm", "group_norm", "layer_norm",
@@ -88,6 +90,10 @@ def run_kernel(
         return y if channel_axis == 1 else y.movedim(1, -1)
     if kind == "batch_group_norm":
         g, per = groups
+        if use_batch and x.numel() > g and not torch.compiler.is_compiling():
+            # one standardization Function (fused_batch_group); compiled graphs keep BN's
+            # kernel and the affine, which inductor fuses
+            return batch_group_standardize(x, groups, weight, bias, eps, running, factor)
         y = F.batch_norm(x.reshape(x.shape[0], g, -1), rm, rv, None, None, use_batch, factor, eps)
         if weight is not None and bias is not None:
             shape = (1, g, per, 1)

@@ -42,6 +42,7 @@ from ..functional.mixture import gmm_em, gmm_posterior, mode_gates, mode_moments
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
+from ._combination import _RowFused
 from ._robust import fused_standardize
 
 __all__ = [
@@ -84,7 +85,7 @@ def _no_fold(op: Operation) -> ConfigError:
 
 # ------------------------------------------------------------------------------ operations
 @dataclass(frozen=True, repr=False)
-class ModeStandardize(Operation):
+class ModeStandardize(_RowFused):
     r"""Mode normalization: ``K`` modes, each sample softly assigned to them by a learned gate.
 
     .. math::
@@ -98,9 +99,14 @@ class ModeStandardize(Operation):
     gate would give every mode the same statistics and the same gradient forever), ``b`` at 0.
     Running estimates ``running_mean``, ``running_var`` have shape ``(K, C)``; evaluation still
     computes the gate from each input. ``K = 1`` is BN.
+
+    By default (``fused``) each sample's moments and the per-sample affine ``x·scale + shift``
+    it reduces to are one Function each (one-pass backwards, only the input saved);
+    ``Normalization(native=False)`` runs the plain composition.
     """
 
     num_modes: int = 2
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
 
@@ -141,8 +147,12 @@ class ModeStandardize(Operation):
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
             params: Stats | None = None) -> Stats:
         x = _samples(v)
-        means = x.mean(-1)
-        within = (x - means.unsqueeze(-1)).square().mean(-1)
+        if self.fused:
+            means, within = self._instance(x)
+            means, within = means.squeeze(-1), within.squeeze(-1)
+        else:
+            means = x.mean(-1)
+            within = (x - means.unsqueeze(-1)).square().mean(-1)
         gates = self._gates(means, params)
         mean, var = mode_moments(means, within, gates)
         return {"mean": mean, "var": var, "gate": gates}

@@ -111,8 +111,7 @@ class EvoB0(_EvoNorm):
     ) -> Stats:
         if self.fused:  # statistics once, without autograd: the Function differentiates them
             with torch.no_grad():
-                mi, vi = instance_moments(v)
-                mb, vb = pool_moments(mi, vi, (0,))
+                mi, vi, mb, vb = Ff._instance_and_batch(v.to(stats_dtype(v)), True)
             return {"var": vb, "inst_var": vi, "inst_mean": mi, "batch_mean": mb,
                     "v": self._v(v, params)}
         mi, vi = instance_moments(v)
@@ -160,8 +159,10 @@ class EvoS0(_EvoNorm):
         params: Stats | None = None,
     ) -> Stats:
         if self.fused:  # statistics once, without autograd: the Function differentiates them
-            with torch.no_grad():
-                mean, var = nap.moments(v, spatial)
+            with torch.no_grad():  # the mean + vector-norm pass unless the area is special
+                var, mean = (Ff._var_mean(v.to(stats_dtype(v)), nap.dims)
+                             if type(nap).moments is Partition.moments
+                             else nap.moments(v, spatial)[::-1])
             return {"var": var, "batch_mean": mean, "v": self._v(v, params)}
         return {"var": nap.moments(v, spatial)[1], "v": self._v(v, params)}
 

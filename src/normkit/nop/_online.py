@@ -34,6 +34,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.fused_online import stream_moments_scan
 from ..functional.fused_robust import constant_standardize, online_affine
 from ..functional.fused_robust import moments as fused_moments
 from ..functional.merging import mix_moments
@@ -212,7 +213,8 @@ class OnlineStandardize(Operation):
         dtype = torch.promote_types(samples["mean"].dtype, running["mean"].dtype)
         # the estimates before the batch, as they are before the in-place update below
         mean, var = (snapshot(running[k]).reshape(shape).to(dtype) for k in ("mean", "var"))
-        m_before, v_before, mean, var = stream_moments(
+        stream = stream_moments_scan if self.fused else stream_moments
+        m_before, v_before, mean, var = stream(
             samples["mean"].to(dtype), samples["var"].to(dtype), mean, var, factors)
         running["mean"].copy_(mean.reshape(-1))
         running["var"].copy_(var.reshape(-1))

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..functional import fused_combination as Fc
+from ..functional import fused_spade as Fsp
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.fused import _reduced
@@ -88,6 +89,10 @@ class Standardize(Operation):
         if Fc.per_sample(weight, bias) and Fc.is_own(stats) and 3 in nap.dims:
             return Fc.standardize_affine(v, nap.dims, weight=weight, bias=bias, eps=eps,
                                          moments=(stats["mean"], stats["var"]))
+        if (weight is not None and Fsp.modulated(v, weight, bias) and Fc.is_own(stats)
+                and 3 in nap.dims):  # per-position γ, β (SPADE)
+            return Fsp.modulated_standardize(v, nap.dims, weight=weight, bias=bias, eps=eps,
+                                             moments=(stats["mean"], stats["var"]))
         return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
 
     def native_kernel(self, layout: Layout) -> Kernel | None:
