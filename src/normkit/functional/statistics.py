@@ -38,6 +38,8 @@ __all__ = [
     "ema_update",
     "autocast_off",
     "box_mean",
+    "box_sum",
+    "inverse_count",
     "local_moments",
 ]
 
@@ -130,6 +132,49 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: bool = False
+            ) -> Tensor:
+    """Sliding-window sum of ``x`` over each ``dims[i]`` with window ``windows[i]`` ("same" size,
+    zeros outside): ``w//2`` values before and ``(w−1)//2`` after each position, or the other way
+    round with ``flip`` (the adjoint: ``⟨box_sum(a), b⟩ = ⟨a, box_sum(b, flip=True)⟩``).
+
+    One copy per dimension and ``w − 1`` shifted in-place adds: several times faster on CPU than
+    an ``avg_pool`` kernel for small windows. Not differentiable through autograd's pooling
+    formula (use :func:`box_mean` with autograd); returns ``x`` itself when every window is 1.
+    """
+    for d, w in zip(dims, windows, strict=True):
+        n = x.shape[d]
+        before, after = ((w - 1) // 2, w // 2) if flip else (w // 2, (w - 1) // 2)
+        if w == 1 or n == 1:
+            continue
+        acc = x.clone()
+        for s in range(1, min(before, n - 1) + 1):  # acc[i] += x[i − s]
+            acc.narrow(d, s, n - s).add_(x.narrow(d, 0, n - s))
+        for s in range(1, min(after, n - 1) + 1):  # acc[i] += x[i + s]
+            acc.narrow(d, 0, n - s).add_(x.narrow(d, s, n - s))
+        x = acc
+    return x
+
+
+def inverse_count(shape: Sequence[int], dims: Sequence[int], windows: Sequence[int],
+                  include_pad: bool, like: Tensor) -> Tensor | float:
+    """``1/(values in each position's window)`` for :func:`box_sum` over ``dims``: ``1/Πw`` with
+    ``include_pad`` (positions outside count as zeros), else the product over ``dims`` of the
+    per-axis counts of the positions that exist, a tensor broadcastable against ``shape``
+    (dtype and device of ``like``)."""
+    if include_pad:
+        return 1.0 / math.prod(windows)
+    inv: Tensor | float = 1.0
+    for d, w in zip(dims, windows, strict=True):
+        n = shape[d]
+        i = torch.arange(n, dtype=like.dtype, device=like.device)
+        count = (i.clamp(max=w // 2) + (n - 1 - i).clamp(max=(w - 1) // 2)).add_(1)
+        view = [1] * len(shape)
+        view[d] = n
+        inv = count.reciprocal_().reshape(view) * inv
+    return inv
+
+
 def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad: bool) -> Tensor:
     """Sliding-window mean of ``x`` over each ``dims[i]`` with window ``windows[i]`` ("same" size).
 
@@ -137,8 +182,11 @@ def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad
     ``local_response_norm``). With ``include_pad=True`` positions outside the tensor count as
     zeros (divide by ``w``); otherwise the mean is over the positions that exist. Separable, so it
     works for any number of dimensions; windows over up to three trailing dimensions, all odd,
-    take one ``avg_pool`` kernel instead.
+    take one ``avg_pool`` kernel instead where autograd records (or ``torch.compile`` traces) the
+    call; otherwise :func:`box_sum` computes it.
     """
+    if not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+        return box_sum(x, dims, windows) * inverse_count(x.shape, dims, windows, include_pad, x)
     k = len(dims)
     trailing = tuple(dims) == tuple(range(x.dim() - k, x.dim()))
     fits = all(w % 2 == 1 and w <= x.shape[d] for d, w in zip(dims, windows, strict=True))

@@ -1,0 +1,229 @@
+r"""Local (sliding-window) normalization with a hand-derived backward: local context
+normalization, local response normalization and divisive normalization (book ch. 4.1).
+
+One formula covers the three. With ``B`` the window mean over the window axes (the adjoint of a
+window sum is the window sum flipped), ``M`` the mean over the fully reduced axes (LCN's channel
+group; none otherwise), :math:`\mu = B M x`, :math:`v = B M x^2 - \mu^2` (centred) or
+:math:`v = B M x^2` (uncentred) and :math:`s = k + \alpha v`:
+
+.. math::
+    y = \gamma\,(x - \mu)\,s^{-\beta} + \beta_0,\qquad
+    \frac{\partial L}{\partial x} = t + M^\top B^\top b + 2\,x\,M^\top B^\top a,
+
+where :math:`g = \gamma\,\partial L/\partial y`, :math:`t = g\,s^{-\beta}`,
+:math:`a = -\beta\alpha\,s^{-\beta-1}\sum_M g\,(x - \mu)` (the gradient of ``v``) and, centred,
+:math:`b = -\sum_M t - 2\mu a` (of ``μ``). LCN is ``k = ε, α = 1, β = ½``; Krizhevsky's LRN the
+uncentred form over a channel window, padded with zeros. Centred statistics are taken around a
+per-sample shift ``c`` (:func:`~normkit.functional.statistics.local_moments`); the backward uses
+``x − c`` and ``μ − c`` too.
+
+The forward takes the statistics ``fit`` computed (under ``torch.no_grad``); the Function saves
+the input, ``s`` and the shift (and ``μ`` where it is smaller than the input: LCN), recomputes
+``μ`` otherwise — at most one tensor the size of the input beyond it — and its backward makes two
+window sums (three when ``μ`` is recomputed) with
+:func:`~normkit.functional.statistics.box_sum`, which is several times faster than the pooling
+kernels on CPU. Where ``v`` was clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as
+the clamp's own gradient gives. A second derivative (``create_graph=True``) differentiates the
+plain composition (:func:`local_divisive_plain`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import statistics as S
+from .fused import _compute_dtype, _plain_vjp, _reduced
+from .standardize import affine_transform, divisive_coefficients
+
+__all__ = ["LocalMoments", "Window", "is_own", "local_divisive", "local_divisive_plain"]
+
+
+class Window(NamedTuple):
+    """A local partition's window on the view ``(N, A, B, *spatial)``: ``full`` axes averaged
+    whole, centred ``windows`` along ``dims``, ``include_pad`` (zeros outside count)."""
+
+    spatial: tuple[int, ...]
+    full: tuple[int, ...]
+    dims: tuple[int, ...]
+    windows: tuple[int, ...]
+    include_pad: bool
+
+
+class LocalMoments(dict):  # type: ignore[type-arg]
+    """Statistics a local operation's ``fit`` computed from the view itself (without a graph),
+    with their :class:`Window`: :func:`is_own` tells whether they are still those, so the
+    Function may differentiate through them itself."""
+
+    def __init__(self, window: Window, **stats: Tensor) -> None:
+        super().__init__(**stats)
+        self.window = window
+        self.own = dict(stats)
+
+
+def is_own(stats: Any) -> bool:
+    """Whether ``stats`` are a :class:`LocalMoments` whose tensors are unchanged."""
+    return (isinstance(stats, LocalMoments) and stats.keys() == stats.own.keys()
+            and all(stats[k] is t for k, t in stats.own.items()))
+
+
+def _neg_pow(s: Tensor, beta: float) -> Tensor:
+    """``s^(−β)``: ``rsqrt`` and products for the usual exponents (``pow`` is several times
+    slower on CPU)."""
+    if beta == 0.5:
+        return torch.rsqrt(s)
+    if beta == 0.75:
+        r = torch.rsqrt(s)
+        return r.mul_(r.sqrt())
+    if beta == 1.0:
+        return torch.reciprocal(s)
+    return torch.pow(s, -beta)
+
+
+def _shift(x: Tensor) -> Tensor:
+    """The per-``(N, A)`` shift centred statistics are taken around (as ``local_moments``)."""
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _to_view(t: Tensor | None, x: Tensor, spatial: tuple[int, ...]) -> Tensor | None:
+    """A canonical ``(·, ·, ·, 1 or S)`` parameter view against the spatial view ``x``."""
+    if t is None:
+        return None
+    trail = spatial if t.shape[3] != 1 else (1,) * len(spatial)
+    return t.to(x.dtype).reshape(*t.shape[:3], *trail)
+
+
+def _window_mean(t: Tensor, w: Window) -> Tensor:
+    return S.box_sum(t, w.dims, w.windows) * S.inverse_count(t.shape, w.dims, w.windows,
+                                                             w.include_pad, t)
+
+
+def _window_mean_adjoint(t: Tensor, w: Window) -> Tensor:
+    inv = S.inverse_count(t.shape, w.dims, w.windows, w.include_pad, t)
+    return S.box_sum(t * inv, w.dims, w.windows, flip=True)
+
+
+def _full_sum(t: Tensor, w: Window) -> Tensor:
+    return t.sum(w.full, keepdim=True) if w.full else t
+
+
+class _LocalDivisive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                mean: Tensor | None, second: Tensor, w: Window, k: float, alpha: float,
+                beta: float) -> Tensor:
+        dt = _compute_dtype(v)
+        x = v.to(dt).reshape(*v.shape[:3], *w.spatial)
+        s = second.to(dt).reshape(*second.shape[:3], *w.spatial).mul(alpha).add_(k)
+        r = _neg_pow(s, beta)
+        if mean is not None:
+            mu = mean.to(dt).reshape(r.shape)
+            y = (x - mu).mul_(r)
+        else:
+            mu, y = None, x * r
+        wv, bv = _to_view(weight, x, w.spatial), _to_view(bias, x, w.spatial)
+        if wv is not None:
+            y = y.mul_(wv) if _fits(wv, y) else y * wv
+        if bv is not None:
+            y = y.add_(bv) if _fits(bv, y) else y + bv
+        keep_mu = mu is not None and mu.numel() < x.numel()  # LCN's: a fraction of the input
+        ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
+        ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
+        ctx.center = mean is not None
+        return y.reshape(*y.shape[:3], -1)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, weight, bias, s, mu = ctx.saved_tensors
+        w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            args = (v, weight, bias, w, ctx.k, alpha, beta, ctx.center)
+            return (*_plain_vjp(local_divisive_plain, args, gy)[:3],
+                    None, None, None, None, None, None)
+        dt = s.dtype
+        x = v.to(dt).reshape(*v.shape[:3], *w.spatial)
+        gy = gy.to(dt).reshape(x.shape)
+        r = _neg_pow(s, beta)
+        wv = _to_view(weight, x, w.spatial)
+        g = gy if wv is None else gy * wv
+        if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
+            shift = _shift(x)
+            xs = x - shift
+            m1 = _window_mean(xs.mean(w.full, keepdim=True) if w.full else xs, w) \
+                if mu is None else mu - shift
+            d = xs - m1  # x − μ
+        else:
+            xs, m1, d = x, None, x
+        t = g * r
+        xhat = d * r
+        a = _full_sum(g * xhat, w).mul_(s.reciprocal().mul_(-beta * alpha))  # ∂L/∂v
+        ua = _window_mean_adjoint(a, w)
+        n_full = _reduced(x, w.full)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.center:
+                b = (m1 * a).mul_(-2.0).sub_(_full_sum(t, w))  # ∂L/∂μ (shifted)
+                dx = t.add_(_window_mean_adjoint(b, w), alpha=1.0 / n_full)
+            else:
+                dx = t
+            dx = dx.addcmul_(xs, ua, value=2.0 / n_full).reshape(v.shape).to(v.dtype)
+        g_w = g_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            g_w = (gy * xhat).reshape(*gy.shape[:3], -1).sum_to_size(weight.shape)
+            g_w = g_w.to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            g_b = gy.reshape(*gy.shape[:3], -1).sum_to_size(bias.shape).to(bias.dtype)
+        return dx, g_w, g_b, None, None, None, None, None, None
+
+
+def _fits(p: Tensor, y: Tensor) -> bool:
+    """Whether ``y op= p`` broadcasts ``p`` into ``y`` in place (no axis of ``p`` larger)."""
+    return p.dim() == y.dim() and all(a == 1 or a == b for a, b in zip(p.shape, y.shape,
+                                                                       strict=True))
+
+
+def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
+                   bias: Tensor | None, k: float, alpha: float, beta: float) -> Tensor:
+    r"""``y = γ (x − μ)/(k + α v)^β + β₀`` over local windows, with the hand-derived backward
+    (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, A, B, S)``.
+        stats: its :class:`LocalMoments` — ``mean`` and ``var`` (centred) or ``ms`` (``E[x²]``,
+            uncentred), ``(N, A, B or 1, S)`` — and their :class:`Window`.
+        weight, bias: ``γ, β₀`` broadcastable against ``v`` (or ``None``).
+        k, alpha, beta: the constants (LCN: ``ε, 1, ½``).
+
+    Shape:
+        ``(N, A, B, S)`` → same, in at least float32.
+
+    Example:
+        >>> import torch
+        >>> from normkit.functional import statistics as S
+        >>> x = torch.randn(2, 1, 4, 9, dtype=torch.float64)
+        >>> w = Window((3, 3), (), (3, 4), (3, 3), False)
+        >>> mean, var = S.local_moments(x.reshape(2, 1, 4, 3, 3), (), w.dims, w.windows, False)
+        >>> stats = LocalMoments(w, mean=mean.reshape(2, 1, 4, 9), var=var.reshape(2, 1, 4, 9))
+        >>> y = local_divisive(x, stats, weight=None, bias=None, k=1.0, alpha=1.0, beta=0.5)
+        >>> torch.allclose(y, (x - stats["mean"]) / (1 + stats["var"]).sqrt())
+        True
+    """
+    mean = stats.get("mean")
+    second = stats["var"] if mean is not None else stats["ms"]
+    return _LocalDivisive.apply(v, weight, bias, mean, second, stats.window,  # type: ignore[no-any-return]
+                                k, alpha, beta)
+
+
+def local_divisive_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, w: Window,
+                         k: float, alpha: float, beta: float, center: bool) -> Tensor:
+    """The plain autograd composition :func:`local_divisive` computes (statistics included):
+    :func:`~normkit.functional.statistics.local_moments`, then ``x·scale + shift`` and ``γ, β``."""
+    x = v.reshape(*v.shape[:3], *w.spatial)
+    mean, second = S.local_moments(x, w.full, w.dims, w.windows, w.include_pad, center=center)
+    flat = (*mean.shape[:3], -1)
+    scale, shift = divisive_coefficients(mean.reshape(flat) if center else None,
+                                         second.reshape(flat), k, alpha, beta)
+    return affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
