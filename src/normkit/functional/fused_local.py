@@ -83,57 +83,57 @@ def _neg_pow(s: Tensor, beta: float) -> Tensor:
     return torch.pow(s, -beta)
 
 
-def _shift(x: Tensor) -> Tensor:
-    """The per-``(N, A)`` shift centred statistics are taken around (as ``local_moments``)."""
-    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-
-
-def _to_view(t: Tensor | None, x: Tensor, spatial: tuple[int, ...]) -> Tensor | None:
-    """A canonical ``(·, ·, ·, 1 or S)`` parameter view against the spatial view ``x``."""
-    if t is None:
-        return None
-    trail = spatial if t.shape[3] != 1 else (1,) * len(spatial)
-    return t.to(x.dtype).reshape(*t.shape[:3], *trail)
-
-
 def _window_mean(t: Tensor, w: Window) -> Tensor:
-    return S.box_sum(t, w.dims, w.windows) * S.inverse_count(t.shape, w.dims, w.windows,
-                                                             w.include_pad, t)
+    """``B t`` of a canonical ``(N, A, B', S)`` tensor (window axes on its spatial view)."""
+    u = t.reshape(*t.shape[:3], *w.spatial)
+    inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
+    return (S.box_sum(u, w.dims, w.windows) * inv).reshape(t.shape)
 
 
 def _window_mean_adjoint(t: Tensor, w: Window) -> Tensor:
-    inv = S.inverse_count(t.shape, w.dims, w.windows, w.include_pad, t)
-    return S.box_sum(t * inv, w.dims, w.windows, flip=True)
+    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count."""
+    u = t.reshape(*t.shape[:3], *w.spatial)
+    inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
+    return S.box_sum(u * inv, w.dims, w.windows, flip=True).reshape(t.shape)
 
 
 def _full_sum(t: Tensor, w: Window) -> Tensor:
     return t.sum(w.full, keepdim=True) if w.full else t
 
 
+def _fits(p: Tensor, y: Tensor) -> bool:
+    """Whether ``y op= p`` broadcasts ``p`` into ``y`` in place (no axis of ``p`` larger)."""
+    return p.dim() == y.dim() and all(a == 1 or a == b for a, b in zip(p.shape, y.shape,
+                                                                       strict=True))
+
+
 class _LocalDivisive(torch.autograd.Function):
+    """On the canonical view ``(N, A, B, S)``; statistics ``(N, A, B or 1, S)``."""
+
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 mean: Tensor | None, second: Tensor, w: Window, k: float, alpha: float,
                 beta: float) -> Tensor:
         dt = _compute_dtype(v)
-        x = v.to(dt).reshape(*v.shape[:3], *w.spatial)
-        s = second.to(dt).reshape(*second.shape[:3], *w.spatial).mul(alpha).add_(k)
+        x = v.to(dt)
+        s = second.to(dt).mul(alpha).add_(k)
         r = _neg_pow(s, beta)
         if mean is not None:
-            mu = mean.to(dt).reshape(r.shape)
+            mu = mean.to(dt)
             y = (x - mu).mul_(r)
         else:
             mu, y = None, x * r
-        wv, bv = _to_view(weight, x, w.spatial), _to_view(bias, x, w.spatial)
-        if wv is not None:
-            y = y.mul_(wv) if _fits(wv, y) else y * wv
-        if bv is not None:
-            y = y.add_(bv) if _fits(bv, y) else y + bv
+        if weight is not None:
+            wt = weight.to(dt)
+            y = y.mul_(wt) if _fits(wt, y) else y * wt
+        if bias is not None:
+            bt = bias.to(dt)
+            y = y.add_(bt) if _fits(bt, y) else y + bt
         keep_mu = mu is not None and mu.numel() < x.numel()  # LCN's: a fraction of the input
         ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
         ctx.center = mean is not None
-        return y.reshape(*y.shape[:3], -1)
+        return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -144,45 +144,37 @@ class _LocalDivisive(torch.autograd.Function):
             return (*_plain_vjp(local_divisive_plain, args, gy)[:3],
                     None, None, None, None, None, None)
         dt = s.dtype
-        x = v.to(dt).reshape(*v.shape[:3], *w.spatial)
-        gy = gy.to(dt).reshape(x.shape)
+        x = v.to(dt)
+        gy = gy.to(dt)
         r = _neg_pow(s, beta)
-        wv = _to_view(weight, x, w.spatial)
-        g = gy if wv is None else gy * wv
+        g = gy if weight is None else gy * weight.to(dt)
         if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
-            shift = _shift(x)
+            shift = x.mean(dim=(2, 3), keepdim=True)
             xs = x - shift
-            m1 = _window_mean(xs.mean(w.full, keepdim=True) if w.full else xs, w) \
-                if mu is None else mu - shift
+            if mu is None:
+                m1 = _window_mean(xs.mean(w.full, keepdim=True) if w.full else xs, w)
+            else:
+                m1 = mu - shift
             d = xs - m1  # x − μ
         else:
             xs, m1, d = x, None, x
         t = g * r
         xhat = d * r
-        a = _full_sum(g * xhat, w).mul_(s.reciprocal().mul_(-beta * alpha))  # ∂L/∂v
-        ua = _window_mean_adjoint(a, w)
+        a = _full_sum(g * xhat, w).div_(s).mul_(-beta * alpha)  # ∂L/∂v
         n_full = _reduced(x, w.full)
         dx = None
         if ctx.needs_input_grad[0]:
+            ua = _window_mean_adjoint(a, w)
             if ctx.center:
                 b = (m1 * a).mul_(-2.0).sub_(_full_sum(t, w))  # ∂L/∂μ (shifted)
-                dx = t.add_(_window_mean_adjoint(b, w), alpha=1.0 / n_full)
-            else:
-                dx = t
-            dx = dx.addcmul_(xs, ua, value=2.0 / n_full).reshape(v.shape).to(v.dtype)
+                t = t.add_(_window_mean_adjoint(b, w), alpha=1.0 / n_full)
+            dx = t.addcmul_(xs, ua, value=2.0 / n_full).to(v.dtype)
         g_w = g_b = None
         if weight is not None and ctx.needs_input_grad[1]:
-            g_w = (gy * xhat).reshape(*gy.shape[:3], -1).sum_to_size(weight.shape)
-            g_w = g_w.to(weight.dtype)
+            g_w = (gy * xhat).sum_to_size(weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            g_b = gy.reshape(*gy.shape[:3], -1).sum_to_size(bias.shape).to(bias.dtype)
+            g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
         return dx, g_w, g_b, None, None, None, None, None, None
-
-
-def _fits(p: Tensor, y: Tensor) -> bool:
-    """Whether ``y op= p`` broadcasts ``p`` into ``y`` in place (no axis of ``p`` larger)."""
-    return p.dim() == y.dim() and all(a == 1 or a == b for a, b in zip(p.shape, y.shape,
-                                                                       strict=True))
 
 
 def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
