@@ -181,3 +181,31 @@ def test_modules_run_the_function_and_native_false_the_composition(method: str) 
     for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params_ref, g),
                          strict=True):
         assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_box_sum_custom_op(flip: bool) -> None:
+    """``normkit::box_sum`` (the window sum under ``torch.compile``): fake kernel, registered
+    derivative (the flipped sum) and schema pass torch's ``opcheck``; it equals the eager sum."""
+    from normkit.functional.statistics import _box_sum_op
+
+    x = rand(2, 3, 5, 4, seed=12)
+    torch.library.opcheck(_box_sum_op, (x, [2, 3], [3, 2], flip))
+    assert_close(_box_sum_op(x, [2, 3], [3, 2], flip),
+                 S.box_sum(x.detach(), (2, 3), (3, 2), flip=flip), **TIGHT)
+
+
+def test_compiled_module_equals_eager() -> None:
+    """Under ``torch.compile(fullgraph=True)`` (aot_eager: AOTAutograd traces the Function and
+    the window-sum op) the module gives eager's output and gradients."""
+    torch._dynamo.reset()
+    m = nk.create("divisive_norm", 4, window=3, channel_window=2).double()
+    x = rand(2, 4, 5, 6, seed=13)
+    g = rand(2, 4, 5, 6, seed=14, grad=False)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y, ref = compiled(x), m(x)
+    assert_close(y, ref, **TIGHT)
+    for got, want in zip(torch.autograd.grad(y, [x, *m.parameters()], g),
+                         torch.autograd.grad(ref, [x, *m.parameters()], g), strict=True):
+        assert_close(got, want, **TIGHT)
+    torch._dynamo.reset()

@@ -139,14 +139,19 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     round with ``flip`` (the adjoint: ``⟨box_sum(a), b⟩ = ⟨a, box_sum(b, flip=True)⟩``).
 
     One copy per dimension and ``w − 1`` shifted in-place adds: several times faster on CPU than
-    an ``avg_pool`` kernel for small windows. Not differentiable through autograd's pooling
-    formula (use :func:`box_mean` with autograd); returns ``x`` itself when every window is 1.
+    an ``avg_pool`` kernel for small windows (not for autograd to record: :func:`box_mean` uses
+    the pooling kernels then). Under ``torch.compile`` it is one custom op
+    (``normkit::box_sum``, differentiable: its derivative is the flipped sum), which inductor
+    calls between the kernels it fuses — its own code for shifted windows is several times
+    slower on CPU. Returns ``x`` itself when every window is 1 (a copy under compile).
     """
     for d, w in zip(dims, windows, strict=True):
         n = x.shape[d]
         before, after = ((w - 1) // 2, w // 2) if flip else (w // 2, (w - 1) // 2)
         if w == 1 or n == 1:
             continue
+        if torch.compiler.is_compiling():  # one opaque node: inductor's own loops are slower
+            return _box_sum_op(x, list(dims), list(windows), flip)
         acc = x.clone()
         for s in range(1, min(before, n - 1) + 1):  # acc[i] += x[i − s]
             acc.narrow(d, s, n - s).add_(x.narrow(d, 0, n - s))
@@ -154,6 +159,29 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
             acc.narrow(d, 0, n - s).add_(x.narrow(d, s, n - s))
         x = acc
     return x
+
+
+@torch.library.custom_op("normkit::box_sum", mutates_args=())
+def _box_sum_op(x: Tensor, dims: list[int], windows: list[int], flip: bool) -> Tensor:
+    y = box_sum(x, dims, windows, flip=flip)
+    return x.clone() if y is x else y
+
+
+@_box_sum_op.register_fake
+def _(x: Tensor, dims: list[int], windows: list[int], flip: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _box_sum_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    ctx.spec = inputs[1:]
+
+
+def _box_sum_grad(ctx, grad):  # type: ignore[no-untyped-def]
+    dims, windows, flip = ctx.spec
+    return _box_sum_op(grad, dims, windows, not flip), None, None, None
+
+
+_box_sum_op.register_autograd(_box_sum_grad, setup_context=_box_sum_setup)
 
 
 def inverse_count(shape: Sequence[int], dims: Sequence[int], windows: Sequence[int],
@@ -182,10 +210,10 @@ def box_mean(x: Tensor, dims: Sequence[int], windows: Sequence[int], include_pad
     ``local_response_norm``). With ``include_pad=True`` positions outside the tensor count as
     zeros (divide by ``w``); otherwise the mean is over the positions that exist. Separable, so it
     works for any number of dimensions; windows over up to three trailing dimensions, all odd,
-    take one ``avg_pool`` kernel instead where autograd records (or ``torch.compile`` traces) the
-    call; otherwise :func:`box_sum` computes it.
+    take one ``avg_pool`` kernel instead where autograd records the call in eager mode; otherwise
+    (and under ``torch.compile``) :func:`box_sum` computes it.
     """
-    if not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+    if not (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return box_sum(x, dims, windows) * inverse_count(x.shape, dims, windows, include_pad, x)
     k = len(dims)
     trailing = tuple(dims) == tuple(range(x.dim() - k, x.dim()))

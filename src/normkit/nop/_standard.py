@@ -54,7 +54,9 @@ _OWN_NAPS = (Batch, Group, Layer, Instance)
 def _local_moments(v: Tensor, nap: Local, spatial: Sequence[int], center: bool
                    ) -> Fl.LocalMoments:
     """A local partition's moments (``mean, var`` or ``ms``) without a graph, for the Function
-    of :func:`~normkit.functional.fused_local.local_divisive` (its backward differentiates them)."""
+    of :func:`~normkit.functional.fused_local.local_divisive` (its backward differentiates them).
+    Under ``torch.compile`` too: inductor's own loops for the shifted windows of the composition
+    are slower than the Function's (whose window sums are one custom op each)."""
     full, dims, windows = nap.window_axes(spatial)
     window = Fl.Window(tuple(spatial), full, dims, windows, nap.include_pad)
     with torch.no_grad():
@@ -328,6 +330,12 @@ class Divisive(Operation):
             return Fl.local_divisive(v, stats, weight=weight, bias=bias, k=self.k,
                                      alpha=self.alpha, beta=self.beta)
         return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+
+    def native_applies(self, use_batch: bool) -> bool:
+        """Not under ``torch.compile`` (while ``fused``): the Function (window sums as one custom
+        op each) is several times faster there than torch's kernel, which decomposes into a 3-D
+        pooling (normkit bench: compiled)."""
+        return not (self.fused and torch.compiler.is_compiling())
 
     def native_kernel(self, layout: Layout) -> Kernel | None:
         """torch's ``local_response_norm``: uncentred, over a window of channels only (padded
