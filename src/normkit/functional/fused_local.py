@@ -83,18 +83,19 @@ def _neg_pow(s: Tensor, beta: float) -> Tensor:
     return torch.pow(s, -beta)
 
 
-def _window_mean(t: Tensor, w: Window) -> Tensor:
-    """``B t`` of a canonical ``(N, A, B', S)`` tensor (window axes on its spatial view)."""
+def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
+    """``B t`` of a canonical ``(N, A, B', S)`` tensor (window axes on its spatial view);
+    ``owned``: ``t`` may be overwritten."""
     u = t.reshape(*t.shape[:3], *w.spatial)
     inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
-    return (S.box_sum(u, w.dims, w.windows) * inv).reshape(t.shape)
+    return S.box_sum(u, w.dims, w.windows, owned=owned).mul_(inv).reshape(t.shape)
 
 
-def _window_mean_adjoint(t: Tensor, w: Window) -> Tensor:
-    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count."""
+def _window_mean_adjoint_(t: Tensor, w: Window) -> Tensor:
+    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count (overwrites ``t``)."""
     u = t.reshape(*t.shape[:3], *w.spatial)
-    inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
-    return S.box_sum(u * inv, w.dims, w.windows, flip=True).reshape(t.shape)
+    u = u.mul_(S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u))
+    return S.box_sum(u, w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
 
 
 def _full_sum(t: Tensor, w: Window) -> Tensor:
@@ -152,26 +153,26 @@ class _LocalDivisive(torch.autograd.Function):
             shift = x.mean(dim=(2, 3), keepdim=True)
             xs = x - shift
             if mu is None:
-                m1 = _window_mean(xs.mean(w.full, keepdim=True) if w.full else xs, w)
+                m1 = _window_mean(xs.mean(w.full, keepdim=True) if w.full else xs, w,
+                                  owned=bool(w.full))
             else:
                 m1 = mu - shift
-            d = xs - m1  # x − μ
+            xhat = (xs - m1).mul_(r)  # (x − μ)·r
         else:
-            xs, m1, d = x, None, x
+            xs, m1, xhat = x, None, x * r
         t = g * r
-        xhat = d * r
         a = _full_sum(g * xhat, w).div_(s).mul_(-beta * alpha)  # ∂L/∂v
         n_full = _reduced(x, w.full)
         dx = None
         if ctx.needs_input_grad[0]:
-            ua = _window_mean_adjoint(a, w)
             if ctx.center:
                 b = (m1 * a).mul_(-2.0).sub_(_full_sum(t, w))  # ∂L/∂μ (shifted)
-                t = t.add_(_window_mean_adjoint(b, w), alpha=1.0 / n_full)
-            dx = t.addcmul_(xs, ua, value=2.0 / n_full).to(v.dtype)
+                del m1
+                t = t.add_(_window_mean_adjoint_(b, w), alpha=1.0 / n_full)
+            dx = t.addcmul_(xs, _window_mean_adjoint_(a, w), value=2.0 / n_full).to(v.dtype)
         g_w = g_b = None
         if weight is not None and ctx.needs_input_grad[1]:
-            g_w = (gy * xhat).sum_to_size(weight.shape).to(weight.dtype)
+            g_w = xhat.mul_(gy).sum_to_size(weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
         return dx, g_w, g_b, None, None, None, None, None, None

@@ -132,32 +132,35 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: bool = False
-            ) -> Tensor:
+def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: bool = False,
+            owned: bool = False) -> Tensor:
     """Sliding-window sum of ``x`` over each ``dims[i]`` with window ``windows[i]`` ("same" size,
     zeros outside): ``w//2`` values before and ``(w−1)//2`` after each position, or the other way
     round with ``flip`` (the adjoint: ``⟨box_sum(a), b⟩ = ⟨a, box_sum(b, flip=True)⟩``).
 
-    One copy per dimension and ``w − 1`` shifted in-place adds: several times faster on CPU than
+    A copy per dimension and ``w − 1`` shifted in-place adds: several times faster on CPU than
     an ``avg_pool`` kernel for small windows (not for autograd to record: :func:`box_mean` uses
-    the pooling kernels then). Under ``torch.compile`` it is one custom op
+    the pooling kernels then). ``owned``: ``x`` may be overwritten (its storage takes the next
+    copy: one allocation fewer). Under ``torch.compile`` it is one custom op
     (``normkit::box_sum``, differentiable: its derivative is the flipped sum), which inductor
     calls between the kernels it fuses — its own code for shifted windows is several times
     slower on CPU. Returns ``x`` itself when every window is 1 (a copy under compile).
     """
+    if torch.compiler.is_compiling():  # one opaque node: inductor's own loops are slower
+        return _box_sum_op(x, list(dims), list(windows), flip)
+    spare = None  # a buffer free to take the next copy
     for d, w in zip(dims, windows, strict=True):
         n = x.shape[d]
         before, after = ((w - 1) // 2, w // 2) if flip else (w // 2, (w - 1) // 2)
         if w == 1 or n == 1:
             continue
-        if torch.compiler.is_compiling():  # one opaque node: inductor's own loops are slower
-            return _box_sum_op(x, list(dims), list(windows), flip)
-        acc = x.clone()
+        acc = x.clone() if spare is None else spare.copy_(x)
         for s in range(1, min(before, n - 1) + 1):  # acc[i] += x[i − s]
             acc.narrow(d, s, n - s).add_(x.narrow(d, 0, n - s))
         for s in range(1, min(after, n - 1) + 1):  # acc[i] += x[i + s]
             acc.narrow(d, 0, n - s).add_(x.narrow(d, s, n - s))
-        x = acc
+        spare = x if owned else None
+        x, owned = acc, True
     return x
 
 
@@ -256,6 +259,9 @@ def local_moments(
     Returns ``(mean, var)``; with ``center=False`` returns ``(zeros, E[x²])``.
     """
     xf = _up(x)
+    if not (xf.requires_grad and torch.is_grad_enabled()):
+        return _local_moments_in_place(xf, tuple(full_dims), window_dims, windows, include_pad,
+                                       center)
     if center:
         shift = xf.mean(dim=tuple(full_dims) + tuple(window_dims), keepdim=True).detach()
         xs = xf - shift
@@ -271,6 +277,34 @@ def local_moments(
         return torch.zeros_like(m2), m2
     m1 = box_mean(m1, window_dims, windows, include_pad)
     return m1 + shift, (m2 - m1 * m1).clamp_min(0)
+
+
+def _local_moments_in_place(x: Tensor, full: tuple[int, ...], dims: Sequence[int],
+                            windows: Sequence[int], include_pad: bool, center: bool
+                            ) -> tuple[Tensor, Tensor]:
+    """:func:`local_moments` without a graph: the same formula in four activation-sized
+    allocations (the window sums overwrite their inputs); the mean of ``center=False`` is an
+    expanded zero."""
+    if center:
+        shift = x.mean(dim=full + tuple(dims), keepdim=True)
+        xs = x - shift
+    else:
+        shift, xs = None, x
+    if full:
+        n = 1
+        for d in full:  # a loop, not a generator: dynamo traces this under torch.compile
+            n *= x.shape[d]
+        m2 = torch.linalg.vector_norm(xs, 2, full, keepdim=True).square_().div_(n)
+        m1 = xs.mean(dim=full, keepdim=True) if center else None
+    else:
+        m2, m1 = xs.square(), (xs if center else None)
+    inv = inverse_count(m2.shape, dims, windows, include_pad, m2)
+    m2 = box_sum(m2, dims, windows, owned=True).mul_(inv)
+    if m1 is None or shift is None:
+        return m2.new_zeros(()).expand_as(m2), m2
+    m1 = box_sum(m1, dims, windows, owned=True).mul_(inv)
+    var = m2.addcmul_(m1, m1, value=-1).clamp_min_(0)
+    return m1.add_(shift), var
 
 
 _MOVED = {"merge_moments", "MomentPool"}
