@@ -226,3 +226,24 @@ def test_goals_bad_arguments(capsys) -> None:
     assert B.main(["--device", "cuda", "--json", "/dev/null"]) == 2  # --goals only
     with pytest.raises(ValueError, match="statistic must be"):
         goalrun.run_goals(["2x8x3x3"], ["gn"], statistic="mean")
+
+
+def test_lrn_reference_takes_the_local_methods_window() -> None:
+    """"x LRN" of LCN / divisive normalization: torch's LRN computation over the method's window
+    (zero padded, its constants), not a channel window of the window's side."""
+    import torch.nn.functional as F
+
+    import normkit as nk
+    from normkit._bench.reference import lrn_at_window
+
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    ref, label = lrn_at_window("divisive_norm", nk.create("divisive_norm", 4, sigma=2.0))
+    sq = F.avg_pool2d(x * x, 3, stride=1, padding=1, count_include_pad=True)
+    assert label == "1x3x3"
+    torch.testing.assert_close(ref(x), x / (4.0 + sq).sqrt())
+    ref, label = lrn_at_window("lcn", nk.create("lcn", 4, num_groups=2, window=5))
+    group = (x * x).reshape(2, 2, 2, 6, 5).mean(2)
+    sq = F.avg_pool2d(group, 5, stride=1, padding=2, count_include_pad=True)
+    assert label == "C/2x5x5"
+    want = x / (1e-5 + sq.repeat_interleave(2, dim=1)).sqrt()
+    torch.testing.assert_close(ref(x), want)
