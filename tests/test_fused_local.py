@@ -37,6 +37,8 @@ def rand(*shape: int, seed: int, grad: bool = True, offset: float = 0.0) -> torc
 # (view (N, A, B), spatial, window, centred, k, alpha, beta)
 CASES = {
     "lcn": ((2, 2, 3), (4, 5), Window((4, 5), (2,), (3, 4), (3, 3), False), True, 1e-5, 1.0, 0.5),
+    "lcn_one_channel": ((2, 3, 1), (4, 5), Window((4, 5), (2,), (3, 4), (3, 3), False), True, 1e-5,
+                        1.0, 0.5),
     "lcn_even_1d": ((2, 1, 4), (7,), Window((7,), (2,), (3,), (4,), False), True, 1e-3, 1.0, 0.5),
     "lrn": ((2, 1, 6), (3, 3), Window((3, 3), (), (2, 3, 4), (3, 1, 1), True), False, 2.0, 0.1,
             0.75),

@@ -133,7 +133,7 @@ class _LocalDivisive(torch.autograd.Function):
         keep_mu = mu is not None and mu.numel() < x.numel()  # LCN's: a fraction of the input
         ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
-        ctx.center = mean is not None
+        ctx.center, ctx.in_dtype = mean is not None, v.dtype
         return y
 
     @staticmethod
@@ -149,6 +149,8 @@ class _LocalDivisive(torch.autograd.Function):
         gy = gy.to(dt)
         r = _neg_pow(s, beta)
         g = gy if weight is None else gy * weight.to(dt)
+        if w.full:
+            return _backward_whole_groups(ctx, x, gy, g, r, s, mu, weight, bias)
         if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
             shift = x.mean(dim=(2, 3), keepdim=True)
             xs = x - shift
@@ -176,6 +178,46 @@ class _LocalDivisive(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
         return dx, g_w, g_b, None, None, None, None, None, None
+
+
+def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+                           mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
+                           ) -> tuple[Tensor | None, ...]:
+    """The backward when the statistics are shared by a whole channel group (LCN): everything
+    but three passes over the input (``Σ g``, ``Σ g x`` per position, ``∂x``) is
+    statistics-sized; ``x − c = x − c`` is folded into the per-position terms."""
+    w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
+    full, n_full = w.full, _reduced(x, w.full)
+    sg = g.sum(full, keepdim=True)
+    sgx = (g * x).sum(full, keepdim=True)  # Σ g x per position
+    if ctx.center:
+        if mu is None:  # one channel per group: μ was not saved (the size of the input)
+            mu = _window_mean(x.mean(full, keepdim=True), w, owned=True)
+        shift = x.mean(dim=(2, 3), keepdim=True)
+        m1 = mu - shift  # μ − c
+        sgd = sgx.sub_(shift * sg).sub_(m1 * sg)  # Σ g (x − μ)
+    else:
+        shift = m1 = None
+        sgd = sgx
+    a = sgd.mul_(r).div_(s).mul_(-beta * alpha)  # ∂L/∂v
+    dx = None
+    if ctx.needs_input_grad[0]:
+        ua = _window_mean_adjoint_(a.clone() if ctx.center else a, w).mul_(2.0 / n_full)
+        const = None
+        if ctx.center:
+            b = (r * sg).neg_().addcmul_(m1, a, value=-2.0)  # ∂L/∂μ (shifted)
+            const = _window_mean_adjoint_(b, w).div_(n_full).addcmul_(shift, ua, value=-1.0)
+        dx = g * r
+        if const is not None:
+            dx = dx.add_(const)
+        dx = dx.addcmul_(x, ua).to(ctx.in_dtype)
+    g_w = g_b = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        xhat = (x - mu).mul_(r) if ctx.center else x * r
+        g_w = xhat.mul_(gy).sum_to_size(weight.shape).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+    return dx, g_w, g_b, None, None, None, None, None, None
 
 
 def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,

@@ -285,19 +285,15 @@ def _local_moments_in_place(x: Tensor, full: tuple[int, ...], dims: Sequence[int
     """:func:`local_moments` without a graph: the same formula in four activation-sized
     allocations (the window sums overwrite their inputs); the mean of ``center=False`` is an
     expanded zero."""
-    if center:
-        shift = x.mean(dim=full + tuple(dims), keepdim=True)
-        xs = x - shift
-    else:
-        shift, xs = None, x
+    shift = x.mean(dim=full + tuple(dims), keepdim=True) if center else None
     if full:
-        n = 1
-        for d in full:  # a loop, not a generator: dynamo traces this under torch.compile
-            n *= x.shape[d]
-        m2 = torch.linalg.vector_norm(xs, 2, full, keepdim=True).square_().div_(n)
-        m1 = xs.mean(dim=full, keepdim=True) if center else None
+        m2 = (x.square() if shift is None else (x - shift).square_()).mean(dim=full, keepdim=True)
+        m1 = None if shift is None else x.mean(dim=full, keepdim=True).sub_(shift)
+    elif shift is None:
+        m2, m1 = x.square(), None
     else:
-        m2, m1 = xs.square(), (xs if center else None)
+        m1 = x - shift
+        m2 = m1.square()
     inv = inverse_count(m2.shape, dims, windows, include_pad, m2)
     m2 = box_sum(m2, dims, windows, owned=True).mul_(inv)
     if m1 is None or shift is None:
