@@ -18,18 +18,19 @@ per-sample shift ``c`` (:func:`~normkit.functional.statistics.local_moments`); t
 ``x − c`` and ``μ − c`` too.
 
 The forward takes the statistics ``fit`` computed (under ``torch.no_grad``); the Function saves
-the input, ``s`` and the shift (and ``μ`` where it is smaller than the input: LCN), recomputes
-``μ`` otherwise — at most one tensor the size of the input beyond it — and its backward makes two
+the input and ``s`` (and ``μ`` where it is smaller than the input: LCN), recomputes ``μ`` and the
+shift otherwise — at most one tensor the size of the input beyond it — and its backward makes two
 window sums (three when ``μ`` is recomputed) with
 :func:`~normkit.functional.statistics.box_sum`, which is several times faster than the pooling
-kernels on CPU. Where ``v`` was clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as
-the clamp's own gradient gives. A second derivative (``create_graph=True``) differentiates the
-plain composition (:func:`local_divisive_plain`).
+kernels on CPU (under ``torch.compile``, one custom op each). Statistics shared by a channel group
+(LCN) make every term but ``Σ g``, ``Σ g x`` and ``∂x`` itself statistics-sized. Where ``v`` was
+clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as the clamp's own gradient gives.
+A second derivative (``create_graph=True``) differentiates the plain composition
+(:func:`local_divisive_plain`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
