@@ -186,7 +186,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
                            ) -> tuple[Tensor | None, ...]:
     """The backward when the statistics are shared by a whole channel group (LCN): everything
     but three passes over the input (``Σ g``, ``Σ g x`` per position, ``∂x``) is
-    statistics-sized; ``x − c = x − c`` is folded into the per-position terms."""
+    statistics-sized; the shift ``c`` of ``x − c`` is folded into the per-position terms."""
     w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
     full, n_full = w.full, _reduced(x, w.full)
     sg = g.sum(full, keepdim=True)

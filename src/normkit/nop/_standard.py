@@ -338,8 +338,8 @@ class Divisive(Operation):
         kernel's time (a 3-D pooling of ``x²`` and its backward, ``pow``) and saves a third of
         its memory (normkit bench --goals: lrn)."""
         nap = layout.nap
-        if (not self.fused and not self.center and type(nap) is Local and nap.channel_window is not None
-                and nap.include_pad and nap.window in (1, (1,), (1, 1), (1, 1, 1))
+        if (not self.fused and not self.center and type(nap) is Local
+                and nap.channel_window is not None and nap.include_pad and nap.window in (1, (1,), (1, 1), (1, 1, 1))
                 and layout.recovery == "none" and layout.channel_axis == 1):
             return "local_response_norm"
         return None
