@@ -259,7 +259,7 @@ CASES: list[Case] = [
         name="lrn", method="lrn", num_features=6,
         kwargs={"size": 3, "alpha": 0.5, "beta": 0.75, "k": 1.0}, shapes=SP6,
         grad_shape=(2, 6, 4), batch_dependent=False, running=(), params=(),
-        takes_affine=False, native="local_response_norm", edge_shapes=((1, 6, 1), (1, 6, 1, 1)),
+        takes_affine=False, native=None, edge_shapes=((1, 6, 1), (1, 6, 1, 1)),  # fused: no kernel
         errors=_common_errors(6, (3, 6, 7), 1, uses_eps=False, affine=False) + (
             ErrorInput("size_zero", ConfigError, r"window sizes must be positive ints, got 0",
                        ctor={"size": 0}),

@@ -99,8 +99,9 @@ def test_goals_command_prints_every_column_and_a_verdict(tmp_path, capsys) -> No
     for (method, _), row in rows.items():
         assert not row["errors"], row["errors"]
         f = row["figures"]
-        for figure in ("eager", "compiled", "saved"):
+        for figure in ("eager", "compiled"):
             assert f[figure] is not None and f[figure] > 0, (method, figure)
+        assert f["saved"] is not None and f["saved"] >= 0  # LCN's Function: 0 beyond statistics
         judged = {g["figure"]: g for g in row["goals"]}
         assert all(g["verdict"] in ("met", "missed") for g in judged.values()), judged
         assert all(g["verdict"] == ("met" if round(g["value"], goals.DECIMALS) <= g["limit"]
@@ -109,7 +110,7 @@ def test_goals_command_prints_every_column_and_a_verdict(tmp_path, capsys) -> No
     frn, dbn, lcn = (rows[(m, "4x16x4x4")] for m in ("frn", "dbn", "lcn"))
     assert frn["peer"] == "FilterResponseNormTlu2d" and "peer" in {g["figure"] for g in frn["goals"]}
     assert dbn["eval_kind"] == "matrix" and dbn["figures"]["eval/mm"] is not None
-    assert lcn["lrn_size"] == 7 and lcn["figures"]["eager/LRN"] is not None
+    assert lcn["lrn_window"] == "C/1x7x7" and lcn["figures"]["eager/LRN"] is not None
     assert r["goals"]["judged"] == sum(len(x["goals"]) for x in r["rows"])
     assert B.main(["--from-json", str(path), "--plain"]) == 0  # a saved run prints again
     assert "goals of issue 20" in capsys.readouterr().out
@@ -225,3 +226,24 @@ def test_goals_bad_arguments(capsys) -> None:
     assert B.main(["--device", "cuda", "--json", "/dev/null"]) == 2  # --goals only
     with pytest.raises(ValueError, match="statistic must be"):
         goalrun.run_goals(["2x8x3x3"], ["gn"], statistic="mean")
+
+
+def test_lrn_reference_takes_the_local_methods_window() -> None:
+    """"x LRN" of LCN / divisive normalization: torch's LRN computation over the method's window
+    (zero padded, its constants), not a channel window of the window's side."""
+    import torch.nn.functional as F
+
+    import normkit as nk
+    from normkit._bench.reference import lrn_at_window
+
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    ref, label = lrn_at_window("divisive_norm", nk.create("divisive_norm", 4, sigma=2.0))
+    sq = F.avg_pool2d(x * x, 3, stride=1, padding=1, count_include_pad=True)
+    assert label == "1x3x3"
+    torch.testing.assert_close(ref(x), x / (4.0 + sq).sqrt())
+    ref, label = lrn_at_window("lcn", nk.create("lcn", 4, num_groups=2, window=5))
+    group = (x * x).reshape(2, 2, 2, 6, 5).mean(2)
+    sq = F.avg_pool2d(group, 5, stride=1, padding=2, count_include_pad=True)
+    assert label == "C/2x5x5"
+    want = x / (1e-5 + sq.repeat_interleave(2, dim=1)).sqrt()
+    torch.testing.assert_close(ref(x), want)

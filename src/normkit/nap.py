@@ -240,14 +240,19 @@ class Local(Partition):
             return self.window
         return (self.window,) * len(spatial)
 
-    def _local(self, v: Tensor, spatial: Sequence[int], center: bool) -> tuple[Tensor, Tensor]:
-        x = v.reshape(*v.shape[:3], *spatial)
+    def window_axes(self, spatial: Sequence[int]
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(full, dims, windows)`` on the view ``(N, A, B, *spatial)``: the axes averaged whole
+        (the channel group) and the sliding windows along ``dims``."""
         win_dims = tuple(range(3, 3 + len(spatial)))
         win = self._windows(spatial)
         if self.channel_window is not None:
-            full, win_dims, win = (), (2, *win_dims), (self.channel_window, *win)
-        else:
-            full = (2,)
+            return (), (2, *win_dims), (self.channel_window, *win)
+        return (2,), win_dims, win
+
+    def _local(self, v: Tensor, spatial: Sequence[int], center: bool) -> tuple[Tensor, Tensor]:
+        x = v.reshape(*v.shape[:3], *spatial)
+        full, win_dims, win = self.window_axes(spatial)
         mean, second = S.local_moments(x, full, win_dims, win, self.include_pad, center=center)
         shape = (*mean.shape[:3], -1)
         return mean.reshape(shape), second.reshape(shape)

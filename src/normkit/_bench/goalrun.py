@@ -10,7 +10,9 @@ times forward + backward in training (``torch.autograd.grad`` of the input and p
 * ``peer`` — timm's implementation of the layer (:data:`~normkit._bench.goals.PEERS`; timm is
   imported here, lazily: without it the column is empty and a note says so), next to
   ``peer_ours``, normkit configured like it where that differs from the defaults;
-* ``lrn`` — torch ``LocalResponseNorm`` at the method's window, for the local family;
+* ``lrn`` — torch's local response normalization at the method's window and constants, for
+  the local family (:func:`~normkit._bench.reference.lrn_at_window`: ``LocalResponseNorm``
+  for ``lrn``, the same computation over LCN's and divisive normalization's windows);
 
 then, in a second loop (three times the rounds: the calls are short), the evaluation forward
 (``no_grad``) of ``ours`` and ``bn`` after those training steps, and ``blockmm`` (one
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 
 from .conditioned import build_method, inner
 from .goals import FIGURES, PEERS, goals_for, verdict
-from .reference import bn_torch, torch_for
+from .reference import bn_torch, lrn_at_window
 from .timing import (
     ShapeSpec,
     fmt,
@@ -62,21 +64,6 @@ _MIN_CASE_S = 3.0  # below this many seconds left per remaining case, compilatio
 
 def _first_line(error: str) -> str:
     return error.strip().splitlines()[0] if error.strip() else error
-
-
-def _lrn_for(method: str, ours: nn.Module, spec: ShapeSpec) -> tuple[nn.Module, int] | None:
-    """torch ``LocalResponseNorm`` at the window of a local method: ``lrn``'s own (channels,
-    with its k, α, β); the spatial window side of ``lcn`` and ``divisive_norm``."""
-    import normkit as nk
-
-    if nk.info(method).family != "local":
-        return None
-    if method == "lrn":
-        t = torch_for(method, ours, spec)
-        return (t, ours.nap.channel_window) if t is not None else None
-    window = ours.nap.window
-    size = window if isinstance(window, int) else max(window)
-    return nn.LocalResponseNorm(size), size
 
 
 def _eval_kind(ours: nn.Module) -> tuple[str | None, int | None]:
@@ -141,9 +128,9 @@ def _run_method(method: str, spec: ShapeSpec, device: torch.device, gen: torch.G
         row["peer"] = PEERS[method].cls
     if note:
         row["notes"].append(note)
-    lrn = _lrn_for(method, inner(ours), spec)
+    lrn = lrn_at_window(method, inner(ours))
     if lrn is not None:
-        fb["lrn"], row["lrn_size"] = lrn[0].to(device), lrn[1]
+        fb["lrn"], row["lrn_window"] = lrn[0].to(device), lrn[1]
     if compile_:
         torch._dynamo.reset()  # one method's graphs at a time: stay under dynamo's recompile limit
         fb["compiled"] = torch.compile(ours, fullgraph=True, backend=backend)
@@ -194,7 +181,7 @@ def _figures(row: dict[str, Any], statistic: str = "median") -> dict[str, float 
 
 
 def _applies(figure: str, row: dict[str, Any], compiled: bool) -> bool:
-    return {"eager": True, "eager/LRN": "lrn_size" in row, "compiled": compiled,
+    return {"eager": True, "eager/LRN": "lrn_window" in row, "compiled": compiled,
             "peer": row["method"] in PEERS, "eval": row.get("eval_kind") == "affine",
             "eval/mm": row.get("eval_kind") == "matrix", "saved": True}[figure]
 
@@ -321,7 +308,7 @@ def _against(figure: str, row: dict[str, Any]) -> str:
     if figure == "peer":
         return f"timm {row.get('peer', '')}".strip()
     if figure == "eager/LRN":
-        return f"torch LRN({row.get('lrn_size', '')})"
+        return f"torch LRN({row.get('lrn_window', '')})"
     return _AGAINST[figure]
 
 

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from .timing import ShapeSpec
 
-__all__ = ["Lambda", "PlainWhitening", "bn_torch", "plain_for", "torch_for", "whitening_matrix"]
+__all__ = ["Lambda", "PlainWhitening", "WindowLRN", "bn_torch", "lrn_at_window", "plain_for",
+           "torch_for", "whitening_matrix"]
 
 
 class _Plain(nn.Module):
@@ -255,6 +256,77 @@ def torch_for(method: str, ours: Any, spec: ShapeSpec) -> nn.Module | None:
         return nn.LocalResponseNorm(ours.nap.channel_window, alpha=nop.alpha, beta=nop.beta, k=nop.k)
     return None
 
+
+
+class WindowLRN(nn.Module):
+    r"""torch's local response normalization at a local method's window:
+    ``y = x / (k + α·mean_W(x²))^β``, computed as ``F.local_response_norm`` computes it — ``x²``
+    padded with zeros and averaged by torch's 3-D pooling kernel, then ``pow`` and a division —
+    over the window ``W`` of the method: ``channel_window`` neighbouring channels (or a whole
+    group of ``C/num_groups`` channels, averaged by ``mean``: LCN's channel axis does not slide)
+    × ``window`` positions. The benchmark's "x LRN" reference for LCN and divisive
+    normalization: the same window and the same window statistic (the second moment; the
+    centred methods take the mean over it too).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2, 6, 5, 5)
+        >>> ref = torch.nn.LocalResponseNorm(3, alpha=0.3, beta=0.75, k=2.0)(x)
+        >>> lrn = WindowLRN(channel_window=3, window=(1, 1), alpha=0.3, beta=0.75, k=2.0)
+        >>> torch.allclose(lrn(x), ref, atol=1e-6)
+        True
+    """
+
+    def __init__(self, *, window: Sequence[int], channel_window: int = 1,
+                 num_groups: int | None = None, alpha: float = 1e-4, beta: float = 0.75,
+                 k: float = 1.0) -> None:
+        super().__init__()
+        self.window, self.channel_window, self.num_groups = tuple(window), channel_window, num_groups
+        self.alpha, self.beta, self.k = alpha, beta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        sq = x.mul(x)
+        if self.num_groups is not None:  # a whole channel group: averaged, not slid over
+            sq = sq.reshape(n, self.num_groups, -1, *x.shape[2:]).mean(2).unsqueeze(1)
+            kernel = (1, *self.window)
+        else:
+            sq = sq.unsqueeze(1)
+            kernel = (self.channel_window, *self.window)
+        pad: list[int] = []
+        for w in reversed(kernel):
+            pad += [w // 2, (w - 1) // 2]
+        pooled = F.avg_pool3d(F.pad(sq, pad), kernel, stride=1).squeeze(1)
+        if self.num_groups is not None:
+            pooled = pooled.unsqueeze(2).expand(n, self.num_groups, c // self.num_groups,
+                                                *x.shape[2:]).reshape(x.shape)
+        return x / pooled.mul(self.alpha).add(self.k).pow(self.beta)
+
+    def extra_repr(self) -> str:
+        chans = f"{self.channel_window}" if self.num_groups is None else f"C/{self.num_groups}"
+        return f"window={chans}x{'x'.join(map(str, self.window))}"
+
+
+def lrn_at_window(method: str, ours: Any) -> tuple[nn.Module, str] | None:
+    """The "x LRN" reference of a local method and its window's label: torch's
+    ``LocalResponseNorm`` for ``lrn`` (its own window and constants), :class:`WindowLRN` at the
+    window and constants (``k, α, β``) of LCN and divisive normalization (2-D inputs); ``None``
+    for other methods."""
+    nap, nop = getattr(ours, "nap", None), getattr(ours, "nop", None)
+    if method == "lrn":
+        size = nap.channel_window
+        return nn.LocalResponseNorm(size, alpha=nop.alpha, beta=nop.beta, k=nop.k), f"{size}"
+    if method not in ("lcn", "divisive_norm"):
+        return None
+    window = nap.window if isinstance(nap.window, tuple) else (nap.window,) * 2
+    if method == "lcn":
+        g = ours.groups[0]
+        eps = ours.eps if ours.eps is not None else 1e-5
+        mod = WindowLRN(window=window, num_groups=g, alpha=1.0, beta=0.5, k=eps)
+        return mod, f"C/{g}x{'x'.join(map(str, window))}"
+    cw = nap.channel_window
+    mod = WindowLRN(window=window, channel_window=cw, alpha=nop.alpha, beta=nop.beta, k=nop.k)
+    return mod, f"{cw}x{'x'.join(map(str, window))}"
 
 
 def whitening_matrix(cov: Tensor, kind: str, eps: float, iterations: int = 5, *,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..functional import fused_combination as Fc
+from ..functional import fused_local as Fl
 from ..functional import fused_spade as Fsp
 from ..functional import standardize as Fs
 from ..functional import statistics as S
@@ -52,6 +53,21 @@ def _fusable(fused: bool, v: Tensor, stats: Stats, nap: Partition, weight: Tenso
 _OWN_NAPS = (Batch, Group, Layer, Instance)
 
 
+def _local_moments(v: Tensor, nap: Local, spatial: Sequence[int], center: bool
+                   ) -> Fl.LocalMoments:
+    """A local partition's moments (``mean, var`` or ``ms``) without a graph, for the Function
+    of :func:`~normkit.functional.fused_local.local_divisive` (its backward differentiates them).
+    Under ``torch.compile`` too: inductor's own loops for the shifted windows of the composition
+    are slower than the Function's (whose window sums are one custom op each)."""
+    full, dims, windows = nap.window_axes(spatial)
+    window = Fl.Window(tuple(spatial), full, dims, windows, nap.include_pad)
+    with torch.no_grad():
+        if center:
+            mean, var = nap.moments(v, spatial)
+            return Fl.LocalMoments(window, mean=mean, var=var)
+        return Fl.LocalMoments(window, ms=nap.mean_square(v, spatial))
+
+
 @dataclass(frozen=True, repr=False)
 class Standardize(Operation):
     """Standardization ``x̂ = (x − μ)/√(σ² + ε)`` (biased batch variance).
@@ -73,6 +89,8 @@ class Standardize(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused and type(nap) is Local:
+            return _local_moments(v, nap, spatial, center=True)
         mean, var = nap.moments(v, spatial)
         if self.fused and type(nap) in _OWN_NAPS and not torch.compiler.is_compiling():
             return Fc.OwnMoments(mean, var)  # this view's own moments: see transform
@@ -86,6 +104,9 @@ class Standardize(Operation):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if Fl.is_own(stats):  # local windows (LCN): x̂ = (x − μ)(σ² + ε)^(−½)
+            return Fl.local_divisive(v, stats, weight=weight, bias=bias, k=eps, alpha=1.0,
+                                     beta=0.5)
         if Fc.per_sample(weight, bias) and Fc.is_own(stats) and 3 in nap.dims:
             return Fc.standardize_affine(v, nap.dims, weight=weight, bias=bias, eps=eps,
                                          moments=(stats["mean"], stats["var"]))
@@ -315,6 +336,9 @@ class Divisive(Operation):
     alpha: float = 1.0
     beta: float = 0.5
     center: bool = True
+    #: over :class:`~normkit.nap.Local` windows, one Function with the hand-derived backward
+    #: (:func:`~normkit.functional.fused_local.local_divisive`)
+    fused: bool = field(default=True, repr=False)
 
     uses_eps = False
 
@@ -337,21 +361,36 @@ class Divisive(Operation):
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
     ) -> Stats:
+        if self.fused and type(nap) is Local:
+            return _local_moments(v, nap, spatial, center=self.center)
         if self.center:
             mean, var = nap.moments(v, spatial)
             return {"mean": mean, "var": var}
         return {"ms": nap.mean_square(v, spatial)}
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         second = stats["var"] if self.center else stats["ms"]
         return Fs.divisive_coefficients(stats.get("mean"), second, self.k, self.alpha, self.beta)
 
+    def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
+                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if Fl.is_own(stats):
+            return Fl.local_divisive(v, stats, weight=weight, bias=bias, k=self.k,
+                                     alpha=self.alpha, beta=self.beta)
+        return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
+
     def native_kernel(self, layout: Layout) -> Kernel | None:
-        """torch's ``local_response_norm``: uncentred, over a window of channels only (padded
-        with zeros), no recovery."""
+        """torch's ``local_response_norm`` (uncentred, over a window of channels only, padded
+        with zeros, no recovery) where the operation is not ``fused``: the Function of
+        :func:`~normkit.functional.fused_local.local_divisive` takes about a fifth of the
+        kernel's time (a 3-D pooling of ``x²`` and its backward, ``pow``) and saves a third of
+        its memory (normkit bench --goals: lrn)."""
         nap = layout.nap
-        if (not self.center and type(nap) is Local and nap.channel_window is not None
-                and nap.include_pad and nap.window in (1, (1,), (1, 1), (1, 1, 1))
+        if (not self.fused and not self.center and type(nap) is Local
+                and nap.channel_window is not None and nap.include_pad and nap.window in (1, (1,), (1, 1), (1, 1, 1))
                 and layout.recovery == "none" and layout.channel_axis == 1):
             return "local_response_norm"
         return None

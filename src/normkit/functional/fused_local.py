@@ -1,0 +1,265 @@
+r"""Local (sliding-window) normalization with a hand-derived backward: local context
+normalization, local response normalization and divisive normalization (book ch. 4.1).
+
+One formula covers the three. With ``B`` the window mean over the window axes (the adjoint of a
+window sum is the window sum flipped), ``M`` the mean over the fully reduced axes (LCN's channel
+group; none otherwise), :math:`\mu = B M x`, :math:`v = B M x^2 - \mu^2` (centred) or
+:math:`v = B M x^2` (uncentred) and :math:`s = k + \alpha v`:
+
+.. math::
+    y = \gamma\,(x - \mu)\,s^{-\beta} + \beta_0,\qquad
+    \frac{\partial L}{\partial x} = t + M^\top B^\top b + 2\,x\,M^\top B^\top a,
+
+where :math:`g = \gamma\,\partial L/\partial y`, :math:`t = g\,s^{-\beta}`,
+:math:`a = -\beta\alpha\,s^{-\beta-1}\sum_M g\,(x - \mu)` (the gradient of ``v``) and, centred,
+:math:`b = -\sum_M t - 2\mu a` (of ``μ``). LCN is ``k = ε, α = 1, β = ½``; Krizhevsky's LRN the
+uncentred form over a channel window, padded with zeros. Centred statistics are taken around a
+per-sample shift ``c`` (:func:`~normkit.functional.statistics.local_moments`); the backward uses
+``x − c`` and ``μ − c`` too.
+
+The forward takes the statistics ``fit`` computed (under ``torch.no_grad``); the Function saves
+the input and ``s`` (and ``μ`` where it is smaller than the input: LCN), recomputes ``μ`` and the
+shift otherwise — at most one tensor the size of the input beyond it — and its backward makes two
+window sums (three when ``μ`` is recomputed) with
+:func:`~normkit.functional.statistics.box_sum`, which is several times faster than the pooling
+kernels on CPU (under ``torch.compile``, one custom op each). Statistics shared by a channel group
+(LCN) make every term but ``Σ g``, ``Σ g x`` and ``∂x`` itself statistics-sized. Where ``v`` was
+clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as the clamp's own gradient gives.
+A second derivative (``create_graph=True``) differentiates the plain composition
+(:func:`local_divisive_plain`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import statistics as S
+from .fused import _compute_dtype, _plain_vjp, _reduced
+from .standardize import affine_transform, divisive_coefficients
+
+__all__ = ["LocalMoments", "Window", "is_own", "local_divisive", "local_divisive_plain"]
+
+
+class Window(NamedTuple):
+    """A local partition's window on the view ``(N, A, B, *spatial)``: ``full`` axes averaged
+    whole, centred ``windows`` along ``dims``, ``include_pad`` (zeros outside count)."""
+
+    spatial: tuple[int, ...]
+    full: tuple[int, ...]
+    dims: tuple[int, ...]
+    windows: tuple[int, ...]
+    include_pad: bool
+
+
+class LocalMoments(dict):  # type: ignore[type-arg]
+    """Statistics a local operation's ``fit`` computed from the view itself (without a graph),
+    with their :class:`Window`: :func:`is_own` tells whether they are still those, so the
+    Function may differentiate through them itself."""
+
+    def __init__(self, window: Window, **stats: Tensor) -> None:
+        super().__init__(**stats)
+        self.window = window
+        self.own = dict(stats)
+
+
+def is_own(stats: Any) -> bool:
+    """Whether ``stats`` are a :class:`LocalMoments` whose tensors are unchanged."""
+    return (isinstance(stats, LocalMoments) and stats.keys() == stats.own.keys()
+            and all(stats[k] is t for k, t in stats.own.items()))
+
+
+def _neg_pow(s: Tensor, beta: float) -> Tensor:
+    """``s^(−β)``: ``rsqrt`` and products for the usual exponents (``pow`` is several times
+    slower on CPU)."""
+    if beta == 0.5:
+        return torch.rsqrt(s)
+    if beta == 0.75:
+        r = torch.rsqrt(s)
+        return r.mul_(r.sqrt())
+    if beta == 1.0:
+        return torch.reciprocal(s)
+    return torch.pow(s, -beta)
+
+
+def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
+    """``B t`` of a canonical ``(N, A, B', S)`` tensor (window axes on its spatial view);
+    ``owned``: ``t`` may be overwritten."""
+    u = t.reshape(*t.shape[:3], *w.spatial)
+    inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
+    return S.box_sum(u, w.dims, w.windows, owned=owned).mul_(inv).reshape(t.shape)
+
+
+def _window_mean_adjoint_(t: Tensor, w: Window) -> Tensor:
+    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count (overwrites ``t``)."""
+    u = t.reshape(*t.shape[:3], *w.spatial)
+    u = u.mul_(S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u))
+    return S.box_sum(u, w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
+
+
+def _full_sum(t: Tensor, w: Window) -> Tensor:
+    return t.sum(w.full, keepdim=True) if w.full else t
+
+
+def _fits(p: Tensor, y: Tensor) -> bool:
+    """Whether ``y op= p`` broadcasts ``p`` into ``y`` in place (no axis of ``p`` larger)."""
+    return p.dim() == y.dim() and all(a == 1 or a == b for a, b in zip(p.shape, y.shape,
+                                                                       strict=True))
+
+
+class _LocalDivisive(torch.autograd.Function):
+    """On the canonical view ``(N, A, B, S)``; statistics ``(N, A, B or 1, S)``."""
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                mean: Tensor | None, second: Tensor, w: Window, k: float, alpha: float,
+                beta: float) -> Tensor:
+        dt = _compute_dtype(v)
+        x = v.to(dt)
+        s = second.to(dt).mul(alpha).add_(k)
+        r = _neg_pow(s, beta)
+        if mean is not None:
+            mu = mean.to(dt)
+            y = (x - mu).mul_(r)
+        else:
+            mu, y = None, x * r
+        if weight is not None:
+            wt = weight.to(dt)
+            y = y.mul_(wt) if _fits(wt, y) else y * wt
+        if bias is not None:
+            bt = bias.to(dt)
+            y = y.add_(bt) if _fits(bt, y) else y + bt
+        keep_mu = mu is not None and mu.numel() < x.numel()  # LCN's: a fraction of the input
+        ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
+        ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
+        ctx.center, ctx.in_dtype = mean is not None, v.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, weight, bias, s, mu = ctx.saved_tensors
+        w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            args = (v, weight, bias, w, ctx.k, alpha, beta, ctx.center)
+            return (*_plain_vjp(local_divisive_plain, args, gy)[:3],
+                    None, None, None, None, None, None)
+        dt = s.dtype
+        x = v.to(dt)
+        gy = gy.to(dt)
+        r = _neg_pow(s, beta)
+        g = gy if weight is None else gy * weight.to(dt)
+        if w.full:
+            return _backward_whole_groups(ctx, x, gy, g, r, s, mu, weight, bias)
+        if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
+            shift = x.mean(dim=(2, 3), keepdim=True)
+            xs = x - shift
+            if mu is None:
+                m1 = _window_mean(xs.mean(w.full, keepdim=True) if w.full else xs, w,
+                                  owned=bool(w.full))
+            else:
+                m1 = mu - shift
+            xhat = (xs - m1).mul_(r)  # (x − μ)·r
+        else:
+            xs, m1, xhat = x, None, x * r
+        t = g * r
+        a = _full_sum(g * xhat, w).div_(s).mul_(-beta * alpha)  # ∂L/∂v
+        n_full = _reduced(x, w.full)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.center:
+                b = (m1 * a).mul_(-2.0).sub_(_full_sum(t, w))  # ∂L/∂μ (shifted)
+                del m1
+                t = t.add_(_window_mean_adjoint_(b, w), alpha=1.0 / n_full)
+            dx = t.addcmul_(xs, _window_mean_adjoint_(a, w), value=2.0 / n_full).to(v.dtype)
+        g_w = g_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            g_w = xhat.mul_(gy).sum_to_size(weight.shape).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+        return dx, g_w, g_b, None, None, None, None, None, None
+
+
+def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+                           mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
+                           ) -> tuple[Tensor | None, ...]:
+    """The backward when the statistics are shared by a whole channel group (LCN): everything
+    but three passes over the input (``Σ g``, ``Σ g x`` per position, ``∂x``) is
+    statistics-sized; the shift ``c`` of ``x − c`` is folded into the per-position terms."""
+    w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
+    full, n_full = w.full, _reduced(x, w.full)
+    sg = g.sum(full, keepdim=True)
+    sgx = (g * x).sum(full, keepdim=True)  # Σ g x per position
+    if ctx.center:
+        if mu is None:  # one channel per group: μ was not saved (the size of the input)
+            mu = _window_mean(x.mean(full, keepdim=True), w, owned=True)
+        shift = x.mean(dim=(2, 3), keepdim=True)
+        m1 = mu - shift  # μ − c
+        sgd = sgx.sub_(shift * sg).sub_(m1 * sg)  # Σ g (x − μ)
+    else:
+        shift = m1 = None
+        sgd = sgx
+    a = sgd.mul_(r).div_(s).mul_(-beta * alpha)  # ∂L/∂v
+    dx = None
+    if ctx.needs_input_grad[0]:
+        ua = _window_mean_adjoint_(a.clone() if ctx.center else a, w).mul_(2.0 / n_full)
+        const = None
+        if ctx.center:
+            b = (r * sg).neg_().addcmul_(m1, a, value=-2.0)  # ∂L/∂μ (shifted)
+            const = _window_mean_adjoint_(b, w).div_(n_full).addcmul_(shift, ua, value=-1.0)
+        dx = g * r
+        if const is not None:
+            dx = dx.add_(const)
+        dx = dx.addcmul_(x, ua).to(ctx.in_dtype)
+    g_w = g_b = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        xhat = (x - mu).mul_(r) if ctx.center else x * r
+        g_w = xhat.mul_(gy).sum_to_size(weight.shape).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+    return dx, g_w, g_b, None, None, None, None, None, None
+
+
+def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
+                   bias: Tensor | None, k: float, alpha: float, beta: float) -> Tensor:
+    r"""``y = γ (x − μ)/(k + α v)^β + β₀`` over local windows, with the hand-derived backward
+    (see the module docstring).
+
+    Args:
+        v: the canonical view ``(N, A, B, S)``.
+        stats: its :class:`LocalMoments` — ``mean`` and ``var`` (centred) or ``ms`` (``E[x²]``,
+            uncentred), ``(N, A, B or 1, S)`` — and their :class:`Window`.
+        weight, bias: ``γ, β₀`` broadcastable against ``v`` (or ``None``).
+        k, alpha, beta: the constants (LCN: ``ε, 1, ½``).
+
+    Shape:
+        ``(N, A, B, S)`` → same, in at least float32.
+
+    Example:
+        >>> import torch
+        >>> from normkit.functional import statistics as S
+        >>> x = torch.randn(2, 1, 4, 9, dtype=torch.float64)
+        >>> w = Window((3, 3), (), (3, 4), (3, 3), False)
+        >>> mean, var = S.local_moments(x.reshape(2, 1, 4, 3, 3), (), w.dims, w.windows, False)
+        >>> stats = LocalMoments(w, mean=mean.reshape(2, 1, 4, 9), var=var.reshape(2, 1, 4, 9))
+        >>> y = local_divisive(x, stats, weight=None, bias=None, k=1.0, alpha=1.0, beta=0.5)
+        >>> torch.allclose(y, (x - stats["mean"]) / (1 + stats["var"]).sqrt())
+        True
+    """
+    mean = stats.get("mean")
+    second = stats["var"] if mean is not None else stats["ms"]
+    return _LocalDivisive.apply(v, weight, bias, mean, second, stats.window,  # type: ignore[no-any-return]
+                                k, alpha, beta)
+
+
+def local_divisive_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, w: Window,
+                         k: float, alpha: float, beta: float, center: bool) -> Tensor:
+    """The plain autograd composition :func:`local_divisive` computes (statistics included):
+    :func:`~normkit.functional.statistics.local_moments`, then ``x·scale + shift`` and ``γ, β``."""
+    x = v.reshape(*v.shape[:3], *w.spatial)
+    mean, second = S.local_moments(x, w.full, w.dims, w.windows, w.include_pad, center=center)
+    flat = (*mean.shape[:3], -1)
+    scale, shift = divisive_coefficients(mean.reshape(flat) if center else None,
+                                         second.reshape(flat), k, alpha, beta)
+    return affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
