@@ -1,0 +1,247 @@
+r"""Mixture normalization's training step with a hand-derived backward through the EM steps.
+
+The plain composition (:func:`mixture_plain`, what ``Normalization(native=False)`` runs) unrolls
+``T`` EM steps in autograd on ``K``-times-activation-sized tensors and saves them all. Here
+:func:`mixture_fit` runs EM without a graph on the centred values ``z`` of each channel laid
+out as ``(C, M)`` (``M = N·S``) and keeps the ``(C, K)`` statistics of every step (the
+*trajectory*); :func:`mixture_affine` is an autograd Function that saves ``z`` and the
+trajectory and, in the backward, recomputes each step's posteriors from them.
+
+Every per-value quantity is a per-channel polynomial in ``z`` read through the basis
+``B = [1, z, z²]`` ``(C, 3, M)``, so each contraction over the values is one batched matmul:
+the E-step logits are ``a = A·B`` with ``A_k = [log π_k − ½log s_k − μ_k²/2s_k, μ_k/s_k,
+−1/2s_k]`` (``s = σ² + ε``), ``p = softmax_k(a)``, and the M-step moments are ``R = p·Bᵀ`` =
+``[n_k, Σ p z, Σ p z²]``:
+
+.. math::
+    \mu'_k = \frac{R_{k1}}{n_k},\quad \sigma'^2_k = \frac{R_{k2}}{n_k} - \mu'^2_k,\quad
+    \log\pi'_k = \log\frac{n_k}{M}
+
+(the raw second moment: one contraction per step instead of two; ``z`` is centred per channel,
+so the cancellation is that of ``σ'² ≪ μ'²`` only). The output is ``y = Σ_k p_k·(z − μ_k)·r_k``,
+``r = s^{-1/2}``, then ``γ y + β``.
+
+Reverse mode through a step, given ``∂L/∂R``: ``∂L/∂p = (∂L/∂R)·B``, the softmax's backward gives
+``∂L/∂a``, ``∂L/∂A = (∂L/∂a)·Bᵀ`` and the values receive ``Σ_k p_k (∂_{R_{k1}} + 2z ∂_{R_{k2}})
++ Σ_k ∂_{a_k}(A_{k1} + 2 z A_{k2})``, accumulated over the steps as ``U₀ + U₁ z``. The start
+(the batch's, through ``σ²_B``, or the running mixture's, through the shift) and the centring
+``z = x − mean(x)`` close the chain. Saved: the centred input (``1×``) and ``(T + 1)·4·C·K``
+statistics; a second derivative differentiates :func:`mixture_plain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .fused import _plain_vjp
+from .mixture import collapsed, gmm_em, gmm_posterior, gmm_start, mixture_output, normal_quantiles
+from .partition import stats_dtype
+from .standardize import affine_transform
+
+__all__ = ["mixture_affine", "mixture_fit", "mixture_plain"]
+
+
+def _basis(z: Tensor) -> Tensor:
+    """``[1, z, z²]`` per channel: ``(C, M)`` → ``(C, 3, M)``."""
+    return torch.stack((torch.ones_like(z), z, z * z), 1)
+
+
+def _coef(mean: Tensor, var: Tensor, log_prior: Tensor, eps: float) -> Tensor:
+    """The E-step logits' coefficients on the basis ``[1, z, z²]``: ``(C, K)`` → ``(C, K, 3)``."""
+    s = var + eps
+    return torch.stack((log_prior - 0.5 * torch.log(s) - 0.5 * mean * mean / s, mean / s,
+                        -0.5 / s), -1)
+
+
+def _coef_backward(g: Tensor, mean: Tensor, var: Tensor, eps: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``∂L/∂(μ, σ², log π)`` from ``∂L/∂A`` of :func:`_coef`."""
+    s = var + eps
+    ga, gb, gc = g.unbind(-1)
+    g_mean = (gb - ga * mean) / s
+    g_var = (-0.5 * ga + (0.5 * ga * mean * mean - gb * mean + 0.5 * gc) / s) / s
+    return g_mean, g_var, ga
+
+
+def _posterior(coef: Tensor, basis: Tensor) -> Tensor:
+    """``softmax_k(A·B)``: ``(C, K, M)``."""
+    return torch.softmax(torch.bmm(coef, basis), 1)
+
+
+def _m_step(p: Tensor, basis: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean, variance, log weight and raw count ``Σ p`` per component, each ``(C, K)``."""
+    r = torch.bmm(p, basis.transpose(1, 2))  # (C, K, 3)
+    count = r[..., 0]
+    n = count.clamp_min(torch.finfo(p.dtype).tiny)
+    mean = r[..., 1] / n
+    var = (r[..., 2] / n - mean * mean).clamp_min(0)
+    return mean, var, torch.log(n / m), count
+
+
+@torch.no_grad()
+def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
+                running: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """EM on the canonical view ``v`` ``(N, C, 1, S)`` without a graph, for :func:`mixture_affine`.
+
+    Returns the fitted mixture as :class:`~normkit.nop.MixtureStandardize` reports it (``mean``
+    uncentred, ``var``, ``log_prior``, each ``(K, C)``) and what the Function reads:
+    ``trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count of the
+    start and of every step), ``centered`` ``(C, M)``, ``basis`` ``(C, 3, M)``, ``same`` (1
+    where a channel started from the batch), ``batch_var`` ``(C,)`` and, for a running start,
+    ``running`` ``(3, K, C)``.
+    """
+    n, c, s = v.shape[0], v.shape[1], v.shape[3]
+    m = n * s
+    z = torch.empty(c, n, s, dtype=stats_dtype(v), device=v.device)
+    z.copy_(v.reshape(n, c, s).transpose(0, 1))  # one pass: channels first
+    z = z.view(c, m)
+    shift = z.mean(1)
+    z.sub_(shift[:, None])
+    basis = _basis(z)
+    var_b = basis[:, 2].sum(-1) / m
+    mean, var, log_prior = (t.t() for t in gmm_start(var_b, shift, k, eps, running))
+    steps = [torch.stack((mean, var, log_prior, torch.ones_like(mean)))]
+    for _ in range(iterations):
+        mean, var, log_prior, count = _m_step(_posterior(_coef(mean, var, log_prior, eps), basis),
+                                              basis, m)
+        steps.append(torch.stack((mean, var, log_prior, count)))
+    same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
+    out = {"mean": (mean + shift[:, None]).t(), "var": var.t(), "log_prior": log_prior.t(),
+           "trajectory": torch.stack(steps), "centered": z, "basis": basis, "same": same,
+           "batch_var": var_b}
+    if running is not None:
+        out["running"] = torch.stack(running)
+    return out
+
+
+def mixture_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running: Tensor | None, k: int, iterations: int, eps: float) -> Tensor:
+    """The composition :class:`~normkit.nop.MixtureStandardize` runs with ``fused=False``:
+    centring, start (:func:`gmm_start`; ``running`` ``(3, K, C)`` or ``None``), unrolled EM
+    (:func:`gmm_em`), posteriors, :func:`mixture_output`, ``γ, β``. ``(N, C, 1, S)`` → same."""
+    n, c, s = v.shape[0], v.shape[1], v.shape[3]
+    x = v.reshape(n, c, s).to(stats_dtype(v))
+    shift = x.mean((0, 2))
+    z = x - shift[:, None]
+    start = gmm_start(z.square().mean((0, 2)), shift, k, eps,
+                      None if running is None else (running[0], running[1], running[2]))
+    mean, var, log_prior = gmm_em(z, *start, iterations=iterations, eps=eps)
+    post = gmm_posterior(z, mean, var, log_prior, eps)
+    out = mixture_output(z, mean, var, post, eps).reshape(v.shape)
+    return affine_transform(out, None, None, weight, bias)
+
+
+class _Mixture(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                z: Tensor, basis: Tensor, traj: Tensor, same: Tensor, var_b: Tensor,
+                running: Tensor | None, eps: float) -> Tensor:
+        n, c, s = v.shape[0], v.shape[1], v.shape[3]
+        mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
+        p = _posterior(_coef(mean, var, log_prior, eps), basis)
+        r = torch.rsqrt(var + eps)
+        scale, shift = r, -mean * r
+        if weight is not None:
+            w = weight.reshape(c, 1).to(z.dtype)
+            scale, shift = scale * w, shift * w
+        if bias is not None:
+            shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
+        y2 = torch.bmm(torch.stack((shift, scale), 1), p)  # (C, 2, M)
+        out = torch.empty(n, c, s, dtype=z.dtype, device=z.device)
+        out.transpose(0, 1).copy_(torch.addcmul(y2[:, 0], y2[:, 1], z).view(c, n, s))
+        ctx.save_for_backward(v, weight, bias, z, traj, same, var_b, running)
+        ctx.eps = eps
+        return out.view(v.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v, weight, bias, z, traj, same, var_b, running = ctx.saved_tensors
+        eps = ctx.eps
+        k, iterations = traj.shape[-1], traj.shape[0] - 1
+        if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            return (*_plain_vjp(mixture_plain, (v, weight, bias, running, k, iterations, eps),
+                                g)[:3], None, None, None, None, None, None, None)
+        n, c, s = v.shape[0], v.shape[1], v.shape[3]
+        m = n * s
+        dt = z.dtype
+        gt = torch.empty(c, n, s, dtype=dt, device=z.device)
+        gt.copy_(g.reshape(n, c, s).transpose(0, 1))
+        gt = gt.view(c, m)
+        basis = _basis(z)
+        bt = basis.transpose(1, 2)
+        w = None if weight is None else weight.reshape(c).to(dt)
+
+        # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
+        mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
+        coef = _coef(mean, var, log_prior, eps)
+        p = _posterior(coef, basis)
+        r = torch.rsqrt(var + eps)
+        gb = torch.stack((gt, gt * z), 1)  # (C, 2, M): g·[1, z]
+        moments = torch.bmm(p, gb.transpose(1, 2))  # (C, K, 2): Σ g p_k [1, z]
+        o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
+        g_weight = g_bias = None
+        if weight is not None and weight.requires_grad:
+            g_weight = (o * moments).sum((1, 2)).reshape(weight.shape).to(weight.dtype)
+        if bias is not None and bias.requires_grad:
+            g_bias = moments[:, :, 0].sum(1).reshape(bias.shape).to(bias.dtype)  # Σ_k p_k = 1
+        if w is not None:
+            o, moments = o * w[:, None, None], moments * w[:, None, None]
+        g_a = torch._softmax_backward_data(torch.bmm(o, gb), p, 1, dt)  # ∂L/∂a
+        g_z = torch.bmm((r if w is None else r * w[:, None]).unsqueeze(1), p).squeeze(1)
+        g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path
+        u = torch.bmm(torch.stack((coef[..., 1], 2 * coef[..., 2]), 1), g_a)  # (C, 2, M)
+        g_mean, g_var, g_log_prior = _coef_backward(torch.bmm(g_a, bt), mean, var, eps)
+        g_mean = g_mean - r * moments[..., 0]
+        g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
+
+        # the EM steps, last first: step t maps the statistics of t to those of t + 1
+        tiny = torch.finfo(dt).tiny
+        for t in range(iterations - 1, -1, -1):
+            mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
+            n1 = count.clamp_min(tiny)
+            g_m = g_mean - 2 * mean1 * g_var
+            g_s1, g_s2 = g_m / n1, g_var / n1
+            g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
+            g_n = g_n * (count > tiny).to(dt)
+            mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
+            coef = _coef(mean, var, log_prior, eps)
+            p = _posterior(coef, basis)
+            g_a = torch._softmax_backward_data(
+                torch.bmm(torch.stack((g_n, g_s1, g_s2), -1), basis), p, 1, dt)
+            u.baddbmm_(torch.stack((coef[..., 1], 2 * coef[..., 2]), 1), g_a)
+            u.baddbmm_(torch.stack((g_s1, 2 * g_s2), 1), p)
+            g_mean, g_var, g_log_prior = _coef_backward(torch.bmm(g_a, bt), mean, var, eps)
+
+        # the start: the batch's through σ²_B (where `same`), the running mixture's through the
+        # shift (μ_0 = running mean − mean(x))
+        q = normal_quantiles(k, dtype=dt, device=z.device)
+        g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
+                          + g_var.sum(1) * (1 - q.square().mean()))
+        g_shift = (same - 1) * g_mean.sum(1)  # (C,)
+        g_z.add_(u[:, 0]).addcmul_(u[:, 1] + (2 * g_var_b / m)[:, None], z)
+        # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
+        g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
+        gx = torch.empty(n, c, s, dtype=v.dtype, device=v.device)
+        gx.transpose(0, 1).copy_(g_z.view(c, n, s))
+        return gx.view(v.shape), g_weight, g_bias, None, None, None, None, None, None, None
+
+
+def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
+                   bias: Tensor | None, *, eps: float) -> Tensor:
+    r"""``γ·Σ_k p(k | z)·(z − μ_k)/√(σ²_k + ε) + β`` of the mixture :func:`mixture_fit` fitted
+    to ``v``, differentiable through the EM steps (equal to :func:`mixture_plain` and its
+    gradients).
+
+    Shape:
+        v ``(N, C, 1, S)``; weight, bias ``C`` values (per channel) or ``None`` → ``(N, C, 1,
+        S)``, in at least float32. Per-value ``γ, β`` are applied after the Function.
+    """
+    c = v.shape[1]
+    per_channel = all(t is None or t.numel() == c for t in (weight, bias))
+    w, b = (weight, bias) if per_channel else (None, None)
+    y = _Mixture.apply(v, w, b, stats["centered"], stats["basis"], stats["trajectory"],
+                       stats["same"], stats["batch_var"], stats.get("running"), eps)
+    return y if per_channel else affine_transform(y, None, None, weight, bias)
