@@ -67,8 +67,29 @@ def _coef_backward(g: Tensor, mean: Tensor, var: Tensor, eps: float
 
 
 def _posterior(coef: Tensor, basis: Tensor) -> Tensor:
-    """``softmax_k(A·B)``: ``(C, K, M)``."""
+    """``softmax_k(A·B)``: ``(C, K, M)``. Two components: ``p_k = sigmoid(a_k − a_other)``, each
+    computed directly (exact for either side; a softmax over a middle axis of two is several
+    times slower)."""
+    if coef.shape[1] == 2:
+        return torch.bmm(coef - coef.flip(1), basis).sigmoid_()
     return torch.softmax(torch.bmm(coef, basis), 1)
+
+
+def _through_posterior(u: Tensor, g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor,
+                       bt: Tensor) -> Tensor:
+    """Reverse mode through ``p = softmax_k(A·B)`` given ``∂L/∂p = G·X`` (``g_p_coef`` ``G``
+    ``(C, K, J)``, ``values`` ``X`` ``(C, J, M)``): returns ``∂L/∂A`` ``(C, K, 3)`` and adds the
+    logits' share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, to ``u`` ``(C, 2, M)``."""
+    q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K): ∂a_k/∂z = q_k·[1, z]
+    if p.shape[1] == 2:  # ∂L/∂a_1 = −∂L/∂a_0 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
+        g_d = torch.ops.aten.sigmoid_backward(
+            torch.bmm(g_p_coef[:, 1:] - g_p_coef[:, :1], values), p[:, 1:])
+        u.baddbmm_(q[..., 1:] - q[..., :1], g_d)
+        g1 = torch.bmm(g_d, bt)
+        return torch.cat((-g1, g1), 1)
+    g_a = torch._softmax_backward_data(torch.bmm(g_p_coef, values), p, 1, p.dtype)
+    u.baddbmm_(q, g_a)
+    return torch.bmm(g_a, bt)
 
 
 def _m_step(p: Tensor, basis: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -189,11 +210,11 @@ class _Mixture(torch.autograd.Function):
             g_bias = moments[:, :, 0].sum(1).reshape(bias.shape).to(bias.dtype)  # Σ_k p_k = 1
         if w is not None:
             o, moments = o * w[:, None, None], moments * w[:, None, None]
-        g_a = torch._softmax_backward_data(torch.bmm(o, gb), p, 1, dt)  # ∂L/∂a
         g_z = torch.bmm((r if w is None else r * w[:, None]).unsqueeze(1), p).squeeze(1)
         g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path
-        u = torch.bmm(torch.stack((coef[..., 1], 2 * coef[..., 2]), 1), g_a)  # (C, 2, M)
-        g_mean, g_var, g_log_prior = _coef_backward(torch.bmm(g_a, bt), mean, var, eps)
+        u = torch.zeros(c, 2, m, dtype=dt, device=z.device)
+        g_coef = _through_posterior(u, o, gb, p, coef, bt)
+        g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
         g_mean = g_mean - r * moments[..., 0]
         g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
 
@@ -209,11 +230,9 @@ class _Mixture(torch.autograd.Function):
             mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
             coef = _coef(mean, var, log_prior, eps)
             p = _posterior(coef, basis)
-            g_a = torch._softmax_backward_data(
-                torch.bmm(torch.stack((g_n, g_s1, g_s2), -1), basis), p, 1, dt)
-            u.baddbmm_(torch.stack((coef[..., 1], 2 * coef[..., 2]), 1), g_a)
+            g_coef = _through_posterior(u, torch.stack((g_n, g_s1, g_s2), -1), basis, p, coef, bt)
             u.baddbmm_(torch.stack((g_s1, 2 * g_s2), 1), p)
-            g_mean, g_var, g_log_prior = _coef_backward(torch.bmm(g_a, bt), mean, var, eps)
+            g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
 
         # the start: the batch's through σ²_B (where `same`), the running mixture's through the
         # shift (μ_0 = running mean − mean(x))
