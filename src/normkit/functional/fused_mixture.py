@@ -171,11 +171,11 @@ class _Mixture(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
         y2 = torch.bmm(torch.stack((shift, scale), 1), p)  # (C, 2, M)
-        out = torch.empty(n, c, s, dtype=z.dtype, device=z.device)
-        out.transpose(0, 1).copy_(torch.addcmul(y2[:, 0], y2[:, 1], z).view(c, n, s))
+        out = torch.empty(v.shape, dtype=z.dtype, device=z.device)  # not a view: in-place safe
+        out.view(n, c, s).transpose(0, 1).copy_(torch.addcmul(y2[:, 0], y2[:, 1], z).view(c, n, s))
         ctx.save_for_backward(v, weight, bias, z, traj, same, var_b, running)
         ctx.eps = eps
-        return out.view(v.shape)
+        return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -243,9 +243,9 @@ class _Mixture(torch.autograd.Function):
         g_z.add_(u[:, 0]).addcmul_(u[:, 1] + (2 * g_var_b / m)[:, None], z)
         # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
         g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
-        gx = torch.empty(n, c, s, dtype=v.dtype, device=v.device)
-        gx.transpose(0, 1).copy_(g_z.view(c, n, s))
-        return gx.view(v.shape), g_weight, g_bias, None, None, None, None, None, None, None
+        gx = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        gx.view(n, c, s).transpose(0, 1).copy_(g_z.view(c, n, s))
+        return gx, g_weight, g_bias, None, None, None, None, None, None, None
 
 
 def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
