@@ -44,9 +44,15 @@ from .standardize import affine_transform
 __all__ = ["mixture_affine", "mixture_fit", "mixture_plain"]
 
 
-def _basis(z: Tensor) -> Tensor:
-    """``[1, z, z²]`` per channel: ``(C, M)`` → ``(C, 3, M)``."""
-    return torch.stack((torch.ones_like(z), z, z * z), 1)
+def _basis(z: Tensor, out: Tensor | None = None) -> Tensor:
+    """``[1, z, z²]`` per channel: ``(C, M)`` → ``(C, 3, M)``; with ``out``, ``z`` is its row 1
+    already (rows 0 and 2 are filled)."""
+    if out is None:
+        out = torch.empty(z.shape[0], 3, z.shape[1], dtype=z.dtype, device=z.device)
+        out[:, 1].copy_(z)
+    out[:, 0].fill_(1)
+    out[:, 2].copy_(z).mul_(z)  # in place: compile takes no strided `out=`
+    return out
 
 
 def _coef(mean: Tensor, var: Tensor, log_prior: Tensor, eps: float) -> Tensor:
@@ -66,24 +72,25 @@ def _coef_backward(g: Tensor, mean: Tensor, var: Tensor, eps: float
     return g_mean, g_var, ga
 
 
-def _posterior(coef: Tensor, basis: Tensor) -> Tensor:
+def _posterior(coef: Tensor, basis: Tensor, out: Tensor | None = None) -> Tensor:
     """``softmax_k(A·B)``: ``(C, K, M)``. Two components: ``p_k = sigmoid(a_k − a_other)``, each
     computed directly (exact for either side; a softmax over a middle axis of two is several
-    times slower)."""
+    times slower), in ``out`` when given (a reused buffer: no fresh pages)."""
     if coef.shape[1] == 2:
-        return torch.bmm(coef - coef.flip(1), basis).sigmoid_()
+        return torch.bmm(coef - coef.flip(1), basis, out=out).sigmoid_()
     return torch.softmax(torch.bmm(coef, basis), 1)
 
 
 def _through_posterior(u: Tensor, g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor,
-                       bt: Tensor) -> Tensor:
+                       bt: Tensor, out: Tensor | None = None) -> Tensor:
     """Reverse mode through ``p = softmax_k(A·B)`` given ``∂L/∂p = G·X`` (``g_p_coef`` ``G``
     ``(C, K, J)``, ``values`` ``X`` ``(C, J, M)``): returns ``∂L/∂A`` ``(C, K, 3)`` and adds the
-    logits' share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, to ``u`` ``(C, 2, M)``."""
+    logits' share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, to ``u`` ``(C, 2, M)``. Two
+    components work in ``out`` ``(C, 1, M)`` when given."""
     q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K): ∂a_k/∂z = q_k·[1, z]
     if p.shape[1] == 2:  # ∂L/∂a_1 = −∂L/∂a_0 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
-        g_d = torch.ops.aten.sigmoid_backward(
-            torch.bmm(g_p_coef[:, 1:] - g_p_coef[:, :1], values), p[:, 1:])
+        g_d = torch.bmm(g_p_coef[:, 1:] - g_p_coef[:, :1], values, out=out)
+        g_d.mul_(p[:, :1]).mul_(p[:, 1:])
         u.baddbmm_(q[..., 1:] - q[..., :1], g_d)
         g1 = torch.bmm(g_d, bt)
         return torch.cat((-g1, g1), 1)
@@ -116,18 +123,20 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     """
     n, c, s = v.shape[0], v.shape[1], v.shape[3]
     m = n * s
-    z = torch.empty(c, n, s, dtype=stats_dtype(v), device=v.device)
-    z.copy_(v.reshape(n, c, s).transpose(0, 1))  # one pass: channels first
-    z = z.view(c, m)
-    shift = z.mean(1)
-    z.sub_(shift[:, None])
-    basis = _basis(z)
+    basis = torch.empty(c, 3, m, dtype=stats_dtype(v), device=v.device)
+    x = basis[:, 1]
+    x.view(c, n, s).copy_(v.reshape(n, c, s).transpose(0, 1))  # one pass: channels first
+    shift = x.mean(1)
+    x.sub_(shift[:, None])
+    basis = _basis(x, basis)
+    z = x.clone()  # what the Function saves (not the basis's storage)
     var_b = basis[:, 2].sum(-1) / m
     mean, var, log_prior = (t.t() for t in gmm_start(var_b, shift, k, eps, running))
     steps = [torch.stack((mean, var, log_prior, torch.ones_like(mean)))]
+    buf = torch.empty(c, k, m, dtype=z.dtype, device=z.device) if k == 2 else None
     for _ in range(iterations):
-        mean, var, log_prior, count = _m_step(_posterior(_coef(mean, var, log_prior, eps), basis),
-                                              basis, m)
+        p = _posterior(_coef(mean, var, log_prior, eps), basis, buf)
+        mean, var, log_prior, count = _m_step(p, basis, m)
         steps.append(torch.stack((mean, var, log_prior, count)))
     same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
     out = {"mean": (mean + shift[:, None]).t(), "var": var.t(), "log_prior": log_prior.t(),
@@ -188,9 +197,10 @@ class _Mixture(torch.autograd.Function):
         n, c, s = v.shape[0], v.shape[1], v.shape[3]
         m = n * s
         dt = z.dtype
-        gt = torch.empty(c, n, s, dtype=dt, device=z.device)
-        gt.copy_(g.reshape(n, c, s).transpose(0, 1))
-        gt = gt.view(c, m)
+        gb = torch.empty(c, 2, m, dtype=dt, device=z.device)  # g·[1, z]
+        gt = gb[:, 0]
+        gt.view(c, n, s).copy_(g.reshape(n, c, s).transpose(0, 1))
+        gb[:, 1].copy_(gt).mul_(z)
         basis = _basis(z)
         bt = basis.transpose(1, 2)
         w = None if weight is None else weight.reshape(c).to(dt)
@@ -198,9 +208,9 @@ class _Mixture(torch.autograd.Function):
         # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
         mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
         coef = _coef(mean, var, log_prior, eps)
-        p = _posterior(coef, basis)
+        buf = torch.empty(c, k, m, dtype=dt, device=z.device) if k == 2 else None
+        p = _posterior(coef, basis, buf)
         r = torch.rsqrt(var + eps)
-        gb = torch.stack((gt, gt * z), 1)  # (C, 2, M): g·[1, z]
         moments = torch.bmm(p, gb.transpose(1, 2))  # (C, K, 2): Σ g p_k [1, z]
         o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
         g_weight = g_bias = None
@@ -213,7 +223,8 @@ class _Mixture(torch.autograd.Function):
         g_z = torch.bmm((r if w is None else r * w[:, None]).unsqueeze(1), p).squeeze(1)
         g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path
         u = torch.zeros(c, 2, m, dtype=dt, device=z.device)
-        g_coef = _through_posterior(u, o, gb, p, coef, bt)
+        g_d = torch.empty(c, 1, m, dtype=dt, device=z.device) if k == 2 else None
+        g_coef = _through_posterior(u, o, gb, p, coef, bt, g_d)
         g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
         g_mean = g_mean - r * moments[..., 0]
         g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
@@ -229,8 +240,9 @@ class _Mixture(torch.autograd.Function):
             g_n = g_n * (count > tiny).to(dt)
             mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
             coef = _coef(mean, var, log_prior, eps)
-            p = _posterior(coef, basis)
-            g_coef = _through_posterior(u, torch.stack((g_n, g_s1, g_s2), -1), basis, p, coef, bt)
+            p = _posterior(coef, basis, buf)
+            g_coef = _through_posterior(u, torch.stack((g_n, g_s1, g_s2), -1), basis, p, coef, bt,
+                                        g_d)
             u.baddbmm_(torch.stack((g_s1, 2 * g_s2), 1), p)
             g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
 
