@@ -116,10 +116,10 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
 
     Returns the fitted mixture as :class:`~normkit.nop.MixtureStandardize` reports it (``mean``
     uncentred, ``var``, ``log_prior``, each ``(K, C)``) and what the Function reads:
-    ``trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count of the
-    start and of every step), ``centered`` ``(C, M)``, ``basis`` ``(C, 3, M)``, ``same`` (1
-    where a channel started from the batch), ``batch_var`` ``(C,)`` and, for a running start,
-    ``running`` ``(3, K, C)``.
+    ``batch_trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count
+    of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C, 3,
+    M)``, ``batch_same`` (1 where a channel started from the batch), ``batch_var`` ``(C,)`` and,
+    for a running start, ``batch_running`` ``(3, K, C)``.
     """
     n, c, s = v.shape[0], v.shape[1], v.shape[3]
     m = n * s
@@ -140,10 +140,10 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
         steps.append(torch.stack((mean, var, log_prior, count)))
     same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
     out = {"mean": (mean + shift[:, None]).t(), "var": var.t(), "log_prior": log_prior.t(),
-           "trajectory": torch.stack(steps), "centered": z, "basis": basis, "same": same,
-           "batch_var": var_b}
+           "batch_trajectory": torch.stack(steps), "batch_centered": z, "batch_basis": basis,
+           "batch_same": same, "batch_var": var_b}
     if running is not None:
-        out["running"] = torch.stack(running)
+        out["batch_running"] = torch.stack(running)
     return out
 
 
@@ -269,10 +269,24 @@ def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
     Shape:
         v ``(N, C, 1, S)``; weight, bias ``C`` values (per channel) or ``None`` → ``(N, C, 1,
         S)``, in at least float32. Per-value ``γ, β`` are applied after the Function.
+
+    Example:
+        >>> import torch
+        >>> v = torch.randn(8, 3, 1, 16, dtype=torch.float64, requires_grad=True)
+        >>> stats = mixture_fit(v, k=2, iterations=3, eps=1e-5)
+        >>> y = mixture_affine(v, stats, None, None, eps=1e-5)
+        >>> ref = mixture_plain(v, None, None, None, 2, 3, 1e-5)
+        >>> bool(torch.allclose(y, ref))
+        True
+        >>> g, = torch.autograd.grad(y.square().sum(), v)
+        >>> g_ref, = torch.autograd.grad(ref.square().sum(), v)
+        >>> bool(torch.allclose(g, g_ref))
+        True
     """
     c = v.shape[1]
     per_channel = all(t is None or t.numel() == c for t in (weight, bias))
     w, b = (weight, bias) if per_channel else (None, None)
-    y = _Mixture.apply(v, w, b, stats["centered"], stats["basis"], stats["trajectory"],
-                       stats["same"], stats["batch_var"], stats.get("running"), eps)
+    y = _Mixture.apply(v, w, b, stats["batch_centered"], stats["batch_basis"],
+                       stats["batch_trajectory"], stats["batch_same"], stats["batch_var"],
+                       stats.get("batch_running"), eps)
     return y if per_channel else affine_transform(y, None, None, weight, bias)
