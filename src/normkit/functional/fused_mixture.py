@@ -99,6 +99,20 @@ def _through_posterior(u: Tensor, g_p_coef: Tensor, values: Tensor, p: Tensor, c
     return torch.bmm(g_a, bt)
 
 
+def _pair_step_backward(u: Tensor, g_r: Tensor, g_direct: Tensor, coef: Tensor, basis: Tensor,
+                        bt: Tensor, out: Tensor) -> Tensor:
+    """:func:`_through_posterior` for two components given ``∂L/∂p = g_r·B``, with the direct
+    share ``Σ_k p_k·g_direct_k·[1, z]`` of ``∂L/∂z`` too: the logits of both posteriors and
+    ``∂L/∂p_1 − ∂L/∂p_0`` in one contraction into ``out`` ``(C, 3, M)``, and one accumulation."""
+    w = torch.bmm(torch.cat((coef - coef.flip(1), g_r[:, 1:] - g_r[:, :1]), 1), basis, out=out)
+    w[:, :2].sigmoid_()  # p_0, p_1
+    g_d = w[:, 2:].mul_(w[:, :1]).mul_(w[:, 1:2])  # ∂L/∂a_1 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
+    q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)
+    u.baddbmm_(torch.cat((g_direct, q[..., 1:] - q[..., :1]), 2), w)
+    g1 = torch.bmm(g_d, bt)
+    return torch.cat((-g1, g1), 1)
+
+
 def _m_step(p: Tensor, basis: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean, variance, log weight and raw count ``Σ p`` per component, each ``(C, K)``."""
     r = torch.bmm(p, basis.transpose(1, 2))  # (C, K, 3)
@@ -231,6 +245,7 @@ class _Mixture(torch.autograd.Function):
 
         # the EM steps, last first: step t maps the statistics of t to those of t + 1
         tiny = torch.finfo(dt).tiny
+        buf3 = None
         for t in range(iterations - 1, -1, -1):
             mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
             n1 = count.clamp_min(tiny)
@@ -240,10 +255,15 @@ class _Mixture(torch.autograd.Function):
             g_n = g_n * (count > tiny).to(dt)
             mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
             coef = _coef(mean, var, log_prior, eps)
-            p = _posterior(coef, basis, buf)
-            g_coef = _through_posterior(u, torch.stack((g_n, g_s1, g_s2), -1), basis, p, coef, bt,
-                                        g_d)
-            u.baddbmm_(torch.stack((g_s1, 2 * g_s2), 1), p)
+            g_r, g_direct = torch.stack((g_n, g_s1, g_s2), -1), torch.stack((g_s1, 2 * g_s2), 1)
+            if k == 2:
+                if buf3 is None:
+                    buf3 = torch.empty(c, 3, m, dtype=dt, device=z.device)
+                g_coef = _pair_step_backward(u, g_r, g_direct, coef, basis, bt, buf3)
+            else:
+                p = _posterior(coef, basis)
+                g_coef = _through_posterior(u, g_r, basis, p, coef, bt)
+                u.baddbmm_(g_direct, p)
             g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
 
         # the start: the batch's through σ²_B (where `same`), the running mixture's through the
