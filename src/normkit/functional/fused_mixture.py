@@ -81,22 +81,20 @@ def _posterior(coef: Tensor, basis: Tensor, out: Tensor | None = None) -> Tensor
     return torch.softmax(torch.bmm(coef, basis), 1)
 
 
-def _through_posterior(u: Tensor, g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor,
-                       bt: Tensor, out: Tensor | None = None) -> Tensor:
+def _through_posterior(g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor, bt: Tensor,
+                       out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reverse mode through ``p = softmax_k(A·B)`` given ``∂L/∂p = G·X`` (``g_p_coef`` ``G``
-    ``(C, K, J)``, ``values`` ``X`` ``(C, J, M)``): returns ``∂L/∂A`` ``(C, K, 3)`` and adds the
-    logits' share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, to ``u`` ``(C, 2, M)``. Two
-    components work in ``out`` ``(C, 1, M)`` when given."""
+    ``(C, K, J)``, ``values`` ``X`` ``(C, J, M)``): ``∂L/∂A`` ``(C, K, 3)`` and the logits' share
+    of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, as coefficients ``(C, 2, R)`` on rows ``(C,
+    R, M)`` (``R = K``, or the one row ``∂L/∂a_1`` for two components, in ``out`` when given)."""
     q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K): ∂a_k/∂z = q_k·[1, z]
     if p.shape[1] == 2:  # ∂L/∂a_1 = −∂L/∂a_0 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
         g_d = torch.bmm(g_p_coef[:, 1:] - g_p_coef[:, :1], values, out=out)
         g_d.mul_(p[:, :1]).mul_(p[:, 1:])
-        u.baddbmm_(q[..., 1:] - q[..., :1], g_d)
         g1 = torch.bmm(g_d, bt)
-        return torch.cat((-g1, g1), 1)
+        return torch.cat((-g1, g1), 1), q[..., 1:] - q[..., :1], g_d
     g_a = torch._softmax_backward_data(torch.bmm(g_p_coef, values), p, 1, p.dtype)
-    u.baddbmm_(q, g_a)
-    return torch.bmm(g_a, bt)
+    return torch.bmm(g_a, bt), q, g_a
 
 
 def _pair_step_backward(u: Tensor, g_r: Tensor, g_direct: Tensor, coef: Tensor, basis: Tensor,
@@ -132,8 +130,9 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     uncentred, ``var``, ``log_prior``, each ``(K, C)``) and what the Function reads:
     ``batch_trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count
     of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C, 3,
-    M)``, ``batch_same`` (1 where a channel started from the batch), ``batch_var`` ``(C,)`` and,
-    for a running start, ``batch_running`` ``(3, K, C)``.
+    M)``, ``batch_same`` (1 where a channel started from the batch), ``batch_var`` ``(C,)``, for
+    a running start ``batch_running`` ``(3, K, C)`` and for two components ``batch_work``, the
+    posteriors' buffer ``(C, 2, M)``. The Function spends the basis and the buffer.
     """
     n, c, s = v.shape[0], v.shape[1], v.shape[3]
     m = n * s
@@ -156,6 +155,8 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     out = {"mean": (mean + shift[:, None]).t(), "var": var.t(), "log_prior": log_prior.t(),
            "batch_trajectory": torch.stack(steps), "batch_centered": z, "batch_basis": basis,
            "batch_same": same, "batch_var": var_b}
+    if buf is not None:
+        out["batch_work"] = buf
     if running is not None:
         out["batch_running"] = torch.stack(running)
     return out
@@ -182,10 +183,11 @@ class _Mixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 z: Tensor, basis: Tensor, traj: Tensor, same: Tensor, var_b: Tensor,
-                running: Tensor | None, eps: float) -> Tensor:
+                running: Tensor | None, work: Tensor | None, eps: float) -> Tensor:
         n, c, s = v.shape[0], v.shape[1], v.shape[3]
+        m = n * s
         mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
-        p = _posterior(_coef(mean, var, log_prior, eps), basis)
+        p = _posterior(_coef(mean, var, log_prior, eps), basis, work)
         r = torch.rsqrt(var + eps)
         scale, shift = r, -mean * r
         if weight is not None:
@@ -193,9 +195,11 @@ class _Mixture(torch.autograd.Function):
             scale, shift = scale * w, shift * w
         if bias is not None:
             shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
-        y2 = torch.bmm(torch.stack((shift, scale), 1), p)  # (C, 2, M)
+        # (C, 2, M) in the spent basis's pages: fresh pages cost more than the arithmetic here
+        y2 = torch.bmm(torch.stack((shift, scale), 1), p, out=basis.view(-1)[: 2 * c * m].view(
+            c, 2, m))
         out = torch.empty(v.shape, dtype=z.dtype, device=z.device)  # not a view: in-place safe
-        out.view(n, c, s).transpose(0, 1).copy_(torch.addcmul(y2[:, 0], y2[:, 1], z).view(c, n, s))
+        out.view(n, c, s).transpose(0, 1).copy_(y2[:, 0].addcmul_(y2[:, 1], z).view(c, n, s))
         ctx.save_for_backward(v, weight, bias, z, traj, same, var_b, running)
         ctx.eps = eps
         return out
@@ -207,7 +211,7 @@ class _Mixture(torch.autograd.Function):
         k, iterations = traj.shape[-1], traj.shape[0] - 1
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
             return (*_plain_vjp(mixture_plain, (v, weight, bias, running, k, iterations, eps),
-                                g)[:3], None, None, None, None, None, None, None)
+                                g)[:3], None, None, None, None, None, None, None, None)
         n, c, s = v.shape[0], v.shape[1], v.shape[3]
         m = n * s
         dt = z.dtype
@@ -222,8 +226,9 @@ class _Mixture(torch.autograd.Function):
         # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
         mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
         coef = _coef(mean, var, log_prior, eps)
-        buf = torch.empty(c, k, m, dtype=dt, device=z.device) if k == 2 else None
-        p = _posterior(coef, basis, buf)
+        # one workspace: the last posteriors and ∂L/∂a_1 here, each step's three rows below
+        ws = torch.empty(3 * c * m, dtype=dt, device=z.device) if k == 2 else None
+        p = _posterior(coef, basis, None if ws is None else ws[: 2 * c * m].view(c, 2, m))
         r = torch.rsqrt(var + eps)
         moments = torch.bmm(p, gb.transpose(1, 2))  # (C, K, 2): Σ g p_k [1, z]
         o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
@@ -236,16 +241,15 @@ class _Mixture(torch.autograd.Function):
             o, moments = o * w[:, None, None], moments * w[:, None, None]
         g_z = torch.bmm((r if w is None else r * w[:, None]).unsqueeze(1), p).squeeze(1)
         g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path
-        u = torch.zeros(c, 2, m, dtype=dt, device=z.device)
-        g_d = torch.empty(c, 1, m, dtype=dt, device=z.device) if k == 2 else None
-        g_coef = _through_posterior(u, o, gb, p, coef, bt, g_d)
+        g_coef, q, rows = _through_posterior(o, gb, p, coef, bt,
+                                             None if ws is None else ws[2 * c * m:].view(c, 1, m))
+        u = gb.zero_().baddbmm_(q, rows)  # ∂L/∂z = g_z + u_0 + u_1 z: g·[1, z] is spent
         g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
         g_mean = g_mean - r * moments[..., 0]
         g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
 
         # the EM steps, last first: step t maps the statistics of t to those of t + 1
         tiny = torch.finfo(dt).tiny
-        buf3 = None
         for t in range(iterations - 1, -1, -1):
             mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
             n1 = count.clamp_min(tiny)
@@ -256,14 +260,12 @@ class _Mixture(torch.autograd.Function):
             mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
             coef = _coef(mean, var, log_prior, eps)
             g_r, g_direct = torch.stack((g_n, g_s1, g_s2), -1), torch.stack((g_s1, 2 * g_s2), 1)
-            if k == 2:
-                if buf3 is None:
-                    buf3 = torch.empty(c, 3, m, dtype=dt, device=z.device)
-                g_coef = _pair_step_backward(u, g_r, g_direct, coef, basis, bt, buf3)
+            if ws is not None:
+                g_coef = _pair_step_backward(u, g_r, g_direct, coef, basis, bt, ws.view(c, 3, m))
             else:
                 p = _posterior(coef, basis)
-                g_coef = _through_posterior(u, g_r, basis, p, coef, bt)
-                u.baddbmm_(g_direct, p)
+                g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt)
+                u.baddbmm_(q, rows).baddbmm_(g_direct, p)
             g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
 
         # the start: the batch's through σ²_B (where `same`), the running mixture's through the
@@ -272,12 +274,12 @@ class _Mixture(torch.autograd.Function):
         g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
                           + g_var.sum(1) * (1 - q.square().mean()))
         g_shift = (same - 1) * g_mean.sum(1)  # (C,)
-        g_z.add_(u[:, 0]).addcmul_(u[:, 1] + (2 * g_var_b / m)[:, None], z)
+        g_z.add_(u[:, 0]).addcmul_(u[:, 1].add_((2 * g_var_b / m)[:, None]), z)
         # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
         g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
         gx = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         gx.view(n, c, s).transpose(0, 1).copy_(g_z.view(c, n, s))
-        return gx, g_weight, g_bias, None, None, None, None, None, None, None
+        return gx, g_weight, g_bias, None, None, None, None, None, None, None, None
 
 
 def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
@@ -308,5 +310,5 @@ def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
     w, b = (weight, bias) if per_channel else (None, None)
     y = _Mixture.apply(v, w, b, stats["batch_centered"], stats["batch_basis"],
                        stats["batch_trajectory"], stats["batch_same"], stats["batch_var"],
-                       stats.get("batch_running"), eps)
+                       stats.get("batch_running"), stats.get("batch_work"), eps)
     return y if per_channel else affine_transform(y, None, None, weight, bias)
