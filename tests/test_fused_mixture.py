@@ -162,3 +162,20 @@ def test_saves_at_most_the_input_size_beyond_the_input() -> None:
     plain = saved_bytes(nk.create("mixture_norm", 4, native=False), x, stats_numel=64 * 4)
     assert fused["saved_extra_bytes"] - fused["saved_stats_bytes"] <= x.nbytes
     assert plain["saved_extra_bytes"] > 4 * x.nbytes  # what the Function avoids
+
+
+@pytest.mark.parametrize("shape", [(8, 2, 16, 16), (2, 2, 40, 40), (130, 2), (6, 2, 40)],
+                         ids=["runs_of_samples", "runs_within_a_sample", "one_run_2d", "one_run_3d"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_contractions_in_runs_equal_the_composition(shape: tuple[int, ...], k: int) -> None:
+    """Contractions over a channel's values run in pieces (runs of whole samples, runs within a
+    sample, or one run where no divisor fits): the same output and gradients."""
+    fused, plain = _pair(num_components=k, iterations=2)
+    x = rand(*shape[:1], 3, *shape[2:], seed=0) if len(shape) > 2 else rand(shape[0], 3, seed=0)
+    x2 = x.detach().requires_grad_()
+    y, ref = fused(x), plain(x2)
+    assert_close(y, ref, **TIGHT)
+    cot = rand(*y.shape, seed=1, grad=False)
+    for u, r in zip(torch.autograd.grad(y, (x, fused.weight), cot),
+                    torch.autograd.grad(ref, (x2, plain.weight), cot), strict=True):
+        assert_close(u, r, **TIGHT)

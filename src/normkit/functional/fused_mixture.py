@@ -44,12 +44,48 @@ from .standardize import affine_transform
 __all__ = ["mixture_affine", "mixture_fit", "mixture_plain"]
 
 
-def _basis(z: Tensor, out: Tensor | None = None) -> Tensor:
-    """``[1, z, z²]`` per channel: ``(C, M)`` → ``(C, 3, M)``; with ``out``, ``z`` is its row 1
-    already (rows 0 and 2 are filled)."""
-    if out is None:
-        out = torch.empty(z.shape[0], 3, z.shape[1], dtype=z.dtype, device=z.device)
-        out[:, 1].copy_(z)
+def _chunk(n: int, s: int) -> int:
+    """The length ``L`` of the runs a channel's ``M = N·S`` values are split into: every
+    contraction over them is a float32 sum over ``L`` values per run, the runs' sums added in
+    float64 (a BLAS dot product over all ``M`` values loses ~``√M`` times more). ``L`` is a
+    multiple of ``S`` dividing ``M`` (``S ≤ 1024``) or a divisor of ``S``, in ``[64, 1024]``;
+    ``M`` where there is none."""
+    best = 1
+    if s <= 1024:
+        for a in range(1, 1024 // s + 1):
+            if n % a == 0:
+                best = a * s
+    else:
+        for size in range(1024, 63, -1):
+            if s % size == 0:
+                best = size
+                break
+    return best if best >= 64 else n * s
+
+
+def _rep(t: Tensor, j: int) -> Tensor:
+    """Per-channel coefficients ``(C, …)`` for the ``(C·J, …)`` runs."""
+    return t if j == 1 else t.repeat_interleave(j, 0)
+
+
+def _reduce(a: Tensor, bt: Tensor, c: int) -> Tensor:
+    """``Σ_m a·b`` per channel: runs ``(C·J, R, L)`` and ``(C·J, L, X)`` → ``(C, R, X)``."""
+    r = torch.bmm(a, bt)
+    return r.view(c, -1, r.shape[1], r.shape[2]).sum(1, dtype=torch.float64).to(a.dtype)
+
+
+def _runs(t: Tensor, c: int, n: int, s: int, size: int) -> Tensor:
+    """A ``(C, N, S)`` tensor (any strides) or the runs ``(C·J, L)`` of a channel-first plane as
+    one 4-d view, so that either copies into the other."""
+    if size % s == 0:
+        return t.view(c, n * s // size, size // s, s)
+    return t.view(c, n, s // size, size)
+
+
+def _basis(z: Tensor) -> Tensor:
+    """``[1, z, z²]`` per run: ``(C·J, L)`` → ``(C·J, 3, L)``."""
+    out = torch.empty(z.shape[0], 3, z.shape[1], dtype=z.dtype, device=z.device)
+    out[:, 1].copy_(z)
     out[:, 0].fill_(1)
     out[:, 2].copy_(z).mul_(z)  # in place: compile takes no strided `out=`
     return out
@@ -72,48 +108,51 @@ def _coef_backward(g: Tensor, mean: Tensor, var: Tensor, eps: float
     return g_mean, g_var, ga
 
 
-def _posterior(coef: Tensor, basis: Tensor, out: Tensor | None = None) -> Tensor:
-    """``softmax_k(A·B)``: ``(C, K, M)``. Two components: ``p_k = sigmoid(a_k − a_other)``, each
-    computed directly (exact for either side; a softmax over a middle axis of two is several
-    times slower), in ``out`` when given (a reused buffer: no fresh pages)."""
+def _posterior(coef: Tensor, basis: Tensor, j: int, out: Tensor | None = None) -> Tensor:
+    """``softmax_k(A·B)``: ``(C·J, K, L)``. Two components: ``p_k = sigmoid(a_k − a_other)``,
+    each computed directly (exact for either side; a softmax over a middle axis of two is
+    several times slower), in ``out`` when given (a reused buffer: no fresh pages)."""
     if coef.shape[1] == 2:
-        return torch.bmm(coef - coef.flip(1), basis, out=out).sigmoid_()
-    return torch.softmax(torch.bmm(coef, basis), 1)
+        return torch.bmm(_rep(coef - coef.flip(1), j), basis, out=out).sigmoid_()
+    return torch.softmax(torch.bmm(_rep(coef, j), basis), 1)
 
 
 def _through_posterior(g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor, bt: Tensor,
-                       out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       j: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reverse mode through ``p = softmax_k(A·B)`` given ``∂L/∂p = G·X`` (``g_p_coef`` ``G``
-    ``(C, K, J)``, ``values`` ``X`` ``(C, J, M)``): ``∂L/∂A`` ``(C, K, 3)`` and the logits' share
-    of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, as coefficients ``(C, 2, R)`` on rows ``(C,
-    R, M)`` (``R = K``, or the one row ``∂L/∂a_1`` for two components, in ``out`` when given)."""
+    ``(C, K, X)``, ``values`` ``X`` ``(C·J, X, L)``): ``∂L/∂A`` ``(C, K, 3)`` and the logits'
+    share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, as coefficients ``(C, 2, R)`` on rows
+    ``(C·J, R, L)`` (``R = K``, or the one row ``∂L/∂a_1`` for two components, in ``out`` when
+    given)."""
+    c = coef.shape[0]
     q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K): ∂a_k/∂z = q_k·[1, z]
     if p.shape[1] == 2:  # ∂L/∂a_1 = −∂L/∂a_0 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
-        g_d = torch.bmm(g_p_coef[:, 1:] - g_p_coef[:, :1], values, out=out)
+        g_d = torch.bmm(_rep(g_p_coef[:, 1:] - g_p_coef[:, :1], j), values, out=out)
         g_d.mul_(p[:, :1]).mul_(p[:, 1:])
-        g1 = torch.bmm(g_d, bt)
+        g1 = _reduce(g_d, bt, c)
         return torch.cat((-g1, g1), 1), q[..., 1:] - q[..., :1], g_d
-    g_a = torch._softmax_backward_data(torch.bmm(g_p_coef, values), p, 1, p.dtype)
-    return torch.bmm(g_a, bt), q, g_a
+    g_a = torch._softmax_backward_data(torch.bmm(_rep(g_p_coef, j), values), p, 1, p.dtype)
+    return _reduce(g_a, bt, c), q, g_a
 
 
 def _pair_step_backward(u: Tensor, g_r: Tensor, g_direct: Tensor, coef: Tensor, basis: Tensor,
-                        bt: Tensor, out: Tensor) -> Tensor:
+                        bt: Tensor, j: int, out: Tensor) -> Tensor:
     """:func:`_through_posterior` for two components given ``∂L/∂p = g_r·B``, with the direct
     share ``Σ_k p_k·g_direct_k·[1, z]`` of ``∂L/∂z`` too: the logits of both posteriors and
-    ``∂L/∂p_1 − ∂L/∂p_0`` in one contraction into ``out`` ``(C, 3, M)``, and one accumulation."""
-    w = torch.bmm(torch.cat((coef - coef.flip(1), g_r[:, 1:] - g_r[:, :1]), 1), basis, out=out)
+    ``∂L/∂p_1 − ∂L/∂p_0`` in one contraction into ``out`` ``(C·J, 3, L)``, one accumulation."""
+    w = torch.bmm(_rep(torch.cat((coef - coef.flip(1), g_r[:, 1:] - g_r[:, :1]), 1), j), basis,
+                  out=out)
     w[:, :2].sigmoid_()  # p_0, p_1
     g_d = w[:, 2:].mul_(w[:, :1]).mul_(w[:, 1:2])  # ∂L/∂a_1 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
     q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)
-    u.baddbmm_(torch.cat((g_direct, q[..., 1:] - q[..., :1]), 2), w)
-    g1 = torch.bmm(g_d, bt)
+    u.baddbmm_(_rep(torch.cat((g_direct, q[..., 1:] - q[..., :1]), 2), j), w)
+    g1 = _reduce(g_d, bt, coef.shape[0])
     return torch.cat((-g1, g1), 1)
 
 
-def _m_step(p: Tensor, basis: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _m_step(p: Tensor, basis: Tensor, m: int, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean, variance, log weight and raw count ``Σ p`` per component, each ``(C, K)``."""
-    r = torch.bmm(p, basis.transpose(1, 2))  # (C, K, 3)
+    r = _reduce(p, basis.transpose(1, 2), c)  # (C, K, 3)
     count = r[..., 0]
     n = count.clamp_min(torch.finfo(p.dtype).tiny)
     mean = r[..., 1] / n
@@ -129,27 +168,28 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     Returns the fitted mixture as :class:`~normkit.nop.MixtureStandardize` reports it (``mean``
     uncentred, ``var``, ``log_prior``, each ``(K, C)``) and what the Function reads:
     ``batch_trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count
-    of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C, 3,
-    M)``, ``batch_same`` (1 where a channel started from the batch), ``batch_var`` ``(C,)``, for
-    a running start ``batch_running`` ``(3, K, C)`` and for two components ``batch_work``, the
-    posteriors' buffer ``(C, 2, M)``. The Function spends the basis and the buffer.
+    of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C·J, 3,
+    L)`` (in runs of :func:`_chunk`), ``batch_same`` (1 where a channel started from the batch),
+    ``batch_var`` ``(C,)``, for a running start ``batch_running`` ``(3, K, C)`` and for two
+    components ``batch_work``, the posteriors' buffer ``(C·J, 2, L)``. The Function spends the
+    basis and the buffer.
     """
     n, c, s = v.shape[0], v.shape[1], v.shape[3]
     m = n * s
-    basis = torch.empty(c, 3, m, dtype=stats_dtype(v), device=v.device)
-    x = basis[:, 1]
-    x.view(c, n, s).copy_(v.reshape(n, c, s).transpose(0, 1))  # one pass: channels first
-    shift = x.mean(1)
-    x.sub_(shift[:, None])
-    basis = _basis(x, basis)
-    z = x.clone()  # what the Function saves (not the basis's storage)
-    var_b = basis[:, 2].sum(-1) / m
+    size = _chunk(n, s)
+    j = m // size
+    z = torch.empty(c, m, dtype=stats_dtype(v), device=v.device)  # what the Function saves
+    z.view(c, n, s).copy_(v.reshape(n, c, s).transpose(0, 1))  # one pass: channels first
+    shift = z.mean(1)
+    z.sub_(shift[:, None])
+    basis = _basis(z.view(c * j, size))
+    var_b = basis[:, 2].reshape(c, j, size).sum((1, 2)) / m
     mean, var, log_prior = (t.t() for t in gmm_start(var_b, shift, k, eps, running))
     steps = [torch.stack((mean, var, log_prior, torch.ones_like(mean)))]
-    buf = torch.empty(c, k, m, dtype=z.dtype, device=z.device) if k == 2 else None
+    buf = torch.empty(c * j, k, size, dtype=z.dtype, device=z.device) if k == 2 else None
     for _ in range(iterations):
-        p = _posterior(_coef(mean, var, log_prior, eps), basis, buf)
-        mean, var, log_prior, count = _m_step(p, basis, m)
+        p = _posterior(_coef(mean, var, log_prior, eps), basis, j, buf)
+        mean, var, log_prior, count = _m_step(p, basis, m, c)
         steps.append(torch.stack((mean, var, log_prior, count)))
     same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
     out = {"mean": (mean + shift[:, None]).t(), "var": var.t(), "log_prior": log_prior.t(),
@@ -186,8 +226,10 @@ class _Mixture(torch.autograd.Function):
                 running: Tensor | None, work: Tensor | None, eps: float) -> Tensor:
         n, c, s = v.shape[0], v.shape[1], v.shape[3]
         m = n * s
+        size = _chunk(n, s)
+        j = m // size
         mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
-        p = _posterior(_coef(mean, var, log_prior, eps), basis, work)
+        p = _posterior(_coef(mean, var, log_prior, eps), basis, j, work)
         r = torch.rsqrt(var + eps)
         scale, shift = r, -mean * r
         if weight is not None:
@@ -195,11 +237,13 @@ class _Mixture(torch.autograd.Function):
             scale, shift = scale * w, shift * w
         if bias is not None:
             shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
-        # (C, 2, M) in the spent basis's pages: fresh pages cost more than the arithmetic here
-        y2 = torch.bmm(torch.stack((shift, scale), 1), p, out=basis.view(-1)[: 2 * c * m].view(
-            c, 2, m))
+        # (C·J, 2, L) in the spent basis's pages: fresh pages cost more than the arithmetic
+        y2 = torch.bmm(_rep(torch.stack((shift, scale), 1), j), p,
+                       out=basis.view(-1)[: 2 * c * m].view(c * j, 2, size))
+        y2[:, 0].addcmul_(y2[:, 1], z.view(c * j, size))
         out = torch.empty(v.shape, dtype=z.dtype, device=z.device)  # not a view: in-place safe
-        out.view(n, c, s).transpose(0, 1).copy_(y2[:, 0].addcmul_(y2[:, 1], z).view(c, n, s))
+        _runs(out.view(n, c, s).transpose(0, 1), c, n, s, size).copy_(
+            _runs(y2[:, 0], c, n, s, size))
         ctx.save_for_backward(v, weight, bias, z, traj, same, var_b, running)
         ctx.eps = eps
         return out
@@ -214,12 +258,15 @@ class _Mixture(torch.autograd.Function):
                                 g)[:3], None, None, None, None, None, None, None, None)
         n, c, s = v.shape[0], v.shape[1], v.shape[3]
         m = n * s
+        size = _chunk(n, s)
+        j = m // size
         dt = z.dtype
-        gb = torch.empty(c, 2, m, dtype=dt, device=z.device)  # g·[1, z]
+        zr = z.view(c * j, size)
+        gb = torch.empty(c * j, 2, size, dtype=dt, device=z.device)  # g·[1, z]
         gt = gb[:, 0]
-        gt.view(c, n, s).copy_(g.reshape(n, c, s).transpose(0, 1))
-        gb[:, 1].copy_(gt).mul_(z)
-        basis = _basis(z)
+        _runs(gt, c, n, s, size).copy_(_runs(g.reshape(n, c, s).transpose(0, 1), c, n, s, size))
+        gb[:, 1].copy_(gt).mul_(zr)
+        basis = _basis(zr)
         bt = basis.transpose(1, 2)
         w = None if weight is None else weight.reshape(c).to(dt)
 
@@ -228,9 +275,9 @@ class _Mixture(torch.autograd.Function):
         coef = _coef(mean, var, log_prior, eps)
         # one workspace: the last posteriors and ∂L/∂a_1 here, each step's three rows below
         ws = torch.empty(3 * c * m, dtype=dt, device=z.device) if k == 2 else None
-        p = _posterior(coef, basis, None if ws is None else ws[: 2 * c * m].view(c, 2, m))
+        p = _posterior(coef, basis, j, None if ws is None else ws[: 2 * c * m].view(c * j, 2, size))
         r = torch.rsqrt(var + eps)
-        moments = torch.bmm(p, gb.transpose(1, 2))  # (C, K, 2): Σ g p_k [1, z]
+        moments = _reduce(p, gb.transpose(1, 2), c)  # (C, K, 2): Σ g p_k [1, z]
         o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
         g_weight = g_bias = None
         if weight is not None and weight.requires_grad:
@@ -239,11 +286,11 @@ class _Mixture(torch.autograd.Function):
             g_bias = moments[:, :, 0].sum(1).reshape(bias.shape).to(bias.dtype)  # Σ_k p_k = 1
         if w is not None:
             o, moments = o * w[:, None, None], moments * w[:, None, None]
-        g_z = torch.bmm((r if w is None else r * w[:, None]).unsqueeze(1), p).squeeze(1)
-        g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path
-        g_coef, q, rows = _through_posterior(o, gb, p, coef, bt,
-                                             None if ws is None else ws[2 * c * m:].view(c, 1, m))
-        u = gb.zero_().baddbmm_(q, rows)  # ∂L/∂z = g_z + u_0 + u_1 z: g·[1, z] is spent
+        g_z = torch.bmm(_rep((r if w is None else r * w[:, None]).unsqueeze(1), j), p).squeeze(1)
+        g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path; (C·J, L)
+        g_coef, q, rows = _through_posterior(
+            o, gb, p, coef, bt, j, None if ws is None else ws[2 * c * m:].view(c * j, 1, size))
+        u = gb.zero_().baddbmm_(_rep(q, j), rows)  # ∂L/∂z = g_z + u_0 + u_1 z; g·[1, z] is spent
         g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
         g_mean = g_mean - r * moments[..., 0]
         g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
@@ -261,11 +308,12 @@ class _Mixture(torch.autograd.Function):
             coef = _coef(mean, var, log_prior, eps)
             g_r, g_direct = torch.stack((g_n, g_s1, g_s2), -1), torch.stack((g_s1, 2 * g_s2), 1)
             if ws is not None:
-                g_coef = _pair_step_backward(u, g_r, g_direct, coef, basis, bt, ws.view(c, 3, m))
+                g_coef = _pair_step_backward(u, g_r, g_direct, coef, basis, bt, j,
+                                             ws.view(c * j, 3, size))
             else:
-                p = _posterior(coef, basis)
-                g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt)
-                u.baddbmm_(q, rows).baddbmm_(g_direct, p)
+                p = _posterior(coef, basis, j)
+                g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt, j)
+                u.baddbmm_(_rep(q, j), rows).baddbmm_(_rep(g_direct, j), p)
             g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
 
         # the start: the batch's through σ²_B (where `same`), the running mixture's through the
@@ -274,8 +322,9 @@ class _Mixture(torch.autograd.Function):
         g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
                           + g_var.sum(1) * (1 - q.square().mean()))
         g_shift = (same - 1) * g_mean.sum(1)  # (C,)
-        g_z.add_(u[:, 0]).addcmul_(u[:, 1].add_((2 * g_var_b / m)[:, None]), z)
+        g_z.add_(u[:, 0]).addcmul_(u[:, 1].add_(_rep((2 * g_var_b / m)[:, None], j)), zr)
         # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
+        g_z = g_z.view(c, m)
         g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
         gx = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         gx.view(n, c, s).transpose(0, 1).copy_(g_z.view(c, n, s))
