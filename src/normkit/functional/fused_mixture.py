@@ -18,7 +18,9 @@ the E-step logits are ``a = A·B`` with ``A_k = [log π_k − ½log s_k − μ_k
     \log\pi'_k = \log\frac{n_k}{M}
 
 (the raw second moment: one contraction per step instead of two; ``z`` is centred per channel,
-so the cancellation is that of ``σ'² ≪ μ'²`` only). The output is ``y = Σ_k p_k·(z − μ_k)·r_k``,
+so the cancellation is that of ``σ'² ≪ μ'²`` only). The contractions run over pieces of at most
+``RUN`` values (:func:`_chunk`), their sums added in float64: one float32 dot product over all
+``M`` values of a channel would lose about ``√(M/RUN)`` times more. The output is ``y = Σ_k p_k·(z − μ_k)·r_k``,
 ``r = s^{-1/2}``, then ``γ y + β``.
 
 Reverse mode through a step, given ``∂L/∂R``: ``∂L/∂p = (∂L/∂R)·B``, the softmax's backward gives
@@ -44,19 +46,22 @@ from .standardize import affine_transform
 __all__ = ["mixture_affine", "mixture_fit", "mixture_plain"]
 
 
+RUN = 1024  # the longest run: float32 error ~√RUN·ε per run; longer runs are a little faster
+
+
 def _chunk(n: int, s: int) -> int:
     """The length ``L`` of the runs a channel's ``M = N·S`` values are split into: every
     contraction over them is a float32 sum over ``L`` values per run, the runs' sums added in
     float64 (a BLAS dot product over all ``M`` values loses ~``√M`` times more). ``L`` is a
-    multiple of ``S`` dividing ``M`` (``S ≤ 1024``) or a divisor of ``S``, in ``[64, 1024]``;
+    multiple of ``S`` dividing ``M`` (``S ≤ RUN``) or a divisor of ``S``, in ``[64, RUN]``;
     ``M`` where there is none."""
     best = 1
-    if s <= 1024:
-        for a in range(1, 1024 // s + 1):
+    if s <= RUN:
+        for a in range(1, RUN // s + 1):
             if n % a == 0:
                 best = a * s
     else:
-        for size in range(1024, 63, -1):
+        for size in range(RUN, 63, -1):
             if s % size == 0:
                 best = size
                 break
