@@ -75,8 +75,9 @@ def _rep(t: Tensor, j: int) -> Tensor:
 
 def _reduce(a: Tensor, bt: Tensor, c: int) -> Tensor:
     """``Σ_m a·b`` per channel: runs ``(C·J, R, L)`` and ``(C·J, L, X)`` → ``(C, R, X)``."""
-    r = torch.bmm(a, bt)
-    return r.view(c, -1, r.shape[1], r.shape[2]).sum(1, dtype=torch.float64).to(a.dtype)
+    r = torch.bmm(bt.transpose(1, 2), a.transpose(1, 2))  # (C·J, X, R): BLAS's faster side
+    r = r.view(c, -1, r.shape[1], r.shape[2]).sum(1, dtype=torch.float64)
+    return r.transpose(1, 2).to(a.dtype)
 
 
 def _runs(t: Tensor, c: int, n: int, s: int, size: int) -> Tensor:
