@@ -114,46 +114,47 @@ def _coef_backward(g: Tensor, mean: Tensor, var: Tensor, eps: float
     return g_mean, g_var, ga
 
 
-def _posterior(coef: Tensor, basis: Tensor, j: int, out: Tensor | None = None) -> Tensor:
-    """``softmax_k(A·B)``: ``(C·J, K, L)``. Two components: ``p_k = sigmoid(a_k − a_other)``,
-    each computed directly (exact for either side; a softmax over a middle axis of two is
-    several times slower), in ``out`` when given (a reused buffer: no fresh pages)."""
-    if coef.shape[1] == 2:
-        return torch.bmm(_rep(coef - coef.flip(1), j), basis, out=out).sigmoid_()
+def _posterior(coef: Tensor, basis: Tensor, j: int) -> Tensor:
+    """``softmax_k(A·B)``: ``(C·J, K, L)`` (more than two components)."""
     return torch.softmax(torch.bmm(_rep(coef, j), basis), 1)
 
 
+def _quad(coef: Tensor, zr: Tensor, out: Tensor) -> Tensor:
+    """``a + z(b + c z)`` per run (coefficients ``(C·J, 3)``) into the contiguous ``out``: two
+    fused multiply-adds, faster than a contraction over three basis rows."""
+    torch.addcmul(coef[:, 1:2], coef[:, 2:3], zr, out=out)
+    return torch.addcmul(coef[:, 0:1], out, zr, out=out)
+
+
+def _pair(coef: Tensor, zr: Tensor, j: int, out: Tensor) -> Tensor:
+    """Two components' posteriors into the planes ``out`` ``(2, C·J, L)``: ``p_1 = sigmoid(d)``,
+    ``p_0 = sigmoid(−d)``, ``d = a_1 − a_0`` (each side exact; a softmax over a middle axis of
+    two is several times slower)."""
+    _quad(_rep(coef[:, 1] - coef[:, 0], j), zr, out[1])
+    torch.neg(out[1], out=out[0])
+    return out.sigmoid_()
+
+
 def _through_posterior(g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor, bt: Tensor,
-                       j: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Reverse mode through ``p = softmax_k(A·B)`` given ``∂L/∂p = G·X`` (``g_p_coef`` ``G``
-    ``(C, K, X)``, ``values`` ``X`` ``(C·J, X, L)``): ``∂L/∂A`` ``(C, K, 3)`` and the logits'
-    share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, as coefficients ``(C, 2, R)`` on rows
-    ``(C·J, R, L)`` (``R = K``, or the one row ``∂L/∂a_1`` for two components, in ``out`` when
-    given)."""
-    c = coef.shape[0]
+                       j: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Reverse mode through ``p = softmax_k(A·B)`` (more than two components) given ``∂L/∂p =
+    G·X`` (``g_p_coef`` ``G`` ``(C, K, X)``, ``values`` ``X`` ``(C·J, X, L)``): ``∂L/∂A`` ``(C,
+    K, 3)`` and the logits' share of ``∂L/∂z``, ``Σ_k ∂_{a_k}·[A_{k1}, 2A_{k2}]``, as
+    coefficients ``(C, 2, K)`` on the rows ``∂L/∂a`` ``(C·J, K, L)``."""
     q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K): ∂a_k/∂z = q_k·[1, z]
-    if p.shape[1] == 2:  # ∂L/∂a_1 = −∂L/∂a_0 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
-        g_d = torch.bmm(_rep(g_p_coef[:, 1:] - g_p_coef[:, :1], j), values, out=out)
-        g_d.mul_(p[:, :1]).mul_(p[:, 1:])
-        g1 = _reduce(g_d, bt, c)
-        return torch.cat((-g1, g1), 1), q[..., 1:] - q[..., :1], g_d
     g_a = torch._softmax_backward_data(torch.bmm(_rep(g_p_coef, j), values), p, 1, p.dtype)
-    return _reduce(g_a, bt, c), q, g_a
+    return _reduce(g_a, bt, coef.shape[0]), q, g_a
 
 
-def _pair_step_backward(u: Tensor, g_r: Tensor, g_direct: Tensor, coef: Tensor, basis: Tensor,
-                        bt: Tensor, j: int, out: Tensor) -> Tensor:
-    """:func:`_through_posterior` for two components given ``∂L/∂p = g_r·B``, with the direct
-    share ``Σ_k p_k·g_direct_k·[1, z]`` of ``∂L/∂z`` too: the logits of both posteriors and
-    ``∂L/∂p_1 − ∂L/∂p_0`` in one contraction into ``out`` ``(C·J, 3, L)``, one accumulation."""
-    w = torch.bmm(_rep(torch.cat((coef - coef.flip(1), g_r[:, 1:] - g_r[:, :1]), 1), j), basis,
-                  out=out)
-    w[:, :2].sigmoid_()  # p_0, p_1
-    g_d = w[:, 2:].mul_(w[:, :1]).mul_(w[:, 1:2])  # ∂L/∂a_1 = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)
-    q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)
-    u.baddbmm_(_rep(torch.cat((g_direct, q[..., 1:] - q[..., :1]), 2), j), w)
-    g1 = _reduce(g_d, bt, coef.shape[0])
-    return torch.cat((-g1, g1), 1)
+def _pair_through(planes: Tensor, coef: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
+    """Reverse mode through :func:`_pair`: ``planes`` ``(3, C·J, L)`` hold ``p_0, p_1`` and
+    ``∂L/∂p_1 − ∂L/∂p_0``, which becomes ``∂L/∂d = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)`` in place.
+    Returns ``∂L/∂A`` ``(C, 2, 3)`` and the coefficients ``(C, 2)`` of ``∂L/∂d`` in ``∂L/∂z =
+    ∂L/∂d·(q_0 + q_1 z)``."""
+    g_d = planes[2].mul_(planes[0]).mul_(planes[1])
+    g1 = _reduce(g_d.unsqueeze(1), bt, coef.shape[0])
+    q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K)
+    return torch.cat((-g1, g1), 1), q[..., 1] - q[..., 0]
 
 
 def _m_step(p: Tensor, basis: Tensor, m: int, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -177,8 +178,8 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C·J, 3,
     L)`` (in runs of :func:`_chunk`), ``batch_same`` (1 where a channel started from the batch),
     ``batch_var`` ``(C,)``, for a running start ``batch_running`` ``(3, K, C)`` and for two
-    components ``batch_work``, the posteriors' buffer ``(C·J, 2, L)``. The Function spends the
-    basis and the buffer.
+    components ``batch_work``, the posteriors' planes ``(2, C·J, L)``. The Function spends the
+    basis and the planes.
     """
     n, c, s = v.shape[0], v.shape[1], v.shape[3]
     m = n * s
@@ -192,9 +193,11 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     var_b = basis[:, 2].reshape(c, j, size).sum((1, 2)) / m
     mean, var, log_prior = (t.t() for t in gmm_start(var_b, shift, k, eps, running))
     steps = [torch.stack((mean, var, log_prior, torch.ones_like(mean)))]
-    buf = torch.empty(c * j, k, size, dtype=z.dtype, device=z.device) if k == 2 else None
+    zr = z.view(c * j, size)
+    buf = torch.empty(2, c * j, size, dtype=z.dtype, device=z.device) if k == 2 else None
     for _ in range(iterations):
-        p = _posterior(_coef(mean, var, log_prior, eps), basis, j, buf)
+        coef = _coef(mean, var, log_prior, eps)
+        p = _posterior(coef, basis, j) if buf is None else _pair(coef, zr, j, buf).transpose(0, 1)
         mean, var, log_prior, count = _m_step(p, basis, m, c)
         steps.append(torch.stack((mean, var, log_prior, count)))
     same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
@@ -234,22 +237,29 @@ class _Mixture(torch.autograd.Function):
         m = n * s
         size = _chunk(n, s)
         j = m // size
+        zr = z.view(c * j, size)
         mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
-        p = _posterior(_coef(mean, var, log_prior, eps), basis, j, work)
+        coef = _coef(mean, var, log_prior, eps)
         r = torch.rsqrt(var + eps)
-        scale, shift = r, -mean * r
+        scale, shift = r, -mean * r  # x̂_k = shift_k + scale_k·z
         if weight is not None:
             w = weight.reshape(c, 1).to(z.dtype)
             scale, shift = scale * w, shift * w
         if bias is not None:
             shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
-        # (C·J, 2, L) in the spent basis's pages: fresh pages cost more than the arithmetic
-        y2 = torch.bmm(_rep(torch.stack((shift, scale), 1), j), p,
-                       out=basis.view(-1)[: 2 * c * m].view(c * j, 2, size))
-        y2[:, 0].addcmul_(y2[:, 1], z.view(c * j, size))
+        # the spent basis's pages hold the result: fresh pages cost more than the arithmetic
+        if work is not None:  # two components: y = p_0·x̂_0 + p_1·x̂_1, per value
+            p = _pair(coef, zr, j, work)
+            sc, sh = _rep(scale, j), _rep(shift, j)
+            h = basis.view(-1)[: 2 * c * m].view(2, c * j, size)
+            y = torch.addcmul(sh[:, :1], sc[:, :1], zr, out=h[0]).mul_(p[0])
+            y.addcmul_(torch.addcmul(sh[:, 1:], sc[:, 1:], zr, out=h[1]), p[1])
+        else:
+            y2 = torch.bmm(_rep(torch.stack((shift, scale), 1), j), _posterior(coef, basis, j),
+                           out=basis.view(-1)[: 2 * c * m].view(c * j, 2, size))
+            y = y2[:, 0].addcmul_(y2[:, 1], zr)
         out = torch.empty(v.shape, dtype=z.dtype, device=z.device)  # not a view: in-place safe
-        _runs(out.view(n, c, s).transpose(0, 1), c, n, s, size).copy_(
-            _runs(y2[:, 0], c, n, s, size))
+        _runs(out.view(n, c, s).transpose(0, 1), c, n, s, size).copy_(_runs(y, c, n, s, size))
         ctx.save_for_backward(v, weight, bias, z, traj, same, var_b, running)
         ctx.eps = eps
         return out
@@ -268,35 +278,48 @@ class _Mixture(torch.autograd.Function):
         j = m // size
         dt = z.dtype
         zr = z.view(c * j, size)
-        gb = torch.empty(c * j, 2, size, dtype=dt, device=z.device)  # g·[1, z]
-        gt = gb[:, 0]
-        _runs(gt, c, n, s, size).copy_(_runs(g.reshape(n, c, s).transpose(0, 1), c, n, s, size))
-        gb[:, 1].copy_(gt).mul_(zr)
+        gb = torch.empty(2, c * j, size, dtype=dt, device=z.device)  # planes g, g·z
+        _runs(gb[0], c, n, s, size).copy_(_runs(g.reshape(n, c, s).transpose(0, 1), c, n, s, size))
+        torch.mul(gb[0], zr, out=gb[1])
         basis = _basis(zr)
         bt = basis.transpose(1, 2)
         w = None if weight is None else weight.reshape(c).to(dt)
+        pair = k == 2
+        # two components: one workspace of three planes, p_0, p_1 and ∂L/∂d of each step
+        ws = torch.empty(3, c * j, size, dtype=dt, device=z.device) if pair else None
 
         # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
         mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
         coef = _coef(mean, var, log_prior, eps)
-        # one workspace: the last posteriors and ∂L/∂a_1 here, each step's three rows below
-        ws = torch.empty(3 * c * m, dtype=dt, device=z.device) if k == 2 else None
-        p = _posterior(coef, basis, j, None if ws is None else ws[: 2 * c * m].view(c * j, 2, size))
+        if ws is not None:
+            p = _pair(coef, zr, j, ws[:2]).transpose(0, 1)
+        else:
+            p = _posterior(coef, basis, j)
         r = torch.rsqrt(var + eps)
-        moments = _reduce(p, gb.transpose(1, 2), c)  # (C, K, 2): Σ g p_k [1, z]
+        moments = _reduce(p, gb.permute(1, 2, 0), c)  # (C, K, 2): Σ g p_k [1, z]
         o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
         g_weight = g_bias = None
         if weight is not None and weight.requires_grad:
             g_weight = (o * moments).sum((1, 2)).reshape(weight.shape).to(weight.dtype)
         if bias is not None and bias.requires_grad:
             g_bias = moments[:, :, 0].sum(1).reshape(bias.shape).to(bias.dtype)  # Σ_k p_k = 1
+        rw = r if w is None else r * w[:, None]
         if w is not None:
             o, moments = o * w[:, None, None], moments * w[:, None, None]
-        g_z = torch.bmm(_rep((r if w is None else r * w[:, None]).unsqueeze(1), j), p).squeeze(1)
-        g_z = g_z.mul_(gt)  # γ g Σ_k p_k r_k, the direct path; (C·J, L)
-        g_coef, q, rows = _through_posterior(
-            o, gb, p, coef, bt, j, None if ws is None else ws[2 * c * m:].view(c * j, 1, size))
-        u = gb.zero_().baddbmm_(_rep(q, j), rows)  # ∂L/∂z = g_z + u_0 + u_1 z; g·[1, z] is spent
+        if ws is not None:
+            rw = _rep(rw, j)
+            g_z = torch.mul(ws[0], rw[:, :1]).addcmul_(ws[1], rw[:, 1:]).mul_(gb[0])
+            od = _rep(o[:, 1] - o[:, 0], j)  # ∂L/∂p_1 − ∂L/∂p_0 = g·(od_0 + od_1 z)
+            torch.mul(gb[0], od[:, :1], out=ws[2]).addcmul_(gb[1], od[:, 1:])
+            g_coef, qd = _pair_through(ws, coef, bt)
+            u = gb  # ∂L/∂z = g_z + u_0 + u_1 z: the planes g, g·z are spent
+            qd = _rep(qd, j)
+            torch.mul(ws[2], qd[:, :1], out=u[0])
+            torch.mul(ws[2], qd[:, 1:], out=u[1])
+        else:
+            g_z = torch.bmm(_rep(rw.unsqueeze(1), j), p).squeeze(1).mul_(gb[0])
+            g_coef, q, rows = _through_posterior(o, gb.transpose(0, 1), p, coef, bt, j)
+            u = gb.transpose(0, 1).zero_().baddbmm_(_rep(q, j), rows).transpose(0, 1)
         g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
         g_mean = g_mean - r * moments[..., 0]
         g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
@@ -312,14 +335,21 @@ class _Mixture(torch.autograd.Function):
             g_n = g_n * (count > tiny).to(dt)
             mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
             coef = _coef(mean, var, log_prior, eps)
-            g_r, g_direct = torch.stack((g_n, g_s1, g_s2), -1), torch.stack((g_s1, 2 * g_s2), 1)
+            g_r = torch.stack((g_n, g_s1, g_s2), -1)  # ∂L/∂p_k = g_r,k·[1, z, z²]
+            g_direct = torch.stack((g_s1, 2 * g_s2), 1)  # the M-step's own ∂/∂z: p_k·[1, z]
             if ws is not None:
-                g_coef = _pair_step_backward(u, g_r, g_direct, coef, basis, bt, j,
-                                             ws.view(c * j, 3, size))
+                _pair(coef, zr, j, ws[:2])
+                _quad(_rep(g_r[:, 1] - g_r[:, 0], j), zr, ws[2])
+                g_coef, qd = _pair_through(ws, coef, bt)
+                coefs = _rep(torch.cat((g_direct, qd[:, :, None]), 2), j)  # (C·J, 2, 3)
+                for row in range(3):
+                    u[0].addcmul_(ws[row], coefs[:, 0, row:row + 1])
+                    u[1].addcmul_(ws[row], coefs[:, 1, row:row + 1])
             else:
                 p = _posterior(coef, basis, j)
                 g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt, j)
-                u.baddbmm_(_rep(q, j), rows).baddbmm_(_rep(g_direct, j), p)
+                ut = u.transpose(0, 1)
+                ut.baddbmm_(_rep(q, j), rows).baddbmm_(_rep(g_direct, j), p)
             g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
 
         # the start: the batch's through σ²_B (where `same`), the running mixture's through the
@@ -328,7 +358,7 @@ class _Mixture(torch.autograd.Function):
         g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
                           + g_var.sum(1) * (1 - q.square().mean()))
         g_shift = (same - 1) * g_mean.sum(1)  # (C,)
-        g_z.add_(u[:, 0]).addcmul_(u[:, 1].add_(_rep((2 * g_var_b / m)[:, None], j)), zr)
+        g_z.add_(u[0]).addcmul_(u[1].add_(_rep((2 * g_var_b / m)[:, None], j)), zr)
         # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
         g_z = g_z.view(c, m)
         g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
