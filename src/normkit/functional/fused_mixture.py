@@ -229,142 +229,159 @@ def mixture_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None,
     return affine_transform(out, None, None, weight, bias)
 
 
+def _forward(v: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor, basis: Tensor,
+             traj: Tensor, work: Tensor | None, eps: float) -> Tensor:
+    """The Function's output (spends ``basis`` and ``work``)."""
+    n, c, s = v.shape[0], v.shape[1], v.shape[3]
+    m = n * s
+    size = _chunk(n, s)
+    j = m // size
+    zr = z.view(c * j, size)
+    mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
+    coef = _coef(mean, var, log_prior, eps)
+    r = torch.rsqrt(var + eps)
+    scale, shift = r, -mean * r  # x̂_k = shift_k + scale_k·z
+    if weight is not None:
+        w = weight.reshape(c, 1).to(z.dtype)
+        scale, shift = scale * w, shift * w
+    if bias is not None:
+        shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
+    # the spent basis's pages hold the result: fresh pages cost more than the arithmetic
+    if work is not None:  # two components: y = p_0·x̂_0 + p_1·x̂_1, per value
+        p = _pair(coef, zr, j, work)
+        sc, sh = _rep(scale, j), _rep(shift, j)
+        h = basis.view(-1)[: 2 * c * m].view(2, c * j, size)
+        y = torch.mul(zr, sc[:, :1], out=h[0]).add_(sh[:, :1]).mul_(p[0])
+        y.addcmul_(torch.mul(zr, sc[:, 1:], out=h[1]).add_(sh[:, 1:]), p[1])
+    else:
+        y2 = torch.bmm(_rep(torch.stack((shift, scale), 1), j), _posterior(coef, basis, j),
+                       out=basis.view(-1)[: 2 * c * m].view(c * j, 2, size))
+        y = y2[:, 0].addcmul_(y2[:, 1], zr)
+    out = torch.empty(v.shape, dtype=z.dtype, device=z.device)  # not a view: in-place safe
+    _runs(out.view(n, c, s).transpose(0, 1), c, n, s, size).copy_(_runs(y, c, n, s, size))
+    return out
+
+
+def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor,
+              traj: Tensor, same: Tensor, var_b: Tensor, eps: float, need_weight: bool,
+              need_bias: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``∂L/∂(v, γ, β)`` of the Function's output, first order."""
+    k, iterations = traj.shape[-1], traj.shape[0] - 1
+    n, c, s = v.shape[0], v.shape[1], v.shape[3]
+    m = n * s
+    size = _chunk(n, s)
+    j = m // size
+    dt = z.dtype
+    zr = z.view(c * j, size)
+    gb = torch.empty(2, c * j, size, dtype=dt, device=z.device)  # planes g, g·z
+    _runs(gb[0], c, n, s, size).copy_(_runs(g.reshape(n, c, s).transpose(0, 1), c, n, s, size))
+    torch.mul(gb[0], zr, out=gb[1])
+    basis = _basis(zr)
+    bt = basis.transpose(1, 2)
+    w = None if weight is None else weight.reshape(c).to(dt)
+    pair = k == 2
+    # two components: one workspace of three planes, p_0, p_1 and ∂L/∂d of each step
+    ws = torch.empty(3, c * j, size, dtype=dt, device=z.device) if pair else None
+
+    # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
+    mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
+    coef = _coef(mean, var, log_prior, eps)
+    if ws is not None:
+        p = _pair(coef, zr, j, ws[:2]).transpose(0, 1)
+    else:
+        p = _posterior(coef, basis, j)
+    r = torch.rsqrt(var + eps)
+    moments = _reduce(p, gb.permute(1, 2, 0), c)  # (C, K, 2): Σ g p_k [1, z]
+    o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
+    g_weight = g_bias = None
+    if weight is not None and need_weight:
+        g_weight = (o * moments).sum((1, 2)).reshape(weight.shape).to(weight.dtype)
+    if bias is not None and need_bias:
+        g_bias = moments[:, :, 0].sum(1).reshape(bias.shape).to(bias.dtype)  # Σ_k p_k = 1
+    rw = r if w is None else r * w[:, None]
+    if w is not None:
+        o, moments = o * w[:, None, None], moments * w[:, None, None]
+    if ws is not None:
+        rw = _rep(rw, j)
+        g_z = torch.mul(ws[0], rw[:, :1]).addcmul_(ws[1], rw[:, 1:]).mul_(gb[0])
+        od = _rep(o[:, 1] - o[:, 0], j)  # ∂L/∂p_1 − ∂L/∂p_0 = g·(od_0 + od_1 z)
+        torch.mul(gb[0], od[:, :1], out=ws[2]).addcmul_(gb[1], od[:, 1:])
+        g_coef, qd = _pair_through(ws, coef, bt)
+        u = gb  # ∂L/∂z = g_z + u_0 + u_1 z: the planes g, g·z are spent
+        qd = _rep(qd, j)
+        torch.mul(ws[2], qd[:, :1], out=u[0])
+        torch.mul(ws[2], qd[:, 1:], out=u[1])
+    else:
+        g_z = torch.bmm(_rep(rw.unsqueeze(1), j), p).squeeze(1).mul_(gb[0])
+        g_coef, q, rows = _through_posterior(o, gb.transpose(0, 1), p, coef, bt, j)
+        u = gb.transpose(0, 1).zero_().baddbmm_(_rep(q, j), rows).transpose(0, 1)
+    g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
+    g_mean = g_mean - r * moments[..., 0]
+    g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
+
+    # the EM steps, last first: step t maps the statistics of t to those of t + 1
+    tiny = torch.finfo(dt).tiny
+    for t in range(iterations - 1, -1, -1):
+        mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
+        n1 = count.clamp_min(tiny)
+        g_m = g_mean - 2 * mean1 * g_var
+        g_s1, g_s2 = g_m / n1, g_var / n1
+        g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
+        g_n = g_n * (count > tiny).to(dt)
+        mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
+        coef = _coef(mean, var, log_prior, eps)
+        g_r = torch.stack((g_n, g_s1, g_s2), -1)  # ∂L/∂p_k = g_r,k·[1, z, z²]
+        g_direct = torch.stack((g_s1, 2 * g_s2), 1)  # the M-step's own ∂/∂z: p_k·[1, z]
+        if ws is not None:
+            _pair(coef, zr, j, ws[:2])
+            _quad(_rep(g_r[:, 1] - g_r[:, 0], j), zr, ws[2])
+            g_coef, qd = _pair_through(ws, coef, bt)
+            coefs = _rep(torch.cat((g_direct, qd[:, :, None]), 2), j)  # (C·J, 2, 3)
+            for row in range(3):
+                u[0].addcmul_(ws[row], coefs[:, 0, row:row + 1])
+                u[1].addcmul_(ws[row], coefs[:, 1, row:row + 1])
+        else:
+            p = _posterior(coef, basis, j)
+            g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt, j)
+            ut = u.transpose(0, 1)
+            ut.baddbmm_(_rep(q, j), rows).baddbmm_(_rep(g_direct, j), p)
+        g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
+
+    # the start: the batch's through σ²_B (where `same`), the running mixture's through the
+    # shift (μ_0 = running mean − mean(x))
+    q = normal_quantiles(k, dtype=dt, device=z.device)
+    g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
+                      + g_var.sum(1) * (1 - q.square().mean()))
+    g_shift = (same - 1) * g_mean.sum(1)  # (C,)
+    g_z.add_(u[0]).addcmul_(u[1].add_(_rep((2 * g_var_b / m)[:, None], j)), zr)
+    # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
+    g_z = g_z.view(c, m)
+    g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
+    gx = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    gx.view(n, c, s).transpose(0, 1).copy_(g_z.view(c, n, s))
+    return gx, g_weight, g_bias
+
+
 class _Mixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 z: Tensor, basis: Tensor, traj: Tensor, same: Tensor, var_b: Tensor,
                 running: Tensor | None, work: Tensor | None, eps: float) -> Tensor:
-        n, c, s = v.shape[0], v.shape[1], v.shape[3]
-        m = n * s
-        size = _chunk(n, s)
-        j = m // size
-        zr = z.view(c * j, size)
-        mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
-        coef = _coef(mean, var, log_prior, eps)
-        r = torch.rsqrt(var + eps)
-        scale, shift = r, -mean * r  # x̂_k = shift_k + scale_k·z
-        if weight is not None:
-            w = weight.reshape(c, 1).to(z.dtype)
-            scale, shift = scale * w, shift * w
-        if bias is not None:
-            shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
-        # the spent basis's pages hold the result: fresh pages cost more than the arithmetic
-        if work is not None:  # two components: y = p_0·x̂_0 + p_1·x̂_1, per value
-            p = _pair(coef, zr, j, work)
-            sc, sh = _rep(scale, j), _rep(shift, j)
-            h = basis.view(-1)[: 2 * c * m].view(2, c * j, size)
-            y = torch.mul(zr, sc[:, :1], out=h[0]).add_(sh[:, :1]).mul_(p[0])
-            y.addcmul_(torch.mul(zr, sc[:, 1:], out=h[1]).add_(sh[:, 1:]), p[1])
-        else:
-            y2 = torch.bmm(_rep(torch.stack((shift, scale), 1), j), _posterior(coef, basis, j),
-                           out=basis.view(-1)[: 2 * c * m].view(c * j, 2, size))
-            y = y2[:, 0].addcmul_(y2[:, 1], zr)
-        out = torch.empty(v.shape, dtype=z.dtype, device=z.device)  # not a view: in-place safe
-        _runs(out.view(n, c, s).transpose(0, 1), c, n, s, size).copy_(_runs(y, c, n, s, size))
         ctx.save_for_backward(v, weight, bias, z, traj, same, var_b, running)
         ctx.eps = eps
-        return out
+        return _forward(v, weight, bias, z, basis, traj, work, eps)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         v, weight, bias, z, traj, same, var_b, running = ctx.saved_tensors
         eps = ctx.eps
-        k, iterations = traj.shape[-1], traj.shape[0] - 1
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
+            k, iterations = traj.shape[-1], traj.shape[0] - 1
             return (*_plain_vjp(mixture_plain, (v, weight, bias, running, k, iterations, eps),
                                 g)[:3], None, None, None, None, None, None, None, None)
-        n, c, s = v.shape[0], v.shape[1], v.shape[3]
-        m = n * s
-        size = _chunk(n, s)
-        j = m // size
-        dt = z.dtype
-        zr = z.view(c * j, size)
-        gb = torch.empty(2, c * j, size, dtype=dt, device=z.device)  # planes g, g·z
-        _runs(gb[0], c, n, s, size).copy_(_runs(g.reshape(n, c, s).transpose(0, 1), c, n, s, size))
-        torch.mul(gb[0], zr, out=gb[1])
-        basis = _basis(zr)
-        bt = basis.transpose(1, 2)
-        w = None if weight is None else weight.reshape(c).to(dt)
-        pair = k == 2
-        # two components: one workspace of three planes, p_0, p_1 and ∂L/∂d of each step
-        ws = torch.empty(3, c * j, size, dtype=dt, device=z.device) if pair else None
-
-        # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
-        mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
-        coef = _coef(mean, var, log_prior, eps)
-        if ws is not None:
-            p = _pair(coef, zr, j, ws[:2]).transpose(0, 1)
-        else:
-            p = _posterior(coef, basis, j)
-        r = torch.rsqrt(var + eps)
-        moments = _reduce(p, gb.permute(1, 2, 0), c)  # (C, K, 2): Σ g p_k [1, z]
-        o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
-        g_weight = g_bias = None
-        if weight is not None and weight.requires_grad:
-            g_weight = (o * moments).sum((1, 2)).reshape(weight.shape).to(weight.dtype)
-        if bias is not None and bias.requires_grad:
-            g_bias = moments[:, :, 0].sum(1).reshape(bias.shape).to(bias.dtype)  # Σ_k p_k = 1
-        rw = r if w is None else r * w[:, None]
-        if w is not None:
-            o, moments = o * w[:, None, None], moments * w[:, None, None]
-        if ws is not None:
-            rw = _rep(rw, j)
-            g_z = torch.mul(ws[0], rw[:, :1]).addcmul_(ws[1], rw[:, 1:]).mul_(gb[0])
-            od = _rep(o[:, 1] - o[:, 0], j)  # ∂L/∂p_1 − ∂L/∂p_0 = g·(od_0 + od_1 z)
-            torch.mul(gb[0], od[:, :1], out=ws[2]).addcmul_(gb[1], od[:, 1:])
-            g_coef, qd = _pair_through(ws, coef, bt)
-            u = gb  # ∂L/∂z = g_z + u_0 + u_1 z: the planes g, g·z are spent
-            qd = _rep(qd, j)
-            torch.mul(ws[2], qd[:, :1], out=u[0])
-            torch.mul(ws[2], qd[:, 1:], out=u[1])
-        else:
-            g_z = torch.bmm(_rep(rw.unsqueeze(1), j), p).squeeze(1).mul_(gb[0])
-            g_coef, q, rows = _through_posterior(o, gb.transpose(0, 1), p, coef, bt, j)
-            u = gb.transpose(0, 1).zero_().baddbmm_(_rep(q, j), rows).transpose(0, 1)
-        g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
-        g_mean = g_mean - r * moments[..., 0]
-        g_var = g_var - 0.5 * r * r * r * (moments[..., 1] - mean * moments[..., 0])
-
-        # the EM steps, last first: step t maps the statistics of t to those of t + 1
-        tiny = torch.finfo(dt).tiny
-        for t in range(iterations - 1, -1, -1):
-            mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
-            n1 = count.clamp_min(tiny)
-            g_m = g_mean - 2 * mean1 * g_var
-            g_s1, g_s2 = g_m / n1, g_var / n1
-            g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
-            g_n = g_n * (count > tiny).to(dt)
-            mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
-            coef = _coef(mean, var, log_prior, eps)
-            g_r = torch.stack((g_n, g_s1, g_s2), -1)  # ∂L/∂p_k = g_r,k·[1, z, z²]
-            g_direct = torch.stack((g_s1, 2 * g_s2), 1)  # the M-step's own ∂/∂z: p_k·[1, z]
-            if ws is not None:
-                _pair(coef, zr, j, ws[:2])
-                _quad(_rep(g_r[:, 1] - g_r[:, 0], j), zr, ws[2])
-                g_coef, qd = _pair_through(ws, coef, bt)
-                coefs = _rep(torch.cat((g_direct, qd[:, :, None]), 2), j)  # (C·J, 2, 3)
-                for row in range(3):
-                    u[0].addcmul_(ws[row], coefs[:, 0, row:row + 1])
-                    u[1].addcmul_(ws[row], coefs[:, 1, row:row + 1])
-            else:
-                p = _posterior(coef, basis, j)
-                g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt, j)
-                ut = u.transpose(0, 1)
-                ut.baddbmm_(_rep(q, j), rows).baddbmm_(_rep(g_direct, j), p)
-            g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
-
-        # the start: the batch's through σ²_B (where `same`), the running mixture's through the
-        # shift (μ_0 = running mean − mean(x))
-        q = normal_quantiles(k, dtype=dt, device=z.device)
-        g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
-                          + g_var.sum(1) * (1 - q.square().mean()))
-        g_shift = (same - 1) * g_mean.sum(1)  # (C,)
-        g_z.add_(u[0]).addcmul_(u[1].add_(_rep((2 * g_var_b / m)[:, None], j)), zr)
-        # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
-        g_z = g_z.view(c, m)
-        g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
-        gx = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        gx.view(n, c, s).transpose(0, 1).copy_(g_z.view(c, n, s))
+        gx, g_weight, g_bias = _backward(
+            g, v, weight, bias, z, traj, same, var_b, eps,
+            weight is not None and weight.requires_grad, bias is not None and bias.requires_grad)
         return gx, g_weight, g_bias, None, None, None, None, None, None, None, None
 
 
