@@ -183,3 +183,23 @@ def test_contractions_in_runs_equal_the_composition(shape: tuple[int, ...], k: i
     for u, r in zip(torch.autograd.grad(y, (x, fused.weight), cot),
                     torch.autograd.grad(ref, (x2, plain.weight), cot), strict=True):
         assert_close(u, r, **TIGHT)
+
+
+@pytest.mark.filterwarnings(  # inductor imports torch's own deprecated jit.script_method
+    r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
+def test_compiled_runs_the_custom_ops_as_eager(dynamo_reset: None) -> None:
+    """``torch.compile(fullgraph=True)`` sees the fit and the apply as custom ops running the
+    eager code: the same output, gradients and running estimates (inductor, float64)."""
+    eager, _ = _pair(num_components=2, iterations=2)
+    target, _ = _pair(num_components=2, iterations=2)
+    compiled = torch.compile(target, fullgraph=True)
+    x = _two_modes(4, 3, 16, seed=0).reshape(4, 3, 4, 4).detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    y, ref = compiled(x), eager(x2)
+    assert_close(y, ref, **TIGHT)
+    cot = rand(*y.shape, seed=1, grad=False)
+    for u, r in zip(torch.autograd.grad(y, (x, target.weight, target.bias), cot),
+                    torch.autograd.grad(ref, (x2, eager.weight, eager.bias), cot), strict=True):
+        assert_close(u, r, **TIGHT)
+    for (name, a), (_, b) in zip(target.named_buffers(), eager.named_buffers(), strict=True):
+        assert_close(a, b, **TIGHT, msg=lambda e, name=name: f"{name}: {e}")

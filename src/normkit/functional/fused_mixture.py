@@ -7,28 +7,30 @@ out as ``(C, M)`` (``M = N·S``) and keeps the ``(C, K)`` statistics of every st
 *trajectory*); :func:`mixture_affine` is an autograd Function that saves ``z`` and the
 trajectory and, in the backward, recomputes each step's posteriors from them.
 
-Every per-value quantity is a per-channel polynomial in ``z`` read through the basis
-``B = [1, z, z²]`` ``(C, 3, M)``, so each contraction over the values is one batched matmul:
-the E-step logits are ``a = A·B`` with ``A_k = [log π_k − ½log s_k − μ_k²/2s_k, μ_k/s_k,
-−1/2s_k]`` (``s = σ² + ε``), ``p = softmax_k(a)``, and the M-step moments are ``R = p·Bᵀ`` =
-``[n_k, Σ p z, Σ p z²]``:
+Every per-value quantity is a per-channel polynomial in ``z`` over the basis ``B = [1, z, z²]``:
+the E-step logits are ``a_k = A_k·B`` with ``A_k = [log π_k − ½log s_k − μ_k²/2s_k, μ_k/s_k,
+−1/2s_k]`` (``s = σ² + ε``), ``p = softmax_k(a)`` (two components: ``p_1 = sigmoid(d)``, ``p_0 =
+sigmoid(−d)``, ``d = a_1 − a_0`` evaluated as ``α + z(β + γz)``), and the M-step moments are one
+contraction ``R = p·Bᵀ = [n_k, Σ p z, Σ p z²]``:
 
 .. math::
     \mu'_k = \frac{R_{k1}}{n_k},\quad \sigma'^2_k = \frac{R_{k2}}{n_k} - \mu'^2_k,\quad
     \log\pi'_k = \log\frac{n_k}{M}
 
-(the raw second moment: one contraction per step instead of two; ``z`` is centred per channel,
-so the cancellation is that of ``σ'² ≪ μ'²`` only). The contractions run over pieces of at most
-``RUN`` values (:func:`_chunk`), their sums added in float64: one float32 dot product over all
-``M`` values of a channel would lose about ``√(M/RUN)`` times more. The output is ``y = Σ_k p_k·(z − μ_k)·r_k``,
-``r = s^{-1/2}``, then ``γ y + β``.
+(the raw second moment; ``z`` is centred per channel, so the cancellation is that of ``σ'² ≪
+μ'²`` only). The contractions run over pieces of at most ``RUN`` values (:func:`_chunk`), their
+sums added in float64: one float32 dot product over all ``M`` values of a channel would lose
+about ``√(M/RUN)`` times more. The output is ``y = Σ_k p_k·(z − μ_k)·r_k``, ``r = s^{-1/2}``,
+then ``γ y + β``.
 
 Reverse mode through a step, given ``∂L/∂R``: ``∂L/∂p = (∂L/∂R)·B``, the softmax's backward gives
 ``∂L/∂a``, ``∂L/∂A = (∂L/∂a)·Bᵀ`` and the values receive ``Σ_k p_k (∂_{R_{k1}} + 2z ∂_{R_{k2}})
 + Σ_k ∂_{a_k}(A_{k1} + 2 z A_{k2})``, accumulated over the steps as ``U₀ + U₁ z``. The start
 (the batch's, through ``σ²_B``, or the running mixture's, through the shift) and the centring
 ``z = x − mean(x)`` close the chain. Saved: the centred input (``1×``) and ``(T + 1)·4·C·K``
-statistics; a second derivative differentiates :func:`mixture_plain`.
+statistics; a second derivative differentiates :func:`mixture_plain`. Under ``torch.compile``
+the same code runs as three custom ops (fit, apply, its backward: one opaque node each, first
+order).
 """
 
 from __future__ import annotations
