@@ -21,6 +21,9 @@ __all__ = [
     "gmm_posterior",
     "gmm_m_step",
     "gmm_em",
+    "gmm_start",
+    "collapsed",
+    "mixture_output",
     "normal_quantiles",
 ]
 
@@ -111,6 +114,55 @@ def gmm_em(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, *, iteration
         post = gmm_posterior(z, mean, var, log_prior, eps)
         mean, var, log_prior = gmm_m_step(z, post)
     return mean, var, log_prior
+
+
+def gmm_start(var_b: Tensor, shift: Tensor, k: int, eps: float,
+              running: tuple[Tensor, Tensor, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Start of EM on a channel's centred values (mean 0): from the batch, or from a running
+    mixture.
+
+    The batch start puts component ``k`` at ``q_k·√(σ²_B + ε)`` (``q_k`` the
+    :func:`normal_quantiles`), with variance ``σ²_B·(1 − mean q²)`` and weight ``1/K``. With
+    ``running = (mean, var, log_prior)`` (constants, uncentred) a channel starts from them,
+    ``(mean − shift, var, log_softmax(log_prior))``, unless its running components all coincide
+    (:func:`collapsed`: before the first batch), where it starts from the batch.
+
+    Shape:
+        var_b, shift ``(C,)`` (the batch's biased variance and mean); running ``(K, C)`` each →
+        mean, var, log_prior ``(K, C)``.
+    """
+    q = normal_quantiles(k, dtype=var_b.dtype, device=var_b.device)
+    mean = q[:, None] * torch.sqrt(var_b + eps)
+    var = (var_b * (1 - q.square().mean())).expand_as(mean)
+    log_prior = torch.full_like(mean, -math.log(k))
+    if running is None:
+        return mean, var, log_prior
+    rm, rv, rl = running
+    same = collapsed(running)
+    start = (rm - shift, rv, torch.log_softmax(rl, 0))
+    return tuple(torch.where(same, b, r)  # type: ignore[return-value]
+                 for b, r in zip((mean, var, log_prior), start, strict=True))
+
+
+def collapsed(running: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Channels whose running components all coincide (mean, var and log prior equal across
+    ``K``): ``(C,)`` bool."""
+    same = torch.ones_like(running[0][0], dtype=torch.bool)
+    for t in running:
+        same = same & (t.amax(0) == t.amin(0))
+    return same
+
+
+def mixture_output(z: Tensor, mean: Tensor, var: Tensor, post: Tensor, eps: float) -> Tensor:
+    r"""``x̂ = Σ_k p(k | z)·(z − μ_k)/√(σ²_k + ε)``.
+
+    Shape:
+        z ``(N, C, S)``; mean, var ``(K, C)``; post ``(K, N, C, S)`` → ``(N, C, S)``.
+    """
+    k, c = mean.shape
+    inv = torch.rsqrt(var + eps).reshape(k, 1, c, 1)
+    return (post * (z.unsqueeze(0) - mean.reshape(k, 1, c, 1)) * inv).sum(0)
 
 
 def normal_quantiles(k: int, *, dtype: torch.dtype = torch.float64,

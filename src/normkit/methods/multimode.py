@@ -100,7 +100,7 @@ class MixtureNorm(Normalization):
     ``reset_running_stats()``, or with ``track_running_stats=False``) starts from the batch, as
     ``init="batch"`` always does: component ``k`` at ``μ_B + z_k·√(σ²_B + ε)``, ``z_k`` the
     ``(k + ½)/K`` quantile of the standard normal, variance ``σ²_B·(1 − mean z²)``, weights
-    ``1/K``. Gradients flow through every EM step (unrolled autograd): the output is an exact
+    ``1/K``. Gradients flow through every EM step: the output is an exact
     smooth function of the batch, as BN differentiates through its moments; treating the EM
     statistics as constants would give the gradient of another function. The running start is
     a constant.
@@ -125,8 +125,11 @@ class MixtureNorm(Normalization):
         **kw: :class:`~normkit.methods._common.NormKwargs`.
 
     Shape:
-        ``(N, C, *)`` → same; more than one value per channel in training. Training memory is
-        about ``(iterations + 1)·K`` times the input's.
+        ``(N, C, *)`` → same; more than one value per channel in training. Training saves the
+        centred input and ``(K, C)`` statistics per EM step for the backward (a hand-derived
+        backward through the EM steps, :mod:`normkit.functional.fused_mixture`);
+        ``native=False`` unrolls EM in autograd and saves about ``(iterations + 1)·K`` times the
+        input.
 
     Example:
         >>> import torch, normkit as nk

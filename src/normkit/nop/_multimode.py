@@ -36,9 +36,17 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
+from ..functional.fused_mixture import mixture_affine, mixture_fit
 from ..functional.fused_robust import moments as fused_moments
 from ..functional.merging import mix_moments
-from ..functional.mixture import gmm_em, gmm_posterior, mode_gates, mode_moments, normal_quantiles
+from ..functional.mixture import (
+    gmm_em,
+    gmm_posterior,
+    gmm_start,
+    mixture_output,
+    mode_gates,
+    mode_moments,
+)
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
@@ -206,7 +214,10 @@ class MixtureStandardize(Operation):
     constant (running buffers) or differentiated too (batch start). The output is then an exact
     smooth function of the batch, as BN's is of its batch moments; treating the fitted statistics
     as constants would give the gradient of a different function (Ioffe & Szegedy's argument for
-    differentiating through BN's moments). Cost: ``iterations + 1`` passes of ``K``× the input.
+    differentiating through BN's moments). Training runs EM without a graph and a hand-derived
+    backward through the EM steps (:mod:`normkit.functional.fused_mixture`: it saves the centred
+    input and ``(K, C)`` statistics, and recomputes each step's posteriors);
+    ``Normalization(native=False)`` runs the unrolled autograd composition instead.
 
     Running estimates (all ``(K, C)``): ``running_mean``, ``running_var`` (unbiased with BN's
     factor) and ``running_log_prior``, the log mixing weights (initially 0: equal weights;
@@ -217,6 +228,9 @@ class MixtureStandardize(Operation):
     num_components: int = 2
     iterations: int = 3
     init: Literal["running", "batch"] = "running"
+    #: training fits EM without a graph and runs the hand-derived backward of
+    #: :mod:`normkit.functional.fused_mixture`; ``False``: the unrolled autograd composition
+    fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var", "log_prior")
     reads_state = True  # init="running": EM starts from the running mixture
@@ -231,39 +245,34 @@ class MixtureStandardize(Operation):
         _check_batch(self, nap, num_features)
         return self
 
+    def unfused(self) -> Operation:
+        return replace(self, fused=False)
+
     def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
         shape = (self.num_components, num_features)
         return {"mean": (shape, "0"), "var": (shape, "1"), "log_prior": (shape, "0")}
 
-    def _batch_start(self, z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Start of EM from the centred batch ``z`` (mean 0 per channel)."""
-        q = normal_quantiles(self.num_components, dtype=z.dtype, device=z.device)
-        var_b = z.square().mean((0, 2))  # (C,)
-        mean = q[:, None] * torch.sqrt(var_b + eps)
-        var = (var_b * (1 - q.square().mean())).expand_as(mean)
-        log_prior = torch.full_like(mean, -math.log(self.num_components))
-        return mean, var, log_prior
-
-    def _start(self, z: Tensor, shift: Tensor, eps: float, state: State | None
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        batch = self._batch_start(z, eps)
-        if self.init == "batch" or state is None:
-            return batch
+    @staticmethod
+    def _running(state: State | None, names: Sequence[str], dtype: torch.dtype
+                 ) -> tuple[Tensor, Tensor, Tensor] | None:
+        if state is None:
+            return None
         # clones: the buffers are updated in place after this forward and must not be saved
-        rm, rv, rl = (state.running[k].detach().to(z.dtype).clone() for k in self.stat_names)
-        running = (rm - shift, rv, torch.log_softmax(rl, 0))
-        same = torch.ones_like(rm[0], dtype=torch.bool)
-        for t in (rm, rv, rl):
-            same = same & (t.amax(0) == t.amin(0))
-        return tuple(torch.where(same, b, r) for b, r in zip(batch, running, strict=True))  # type: ignore[return-value]
+        rm, rv, rl = (state.running[k].detach().to(dtype).clone() for k in names)
+        return rm, rv, rl
 
     def fit(self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
             params: Stats | None = None, state: State | None = None) -> Stats:
+        running = None if self.init == "batch" else self._running(state, self.stat_names,
+                                                                   stats_dtype(v))
+        if self.fused:  # EM without a graph; transform() runs the hand-derived backward
+            return mixture_fit(v, k=self.num_components, iterations=self.iterations, eps=eps,
+                               running=running)
         x = _samples(v)
         shift = x.mean((0, 2))  # (C,): EM runs on centred values (exact under large offsets)
         z = x - shift[:, None]
-        mean, var, log_prior = gmm_em(z, *self._start(z, shift, eps, state),
-                                      iterations=self.iterations, eps=eps)
+        start = gmm_start(z.square().mean((0, 2)), shift, self.num_components, eps, running)
+        mean, var, log_prior = gmm_em(z, *start, iterations=self.iterations, eps=eps)
         post = gmm_posterior(z, mean, var, log_prior, eps)
         return {"mean": mean + shift, "var": var, "log_prior": log_prior,
                 "post": post, "centered_mean": mean, "centered": z}
@@ -286,10 +295,10 @@ class MixtureStandardize(Operation):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        z, mean, post = stats["centered"], stats["centered_mean"], stats["post"]
-        k, c = mean.shape
-        inv = torch.rsqrt(stats["var"] + eps).reshape(k, 1, c, 1)
-        out = (post * (z.unsqueeze(0) - mean.reshape(k, 1, c, 1)) * inv).sum(0)
+        if "batch_trajectory" in stats:  # fitted by mixture_fit
+            return mixture_affine(v, stats, weight, bias, eps=eps)
+        out = mixture_output(stats["centered"], stats["centered_mean"], stats["var"],
+                             stats["post"], eps)
         return Fs.affine_transform(out.reshape(v.shape), None, None, weight, bias)
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
