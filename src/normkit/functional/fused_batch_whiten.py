@@ -1,0 +1,213 @@
+r"""Batch whitening in place on the canonical view as one ``torch.library`` custom op with a
+hand-derived backward (DBN, PCA, Cholesky and IterNorm batch whitening, ``S ≥ d``).
+
+The two ops of :mod:`normkit.functional.whiten_ops` leave ``W(Σ)`` to autograd between them, so
+the input gradient comes in two parts (``Mᵀ(g − ḡ)`` from the apply op, ``(2/m)·sym(∂Σ)·x_c``
+from the moments op), each a fresh activation-sized tensor that autograd then adds, and the
+moments op's unused outputs get activation-sized zero gradients. Here the statistics are
+computed once without autograd (:func:`batch_whiten_fit`) and one op applies
+``y = (γ ⊙ W) x_c + β`` (:func:`batch_whiten_apply`) with the gradient of the whole map
+``x → y``, in one buffer:
+
+.. math::
+    ∂L/∂x = Mᵀ (g − \bar g) + P\,x_c,\qquad P = \tfrac{1}{m}\big(∂L/∂Σ + (∂L/∂Σ)ᵀ\big),\qquad
+    ∂L/∂M = G = \sum_n g_n x_{c,n}ᵀ,\quad ∂γ_i = \sum_j G_{ij} W_{ij},\quad ∂β = \sum g
+
+with ``M = γ ⊙ W`` (rows), ``m = N·S`` samples per group and ``∂L/∂Σ`` the gradient through
+``W(Σ)`` of ``G_W = γ ⊙ G``: for ZCA in closed form (``Σ + εI = U Λ Uᵀ``, ``f = λ^{-1/2}``,
+``P = −(1/m) U (K ∘ Uᵀ(G_W + G_Wᵀ)U) Uᵀ``, ``K_ij = (f_i f_j)²/(f_i + f_j)``: the divided
+difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`); for PCA,
+Cholesky and Newton–Schulz by ``torch.func.vjp`` of a recomputation of ``W(Σ)`` on the ``D × D``
+covariances (:func:`normkit.functional.whiten.whitening_matrix`, the function the plain
+composition differentiates). The activations are read by three matmuls in the backward
+(``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``); ``x − μ`` is
+the only activation saved (the forward's centred copy, reused by ``Σ``, the product and the
+backward).
+
+The op computes in at least float32 with autocast off, returns a fresh tensor and is first
+order (a second derivative raises: use ``native=False``, the plain composition).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fused_whiten import inv_sqrt_eigh, zca_input_term
+from .whiten import WhiteningMethod, _first_order, _full_precision, grouped_matmul, whitening_matrix
+from .whiten_ops import _fresh, whiten_moments
+
+__all__ = ["batch_whiten_apply", "batch_whiten_fit"]
+
+
+def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *, iterations: int | None = None,
+                     data_dtype: torch.dtype | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    r"""Batch statistics for :func:`batch_whiten_apply`, without autograd: ``(μ, Σ, x_c, f, U, W)``
+    of the samples ``x`` ``(P, G, D, S)`` (the canonical view; ``P·S`` samples per group, ``Σ``
+    biased) with ``W = W(Σ)`` of ``method``; ``f, U`` (:func:`~normkit.functional.fused_whiten.
+    inv_sqrt_eigh`) for ZCA, ``None`` otherwise. The moments are one custom op
+    (:func:`~normkit.functional.whiten_ops.whiten_moments`). ``data_dtype``: the input's dtype
+    (PCA's eigenvalue-gap tolerance, see :func:`~normkit.functional.whiten.pca_matrix`).
+
+    Shape:
+        ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(P, G, D, S)``,
+        ``(1, G, D)`` or ``None``, ``(1, G, D, D)`` or ``None``, ``(1, G, D, D)``.
+
+    Example:
+        >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
+        >>> mean, cov, xc, f, u, w = batch_whiten_fit(x, "zca", 1e-5)
+        >>> from normkit.functional.whiten import zca_matrix
+        >>> torch.allclose(w[0], zca_matrix(cov[0], 1e-5))
+        True
+    """
+    with torch.no_grad():
+        mean, cov, centered = whiten_moments(x, shared=True)
+        _, g, d, _ = cov.shape
+        flat = cov.reshape(g, d, d)
+        if method == "zca":
+            f, u, w = inv_sqrt_eigh(flat, eps)
+            return mean, cov, centered, f.view(1, g, d), u.view(cov.shape), w.view(cov.shape)
+        w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5,
+                             data_dtype=data_dtype)
+        return mean, cov, centered, None, None, w.reshape(cov.shape)
+
+
+def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, method: str,
+                eps: float, iterations: int, data_dtype: torch.dtype, m: int) -> Tensor:
+    """``P = (1/m)(∂L/∂Σ + ∂L/∂Σᵀ)`` ``(1, G, D, D)`` for ``∂L/∂W = G_W`` (see the module
+    docstring): closed form for ZCA, else ``torch.func.vjp`` of ``W(Σ)`` recomputed (``D × D``)."""
+    _, g, d, _ = gw.shape
+    if u is not None and f is not None:  # ZCA
+        return zca_input_term(u.reshape(g, d, d), f.reshape(g, d), gw.reshape(g, d, d),
+                              m).view(gw.shape)
+    # torch.func: the op's kernel runs below the autograd dispatch key, where a graph is not
+    # recorded; the transform differentiates W(Σ) all the same
+    _, vjp = torch.func.vjp(
+        lambda sigma: whitening_matrix(sigma, method, eps=eps,  # type: ignore[arg-type]
+                                       iterations=iterations, data_dtype=data_dtype),
+        cov.reshape(g, d, d))
+    (dsigma,) = vjp(gw.reshape(g, d, d))
+    return (dsigma + dsigma.mT).div_(m).view(gw.shape)
+
+
+@torch.library.custom_op("normkit::whiten_batch_apply", mutates_args=())
+def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+           matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
+           iterations: int, data_dtype: torch.dtype) -> Tensor:
+    with _full_precision(centered):
+        dt = centered.dtype
+        mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
+        return _fresh(grouped_matmul(mat, centered, None if bias is None else bias.to(dt)))
+
+
+@_apply.register_fake
+def _(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+      matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
+      iterations: int, data_dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(centered, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("normkit::whiten_batch_apply_backward", mutates_args=())
+def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None,
+                    f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
+                    eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    with _full_precision(centered):
+        dt = centered.dtype
+        p, g, d, s = centered.shape
+        m = max(p * s, 1)
+        gr = grad.to(dt)
+        gsum = gr.sum((0, 3), keepdim=True)  # Σ g, (1, G, D, 1)
+        # G = Σ_n g_n x_cnᵀ: one batched matmul, then the (P, G, D, D) blocks summed
+        outer = torch.matmul(gr, centered.mT).sum(0, keepdim=True)
+        w = matrix.to(dt)
+        if weight is None:
+            dweight = gsum.new_zeros(())
+            gw, mat = outer, w
+        else:
+            gam = weight.to(dt)
+            dweight = (outer * w).sum(-1, keepdim=True)  # ∂γ_i = Σ_j G_ij W_ij
+            gw, mat = outer.mul_(gam), w * gam
+        pmat = _sigma_term(gw, cov.to(dt), u, f, method, eps, iterations, data_dtype, m)
+        mt = mat.mT
+        dx = grouped_matmul(mt, gr)  # Mᵀ g
+        grouped_matmul(pmat, centered, out=dx)  # + P x_c, in place: no second buffer
+        dx.sub_(torch.matmul(mt, gsum).div_(m))  # − Mᵀ ḡ: the gradient through μ
+        return _fresh(dx.to(dtype)), _fresh(dweight), _fresh(gsum)
+
+
+@_apply_backward.register_fake
+def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+      matrix: Tensor, weight: Tensor | None, method: str, eps: float, iterations: int,
+      data_dtype: torch.dtype, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    _, g, d, _ = centered.shape
+    stat = matrix.new_empty((1, g, d, 1))
+    return (centered.new_empty(centered.shape, dtype=dtype),
+            torch.empty_like(stat) if weight is not None else matrix.new_empty(()), stat)
+
+
+def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations, data_dtype = inputs
+    ctx.save_for_backward(centered, cov, u, f, matrix, weight)
+    ctx.meta = (method, eps, iterations, data_dtype, x.dtype)
+    ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
+
+
+def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tensor | None:
+    if meta is None:
+        return None
+    shape, dtype = meta
+    return t.sum_to_size(shape).to(dtype)
+
+
+@_first_order("the fused batch-whitening backward",
+              "build the module with native=False for the plain autograd composition "
+              "(twice differentiable for cholesky, newton and pca)")
+def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
+    centered, cov, u, f, matrix, weight = ctx.saved_tensors
+    method, eps, iterations, data_dtype, dtype = ctx.meta
+    dx, dweight, dbias = _apply_backward(grad, centered, cov, u, f, matrix, weight, method, eps,
+                                         iterations, data_dtype, dtype)
+    pw, pb = ctx.params
+    return (dx, None, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb), None,
+            None, None, None)
+
+
+_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+
+
+def batch_whiten_apply(
+    x: Tensor, stats: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor], *,
+    method: WhiteningMethod, eps: float, iterations: int | None = None,
+    data_dtype: torch.dtype | None = None, weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    r"""``y = (γ ⊙ W) x_c + β`` for the samples ``x`` ``(P, G, D, S)`` with the gradient of the
+    whole map ``x → y`` (through ``μ``, ``Σ`` and ``W(Σ)``; see the module docstring) and of
+    ``γ, β`` (``(1, G, D, 1)`` views, or ``None``).
+
+    Args:
+        x: the samples the statistics were computed from.
+        stats: ``(x_c, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` with the same
+            ``method``, ``eps``, ``iterations`` and ``data_dtype`` (constants to autograd).
+
+    Shape:
+        output ``(P, G, D, S)``, float32 (float64 stays float64), fresh and contiguous.
+
+    Example:
+        >>> x = torch.randn(16, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+        >>> mean, cov, xc, f, u, w = batch_whiten_fit(x, "cholesky", 1e-5)
+        >>> y = batch_whiten_apply(x, (xc, cov, u, f, w), method="cholesky", eps=1e-5)
+        >>> from normkit.functional.whiten import batch_moments, cholesky_matrix
+        >>> _, s, c = batch_moments(x, shared=True)
+        >>> ref = cholesky_matrix(s[0], 1e-5) @ c
+        >>> torch.allclose(y, ref)
+        True
+        >>> g = torch.randn_like(y)
+        >>> torch.allclose(*(torch.autograd.grad(t, x, g)[0] for t in (y, ref)))
+        True
+    """
+    centered, cov, u, f, w = stats
+    return _apply(x, centered, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
+                  data_dtype or x.dtype)
