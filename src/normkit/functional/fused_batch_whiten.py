@@ -1,5 +1,6 @@
 r"""Batch whitening in place on the canonical view as one ``torch.library`` custom op with a
-hand-derived backward (DBN, PCA, Cholesky and IterNorm batch whitening, ``S ≥ d``).
+hand-derived backward (ZCA, Cholesky and Newton–Schulz batch whitening — DBN, CD, IterNorm —
+with ``S ≥ d``; PCA keeps the two ops of :mod:`normkit.functional.whiten_ops`).
 
 The two ops of :mod:`normkit.functional.whiten_ops` leave ``W(Σ)`` to autograd between them, so
 the input gradient comes in two parts (``Mᵀ(g − ḡ)`` from the apply op, ``(2/m)·sym(∂Σ)·x_c``
@@ -16,10 +17,9 @@ computed once without autograd (:func:`batch_whiten_fit`) and one op applies
 with ``M = γ ⊙ W`` (rows), ``m = N·S`` samples per group and ``∂L/∂Σ`` the gradient through
 ``W(Σ)`` of ``G_W = γ ⊙ G``: for ZCA in closed form (``Σ + εI = U Λ Uᵀ``, ``f = λ^{-1/2}``,
 ``P = −(1/m) U (K ∘ Uᵀ(G_W + G_Wᵀ)U) Uᵀ``, ``K_ij = (f_i f_j)²/(f_i + f_j)``: the divided
-difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`); for PCA,
-Cholesky and Newton–Schulz by ``torch.func.vjp`` of a recomputation of ``W(Σ)`` on the ``D × D``
-covariances (:func:`normkit.functional.whiten.whitening_matrix`, the function the plain
-composition differentiates). The activations are read by three matmuls in the backward
+difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`); for
+Cholesky ``∂L/∂Σ = Wᵀ Ψ W`` (:func:`_cholesky_grad`) and for Newton–Schulz the iteration run in
+reverse (:func:`_newton_grad`), all on the ``D × D`` covariances. The activations are read by three matmuls in the backward
 (``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``); ``x − μ`` is
 the only activation saved (the forward's centred copy, reused by ``Σ``, the product and the
 backward).
@@ -30,25 +30,30 @@ order (a second derivative raises: use ``native=False``, the plain composition).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
-from .whiten import WhiteningMethod, _first_order, _full_precision, grouped_matmul, whitening_matrix
+from .whiten import (_first_order, _full_precision, grouped_matmul, newton_schulz_steps,
+                     whitening_matrix)
 from .whiten_ops import _fresh, whiten_moments
 
-__all__ = ["batch_whiten_apply", "batch_whiten_fit"]
+__all__ = ["BatchMethod", "batch_whiten_apply", "batch_whiten_fit"]
+
+BatchMethod = Literal["zca", "cholesky", "newton"]
 
 
-def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *, iterations: int | None = None,
-                     data_dtype: torch.dtype | None = None
+def batch_whiten_fit(x: Tensor, method: BatchMethod, eps: float, *, iterations: int | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
     r"""Batch statistics for :func:`batch_whiten_apply`, without autograd: ``(μ, Σ, x_c, f, U, W)``
     of the samples ``x`` ``(P, G, D, S)`` (the canonical view; ``P·S`` samples per group, ``Σ``
     biased) with ``W = W(Σ)`` of ``method``; ``f, U`` (:func:`~normkit.functional.fused_whiten.
     inv_sqrt_eigh`) for ZCA, ``None`` otherwise. The moments are one custom op
-    (:func:`~normkit.functional.whiten_ops.whiten_moments`). ``data_dtype``: the input's dtype
-    (PCA's eigenvalue-gap tolerance, see :func:`~normkit.functional.whiten.pca_matrix`).
+    (:func:`~normkit.functional.whiten_ops.whiten_moments`). ``method``: ``"zca"``,
+    ``"cholesky"`` or ``"newton"``.
 
     Shape:
         ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(P, G, D, S)``,
@@ -68,33 +73,68 @@ def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *, iteratio
         if method == "zca":
             f, u, w = inv_sqrt_eigh(flat, eps)
             return mean, cov, centered, f.view(1, g, d), u.view(cov.shape), w.view(cov.shape)
-        w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5,
-                             data_dtype=data_dtype)
+        if method not in ("cholesky", "newton"):
+            raise ConfigError(f"the one-op batch whitening step takes method 'zca', 'cholesky' "
+                              f"or 'newton', got {method!r}; use whiten_ops for 'pca'")
+        w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5)
         return mean, cov, centered, None, None, w.reshape(cov.shape)
 
 
-def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, method: str,
-                eps: float, iterations: int, data_dtype: torch.dtype, m: int) -> Tensor:
+def _cholesky_grad(w: Tensor, gw: Tensor) -> Tensor:
+    r"""``∂L/∂Σ = Wᵀ Ψ W`` of ``W = L^{-1}``, ``LLᵀ = Σ + (ε + δ)I`` (``δ``, the rounding top-up,
+    carries no gradient; :func:`~normkit.functional.whiten.cholesky_matrix`) for
+    ``∂L/∂W = G_W``: ``∂L/∂L = −Wᵀ G_W Wᵀ``, so ``Lᵀ ∂L/∂L = −G_W Wᵀ``, ``T = tril(−G_W Wᵀ)``,
+    ``Ψ = ½(T + tril(T, −1)ᵀ)`` (symmetric; torch's Cholesky backward with ``L^{-1} = W``)."""
+    t = torch.bmm(gw, w.mT).neg_().tril_()
+    psi = t.tril(-1).mT.add_(t).mul_(0.5)
+    return torch.bmm(w.mT, torch.bmm(psi, w))
+
+
+def _newton_grad(cov: Tensor, gw: Tensor, eps: float, iterations: int) -> Tensor:
+    r"""``∂L/∂Σ`` of IterNorm's ``W = Z_T/√t`` (``t = tr A``, ``A = Σ + εI``, ``Y_0 = A/t``,
+    ``Z_0 = I``, ``T_k = ½(3I − Z_{k−1}Y_{k−1})``, ``Y_k = Y_{k−1}T_k``, ``Z_k = T_k Z_{k−1}``)
+    for ``∂L/∂W = G_W``, by running the steps in reverse:
+    ``∂T_k = Y_{k−1}ᵀ∂Y_k + ∂Z_k Z_{k−1}ᵀ``, ``∂Y_{k−1} = ∂Y_k T_kᵀ − ½ Z_{k−1}ᵀ ∂T_k``,
+    ``∂Z_{k−1} = T_kᵀ ∂Z_k − ½ ∂T_k Y_{k−1}ᵀ``; then ``∂A = ∂Y_0/t + ∂t·I`` with
+    ``∂t = −½ t^{-3/2}⟨G_W, Z_T⟩ − ⟨∂Y_0, A⟩/t²`` (0 where ``t`` is clamped)."""
+    a = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    z, tr, steps = newton_schulz_steps(a, iterations)
+    tr3 = tr[:, None, None]
+    dz = gw * tr3.rsqrt()
+    dtr = (gw * z).sum((-2, -1)).mul_(tr.pow(-1.5)).mul_(-0.5)
+    dy = torch.zeros_like(gw)
+    for y, zk, t in reversed(steps):
+        dt = torch.bmm(y.mT, dy).add_(torch.bmm(dz, zk.mT))
+        dy = torch.bmm(dy, t.mT).sub_(torch.bmm(zk.mT, dt), alpha=0.5)
+        dz = torch.bmm(t.mT, dz).sub_(torch.bmm(dt, y.mT), alpha=0.5)
+    dtr = dtr.sub_((dy * a).sum((-2, -1)) / tr.square())
+    raw = a.diagonal(dim1=-2, dim2=-1).sum(-1)
+    dtr = dtr * (raw >= tr).to(dtr.dtype)  # the clamp's gradient (float: no bool indexing)
+    dsigma = dy / tr3
+    dsigma.diagonal(dim1=-2, dim2=-1).add_(dtr[:, None])
+    return dsigma
+
+
+def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, matrix: Tensor,
+                method: str, eps: float, iterations: int, m: int) -> Tensor:
     """``P = (1/m)(∂L/∂Σ + ∂L/∂Σᵀ)`` ``(1, G, D, D)`` for ``∂L/∂W = G_W`` (see the module
-    docstring): closed form for ZCA, else ``torch.func.vjp`` of ``W(Σ)`` recomputed (``D × D``)."""
+    docstring), in closed form."""
     _, g, d, _ = gw.shape
-    if u is not None and f is not None:  # ZCA
-        return zca_input_term(u.reshape(g, d, d), f.reshape(g, d), gw.reshape(g, d, d),
-                              m).view(gw.shape)
-    # torch.func: the op's kernel runs below the autograd dispatch key, where a graph is not
-    # recorded; the transform differentiates W(Σ) all the same
-    _, vjp = torch.func.vjp(
-        lambda sigma: whitening_matrix(sigma, method, eps=eps,  # type: ignore[arg-type]
-                                       iterations=iterations, data_dtype=data_dtype),
-        cov.reshape(g, d, d))
-    (dsigma,) = vjp(gw.reshape(g, d, d))
+    flat = gw.reshape(g, d, d)
+    if method == "zca":
+        assert u is not None and f is not None
+        return zca_input_term(u.reshape(g, d, d), f.reshape(g, d), flat, m).view(gw.shape)
+    if method == "cholesky":
+        dsigma = _cholesky_grad(matrix.reshape(g, d, d), flat)
+    else:
+        dsigma = _newton_grad(cov.reshape(g, d, d), flat, eps, iterations)
     return (dsigma + dsigma.mT).div_(m).view(gw.shape)
 
 
 @torch.library.custom_op("normkit::whiten_batch_apply", mutates_args=())
 def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
            matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
-           iterations: int, data_dtype: torch.dtype) -> Tensor:
+           iterations: int) -> Tensor:
     with _full_precision(centered):
         dt = centered.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
@@ -104,15 +144,14 @@ def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor
 @_apply.register_fake
 def _(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
       matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
-      iterations: int, data_dtype: torch.dtype) -> Tensor:
+      iterations: int) -> Tensor:
     return torch.empty_like(centered, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("normkit::whiten_batch_apply_backward", mutates_args=())
 def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None,
                     f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
-                    eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float, iterations: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(centered):
         dt = centered.dtype
         p, g, d, s = centered.shape
@@ -129,7 +168,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
             gam = weight.to(dt)
             dweight = (outer * w).sum(-1, keepdim=True)  # ∂γ_i = Σ_j G_ij W_ij
             gw, mat = outer.mul_(gam), w * gam
-        pmat = _sigma_term(gw, cov.to(dt), u, f, method, eps, iterations, data_dtype, m)
+        pmat = _sigma_term(gw, cov.to(dt), u, f, w, method, eps, iterations, m)
         mt = mat.mT
         dx = grouped_matmul(mt, gr)  # Mᵀ g
         grouped_matmul(pmat, centered, out=dx)  # + P x_c, in place: no second buffer
@@ -140,7 +179,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
 @_apply_backward.register_fake
 def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
       matrix: Tensor, weight: Tensor | None, method: str, eps: float, iterations: int,
-      data_dtype: torch.dtype, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     _, g, d, _ = centered.shape
     stat = matrix.new_empty((1, g, d, 1))
     return (centered.new_empty(centered.shape, dtype=dtype),
@@ -148,9 +187,9 @@ def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor |
 
 
 def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations, data_dtype = inputs
+    x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations = inputs
     ctx.save_for_backward(centered, cov, u, f, matrix, weight)
-    ctx.meta = (method, eps, iterations, data_dtype, x.dtype)
+    ctx.meta = (method, eps, iterations, x.dtype)
     ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
 
 
@@ -163,15 +202,15 @@ def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tens
 
 @_first_order("the fused batch-whitening backward",
               "build the module with native=False for the plain autograd composition "
-              "(twice differentiable for cholesky, newton and pca)")
+              "(twice differentiable for cholesky and newton)")
 def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
     centered, cov, u, f, matrix, weight = ctx.saved_tensors
-    method, eps, iterations, data_dtype, dtype = ctx.meta
+    method, eps, iterations, dtype = ctx.meta
     dx, dweight, dbias = _apply_backward(grad, centered, cov, u, f, matrix, weight, method, eps,
-                                         iterations, data_dtype, dtype)
+                                         iterations, dtype)
     pw, pb = ctx.params
     return (dx, None, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb), None,
-            None, None, None)
+            None, None)
 
 
 _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
@@ -179,8 +218,7 @@ _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
 
 def batch_whiten_apply(
     x: Tensor, stats: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor], *,
-    method: WhiteningMethod, eps: float, iterations: int | None = None,
-    data_dtype: torch.dtype | None = None, weight: Tensor | None = None,
+    method: BatchMethod, eps: float, iterations: int | None = None, weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
     r"""``y = (γ ⊙ W) x_c + β`` for the samples ``x`` ``(P, G, D, S)`` with the gradient of the
@@ -190,7 +228,7 @@ def batch_whiten_apply(
     Args:
         x: the samples the statistics were computed from.
         stats: ``(x_c, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` with the same
-            ``method``, ``eps``, ``iterations`` and ``data_dtype`` (constants to autograd).
+            ``method``, ``eps`` and ``iterations`` (constants to autograd).
 
     Shape:
         output ``(P, G, D, S)``, float32 (float64 stays float64), fresh and contiguous.
@@ -209,5 +247,4 @@ def batch_whiten_apply(
         True
     """
     centered, cov, u, f, w = stats
-    return _apply(x, centered, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
-                  data_dtype or x.dtype)
+    return _apply(x, centered, cov, u, f, w, weight, bias, method, float(eps), iterations or 5)

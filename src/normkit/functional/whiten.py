@@ -37,6 +37,7 @@ __all__ = [
     "pca_matrix",
     "cholesky_matrix",
     "newton_schulz_matrix",
+    "newton_schulz_steps",
     "whitening_matrix",
     "coloring_matrix",
     "batch_moments",
@@ -311,15 +312,33 @@ def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) 
             f"iterations must be an int in [1, {MAX_ITERATIONS}], got {iterations!r}; "
             f"5 is the paper's default"
         )
-    sigma = sigma + eps * _eye_like(sigma)
-    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(sigma.dtype).tiny)
-    y = sigma / tr[:, None, None]
+    z, tr, _ = newton_schulz_steps(sigma + eps * _eye_like(sigma), iterations)
+    return z * tr.rsqrt()[:, None, None]
+
+
+def newton_schulz_steps(a: Tensor, iterations: int
+                        ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """The coupled Newton–Schulz iteration of :func:`newton_schulz_matrix` on ``A = Σ + εI``
+    ``(G, D, D)``: ``(Z_T, tr A, [(Y_k, Z_k, T_{k+1}) for k < T])`` (``tr A`` clamped at the
+    dtype's ``tiny``; ``W = Z_T/√tr A``). The steps are what a hand-derived backward
+    (:mod:`normkit.functional.fused_batch_whiten`) runs in reverse.
+
+    Example:
+        >>> a = torch.eye(2).expand(1, 2, 2) * 4.0
+        >>> z, tr, steps = newton_schulz_steps(a, 3)
+        >>> float(tr), len(steps), torch.allclose(z / tr.sqrt(), torch.eye(2) / 2)
+        (8.0, 3, True)
+    """
+    tr = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
+    y = a / tr[:, None, None]
     eye = _eye_like(y)
     z = eye
+    steps = []
     for _ in range(iterations):
         t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)  # ½(3I − Z_k Y_k)
+        steps.append((y, z, t))
         y, z = torch.bmm(y, t), torch.bmm(t, z)
-    return z * tr.rsqrt()[:, None, None]
+    return z, tr, steps
 
 
 def whitening_matrix(

@@ -184,11 +184,11 @@ class Whiten(Operation):
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                     "centered": centered}
         shared, roles = self._layout(v, nap)
-        if roles is None and self.last_group is None:
+        if self._one_op(roles):
             # Batch whitening in place on the canonical view: statistics once, without
             # autograd; transform's one custom op differentiates through μ, Σ and W(Σ).
             mean, cov, centered, f, u, w = FB.batch_whiten_fit(
-                v, self.method, eps, iterations=self.iterations, data_dtype=v.dtype)
+                v, self.method, eps, iterations=self.iterations)  # type: ignore[arg-type]
             eig = {} if u is None else {"eig_f": f, "eig_u": u}
             return {"mean": mean, "cov": cov, "matrix": w, "centered": centered, **eig}
         if (roles is not None and roles[0] == "G" and self.method == "zca"
@@ -206,6 +206,12 @@ class Whiten(Operation):
         mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                 "centered": centered}
+
+    def _one_op(self, roles: tuple[str, ...] | None) -> bool:
+        """Whether the fused step is :mod:`~normkit.functional.fused_batch_whiten`'s one op:
+        batch whitening in place (no ``roles``), ZCA, Cholesky or Newton–Schulz, every group
+        full (PCA's masked eigenvector gradient keeps the two ops of ``whiten_ops``)."""
+        return roles is None and self.last_group is None and self.method != "pca"
 
     def _use_fused(self, nap: Partition) -> bool:
         """Whether batch statistics go through the fused custom ops: not when synchronized
@@ -291,10 +297,10 @@ class Whiten(Operation):
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
         shared, roles = self._layout(v, nap)
         kept = [r if foldable else None for r in rows]
-        if roles is None and self.last_group is None:  # batch whitening in place (see fit)
+        if self._one_op(roles):  # batch whitening in place (see fit)
             out = FB.batch_whiten_apply(
                 v, (centered, stats["cov"], stats.get("eig_u"), stats.get("eig_f"), w),
-                method=self.method, eps=eps, iterations=self.iterations, data_dtype=v.dtype,
+                method=self.method, eps=eps, iterations=self.iterations,  # type: ignore[arg-type]
                 weight=kept[0], bias=kept[1])
         elif "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
             # a per-channel γ, β that varies within a matrix (group whitening's): inside the op
