@@ -37,8 +37,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
-from .whiten import (_first_order, _full_precision, grouped_matmul, newton_schulz_steps,
-                     whitening_matrix)
+from .whiten import (_first_order, _full_precision, chunked_matmuls, chunked_outer,
+                     newton_schulz_steps, whitening_matrix)
 from .whiten_ops import _fresh, whiten_moments
 
 __all__ = ["BatchMethod", "batch_whiten_apply", "batch_whiten_fit"]
@@ -138,7 +138,7 @@ def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor
     with _full_precision(centered):
         dt = centered.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
-        return _fresh(grouped_matmul(mat, centered, None if bias is None else bias.to(dt)))
+        return _fresh(chunked_matmuls([(mat, centered)], None if bias is None else bias.to(dt)))
 
 
 @_apply.register_fake
@@ -157,9 +157,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
         p, g, d, s = centered.shape
         m = max(p * s, 1)
         gr = grad.to(dt)
-        gsum = gr.sum((0, 3), keepdim=True)  # Σ g, (1, G, D, 1)
-        # G = Σ_n g_n x_cnᵀ: one batched matmul, then the (P, G, D, D) blocks summed
-        outer = torch.matmul(gr, centered.mT).sum(0, keepdim=True)
+        outer, gsum = chunked_outer(gr, centered)  # G = Σ_n g_n x_cnᵀ, Σ g
         w = matrix.to(dt)
         if weight is None:
             dweight = gsum.new_zeros(())
@@ -170,9 +168,8 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
             gw, mat = outer.mul_(gam), w * gam
         pmat = _sigma_term(gw, cov.to(dt), u, f, w, method, eps, iterations, m)
         mt = mat.mT
-        dx = grouped_matmul(mt, gr)  # Mᵀ g
-        grouped_matmul(pmat, centered, out=dx)  # + P x_c, in place: no second buffer
-        dx.sub_(torch.matmul(mt, gsum).div_(m))  # − Mᵀ ḡ: the gradient through μ
+        # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer
+        dx = chunked_matmuls([(mt, gr), (pmat, centered)], torch.matmul(mt, gsum).div_(-m))
         return _fresh(dx.to(dtype)), _fresh(dweight), _fresh(gsum)
 
 
