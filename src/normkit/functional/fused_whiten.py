@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .partition import Role, matrix_view, unmatrix_view
-from .whiten import _first_order, _full_precision, grouped_matmul
+from .whiten import _first_order, _full_precision, chunked_matmuls, grouped_matmul
 from .whiten_ops import _fresh, _roles, _samples, _to_input
 
 __all__ = ["inv_sqrt_eigh", "sample_zca_apply", "sample_zca_fit", "switch_whiten_apply",
@@ -216,8 +216,11 @@ def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tenso
             dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)  # ∂γ_i = Σ_j G_ij W_ij
             gw, mt = outer.mul_(gam), w * gam.mT  # G_W = γ ⊙ G, Mᵀ = W diag(γ)
         pmat = zca_input_term(uu, f.to(dt).view(b, d), gw, s)  # P: the gradient through Σ
-        dx = torch.bmm(mt, gf).baddbmm_(pmat, xc)  # in place: no second activation buffer
-        dx = dx.sub_(torch.bmm(mt, gsum).div_(s))  # − Mᵀ ḡ: the gradient through μ
+        # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer, chunk by chunk
+        four = (p, g, d, d)
+        dx = chunked_matmuls([(mt.reshape(four), gf.view(p, g, d, s)),
+                              (pmat.view(four), centered)],
+                             torch.bmm(mt, gsum).div_(-s).view(p, g, d, 1))
         return (_to_input(dx.view(p, g, d, s), shape, roles, dtype), _fresh(dweight),
                 _fresh(gsum.view(p, g, d, 1)), dpost_w, dpost_b)
 
@@ -427,8 +430,8 @@ def _switch_backward(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Ten
         mtg = torch.bmm(mt, gsum).view(p, g, d, 1)  # Mᵀ ĝ
         h = torch.matmul(qb, delta).mul_(2.0 / p).add_(mtg * a_b)  # ∂L/∂δ
         col = (h - h.mean(0, keepdim=True) - mtg).div_(s).reshape(b, d, 1)
-        dx = torch.bmm(mt, gf).baddbmm_(pi.reshape(b, d, d), xc, alpha=2.0 / s)
-        dx = dx.add_(col)
+        dx = chunked_matmuls([(mt.view(p, g, d, d), gf.view(p, g, d, s)),
+                              (pi.mul_(2.0 / s), xt)], col.view(p, g, d, 1))
         da = (mtg * delta).sum().reshape(1)  # Σ ĝᵀ M δ
         dcoef = torch.stack([(pbar * cb).sum(), (pbar.diagonal(dim1=-2, dim2=-1)
                                                  * cb.diagonal(dim1=-2, dim2=-1)).sum(),

@@ -415,11 +415,11 @@ def grouped_matmul(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
 
 
 # ------------------------------------------------------------- cache-sized batched products
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 19
 
 
 def sample_chunks(x: Tensor) -> list[slice]:
-    """Slices of the leading axis of ``x`` ``(P, G, D, S)`` of about 1 MiB each.
+    """Slices of the leading axis of ``x`` ``(P, G, D, S)`` of about 512 KiB each.
 
     The batched products of a whitening step over ``16 × 256`` blocks are bound by memory
     traffic more than by arithmetic on CPU: running the products that share an operand (``Mᵀg``
@@ -429,7 +429,7 @@ def sample_chunks(x: Tensor) -> list[slice]:
 
     Example:
         >>> [s.stop for s in sample_chunks(torch.empty(128, 4, 16, 256))][:2]
-        [16, 32]
+        [8, 16]
     """
     p = x.shape[0]
     per = max(x[:1].numel() * x.element_size(), 1)
