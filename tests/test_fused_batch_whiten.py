@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
 import normkit as nk
@@ -86,12 +86,26 @@ def test_gradcheck(method: str) -> None:
     assert gradcheck(f, (x, w, b))
 
 
-def test_second_derivative_raises() -> None:
-    """First order, like the other fused whitening ops: the plain composition (``native=False``)
-    is the twice-differentiable path."""
+@pytest.mark.parametrize("method", ["cholesky", "newton"])
+def test_gradgradcheck(method: str) -> None:
+    """A second derivative differentiates the plain composition (float64 gradgradcheck of fit +
+    apply w.r.t. the input and γ, β)."""
+    x = rand(4, 2, 2, 3, seed=40)
+    w, b = rand(1, 2, 2, 1, seed=41), rand(1, 2, 2, 1, seed=42)
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _, cov, xc, fv, u, wm = batch_whiten_fit(x, method, 1e-3)  # type: ignore[arg-type]
+        return batch_whiten_apply(x, (xc, cov, u, fv, wm), method=method,  # type: ignore[arg-type]
+                                  eps=1e-3, weight=w, bias=b)
+
+    assert gradgradcheck(f, (x, w, b))
+
+
+def test_zca_second_derivative_raises() -> None:
+    """ZCA's plain composition is first order (divided differences), and says so."""
     x = rand(4, 4, 3, 3, seed=11)
-    y = nk.create("cd_bw", 4, group_size=2, dtype=F64)(x)
-    with pytest.raises(RuntimeError, match="first-order only.*native=False"):
+    y = nk.create("dbn", 4, group_size=2, dtype=F64)(x)
+    with pytest.raises(RuntimeError, match="first-order only"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
 
 

@@ -24,8 +24,10 @@ reverse (:func:`_newton_grad`), all on the ``D × D`` covariances. The activatio
 the only activation saved (the forward's centred copy, reused by ``Σ``, the product and the
 backward).
 
-The op computes in at least float32 with autocast off, returns a fresh tensor and is first
-order (a second derivative raises: use ``native=False``, the plain composition).
+The op computes in at least float32 with autocast off and returns a fresh tensor. A second
+derivative (``create_graph=True``) differentiates the plain composition instead
+(:func:`batch_whiten_plain`, what ``native=False`` runs): exact for Cholesky and Newton–Schulz,
+at autograd's cost; ZCA's divided-difference backward is first order and says so.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
-from .whiten import (_first_order, _full_precision, chunked_matmuls, chunked_outer,
+from .whiten import (_full_precision, batch_moments, chunked_matmuls, chunked_outer,
                      newton_schulz_steps, whitening_matrix)
 from .whiten_ops import _fresh, whiten_moments
 
-__all__ = ["BatchMethod", "batch_whiten_apply", "batch_whiten_fit"]
+__all__ = ["BatchMethod", "batch_whiten_apply", "batch_whiten_fit", "batch_whiten_plain"]
 
 BatchMethod = Literal["zca", "cholesky", "newton"]
 
@@ -185,7 +187,7 @@ def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor |
 
 def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations = inputs
-    ctx.save_for_backward(centered, cov, u, f, matrix, weight)
+    ctx.save_for_backward(x, centered, cov, u, f, matrix, weight, bias)  # x: the input, alive
     ctx.meta = (method, eps, iterations, x.dtype)
     ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
 
@@ -197,12 +199,30 @@ def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tens
     return t.sum_to_size(shape).to(dtype)
 
 
-@_first_order("the fused batch-whitening backward",
-              "build the module with native=False for the plain autograd composition "
-              "(twice differentiable for cholesky and newton)")
+def batch_whiten_plain(x: Tensor, weight: Tensor | None, bias: Tensor | None, method: str,
+                       eps: float, iterations: int) -> Tensor:
+    """The plain autograd composition of :func:`batch_whiten_apply`, ``(γ ⊙ W(Σ))(x − μ) + β``
+    (what ``native=False`` runs): the op's second derivative differentiates it."""
+    _, cov, centered = batch_moments(x, shared=True)
+    _, g, d, _ = cov.shape
+    w = whitening_matrix(cov.reshape(g, d, d), method, eps=eps,  # type: ignore[arg-type]
+                         iterations=iterations).view(cov.shape)
+    y = torch.matmul(w if weight is None else w * weight, centered)
+    return y if bias is None else y + bias
+
+
 def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
-    centered, cov, u, f, matrix, weight = ctx.saved_tensors
+    x, centered, cov, u, f, matrix, weight, bias = ctx.saved_tensors
     method, eps, iterations, dtype = ctx.meta
+    if torch.is_grad_enabled():  # create_graph: differentiate the composition
+        args = [x, weight, bias]
+        wanted = [t for t in args if t is not None and t.requires_grad]
+        with _full_precision(x):
+            y = batch_whiten_plain(x, weight, bias, method, eps, iterations)
+        grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+        dx, dweight, dbias = (next(grads) if t is not None and t.requires_grad else None
+                              for t in args)
+        return dx, None, None, None, None, None, dweight, dbias, None, None, None
     dx, dweight, dbias = _apply_backward(grad, centered, cov, u, f, matrix, weight, method, eps,
                                          iterations, dtype)
     pw, pb = ctx.params

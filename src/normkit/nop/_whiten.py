@@ -71,14 +71,19 @@ class Whiten(Operation):
         estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
-        fused: train with batch statistics through two ``torch.library`` custom ops whose
-            backward is derived by hand (:mod:`normkit.functional.whiten_ops`: fewer passes
-            over the activations, only ``x − μ`` saved; one graph node each under
-            ``torch.compile``; first order only; per-sample ZCA — group and instance
-            whitening — through :mod:`normkit.functional.fused_whiten`: statistics once
-            without autograd, one op with the eigen backward in closed form). ``False``: the plain
-            autograd composition (what ``native=False`` selects; twice differentiable for
-            ``cholesky``, ``newton`` and ``pca``).
+        fused: train with batch statistics through ``torch.library`` custom ops whose
+            backward is derived by hand: batch whitening in place with ZCA, Cholesky or
+            Newton–Schulz through one op (:mod:`normkit.functional.fused_batch_whiten`:
+            statistics once without autograd, ``∂Σ`` in closed form, the input gradient in one
+            buffer; a second derivative differentiates the plain composition); PCA, the
+            matrix layout and a padded last group through two
+            (:mod:`normkit.functional.whiten_ops`: fewer passes over the activations, only
+            ``x − μ`` saved; first order only); per-sample ZCA — group and instance
+            whitening — through :mod:`normkit.functional.fused_whiten` (one op with the eigen
+            backward in closed form; first order only). One graph node each under
+            ``torch.compile``. ``False``: the plain autograd composition (what
+            ``native=False`` selects; twice differentiable for ``cholesky``, ``newton`` and
+            ``pca``).
     """
 
     method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
