@@ -39,8 +39,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
-from .whiten import (_full_precision, batch_moments, chunked_matmuls, chunked_outer,
-                     newton_schulz_steps, whitening_matrix)
+from .whiten import _full_precision, batch_moments, newton_schulz_steps, whitening_matrix
+from .whiten_chunks import chunked_matmuls, chunked_outer
 from .whiten_ops import _fresh, whiten_moments
 
 __all__ = ["BatchMethod", "batch_whiten_apply", "batch_whiten_fit", "batch_whiten_plain"]

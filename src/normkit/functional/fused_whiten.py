@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from .partition import Role, matrix_view, unmatrix_view
-from .whiten import _first_order, _full_precision, chunked_matmuls, grouped_matmul
+from .whiten import _first_order, _full_precision, grouped_matmul
+from .whiten_chunks import chunked_matmuls
 from .whiten_ops import _fresh, _roles, _samples, _to_input
 
 __all__ = ["inv_sqrt_eigh", "sample_zca_apply", "sample_zca_fit", "switch_whiten_apply",

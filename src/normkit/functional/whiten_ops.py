@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from .partition import Role, matrix_view, unmatrix_view
-from .whiten import _first_order, _full_precision, batch_moments, chunked_moments, grouped_matmul
+from .whiten import _first_order, _full_precision, batch_moments, grouped_matmul
+from .whiten_chunks import chunked_moments
 
 __all__ = ["whiten_moments", "whiten_with_gradient"]
 
