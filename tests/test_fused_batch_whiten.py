@@ -2,8 +2,9 @@
 canonical view, ``S ≥ d``) against the plain autograd composition (``native=False``).
 
 Numerics: both paths compute the same float64 moments and the same ``W(Σ)``; the gradient through
-``W(Σ)`` is the closed form here, autograd there. Cholesky (``Wᵀ Ψ W``) and Newton–Schulz (the
-iteration in reverse) are the same products reassociated: a few roundings of O(κ) values. ZCA's
+``W(Σ)`` is the closed form here, autograd there. PCA (the same masked eigen backward), Cholesky
+(``Wᵀ Ψ W``) and Newton–Schulz (the iteration in reverse) are the same products reassociated: a
+few roundings of O(κ) values. ZCA's
 ``(f_i f_j)²/(f_i + f_j)`` and the plain divided differences ``(f_i − f_j)/(λ_i − λ_j)`` differ
 by the latter's rounding, relative ``~u·κ``. ``κ < 1e3`` for the small random covariances here:
 1e-9 relative in float64.
@@ -23,7 +24,7 @@ from normkit.functional.fused_batch_whiten import batch_whiten_apply, batch_whit
 
 F64 = torch.float64
 CLOSE = dict(rtol=1e-9, atol=1e-10)
-METHODS = {"dbn": "zca", "cd_bw": "cholesky", "iternorm": "newton"}
+METHODS = {"dbn": "zca", "pca_bw": "pca", "cd_bw": "cholesky", "iternorm": "newton"}
 
 
 def rand(*shape: int, seed: int, grad: bool = True) -> torch.Tensor:
@@ -86,7 +87,7 @@ def test_gradcheck(method: str) -> None:
     assert gradcheck(f, (x, w, b))
 
 
-@pytest.mark.parametrize("method", ["cholesky", "newton"])
+@pytest.mark.parametrize("method", ["pca", "cholesky", "newton"])
 def test_gradgradcheck(method: str) -> None:
     """A second derivative differentiates the plain composition (float64 gradgradcheck of fit +
     apply w.r.t. the input and γ, β)."""
@@ -119,23 +120,20 @@ def test_opcheck(method: str) -> None:
     grad = rand(4, 2, 3, 5, seed=23, grad=False)
     ops = torch.ops.normkit
     calls = [
-        (ops.whiten_batch_apply.default, (x, xc, cov, u, fv, wm, w, b, method, 1e-3, 5)),
-        (ops.whiten_batch_apply.default, (x, xc, cov, u, fv, wm, None, None, method, 1e-3, 5)),
+        (ops.whiten_batch_apply.default, (x, xc, cov, u, fv, wm, w, b, method, 1e-3, 5, F64)),
+        (ops.whiten_batch_apply.default,
+         (x, xc, cov, u, fv, wm, None, None, method, 1e-3, 5, F64)),
         (ops.whiten_batch_apply_backward.default,
-         (grad, xc, cov, u, fv, wm, w.detach(), method, 1e-3, 5, F64)),
+         (grad, xc, cov, u, fv, wm, w.detach(), method, 1e-3, 5, F64, F64)),
     ]
     for op, args in calls:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)
 
 
-def test_pca_keeps_the_two_ops() -> None:
-    """PCA batch whitening (masked eigenvector gradient) keeps ``whiten_ops``' two ops, and
-    the one-op fit refuses it."""
-    ops = _ops(nk.create("pca_bw", 4, group_size=2), torch.randn(4, 4, 3, 3))
-    assert "whiten_apply" in ops and "whiten_batch_apply" not in ops
-    with pytest.raises(ValueError, match="got 'pca'; use whiten_ops"):
-        batch_whiten_fit(torch.randn(4, 2, 2, 3), "pca", 1e-3)  # type: ignore[arg-type]
+def test_unknown_method_raises() -> None:
+    with pytest.raises(ValueError, match="got 'svd'"):
+        batch_whiten_fit(torch.randn(4, 2, 2, 3), "svd", 1e-3)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("iterations", [1, 7])

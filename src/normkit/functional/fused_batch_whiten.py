@@ -1,6 +1,5 @@
 r"""Batch whitening in place on the canonical view as one ``torch.library`` custom op with a
-hand-derived backward (ZCA, Cholesky and Newton–Schulz batch whitening — DBN, CD, IterNorm —
-with ``S ≥ d``; PCA keeps the two ops of :mod:`normkit.functional.whiten_ops`).
+hand-derived backward (DBN, PCA, Cholesky and IterNorm batch whitening with ``S ≥ d``).
 
 The two ops of :mod:`normkit.functional.whiten_ops` leave ``W(Σ)`` to autograd between them, so
 the input gradient comes in two parts (``Mᵀ(g − ḡ)`` from the apply op, ``(2/m)·sym(∂Σ)·x_c``
@@ -18,44 +17,51 @@ with ``M = γ ⊙ W`` (rows), ``m = N·S`` samples per group and ``∂L/∂Σ`` 
 ``W(Σ)`` of ``G_W = γ ⊙ G``: for ZCA in closed form (``Σ + εI = U Λ Uᵀ``, ``f = λ^{-1/2}``,
 ``P = −(1/m) U (K ∘ Uᵀ(G_W + G_Wᵀ)U) Uᵀ``, ``K_ij = (f_i f_j)²/(f_i + f_j)``: the divided
 difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`); for
-Cholesky ``∂L/∂Σ = Wᵀ Ψ W`` (:func:`_cholesky_grad`) and for Newton–Schulz the iteration run in
-reverse (:func:`_newton_grad`), all on the ``D × D`` covariances. The activations are read by three matmuls in the backward
+Cholesky ``∂L/∂Σ = Wᵀ Ψ W`` (:func:`_cholesky_grad`), for Newton–Schulz the iteration run in
+reverse (:func:`_newton_grad`), for PCA the masked eigen backward (:func:`_pca_grad`), all on the
+``D × D`` covariances. The activations are read by three matmuls in the backward
 (``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``); ``x − μ`` is
 the only activation saved (the forward's centred copy, reused by ``Σ``, the product and the
 backward).
 
 The op computes in at least float32 with autocast off and returns a fresh tensor. A second
 derivative (``create_graph=True``) differentiates the plain composition instead
-(:func:`batch_whiten_plain`, what ``native=False`` runs): exact for Cholesky and Newton–Schulz,
-at autograd's cost; ZCA's divided-difference backward is first order and says so.
+(:func:`batch_whiten_plain`, what ``native=False`` runs): exact for PCA, Cholesky and
+Newton–Schulz, at autograd's cost; ZCA's divided-difference backward is first order and says so.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
-from .whiten import _full_precision, batch_moments, newton_schulz_steps, whitening_matrix
+from .whiten import (
+    WhiteningMethod,
+    _eigh_vjp,
+    _full_precision,
+    _pca_signs,
+    _resolution,
+    batch_moments,
+    newton_schulz_steps,
+    whitening_matrix,
+)
 from .whiten_chunks import chunked_matmuls, chunked_outer
 from .whiten_ops import _fresh, whiten_moments
 
-__all__ = ["BatchMethod", "batch_whiten_apply", "batch_whiten_fit", "batch_whiten_plain"]
-
-BatchMethod = Literal["zca", "cholesky", "newton"]
+__all__ = ["batch_whiten_apply", "batch_whiten_fit", "batch_whiten_plain"]
 
 
-def batch_whiten_fit(x: Tensor, method: BatchMethod, eps: float, *, iterations: int | None = None
+def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *,
+                     iterations: int | None = None, data_dtype: torch.dtype | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
     r"""Batch statistics for :func:`batch_whiten_apply`, without autograd: ``(μ, Σ, x_c, f, U, W)``
     of the samples ``x`` ``(P, G, D, S)`` (the canonical view; ``P·S`` samples per group, ``Σ``
     biased) with ``W = W(Σ)`` of ``method``; ``f, U`` (:func:`~normkit.functional.fused_whiten.
     inv_sqrt_eigh`) for ZCA, ``None`` otherwise. The moments are one custom op
-    (:func:`~normkit.functional.whiten_ops.whiten_moments`). ``method``: ``"zca"``,
-    ``"cholesky"`` or ``"newton"``.
+    (:func:`~normkit.functional.whiten_ops.whiten_moments`). ``data_dtype``: the input's dtype
+    (PCA's eigenvalue-gap tolerance, see :func:`~normkit.functional.whiten.pca_matrix`).
 
     Shape:
         ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(P, G, D, S)``,
@@ -75,10 +81,11 @@ def batch_whiten_fit(x: Tensor, method: BatchMethod, eps: float, *, iterations: 
         if method == "zca":
             f, u, w = inv_sqrt_eigh(flat, eps)
             return mean, cov, centered, f.view(1, g, d), u.view(cov.shape), w.view(cov.shape)
-        if method not in ("cholesky", "newton"):
-            raise ConfigError(f"the one-op batch whitening step takes method 'zca', 'cholesky' "
-                              f"or 'newton', got {method!r}; use whiten_ops for 'pca'")
-        w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5)
+        if method not in ("cholesky", "newton", "pca"):
+            raise ConfigError(f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', "
+                              f"got {method!r}")
+        w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5,
+                             data_dtype=data_dtype)
         return mean, cov, centered, None, None, w.reshape(cov.shape)
 
 
@@ -117,8 +124,30 @@ def _newton_grad(cov: Tensor, gw: Tensor, eps: float, iterations: int) -> Tensor
     return dsigma
 
 
+def _pca_grad(cov: Tensor, gw: Tensor, eps: float, data_dtype: torch.dtype) -> Tensor:
+    r"""``∂L/∂Σ`` of PCA whitening ``W = diag(f) U'ᵀ`` (``Σ + εI = U Λ Uᵀ``, ``U' = U s`` with the
+    sign ``s`` of :func:`~normkit.functional.whiten.pca_matrix`, ``f = λ^{-1/2}``, ``λ`` clamped
+    at ``ε``) for ``∂L/∂W = G_W``: ``∂f_i = Σ_j G_ij U'_ji``, ``∂U = (f ⊙ G)ᵀ s``,
+    ``∂λ = −½ λ^{-3/2} ∂f`` (0 where clamped), then the masked eigen backward of
+    :func:`~normkit.functional.whiten.pca_matrix` (``eigh`` recomputed: the same ``D × D``
+    factors as the fit's)."""
+    _, d, _ = cov.shape
+    lam, u = torch.linalg.eigh(cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device))
+    signs = _pca_signs(u)
+    us = u * signs
+    floor = eps if eps > 0 else torch.finfo(lam.dtype).tiny
+    lc = lam.clamp_min(floor)
+    f = lc.rsqrt()
+    df = (gw * us.mT).sum(-1)
+    dlam = df * f.pow(3).mul_(-0.5) * (lam >= floor).to(lam.dtype)
+    du = (gw * f.unsqueeze(-1)).mT * signs
+    rel = _resolution(cov.dtype, data_dtype, d)
+    return _eigh_vjp(lam, u, dlam, du, rel)
+
+
 def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, matrix: Tensor,
-                method: str, eps: float, iterations: int, m: int) -> Tensor:
+                method: str, eps: float, iterations: int, data_dtype: torch.dtype,
+                m: int) -> Tensor:
     """``P = (1/m)(∂L/∂Σ + ∂L/∂Σᵀ)`` ``(1, G, D, D)`` for ``∂L/∂W = G_W`` (see the module
     docstring), in closed form."""
     _, g, d, _ = gw.shape
@@ -128,6 +157,8 @@ def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, mat
         return zca_input_term(u.reshape(g, d, d), f.reshape(g, d), flat, m).view(gw.shape)
     if method == "cholesky":
         dsigma = _cholesky_grad(matrix.reshape(g, d, d), flat)
+    elif method == "pca":
+        dsigma = _pca_grad(cov.reshape(g, d, d), flat, eps, data_dtype)
     else:
         dsigma = _newton_grad(cov.reshape(g, d, d), flat, eps, iterations)
     return (dsigma + dsigma.mT).div_(m).view(gw.shape)
@@ -136,7 +167,7 @@ def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, mat
 @torch.library.custom_op("normkit::whiten_batch_apply", mutates_args=())
 def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
            matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
-           iterations: int) -> Tensor:
+           iterations: int, data_dtype: torch.dtype) -> Tensor:
     with _full_precision(centered):
         dt = centered.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
@@ -146,14 +177,15 @@ def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor
 @_apply.register_fake
 def _(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
       matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
-      iterations: int) -> Tensor:
+      iterations: int, data_dtype: torch.dtype) -> Tensor:
     return torch.empty_like(centered, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("normkit::whiten_batch_apply_backward", mutates_args=())
 def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None,
                     f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
-                    eps: float, iterations: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(centered):
         dt = centered.dtype
         p, g, d, s = centered.shape
@@ -168,7 +200,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
             gam = weight.to(dt)
             dweight = (outer * w).sum(-1, keepdim=True)  # ∂γ_i = Σ_j G_ij W_ij
             gw, mat = outer.mul_(gam), w * gam
-        pmat = _sigma_term(gw, cov.to(dt), u, f, w, method, eps, iterations, m)
+        pmat = _sigma_term(gw, cov.to(dt), u, f, w, method, eps, iterations, data_dtype, m)
         mt = mat.mT
         # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer
         dx = chunked_matmuls([(mt, gr), (pmat, centered)], torch.matmul(mt, gsum).div_(-m))
@@ -178,7 +210,7 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
 @_apply_backward.register_fake
 def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
       matrix: Tensor, weight: Tensor | None, method: str, eps: float, iterations: int,
-      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+      data_dtype: torch.dtype, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     _, g, d, _ = centered.shape
     stat = matrix.new_empty((1, g, d, 1))
     return (centered.new_empty(centered.shape, dtype=dtype),
@@ -186,9 +218,9 @@ def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor |
 
 
 def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations = inputs
+    x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations, data_dtype = inputs
     ctx.save_for_backward(x, centered, cov, u, f, matrix, weight, bias)  # x: the input, alive
-    ctx.meta = (method, eps, iterations, x.dtype)
+    ctx.meta = (method, eps, iterations, data_dtype, x.dtype)
     ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
 
 
@@ -200,34 +232,35 @@ def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tens
 
 
 def batch_whiten_plain(x: Tensor, weight: Tensor | None, bias: Tensor | None, method: str,
-                       eps: float, iterations: int) -> Tensor:
+                       eps: float, iterations: int, data_dtype: torch.dtype | None = None
+                       ) -> Tensor:
     """The plain autograd composition of :func:`batch_whiten_apply`, ``(γ ⊙ W(Σ))(x − μ) + β``
     (what ``native=False`` runs): the op's second derivative differentiates it."""
     _, cov, centered = batch_moments(x, shared=True)
     _, g, d, _ = cov.shape
     w = whitening_matrix(cov.reshape(g, d, d), method, eps=eps,  # type: ignore[arg-type]
-                         iterations=iterations).view(cov.shape)
+                         iterations=iterations, data_dtype=data_dtype).view(cov.shape)
     y = torch.matmul(w if weight is None else w * weight, centered)
     return y if bias is None else y + bias
 
 
 def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
     x, centered, cov, u, f, matrix, weight, bias = ctx.saved_tensors
-    method, eps, iterations, dtype = ctx.meta
+    method, eps, iterations, data_dtype, dtype = ctx.meta
     if torch.is_grad_enabled():  # create_graph: differentiate the composition
         args = [x, weight, bias]
         wanted = [t for t in args if t is not None and t.requires_grad]
         with _full_precision(x):
-            y = batch_whiten_plain(x, weight, bias, method, eps, iterations)
+            y = batch_whiten_plain(x, weight, bias, method, eps, iterations, data_dtype)
         grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
         dx, dweight, dbias = (next(grads) if t is not None and t.requires_grad else None
                               for t in args)
-        return dx, None, None, None, None, None, dweight, dbias, None, None, None
+        return dx, None, None, None, None, None, dweight, dbias, None, None, None, None
     dx, dweight, dbias = _apply_backward(grad, centered, cov, u, f, matrix, weight, method, eps,
-                                         iterations, dtype)
+                                         iterations, data_dtype, dtype)
     pw, pb = ctx.params
     return (dx, None, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb), None,
-            None, None)
+            None, None, None)
 
 
 _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
@@ -235,7 +268,8 @@ _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
 
 def batch_whiten_apply(
     x: Tensor, stats: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor], *,
-    method: BatchMethod, eps: float, iterations: int | None = None, weight: Tensor | None = None,
+    method: WhiteningMethod, eps: float, iterations: int | None = None,
+    data_dtype: torch.dtype | None = None, weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
     r"""``y = (γ ⊙ W) x_c + β`` for the samples ``x`` ``(P, G, D, S)`` with the gradient of the
@@ -245,7 +279,7 @@ def batch_whiten_apply(
     Args:
         x: the samples the statistics were computed from.
         stats: ``(x_c, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` with the same
-            ``method``, ``eps`` and ``iterations`` (constants to autograd).
+            ``method``, ``eps``, ``iterations`` and ``data_dtype`` (constants to autograd).
 
     Shape:
         output ``(P, G, D, S)``, float32 (float64 stays float64), fresh and contiguous.
@@ -264,4 +298,5 @@ def batch_whiten_apply(
         True
     """
     centered, cov, u, f, w = stats
-    return _apply(x, centered, cov, u, f, w, weight, bias, method, float(eps), iterations or 5)
+    return _apply(x, centered, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
+                  data_dtype or x.dtype)

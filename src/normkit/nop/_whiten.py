@@ -72,11 +72,11 @@ class Whiten(Operation):
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
         fused: train with batch statistics through ``torch.library`` custom ops whose
-            backward is derived by hand: batch whitening in place with ZCA, Cholesky or
-            Newton–Schulz through one op (:mod:`normkit.functional.fused_batch_whiten`:
-            statistics once without autograd, ``∂Σ`` in closed form, the input gradient in one
-            buffer; a second derivative differentiates the plain composition); PCA, the
-            matrix layout and a padded last group through two
+            backward is derived by hand: batch whitening in place through one op
+            (:mod:`normkit.functional.fused_batch_whiten`: statistics once without autograd,
+            ``∂Σ`` in closed form, the input gradient in one buffer; a second derivative
+            differentiates the plain composition); the matrix layout and a padded last group
+            through two
             (:mod:`normkit.functional.whiten_ops`: fewer passes over the activations, only
             ``x − μ`` saved; first order only); per-sample ZCA — group and instance
             whitening — through :mod:`normkit.functional.fused_whiten` (one op with the eigen
@@ -193,7 +193,7 @@ class Whiten(Operation):
             # Batch whitening in place on the canonical view: statistics once, without
             # autograd; transform's one custom op differentiates through μ, Σ and W(Σ).
             mean, cov, centered, f, u, w = FB.batch_whiten_fit(
-                v, self.method, eps, iterations=self.iterations)  # type: ignore[arg-type]
+                v, self.method, eps, iterations=self.iterations, data_dtype=v.dtype)
             eig = {} if u is None else {"eig_f": f, "eig_u": u}
             return {"mean": mean, "cov": cov, "matrix": w, "centered": centered, **eig}
         if (roles is not None and roles[0] == "G" and self.method == "zca"
@@ -214,9 +214,8 @@ class Whiten(Operation):
 
     def _one_op(self, roles: tuple[str, ...] | None) -> bool:
         """Whether the fused step is :mod:`~normkit.functional.fused_batch_whiten`'s one op:
-        batch whitening in place (no ``roles``), ZCA, Cholesky or Newton–Schulz, every group
-        full (PCA's masked eigenvector gradient keeps the two ops of ``whiten_ops``)."""
-        return roles is None and self.last_group is None and self.method != "pca"
+        batch whitening in place (no ``roles``), every group full."""
+        return roles is None and self.last_group is None
 
     def _use_fused(self, nap: Partition) -> bool:
         """Whether batch statistics go through the fused custom ops: not when synchronized
@@ -305,7 +304,7 @@ class Whiten(Operation):
         if self._one_op(roles):  # batch whitening in place (see fit)
             out = FB.batch_whiten_apply(
                 v, (centered, stats["cov"], stats.get("eig_u"), stats.get("eig_f"), w),
-                method=self.method, eps=eps, iterations=self.iterations,  # type: ignore[arg-type]
+                method=self.method, eps=eps, iterations=self.iterations, data_dtype=v.dtype,
                 weight=kept[0], bias=kept[1])
         elif "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
             # a per-channel γ, β that varies within a matrix (group whitening's): inside the op
