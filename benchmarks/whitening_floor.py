@@ -10,7 +10,7 @@ right operands (``g`` and ``X``), so five is the floor without concatenating the
 (instance) whitening of ``C`` channels adds ``eigh`` of ``N`` ``C × C`` covariances. This script
 times those batched products alone (the same ``bmm`` calls as ``normkit``'s ops, on the same
 shapes), BN forward+backward, and each method's module, interleaved round by round in one
-process, in thread CPU time (a shared machine's waiting is not counted). ``--compile`` adds
+process (in a shuffled order each round), in thread CPU time (a shared machine's waiting is not counted). ``--compile`` adds
 ``torch.compile(fullgraph=True)`` of BN and of the batch-whitening modules (inductor; minutes).
 Not a test: numbers depend on the machine.
 """
@@ -18,6 +18,7 @@ Not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -37,10 +38,15 @@ def _floors(x: torch.Tensor, g: torch.Tensor, d: int) -> dict[str, Callable[[], 
     cov = torch.bmm(xi, xi.mT) / s + 1e-3 * torch.eye(c)
 
     def four(a: torch.Tensor, b: torch.Tensor, mat: torch.Tensor) -> None:
-        torch.bmm(a, a.mT), torch.bmm(mat, a), torch.bmm(b, a.mT), torch.bmm(mat, b)
+        torch.bmm(a, a.mT)
+        torch.bmm(mat, a)
+        torch.bmm(b, a.mT)
+        torch.bmm(mat, b)
 
     def five(a: torch.Tensor, b: torch.Tensor, mat: torch.Tensor) -> None:
-        torch.bmm(a, a.mT), torch.bmm(mat, a), torch.bmm(b, a.mT)
+        torch.bmm(a, a.mT)
+        torch.bmm(mat, a)
+        torch.bmm(b, a.mT)
         torch.bmm(mat, b).baddbmm_(mat, a)
 
     return {
@@ -79,8 +85,11 @@ def main() -> None:
     for f in cells.values():  # warm-up (and the compiles)
         f(), f()
     times: dict[str, list[float]] = {k: [] for k in cells}
+    order = list(cells)
     for _ in range(a.repeats):
-        for k, f in cells.items():
+        random.shuffle(order)  # no cell always runs after the same one (caches)
+        for k in order:
+            f = cells[k]
             t = time.thread_time()
             f()
             times[k].append(time.thread_time() - t)
