@@ -39,10 +39,11 @@ METHODS = ("dbn", "pca_bw", "cd_bw", "iternorm", "group_whitening", "instance_wh
 ROWS = [next(c for c in CASES if c.name == name) for name in METHODS]
 FUSED = {"dbn", "pca_bw", "cd_bw", "iternorm", "group_whitening", "instance_whitening"}
 # the custom ops each fused row's training step is made of (per-sample ZCA: functional.fused_whiten,
-# whose statistics op runs under no_grad: a nested graph of the exported program)
+# and batch whitening in place: functional.fused_batch_whiten, whose statistics ops run
+# under no_grad: a nested graph of the exported program)
 FUSED_OPS = {name: ({"normkit.whiten_sample_apply.default"}
                     if name in ("group_whitening", "instance_whitening") else
-                    {"normkit.whiten_moments.default", "normkit.whiten_apply.default"})
+                    {"normkit.whiten_batch_apply.default"})
              for name in FUSED}
 EXACT = {"rtol": 1e-10, "atol": 1e-10}  # float64, same formula: a few roundings of O(10) values
 SAME_OPS = {"rtol": 1e-5, "atol": 1e-6}  # float32, same kernels (see the module docstring)

@@ -35,10 +35,11 @@ from torch import Tensor
 
 from .partition import Role, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, grouped_matmul
+from .whiten_chunks import chunked_matmuls
 from .whiten_ops import _fresh, _roles, _samples, _to_input
 
 __all__ = ["inv_sqrt_eigh", "sample_zca_apply", "sample_zca_fit", "switch_whiten_apply",
-           "switch_whiten_fit"]
+           "switch_whiten_fit", "zca_input_term"]
 
 _FIRST_ORDER = ("the fused per-sample whitening backward",
                 "build the module with native=False for the plain autograd composition")
@@ -141,6 +142,26 @@ def _k(f: Tensor, m: int) -> Tensor:
     return ff.square_().div_(f.unsqueeze(-1) + f.unsqueeze(-2)).mul_(-1.0 / m)
 
 
+def zca_input_term(u: Tensor, f: Tensor, gw: Tensor, m: int) -> Tensor:
+    r"""``P = −(1/m) U (K ∘ Uᵀ(G_W + G_Wᵀ)U) Uᵀ``, ``K_ij = (f_i f_j)²/(f_i + f_j)``: the input
+    gradient's term through ``Σ`` of ZCA whitening ``W = (Σ + εI)^{-1/2} = U diag(f) Uᵀ``, on
+    ``x_c``, for ``∂L/∂W = G_W`` and ``m`` samples (``P = (2/m)·sym(∂L/∂Σ)``). ``u`` ``(B, D, D)``,
+    ``f`` ``(B, D)``, ``gw`` ``(B, D, D)`` (not modified).
+
+    Example:
+        >>> a = torch.randn(1, 3, 8, dtype=torch.float64)
+        >>> f, u, w = inv_sqrt_eigh(a @ a.mT / 8, 1e-5)
+        >>> from normkit.functional.whiten import zca_matrix
+        >>> s = (a @ a.mT / 8).requires_grad_()
+        >>> gw = torch.randn(1, 3, 3, dtype=torch.float64)
+        >>> (ds,) = torch.autograd.grad(zca_matrix(s, 1e-5), s, gw)
+        >>> torch.allclose(zca_input_term(u, f, gw, 8), (ds + ds.mT) / 8)
+        True
+    """
+    inner = torch.bmm(u.mT, torch.bmm(gw + gw.mT, u)).mul_(_k(f, m))
+    return torch.bmm(u, torch.bmm(inner, u.mT))
+
+
 @torch.library.custom_op("normkit::whiten_sample_apply", mutates_args=())
 def _apply(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
            weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
@@ -195,10 +216,12 @@ def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tenso
             gam = weight.to(dt).expand(p, g, d, 1).reshape(b, d, 1)
             dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)  # ∂γ_i = Σ_j G_ij W_ij
             gw, mt = outer.mul_(gam), w * gam.mT  # G_W = γ ⊙ G, Mᵀ = W diag(γ)
-        inner = torch.bmm(uu.mT, torch.bmm(gw + gw.mT, uu)).mul_(_k(f.to(dt).view(b, d), s))
-        pmat = torch.bmm(uu, torch.bmm(inner, uu.mT))  # P: the gradient through Σ, on x_c
-        dx = torch.bmm(mt, gf).baddbmm_(pmat, xc)  # in place: no second activation buffer
-        dx = dx.sub_(torch.bmm(mt, gsum).div_(s))  # − Mᵀ ḡ: the gradient through μ
+        pmat = zca_input_term(uu, f.to(dt).view(b, d), gw, s)  # P: the gradient through Σ
+        # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer, chunk by chunk
+        four = (p, g, d, d)
+        dx = chunked_matmuls([(mt.reshape(four), gf.view(p, g, d, s)),
+                              (pmat.view(four), centered)],
+                             torch.bmm(mt, gsum).div_(-s).view(p, g, d, 1))
         return (_to_input(dx.view(p, g, d, s), shape, roles, dtype), _fresh(dweight),
                 _fresh(gsum.view(p, g, d, 1)), dpost_w, dpost_b)
 
@@ -400,17 +423,16 @@ def _switch_backward(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Ten
         mt = w if gam is None else w * gam.mT  # Mᵀ (W symmetric)
         dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)
         gw = outer if gam is None else outer.mul_(gam)
-        k = _k(f.to(dt).view(b, d), 2)  # −K/2: P_n = U(−K ∘ Uᵀ sym(G_W) U)Uᵀ, sym = (G + Gᵀ)/2
-        inner = torch.bmm(uu.mT, torch.bmm(gw + gw.mT, uu)).mul_(k)
-        pn = torch.bmm(uu, torch.bmm(inner, uu.mT)).view(p, g, d, d)  # ∂L/∂Σ_n (symmetric)
+        # m = 2: (2/m)·sym(∂L/∂Σ_n) = ∂L/∂Σ_n (symmetric)
+        pn = zca_input_term(uu, f.to(dt).view(b, d), gw, 2).view(p, g, d, d)
         pbar = pn.sum(0, keepdim=True)
         qb = c[0] * pbar + c[1] * _diag(pbar)  # ∂L/∂Σ_B
         pi = (c[2] * pn + c[3] * _diag(pn)).add_(qb / p)  # ∂L/∂Σ_I
         mtg = torch.bmm(mt, gsum).view(p, g, d, 1)  # Mᵀ ĝ
         h = torch.matmul(qb, delta).mul_(2.0 / p).add_(mtg * a_b)  # ∂L/∂δ
         col = (h - h.mean(0, keepdim=True) - mtg).div_(s).reshape(b, d, 1)
-        dx = torch.bmm(mt, gf).baddbmm_(pi.reshape(b, d, d), xc, alpha=2.0 / s)
-        dx = dx.add_(col)
+        dx = chunked_matmuls([(mt.view(p, g, d, d), gf.view(p, g, d, s)),
+                              (pi.mul_(2.0 / s), xt)], col.view(p, g, d, 1))
         da = (mtg * delta).sum().reshape(1)  # Σ ĝᵀ M δ
         dcoef = torch.stack([(pbar * cb).sum(), (pbar.diagonal(dim1=-2, dim2=-1)
                                                  * cb.diagonal(dim1=-2, dim2=-1)).sum(),

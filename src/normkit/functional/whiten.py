@@ -37,6 +37,7 @@ __all__ = [
     "pca_matrix",
     "cholesky_matrix",
     "newton_schulz_matrix",
+    "newton_schulz_steps",
     "whitening_matrix",
     "coloring_matrix",
     "batch_moments",
@@ -171,13 +172,21 @@ class _SafeEigh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lam: Tensor, g_u: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         lam, u = ctx.saved_tensors
-        diff = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # E_ij = λ_j − λ_i
-        close = diff.abs() <= _gap_tolerance(lam, ctx.rel)
-        inv = torch.where(close, 0, 1 / torch.where(close, 1, diff))
-        inner = torch.diag_embed(g_lam) if g_lam is not None else torch.zeros_like(u)
-        if g_u is not None:
-            inner = inner + inv * (u.transpose(-1, -2) @ g_u)
-        return _sym(u @ inner @ u.transpose(-1, -2)), None
+        return _eigh_vjp(lam, u, g_lam, g_u, ctx.rel), None
+
+
+def _eigh_vjp(lam: Tensor, u: Tensor, g_lam: Tensor | None, g_u: Tensor | None,
+             rel: float) -> Tensor:
+    """``∂L/∂A = sym(U (diag(∂λ) + F ∘ Uᵀ∂U) Uᵀ)`` of ``(λ, U) = eigh(A)``, ``F_ij = 1/(λ_j − λ_i)``
+    set to 0 for pairs closer than ``rel·max|λ|`` (treated as repeated: finite gradients); the
+    backward of PCA whitening's eigendecomposition (:func:`pca_matrix`)."""
+    diff = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # E_ij = λ_j − λ_i
+    close = diff.abs() <= _gap_tolerance(lam, rel)
+    inv = torch.where(close, 0, 1 / torch.where(close, 1, diff))
+    inner = torch.diag_embed(g_lam) if g_lam is not None else torch.zeros_like(u)
+    if g_u is not None:
+        inner = inner + inv * (u.transpose(-1, -2) @ g_u)
+    return _sym(u @ inner @ u.transpose(-1, -2))
 
 
 def _check(sigma: Tensor, eps: float) -> Tensor:
@@ -244,12 +253,17 @@ def pca_matrix(sigma: Tensor, eps: float = 1e-5, *, data_dtype: torch.dtype | No
     sigma = _check(sigma, eps)
     rel = _resolution(sigma.dtype, data_dtype or sigma_dtype, sigma.shape[-1])
     lam, u = _SafeEigh.apply(sigma + eps * _eye_like(sigma), rel)
-    # Eigenvectors are defined up to sign: make each one's largest-magnitude entry positive, so
-    # the output does not flip between dtypes, devices or nearby batches.
-    pivot = u.gather(-2, u.abs().argmax(-2, keepdim=True))
-    u = u * torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
+    u = u * _pca_signs(u)
     floor = eps if eps > 0 else torch.finfo(lam.dtype).tiny  # rounding can push λ below ε
     return lam.clamp_min(floor).rsqrt().unsqueeze(-1) * u.transpose(-1, -2)
+
+
+def _pca_signs(u: Tensor) -> Tensor:
+    """``±1`` per eigenvector (column of ``u``, ``(G, 1, D)``): eigenvectors are defined up to
+    sign; :func:`pca_matrix` makes each one's largest-magnitude entry positive, so the output does
+    not flip between dtypes, devices or nearby batches."""
+    pivot = u.gather(-2, u.abs().argmax(-2, keepdim=True))
+    return torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
 
 
 @_finite_guard
@@ -311,15 +325,33 @@ def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) 
             f"iterations must be an int in [1, {MAX_ITERATIONS}], got {iterations!r}; "
             f"5 is the paper's default"
         )
-    sigma = sigma + eps * _eye_like(sigma)
-    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(sigma.dtype).tiny)
-    y = sigma / tr[:, None, None]
+    z, tr, _ = newton_schulz_steps(sigma + eps * _eye_like(sigma), iterations)
+    return z * tr.rsqrt()[:, None, None]
+
+
+def newton_schulz_steps(a: Tensor, iterations: int
+                        ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """The coupled Newton–Schulz iteration of :func:`newton_schulz_matrix` on ``A = Σ + εI``
+    ``(G, D, D)``: ``(Z_T, tr A, [(Y_k, Z_k, T_{k+1}) for k < T])`` (``tr A`` clamped at the
+    dtype's ``tiny``; ``W = Z_T/√tr A``). The steps are what a hand-derived backward
+    (:mod:`normkit.functional.fused_batch_whiten`) runs in reverse.
+
+    Example:
+        >>> a = torch.eye(2).expand(1, 2, 2) * 4.0
+        >>> z, tr, steps = newton_schulz_steps(a, 8)
+        >>> float(tr), len(steps), torch.allclose(z / tr.sqrt(), torch.eye(2) / 2)
+        (8.0, 8, True)
+    """
+    tr = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
+    y = a / tr[:, None, None]
     eye = _eye_like(y)
     z = eye
+    steps = []
     for _ in range(iterations):
         t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)  # ½(3I − Z_k Y_k)
+        steps.append((y, z, t))
         y, z = torch.bmm(y, t), torch.bmm(t, z)
-    return z * tr.rsqrt()[:, None, None]
+    return z, tr, steps
 
 
 def whitening_matrix(
@@ -389,3 +421,4 @@ def grouped_matmul(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
         return out.view(p * g, d, s).baddbmm_(mats, flat).view(x.shape)
     y = torch.bmm(mats, flat).view(x.shape)
     return y if shift is None else y.add_(shift)
+

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .partition import Role, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, batch_moments, grouped_matmul
+from .whiten_chunks import chunked_moments
 
 __all__ = ["whiten_moments", "whiten_with_gradient"]
 
@@ -70,7 +71,10 @@ def _count(centered: Tensor, shared: bool) -> int:
 @torch.library.custom_op("normkit::whiten_moments", mutates_args=())
 def _moments(x: Tensor, shared: bool, roles: str) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(x):
-        mean, cov, centered = batch_moments(_samples(x, roles), shared)
+        if shared and not roles:  # in place: centring and covariance chunk by chunk
+            mean, cov, centered = chunked_moments(x)
+        else:
+            mean, cov, centered = batch_moments(_samples(x, roles), shared)
         return _fresh(mean), _fresh(cov), _fresh(centered.contiguous())
 
 

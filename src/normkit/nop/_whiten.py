@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..functional import fused_batch_whiten as FB
 from ..functional import fused_whiten as FW
 from ..functional import standardize as Fs
 from ..functional import statistics as S
@@ -70,14 +71,19 @@ class Whiten(Operation):
         estimate: what running estimates track for evaluation: ``"matrix"`` (the whitening
             matrix, the original DBN/IterNorm) or ``"covariance"`` (``Σ``, the whitening matrix
             recomputed from it at evaluation: the book's "Sigma" variants).
-        fused: train with batch statistics through two ``torch.library`` custom ops whose
-            backward is derived by hand (:mod:`normkit.functional.whiten_ops`: fewer passes
-            over the activations, only ``x − μ`` saved; one graph node each under
-            ``torch.compile``; first order only; per-sample ZCA — group and instance
-            whitening — through :mod:`normkit.functional.fused_whiten`: statistics once
-            without autograd, one op with the eigen backward in closed form). ``False``: the plain
-            autograd composition (what ``native=False`` selects; twice differentiable for
-            ``cholesky``, ``newton`` and ``pca``).
+        fused: train with batch statistics through ``torch.library`` custom ops whose
+            backward is derived by hand: batch whitening in place through one op
+            (:mod:`normkit.functional.fused_batch_whiten`: statistics once without autograd,
+            ``∂Σ`` in closed form, the input gradient in one buffer; a second derivative
+            differentiates the plain composition); the matrix layout and a padded last group
+            through two
+            (:mod:`normkit.functional.whiten_ops`: fewer passes over the activations, only
+            ``x − μ`` saved; first order only); per-sample ZCA — group and instance
+            whitening — through :mod:`normkit.functional.fused_whiten` (one op with the eigen
+            backward in closed form; first order only). One graph node each under
+            ``torch.compile``. ``False``: the plain autograd composition (what
+            ``native=False`` selects; twice differentiable for ``cholesky``, ``newton`` and
+            ``pca``).
     """
 
     method: Literal["zca", "pca", "cholesky", "newton"] = "zca"
@@ -183,6 +189,13 @@ class Whiten(Operation):
             return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                     "centered": centered}
         shared, roles = self._layout(v, nap)
+        if self._one_op(roles):
+            # Batch whitening in place on the canonical view: statistics once, without
+            # autograd; transform's one custom op differentiates through μ, Σ and W(Σ).
+            mean, cov, centered, f, u, w = FB.batch_whiten_fit(
+                v, self.method, eps, iterations=self.iterations, data_dtype=v.dtype)
+            eig = {} if u is None else {"eig_f": f, "eig_u": u}
+            return {"mean": mean, "cov": cov, "matrix": w, "centered": centered, **eig}
         if (roles is not None and roles[0] == "G" and self.method == "zca"
                 and self.last_group is None):
             # Per-sample ZCA (instance / group whitening: the batch axis is a G axis; batch
@@ -198,6 +211,11 @@ class Whiten(Operation):
         mean, cov, centered = WO.whiten_moments(v, shared=shared, roles=roles)
         return {"mean": mean, "cov": cov, "matrix": self._matrix(cov, eps, v.dtype),
                 "centered": centered}
+
+    def _one_op(self, roles: tuple[str, ...] | None) -> bool:
+        """Whether the fused step is :mod:`~normkit.functional.fused_batch_whiten`'s one op:
+        batch whitening in place (no ``roles``), every group full."""
+        return roles is None and self.last_group is None
 
     def _use_fused(self, nap: Partition) -> bool:
         """Whether batch statistics go through the fused custom ops: not when synchronized
@@ -247,7 +265,7 @@ class Whiten(Operation):
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
         if centered is not None and self._use_fused(nap):
-            return self._fused_transform(v, stats, w, centered, nap, weight, bias)
+            return self._fused_transform(v, stats, w, centered, nap, eps, weight, bias)
         if self._layout(v, nap)[0]:  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
             folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
@@ -273,14 +291,22 @@ class Whiten(Operation):
         return Fs.affine_transform(out, None, None, weight, bias)
 
     def _fused_transform(self, v: Tensor, stats: Stats, w: Tensor, centered: Tensor,
-                         nap: Partition, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """Batch statistics, fused: :func:`~normkit.functional.whiten_ops.whiten_with_gradient`
+                         nap: Partition, eps: float, weight: Tensor | None,
+                         bias: Tensor | None) -> Tensor:
+        """Batch statistics, fused: :func:`~normkit.functional.fused_batch_whiten.batch_whiten_apply`
+        (batch whitening in place), :func:`~normkit.functional.fused_whiten.sample_zca_apply`
+        (per-sample ZCA) or :func:`~normkit.functional.whiten_ops.whiten_with_gradient`
         with the recovery folded into ``W`` when it is per row (else applied after)."""
         rows = [None if t is None else matrix_view(t, nap.roles) for t in (weight, bias)]
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
         shared, roles = self._layout(v, nap)
         kept = [r if foldable else None for r in rows]
-        if "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
+        if self._one_op(roles):  # batch whitening in place (see fit)
+            out = FB.batch_whiten_apply(
+                v, (centered, stats["cov"], stats.get("eig_u"), stats.get("eig_f"), w),
+                method=self.method, eps=eps, iterations=self.iterations, data_dtype=v.dtype,
+                weight=kept[0], bias=kept[1])
+        elif "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
             # a per-channel γ, β that varies within a matrix (group whitening's): inside the op
             inside = not foldable and all(t is None or (t.dim() == 4 and t.shape[0] == 1
                                                         and t.shape[3] == 1)

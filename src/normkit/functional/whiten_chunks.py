@@ -1,0 +1,106 @@
+"""Batched products of whitening steps over the samples ``(P, G, D, S)``, one cache-sized chunk
+of samples at a time (for use inside the custom ops of :mod:`normkit.functional.whiten_ops`,
+:mod:`normkit.functional.fused_batch_whiten` and :mod:`normkit.functional.fused_whiten`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["chunked_matmuls", "chunked_moments", "chunked_outer", "sample_chunks"]
+
+
+_CHUNK_BYTES = 1 << 19
+
+
+def sample_chunks(x: Tensor) -> list[slice]:
+    """Slices of the leading axis of ``x`` ``(P, G, D, S)`` of about 512 KiB each.
+
+    The batched products of a whitening step over ``16 × 256`` blocks are bound by memory
+    traffic more than by arithmetic on CPU: running the products that share an operand (``Mᵀg``
+    and ``P x_c`` into one buffer, ``x − μ`` and its covariance) chunk by chunk, while the chunk
+    is in cache, measured 2× faster than one batched call each. For use inside custom ops (a
+    Python loop over the chunks).
+
+    Example:
+        >>> [s.stop for s in sample_chunks(torch.empty(128, 4, 16, 256))][:2]
+        [8, 16]
+    """
+    p = x.shape[0]
+    per = max(x[:1].numel() * x.element_size(), 1)
+    n = max(1, _CHUNK_BYTES // per)
+    return [slice(i, min(i + n, p)) for i in range(0, p, n)]
+
+
+def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = None) -> Tensor:
+    """``Σ_k mat_k @ x_k + shift`` for ``x_k`` ``(P, G, D, S)``, ``mat_k`` ``(1 or P, G, D, D)``
+    and ``shift`` ``(1 or P, G, D, 1)``, as :func:`~normkit.functional.whiten.grouped_matmul`, one chunk of
+    :func:`sample_chunks` at a time (all the terms of a chunk while it is in cache); a fresh
+    contiguous tensor.
+
+    Example:
+        >>> a, b = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
+        >>> x, y = torch.randn(2, 1, 3, 5), torch.randn(2, 1, 3, 5)
+        >>> torch.allclose(chunked_matmuls([(a, x), (b, y)]), a @ x + b @ y)
+        True
+    """
+    x0 = pairs[0][1]
+    p, g, d, s = x0.shape
+    out = torch.empty((p, g, d, s), dtype=x0.dtype, device=x0.device)
+    for sl in sample_chunks(x0):
+        k = sl.stop - sl.start
+        o = out[sl].view(k * g, d, s)
+        for i, (mat, x) in enumerate(pairs):
+            m = (mat[sl] if mat.shape[0] == p else mat.expand(k, g, d, d)).reshape(k * g, d, d)
+            xs = x[sl].reshape(k * g, d, s)
+            if i == 0:
+                torch.bmm(m, xs, out=o)
+            else:
+                o.baddbmm_(m, xs)
+        if shift is not None:
+            out[sl].add_(shift[sl] if shift.shape[0] == p else shift)
+    return out
+
+
+def chunked_outer(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ_p a_p b_pᵀ, Σ a)`` over the leading and last axes of ``a, b`` ``(P, G, D, S)``:
+    ``(1, G, D, D)`` and ``(1, G, D, 1)``, a chunk of :func:`sample_chunks` at a time (both
+    reductions of ``a`` while its chunk is in cache).
+
+    Example:
+        >>> a, b = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 5)
+        >>> o, t = chunked_outer(a, b)
+        >>> torch.allclose(o, (a @ b.mT).sum(0, keepdim=True)), torch.allclose(t, a.sum((0, 3), keepdim=True))
+        (True, True)
+    """
+    _, g, d, _ = a.shape
+    outer = a.new_zeros((1, g, d, d))
+    total = a.new_zeros((1, g, d, 1))
+    for sl in sample_chunks(a):
+        ac = a[sl]
+        outer += torch.matmul(ac, b[sl].mT).sum(0, keepdim=True)
+        total += ac.sum((0, 3), keepdim=True)
+    return outer, total
+
+
+def chunked_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`~normkit.functional.whiten.batch_moments` with ``shared=True`` (``(1, G, D, 1)`` mean, biased ``(1, G, D, D)``
+    covariance, contiguous centred samples), the centring and the covariance of a chunk of
+    :func:`sample_chunks` together (the chunk is in cache for its product).
+
+    Example:
+        >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
+        >>> from normkit.functional.whiten import batch_moments
+        >>> all(torch.allclose(a, b) for a, b in zip(chunked_moments(x), batch_moments(x, True)))
+        True
+    """
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    p, g, d, s = xf.shape
+    m = max(p * s, 1)
+    mean = xf.sum(3, keepdim=True).sum(0, keepdim=True).div_(m)
+    centered = torch.empty((p, g, d, s), dtype=xf.dtype, device=xf.device)
+    cov = xf.new_zeros((1, g, d, d))
+    for sl in sample_chunks(xf):
+        c = torch.sub(xf[sl], mean, out=centered[sl])
+        cov += torch.matmul(c, c.mT).sum(0, keepdim=True)
+    return mean, cov.div_(m), centered
