@@ -45,7 +45,7 @@ from .mixture import collapsed, gmm_em, gmm_posterior, gmm_start, mixture_output
 from .partition import stats_dtype
 from .standardize import affine_transform
 
-__all__ = ["mixture_affine", "mixture_fit", "mixture_plain"]
+__all__ = ["mixture_plain"]
 
 
 RUN = 1024  # the longest run: float32 error ~√RUN·ε per run; longer runs are a little faster
@@ -168,31 +168,6 @@ def _m_step(p: Tensor, basis: Tensor, m: int, c: int) -> tuple[Tensor, Tensor, T
     mean = r[..., 1] / n
     var = (r[..., 2] / n - mean * mean).clamp_min(0)
     return mean, var, torch.log(n / m), count
-
-
-def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
-                running: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-    """EM on the canonical view ``v`` ``(N, C, 1, S)`` without a graph, for :func:`mixture_affine`.
-
-    Returns the fitted mixture as :class:`~normkit.nop.MixtureStandardize` reports it (``mean``
-    uncentred, ``var``, ``log_prior``, each ``(K, C)``) and what the Function reads:
-    ``batch_trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count
-    of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C·J, 3,
-    L)`` (in runs of :func:`_chunk`), ``batch_same`` (1 where a channel started from the batch),
-    ``batch_var`` ``(C,)``, for a running start ``batch_running`` ``(3, K, C)`` and for two
-    components ``batch_work``, the posteriors' planes ``(2, C·J, L)``. The Function spends the
-    basis and the planes. Under ``torch.compile`` one custom op (``normkit::mixture_fit``) runs
-    it, without the basis and the planes (the apply op builds its own).
-    """
-    if torch.compiler.is_compiling():
-        names = ("mean", "var", "log_prior", "batch_trajectory", "batch_centered", "batch_same",
-                 "batch_var")
-        out = dict(zip(names, _fit_op(v, None if running is None else torch.stack(running), k,
-                                      iterations, eps), strict=True))
-        if running is not None:
-            out["batch_running"] = torch.stack(running)
-        return out
-    return _fit_eager(v, k, iterations, eps, running)
 
 
 @torch.no_grad()
@@ -399,43 +374,3 @@ class _Mixture(torch.autograd.Function):
             g, v, weight, bias, z, traj, same, var_b, eps,
             weight is not None and weight.requires_grad, bias is not None and bias.requires_grad)
         return gx, g_weight, g_bias, None, None, None, None, None, None, None, None
-
-
-def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
-                   bias: Tensor | None, *, eps: float) -> Tensor:
-    r"""``γ·Σ_k p(k | z)·(z − μ_k)/√(σ²_k + ε) + β`` of the mixture :func:`mixture_fit` fitted
-    to ``v``, differentiable through the EM steps (equal to :func:`mixture_plain` and its
-    gradients).
-
-    Shape:
-        v ``(N, C, 1, S)``; weight, bias ``C`` values (per channel) or ``None`` → ``(N, C, 1,
-        S)``, in at least float32. Per-value ``γ, β`` are applied after the Function.
-
-    Example:
-        >>> import torch
-        >>> v = torch.randn(8, 3, 1, 16, dtype=torch.float64, requires_grad=True)
-        >>> stats = mixture_fit(v, k=2, iterations=3, eps=1e-5)
-        >>> y = mixture_affine(v, stats, None, None, eps=1e-5)
-        >>> ref = mixture_plain(v, None, None, None, 2, 3, 1e-5)
-        >>> bool(torch.allclose(y, ref))
-        True
-        >>> g, = torch.autograd.grad(y.square().sum(), v)
-        >>> g_ref, = torch.autograd.grad(ref.square().sum(), v)
-        >>> bool(torch.allclose(g, g_ref))
-        True
-    """
-    c = v.shape[1]
-    per_channel = all(t is None or t.numel() == c for t in (weight, bias))
-    w, b = (weight, bias) if per_channel else (None, None)
-    if torch.compiler.is_compiling():  # one opaque node (first order)
-        y = _apply_op(v, w, b, stats["batch_centered"], stats["batch_trajectory"],
-                      stats["batch_same"], stats["batch_var"], eps)
-    else:
-        y = _Mixture.apply(v, w, b, stats["batch_centered"], stats["batch_basis"],
-                           stats["batch_trajectory"], stats["batch_same"], stats["batch_var"],
-                           stats.get("batch_running"), stats.get("batch_work"), eps)
-    return y if per_channel else affine_transform(y, None, None, weight, bias)
-
-
-# the custom ops run the functions above; imported last (they import this module)
-from .fused_mixture_ops import _apply_op, _fit_op  # noqa: E402

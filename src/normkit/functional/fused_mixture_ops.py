@@ -1,8 +1,9 @@
-"""Mixture normalization's fused training step as custom ops, for ``torch.compile``: the fit,
-the apply and the apply's backward of :mod:`normkit.functional.fused_mixture`, each one opaque
-node running the eager code (inductor's own lowering of that code is several times slower than
-eager). The apply is first order here: a second derivative raises (use ``native=False``, the
-plain composition).
+"""Mixture normalization's fused training step: the entry points :func:`mixture_fit` and
+:func:`mixture_affine` (the eager Function of :mod:`normkit.functional.fused_mixture`), and the
+custom ops they run under ``torch.compile``: the fit, the apply and the apply's backward, each one
+opaque node running the eager code (inductor's own lowering of that code is several times slower
+than eager). The apply is first order there: a second derivative raises (use ``native=False``,
+the plain composition). The entry points live here, above the math, so no import runs back up.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused_mixture import _backward, _basis, _chunk, _fit_eager, _forward
+from .fused_mixture import _backward, _basis, _chunk, _fit_eager, _forward, _Mixture
 from .partition import stats_dtype
+from .standardize import affine_transform
 from .whiten import _first_order
+
+__all__ = ["mixture_affine", "mixture_fit"]
 
 _FIRST_ORDER = ("the compiled mixture normalization backward",
                 "build the module with native=False for the plain autograd composition")
@@ -99,3 +103,66 @@ def _apply_grad(ctx, g):  # type: ignore[no-untyped-def]
 
 
 _apply_op.register_autograd(_apply_grad, setup_context=_apply_setup)
+
+
+# the entry points: the eager Function, or under torch.compile the custom ops above
+def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
+                running: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """EM on the canonical view ``v`` ``(N, C, 1, S)`` without a graph, for :func:`mixture_affine`.
+
+    Returns the fitted mixture as :class:`~normkit.nop.MixtureStandardize` reports it (``mean``
+    uncentred, ``var``, ``log_prior``, each ``(K, C)``) and what the Function reads:
+    ``batch_trajectory`` ``(T + 1, 4, C, K)`` (centred mean, variance, log weight and raw count
+    of the start and of every step), ``batch_centered`` ``(C, M)``, ``batch_basis`` ``(C·J, 3,
+    L)`` (in runs of :func:`_chunk`), ``batch_same`` (1 where a channel started from the batch),
+    ``batch_var`` ``(C,)``, for a running start ``batch_running`` ``(3, K, C)`` and for two
+    components ``batch_work``, the posteriors' planes ``(2, C·J, L)``. The Function spends the
+    basis and the planes. Under ``torch.compile`` one custom op (``normkit::mixture_fit``) runs
+    it, without the basis and the planes (the apply op builds its own).
+    """
+    if torch.compiler.is_compiling():
+        names = ("mean", "var", "log_prior", "batch_trajectory", "batch_centered", "batch_same",
+                 "batch_var")
+        out = dict(zip(names, _fit_op(v, None if running is None else torch.stack(running), k,
+                                      iterations, eps), strict=True))
+        if running is not None:
+            out["batch_running"] = torch.stack(running)
+        return out
+    return _fit_eager(v, k, iterations, eps, running)
+
+
+def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
+                   bias: Tensor | None, *, eps: float) -> Tensor:
+    r"""``γ·Σ_k p(k | z)·(z − μ_k)/√(σ²_k + ε) + β`` of the mixture :func:`mixture_fit` fitted
+    to ``v``, differentiable through the EM steps (equal to :func:`mixture_plain` and its
+    gradients).
+
+    Shape:
+        v ``(N, C, 1, S)``; weight, bias ``C`` values (per channel) or ``None`` → ``(N, C, 1,
+        S)``, in at least float32. Per-value ``γ, β`` are applied after the Function.
+
+    Example:
+        >>> import torch
+        >>> from normkit.functional.fused_mixture import mixture_plain
+        >>> v = torch.randn(8, 3, 1, 16, dtype=torch.float64, requires_grad=True)
+        >>> stats = mixture_fit(v, k=2, iterations=3, eps=1e-5)
+        >>> y = mixture_affine(v, stats, None, None, eps=1e-5)
+        >>> ref = mixture_plain(v, None, None, None, 2, 3, 1e-5)
+        >>> bool(torch.allclose(y, ref))
+        True
+        >>> g, = torch.autograd.grad(y.square().sum(), v)
+        >>> g_ref, = torch.autograd.grad(ref.square().sum(), v)
+        >>> bool(torch.allclose(g, g_ref))
+        True
+    """
+    c = v.shape[1]
+    per_channel = all(t is None or t.numel() == c for t in (weight, bias))
+    w, b = (weight, bias) if per_channel else (None, None)
+    if torch.compiler.is_compiling():  # one opaque node (first order)
+        y = _apply_op(v, w, b, stats["batch_centered"], stats["batch_trajectory"],
+                      stats["batch_same"], stats["batch_var"], eps)
+    else:
+        y = _Mixture.apply(v, w, b, stats["batch_centered"], stats["batch_basis"],
+                           stats["batch_trajectory"], stats["batch_same"], stats["batch_var"],
+                           stats.get("batch_running"), stats.get("batch_work"), eps)
+    return y if per_channel else affine_transform(y, None, None, weight, bias)

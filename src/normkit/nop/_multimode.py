@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..functional import standardize as Fs
 from ..functional import statistics as S
-from ..functional.fused_mixture import mixture_affine, mixture_fit
+from ..functional.fused_mixture_ops import mixture_affine, mixture_fit
 from ..functional.fused_robust import moments as fused_moments
 from ..functional.merging import mix_moments
 from ..functional.mixture import (
