@@ -112,9 +112,9 @@ class CompareConfig:
     dataset: str = "mnist1d"
     data_dir: str | None = None
     model: str = "cnn1d"
-    batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 32])
+    batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 3
+    epochs: int = 5
     lr: float = 0.03
     lrs: list[float] | None = field(default_factory=lambda: list(DEFAULT_LRS))
     val_fraction: float = 0.2
