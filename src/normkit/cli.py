@@ -83,6 +83,12 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _tune_seeds(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    return int(_positive(int)(text))
+
+
 def _subset(text: str) -> int | None:
     if text.strip().lower() == "all":
         return None
@@ -181,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "no validation split (a quick run); cosine decay to 0 over training")
     c.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
                    help="share of the training set held out (seeded) to choose the lr")
+    c.add_argument("--tune-seeds", type=_tune_seeds, default=d.tune_seeds, metavar="K|all",
+                   help="how many of the seeds (the first K) run the validation grid; the lr is "
+                   "chosen on their mean validation error, then every seed is trained and tested "
+                   f"at it ('all': every seed; default: {d.tune_seeds})")
     c.add_argument("--base-batch-size", type=_positive(int), default=d.base_batch_size,
                    help="batch size at which --lr applies; others get lr * batch / base")
     scaling = c.add_mutually_exclusive_group()
@@ -408,8 +418,9 @@ def _summary(cfg: Any, dataset: Any) -> str:
     else:
         lr = (f"the lr tuned per method and batch size over {', '.join(map(str, cfg.lrs))} at "
               f"batch size {cfg.base_batch_size}{scaled}, on a validation split of "
-              f"{cfg.val_fraction:.0%} of the training set (seed {cfg.data_seed}), then "
-              "retrained on the whole training set and tested")
+              f"{cfg.val_fraction:.0%} of the training set (seed {cfg.data_seed}) with "
+              f"seed{'s' * (len(cfg.tuning_seeds()) != 1)} {_join(cfg.tuning_seeds())}, then "
+              "every seed retrained on the whole training set and tested")
     return (f"{cfg.model} on {dataset.name}: {len(dataset.x_train)} training and "
             f"{len(dataset.x_test)} test examples, {epochs}, {_optimizer_text(cfg)} with {lr}, "
             f"{schedule}; seeds {cfg.seeds}.")
@@ -433,6 +444,7 @@ def _compare_run(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes, seeds=args.seeds, epochs=args.epochs,
         lr=args.lr if args.lr is not None else d.lr,
         lrs=None if args.lr is not None else (args.lrs or d.lrs), val_fraction=args.val_fraction,
+        tune_seeds=args.tune_seeds,
         convert=args.convert,
         base_batch_size=args.base_batch_size,
         lr_scaling={"linear": True, "none": False}.get(args.lr_scaling, args.lr_scaling),

@@ -24,7 +24,7 @@ def tuned(**kw) -> CompareConfig:
     return CompareConfig(**{"methods": ["bn", "none"], "dataset": "gaussian", "subset": 128,
                             "batch_sizes": [16], "seeds": [0, 1], "epochs": 1,
                             "lrs": [0.01, 0.3], "optimizer": "sgd", "lr_scaling": True,
-                            "warmup": 0.0, **kw})  # SGD's lrs, scaled linearly
+                            "warmup": 0.0, "tune_seeds": None, **kw})  # SGD's lrs, linear
 
 
 @pytest.fixture
@@ -68,6 +68,47 @@ def test_tuned_sweep_validates_every_lr_then_tests_only_the_chosen(tmp_path, cou
     # a wider lr grid is the same settings: only the new validation runs (and maybe new tests)
     more = sweep.run_sweep(tuned(lrs=[0.01, 0.3, 0.1]), tmp_path, show_progress=False)
     assert {c[3] for c in counted if c[4] == "val"} == {0.1} and len(more) == 16
+
+
+def test_tune_seeds_validates_the_first_seeds_then_tests_every_seed(tmp_path, counted):
+    """``tune_seeds=1``: the validation grid runs for seed 0 only, its choice is tested on every
+    seed; a later sweep tuning on every seed reuses the seed-0 validation runs and chooses on all
+    of them, and going back to one tuning seed ignores the extra validation records again."""
+    cfg = tuned(seeds=[0, 1, 2], tune_seeds=1)
+    assert cfg.tuning_seeds() == [0] and tuned(seeds=[0, 1, 2]).tuning_seeds() == [0, 1, 2]
+    records = sweep.run_sweep(cfg, tmp_path, show_progress=False)
+    val = [r for r in records if r["phase"] == "val"]
+    test = [r for r in records if r["phase"] == "test"]
+    assert {r["seed"] for r in val} == {0} and len(val) == 2 * 2
+    assert sorted((r["method"], r["seed"]) for r in test) == sorted(
+        (m, s) for m in ("bn", "none") for s in (0, 1, 2))
+    one = select_lrs(val)
+    assert {(r["method"], r["base_lr"]) for r in test} == {(m, one[m, 16]) for m in ("bn", "none")}
+    counted.clear()
+    every = sweep.run_sweep(tuned(seeds=[0, 1, 2]), tmp_path, show_progress=False)
+    assert {c[2] for c in counted if c[4] == "val"} == {1, 2}  # seed 0's are reused
+    every_val = [r for r in every if r["phase"] == "val"]
+    assert len(every_val) == 2 * 2 * 3
+    chosen = select_lrs(every_val)
+    assert {(r["method"], r["seed"], r["base_lr"]) for r in every if r["phase"] == "test"} == {
+        (m, s, chosen[m, 16]) for m in ("bn", "none") for s in (0, 1, 2)}
+    counted.clear()
+    again = sweep.run_sweep(cfg, tmp_path, show_progress=False)
+    assert not counted and [r for r in again if r["phase"] == "val"] == val
+
+
+def test_tune_seeds_is_checked_and_parsed():
+    from normkit.cli import build_parser
+    from normkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tune-seeds must be >= 1.*got 0"):
+        tuned(tune_seeds=0).validate()
+    parse = build_parser().parse_args
+    assert parse(["compare", "--tune-seeds", "all"]).tune_seeds is None
+    assert parse(["compare", "--tune-seeds", "2"]).tune_seeds == 2
+    assert parse(["compare"]).tune_seeds == CompareConfig().tune_seeds == 1
+    with pytest.raises(SystemExit):
+        parse(["compare", "--tune-seeds", "0"])
 
 
 def test_selection_never_reads_the_test_set(tmp_path):

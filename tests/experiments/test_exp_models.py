@@ -118,3 +118,21 @@ def test_methods_needing_a_condition_are_refused_clearly(method):
     cfg.validate()
     with pytest.raises(ConfigError, match=rf"method {method!r} does not work in model 'cnn1d'"):
         validate_methods(fake_dataset((40,)), cfg)
+
+
+def test_cnn1d_default_is_four_conv_layers_and_cnn2d_keeps_three():
+    """The default 1-D CNN's last conv sees 5 of MNIST-1D's 40 positions (its batch statistics
+    come from 5 values per example); ``channels=`` still overrides it; cnn2d is unchanged."""
+    from normkit.experiments.models import CNN1D_CHANNELS
+
+    seen = []
+    model = build_model("cnn1d", (40,), 10, "bn")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
+    assert [c.out_channels for c in convs] == list(CNN1D_CHANNELS) == [32, 64, 64, 64]
+    convs[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(torch.randn(2, 40))
+    assert seen == [torch.Size([2, 64, 5])]
+    small = build_model("cnn1d", (40,), 10, "bn", channels=(8, 8))
+    assert [m.out_channels for m in small.modules() if isinstance(m, nn.Conv1d)] == [8, 8]
+    assert [m.out_channels for m in build_model("cnn2d", (1, 8, 8), 10, "bn").modules()
+            if isinstance(m, nn.Conv2d)] == [32, 64, 64]

@@ -106,7 +106,7 @@ def test_cli_flags_reach_the_config():
 
 def test_the_default_is_adam_with_warmup_and_sqrt_scaling_and_lars_keeps_working():
     d = CompareConfig()
-    assert (d.optimizer, d.lr_scaling, d.warmup, d.lrs) == ("adam", "sqrt", 0.1, [0.03, 0.1])
+    assert (d.optimizer, d.lr_scaling, d.warmup, d.lrs) == ("adam", "sqrt", 0.1, [0.01, 0.03])
     assert d.settings()["optimizer"] == "adam"  # hashed: results of SGD runs are never mixed in
     args = build_parser().parse_args(["compare", "--gradient", "lars"])
     assert args.optimizer is None  # _compare_run then takes SGD, which LARS replaces

@@ -58,6 +58,11 @@ class CompareConfig:
             chosen one is trained on the whole training set and tested
             (:mod:`normkit.experiments.tuning`); ``None``: no tuning, ``lr`` for every method.
         val_fraction: share of the training set held out for validation when tuning.
+        tune_seeds: how many of ``seeds`` (the first ones) run the validation grid when tuning:
+            the lr is chosen on their mean validation error, and every seed is then trained and
+            tested at it. The default 1 chooses on the first seed (the usual protocol: tune on
+            one seed, report over all) and costs ``len(lrs) - 1`` runs less per seed left out;
+            ``None``: every seed (a choice averaged over seeds).
         convert: the model (a ``module:function`` spec) is a stock model whose normalization
             layers :func:`normkit.convert` replaces by each method.
         base_batch_size: batch size at which ``lr`` applies when ``lr_scaling`` is on.
@@ -107,12 +112,13 @@ class CompareConfig:
     dataset: str = "mnist1d"
     data_dir: str | None = None
     model: str = "cnn1d"
-    batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 32])
+    batch_sizes: list[int] = field(default_factory=lambda: [2, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 3
+    epochs: int = 5
     lr: float = 0.03
     lrs: list[float] | None = field(default_factory=lambda: list(DEFAULT_LRS))
     val_fraction: float = 0.2
+    tune_seeds: int | None = 1
     base_batch_size: int = 32
     lr_scaling: bool | str = "sqrt"
     optimizer: str = "adam"
@@ -132,7 +138,7 @@ class CompareConfig:
     refresh_every: int = 100
     convert: bool = False
 
-    _GRID = ("methods", "batch_sizes", "seeds", "data_dir", "lrs")
+    _GRID = ("methods", "batch_sizes", "seeds", "data_dir", "lrs", "tune_seeds")
 
     def settings(self) -> dict[str, Any]:
         """The fields that change what a run computes (all but the grid and ``data_dir``;
@@ -151,6 +157,11 @@ class CompareConfig:
                     "shift": None, "input_norm": None, "population": None, "refresh_every": 100,
                     "convert": False, "optimizer": "sgd", "warmup": 0.0}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
+
+    def tuning_seeds(self) -> list[int]:
+        """The seeds that run the validation grid of a tuned sweep: the first ``tune_seeds`` of
+        ``seeds`` (all of them when ``tune_seeds`` is ``None`` or larger)."""
+        return list(self.seeds if self.tune_seeds is None else self.seeds[:self.tune_seeds])
 
     def config_hash(self) -> str:
         """Short stable hash of :meth:`settings`; part of every result's key."""
@@ -185,6 +196,8 @@ class CompareConfig:
             if not 0 < self.val_fraction < 1:
                 raise ConfigError(f"the validation fraction must be in (0, 1), got "
                                   f"{self.val_fraction}")
+            if self.tune_seeds is not None and self.tune_seeds < 1:
+                raise ConfigError(f"--tune-seeds must be >= 1 (or 'all'), got {self.tune_seeds}")
         for name, values in (("methods", self.methods), ("batch sizes", self.batch_sizes),
                              ("seeds", self.seeds), ("learning rates", self.lrs or [1])):
             if not values:

@@ -126,7 +126,8 @@ class ConvNet(nn.Module):
         input_shape: ``(L,)``, ``(C, L)`` (1-D) or ``(C, H, W)`` (2-D).
         num_classes: number of outputs.
         norm: the normalization (see :func:`make_norm`).
-        channels: output channels of each conv layer (default ``(32, 64, 64)``).
+        channels: output channels of each conv layer (default ``(32, 64, 64)``; the ``cnn1d``
+            of :data:`MODELS` uses :data:`CNN1D_CHANNELS`, four layers).
         norm_kwargs: extra keyword arguments for every normalization layer.
 
     Shape:
@@ -218,6 +219,12 @@ class ResNet(nn.Module):
         return self.net(x)
 
 
+CNN1D_CHANNELS = (32, 64, 64, 64)
+"""Default channels of ``cnn1d``: four conv layers, so the last works on 5 positions of a
+40-long MNIST-1D sequence: batch statistics there come from ``5 × batch`` values, as few as in the
+last stage of an ImageNet ResNet at a small batch (the regime where BN degrades)."""
+
+
 def _cnn(rank: int) -> Callable[..., nn.Module]:
     def factory(input_shape: tuple[int, ...], num_classes: int, norm: Norm,
                 **kwargs: Any) -> nn.Module:
@@ -228,6 +235,8 @@ def _cnn(rank: int) -> Callable[..., nn.Module]:
                 f"cnn{rank}d needs {needs}, but the dataset's examples have shape "
                 f"{input_shape}; use --model {other}, resnet or mlp"
             )
+        if rank == 1:
+            kwargs.setdefault("channels", CNN1D_CHANNELS)
         return ConvNet(input_shape, num_classes, norm, **kwargs)
 
     return factory

@@ -124,7 +124,9 @@ class ResultStore:
         content = {
             "config_hash": self.cfg.config_hash(), "settings": self.cfg.settings(),
             "grid": {"methods": self.cfg.methods, "batch_sizes": self.cfg.batch_sizes,
-                     "seeds": self.cfg.seeds, **({"lrs": self.cfg.lrs} if self.cfg.lrs else {})},
+                     "seeds": self.cfg.seeds, **({"lrs": self.cfg.lrs,
+                                                  "tuning_seeds": self.cfg.tuning_seeds()}
+                                                 if self.cfg.lrs else {})},
             "data_dir": self.cfg.data_dir, "dataset": dataset.describe(),
             "versions": _versions(), "created": created,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -214,8 +216,8 @@ def grid(cfg: CompareConfig, chosen: dict[tuple[str, int], float] | None = None)
     if cfg.lrs is None:
         return [Run(m, b, s) for s in cfg.seeds for b in sizes for m in cfg.methods]
     if chosen is None:
-        return [Run(m, b, s, lr, "val") for s in cfg.seeds for b in sizes for lr in cfg.lrs
-                for m in cfg.methods]
+        return [Run(m, b, s, lr, "val") for s in cfg.tuning_seeds() for b in sizes
+                for lr in cfg.lrs for m in cfg.methods]
     return [Run(m, b, s, chosen[m, b], "test") for s in cfg.seeds for b in sizes
             for m in cfg.methods]
 
@@ -228,9 +230,10 @@ def run_sweep(cfg: CompareConfig, out_dir: str | Path, *, jobs: int = 1,
     """Run every run of ``cfg`` not yet in ``out_dir``, resumably.
 
     An untuned sweep (``cfg.lrs is None``) runs every (method, batch size, seed) at ``cfg.lr``.
-    A tuned one first runs the validation grid (× ``cfg.lrs``), chooses each method's lr per
-    batch size (:func:`~normkit.experiments.tuning.select_lrs`), then trains and tests every
-    seed at the chosen lr.
+    A tuned one first runs the validation grid (× ``cfg.lrs``, for the seeds of
+    ``cfg.tuning_seeds()``), chooses each method's lr per batch size
+    (:func:`~normkit.experiments.tuning.select_lrs`), then trains and tests every seed at the
+    chosen lr.
 
     Args:
         cfg: the sweep.

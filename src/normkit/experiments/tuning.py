@@ -34,10 +34,11 @@ from .data import Dataset
 __all__ = ["DEFAULT_LRS", "Phase", "Run", "run_key", "record_key", "validation_split",
            "to_validation", "select_lrs"]
 
-DEFAULT_LRS = (0.03, 0.1)
-"""The default lr grid at the base batch size (32), for the default Adam: on the default 1-D CNN
-with a 10 % warmup every method's best lr of 0.01, 0.03, 0.1 was 0.03 or 0.1 (measured with one
-seed per method and batch size), so the third value bought nothing but a third more runs."""
+DEFAULT_LRS = (0.01, 0.03)
+"""The default lr grid at the base batch size (32), for the default Adam on the default 4-layer
+1-D CNN with a 10 % warmup: over 0.03, 0.1 every method chose 0.03 at every batch size (0.1 made
+`none` diverge to 35–46 % and LN to 24 % at batch size 16), so the grid moved down a step; two
+values keep the sweep within 5 minutes on 2 cores."""
 
 Phase = Literal["val", "test"]
 
