@@ -39,7 +39,7 @@ def local_ray() -> Iterator[None]:
 @pytest.mark.timeout(600)
 def test_ray_backend_gives_the_records_of_the_local_backend(local_ray, tmp_path):
     cfg = CompareConfig(methods=["bn", "none"], dataset="gaussian", subset=96, batch_sizes=[16],
-                        seeds=[0, 1], epochs=1, lrs=[0.03, 0.3])
+                        seeds=[0, 1], epochs=1, lrs=[0.03, 0.3], tune_seeds=None)
     local = sweep.run_sweep(cfg, tmp_path / "local", show_progress=False)
     remote = sweep.run_sweep(cfg, tmp_path / "ray", show_progress=False, backend="ray")
 

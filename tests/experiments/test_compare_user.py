@@ -101,7 +101,9 @@ def bad_data_model(norm_layer, input_shape, num_classes):
 def test_python_api_takes_the_functions_and_returns_the_records(tmp_path):
     records = compare(model=net, dataset=datasets, methods=["bn", "none"], batch_sizes=[15],
                       seeds=[0, 1], epochs=2, lrs=[0.1, 1.0], subset=None, out=tmp_path, jobs=1)
-    assert [r["phase"] for r in records].count("test") == 4 and len(records) == 12
+    # the validation grid with the first seed (tune_seeds=1, the default), every seed tested
+    assert [r["phase"] for r in records].count("test") == 4 and len(records) == 8
+    assert {r["seed"] for r in records if r["phase"] == "val"} == {0}
     assert (tmp_path / "report.md").exists() and (tmp_path / "error_vs_lr.png").exists()
     with pytest.raises(ConfigError, match=r"not a module-level function"):
         compare(model=lambda norm_layer, input_shape, num_classes: None, dataset=datasets,
