@@ -21,6 +21,7 @@ from torch.testing import assert_close
 
 import normkit as nk
 from normkit.functional.fused_batch_whiten import batch_whiten_apply, batch_whiten_fit
+from whitening_util import outputs_and_grads
 
 F64 = torch.float64
 CLOSE = dict(rtol=1e-9, atol=1e-10)
@@ -60,16 +61,23 @@ def test_module_matches_the_composition(name: str, affine: bool) -> None:
     x = rand(5, 8, 2, 3, seed=1) + 0.5
     assert "whiten_batch_apply" in _ops(copy.deepcopy(fused), x.detach())
     g = rand(5, 8, 2, 3, seed=2, grad=False)
-    outs = []
-    for m in (fused, plain):
-        xi = x.detach().clone().requires_grad_()
-        y = m(xi)
-        outs.append((y, *torch.autograd.grad(y, [xi, *m.parameters()], g)))
+    outs = [outputs_and_grads(m, x, g) for m in (fused, plain)]
     assert len(outs[0]) == (4 if affine else 2)
     for a, b in zip(*outs, strict=True):
         assert_close(a, b, **CLOSE)
     for (key, a), b in zip(fused.state_dict().items(), plain.state_dict().values(), strict=True):
         assert_close(a, b, **CLOSE, msg=key)
+
+
+def _fit_apply(method: str):
+    """fit + apply of ``method`` as a function of the input and the per-row γ, β."""
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        _, cov, xc, fv, u, wm = batch_whiten_fit(x, method, 1e-3)  # type: ignore[arg-type]
+        return batch_whiten_apply(x, (xc, cov, u, fv, wm), method=method,  # type: ignore[arg-type]
+                                  eps=1e-3, weight=w, bias=b)
+
+    return f
 
 
 @pytest.mark.parametrize("method", list(METHODS.values()))
@@ -79,12 +87,7 @@ def test_gradcheck(method: str) -> None:
     x = rand(4, 3, 3, 5, seed=4)
     w, b = rand(1, 3, 3, 1, seed=5), rand(1, 3, 3, 1, seed=6)
 
-    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        _, cov, xc, fv, u, wm = batch_whiten_fit(x, method, 1e-3)  # type: ignore[arg-type]
-        return batch_whiten_apply(x, (xc, cov, u, fv, wm), method=method,  # type: ignore[arg-type]
-                                  eps=1e-3, weight=w, bias=b)
-
-    assert gradcheck(f, (x, w, b))
+    assert gradcheck(_fit_apply(method), (x, w, b))
 
 
 @pytest.mark.parametrize("method", ["pca", "cholesky", "newton"])
@@ -94,12 +97,7 @@ def test_gradgradcheck(method: str) -> None:
     x = rand(4, 2, 2, 3, seed=40)
     w, b = rand(1, 2, 2, 1, seed=41), rand(1, 2, 2, 1, seed=42)
 
-    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        _, cov, xc, fv, u, wm = batch_whiten_fit(x, method, 1e-3)  # type: ignore[arg-type]
-        return batch_whiten_apply(x, (xc, cov, u, fv, wm), method=method,  # type: ignore[arg-type]
-                                  eps=1e-3, weight=w, bias=b)
-
-    assert gradgradcheck(f, (x, w, b))
+    assert gradgradcheck(_fit_apply(method), (x, w, b))
 
 
 def test_zca_second_derivative_raises() -> None:

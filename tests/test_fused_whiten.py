@@ -24,6 +24,7 @@ from normkit.functional.fused_whiten import (
     switch_whiten_apply,
     switch_whiten_fit,
 )
+from whitening_util import outputs_and_grads
 
 F64 = torch.float64
 CLOSE = dict(rtol=1e-9, atol=1e-10)
@@ -56,11 +57,7 @@ def test_module_matches_the_composition(name: str, kw: dict, affine: bool) -> No
     fused, plain = _pair(name, kw, affine)
     x = rand(3, 4, 5, 6, seed=1)
     g = rand(3, 4, 5, 6, seed=2, grad=False)
-    outs = []
-    for m in (fused, plain):
-        xi = x.detach().clone().requires_grad_()
-        y = m(xi)
-        outs.append((y, *torch.autograd.grad(y, [xi, *m.parameters()], g)))
+    outs = [outputs_and_grads(m, x, g) for m in (fused, plain)]
     assert len(outs[0]) == (4 if affine else 2)
     for a, b in zip(*outs, strict=True):
         assert_close(a, b, **CLOSE)
@@ -172,11 +169,7 @@ def test_switchable_matches_the_composition(modes: tuple[str, ...]) -> None:
     plain.load_state_dict(fused.state_dict())
     x = rand(3, 4, 5, 6, seed=30)
     g = rand(3, 4, 5, 6, seed=31, grad=False)
-    outs = []
-    for m in (fused, plain):
-        xi = x.detach().clone().requires_grad_()
-        y = m(xi)
-        outs.append((y, *torch.autograd.grad(y, [xi, *m.parameters()], g)))
+    outs = [outputs_and_grads(m, x, g) for m in (fused, plain)]
     assert len(outs[0]) == 6
     for a, b in zip(*outs, strict=True):
         assert_close(a, b, **CLOSE)

@@ -142,3 +142,11 @@ def randomize_affine(mod: torch.nn.Module, seed: int) -> None:
 
 def running_name(estimate: str) -> str:
     return "running_matrix" if estimate == "matrix" else "running_cov"
+
+
+def outputs_and_grads(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple:
+    """``(y, ∂x, ∂θ...)`` of ``m`` on a fresh leaf copy of ``x`` for the cotangent ``g``: what the
+    fused-vs-plain tests compare."""
+    xi = x.detach().clone().requires_grad_()
+    y = m(xi)
+    return (y, *torch.autograd.grad(y, [xi, *m.parameters()], g))
