@@ -45,8 +45,9 @@ def running_buffers(module: nn.Module, stat_names: tuple[str, ...]) -> dict[str,
     if not names:
         return None
     bufs = {}
-    for stat, name in names:
-        t = member(module, name)
+    buffers = module._buffers
+    for stat, name in names:  # an unregistered name raises AttributeError, as getattr does
+        t = buffers[name] if name in buffers else getattr(module, name)
         if t is None:
             return None
         bufs[stat] = t
