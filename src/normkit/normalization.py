@@ -350,7 +350,8 @@ class Normalization(nn.Module):
         if update is None:
             update = self.training and self.track_running_stats and running is not None
         nap = self._training_nap()
-        if x.numel() == 0 and nap is self.nap:  # defined result: empty output, buffers untouched
+        empty = x.numel() == 0
+        if empty and nap is self.nap:  # defined result: empty output, buffers untouched
             update = False
         elif use_batch:  # before any state changes; also in eval without running stats (torch)
             if nap is self.nap:
@@ -365,12 +366,12 @@ class Normalization(nn.Module):
             # every rank, a rank with an empty batch included (it contributes nothing but must
             # take part)
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
-        elif not (use_batch or update) and running is not None and x.numel() > 0 and (
+        elif not (use_batch or update) and running is not None and not empty and (
                 ev := EK.evaluate(self, x, running)) is not None:
             y = ev
         elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
             y = block_affine(x, *fold)
-        elif kind is not None and x.numel() > 0 and self._native_ok(x, use_batch):
+        elif kind is not None and not empty and self._native_ok(x, use_batch):
             y = self._forward_native(x, running, use_batch, update)
         else:
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
