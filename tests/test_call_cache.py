@@ -52,7 +52,7 @@ def test_spread_check_notices_a_new_operation_and_partition() -> None:
         m(x)
     g = nk.Normalization(4, nap=nk.nap.Group(num_groups=2), track_running_stats=False)
     g(x)  # two channels per group statistic
-    g.nap = nk.nap.Group(num_groups=2)  # an equal partition: same count, still passes
+    g.nap = nk.nap.Group(num_groups=2)  # an equal new partition: checked again, passes
     g(x)
     g.nap = nk.nap.Group(num_groups=4)  # one channel per group: one value
     g.groups = g.nap.groups(4)

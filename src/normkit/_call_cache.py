@@ -58,17 +58,21 @@ def check_batch_once(module: Any, x: Tensor, shape: tuple[int, ...]) -> None:
     """:func:`~normkit._pipeline.check_batch` of ``module`` (a :class:`~normkit.Normalization`)
     for input ``x`` (of original shape ``shape``) over its own partition, skipped when the last
     call that passed it had the same shape, partition, operation, grouping, channel axis and
-    padding — everything the check reads (it counts values per statistic from the shape alone).
+    padding — everything the check reads (it counts values per statistic from the shape alone;
+    a new partition or operation object, even an equal one, is checked again).
     Only a passed check is remembered: a failing shape raises on every call. Under
     ``torch.compile`` / ``torch.export`` the check always runs (no Python state in traced code).
     """
-    key = (shape, module.nap, module.nop, module.groups, module.channel_axis,
-           module._num_padded)
+    nap, nop = module.nap, module.nop
+    groups, axis, padded = module.groups, module.channel_axis, module._num_padded
     if torch.compiler.is_compiling():
-        P.check_batch(x, key[3], key[4], key[5], key[1], key[2], shape)
+        P.check_batch(x, groups, axis, padded, nap, nop, shape)
         return
-    state = module.__dict__
-    if state.get("_spread_ok") == key:  # identity first: no dataclass comparison per call
+    # the partition and operation by identity (no dataclass comparison, which could compare
+    # tensor fields): the remembered entry holds them, so their ids cannot be reused meanwhile
+    key = (shape, id(nap), id(nop), groups, axis, padded)
+    seen = module.__dict__.get("_spread_ok")
+    if seen is not None and seen[0] == key:
         return
-    P.check_batch(x, key[3], key[4], key[5], key[1], key[2], shape)
-    object.__setattr__(module, "_spread_ok", key)  # plain attribute, outside state_dict
+    P.check_batch(x, groups, axis, padded, nap, nop, shape)
+    object.__setattr__(module, "_spread_ok", (key, nap, nop))  # plain attribute, no state_dict
