@@ -96,12 +96,10 @@ def check_spread(shape: Sequence[int], m: int, nap: Partition, nop: Operation) -
 def check_batch(x: Tensor, groups: tuple[int, int], channel_axis: int, padded: int,
                 nap: Partition, nop: Operation, shape: Sequence[int] | None = None) -> None:
     """:func:`check_spread` for input ``x``, before any state changes (only the view's shape
-    matters: no padded copy is made)."""
+    matters: a stride-0 stand-in of it is counted, so no padded copy, nor the copy a reshape of
+    an input with odd strides would make, is made)."""
     spatial = spatial_of(x, channel_axis)
-    if padded:
-        v = x.new_empty(()).expand(x.shape[0], *groups, math.prod(spatial))
-    else:
-        v = canonical_view(x, groups, channel_axis)
+    v = x.new_empty(()).expand(x.shape[0], *groups, math.prod(spatial))
     check_spread(tuple(x.shape) if shape is None else shape, nop.count(v, nap, spatial), nap, nop)
 
 

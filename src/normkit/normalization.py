@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _call_cache as CC
 from . import _eval_kernel as EK
 from . import _pipeline as P
 from . import nap as nap_
@@ -214,8 +215,7 @@ class Normalization(nn.Module):
         return self.nrr.views(params, self.groups)
 
     def _running(self) -> dict[str, Tensor] | None:
-        bufs = {s: getattr(self, f"running_{s}") for s in self.nop.stat_names}
-        return None if not bufs or any(b is None for b in bufs.values()) else bufs
+        return CC.running_buffers(self, self.nop.stat_names)
 
     def _state_buffers(self) -> dict[str, Tensor]:
         """The operation's own state buffers (:meth:`~normkit.nop.Operation.state_buffers`)."""
@@ -350,11 +350,15 @@ class Normalization(nn.Module):
         if update is None:
             update = self.training and self.track_running_stats and running is not None
         nap = self._training_nap()
-        if x.numel() == 0 and nap is self.nap:  # defined result: empty output, buffers untouched
+        empty = x.numel() == 0
+        if empty and nap is self.nap:  # defined result: empty output, buffers untouched
             update = False
         elif use_batch:  # before any state changes; also in eval without running stats (torch)
-            P.check_batch(x, self.groups, self.channel_axis, self._num_padded, nap, self.nop,
-                          shape)
+            if nap is self.nap:
+                CC.check_batch_once(self, x, shape)
+            else:  # synchronized: the count is global (a collective), every call
+                P.check_batch(x, self.groups, self.channel_axis, self._num_padded, nap, self.nop,
+                              shape)
         if update:
             self.num_batches_tracked.add_(steps)
         kind = None if generic or nap is not self.nap else self._native
@@ -362,12 +366,12 @@ class Normalization(nn.Module):
             # every rank, a rank with an empty batch included (it contributes nothing but must
             # take part)
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
-        elif not (use_batch or update) and running is not None and x.numel() > 0 and (
+        elif not (use_batch or update) and running is not None and not empty and (
                 ev := EK.evaluate(self, x, running)) is not None:
             y = ev
         elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
             y = block_affine(x, *fold)
-        elif kind is not None and x.numel() > 0 and self._native_ok(x, use_batch):
+        elif kind is not None and not empty and self._native_ok(x, use_batch):
             y = self._forward_native(x, running, use_batch, update)
         else:
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
@@ -421,7 +425,7 @@ class Normalization(nn.Module):
             return False
         if kind == "layer_norm" and self.channel_axis == 1 and torch.compiler.is_compiling():
             return False  # inductor: the composition beats LN over moved channels (2x, bench)
-        return kernel_accepts(kind, x, getattr(self, "weight", None), use_batch=use_batch)
+        return kernel_accepts(kind, x, CC.member(self, "weight"), use_batch=use_batch)
 
     def _training_nap(self) -> nap_.Partition:
         """The partition statistics are fitted over: synchronized over ``process_group`` in
@@ -506,7 +510,7 @@ class Normalization(nn.Module):
             nop: Any = self.nop
             lrn = (self.nap.channel_window, nop.alpha, nop.beta, nop.k)  # type: ignore[attr-defined]
         return run_kernel(
-            kind, x, weight=getattr(self, "weight", None), bias=getattr(self, "bias", None),
+            kind, x, weight=CC.member(self, "weight"), bias=CC.member(self, "bias"),
             running=(running["mean"], running["var"]) if keep else None,  # type: ignore[index]
             use_batch=use_batch, factor=self._factor() if update else 0.0,
             eps=self.eps if self.eps is not None else default_eps(x.dtype),
