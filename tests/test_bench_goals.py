@@ -247,3 +247,26 @@ def test_lrn_reference_takes_the_local_methods_window() -> None:
     assert label == "C/2x5x5"
     want = x / (1e-5 + sq.repeat_interleave(2, dim=1)).sqrt()
     torch.testing.assert_close(ref(x), want)
+
+
+def test_compiled_rows_time_copies_of_the_eager_modules(monkeypatch) -> None:
+    """The compiled rows compile copies: a module shared with the eager rows had its compiled
+    calls slowed ~1.5x by the eager calls between them (normkit bn against torch's)."""
+    real, compiled = torch.compile, []
+    built = []
+    real_build = goalrun.build_method
+
+    def build(*a, **kw):
+        built.append(real_build(*a, **kw))
+        return built[-1]
+
+    def record(mod: nn.Module, **kw):
+        compiled.append(mod)
+        return real(mod, **kw)
+
+    monkeypatch.setattr(goalrun, "build_method", build)
+    monkeypatch.setattr(torch, "compile", record)
+    r = goalrun.run_goals(["2x8x3x3"], ["bn"], repeats=1, backend="aot_eager", log=lambda s: None)
+    assert r["rows"][0]["figures"]["compiled"] is not None and len(compiled) == 2
+    assert all(m is not b for m in compiled for b in built)
+    assert any(type(m) is type(built[0]) for m in compiled)  # a copy of the method's module
