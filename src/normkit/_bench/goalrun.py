@@ -134,8 +134,9 @@ def _run_method(method: str, spec: ShapeSpec, device: torch.device, gen: torch.G
         fb["lrn"], row["lrn_window"] = lrn[0].to(device), lrn[1]
     if compile_:
         torch._dynamo.reset()  # one method's graphs at a time: stay under dynamo's recompile limit
-        # compiled copies, as a compiled model is used: sharing the module with the eager rows
-        # lets their calls change Python state the compiled call's guards read (1.5x for bn)
+        # compiled copies, as a compiled model is used: with the module shared with the eager
+        # rows, normkit bn read 1.5-1.85x compiled torch BN in this loop (1.02x with copies;
+        # no recompilation; the cause is not established)
         fb["compiled"] = torch.compile(copy.deepcopy(ours), fullgraph=True, backend=backend)
         fb["compiled_bn"] = torch.compile(copy.deepcopy(bn), fullgraph=True, backend=backend)
     runs = {n: runner(m, x, g, "fb-train") for n, m in fb.items()}
