@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -189,7 +189,11 @@ class Operation(ABC):
 
     def unfused(self) -> Operation:
         """This operation without fused autograd Functions: the plain autograd composition of
-        its formula (``Normalization(native=False)`` uses it). Default: itself."""
+        its formula (``Normalization(native=False)`` uses it). Default: a copy with
+        ``fused=False`` where the operation has that switch (a ``fused`` dataclass field),
+        otherwise itself (nothing is fused); composite operations unfuse their parts too."""
+        if "fused" in getattr(self, "__dataclass_fields__", ()):
+            return replace(self, fused=False)  # type: ignore[type-var]
         return self
 
     def create_parameters(

@@ -30,7 +30,7 @@ composition.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ from ..functional.merging import pool_moments as pooled_moments  # noqa: F401 - 
 from ..functional.partition import stats_dtype
 from ..functional.simplex import sparsemax
 from ..nap import Partition
-from ._base import Coefficients, Operation, Stats
+from ._base import Coefficients, Stats
 from ._norm_act import BatchChannelStandardize as BatchChannelStandardize
 from ._norm_act import EvoB0 as EvoB0
 from ._norm_act import EvoS0 as EvoS0
@@ -68,9 +68,6 @@ class _RowFused(_OwnsParameters):
     instead of autograd's several; ``Normalization(native=False)`` runs the composition."""
 
     fused: bool
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)  # type: ignore[type-var]
 
     def _instance(self, v: Tensor) -> tuple[Tensor, Tensor]:
         return Fc.row_moments(v) if self.fused else instance_moments(v)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -245,9 +245,6 @@ class MixtureStandardize(Operation):
         _check_batch(self, nap, num_features)
         return self
 
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
     def buffers(self, nap: Partition, num_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
         shape = (self.num_components, num_features)
         return {"mean": (shape, "0"), "var": (shape, "1"), "log_prior": (shape, "0")}
@@ -356,9 +353,6 @@ class TaskStandardize(Operation):
     def reset_parameters(self, params: dict[str, nn.Parameter]) -> None:
         for p in params.values():
             p.zero_()
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
 
     def _own_dims(self) -> tuple[int, ...]:
         return (3,) if self.moments == "instance" else (1, 2, 3)

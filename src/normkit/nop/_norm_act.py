@@ -41,7 +41,7 @@ from ..functional import statistics as S
 from ..functional.merging import pool_moments
 from ..functional.partition import resolve_groups, stats_dtype
 from ..nap import Batch, Partition
-from ._base import Coefficients, Operation, Stats
+from ._base import Coefficients, Stats
 from ._owned import _channel_view, _OwnsParameters, _per_channel_split, instance_moments
 from ._standard import Scale
 
@@ -61,9 +61,6 @@ class _EvoNorm(_NotAffine):
     without the parameter (functional use). Subclasses have the dataclass field ``fused``."""
 
     fused: bool
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)  # type: ignore[type-var]
 
     def create_parameters(
         self, num_features: int, nap: Partition, factory: dict[str, Any]
@@ -242,9 +239,6 @@ class FilterResponse(_OwnsParameters, Scale):
             out["learned_eps"] = params["learned_eps"].abs().to(stats_dtype(v)).reshape(1, 1, 1, 1)
         return out
 
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
         params: Stats | None = None,
@@ -297,9 +291,6 @@ class BatchChannelStandardize(_NotAffine):
     fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bn_affine, bool):

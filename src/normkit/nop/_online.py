@@ -26,7 +26,7 @@ Every term is non-negative, so the variance never is, and no ``E[x²] − μ²``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -174,9 +174,6 @@ class OnlineStandardize(Operation):
     def __post_init__(self) -> None:
         _check_weight("backward_momentum", self.backward_momentum,
                       "1 − alpha_bkw of the control process; 0 turns it off")
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,7 @@ from ..functional.fused import _reduced, _sum_sq
 from ..functional.fused_robust import _sum_dot, constant_standardize
 from ..functional.whiten import _first_order
 from ..nap import Partition
-from ._base import Operation, State, StateSpec, Stats
+from ._base import State, StateSpec, Stats
 from ._robust import _int
 from ._standard import Scale
 
@@ -84,9 +84,6 @@ class PowerScale(Scale):
         check_alpha("alpha_bkw", self.alpha_bkw,
                     "weight of the previous value in the backward running statistic ν")
         _int("warmup_steps", self.warmup_steps, 0)
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
 
     def state_buffers(self, nap: Partition, num_features: int) -> StateSpec:
         """``grad_nu`` (``ν``, initially 0), unless ``alpha_bkw = 1`` keeps it at 0 for good."""

@@ -163,9 +163,6 @@ class Renormalize(RobustStandardize):
         return (1 + (self.r_max - 1) * self._ramp(t, self.r_max_steps),
                 self.d_max * self._ramp(t, self.d_max_steps))
 
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
     def _through_kernel(self, nap: Partition, v: Tensor) -> bool:
         """Training runs BN's kernel: fused, over a local ``Batch()`` of whole channels (a
         synchronized partition's statistics come from every rank, the kernel's would not)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -81,9 +81,6 @@ class Standardize(Operation):
     fused: bool = field(default=True, repr=False)
 
     stat_names = ("mean", "var")
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
 
     def fit(
         self, v: Tensor, nap: Partition, spatial: Sequence[int], *, eps: float = 0.0,
@@ -178,9 +175,6 @@ class Scale(Operation):
         if self.kind not in ("rms", "l2"):
             raise ConfigError(f"Scale kind must be 'rms' or 'l2', got {self.kind!r}")
 
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
-
     def _fuses(self, nap: Partition) -> bool:
         return (self.fused and self.kind == "rms" and type(nap) is Position
                 and not torch.compiler.is_compiling())
@@ -236,9 +230,6 @@ class _ScaleStandardize(Operation):
     def scale_constant(self, m: int) -> float:
         """``c`` of ``scale = c·(statistic)`` for ``m`` values per statistic."""
         raise NotImplementedError
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)  # type: ignore[type-var]
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -367,9 +358,6 @@ class Divisive(Operation):
             mean, var = nap.moments(v, spatial)
             return {"mean": mean, "var": var}
         return {"ms": nap.mean_square(v, spatial)}
-
-    def unfused(self) -> Operation:
-        return replace(self, fused=False)
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         second = stats["var"] if self.center else stats["ms"]

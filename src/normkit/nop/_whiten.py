@@ -157,9 +157,6 @@ class Whiten(Operation):
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
         return {"mean": ((num_features,), "0"), self.stat_names[1]: ((gc, d, d), "eye")}
 
-    def unfused(self) -> Whiten:
-        return replace(self, fused=False)
-
     @staticmethod
     def _layout(v: Tensor, nap: Partition) -> tuple[bool, tuple[str, ...] | None]:
         """How the samples are laid out as ``(P, G, D, S)`` for
