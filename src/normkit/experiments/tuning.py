@@ -3,10 +3,11 @@
 Methods differ most in which learning rates they allow (the book's ch. 9), so a fair comparison
 tunes the lr of every method. A tuned sweep runs in two phases:
 
-1. **validation**: every (method, batch size, lr of ``cfg.lrs``, seed) trains on the training set
-   minus a validation split (``val_fraction`` of it, drawn with ``data_seed``) and is evaluated on
-   that split only; the test set is not read;
-2. **test**: for each (method, batch size) the lr of lowest mean validation error over the seeds
+1. **validation**: every (method, batch size, lr of ``cfg.lrs``, tuning seed — the first
+   ``cfg.tune_seeds`` seeds, :meth:`~normkit.experiments.config.CompareConfig.tuning_seeds`)
+   trains on the training set minus a validation split (``val_fraction`` of it, drawn with
+   ``data_seed``) and is evaluated on that split only; the test set is not read;
+2. **test**: for each (method, batch size) the lr of lowest mean validation error over those seeds
    (a run that diverged or failed counts as 100 %) is chosen, and every seed is trained at it on
    the whole training set and evaluated on the test set: the headline.
 
