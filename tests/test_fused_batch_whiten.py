@@ -73,8 +73,8 @@ def _fit_apply(method: str):
     """fit + apply of ``method`` as a function of the input and the per-row γ, β."""
 
     def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        _, cov, xc, fv, u, wm = batch_whiten_fit(x, method, 1e-3)  # type: ignore[arg-type]
-        return batch_whiten_apply(x, (xc, cov, u, fv, wm), method=method,  # type: ignore[arg-type]
+        mu, cov, fv, u, wm = batch_whiten_fit(x, method, 1e-3)  # type: ignore[arg-type]
+        return batch_whiten_apply(x, (mu, cov, u, fv, wm), method=method,  # type: ignore[arg-type]
                                   eps=1e-3, weight=w, bias=b)
 
     return f
@@ -113,16 +113,16 @@ def test_opcheck(method: str) -> None:
     """``torch.library.opcheck`` of the op and its backward op: schema, fake kernels against the
     real ones, the autograd registration, AOT dispatch with dynamic shapes."""
     x = rand(4, 2, 3, 5, seed=20) + 0.5
-    _, cov, xc, fv, u, wm = batch_whiten_fit(x.detach(), method, 1e-3)  # type: ignore[arg-type]
+    mu, cov, fv, u, wm = batch_whiten_fit(x.detach(), method, 1e-3)  # type: ignore[arg-type]
     w, b = rand(1, 2, 3, 1, seed=21), rand(1, 2, 3, 1, seed=22)
     grad = rand(4, 2, 3, 5, seed=23, grad=False)
     ops = torch.ops.normkit
     calls = [
-        (ops.whiten_batch_apply.default, (x, xc, cov, u, fv, wm, w, b, method, 1e-3, 5, F64)),
+        (ops.whiten_batch_apply.default, (x, mu, cov, u, fv, wm, w, b, method, 1e-3, 5, F64)),
         (ops.whiten_batch_apply.default,
-         (x, xc, cov, u, fv, wm, None, None, method, 1e-3, 5, F64)),
+         (x, mu, cov, u, fv, wm, None, None, method, 1e-3, 5, F64)),
         (ops.whiten_batch_apply_backward.default,
-         (grad, xc, cov, u, fv, wm, w.detach(), method, 1e-3, 5, F64, F64)),
+         (grad, x.detach(), mu, cov, u, fv, wm, w.detach(), method, 1e-3, 5, F64, F64)),
     ]
     for op, args in calls:
         result = torch.library.opcheck(op, args)
@@ -141,8 +141,8 @@ def test_newton_gradient_any_iterations(iterations: int) -> None:
     x = rand(6, 1, 3, 4, seed=30)
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        _, cov, xc, fv, u, wm = batch_whiten_fit(x, "newton", 1e-3, iterations=iterations)
-        return batch_whiten_apply(x, (xc, cov, u, fv, wm), method="newton", eps=1e-3,
+        mu, cov, fv, u, wm = batch_whiten_fit(x, "newton", 1e-3, iterations=iterations)
+        return batch_whiten_apply(x, (mu, cov, u, fv, wm), method="newton", eps=1e-3,
                                   iterations=iterations)
 
     assert gradcheck(f, (x,))

@@ -20,9 +20,11 @@ difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`
 Cholesky ``∂L/∂Σ = Wᵀ Ψ W`` (:func:`_cholesky_grad`), for Newton–Schulz the iteration run in
 reverse (:func:`_newton_grad`), for PCA the masked eigen backward (:func:`_pca_grad`), all on the
 ``D × D`` covariances. The activations are read by three matmuls in the backward
-(``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``); ``x − μ`` is
-the only activation saved (the forward's centred copy, reused by ``Σ``, the product and the
-backward).
+(``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``). No activation
+is saved beyond the input: ``x − μ`` is formed again chunk by chunk wherever it is read (the
+covariance, the product and the backward; :mod:`normkit.functional.whiten_chunks`), in a reused
+cache-sized buffer: the same values as a centred copy, without an activation-sized tensor whose
+fresh pages cost more than the subtraction (on CPU).
 
 The op computes in at least float32 with autocast off and returns a fresh tensor. A second
 derivative (``create_graph=True``) differentiates the plain composition instead
@@ -47,46 +49,62 @@ from .whiten import (
     newton_schulz_steps,
     whitening_matrix,
 )
-from .whiten_chunks import chunked_matmuls, chunked_outer
-from .whiten_ops import _fresh, whiten_moments
+from .whiten_chunks import chunked_matmuls, chunked_outer, chunked_stats
+from .whiten_ops import _fresh
 
 __all__ = ["batch_whiten_apply", "batch_whiten_fit", "batch_whiten_plain"]
 
 
+@torch.library.custom_op("normkit::whiten_batch_stats", mutates_args=())
+def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``(1, G, D, 1)`` and biased covariance ``(1, G, D, D)`` of the samples ``x``
+    ``(P, G, D, S)`` in at least float32 (no centred copy kept; not differentiable)."""
+    with _full_precision(x):
+        mean, cov = chunked_stats(x)
+        return _fresh(mean), _fresh(cov)
+
+
+@_stats.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _, g, d, _ = x.shape
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty((1, g, d, 1), dtype=dt), x.new_empty((1, g, d, d), dtype=dt)
+
+
 def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *,
                      iterations: int | None = None, data_dtype: torch.dtype | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-    r"""Batch statistics for :func:`batch_whiten_apply`, without autograd: ``(μ, Σ, x_c, f, U, W)``
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    r"""Batch statistics for :func:`batch_whiten_apply`, without autograd: ``(μ, Σ, f, U, W)``
     of the samples ``x`` ``(P, G, D, S)`` (the canonical view; ``P·S`` samples per group, ``Σ``
     biased) with ``W = W(Σ)`` of ``method``; ``f, U`` (:func:`~normkit.functional.fused_whiten.
     inv_sqrt_eigh`) for ZCA, ``None`` otherwise. The moments are one custom op
-    (:func:`~normkit.functional.whiten_ops.whiten_moments`). ``data_dtype``: the input's dtype
+    (``normkit::whiten_batch_stats``). ``data_dtype``: the input's dtype
     (PCA's eigenvalue-gap tolerance, see :func:`~normkit.functional.whiten.pca_matrix`).
 
     Shape:
-        ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(P, G, D, S)``,
-        ``(1, G, D)`` or ``None``, ``(1, G, D, D)`` or ``None``, ``(1, G, D, D)``.
+        ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(1, G, D)`` or
+        ``None``, ``(1, G, D, D)`` or ``None``, ``(1, G, D, D)``.
 
     Example:
         >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
-        >>> mean, cov, xc, f, u, w = batch_whiten_fit(x, "zca", 1e-5)
+        >>> mean, cov, f, u, w = batch_whiten_fit(x, "zca", 1e-5)
         >>> from normkit.functional.whiten import zca_matrix
         >>> torch.allclose(w[0], zca_matrix(cov[0], 1e-5))
         True
     """
     with torch.no_grad():
-        mean, cov, centered = whiten_moments(x, shared=True)
+        mean, cov = _stats(x)
         _, g, d, _ = cov.shape
         flat = cov.reshape(g, d, d)
         if method == "zca":
             f, u, w = inv_sqrt_eigh(flat, eps)
-            return mean, cov, centered, f.view(1, g, d), u.view(cov.shape), w.view(cov.shape)
+            return mean, cov, f.view(1, g, d), u.view(cov.shape), w.view(cov.shape)
         if method not in ("cholesky", "newton", "pca"):
             raise ConfigError(f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', "
                               f"got {method!r}")
         w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5,
                              data_dtype=data_dtype)
-        return mean, cov, centered, None, None, w.reshape(cov.shape)
+        return mean, cov, None, None, w.reshape(cov.shape)
 
 
 def _cholesky_grad(w: Tensor, gw: Tensor) -> Tensor:
@@ -165,33 +183,34 @@ def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, mat
 
 
 @torch.library.custom_op("normkit::whiten_batch_apply", mutates_args=())
-def _apply(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+def _apply(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
            matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
            iterations: int, data_dtype: torch.dtype) -> Tensor:
-    with _full_precision(centered):
-        dt = centered.dtype
+    with _full_precision(mean):
+        dt = mean.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
-        return _fresh(chunked_matmuls([(mat, centered)], None if bias is None else bias.to(dt)))
+        return _fresh(chunked_matmuls([(mat, x)], None if bias is None else bias.to(dt),
+                                      mean=mean))
 
 
 @_apply.register_fake
-def _(x: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+def _(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
       matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
       iterations: int, data_dtype: torch.dtype) -> Tensor:
-    return torch.empty_like(centered, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape, dtype=mean.dtype)
 
 
 @torch.library.custom_op("normkit::whiten_batch_apply_backward", mutates_args=())
-def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None,
+def _apply_backward(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None,
                     f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
                     eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    with _full_precision(centered):
-        dt = centered.dtype
-        p, g, d, s = centered.shape
+    with _full_precision(mean):
+        dt = mean.dtype
+        p, g, d, s = x.shape
         m = max(p * s, 1)
         gr = grad.to(dt)
-        outer, gsum = chunked_outer(gr, centered)  # G = Σ_n g_n x_cnᵀ, Σ g
+        outer, gsum = chunked_outer(gr, x, mean=mean)  # G = Σ_n g_n x_cnᵀ, Σ g
         w = matrix.to(dt)
         if weight is None:
             dweight = gsum.new_zeros(())
@@ -203,23 +222,23 @@ def _apply_backward(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | Non
         pmat = _sigma_term(gw, cov.to(dt), u, f, w, method, eps, iterations, data_dtype, m)
         mt = mat.mT
         # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer
-        dx = chunked_matmuls([(mt, gr), (pmat, centered)], torch.matmul(mt, gsum).div_(-m))
+        dx = chunked_matmuls([(mt, gr), (pmat, x)], torch.matmul(mt, gsum).div_(-m), mean=mean)
         return _fresh(dx.to(dtype)), _fresh(dweight), _fresh(gsum)
 
 
 @_apply_backward.register_fake
-def _(grad: Tensor, centered: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+def _(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
       matrix: Tensor, weight: Tensor | None, method: str, eps: float, iterations: int,
       data_dtype: torch.dtype, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    _, g, d, _ = centered.shape
+    _, g, d, _ = x.shape
     stat = matrix.new_empty((1, g, d, 1))
-    return (centered.new_empty(centered.shape, dtype=dtype),
+    return (x.new_empty(x.shape, dtype=dtype),
             torch.empty_like(stat) if weight is not None else matrix.new_empty(()), stat)
 
 
 def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, centered, cov, u, f, matrix, weight, bias, method, eps, iterations, data_dtype = inputs
-    ctx.save_for_backward(x, centered, cov, u, f, matrix, weight, bias)  # x: the input, alive
+    x, mean, cov, u, f, matrix, weight, bias, method, eps, iterations, data_dtype = inputs
+    ctx.save_for_backward(x, mean, cov, u, f, matrix, weight, bias)  # x: the input, alive
     ctx.meta = (method, eps, iterations, data_dtype, x.dtype)
     ctx.params = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (weight, bias))
 
@@ -245,7 +264,7 @@ def batch_whiten_plain(x: Tensor, weight: Tensor | None, bias: Tensor | None, me
 
 
 def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
-    x, centered, cov, u, f, matrix, weight, bias = ctx.saved_tensors
+    x, mean, cov, u, f, matrix, weight, bias = ctx.saved_tensors
     method, eps, iterations, data_dtype, dtype = ctx.meta
     if torch.is_grad_enabled():  # create_graph: differentiate the composition
         args = [x, weight, bias]
@@ -256,7 +275,7 @@ def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
         dx, dweight, dbias = (next(grads) if t is not None and t.requires_grad else None
                               for t in args)
         return dx, None, None, None, None, None, dweight, dbias, None, None, None, None
-    dx, dweight, dbias = _apply_backward(grad, centered, cov, u, f, matrix, weight, method, eps,
+    dx, dweight, dbias = _apply_backward(grad, x, mean, cov, u, f, matrix, weight, method, eps,
                                          iterations, data_dtype, dtype)
     pw, pb = ctx.params
     return (dx, None, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb), None,
@@ -278,7 +297,7 @@ def batch_whiten_apply(
 
     Args:
         x: the samples the statistics were computed from.
-        stats: ``(x_c, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` with the same
+        stats: ``(μ, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` with the same
             ``method``, ``eps``, ``iterations`` and ``data_dtype`` (constants to autograd).
 
     Shape:
@@ -286,8 +305,8 @@ def batch_whiten_apply(
 
     Example:
         >>> x = torch.randn(16, 2, 3, 4, dtype=torch.float64, requires_grad=True)
-        >>> mean, cov, xc, f, u, w = batch_whiten_fit(x, "cholesky", 1e-5)
-        >>> y = batch_whiten_apply(x, (xc, cov, u, f, w), method="cholesky", eps=1e-5)
+        >>> mean, cov, f, u, w = batch_whiten_fit(x, "cholesky", 1e-5)
+        >>> y = batch_whiten_apply(x, (mean, cov, u, f, w), method="cholesky", eps=1e-5)
         >>> from normkit.functional.whiten import batch_moments, cholesky_matrix
         >>> _, s, c = batch_moments(x, shared=True)
         >>> ref = cholesky_matrix(s[0], 1e-5) @ c
@@ -297,6 +316,6 @@ def batch_whiten_apply(
         >>> torch.allclose(*(torch.autograd.grad(t, x, g)[0] for t in (y, ref)))
         True
     """
-    centered, cov, u, f, w = stats
-    return _apply(x, centered, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
+    mean, cov, u, f, w = stats
+    return _apply(x, mean, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
                   data_dtype or x.dtype)

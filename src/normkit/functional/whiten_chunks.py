@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["chunked_matmuls", "chunked_moments", "chunked_outer", "sample_chunks"]
+__all__ = ["chunked_matmuls", "chunked_moments", "chunked_outer", "chunked_stats", "sample_chunks"]
 
 
 _CHUNK_BYTES = 1 << 19
@@ -32,27 +32,40 @@ def sample_chunks(x: Tensor) -> list[slice]:
     return [slice(i, min(i + n, p)) for i in range(0, p, n)]
 
 
-def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = None) -> Tensor:
+def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = None, *,
+                    mean: Tensor | None = None) -> Tensor:
     """``Σ_k mat_k @ x_k + shift`` for ``x_k`` ``(P, G, D, S)``, ``mat_k`` ``(1 or P, G, D, D)``
     and ``shift`` ``(1 or P, G, D, 1)``, as :func:`~normkit.functional.whiten.grouped_matmul`, one chunk of
     :func:`sample_chunks` at a time (all the terms of a chunk while it is in cache); a fresh
-    contiguous tensor.
+    contiguous tensor. With ``mean`` ``(1, G, D, 1)`` the last term's ``x`` is centred first,
+    ``mat @ (x − mean)``, chunk by chunk in one reused chunk-sized buffer (exact under large
+    offsets, and no activation-sized centred copy).
 
     Example:
         >>> a, b = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
         >>> x, y = torch.randn(2, 1, 3, 5), torch.randn(2, 1, 3, 5)
         >>> torch.allclose(chunked_matmuls([(a, x), (b, y)]), a @ x + b @ y)
         True
+        >>> mu = y.mean((0, 3), keepdim=True)
+        >>> torch.allclose(chunked_matmuls([(b, y)], mean=mu), b @ (y - mu))
+        True
     """
     x0 = pairs[0][1]
     p, g, d, s = x0.shape
-    out = torch.empty((p, g, d, s), dtype=x0.dtype, device=x0.device)
+    out = torch.empty((p, g, d, s), dtype=torch.promote_types(x0.dtype, pairs[0][0].dtype),
+                      device=x0.device)
+    last = len(pairs) - 1
+    buf: Tensor | None = None
     for sl in sample_chunks(x0):
         k = sl.stop - sl.start
         o = out[sl].view(k * g, d, s)
         for i, (mat, x) in enumerate(pairs):
             m = (mat[sl] if mat.shape[0] == p else mat.expand(k, g, d, d)).reshape(k * g, d, d)
-            xs = x[sl].reshape(k * g, d, s)
+            if mean is not None and i == last:
+                buf = _centre(x[sl], mean, buf)
+                xs = buf.view(k * g, d, s)
+            else:
+                xs = x[sl].reshape(k * g, d, s)
             if i == 0:
                 torch.bmm(m, xs, out=o)
             else:
@@ -62,23 +75,42 @@ def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = N
     return out
 
 
-def chunked_outer(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def _centre(x: Tensor, mean: Tensor, buf: Tensor | None) -> Tensor:
+    """``x − mean`` into ``buf`` (reused when it fits: the last chunk may be shorter), in the
+    promoted dtype of both."""
+    dtype = torch.promote_types(x.dtype, mean.dtype)
+    if buf is None or buf.numel() < x.numel() or buf.dtype != dtype:
+        buf = torch.empty(x.numel(), dtype=dtype, device=x.device)
+    return torch.sub(x, mean, out=buf.view(-1)[: x.numel()].view(x.shape))
+
+
+def chunked_outer(a: Tensor, b: Tensor, *, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(Σ_p a_p b_pᵀ, Σ a)`` over the leading and last axes of ``a, b`` ``(P, G, D, S)``:
     ``(1, G, D, D)`` and ``(1, G, D, 1)``, a chunk of :func:`sample_chunks` at a time (both
-    reductions of ``a`` while its chunk is in cache).
+    reductions of ``a`` while its chunk is in cache). With ``mean`` ``(1, G, D, 1)``, ``b −
+    mean`` in place of ``b`` (centred chunk by chunk, as in :func:`chunked_matmuls`).
 
     Example:
         >>> a, b = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 5)
         >>> o, t = chunked_outer(a, b)
         >>> torch.allclose(o, (a @ b.mT).sum(0, keepdim=True)), torch.allclose(t, a.sum((0, 3), keepdim=True))
         (True, True)
+        >>> mu = b.mean((0, 3), keepdim=True)
+        >>> torch.allclose(chunked_outer(a, b, mean=mu)[0], (a @ (b - mu).mT).sum(0, keepdim=True))
+        True
     """
     _, g, d, _ = a.shape
     outer = a.new_zeros((1, g, d, d))
     total = a.new_zeros((1, g, d, 1))
+    buf: Tensor | None = None
     for sl in sample_chunks(a):
         ac = a[sl]
-        outer += torch.matmul(ac, b[sl].mT).sum(0, keepdim=True)
+        if mean is not None:
+            buf = _centre(b[sl], mean, buf)
+            bc = buf.view(b[sl].shape)
+        else:
+            bc = b[sl]
+        outer += torch.matmul(ac, bc.mT).sum(0, keepdim=True)
         total += ac.sum((0, 3), keepdim=True)
     return outer, total
 
@@ -94,13 +126,41 @@ def chunked_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         >>> all(torch.allclose(a, b) for a, b in zip(chunked_moments(x), batch_moments(x, True)))
         True
     """
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = _up(x)
+    centered = torch.empty(xf.shape, dtype=xf.dtype, device=xf.device)
+    mean, cov = _chunked_stats(xf, centered)
+    return mean, cov, centered
+
+
+def chunked_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean and covariance of :func:`chunked_moments` without keeping the centred samples:
+    each chunk is centred in one reused chunk-sized buffer (for callers that centre again chunk
+    by chunk, :func:`chunked_matmuls` and :func:`chunked_outer` with ``mean``: one
+    activation-sized tensor fewer).
+
+    Example:
+        >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
+        >>> all(torch.equal(a, b) for a, b in zip(chunked_stats(x), chunked_moments(x)))
+        True
+    """
+    return _chunked_stats(_up(x), None)
+
+
+def _up(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunked_stats(xf: Tensor, centered: Tensor | None) -> tuple[Tensor, Tensor]:
     p, g, d, s = xf.shape
     m = max(p * s, 1)
     mean = xf.sum(3, keepdim=True).sum(0, keepdim=True).div_(m)
-    centered = torch.empty((p, g, d, s), dtype=xf.dtype, device=xf.device)
     cov = xf.new_zeros((1, g, d, d))
+    buf: Tensor | None = None
     for sl in sample_chunks(xf):
-        c = torch.sub(xf[sl], mean, out=centered[sl])
+        if centered is not None:
+            c = torch.sub(xf[sl], mean, out=centered[sl])
+        else:
+            buf = _centre(xf[sl], mean, buf)
+            c = buf.view(xf[sl].shape)
         cov += torch.matmul(c, c.mT).sum(0, keepdim=True)
-    return mean, cov.div_(m), centered
+    return mean, cov.div_(m)

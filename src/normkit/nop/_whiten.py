@@ -189,10 +189,12 @@ class Whiten(Operation):
         if self._one_op(roles):
             # Batch whitening in place on the canonical view: statistics once, without
             # autograd; transform's one custom op differentiates through μ, Σ and W(Σ).
-            mean, cov, centered, f, u, w = FB.batch_whiten_fit(
+            # No centred copy: the op centres x chunk by chunk where it reads it (the key
+            # "inplace_mean" marks these statistics for transform()).
+            mean, cov, f, u, w = FB.batch_whiten_fit(
                 v, self.method, eps, iterations=self.iterations, data_dtype=v.dtype)
             eig = {} if u is None else {"eig_f": f, "eig_u": u}
-            return {"mean": mean, "cov": cov, "matrix": w, "centered": centered, **eig}
+            return {"mean": mean, "cov": cov, "matrix": w, "inplace_mean": mean, **eig}
         if (roles is not None and roles[0] == "G" and self.method == "zca"
                 and self.last_group is None):
             # Per-sample ZCA (instance / group whitening: the batch axis is a G axis; batch
@@ -261,8 +263,8 @@ class Whiten(Operation):
     ) -> Tensor:
         w = self.whitening(stats, eps)
         centered = stats.get("centered")
-        if centered is not None and self._use_fused(nap):
-            return self._fused_transform(v, stats, w, centered, nap, eps, weight, bias)
+        if (centered is not None or "inplace_mean" in stats) and self._use_fused(nap):
+            return self._fused_transform(v, stats, w, nap, eps, weight, bias)
         if self._layout(v, nap)[0]:  # (N, A, B, S) in place, see fit()
             x = v.to(w.dtype) if centered is None else centered
             folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
@@ -287,9 +289,8 @@ class Whiten(Operation):
         out = unmatrix_view(out, v.shape, nap.roles)
         return Fs.affine_transform(out, None, None, weight, bias)
 
-    def _fused_transform(self, v: Tensor, stats: Stats, w: Tensor, centered: Tensor,
-                         nap: Partition, eps: float, weight: Tensor | None,
-                         bias: Tensor | None) -> Tensor:
+    def _fused_transform(self, v: Tensor, stats: Stats, w: Tensor, nap: Partition, eps: float,
+                         weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """Batch statistics, fused: :func:`~normkit.functional.fused_batch_whiten.batch_whiten_apply`
         (batch whitening in place), :func:`~normkit.functional.fused_whiten.sample_zca_apply`
         (per-sample ZCA) or :func:`~normkit.functional.whiten_ops.whiten_with_gradient`
@@ -298,9 +299,10 @@ class Whiten(Operation):
         foldable = all(r is None or r.shape[-1] == 1 for r in rows)
         shared, roles = self._layout(v, nap)
         kept = [r if foldable else None for r in rows]
-        if self._one_op(roles):  # batch whitening in place (see fit)
+        centered = stats.get("centered")
+        if centered is None:  # batch whitening in place (see fit)
             out = FB.batch_whiten_apply(
-                v, (centered, stats["cov"], stats.get("eig_u"), stats.get("eig_f"), w),
+                v, (stats["inplace_mean"], stats["cov"], stats.get("eig_u"), stats.get("eig_f"), w),
                 method=self.method, eps=eps, iterations=self.iterations, data_dtype=v.dtype,
                 weight=kept[0], bias=kept[1])
         elif "eig_u" in stats and roles is not None:  # per-sample ZCA (see fit)
