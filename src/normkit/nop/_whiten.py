@@ -74,7 +74,8 @@ class Whiten(Operation):
         fused: train with batch statistics through ``torch.library`` custom ops whose
             backward is derived by hand: batch whitening in place through one op
             (:mod:`normkit.functional.fused_batch_whiten`: statistics once without autograd,
-            ``∂Σ`` in closed form, the input gradient in one buffer; a second derivative
+            ``∂Σ`` in closed form, the input gradient in one buffer, nothing saved beyond the
+            input; a second derivative
             differentiates the plain composition); the matrix layout and a padded last group
             through two
             (:mod:`normkit.functional.whiten_ops`: fewer passes over the activations, only
