@@ -46,8 +46,9 @@ import generic_util as G
 import normkit as nk
 from cases_power import STATE_BUFFERS, STATEFUL
 from normkit import ConfigError
+from normkit.functional.fused_running import power_scale
 from normkit.methods.power import PowerNorm
-from normkit.nop._power import PowerScale, _PowerBackward
+from normkit.nop._power import PowerScale
 from robust_util import EPS, F64, SETTINGS, TIGHT, gen, grads, rand, randomize
 
 
@@ -220,8 +221,8 @@ def test_function_gradcheck_where_exact(phase: str) -> None:
         # ms is a non-differentiable input of the Function; in the warm-up it is recomputed
         # here from the (perturbed) input, so the numerical Jacobian sees its dependence on x
         ms = x.detach().square().mean((0, 3), keepdim=True) if warm else psi
-        return _PowerBackward.apply(x, ms, w, b, EPS, (0, 3), nu, torch.tensor(not warm),
-                                    0.9, False)
+        return power_scale(x, ms, w, b, EPS, (0, 3), nu=nu, gate=torch.tensor(not warm),
+                           alpha=0.9, record=False)
 
     assert gradcheck(f, (x, w, b))
     assert torch.equal(nu, torch.zeros(2, dtype=F64))  # not recording
@@ -235,8 +236,8 @@ def test_function_approximate_backward_is_not_a_derivative() -> None:
     psi = torch.tensor([0.7, 2.5], dtype=F64).view(1, 2, 1, 1)
 
     def f(x: Tensor) -> Tensor:
-        return _PowerBackward.apply(x, psi, None, None, EPS, (0, 3), nu, torch.tensor(True),
-                                    0.9, False)
+        return power_scale(x, psi, None, None, EPS, (0, 3), nu=nu, gate=torch.tensor(True),
+                           alpha=0.9, record=False)
 
     assert not gradcheck(f, (x,), raise_exception=False)
 

@@ -39,9 +39,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..functional.fused import _reduced, _sum_sq
-from ..functional.fused_robust import _sum_dot, constant_standardize
-from ..functional.whiten import _first_order
+from ..functional.fused_robust import constant_standardize
+from ..functional.fused_running import power_scale
 from ..nap import Partition
 from ._base import State, StateSpec, Stats
 from ._robust import _int
@@ -131,61 +130,8 @@ class PowerScale(Scale):
                 if y is not None:
                     return y
             return super().transform(v, stats, nap=nap, eps=eps, m=m, weight=weight, bias=bias)
-        return _PowerBackward.apply(
-            v, stats["ms"].detach(), weight, bias, eps, nap.dims, stats["grad_nu"],
-            stats["grad_gate"], self.alpha_bkw, "record_grad" in stats, stats["batch_ms"].detach(),
+        return power_scale(
+            v, stats["ms"].detach(), weight, bias, eps, nap.dims, nu=stats["grad_nu"],
+            gate=stats["grad_gate"], alpha=self.alpha_bkw, record="record_grad" in stats,
+            batch_ms=stats["batch_ms"].detach(),
         )
-
-
-class _PowerBackward(torch.autograd.Function):
-    """``y = γ·x/√(ms + ε) + β`` with PowerNorm's backward: ``(g − c·x̂)/√(ms + ε)`` where
-    ``c = ν`` past the warm-up and ``c = Λ = E[g·x̂]`` (the exact gradient of RMS batch
-    normalization, ``ms`` the batch's) during it. ``ν`` is read, and for a recording step
-    updated, when the backward runs. Saves the input and per-channel statistics only: ``Λ`` and
-    ``∂γ`` come from one batched dot product ``Σ g·x``, ``Γ = E[x̂²] = E_B[x²]/(ms + ε)`` from the
-    batch's mean square, and ``∂x = γ r g − c r² x`` is two passes (``r = (ms + ε)^{−1/2}``)."""
-
-    @staticmethod
-    def forward(ctx, v, ms, weight, bias, eps, dims, nu, gate, alpha, record,  # type: ignore[override]
-                batch_ms=None):
-        inv = torch.rsqrt(ms + eps)
-        x = v.to(ms.dtype)
-        a = inv if weight is None else inv * weight
-        y = x * a
-        y = y if bias is None else y.add_(bias)  # mul + add: a broadcasting addcmul is slower
-        if batch_ms is None:  # E_B[x²] for Γ (the module hands the one fit computed)
-            batch_ms = ms if not record else _sum_sq(x, dims) / _reduced(x, dims)
-        ctx.save_for_backward(v, inv, batch_ms, weight)
-        ctx.dims, ctx.in_dtype = dims, v.dtype
-        ctx.nu, ctx.gate, ctx.alpha, ctx.record = nu, gate, alpha, record
-        ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        return y
-
-    @staticmethod
-    @_first_order("PowerNorm's approximate backward",
-                  "use alpha_bkw=1 (plain autograd) where second derivatives are needed")
-    def backward(ctx, gy):  # type: ignore[override]
-        v, inv, batch_ms, weight = ctx.saved_tensors
-        dims = ctx.dims
-        x = v.to(inv.dtype)
-        gy = gy.to(inv.dtype)
-        # γ folds into the per-channel sums when it is constant along the reduced axes
-        folded = weight is None or all(weight.shape[d] == 1 for d in dims)
-        g = gy if folded or weight is None else gy * weight
-        w = weight if folded and weight is not None else None
-        dot = _sum_dot(g, x, dims)  # Σ g x
-        wi = inv if w is None else inv * w  # γ r
-        lam = wi * dot / _reduced(x, dims)  # Λ = E[g'·x̂]
-        nu = ctx.nu.to(inv.dtype).reshape(lam.shape)  # ν_{t−1}
-        c = torch.where(ctx.gate, nu, lam)
-        gx = (g * wi).addcmul_(x, c * inv * inv, value=-1).to(ctx.in_dtype)
-        if ctx.record:
-            k = 1 - ctx.alpha
-            gamma = inv * inv * batch_ms.to(inv.dtype).reshape(lam.shape)  # Γ = E[x̂²]
-            ctx.nu.copy_((nu * (1 - k * gamma) + k * lam).reshape(-1))
-        gw = gb = None
-        if weight is not None:
-            gw = (inv * dot if folded else gy * x * inv).sum_to_size(weight.shape).to(weight.dtype)
-        if ctx.bias is not None:
-            gb = gy.sum_to_size(ctx.bias[0]).to(ctx.bias[1])
-        return gx, None, gw, gb, None, None, None, None, None, None, None
