@@ -60,7 +60,7 @@ from ._standard import Divisive as Divisive
 from ._standard import Range as Range
 from ._standard import Scale as Scale
 from ._standard import Standardize as Standardize
-from ._whiten import SwitchableWhiten as SwitchableWhiten
+from ._switch_whiten import SwitchableWhiten as SwitchableWhiten
 from ._whiten import Whiten as Whiten
 from ._window import MovingAverageStandardize as MovingAverageStandardize
 from ._window import WindowStandardize as WindowStandardize
