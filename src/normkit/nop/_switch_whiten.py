@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..functional import fused_whiten as FW
+from ..functional import fused_switch_whiten as FW
 from ..functional import whiten as W
 from ..functional.partition import matrix_view, unmatrix_view
 from ..nap import Partition
@@ -39,7 +39,7 @@ class SwitchableWhiten(Whiten):
     input's instance statistics. Use with ``Batch(group_size=d)``.
 
     Training with ZCA (``fused=True``, the default) runs two custom ops with a hand-derived
-    backward (:func:`~normkit.functional.fused_whiten.switch_whiten_fit`, ``switch_whiten_apply``:
+    backward (:func:`~normkit.functional.fused_switch_whiten.switch_whiten_fit`, ``switch_whiten_apply``:
     the batch moments pooled from the instance ones, the input the only activation saved);
     ``native=False`` runs the plain composition.
     """
