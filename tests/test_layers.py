@@ -66,6 +66,7 @@ LAYERS: dict[str, int] = {
     "_deprecated": 6,  # installs deprecated aliases on lower modules (no upward import)
     "experiments": 7,
     "cli": 7,
+    "_cli_values": 7,  # the value parsers of the command's options
     "__main__": 7,  # `python -m normkit`
     "analysis.cli": 7,  # `normkit analyze`: a command, beside cli.py (loads datasets, prints)
     "_bench": 7,  # the benchmarks behind `normkit bench` (private subpackage)

@@ -18,9 +18,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ._cli_values import (
+    HelpFormatter,
+    device_spec,
+    float_list,
+    int_list,
+    join,
+    positive,
+    split_methods,
+    subset,
+    tune_seeds,
+)
 
 __all__ = ["main", "build_parser", "split_methods"]
 
@@ -45,84 +57,6 @@ def _missing_extra() -> list[str]:
 
     return [m for m in COMPARE_EXTRA if importlib.util.find_spec(m) is None]
 
-def split_methods(text: str) -> list[str]:
-    """Split a ``--methods`` value into specs; a ``key=value`` piece continues the spec before.
-
-    Example: ``split_methods("bn,gn:num_groups=8,eps=1e-3,none")`` ==
-    ``["bn", "gn:num_groups=8,eps=1e-3", "none"]``.
-    """
-    specs: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
-        if not piece:
-            continue
-        if "=" in piece and ":" not in piece and specs and ":" in specs[-1]:
-            specs[-1] += "," + piece
-        else:
-            specs.append(piece)
-    if not specs:
-        raise argparse.ArgumentTypeError(f"no method in {text!r}; e.g. --methods bn,gn,ln,none")
-    return specs
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 2,4,16,64, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 0.03,0.1,0.3, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
-    return values
-
-
-def _tune_seeds(text: str) -> int | None:
-    if text.strip().lower() == "all":
-        return None
-    return int(_positive(int)(text))
-
-
-def _subset(text: str) -> int | None:
-    if text.strip().lower() == "all":
-        return None
-    return int(_positive(int)(text))
-
-
-def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: ...)`` only where there is a default worth showing."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool) or "default" in (
-                action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _join(values: list[int] | list[float]) -> str:
-    return ",".join(map(str, values))
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``normkit`` command (all subcommands)."""
     from .experiments.backends import BACKENDS
@@ -137,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'normkit COMMAND --help' for the options of each command.")
     parser.add_argument("-V", "--version", action="version", version=f"normkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = _HelpFormatter
+    fmt = HelpFormatter
 
     c = sub.add_parser(
         "compare", formatter_class=fmt,
@@ -171,27 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--convert", action="store_true",
                    help="--model is f(input_shape=, num_classes=) building a stock model; "
                    "normkit.convert replaces its normalization layers by each method")
-    c.add_argument("--batch-sizes", type=_int_list, default=_join(d.batch_sizes), metavar="B,B,...",
+    c.add_argument("--batch-sizes", type=int_list, default=join(d.batch_sizes), metavar="B,B,...",
                    help="training batch sizes")
-    c.add_argument("--seeds", type=_int_list, default=_join(d.seeds), metavar="S,S,...",
+    c.add_argument("--seeds", type=int_list, default=join(d.seeds), metavar="S,S,...",
                    help="seeds of model initialization and data order; one run per seed")
-    c.add_argument("--epochs", type=_positive(int), default=d.epochs,
+    c.add_argument("--epochs", type=positive(int), default=d.epochs,
                    help="passes over the training set, the same for every batch size")
     lr = c.add_mutually_exclusive_group()
-    lr.add_argument("--lrs", type=_float_list, default=None, metavar="LR,LR,...",
+    lr.add_argument("--lrs", type=float_list, default=None, metavar="LR,LR,...",
                     help="learning rates at --base-batch-size to tune over: per method and batch "
                     "size the one of lowest validation error is chosen, then tested (default: "
-                    f"{_join(d.lrs or [])})")
-    lr.add_argument("--lr", type=_positive(float), default=None,
+                    f"{join(d.lrs or [])})")
+    lr.add_argument("--lr", type=positive(float), default=None,
                     help="one learning rate at --base-batch-size for every method, no tuning and "
                     "no validation split (a quick run); cosine decay to 0 over training")
     c.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
                    help="share of the training set held out (seeded) to choose the lr")
-    c.add_argument("--tune-seeds", type=_tune_seeds, default=d.tune_seeds, metavar="K|all",
+    c.add_argument("--tune-seeds", type=tune_seeds, default=d.tune_seeds, metavar="K|all",
                    help="how many of the seeds (the first K) run the validation grid; the lr is "
                    "chosen on their mean validation error, then every seed is trained and tested "
                    f"at it ('all': every seed; default: {d.tune_seeds})")
-    c.add_argument("--base-batch-size", type=_positive(int), default=d.base_batch_size,
+    c.add_argument("--base-batch-size", type=positive(int), default=d.base_batch_size,
                    help="batch size at which --lr applies; others get lr * batch / base")
     scaling = c.add_mutually_exclusive_group()
     scaling.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"],
@@ -216,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "oni:iterations=5 (default: none)")
     c.add_argument("--gradient", default=None, choices=list(GRADIENT_METHODS),
                    help="gc, block, agc (hooks on SGD) or lars, lamb (replace SGD); default SGD")
-    c.add_argument("--nproc", type=_positive(int), default=1, metavar="N",
+    c.add_argument("--nproc", type=positive(int), default=1, metavar="N",
                    help="data-parallel processes per run (DDP on gloo, batch statistics "
                         "synchronized over the global batch; --jobs is then 1). Across machines, "
                         "start the command with torchrun instead: every run is then DDP over "
@@ -239,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Natural Neural Networks: every Linear/Conv2d whitens its input with "
                         "population statistics refreshed every --refresh-every steps (pca, zca, "
                         "cholesky; default: plain layers)")
-    c.add_argument("--refresh-every", type=_positive(int), default=100, metavar="T",
+    c.add_argument("--refresh-every", type=positive(int), default=100, metavar="T",
                    help="steps between population refreshes (default: 100)")
-    c.add_argument("--subset", type=_subset, default=d.subset, metavar="N|all",
+    c.add_argument("--subset", type=subset, default=d.subset, metavar="N|all",
                    help="use at most N training and N test examples (smaller = faster; 'all': "
                    f"the whole dataset; default: {d.subset})")
     c.add_argument("--out", metavar="DIR", default=None,
@@ -250,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-batch-stats", action="store_true",
                    help="also report test error with batch statistics (train mode, batches of "
                    "the run's size) besides the usual eval-mode running statistics")
-    c.add_argument("--jobs", type=_positive(int), default=None, metavar="N",
+    c.add_argument("--device", type=device_spec, default=d.device, metavar="cpu|cuda[:N]|mps",
+                   help="where every run trains and is evaluated (the data is generated and "
+                   "shuffled on the CPU, so the same runs see the same batches on any device; "
+                   "results on another device are kept apart from the CPU's)")
+    c.add_argument("--jobs", type=positive(int), default=None, metavar="N",
                    help="runs in parallel processes (default: CPU cores, at most 8)")
     c.add_argument("--backend", choices=BACKENDS, default="local",
                    help="local: processes on this machine; ray: one Ray task per run on a Ray "
@@ -419,11 +357,12 @@ def _summary(cfg: Any, dataset: Any) -> str:
         lr = (f"the lr tuned per method and batch size over {', '.join(map(str, cfg.lrs))} at "
               f"batch size {cfg.base_batch_size}{scaled}, on a validation split of "
               f"{cfg.val_fraction:.0%} of the training set (seed {cfg.data_seed}) with "
-              f"seed{'s' * (len(cfg.tuning_seeds()) != 1)} {_join(cfg.tuning_seeds())}, then "
+              f"seed{'s' * (len(cfg.tuning_seeds()) != 1)} {join(cfg.tuning_seeds())}, then "
               "every seed retrained on the whole training set and tested")
     return (f"{cfg.model} on {dataset.name}: {len(dataset.x_train)} training and "
             f"{len(dataset.x_test)} test examples, {epochs}, {_optimizer_text(cfg)} with {lr}, "
-            f"{schedule}; seeds {cfg.seeds}.")
+            f"{schedule}; seeds {cfg.seeds}"
+            f"{'' if cfg.device == 'cpu' else f'; on {cfg.device}'}.")
 
 
 def _compare_run(args: argparse.Namespace) -> int:
@@ -454,18 +393,19 @@ def _compare_run(args: argparse.Namespace) -> int:
         eval_batch_stats=args.eval_batch_stats, weight=args.weight, gradient=args.gradient,
         nproc=args.nproc, analyze=args.analyze, shift=args.shift,
         input_norm=args.input_norm, population=args.population,
-        refresh_every=args.refresh_every)
+        refresh_every=args.refresh_every, device=args.device)
     out = args.out or "runs/compare-" + "-".join(
         Path(v.rpartition(":")[2] if ":" in v else v).name for v in (args.dataset, args.model))
     jobs = 1 if cfg.nproc > 1 else (args.jobs or default_jobs())
     if torchrun.launched():  # every run DDP over torchrun's processes; rank 0 reports
-        if cfg.nproc > 1 or args.backend != "local":
+        if cfg.nproc > 1 or args.backend != "local" or cfg.device != "cpu":
             raise ConfigError("under torchrun every run is data-parallel over torchrun's "
-                              "processes: drop --nproc and --backend")
+                              "processes on the CPU (gloo): drop --nproc, --backend and "
+                              "--device")
         torchrun.init()
         jobs, args.quiet = 1, args.quiet or torchrun.rank() != 0
     console = Console(stderr=True, quiet=args.quiet)
-    check_backend(args.backend, args.address)
+    check_backend(args.backend, args.address, cfg.device)
     dataset, store = prepared = prepare(cfg, out)  # every check before any training
     runs = len(grid(cfg)) + (len(cfg.methods) * len(cfg.batch_sizes) * len(cfg.seeds)
                              if cfg.lrs is not None else 0)

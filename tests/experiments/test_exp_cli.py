@@ -11,7 +11,8 @@ from normkit.cli import main, split_methods
 COMPARE_OPTIONS = ["--methods", "--dataset", "--data-dir", "--model", "--batch-sizes", "--seeds",
                    "--epochs", "--lr", "--base-batch-size", "--no-lr-scaling", "--momentum",
                    "--weight-decay", "--subset", "--out", "--eval-batch-stats", "--jobs",
-                   "--quiet", "--lrs", "--val-fraction", "--convert", "--backend", "--address"]
+                   "--quiet", "--lrs", "--val-fraction", "--convert", "--backend", "--address",
+                   "--device"]
 
 
 def test_top_level_help(capsys):

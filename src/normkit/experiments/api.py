@@ -69,7 +69,7 @@ def compare(*, model: str | Callable[..., Any] = "cnn1d",
     """
     cfg = CompareConfig(model=spec_of(model) if callable(model) else model,
                         dataset=spec_of(dataset) if callable(dataset) else dataset, **settings)
-    check_backend(backend, address)
+    check_backend(backend, address, cfg.device)
     prepared = prepare(cfg, out)
     records = run_sweep(cfg, out, jobs=jobs or default_jobs(), show_progress=show_progress,
                         prepared=prepared, backend=backend, address=address)

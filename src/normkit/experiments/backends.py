@@ -5,8 +5,9 @@ their records as they finish; the driver (:func:`normkit.experiments.sweep.run_s
 to the run directory's ``results.jsonl``, so resuming works the same whatever ran the runs.
 
 * ``local`` (default): ``jobs`` spawned worker processes fed from a queue (one: this process);
-* ``ray``: one Ray task per run (``num_cpus=threads``) on the cluster at ``address`` (``None``:
-  start a local Ray instance; ``"auto"``: the cluster this machine belongs to). Needs the
+* ``ray``: one Ray task per run (``num_cpus=threads``, and one GPU with ``--device cuda``) on the
+  cluster at ``address`` (``None``: start a local Ray instance; ``"auto"``: the cluster this
+  machine belongs to). Needs the
   ``ray`` extra (``pip install "normkit[ray]"``) and ``normkit`` (and a user model's module)
   importable on every node. Ray is started and shut down here unless it was already initialized.
 
@@ -54,13 +55,18 @@ def run_one(dataset: Dataset, cfg: CompareConfig, run: Run,
                      phase=run.phase, on_steps=on_steps)
 
 
-def check_backend(backend: str, address: str | None = None) -> None:
-    """Refuse an unknown backend, an ``address`` without Ray, or Ray when it is not installed.
+def check_backend(backend: str, address: str | None = None, device: str = "cpu") -> None:
+    """Refuse an unknown backend, an ``address`` without Ray, Ray when it is not installed, a
+    ``device`` the local backend's machine lacks (:func:`~normkit.experiments.config.check_device`),
+    or a numbered CUDA device with Ray (Ray gives every run's task one GPU of its own: use
+    ``cuda``).
 
     Raises:
         ConfigError: naming the value and the fix.
     """
     import importlib.util
+
+    from .config import check_device
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -69,6 +75,10 @@ def check_backend(backend: str, address: str | None = None) -> None:
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("--backend ray needs Ray: pip install 'normkit[ray]' (or "
                           "'ray>=2.9'), or use the default local backend")
+    check_device(device, here=backend == "local")
+    if backend == "ray" and device.startswith("cuda:"):
+        raise ConfigError(f"--device {device} names one GPU, but Ray gives each run's task a "
+                          f"GPU of its own: use --device cuda with --backend ray")
 
 
 def execute(dataset: Dataset, cfg: CompareConfig, todo: list[Run], *, backend: str = "local",
@@ -89,7 +99,7 @@ def execute(dataset: Dataset, cfg: CompareConfig, todo: list[Run], *, backend: s
         ConfigError: for an unknown backend, ``address`` without Ray, or Ray not installed.
         WorkerError: when a worker process or Ray task dies.
     """
-    check_backend(backend, address)
+    check_backend(backend, address, cfg.device)
     if not todo:
         return
     if backend == "ray":
@@ -188,6 +198,18 @@ def _ray_task(dataset: Dataset, cfg: CompareConfig, run: tuple[Any, ...],
     return run_one(dataset, cfg, Run(*run))
 
 
+def ray_resources(cfg: CompareConfig, threads: int) -> dict[str, Any]:
+    """The options of every run's Ray task: ``threads`` CPUs, one GPU when ``cfg.device`` is
+    CUDA (Ray hides the GPUs a task did not ask for), no retries.
+
+    Example:
+        >>> ray_resources(CompareConfig(device="cuda"), 2)
+        {'num_cpus': 2, 'num_gpus': 1, 'max_retries': 0}
+    """
+    gpus = 1 if torch.device(cfg.device).type == "cuda" else 0
+    return {"num_cpus": threads, "num_gpus": gpus, "max_retries": 0}
+
+
 def _execute_ray(dataset: Dataset, cfg: CompareConfig, todo: list[Run], threads: int,
                  address: str | None, advance: Callable[[int], None],
                  describe: Callable[[str], None]) -> Iterator[dict[str, Any]]:
@@ -200,7 +222,7 @@ def _execute_ray(dataset: Dataset, cfg: CompareConfig, todo: list[Run], threads:
 
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
-    task = ray.remote(num_cpus=threads, max_retries=0)(_ray_task)
+    task = ray.remote(**ray_resources(cfg, threads))(_ray_task)
     pending: dict[Any, Run] = {}
     try:
         data_ref, cfg_ref = ray.put(dataset), ray.put(cfg)

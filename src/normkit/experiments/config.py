@@ -28,7 +28,7 @@ from .models import MODELS
 from .tuning import DEFAULT_LRS
 
 __all__ = ["DEFAULT_METHODS", "GRADIENT_METHODS", "OPTIMIZERS", "LR_SCALINGS", "CompareConfig",
-           "canonical_method"]
+           "canonical_method", "check_device"]
 
 DEFAULT_METHODS = ("bn", "gn:num_groups=8", "ln", "none")
 GRADIENT_METHODS = ("gc", "block", "agc", "lars", "lamb")
@@ -106,6 +106,11 @@ class CompareConfig:
             batches of 256 training examples (:class:`normkit.population.RefreshEvery`, SGD
             momentum transformed); ``None``: plain layers.
         refresh_every: steps between population refreshes (with ``population``).
+        device: where every run trains and is evaluated: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
+            ``"mps"``. The dataset is generated, split and shuffled on the CPU (the same batches
+            on every device), and the model initialized on the CPU from the run's seed, then
+            moved. A setting (results on another device differ in rounding): ``"cpu"`` is not
+            hashed, so earlier results keep their hash.
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -137,6 +142,7 @@ class CompareConfig:
     population: str | None = None
     refresh_every: int = 100
     convert: bool = False
+    device: str = "cpu"
 
     _GRID = ("methods", "batch_sizes", "seeds", "data_dir", "lrs", "tune_seeds")
 
@@ -155,7 +161,7 @@ class CompareConfig:
             del values["val_fraction"]
         optional = {"weight": None, "gradient": None, "nproc": 1, "analyze": False,
                     "shift": None, "input_norm": None, "population": None, "refresh_every": 100,
-                    "convert": False, "optimizer": "sgd", "warmup": 0.0}
+                    "convert": False, "optimizer": "sgd", "warmup": 0.0, "device": "cpu"}
         return {k: v for k, v in values.items() if k not in optional or v != optional[k]}
 
     def tuning_seeds(self) -> list[int]:
@@ -273,6 +279,10 @@ class CompareConfig:
         if self.gradient is not None and self.gradient not in GRADIENT_METHODS:
             raise ConfigError(f"unknown gradient method {self.gradient!r}; choose one of "
                               f"{', '.join(GRADIENT_METHODS)}")
+        check_device(self.device, here=False)  # where it runs: backends.check_backend
+        if self.device != "cpu" and self.nproc > 1:
+            raise ConfigError(f"--nproc runs data-parallel processes on the CPU (gloo), but the "
+                              f"device is {self.device!r}; drop --nproc or use --device cpu")
         self.methods = [canonical_method(m) for m in self.methods]
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"the list of methods names one method twice: {self.methods}")
@@ -285,6 +295,42 @@ class CompareConfig:
         if self.lr_scaling == "sqrt":
             return lr * math.sqrt(batch_size / self.base_batch_size)
         return lr * batch_size / self.base_batch_size if self.lr_scaling else lr
+
+
+def check_device(device: str, *, here: bool = True) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
+    ``"mps"`` and, with ``here``, names a device this machine has (saying what it has instead;
+    without ``here`` the form alone: a Ray cluster's workers have their own devices).
+
+    Example:
+        >>> check_device("cpu")
+        >>> check_device("tpu")
+        Traceback (most recent call last):
+        ...
+        normkit.errors.ConfigError: unknown device 'tpu'; choose cpu, cuda, cuda:N or mps
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or mps")
+    if not here:
+        return
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = torch.version.cuda
+            raise ConfigError(f"device {device!r}: no CUDA device is available (torch "
+                              f"{torch.__version__} is built "
+                              f"{'for CUDA ' + built if built else 'without CUDA'}); use --device "
+                              f"cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available on this machine (Apple "
+                          f"silicon and a torch built with MPS); use --device cpu")
 
 
 def canonical_method(spec: str) -> str:

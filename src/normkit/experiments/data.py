@@ -26,7 +26,7 @@ import functools
 import gzip
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,14 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example, without the batch axis: ``(L,)`` or ``(C, H, W)``."""
         return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same dataset with its tensors on ``device`` (``self`` when they are there)."""
+        dev = torch.device(device)
+        if self.x_train.device == dev:
+            return self
+        return replace(self, **{k: getattr(self, k).to(dev)
+                                for k in ("x_train", "y_train", "x_test", "y_test")})
 
     def describe(self) -> dict[str, object]:
         """JSON-able summary: name, sizes, input shape, classes and source."""

@@ -165,7 +165,9 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
     batch_size, seed = record["batch_size"], record["seed"]
     if world > 1:  # data-parallel: the record says over how many processes
         record["world_size"] = world
-    torch.manual_seed(seed)
+    device = torch.device(cfg.device)
+    ds = ds.to(device)
+    torch.manual_seed(seed)  # initialized on the CPU, then moved: the same weights everywhere
     model = build_model(cfg.model, ds.input_shape, ds.num_classes, record["method"],
                         **_model_kw(cfg))
     if cfg.population is not None:
@@ -176,6 +178,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         from ..input_norm import InputNormalizer
 
         model = nn.Sequential(InputNormalizer(method=cfg.input_norm).fit(ds.x_train), model)  # type: ignore[arg-type]
+    model.to(device)
     record["num_params"] = sum(p.numel() for p in model.parameters())
     steps_per_epoch = len(ds.x_train) // batch_size
     opt = _optimizer(model, cfg, record["lr"])
@@ -205,7 +208,7 @@ def _train(ds: Dataset, cfg: CompareConfig, record: dict[str, Any],
         perm = torch.randperm(len(ds.x_train), generator=order)
         loss_sum, correct, pending = 0.0, 0, 0
         for step in range(steps_per_epoch):
-            idx = perm[step * batch_size:(step + 1) * batch_size][lo:hi]
+            idx = perm[step * batch_size:(step + 1) * batch_size][lo:hi].to(device)
             logits, target = model(ds.x_train[idx]), ds.y_train[idx]
             # Σ over the slice / global batch, × world: DDP's average is the global mean
             loss = F.cross_entropy(logits, target, reduction="sum") * (world / batch_size)

@@ -126,7 +126,8 @@ def _rotate(x: Tensor, degrees: float) -> Tensor:
     if x.dim() == 4:
         theta = math.radians(degrees)
         c, s = math.cos(theta), math.sin(theta)
-        mat = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
+        mat = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype, device=x.device)
+        mat = mat.expand(len(x), 2, 3)
         grid = F.affine_grid(mat, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
                              align_corners=False)
@@ -162,9 +163,10 @@ def shift_inputs(x: Tensor, name: str, *, severity: float | None = None, seed: i
         return mean + severity * (x - mean)
     if name == "noise":
         gen = torch.Generator().manual_seed(seed)
-        return x + severity * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        # drawn on the CPU: the same noise on every device
+        return x + severity * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     if name == "blur":
-        kernel = _gaussian_kernel(severity, x.dtype)
+        kernel = _gaussian_kernel(severity, x.dtype).to(x.device)
         out = _blur_axis(x, kernel, -1)
         return _blur_axis(out, kernel, -2) if x.dim() == 4 else out
     return _rotate(x, severity)
