@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
+from ._rows import conv_patches, grad_rows, weight_rows
 
 __all__ = [
     "DEFAULT_KS",
@@ -234,76 +235,6 @@ class LayerConditioning:
         return out
 
 
-def _conv_padding(module: nn.Conv1d | nn.Conv2d) -> list[int]:
-    """``F.pad`` amounts (last dim first) equivalent to the layer's padding."""
-    nd = len(module.kernel_size)
-    pad: list[int] = []
-    for i in reversed(range(nd)):
-        if module.padding == "valid":
-            lo = hi = 0
-        elif module.padding == "same":
-            total = module.dilation[i] * (module.kernel_size[i] - 1)
-            lo, hi = total // 2, total - total // 2  # torch puts the odd extra on the right
-        else:
-            lo = hi = int(module.padding[i])  # type: ignore[index]
-        pad += [lo, hi]
-    return pad
-
-
-def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    r"""im2col rows of a convolution's input: one row per (sample, output position).
-
-    Row ``r`` is the receptive field that ``weight.flatten(1)`` multiplies, so that
-    ``conv(x)`` at that position equals ``weight.flatten(1) @ row (+ bias)``. The layer's
-    ``padding``/``padding_mode`` is applied first; ``stride`` and ``dilation`` are honoured.
-
-    Shape:
-        ``x``: ``(B, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``;
-        returns ``(B·L, C_in·∏kernel_size)`` with ``L`` the number of output positions.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
-        >>> x = torch.randn(2, 2, 4, 5)
-        >>> p = conv_patches(conv, x)
-        >>> p.shape
-        torch.Size([40, 18])
-        >>> y = (p @ conv.weight.flatten(1).T).reshape(2, 20, 3).transpose(1, 2)
-        >>> torch.allclose(y, conv(x).flatten(2), atol=1e-5)
-        True
-    """
-    nd = len(module.kernel_size)
-    if x.dim() == nd + 1:
-        x = x.unsqueeze(0)
-    if x.dim() != nd + 2:
-        raise ShapeError(f"{type(module).__name__} input must have {nd + 2} (or {nd + 1}) dims, "
-                         f"got shape {tuple(x.shape)}")
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, _conv_padding(module), mode=mode)
-    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    if nd == 1:  # Conv1d as a Conv2d over a height-1 image
-        x = x.unsqueeze(-2)
-        kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C·∏k, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _rows(module: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    return conv_patches(module, x)  # type: ignore[arg-type]
-
-
-def _grad_rows(module: nn.Module, g: Tensor) -> Tensor:
-    if isinstance(module, nn.Linear):
-        return g.reshape(-1, g.shape[-1])
-    nd = len(module.kernel_size)  # type: ignore[arg-type]
-    if g.dim() == nd + 1:
-        g = g.unsqueeze(0)
-    return g.movedim(1, -1).reshape(-1, g.shape[1])
-
-
 def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     named = {n: m for n, m in model.named_modules() if isinstance(m, _SUPPORTED)}
     if layers is None:
@@ -393,7 +324,7 @@ def layer_statistics(
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            rows = _rows(module, args[0].detach()).to(torch.float64)
+            rows = weight_rows(module, args[0].detach()).to(torch.float64)
             xx[name] = xx.get(name, 0) + rows.T @ rows
             x_sum[name] = x_sum.get(name, 0) + rows.sum(0)
             n_x[name] = n_x.get(name, 0) + rows.shape[0]
@@ -434,7 +365,7 @@ def layer_statistics(
         n = n_x[name]
         grad_stats = None
         if name in grads:
-            g_rows = torch.cat([_grad_rows(module, g).to(torch.float64) for g in grads[name]])
+            g_rows = torch.cat([grad_rows(module, g).to(torch.float64) for g in grads[name]])
             n_g = g_rows.shape[0]
             grad_stats = SpectrumStats.from_cov(n_g * (g_rows.T @ g_rows), ks, rtol,
                                                 keep_covariances)
