@@ -74,11 +74,46 @@ def test_timm_peers_compute_what_normkit_does() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 32, 5, 5, generator=gen)
     for method, peer in goals.PEERS.items():
+        if peer.source != "timm":
+            continue  # a torch reference: test_torch_reference_peers_compute_what_normkit_does
         ours = build_method(method, x, gen, **peer.kwargs).train()
         eps = ours.eps if ours.eps is not None else torch.finfo(x.dtype).eps
         theirs = getattr(layers, peer.cls)(32, eps=eps, **peer.timm_kwargs).train()
         torch.testing.assert_close(ours(x), theirs(x), atol=2e-6, rtol=1e-5, msg=method)
         assert {n for n, _ in ours.named_parameters()} == {n for n, _ in theirs.named_parameters()}
+
+
+def test_torch_reference_peers_compute_what_normkit_does() -> None:
+    """SPADE's peer, the paper's code in plain torch on normkit's own conv net: the same output,
+    input gradient and running statistics in training."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 6, 6, generator=gen, requires_grad=True)
+    refs = {m: p for m, p in goals.PEERS.items() if p.source == "torch"}
+    assert set(refs) == {"spade"}
+    for method in refs:
+        ours = build_method(method, x.detach(), gen).train()
+        _, theirs, _ = goalrun._peer(method, x.detach(), ours, gen, None)
+        assert theirs is not None
+        theirs.train()
+        y, yr = ours(x), theirs(x)
+        torch.testing.assert_close(yr, y, atol=2e-6, rtol=1e-5, msg=method)
+        g = torch.randn(y.shape, generator=gen)
+        torch.testing.assert_close(torch.autograd.grad(yr, x, g)[0],
+                                   torch.autograd.grad(y, x, g)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(theirs.inner.bn.running_var, ours.inner.running_var)
+
+
+def test_exempt_goals_are_listed_with_why_and_not_judged() -> None:
+    r = goalrun.run_goals(["2x8x3x3"], ["spade"], repeats=1, compile_=False, log=lambda s: None)
+    (row,) = r["rows"]
+    verdicts = {g["figure"]: g["verdict"] for g in row["goals"]}
+    assert verdicts["eager"] == verdicts["saved"] == "exempt"
+    assert verdicts["peer"] in ("met", "missed") and row["figures"]["peer"] > 0
+    assert r["goals"]["judged"] == 1  # the peer alone
+    assert all(g["why"] == goals.EXEMPT[("spade", g["figure"])]
+               for g in row["goals"] if g["verdict"] == "exempt")
+    text = goalrun.goals_report(r)
+    assert "exempt (spade: eager, saved)" in text and "torch SPADEReference" in text
 
 
 def test_goals_command_prints_every_column_and_a_verdict(tmp_path, capsys) -> None:
@@ -89,7 +124,7 @@ def test_goals_command_prints_every_column_and_a_verdict(tmp_path, capsys) -> No
                  "--repeats", "1", "--plain", "--compile-backend", "aot_eager", "--json", str(path)])
     assert rc == 0
     out = capsys.readouterr().out
-    for column in ("x BN", "comp x cBN", "x timm", "eval x BN", "eval x mm", "x LRN", "saved/in",
+    for column in ("x BN", "comp x cBN", "x peer", "eval x BN", "eval x mm", "x LRN", "saved/in",
                    "goals", "verdict", "target", "ratios are from one run"):
         assert column in out, column
     r = json.loads(path.read_text())

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from .timing import ShapeSpec
 
-__all__ = ["Lambda", "PlainWhitening", "WindowLRN", "bn_torch", "lrn_at_window", "plain_for",
+__all__ = ["Lambda", "PlainWhitening", "SPADEReference", "WindowLRN", "bn_torch", "lrn_at_window", "plain_for",
            "torch_for", "whitening_matrix"]
 
 
@@ -327,6 +328,24 @@ def lrn_at_window(method: str, ours: Any) -> tuple[nn.Module, str] | None:
     cw = nap.channel_window
     mod = WindowLRN(window=window, channel_window=cw, alpha=nop.alpha, beta=nop.beta, k=nop.k)
     return mod, f"{cw}x{'x'.join(map(str, window))}"
+
+
+class SPADEReference(nn.Module):
+    """SPADE as the paper's code writes it (NVlabs/SPADE ``SPADE.forward``), in plain torch:
+    ``BatchNorm2d(affine=False)(x) * (1 + γ(m)) + β(m)`` with ``m`` resized to ``x`` by nearest
+    neighbour and ``γ, β`` from a copy of ``layer``'s conv net (the same weights), BN with
+    ``layer``'s ``eps`` and ``momentum``. Called as ``ref(x, m)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum,
+                                 affine=False)
+        self.net = copy.deepcopy(layer.spade)
+
+    def forward(self, x: Tensor, seg: Tensor) -> Tensor:
+        seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")
+        gamma, beta = self.net(seg)
+        return self.bn(x) * (1 + gamma) + beta
 
 
 def whitening_matrix(cov: Tensor, kind: str, eps: float, iterations: int = 5, *,
