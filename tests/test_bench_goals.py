@@ -305,3 +305,44 @@ def test_compiled_rows_time_copies_of_the_eager_modules(monkeypatch) -> None:
     assert r["rows"][0]["figures"]["compiled"] is not None and len(compiled) == 2
     assert all(m is not b for m in compiled for b in built)
     assert any(type(m) is type(built[0]) for m in compiled)  # a copy of the method's module
+
+
+def test_parity_run_compares_every_tensor_and_passes_cpu_against_itself(tmp_path, capsys) -> None:
+    """``bench --parity``: on the CPU the device copy is a second CPU copy, so every method matches
+    exactly; every step's output, gradients, buffers and eval output are compared."""
+    from normkit._bench.parity import run_parity
+
+    r = run_parity(None, "cpu", shape="2x8x3x3")
+    assert {row["method"] for row in r["rows"]} == set(nk.list_methods())
+    assert r["ok"], [row for row in r["rows"] if not row["ok"]]
+    bn = next(row for row in r["rows"] if row["method"] == "bn")
+    assert bn["compared"] == 7  # y, dx, dweight, dbias, running mean and var, eval y
+    path = tmp_path / "p.json"
+    assert B.main(["--parity", "--methods", "bn,spade", "--shapes", "2x8x3x3", "--plain",
+                   "--json", str(path)]) == 0
+    assert "2/2 methods match on cpu" in capsys.readouterr().out
+    assert json.loads(path.read_text())["ok"] is True
+
+
+def test_parity_run_reports_a_mismatch_and_exits_1(monkeypatch, tmp_path, capsys) -> None:
+    """A layer whose copies compute differently (noise drawn per call) is a MISMATCH naming the
+    tensor, and the command exits with 1; a layer that raises keeps its row with the error."""
+    from normkit._bench import parity
+
+    class Noisy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.rand(())
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(parity, "build_method",
+                        lambda m, x, gen: Noisy() if m == "bn" else Broken())
+    r = parity.run_parity(["bn", "gn"], "cpu", shape="2x4x3x3")
+    bn, gn = r["rows"]
+    assert not r["ok"] and not bn["ok"] and bn["worst"] in ("y", "eval y") and bn["difference"] > 0
+    assert not gn["ok"] and gn["error"] == "RuntimeError: no kernel for this device"
+    assert B.main(["--parity", "--methods", "bn", "--shapes", "2x4x3x3", "--plain", "--json",
+                   str(tmp_path / "p.json")]) == 1
+    assert "MISMATCH" in capsys.readouterr().out

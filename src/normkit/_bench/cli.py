@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--goals: ratios of medians (default) or of minima (the least "
                         "disturbed call)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
-                   help="--goals: where to run (cuda: timed with torch.cuda.Event; default cpu)")
+                   help="--goals, --parity: where to run (cuda: timed with torch.cuda.Event; "
+                   "default cpu)")
+    p.add_argument("--parity", action="store_true",
+                   help="no timing: every method's float64 training step and eval on --device "
+                   "against the CPU's (output, gradients, buffers); exit status 1 on a mismatch "
+                   "(default shape 8x32x8x8)")
     p.add_argument("--cell-budget", type=float, default=4.0,
                    help="seconds after which a cell stops at 3 rounds (default 4)")
     p.add_argument("--max-minutes", type=float,
@@ -118,11 +123,7 @@ def _main_goals(args: argparse.Namespace, rich: bool) -> int:
         methods = _split(args.methods)
         for m in methods or ():
             nk.info(m)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: torch.cuda.is_available() is False; use --device cpu")
-        if args.device == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("--device mps: torch.backends.mps.is_available() is False; "
-                             "use --device cpu")
+        _check_device(args.device)
         minutes = args.max_minutes if args.max_minutes is not None else 13.0
         result = run_goals(shapes, methods, repeats=args.repeats or 15, warmup=args.warmup,
                            compile_=not args.no_compile, device=args.device, threads=args.threads,
@@ -138,6 +139,33 @@ def _main_goals(args: argparse.Namespace, rich: bool) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: torch.backends.mps.is_available() is False; "
+                         "use --device cpu")
+
+
+def _main_parity(args: argparse.Namespace, rich: bool) -> int:
+    from .parity import parity_report, run_parity
+
+    try:
+        _check_device(args.device)
+        shapes = _split(args.shapes) or ["8x32x8x8"]
+        if len(shapes) != 1:
+            raise ValueError(f"--parity takes one shape, got {shapes}")
+        result = run_parity(_split(args.methods), args.device, shape=shapes[0])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(parity_report(result, rich=rich))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {args.json}")
+    return 0 if result["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """``normkit bench`` / ``python benchmarks/run.py``: run, print tables, write JSON."""
     args = build_parser().parse_args(argv)
@@ -149,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is None:
         args.threads = 1 if args.goals else 2
     if args.json is None:
-        args.json = Path("benchmarks/results/goals.json" if args.goals else "benchmarks/results/latest.json")
+        args.json = Path("benchmarks/results/" + ("goals.json" if args.goals else "parity.json"
+                                                  if args.parity else "latest.json"))
     if args.goals:
         return _main_goals(args, rich)
+    if args.parity:
+        return _main_parity(args, rich)
     if args.device != "cpu":
-        print("error: --device applies to --goals only (the other benchmarks run on the CPU)",
+        print("error: --device applies to --goals and --parity only (the other benchmarks run "
+              "on the CPU)",
               file=sys.stderr)
         return 2
     if args.whitening:
