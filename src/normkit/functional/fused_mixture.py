@@ -149,12 +149,21 @@ def _through_posterior(g_p_coef: Tensor, values: Tensor, p: Tensor, coef: Tensor
     return _reduce(g_a, bt, coef.shape[0]), q, g_a
 
 
-def _pair_through(planes: Tensor, coef: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
-    """Reverse mode through :func:`_pair`: ``planes`` ``(3, C·J, L)`` hold ``p_0, p_1`` and
-    ``∂L/∂p_1 − ∂L/∂p_0``, which becomes ``∂L/∂d = p_0 p_1 (∂L/∂p_1 − ∂L/∂p_0)`` in place.
+def _second(coef: Tensor, zr: Tensor, j: int, out: Tensor) -> Tensor:
+    """The second of two components' posteriors alone, ``p_1 = sigmoid(d)``, into ``out``
+    ``(C·J, L)``: the backward writes ``p_0`` as ``1 − p_1`` wherever it enters linearly
+    (:func:`_pair_through`), one sigmoid and one plane less than :func:`_pair`."""
+    return _quad(_rep(coef[:, 1] - coef[:, 0], j), zr, out).sigmoid_()
+
+
+def _pair_through(p1: Tensor, g_p: Tensor, coef: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
+    """Reverse mode through :func:`_pair` from ``p_1`` and ``g_p = ∂L/∂p_1 − ∂L/∂p_0``, which
+    becomes ``∂L/∂d = p_0 p_1 g_p`` in place (``p_0 p_1 = p_1(1 − p_1)``: at most ~1e-7 off in
+    absolute terms where ``p_0`` underflows, where the gradient through ``d`` is that small).
     Returns ``∂L/∂A`` ``(C, 2, 3)`` and the coefficients ``(C, 2)`` of ``∂L/∂d`` in ``∂L/∂z =
     ∂L/∂d·(q_0 + q_1 z)``."""
-    g_d = planes[2].mul_(planes[0]).mul_(planes[1])
+    g_d = g_p.mul_(p1)
+    g_d.addcmul_(g_d, p1, value=-1)
     g1 = _reduce(g_d.unsqueeze(1), bt, coef.shape[0])
     q = torch.stack((coef[..., 1], 2 * coef[..., 2]), 1)  # (C, 2, K)
     return torch.cat((-g1, g1), 1), q[..., 1] - q[..., 0]
@@ -271,18 +280,23 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     bt = basis.transpose(1, 2)
     w = None if weight is None else weight.reshape(c).to(dt)
     pair = k == 2
-    # two components: one workspace of three planes, p_0, p_1 and ∂L/∂d of each step
-    ws = torch.empty(3, c * j, size, dtype=dt, device=z.device) if pair else None
+    # two components: one workspace of two planes, p_1 and ∂L/∂d of each step (p_0 = 1 − p_1
+    # where it enters linearly)
+    ws = torch.empty(2, c * j, size, dtype=dt, device=z.device) if pair else None
 
     # the output y = γ Σ_k p_k (z − μ_k) r_k + β of the fitted mixture
     mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
     coef = _coef(mean, var, log_prior, eps)
-    if ws is not None:
-        p = _pair(coef, zr, j, ws[:2]).transpose(0, 1)
+    r = torch.rsqrt(var + eps)
+    if ws is not None:  # Σ g p_0 [1, z] = Σ g [1, z] − Σ g p_1 [1, z]
+        p1 = _second(coef, zr, j, ws[0])
+        m1 = _reduce(p1.unsqueeze(1), gb.permute(1, 2, 0), c)  # (C, 1, 2)
+        # float32 sums per run, added in float64 (as _reduce's)
+        total = gb.sum(2).to(torch.float64).view(2, c, j).sum(2).t().to(dt)  # (C, 2)
+        moments = torch.cat(((total[:, None] - m1), m1), 1)  # (C, K, 2): Σ g p_k [1, z]
     else:
         p = _posterior(coef, basis, j)
-    r = torch.rsqrt(var + eps)
-    moments = _reduce(p, gb.permute(1, 2, 0), c)  # (C, K, 2): Σ g p_k [1, z]
+        moments = _reduce(p, gb.permute(1, 2, 0), c)
     o = torch.stack((-mean * r, r), -1)  # (C, K, 2): x̂_k = o_k·[1, z]
     g_weight = g_bias = None
     if weight is not None and need_weight:
@@ -293,15 +307,19 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     if w is not None:
         o, moments = o * w[:, None, None], moments * w[:, None, None]
     if ws is not None:
-        rw = _rep(rw, j)
-        g_z = torch.mul(ws[0], rw[:, :1]).addcmul_(ws[1], rw[:, 1:]).mul_(gb[0])
+        rw = _rep(rw, j)  # g·(p_0 r_0 + p_1 r_1) = g·(r_0 + p_1 (r_1 − r_0))
+        g_z = torch.mul(ws[0], rw[:, 1:] - rw[:, :1]).add_(rw[:, :1]).mul_(gb[0])
         od = _rep(o[:, 1] - o[:, 0], j)  # ∂L/∂p_1 − ∂L/∂p_0 = g·(od_0 + od_1 z)
-        torch.mul(gb[0], od[:, :1], out=ws[2]).addcmul_(gb[1], od[:, 1:])
-        g_coef, qd = _pair_through(ws, coef, bt)
+        torch.mul(gb[0], od[:, :1], out=ws[1]).addcmul_(gb[1], od[:, 1:])
+        g_coef, qd = _pair_through(ws[0], ws[1], coef, bt)
         u = gb  # ∂L/∂z = g_z + u_0 + u_1 z: the planes g, g·z are spent
         qd = _rep(qd, j)
-        torch.mul(ws[2], qd[:, :1], out=u[0])
-        torch.mul(ws[2], qd[:, 1:], out=u[1])
+        torch.mul(ws[1], qd[:, :1], out=u[0])
+        torch.mul(ws[1], qd[:, 1:], out=u[1])
+        # the p_0 rows' coefficients of the EM steps below: their constant part (p_0 = 1 − p_1)
+        # is a per-channel constant of u_0 (removed by the centring's projection at the end)
+        # and of u_1 (added with the start's term); the rest rides on p_1
+        u1_const = torch.zeros(c, dtype=dt, device=z.device)
     else:
         g_z = torch.bmm(_rep(rw.unsqueeze(1), j), p).squeeze(1).mul_(gb[0])
         g_coef, q, rows = _through_posterior(o, gb.transpose(0, 1), p, coef, bt, j)
@@ -324,13 +342,16 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
         g_r = torch.stack((g_n, g_s1, g_s2), -1)  # ∂L/∂p_k = g_r,k·[1, z, z²]
         g_direct = torch.stack((g_s1, 2 * g_s2), 1)  # the M-step's own ∂/∂z: p_k·[1, z]
         if ws is not None:
-            _pair(coef, zr, j, ws[:2])
-            _quad(_rep(g_r[:, 1] - g_r[:, 0], j), zr, ws[2])
-            g_coef, qd = _pair_through(ws, coef, bt)
-            coefs = _rep(torch.cat((g_direct, qd[:, :, None]), 2), j)  # (C·J, 2, 3)
-            for row in range(3):
-                u[0].addcmul_(ws[row], coefs[:, 0, row:row + 1])
-                u[1].addcmul_(ws[row], coefs[:, 1, row:row + 1])
+            p1 = _second(coef, zr, j, ws[0])
+            _quad(_rep(g_r[:, 1] - g_r[:, 0], j), zr, ws[1])
+            g_coef, qd = _pair_through(p1, ws[1], coef, bt)
+            # Σ_k p_k·g_direct_k + ∂L/∂d·qd with p_0 = 1 − p_1: the p_0 coefficients' constant
+            # part apart (u1_const; u_0's cancels), p_1 carrying the difference
+            u1_const += g_direct[:, 1, 0]
+            coefs = _rep(torch.stack((g_direct[..., 1] - g_direct[..., 0], qd), 2), j)
+            for row, plane in enumerate((p1, ws[1])):  # coefs (C·J, 2, 2)
+                u[0].addcmul_(plane, coefs[:, 0, row:row + 1])
+                u[1].addcmul_(plane, coefs[:, 1, row:row + 1])
         else:
             p = _posterior(coef, basis, j)
             g_coef, q, rows = _through_posterior(g_r, basis, p, coef, bt, j)
@@ -344,7 +365,8 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     g_var_b = same * ((g_mean * q).sum(1) / (2 * torch.sqrt(var_b + eps))
                       + g_var.sum(1) * (1 - q.square().mean()))
     g_shift = (same - 1) * g_mean.sum(1)  # (C,)
-    g_z.add_(u[0]).addcmul_(u[1].add_(_rep((2 * g_var_b / m)[:, None], j)), zr)
+    start = 2 * g_var_b / m + (u1_const if ws is not None else 0)
+    g_z.add_(u[0]).addcmul_(u[1].add_(_rep(start[:, None], j)), zr)
     # z = x − mean(x): remove the mean of ∂L/∂z, add the running start's share
     g_z = g_z.view(c, m)
     g_z.sub_((g_z.mean(1) - g_shift / m)[:, None])
