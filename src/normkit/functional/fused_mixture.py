@@ -247,12 +247,12 @@ def _forward(v: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor, b
     if bias is not None:
         shift = shift + bias.reshape(c, 1).to(z.dtype)  # Σ_k p_k = 1
     # the spent basis's pages hold the result: fresh pages cost more than the arithmetic
-    if work is not None:  # two components: y = p_0·x̂_0 + p_1·x̂_1, per value
-        p = _pair(coef, zr, j, work)
+    if work is not None:  # two components: y = p_0·x̂_0 + p_1·x̂_1 = x̂_0 + p_1·(x̂_1 − x̂_0)
+        p1 = _second(coef, zr, j, work[0])
         sc, sh = _rep(scale, j), _rep(shift, j)
-        h = basis.view(-1)[: 2 * c * m].view(2, c * j, size)
-        y = torch.mul(zr, sc[:, :1], out=h[0]).add_(sh[:, :1]).mul_(p[0])
-        y.addcmul_(torch.mul(zr, sc[:, 1:], out=h[1]).add_(sh[:, 1:]), p[1])
+        y = basis.view(-1)[: c * m].view(c * j, size)
+        torch.mul(zr, sc[:, 1:] - sc[:, :1], out=y).add_(sh[:, 1:] - sh[:, :1]).mul_(p1)
+        y.add_(sh[:, :1]).addcmul_(zr, sc[:, :1])
     else:
         y2 = torch.bmm(_rep(torch.stack((shift, scale), 1), j), _posterior(coef, basis, j),
                        out=basis.view(-1)[: 2 * c * m].view(c * j, 2, size))
