@@ -52,7 +52,7 @@ LAYERS: dict[str, int] = {
     "nrr": 2,
     "normalization": 3,
     "_pipeline": 3,  # the forward pipeline: Normalization's steps and the functional form
-    "_eval_kernel": 3,  # Normalization's evaluation in one BN kernel call
+    "_eval_kernel": 3,  # Normalization's evaluation fast paths (one BN kernel call, one block matmul)
     "_call_cache": 3,  # Normalization's per-call lookups without nn.Module.__getattr__
     "methods": 4,
     "weight": 5,

@@ -1,4 +1,6 @@
-"""Evaluation through BN's kernel: one ``torch.batch_norm`` call on the running estimates.
+"""Evaluation fast paths of :class:`~normkit.Normalization`: one ``torch.batch_norm`` call on the
+running estimates (:func:`evaluate`) and, for whitening, one block-diagonal matmul of the cached
+fold (:func:`block_fold`).
 
 Where an operation's evaluation with the running estimates is a per-channel affine map that BN's
 evaluation kernel computes (:meth:`~normkit.nop.Operation.eval_moments` gives its
@@ -36,7 +38,12 @@ from .nrr import Affine, Identity, Recovery
 
 Normalization = Any  # normkit.Normalization (not imported: it imports this module)
 
-__all__ = ["applies", "evaluate"]
+__all__ = ["applies", "block_fold", "evaluate"]
+
+# Evaluation folds of whitening modules, ``module -> (key, (M, b), weakrefs to its tensors)``:
+# kept outside the modules so that pickling, deepcopy and state_dict never see them; an entry
+# dies with its module.
+_FOLDS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 # Derived evaluation moments by module, ``module -> (ε, [(buffer, version)], (μ, σ², ε'))``:
 # kept outside the modules (pickling, deepcopy and state_dict never see them); an entry dies
@@ -162,3 +169,36 @@ def evaluate(module: Normalization, x: Tensor, running: dict[str, Tensor]) -> Te
     return run_kernel("batch_norm", x, weight=weight, bias=bias, running=(mean, var),
                       use_batch=False, factor=0.0, eps=eps, groups=module.groups,
                       channel_axis=module.channel_axis)
+
+
+def block_fold(module: Normalization, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``module.folded()`` of a whitening module in evaluation, cached until one of its parameters
+    or buffers changes (a new tensor object or an in-place update: ``_version``); ``None``
+    where the one-matmul path does not apply. It applies to operations with
+    ``block_eval_fold`` when nothing needs a gradient and not inside ``torch.compile`` /
+    ``torch.export`` (which trace the generic path) nor under autocast (which would run the
+    fold's matmul in half precision), to whole groups along ``channel_axis=1``: the
+    evaluation of batch whitening is then one block-diagonal matmul and one add, with no
+    per-call fold of γ, μ into ``W`` (normkit bench: eval / block matmul).
+    """
+    if (not module.native or not module.nop.block_eval_fold or module.nrr.conditional
+            or module.channel_axis != 1
+            or module._num_padded or x.dim() < 2 or x.numel() == 0
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+        return None  # autocast: the generic path keeps float32 products, the input's dtype
+    tensors = [t for t in (*module._parameters.values(), *module._buffers.values())
+               if t is not None]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+        return None
+    if any(t.is_inference() for t in tensors):  # no version counter to key on
+        return None
+    key = (module.eps, *((id(t), t._version) for t in tensors))
+    cached = _FOLDS.get(module)
+    if cached is None or cached[0] != key or any(
+            r() is not t for r, t in zip(cached[2], tensors, strict=True)):
+        with torch.inference_mode(False), torch.no_grad():
+            fold = module.folded()
+        cached = (key, fold, [weakref.ref(t) for t in tensors])
+        _FOLDS[module] = cached
+    mat, shift = cached[1]
+    return (mat, shift) if mat.dtype == x.dtype and mat.device == x.device else None

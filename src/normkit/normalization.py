@@ -7,7 +7,6 @@ this class.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -29,10 +28,6 @@ from .functional.snapshot import snapshot
 __all__ = ["Normalization"]
 
 _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
-
-# Evaluation folds of whitening modules, ``module -> (key, (M, b), weakrefs to its tensors)``: kept outside the modules so
-# that pickling, deepcopy and state_dict never see them; an entry dies with its module.
-_FOLDS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 Native = nop_.Kernel  # the torch kernels an operation may declare (kept for older imports)
 
@@ -369,45 +364,13 @@ class Normalization(nn.Module):
         elif not (use_batch or update) and running is not None and not empty and (
                 ev := EK.evaluate(self, x, running)) is not None:
             y = ev
-        elif not use_batch and condition is None and (fold := self._eval_fold(x)) is not None:
+        elif not use_batch and condition is None and (fold := EK.block_fold(self, x)) is not None:
             y = block_affine(x, *fold)
         elif kind is not None and not empty and self._native_ok(x, use_batch):
             y = self._forward_native(x, running, use_batch, update)
         else:
             y = self._forward_generic(x, running, use_batch, update, condition, nap, extra)
         return y.squeeze(0) if vector else y
-
-    def _eval_fold(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``folded()`` of a whitening module in evaluation, cached until one of its parameters
-        or buffers changes (a new tensor object or an in-place update: ``_version``); ``None``
-        where the one-matmul path does not apply. It applies to operations with
-        ``block_eval_fold`` when nothing needs a gradient and not inside ``torch.compile`` /
-        ``torch.export`` (which trace the generic path) nor under autocast (which would run the
-        fold's matmul in half precision), to whole groups along ``channel_axis=1``: the
-        evaluation of batch whitening is then one block-diagonal matmul and one add, with no
-        per-call fold of γ, μ into ``W`` (normkit bench: eval / block matmul).
-        """
-        if (not self.native or not self.nop.block_eval_fold or self.nrr.conditional
-                or self.channel_axis != 1
-                or self._num_padded or x.dim() < 2 or x.numel() == 0
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
-            return None  # autocast: the generic path keeps float32 products, the input's dtype
-        tensors = [t for t in (*self._parameters.values(), *self._buffers.values())
-                   if t is not None]
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-            return None
-        if any(t.is_inference() for t in tensors):  # no version counter to key on
-            return None
-        key = (self.eps, *((id(t), t._version) for t in tensors))
-        cached = _FOLDS.get(self)
-        if cached is None or cached[0] != key or any(
-                r() is not t for r, t in zip(cached[2], tensors, strict=True)):
-            with torch.inference_mode(False), torch.no_grad():
-                fold = self.folded()
-            cached = (key, fold, [weakref.ref(t) for t in tensors])
-            _FOLDS[self] = cached
-        mat, shift = cached[1]
-        return (mat, shift) if mat.dtype == x.dtype and mat.device == x.device else None
 
     def _native_ok(self, x: Tensor, use_batch: bool | None = None, kind: str | None = None
                    ) -> bool:
