@@ -18,6 +18,7 @@ from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.fused import _reduced
 from ..functional.fused_robust import _last_first, constant_standardize, robust_scale
+from ..functional.fused_robust import moments as fused_moments
 from ..functional.fused_scale import channel_mean_square, rms_scale
 from ..functional.partition import stats_dtype
 from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position, Synced
@@ -88,7 +89,15 @@ class Standardize(Operation):
     ) -> Stats:
         if self.fused and type(nap) is Local:
             return _local_moments(v, nap, spatial, center=True)
-        mean, var = nap.moments(v, spatial)
+        if (self.fused and type(nap) in (Group, Layer) and torch.compiler.is_compiling()
+                and not torch.compiler.is_exporting()):
+            # per sample over several axes, compiled: the moments Function — reductions over
+            # each channel's positions that inductor fuses with a conditional recovery's pooled
+            # mean, and a one-pass backward (dynamic LN fwd+bwd 1.2x → 0.9x compiled BN);
+            # exported graphs keep the eager composition
+            mean, var = fused_moments(v, nap.dims)
+        else:
+            mean, var = nap.moments(v, spatial)
         if self.fused and type(nap) in _OWN_NAPS and not torch.compiler.is_compiling():
             return Fc.OwnMoments(mean, var)  # this view's own moments: see transform
         return {"mean": mean, "var": var}
