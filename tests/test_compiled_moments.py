@@ -1,7 +1,7 @@
-"""The compiled moments of per-sample standardization over several axes (Group, Layer): under
+"""The compiled moments of standardization over several axes (Batch, Group, Layer): under
 ``torch.compile`` :class:`normkit.nop.Standardize` fits them through the moments Function
 (:func:`normkit.functional.fused_robust.moments`), whose compiled forward is one ``var_mean``
-per row pooled over the rows. Compiled (inductor, fullgraph) training steps match eager in
+per row of positions, pooled over the rows. Compiled (inductor, fullgraph) training steps match eager in
 float64: outputs, gradients of the input and every parameter, running estimates."""
 
 from __future__ import annotations
@@ -42,17 +42,19 @@ def test_compiled_moments_match_eager(dims: tuple[int, ...]) -> None:
     torch._dynamo.reset()
 
 
-_CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "dynamic_ln": ("dynamic_ln", {}),
-    "dynamic_ln_tracked": ("dynamic_ln", {"track_running_stats": True}),
-    "ilm": ("ilm", {"num_groups": 2}),
+# case -> (method, constructor arguments, the condition of a batch of 3, where one is needed)
+_CASES: dict[str, tuple[str, dict[str, Any], Any]] = {
+    "dynamic_ln": ("dynamic_ln", {}, None),
+    "dynamic_ln_tracked": ("dynamic_ln", {"track_running_stats": True}, None),
+    "ilm": ("ilm", {"num_groups": 2}, None),
+    "cbn": ("cbn", {"num_classes": 3}, torch.tensor([2, 0, 2])),  # batch statistics, tracked
 }
 
 
 @_INDUCTOR
 @pytest.mark.parametrize("case", list(_CASES))
 def test_inductor_conditional_standardization_matches_eager(case: str) -> None:
-    method, kwargs = _CASES[case]
+    method, kwargs, cond = _CASES[case]
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(1)
     m = nk.create(method, 4, **kwargs).double()
@@ -65,7 +67,7 @@ def test_inductor_conditional_standardization_matches_eager(case: str) -> None:
         x = torch.randn(3, 4, 3, 2, generator=gen, dtype=torch.float64) * 2 + 1
         g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ye, yc = m(xe), compiled(xc)
+        ye, yc = (m(xe), compiled(xc)) if cond is None else (m(xe, cond), compiled(xc, cond))
         assert_close(yc, ye)
         ge = torch.autograd.grad(ye, (xe, *m.parameters()), g)
         gc = torch.autograd.grad(yc, (xc, *c.parameters()), g)

@@ -63,9 +63,10 @@ def _moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
     Compiled (inductor, not exported): one Welford reduction (``var_mean``) over the last axis
     per row, then the rows' moments pooled (:func:`~normkit.functional.merging.pool_moments`,
-    exact for rows of equal size): one pass over ``x``, which inductor fuses with any other
-    reduction of the same rows — the pooled mean over positions of a conditional recovery
-    (dynamic LN, ILM) no longer costs a pass of its own."""
+    exact for rows of equal size), which inductor fuses with any other reduction of the same
+    rows — the pooled mean over positions of a conditional recovery (dynamic LN, ILM) no longer
+    costs a pass of its own — and, over ``(N, S)``, runs faster than its one Welford reduction
+    over both axes (conditional BN's forward 1.14x → 0.81x compiled BN's, minima)."""
     last = x.dim() - 1
     if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and last in dims
             and len(dims) > 1):
