@@ -77,6 +77,10 @@ class Standardize(Operation):
     by default, as one autograd Function with a hand-derived backward
     (:func:`~normkit.functional.fused_combination.standardize_affine`) on the moments ``fit``
     computed (while they are unchanged); ``Normalization(native=False)`` runs the composition.
+    Under ``torch.compile`` (not ``torch.export``) the moments over ``Batch``, ``Group`` and
+    ``Layer`` come from the moments Function
+    (:func:`~normkit.functional.fused_robust.moments`: a reduction per row of positions that
+    inductor fuses with other reductions of the same rows, a one-pass backward).
     """
 
     fused: bool = field(default=True, repr=False)
