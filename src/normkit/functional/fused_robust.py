@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .fused_online import linear_scan
+from .merging import pool_moments
 from .whiten import _first_order
 
 __all__ = ["constant_standardize", "moments", "moments_plain", "online_affine", "robust_scale", "robust_scale_plain",
@@ -58,11 +59,22 @@ def _last_first(t: Tensor, dims: tuple[int, ...], op: Any = torch.sum) -> Tensor
 def _moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """``(μ, σ²)`` over ``dims`` (kept, biased), around the mean (no cancellation), each
     reduction over the last axis first (a vector norm over ``(0, 3)`` is ~10× one over the last
-    axis on CPU)."""
+    axis on CPU).
+
+    Compiled (inductor, not exported): one Welford reduction (``var_mean``) over the last axis
+    per row, then the rows' moments pooled (:func:`~normkit.functional.merging.pool_moments`,
+    exact for rows of equal size), which inductor fuses with any other reduction of the same
+    rows — the pooled mean over positions of a conditional recovery (dynamic LN, ILM) no longer
+    costs a pass of its own — and, over ``(N, S)``, runs faster than its one Welford reduction
+    over both axes (conditional BN's forward 1.14x → 0.81x compiled BN's, minima)."""
+    last = x.dim() - 1
+    if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and last in dims
+            and len(dims) > 1):
+        var, mean = torch.var_mean(x, last, correction=0, keepdim=True)
+        return pool_moments(mean, var, tuple(d for d in dims if d != last))
     big = _reduced(x, dims)
     mean = _last_first(x, dims) / big
     d = x - mean
-    last = x.dim() - 1
     if last in dims:
         ss = torch.linalg.vector_norm(d, 2, (last,), keepdim=True).square()
         rest = tuple(k for k in dims if k != last)
