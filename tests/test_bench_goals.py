@@ -4,7 +4,10 @@ a verdict per goal, compile failures and a missing timm stay in their rows. No t
 from __future__ import annotations
 
 import json
+import platform
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,13 +124,15 @@ def test_goals_command_prints_every_column_and_a_verdict(tmp_path, capsys) -> No
     pytest.importorskip("timm")
     path = tmp_path / "g.json"
     rc = B.main(["--goals", "--shapes", "4x16x4x4", "2x32x3x3", "--methods", "frn,dbn,lcn",
-                 "--repeats", "1", "--plain", "--compile-backend", "aot_eager", "--json", str(path)])
+                 "--repeats", "1", "--plain", "--compile-backend", "aot_eager", "--json", str(path),
+                 "--allocator", "default"])  # steady: process-wide, test_steady_allocator
     assert rc == 0
     out = capsys.readouterr().out
     for column in ("x BN", "comp x cBN", "x peer", "eval x BN", "eval x mm", "x LRN", "saved/in",
                    "goals", "verdict", "target", "ratios are from one run"):
         assert column in out, column
     r = json.loads(path.read_text())
+    assert r["config"]["allocator"] == "as the process found it"
     assert r["config"]["threads"] == 1 and r["config"]["shapes"] == ["4x16x4x4", "2x32x3x3"]
     rows = {(x["method"], x["shape"]): x for x in r["rows"]}
     assert set(rows) == {(m, s) for m in ("frn", "dbn", "lcn") for s in ("4x16x4x4", "2x32x3x3")}
@@ -252,7 +257,8 @@ def test_cuda_calls_are_timed_between_two_events(monkeypatch) -> None:
 
 
 def test_goals_bad_arguments(capsys) -> None:
-    assert B.main(["--goals", "--shapes", "16x32", "--json", "/dev/null"]) == 2
+    assert B.main(["--goals", "--shapes", "16x32", "--json", "/dev/null", "--allocator",
+                   "default"]) == 2
     assert "NCHW" in capsys.readouterr().err
     assert B.main(["--goals", "--methods", "not_a_norm", "--json", "/dev/null"]) == 2
     if not torch.cuda.is_available():
@@ -346,3 +352,23 @@ def test_parity_run_reports_a_mismatch_and_exits_1(monkeypatch, tmp_path, capsys
     assert B.main(["--parity", "--methods", "bn", "--shapes", "2x4x3x3", "--plain", "--json",
                    str(tmp_path / "p.json")]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_steady_allocator_is_set_for_the_goals_run_and_said() -> None:
+    """In a process of its own (the setting is process-wide): glibc's mallopt takes both values,
+    and a goals run records and prints what it set."""
+    import subprocess
+
+    code = ("import json, sys; from normkit._bench import main; "
+            "sys.exit(main(['--goals', '--shapes', '2x8x3x3', '--methods', 'bn', '--repeats', '1', "
+            "'--no-compile', '--plain', '--json', sys.argv[1]]))")
+    path = Path(tempfile.mkdtemp()) / "g.json"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(path.read_text())["config"]["allocator"]
+    if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
+        assert said.startswith("glibc mallopt: M_MMAP_THRESHOLD 32 MiB")
+        assert "allocator: glibc mallopt" in done.stdout
+    else:
+        assert said == "as the process found it"

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                    help="--goals, --parity: where to run (cuda: timed with torch.cuda.Event; "
                    "default cpu)")
+    p.add_argument("--allocator", default="steady", choices=("steady", "default"),
+                   help="--goals: steady keeps the C allocator from returning freed memory to the "
+                   "OS during the run (glibc mallopt), so a call's time does not depend on which "
+                   "call re-faults freed pages; default leaves it as it is")
     p.add_argument("--parity", action="store_true",
                    help="no timing: every method's float64 training step and eval on --device "
                    "against the CPU's (output, gradients, buffers); exit status 1 on a mismatch "
@@ -124,11 +128,17 @@ def _main_goals(args: argparse.Namespace, rich: bool) -> int:
         for m in methods or ():
             nk.info(m)
         _check_device(args.device)
+        allocator = None
+        if args.allocator == "steady":
+            from .allocator import steady_allocator
+
+            allocator = steady_allocator()
         minutes = args.max_minutes if args.max_minutes is not None else 13.0
         result = run_goals(shapes, methods, repeats=args.repeats or 15, warmup=args.warmup,
                            compile_=not args.no_compile, device=args.device, threads=args.threads,
                            cell_budget_s=args.cell_budget, max_seconds=60 * minutes,
                            backend=args.compile_backend, statistic=args.statistic)
+        result["config"]["allocator"] = allocator or "as the process found it"
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -355,7 +355,8 @@ def goals_report(result: dict[str, Any], rich: bool = False) -> str:
     (a rich table is printed directly and left out of the text)."""
     c, m = result["config"], result["machine"]
     where = (f"{c['device']}, {c['threads']} thread(s), {c['dtype']}, "
-             f"{'compiled with ' + c.get('backend', 'inductor') if c['compile'] else 'no compile'}")
+             f"{'compiled with ' + c.get('backend', 'inductor') if c['compile'] else 'no compile'}"
+             f"{'; allocator: ' + c['allocator'] if c.get('allocator') else ''}")
     header = ["shape", "method", "family", "ms fb", "x BN", "comp x cBN", "compile s", "x peer",
               "eval x BN", "eval x mm", "x LRN", "saved/in", "goals", "errors / notes"]
     out: list[str | None] = [table(
