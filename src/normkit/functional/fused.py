@@ -319,6 +319,33 @@ def _instance_and_batch(x: Tensor, batch: bool) -> tuple[Tensor, Tensor, Tensor,
     return mi, vi, mb, vb
 
 
+def _evo_b0_sums_inline(x: Tensor, g: Tensor, t: Tensor, big_a: Tensor, vparam: Tensor,
+                        w: Tensor | None) -> tuple[Tensor, ...]:
+    """EvoNorm-B0's backward sums in the form inductor fuses into two passes over the
+    activations (compiled only): per row ``Σ g x/den`` (``γ``'s gradient), ``Σ h_n``, ``Σ h_{bn}``,
+    ``Σ h_{bn} x``, and the elementwise part of ``dx``, ``g_z/den − v h_{bn}`` (``h_n = g_z
+    x/den²``, ``h_{bn}`` where ``t > 0``, ``g_z = γ g``).
+
+    Inductor writes an elementwise expression to memory when it has several users and reads
+    more than four buffers (``realize_reads_threshold``): ``den`` and ``t`` read four (``x, v,
+    σ_I, A``) and are shared; every expression that reads ``g`` as well has one user (each sum
+    masks or divides its own product), so none is written: one pass reads ``g, x`` for the
+    sums, one for ``dx``. (Eager makes these products once, in place: :class:`_EvoB0`.)"""
+    last = (x.dim() - 1,)
+    den = t + big_a
+    den2 = den * den
+    gx = g * x
+    gxd = (gx / den).sum(last, keepdim=True)
+    sum_hn = (gx / den2).sum(last, keepdim=True)
+    tb = torch.ops.aten.threshold_backward  # where t > 0 (the branch B > A)
+    sum_hbn = (tb(gx, t, 0) / den2).sum(last, keepdim=True)
+    hbnx = (tb(gx * x, t, 0) / den2).sum(last, keepdim=True)
+    dx = g / den - tb(g, t, 0) * x * (vparam / den2)
+    if w is not None:
+        sum_hn, sum_hbn, hbnx, dx = sum_hn * w, sum_hbn * w, hbnx * w, dx * w
+    return gxd, sum_hn, sum_hbn, hbnx, dx
+
+
 class _EvoB0(torch.autograd.Function):
     # Saves ``t = relu(B − A) ≥ 0`` (one activation-sized tensor): the denominator is ``A + t``
     # and the branch mask is ``t > 0`` (relu's backward kernel reads it, no bool tensor).
@@ -362,20 +389,26 @@ class _EvoB0(torch.autograd.Function):
         g = g.to(dt)
         last = (x.dim() - 1,)
         g_bias = _param_grad(bias, g)
-        z = torch.add(t, big_a)  # den
-        gd = torch.div(g, z)  # g/den, becomes dx
-        z = torch.div(x, z, out=z)  # x/den
-        g_weight = _param_grad(weight, _row_dot(gd, x)) if weight is not None else None
-        if weight is not None:
-            gd = gd.mul_(weight.to(dt))  # g_z/den, g_z = γ g: ∂L/∂x through the numerator
-        hn = z.mul_(gd)  # −∂L/∂den = g_z x/den²
-        sum_hn = hn.sum(last, keepdim=True) if batch_var is None else None
-        # where B > A (t > 0) the denominator is v x + σ_I: relu's backward kernel masks
-        hbn = torch.ops.aten.threshold_backward.grad_input(hn, t, 0, grad_input=hn)
-        sum_hbn = hbn.sum(last, keepdim=True)
-        dx = gd.addcmul_(hbn, vparam.to(dt), value=-1)  # direct 1/den, and v through B
-        g_v = (_param_grad(vparam, hbn.mul_(x).sum(last, keepdim=True).neg_())
-               if vparam.requires_grad else None)
+        w = None if weight is None else weight.to(dt)
+        vp = vparam.to(dt)
+        if torch.compiler.is_compiling():
+            gxd, sum_hn, sum_hbn, hbnx, dx = _evo_b0_sums_inline(x, g, t, big_a, vp, w)
+        else:
+            z = torch.add(t, big_a)  # den
+            gd = torch.div(g, z)  # g/den, becomes dx
+            z = torch.div(x, z, out=z)  # x/den
+            gxd = _row_dot(gd, x) if weight is not None else None
+            if w is not None:
+                gd = gd.mul_(w)  # g_z/den, g_z = γ g: ∂L/∂x through the numerator
+            hn = z.mul_(gd)  # −∂L/∂den = g_z x/den²
+            sum_hn = hn.sum(last, keepdim=True) if batch_var is None else None
+            # where B > A (t > 0) the denominator is v x + σ_I: relu's backward kernel masks
+            hbn = torch.ops.aten.threshold_backward.grad_input(hn, t, 0, grad_input=hn)
+            sum_hbn = hbn.sum(last, keepdim=True)
+            dx = gd.addcmul_(hbn, vp, value=-1)  # direct 1/den, and v through B
+            hbnx = hbn.mul_(x).sum(last, keepdim=True) if vparam.requires_grad else None
+        g_weight = _param_grad(weight, gxd) if weight is not None else None
+        g_v = _param_grad(vparam, hbnx.neg()) if vparam.requires_grad else None
         if ctx.needs_input_grad[0]:
             s = x.shape[-1]
             k = sum_hbn / (sigma_i * -s)  # ∂L/∂σ_I / (σ_I S), through σ²_I = mean((x − μ_I)²)

@@ -1,0 +1,61 @@
+"""The hand-derived backwards of the combination family where they take a compiled-only form
+(``torch.compiler.is_compiling()``: the same formula written as expressions inductor fuses into
+few passes): under ``torch.compile(fullgraph=True)`` with inductor, the output and every gradient
+equal eager's in float64, in training and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import normkit as nk
+
+F64 = torch.float64
+TIGHT = dict(rtol=1e-9, atol=1e-10)
+
+# method -> constructor arguments
+METHODS: dict[str, dict[str, Any]] = {
+    "evonorm_b0": {},
+}
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _pair(method: str, c: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    eager = nk.create(method, c, dtype=F64, **METHODS[method])
+    with torch.no_grad():  # parameters away from their initial values: both branches of B0's max
+        for i, p in enumerate(eager.parameters()):
+            p.add_(0.5 * rand(*p.shape, seed=20 + i))
+    target = nk.create(method, c, dtype=F64, **METHODS[method])
+    target.load_state_dict(eager.state_dict())
+    return eager, target
+
+
+@pytest.mark.filterwarnings(  # inductor imports torch's own deprecated jit.script_method
+    r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_equals_eager(method: str, dynamo_reset: None) -> None:
+    eager, target = _pair(method, 4)
+    compiled = torch.compile(target, fullgraph=True)
+    for train, seed in ((True, 0), (False, 1)):
+        eager.train(train)
+        target.train(train)
+        x = (rand(3, 4, 3, 5, seed=seed) * 2 + 0.5).requires_grad_()
+        x2 = x.detach().requires_grad_()
+        y, ref = compiled(x), eager(x2)
+        assert_close(y, ref, **TIGHT)
+        cot = rand(*y.shape, seed=seed + 10)
+        params = [p for p in target.parameters()]
+        got = torch.autograd.grad(y, [x, *params], cot)
+        want = torch.autograd.grad(ref, [x2, *eager.parameters()], cot)
+        names = ["x", *(n for n, _ in target.named_parameters())]
+        for name, u, r in zip(names, got, want, strict=True):
+            assert_close(u, r, **TIGHT, msg=lambda e, name=name, train=train:
+                         f"{name} (train={train}): {e}")
+    for (name, a), (_, b) in zip(target.named_buffers(), eager.named_buffers(), strict=True):
+        assert_close(a, b, **TIGHT, msg=lambda e, name=name: f"{name}: {e}")
