@@ -1,7 +1,9 @@
-"""The hand-derived backwards of the combination family where they take a compiled-only form
+"""The combination family's fast training paths where they take a compiled-only form
 (``torch.compiler.is_compiling()``: the same formula written as expressions inductor fuses into
-few passes): under ``torch.compile(fullgraph=True)`` with inductor, the output and every gradient
-equal eager's in float64, in training and evaluation."""
+few passes — EvoNorm-B0's backward sums, batch-channel normalization as one affine map per row
+from the rows' pooled moments): under ``torch.compile(fullgraph=True)`` with inductor, the
+output, every gradient and the running estimates equal eager's in float64, in training and
+evaluation."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 # method -> constructor arguments
 METHODS: dict[str, dict[str, Any]] = {
     "evonorm_b0": {},
+    "bcn": {"num_groups": 2},
 }
 
 
