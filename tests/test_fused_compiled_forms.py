@@ -1,7 +1,8 @@
 """The combination family's fast training paths where they take a compiled-only form
 (``torch.compiler.is_compiling()``: the same formula written as expressions inductor fuses into
 few passes — EvoNorm-B0's backward sums, batch-channel normalization as one affine map per row
-from the rows' pooled moments): under ``torch.compile(fullgraph=True)`` with inductor, the
+from the rows' pooled moments), and batch-group normalization's standardization Function, which
+compiled graphs now trace as well: under ``torch.compile(fullgraph=True)`` with inductor, the
 output, every gradient and the running estimates equal eager's in float64, in training and
 evaluation."""
 
@@ -22,6 +23,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 METHODS: dict[str, dict[str, Any]] = {
     "evonorm_b0": {},
     "bcn": {"num_groups": 2},
+    "batch_group_norm": {"num_groups": 2},
 }
 
 
