@@ -201,6 +201,26 @@ def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor |
                       None if ms is None else ms.detach())
 
 
+def _evo_s0_sums_inline(x: Tensor, g: Tensor, s: Tensor, vparam: Tensor, w: Tensor | None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """EvoNorm-S0's backward sums in the form inductor fuses into one loop over the activations
+    (compiled only): per row ``Σ g s x`` and ``γ Σ g s (1 − s) x²`` (``γ``'s and ``v``'s
+    gradients), and the elementwise ``g s (1 + v x (1 − s))`` of ``dx``.
+
+    Inductor writes the gate ``s`` to memory (a sigmoid with several users), in a pass of its
+    own unless a reduction over the same loops (samples, channels | positions) reads it. The
+    first sum recomputes its gate from ``v x`` (written ``v·x``, not the forward's ``x·v``, so
+    graph CSE keeps it apart: one user, inlined) and the second reads ``γ``: both read a
+    per-channel parameter, so both run in the loop that writes ``s`` — the backward reads
+    ``g, x`` there and ``g, x, s`` for ``dx``. (Eager makes these products once, in place.)"""
+    last = (x.dim() - 1,)
+    r_sum = (g * x * torch.sigmoid(vparam * x)).sum(last, keepdim=True)
+    sb = torch.ops.aten.sigmoid_backward(g, s)  # g s (1 − s)
+    gv = sb * x * x
+    gv_sum = (gv if w is None else gv * w).sum(last, keepdim=True)
+    return r_sum, gv_sum, g * s + sb * x * vparam
+
+
 class _EvoS0(torch.autograd.Function):
     # Saves the gate ``s`` (the only activation-sized tensor beside the input); two
     # activation-sized tensors are made per direction (forward: ``s``, ``y``; backward: ``g s``,
@@ -240,16 +260,21 @@ class _EvoS0(torch.autograd.Function):
         # parameter is constant along them
         w = None if weight is None else weight.to(dt)
         wd = d if w is None else w * d  # γ d, per sample and channel
-        gs = torch.mul(g, s)  # becomes dx
-        u = torch.mul(gs, x)  # scratch: g s x, then g s x (1 − s), then g s x² (1 − s)
-        r_sum = u.sum(-1, keepdim=True)  # Σ_S g s x, per sample and channel
+        vp = vparam.to(dt)
+        if torch.compiler.is_compiling():
+            r_sum, gv_sum, dx = _evo_s0_sums_inline(x, g, s, vp, w)
+        else:
+            gs = torch.mul(g, s)  # becomes dx
+            u = torch.mul(gs, x)  # scratch: g s x, then g s x (1 − s), then g s x² (1 − s)
+            r_sum = u.sum(-1, keepdim=True)  # Σ_S g s x, per sample and channel
+            u = u.addcmul_(u, s, value=-1)  # g s x (1 − s)
+            dx = gs.addcmul_(u, vp)  # g s (1 + v x (1 − s))
+            gv_sum = u.mul_(x).sum(-1, keepdim=True) if vparam.requires_grad else None
+            gv_sum = gv_sum if gv_sum is None or w is None else gv_sum * w
         g_weight = _param_grad(weight, r_sum * d) if weight is not None else None
-        acc = (r_sum if w is None else r_sum * w).sum(dims, keepdim=True)  # Σ g_γ x s per group
-        u = u.addcmul_(u, s, value=-1)  # g s x (1 − s)
-        dx = gs.addcmul_(u, vparam.to(dt))  # g s (1 + v x (1 − s))
-        g_v = (_param_grad(vparam, u.mul_(x).sum(-1, keepdim=True) * wd)
-               if vparam.requires_grad else None)
+        g_v = _param_grad(vparam, gv_sum * d) if vparam.requires_grad else None
         if ctx.needs_input_grad[0]:  # γ d g s (1 + v x (1 − s)) − (x − μ) d³ Σ g_γ x s / M
+            acc = (r_sum if w is None else r_sum * w).sum(dims, keepdim=True)  # Σ g_γ x s
             c = d * d * d * acc / _reduced(x, dims)
             dx = dx.mul_(wd).addcmul_(x, c, value=-1).add_(mean * c).to(v.dtype)
         else:
