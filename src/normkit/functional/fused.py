@@ -31,6 +31,10 @@ EvoNorm-B0, ``A = \sqrt{\sigma_B^2 + \epsilon}`` per channel (batch), ``B = v x 
 \sqrt{\sigma_I^2 + \epsilon}`` per element (``\sigma_I^2`` per sample and channel), ``y =
 \gamma x/\max(A, B) + \beta``: where ``B > A`` the element's gradient runs through ``x``, ``v``
 and ``\sigma_I``, elsewhere through ``x`` and ``\sigma_B`` (:func:`evo_b0`).
+
+Compiled (``torch.compiler.is_compiling()``), the EvoNorm backwards write the same sums as
+expressions inductor fuses (:func:`_evo_b0_sums_inline`, :func:`_evo_s0_sums_inline`): eager's
+products, made once and reused in place, are what inductor would write to memory.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ without autograd (the Function differentiates through them), and handed to it un
 ``batch_*`` keys; ``Normalization(native=False)`` (:meth:`unfused`) runs the plain composition.
 Batch-channel normalization trains, by default, through torch's BN kernel (in ``fit``: its output
 ``batch_h`` and the batch moments) and GN kernel (in ``transform``;
-:mod:`normkit.functional.fused_combination`).
+:mod:`normkit.functional.fused_combination`); compiled for inductor, through the rows' moments
+pooled into both steps' and one affine map per row
+(:func:`~normkit.functional.fused_combination.batch_channel_rows`).
 """
 
 from __future__ import annotations
