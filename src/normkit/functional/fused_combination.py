@@ -47,8 +47,9 @@ from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .merging import pool_moments as _pool_moments
 from .statistics import moments as _moments
 
-__all__ = ["OwnMoments", "OwnStats", "batch_channel_rows", "batch_standardize", "group_standardize", "row_affine", "row_moments",
-           "standardize_affine", "standardize_affine_plain"]
+__all__ = ["OwnMoments", "OwnStats", "batch_channel_rows", "batch_standardize",
+           "group_standardize", "row_affine", "row_moments", "standardize_affine",
+           "standardize_affine_plain"]
 
 
 class OwnStats(dict):  # type: ignore[type-arg]
@@ -192,7 +193,8 @@ def batch_channel_rows(row_mean: Tensor, row_var: Tensor, batch_mean: Tensor, ba
     mg, vg = _pool_moments((row_mean * s + t).reshape(per_group),
                            (row_var * (s * s)).reshape(per_group), (2,))
     r = torch.rsqrt(vg + eps)
-    r, mg = r.expand(per_group).reshape(row_mean.shape), mg.expand(per_group).reshape(row_mean.shape)
+    r = r.expand(per_group).reshape(row_mean.shape)
+    mg = mg.expand(per_group).reshape(row_mean.shape)
     return s * r, (t - mg) * r
 
 
