@@ -4,7 +4,8 @@ few passes — the EvoNorms' backward sums, batch-channel normalization as one a
 from the rows' pooled moments), and batch-group normalization's standardization Function, which
 compiled graphs now trace as well: under ``torch.compile(fullgraph=True)`` the output, every
 gradient and the running estimates equal eager's in float64, in training (and in evaluation
-where that runs such a form). Inductor compiles C++: few, tiny cases."""
+where that runs such a form); and EvoNorm-B0 compiles with a channels-last input. Inductor
+compiles C++: few, tiny cases."""
 
 from __future__ import annotations
 
@@ -68,3 +69,16 @@ def test_compiled_equals_eager(method: str, dynamo_reset: None) -> None:
                          f"{name} (train={train}): {e}")
     for (name, a), (_, b) in zip(target.named_buffers(), eager.named_buffers(), strict=True):
         assert_close(a, b, **TIGHT, msg=lambda e, name=name: f"{name}: {e}")
+
+
+def test_compiled_evonorm_b0_takes_channels_last(dynamo_reset: None) -> None:
+    """EvoNorm-B0's forward divides into a fresh buffer with ``out=`` in eager only: dynamo
+    traces no ``out=`` into a non-contiguous (channels-last) tensor, and fullgraph failed."""
+    eager, target = _pair("evonorm_b0", 4)
+    compiled = torch.compile(target, fullgraph=True, backend="aot_eager")
+    x = rand(3, 4, 3, 5, seed=2).to(memory_format=torch.channels_last).requires_grad_()
+    x2 = x.detach().requires_grad_()
+    y, ref = compiled(x), eager(x2)
+    assert_close(y, ref, **TIGHT)
+    cot = rand(*y.shape, seed=3)
+    assert_close(torch.autograd.grad(y, x, cot)[0], torch.autograd.grad(ref, x2, cot)[0], **TIGHT)

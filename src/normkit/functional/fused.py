@@ -353,7 +353,9 @@ class _EvoB0(torch.autograd.Function):
         # relu(B − A) (mul + add: an addcmul with a broadcast first operand is slower on CPU)
         t = torch.mul(x, vparam.to(dt)).add_(sigma_i - big_a).relu_()
         y = torch.add(t, big_a)  # max(A, B)
-        y = torch.div(x, y, out=y)
+        # into the fresh max (eager: no second activation-sized allocation); dynamo traces no
+        # out= into a non-contiguous tensor (channels-last input), inductor plans the memory
+        y = torch.div(x, y) if torch.compiler.is_compiling() else torch.div(x, y, out=y)
         if weight is not None:
             y = y.mul_(weight.to(dt))
         if bias is not None:
