@@ -44,10 +44,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
+from .merging import pool_moments as _pool_moments
 from .statistics import moments as _moments
 
-__all__ = ["OwnMoments", "OwnStats", "batch_standardize", "group_standardize", "row_affine", "row_moments",
-           "standardize_affine", "standardize_affine_plain"]
+__all__ = ["OwnMoments", "OwnStats", "batch_channel_rows", "batch_standardize",
+           "group_standardize", "row_affine", "row_moments", "standardize_affine",
+           "standardize_affine_plain"]
 
 
 class OwnStats(dict):  # type: ignore[type-arg]
@@ -147,6 +149,53 @@ def group_standardize(h: Tensor, num_groups: int, weight: Tensor | None, bias: T
     if weight is not None:
         y = y * weight
     return y if bias is None else y + bias
+
+
+def batch_channel_rows(row_mean: Tensor, row_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
+                       num_groups: int, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    r"""Batch-channel normalization as one affine map per row, ``x̂ = x·a + b``, from the rows'
+    moments: with ``h = s x + t`` (BN and its affine, ``s = γ_b/√(σ²_B + ε)``, ``t = β_b − μ_B s``
+    per channel), each row of ``h`` has the moments ``s μ_{nc} + t`` and ``s² σ²_{nc}``; pooled
+    over the channels of a group (:func:`~normkit.functional.merging.pool_moments`, exact) they
+    are GN's ``μ_{ng}, σ²_{ng}``, and ``x̂ = (h − μ_{ng}) r_{ng} = x·s r_{ng} + (t − μ_{ng})
+    r_{ng}``, ``r_{ng} = (σ²_{ng} + ε)^{-1/2}``. Differentiable (autograd); what the compiled
+    training path runs: the moments in one pass over ``x``, the output in one, and the backward
+    in two (no intermediate ``h`` written).
+
+    Args:
+        row_mean, row_var: ``μ_{nc}, σ²_{nc}`` of ``x`` over the positions, ``(N, C, 1, 1)``.
+        batch_mean, batch_var: ``μ_B, σ²_B`` per channel ``(1, C, 1, 1)`` (biased).
+        num_groups: ``g``, dividing ``C``.
+        bn_weight, bn_bias: ``γ_b, β_b`` broadcastable against ``(1, C, 1, 1)``, or ``None``.
+        eps: the stability constant (both steps).
+
+    Returns:
+        ``(a, b)``, ``(N, C, 1, 1)`` each.
+
+    Example:
+        >>> x = torch.randn(4, 6, 1, 5, dtype=torch.float64)
+        >>> mi, vi = x.mean(3, keepdim=True), x.var(3, correction=0, keepdim=True)
+        >>> mb, vb = x.mean((0, 3), keepdim=True), x.var((0, 3), correction=0, keepdim=True)
+        >>> a, b = batch_channel_rows(mi, vi, mb, vb, 2, None, None, 1e-5)
+        >>> h = batch_standardize(x, None, None, 1e-5)[0]
+        >>> torch.allclose(x * a + b, group_standardize(h, 2, None, None, 1e-5))
+        True
+    """
+    s = torch.rsqrt(batch_var + eps)
+    t = -batch_mean * s
+    if bn_weight is not None:
+        s, t = s * bn_weight, t * bn_weight
+    if bn_bias is not None:
+        t = t + bn_bias
+    n, c = row_mean.shape[0], row_mean.shape[1]
+    per_group = (n, num_groups, c // num_groups)
+    mg, vg = _pool_moments((row_mean * s + t).reshape(per_group),
+                           (row_var * (s * s)).reshape(per_group), (2,))
+    r = torch.rsqrt(vg + eps)
+    r = r.expand(per_group).reshape(row_mean.shape)
+    mg = mg.expand(per_group).reshape(row_mean.shape)
+    return s * r, (t - mg) * r
 
 
 def per_sample(weight: Tensor | None, bias: Tensor | None) -> bool:

@@ -90,9 +90,10 @@ def run_kernel(
         return y if channel_axis == 1 else y.movedim(1, -1)
     if kind == "batch_group_norm":
         g, per = groups
-        if use_batch and x.numel() > g and not torch.compiler.is_compiling():
-            # one standardization Function (fused_batch_group); compiled graphs keep BN's
-            # kernel and the affine, which inductor fuses
+        if use_batch and x.numel() > g:
+            # one standardization Function (fused_batch_group), compiled as well: inductor
+            # runs its backward in two passes over the activations (BN's kernel and the affine
+            # decompose into four)
             return batch_group_standardize(x, groups, weight, bias, eps, running, factor)
         y = F.batch_norm(x.reshape(x.shape[0], g, -1), rm, rv, None, None, use_batch, factor, eps)
         if weight is not None and bias is not None:

@@ -21,7 +21,9 @@ without autograd (the Function differentiates through them), and handed to it un
 ``batch_*`` keys; ``Normalization(native=False)`` (:meth:`unfused`) runs the plain composition.
 Batch-channel normalization trains, by default, through torch's BN kernel (in ``fit``: its output
 ``batch_h`` and the batch moments) and GN kernel (in ``transform``;
-:mod:`normkit.functional.fused_combination`).
+:mod:`normkit.functional.fused_combination`); compiled for inductor, through the rows' moments
+pooled into both steps' and one affine map per row
+(:func:`~normkit.functional.fused_combination.batch_channel_rows`).
 """
 
 from __future__ import annotations
@@ -270,6 +272,15 @@ class FilterResponse(_OwnsParameters, Scale):
 
 
 # ----------------------------------------------------------------------- batch-channel
+def _inductor() -> bool:
+    """Compiling for inductor (not exporting: an exported graph runs eager kernels, where
+    torch's BN and GN kernels are the faster path). Inductor decomposes those kernels into
+    seven passes over the activations forward and twelve backward (``h`` written twice); the
+    rows' moments pooled into both steps' moments make it four and five."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+
 @dataclass(frozen=True, repr=False)
 class BatchChannelStandardize(_NotAffine):
     r"""Batch-channel normalization: BN, its own affine, then GN (Qiao et al. 2019).
@@ -336,6 +347,10 @@ class BatchChannelStandardize(_NotAffine):
         params: Stats | None = None,
     ) -> Stats:
         aff = self._affine(v, params)
+        if self.fused and type(nap) is Batch and _inductor():  # the rows' moments, pooled
+            row_mean, row_var = S.moments(v, (3,))  # into BN's (and, in transform, GN's)
+            mean, var = pool_moments(row_mean, row_var, (0,))
+            return {"mean": mean, "var": var, "row_mean": row_mean, "row_var": row_var, **aff}
         if self.fused and type(nap) is Batch:  # BN's kernel: h, and μ_B, σ²_B for the running
             h, mean, var = Fc.batch_standardize(  # estimates (its backward differentiates them)
                 v.to(stats_dtype(v)), aff.get("bn_weight"), aff.get("bn_bias"), eps)
@@ -354,6 +369,11 @@ class BatchChannelStandardize(_NotAffine):
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
         c = v.shape[1] * v.shape[2]
+        if "row_mean" in stats:  # fused, compiled: one affine map per row
+            scale, shift = Fc.batch_channel_rows(
+                stats["row_mean"], stats["row_var"], stats["mean"], stats["var"], self._groups(c),
+                stats.get("bn_weight"), stats.get("bn_bias"), eps)
+            return Fs.affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
         if "batch_h" in stats:  # fused: GN's kernel on BN's output
             return Fc.group_standardize(stats["batch_h"], self._groups(c), weight, bias, eps)
         scale, shift = Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
