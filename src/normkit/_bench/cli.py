@@ -112,10 +112,7 @@ def _main_whitening(args: argparse.Namespace, rich: bool) -> int:
     result["whitening"] = run_whitening(shapes, groups, repeats=args.repeats or 15,
                                         warmup=args.warmup, threads=args.threads)
     result["machine"]["loadavg_end"] = loadavg()
-    print(report(result, rich=rich))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.json}")
+    _emit(report(result, rich=rich), result, args.json)
     return 0
 
 
@@ -142,11 +139,16 @@ def _main_goals(args: argparse.Namespace, rich: bool) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(goals_report(result, rich=rich))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.json}")
+    _emit(goals_report(result, rich=rich), result, args.json)
     return 0
+
+
+def _emit(text: str, data: Any, path: Path) -> None:
+    """Print a run's tables and keep its JSON at ``path``."""
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {path}")
 
 
 def _check_device(device: str) -> None:
@@ -169,10 +171,7 @@ def _main_parity(args: argparse.Namespace, rich: bool) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(parity_report(result, rich=rich))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.json}")
+    _emit(parity_report(result, rich=rich), result, args.json)
     return 0 if result["ok"] else 1
 
 
@@ -204,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         from .weights import run_weights, weights_report
 
         result = run_weights(repeats=args.repeats or 7, threads=args.threads)
-        print(weights_report(result, rich=rich))
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"schema": 1, "weights": result}, indent=1, default=str))
-        print(f"wrote {args.json}")
+        _emit(weights_report(result, rich=rich), {"schema": 1, "weights": result}, args.json)
         return 0
     shapes = _split(args.shapes) or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     modes = _split(args.modes) or list(MODES)
@@ -235,8 +231,5 @@ def main(argv: list[str] | None = None) -> int:
                  detail_shapes=_split(args.detail_shapes) or (() if args.quick else DETAIL_SHAPES),
                  cell_budget_s=1.0 if args.quick else args.cell_budget,
                  max_seconds=60 * minutes, threads=args.threads)
-    print(report(result, rich=rich))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.json}")
+    _emit(report(result, rich=rich), result, args.json)
     return 0
