@@ -185,8 +185,10 @@ def _sum_dot(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 def _mask(x: Tensor, value: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """``[x = value]`` as floats (a comparison written straight into a float tensor: no bool
-    tensor, slow on CPU) and its count over ``dims``."""
-    e = torch.eq(x, value, out=torch.empty_like(x))
+    tensor, slow on CPU) and its count over ``dims``. The float tensor is contiguous whatever
+    ``x``'s layout: dynamo cannot trace an ``out=`` into a non-contiguous (e.g. channels-last)
+    tensor."""
+    e = torch.eq(x, value, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
     return e, _last_first(e, dims)
 
 
