@@ -8,8 +8,8 @@ import argparse
 import re
 from collections.abc import Callable
 
-__all__ = ["HelpFormatter", "device_spec", "float_list", "int_list", "join", "positive",
-           "split_methods", "subset", "tune_seeds"]
+__all__ = ["HelpFormatter", "count_or_all", "device_spec", "float_list", "int_list", "join",
+           "positive", "split_methods"]
 
 
 def split_methods(text: str) -> list[str]:
@@ -32,6 +32,12 @@ def split_methods(text: str) -> list[str]:
 
 
 def int_list(text: str) -> list[int]:
+    """Comma-separated integers (``--batch-sizes``, ``--seeds``).
+
+    Example:
+        >>> int_list("2, 8,16")
+        [2, 8, 16]
+    """
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
@@ -40,6 +46,12 @@ def int_list(text: str) -> list[int]:
 
 
 def float_list(text: str) -> list[float]:
+    """Comma-separated positive numbers (``--lrs``).
+
+    Example:
+        >>> float_list("0.01,0.03")
+        [0.01, 0.03]
+    """
     try:
         values = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
@@ -50,19 +62,26 @@ def float_list(text: str) -> list[float]:
     return values
 
 
-def tune_seeds(text: str) -> int | None:
-    if text.strip().lower() == "all":
-        return None
-    return int(positive(int)(text))
+def count_or_all(text: str) -> int | None:
+    """A positive integer, or ``all`` for ``None`` (``--tune-seeds``, ``--subset``).
 
-
-def subset(text: str) -> int | None:
+    Example:
+        >>> count_or_all("3"), count_or_all("ALL")
+        (3, None)
+    """
     if text.strip().lower() == "all":
         return None
     return int(positive(int)(text))
 
 
 def positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
+    """A parser of ``kind`` values that must be > 0 (``positive(int)`` for ``--epochs``).
+
+    Example:
+        >>> positive(float)("0.5")
+        0.5
+    """
+
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
@@ -87,6 +106,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def join(values: list[int] | list[float]) -> str:
+    """The inverse of :func:`int_list` / :func:`float_list`: ``[2, 8]`` -> ``"2,8"``."""
     return ",".join(map(str, values))
 
 

@@ -24,14 +24,13 @@ from typing import Any
 
 from ._cli_values import (
     HelpFormatter,
+    count_or_all,
     device_spec,
     float_list,
     int_list,
     join,
     positive,
     split_methods,
-    subset,
-    tune_seeds,
 )
 
 __all__ = ["main", "build_parser", "split_methods"]
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "no validation split (a quick run); cosine decay to 0 over training")
     c.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
                    help="share of the training set held out (seeded) to choose the lr")
-    c.add_argument("--tune-seeds", type=tune_seeds, default=d.tune_seeds, metavar="K|all",
+    c.add_argument("--tune-seeds", type=count_or_all, default=d.tune_seeds, metavar="K|all",
                    help="how many of the seeds (the first K) run the validation grid; the lr is "
                    "chosen on their mean validation error, then every seed is trained and tested "
                    f"at it ('all': every seed; default: {d.tune_seeds})")
@@ -175,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cholesky; default: plain layers)")
     c.add_argument("--refresh-every", type=positive(int), default=100, metavar="T",
                    help="steps between population refreshes (default: 100)")
-    c.add_argument("--subset", type=subset, default=d.subset, metavar="N|all",
+    c.add_argument("--subset", type=count_or_all, default=d.subset, metavar="N|all",
                    help="use at most N training and N test examples (smaller = faster; 'all': "
                    f"the whole dataset; default: {d.subset})")
     c.add_argument("--out", metavar="DIR", default=None,
