@@ -45,7 +45,8 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "registry": 0,  # the @register decorator and the method table: presets register into it
     "_estimator": 0,  # scikit-learn estimator conventions, used by input_norm
-    "_version": 0,  # (if packaging adds one) the version string
+    "_version": 0,
+    "_device": 0,  # check_device: the --device of compare and bench (torch alone)  # (if packaging adds one) the version string
     "functional": 1,
     "nap": 2,  # incl. the Synced partition (merges over ranks with functional.collectives)
     "nop": 2,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .._device import check_device
 from . import speed as _speed
 from .goalrun import GOAL_SHAPES, goals_report, run_goals
 from .speed import (
@@ -124,7 +125,7 @@ def _main_goals(args: argparse.Namespace, rich: bool) -> int:
         methods = _split(args.methods)
         for m in methods or ():
             nk.info(m)
-        _check_device(args.device)
+        check_device(args.device)
         allocator = None
         if args.allocator == "steady":
             from .allocator import steady_allocator
@@ -151,19 +152,11 @@ def _emit(text: str, data: Any, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def _check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch.cuda.is_available() is False; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: torch.backends.mps.is_available() is False; "
-                         "use --device cpu")
-
-
 def _main_parity(args: argparse.Namespace, rich: bool) -> int:
     from .parity import parity_report, run_parity
 
     try:
-        _check_device(args.device)
+        check_device(args.device)
         shapes = _split(args.shapes) or ["8x32x8x8"]
         if len(shapes) != 1:
             raise ValueError(f"--parity takes one shape, got {shapes}")

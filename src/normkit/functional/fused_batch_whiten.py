@@ -23,8 +23,9 @@ reverse (:func:`_newton_grad`), for PCA the masked eigen backward (:func:`_pca_g
 (``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``). No activation
 is saved beyond the input: ``x − μ`` is formed again chunk by chunk wherever it is read (the
 covariance, the product and the backward; :mod:`normkit.functional.whiten_chunks`), in a reused
-cache-sized buffer: the same values as a centred copy, without an activation-sized tensor whose
-fresh pages cost more than the subtraction (on CPU).
+cache-sized buffer: the same values as a centred copy, without an activation-sized tensor (with
+a steady allocator the step time is unchanged; with glibc's defaults its fresh pages cost more
+than the subtractions).
 
 The op computes in at least float32 with autocast off and returns a fresh tensor. A second
 derivative (``create_graph=True``) differentiates the plain composition instead

@@ -10,7 +10,9 @@ trajectory and, in the backward, recomputes each step's posteriors from them.
 Every per-value quantity is a per-channel polynomial in ``z`` over the basis ``B = [1, z, z²]``:
 the E-step logits are ``a_k = A_k·B`` with ``A_k = [log π_k − ½log s_k − μ_k²/2s_k, μ_k/s_k,
 −1/2s_k]`` (``s = σ² + ε``), ``p = softmax_k(a)`` (two components: ``p_1 = sigmoid(d)``, ``p_0 =
-sigmoid(−d)``, ``d = a_1 − a_0`` evaluated as ``α + z(β + γz)``), and the M-step moments are one
+sigmoid(−d)``, ``d = a_1 − a_0`` evaluated as ``α + z(β + γz)``; both exact in the EM fit, whose
+counts need small posteriors to full precision; the output and the backward, where ``p_0``
+enters linearly, write it as ``1 − p_1``: one sigmoid per step), and the M-step moments are one
 contraction ``R = p·Bᵀ = [n_k, Σ p z, Σ p z²]``:
 
 .. math::

@@ -409,12 +409,12 @@ def batch_moments(x: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
 def grouped_matmul(mat: Tensor, x: Tensor, shift: Tensor | None = None, *,
                    out: Tensor | None = None) -> Tensor:
     """``mat @ x + shift`` for ``x`` of shape ``(P, G, D, S)`` and ``mat`` ``(1 or P, G, D, D)``
-    (``shift`` ``(1 or P, G, D, 1)``) as one batched matmul, then the shift added in place; with
-    ``out`` (shaped like ``x``) the product is added to it in place instead.
+    (``shift`` ``(1 or P, G, D, 1)``) as one batched matmul; with ``out`` (shaped like ``x``)
+    the product is added to it in place instead.
 
     With a shift the result starts as the broadcast shift and the product accumulates into it
-    (``baddbmm_``): measured ~20 % faster in isolation on CPU than ``bmm`` then an in-place add, and than
-    ``torch.baddbmm`` with the broadcast bias."""
+    (``baddbmm_``): measured ~20 % faster in isolation on CPU than ``bmm`` then an in-place add,
+    and than ``torch.baddbmm`` with the broadcast bias."""
     p, g, d, s = x.shape
     mats = mat.expand(p, g, d, d).reshape(p * g, d, d)  # small: (P·G) D×D blocks
     flat = x.reshape(p * g, d, s)

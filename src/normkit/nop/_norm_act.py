@@ -272,15 +272,6 @@ class FilterResponse(_OwnsParameters, Scale):
 
 
 # ----------------------------------------------------------------------- batch-channel
-def _inductor() -> bool:
-    """Compiling for inductor (not exporting: an exported graph runs eager kernels, where
-    torch's BN and GN kernels are the faster path). Inductor decomposes those kernels into
-    seven passes over the activations forward and twelve backward (``h`` written twice); the
-    rows' moments pooled into both steps' moments make it four and five."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-
-
-
 @dataclass(frozen=True, repr=False)
 class BatchChannelStandardize(_NotAffine):
     r"""Batch-channel normalization: BN, its own affine, then GN (Qiao et al. 2019).
@@ -347,8 +338,11 @@ class BatchChannelStandardize(_NotAffine):
         params: Stats | None = None,
     ) -> Stats:
         aff = self._affine(v, params)
-        if self.fused and type(nap) is Batch and _inductor():  # the rows' moments, pooled
-            row_mean, row_var = S.moments(v, (3,))  # into BN's (and, in transform, GN's)
+        # compiled for inductor: torch's BN and GN kernels decompose into 7 passes over the
+        # activations forward and 12 backward (h written twice); the rows' moments pooled into
+        # BN's (and, in transform, GN's) make it 4 and 5 (export keeps the faster eager kernels)
+        if self.fused and type(nap) is Batch and S.compiling_kernels():
+            row_mean, row_var = S.moments(v, (3,))
             mean, var = pool_moments(row_mean, row_var, (0,))
             return {"mean": mean, "var": var, "row_mean": row_mean, "row_var": row_var, **aff}
         if self.fused and type(nap) is Batch:  # BN's kernel: h, and μ_B, σ²_B for the running

@@ -93,8 +93,7 @@ class Standardize(Operation):
     ) -> Stats:
         if self.fused and type(nap) is Local:
             return _local_moments(v, nap, spatial, center=True)
-        if (self.fused and type(nap) in (Batch, Group, Layer) and torch.compiler.is_compiling()
-                and not torch.compiler.is_exporting()):
+        if self.fused and type(nap) in (Batch, Group, Layer) and S.compiling_kernels():
             # compiled: the moments Function — one reduction per row of positions, which
             # inductor fuses with a conditional recovery's pooled mean, pooled over the rows,
             # and a one-pass backward (fwd+bwd vs compiled BN: dynamic LN 1.2x → 0.9x, cbn
