@@ -71,8 +71,13 @@ def inner(m: nn.Module) -> nn.Module:
     return m.inner if isinstance(m, Conditioned) else m
 
 
-def _to(cond: Any, device: torch.device) -> Any:
-    return tuple(c.to(device) for c in cond) if isinstance(cond, tuple) else cond.to(device)
+def _to(cond: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """A condition (a tensor or a tuple of them) on ``device``; with ``dtype``, its floating
+    tensors in that dtype (class labels stay integers)."""
+    if isinstance(cond, tuple):
+        return tuple(_to(c, device, dtype) for c in cond)
+    return cond.to(device, dtype) if dtype is not None and cond.is_floating_point() else \
+        cond.to(device)
 
 
 def build_method(method: str, x: Tensor, gen: torch.Generator, **kwargs: Any) -> nn.Module:

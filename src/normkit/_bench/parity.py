@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .conditioned import Conditioned, build_method
+from .conditioned import Conditioned, _to, build_method
 from .timing import fmt, parse_shape, table
 
 __all__ = ["TOLERANCE", "parity_report", "run_parity"]
@@ -34,18 +34,11 @@ __all__ = ["TOLERANCE", "parity_report", "run_parity"]
 TOLERANCE = 1e-9  # float64: rounding-order differences are ~1e-15 of the scale
 
 
-def _cast(cond: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """A condition (a tensor or a tuple of them) on ``device``, floating ones in ``dtype``."""
-    if isinstance(cond, tuple):
-        return tuple(_cast(c, device, dtype) for c in cond)
-    return cond.to(device, dtype) if cond.is_floating_point() else cond.to(device)
-
-
 def _moved(m: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A copy of ``m`` (and of its condition) on ``device`` in ``dtype``."""
     out = copy.deepcopy(m).to(device, dtype)
     if isinstance(out, Conditioned):
-        out.condition = _cast(out.condition, device, dtype)
+        out.condition = _to(out.condition, device, dtype)
     return out
 
 
