@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from .._device import check_device
 from ..errors import ConfigError
 from .data import Dataset
 from .runner import CompareConfig, train_run
@@ -57,7 +58,7 @@ def run_one(dataset: Dataset, cfg: CompareConfig, run: Run,
 
 def check_backend(backend: str, address: str | None = None, device: str = "cpu") -> None:
     """Refuse an unknown backend, an ``address`` without Ray, Ray when it is not installed, a
-    ``device`` the local backend's machine lacks (:func:`~normkit.experiments.config.check_device`),
+    ``device`` the local backend's machine lacks (:func:`~normkit._device.check_device`),
     or a numbered CUDA device with Ray (Ray gives every run's task one GPU of its own: use
     ``cuda``).
 
@@ -65,8 +66,6 @@ def check_backend(backend: str, address: str | None = None, device: str = "cpu")
         ConfigError: naming the value and the fix.
     """
     import importlib.util
-
-    from .config import check_device
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
