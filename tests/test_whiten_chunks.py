@@ -77,3 +77,12 @@ def test_half_samples_are_centred_in_float32_as_the_stored_copy_is(chunk_bytes: 
     assert y.dtype == torch.float32
     # the same centred values (float32 rounding of the products aside)
     assert_close(y, WC.chunked_matmuls([(m1, centered)], None), rtol=1e-6, atol=1e-5)
+
+
+def test_chunk_size_follows_the_device() -> None:
+    # CPU: cache-sized chunks (1 MiB: 16 samples of 4·16·256 float32); elsewhere (here the meta
+    # device, which stands for CUDA / MPS) one launch per product covers up to 64 MiB
+    cpu = WC.sample_chunks(torch.empty(128, 4, 16, 256))
+    assert [(s.start, s.stop) for s in cpu[:2]] == [(0, 16), (16, 32)] and len(cpu) == 8
+    off = WC.sample_chunks(torch.empty(2048, 4, 16, 256, device="meta"))
+    assert [(s.start, s.stop) for s in off] == [(0, 1024), (1024, 2048)]

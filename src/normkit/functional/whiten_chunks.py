@@ -14,6 +14,10 @@ __all__ = ["chunked_matmuls", "chunked_moments", "chunked_outer", "chunked_stats
 # a dbn / cd_bw / pca_bw training step measured 7-9 % faster (thread CPU time, 40 interleaved
 # rounds at (128, 64, 16, 16)), per-sample whitening unchanged
 _CHUNK_BYTES = 1 << 20
+# elsewhere (CUDA, MPS) the chunks are not for a cache but bound the reused centring buffer: a
+# kernel launch per product and chunk is ~10 µs, so a CPU-sized chunk would launch thousands per
+# step at ImageNet shapes; 64 MiB keeps a step at a few launches per product
+_DEVICE_CHUNK_BYTES = 1 << 26
 
 
 def sample_chunks(x: Tensor) -> list[slice]:
@@ -22,8 +26,9 @@ def sample_chunks(x: Tensor) -> list[slice]:
     The batched products of a whitening step over ``16 × 256`` blocks are bound by memory
     traffic more than by arithmetic on CPU: running the products that share an operand (``Mᵀg``
     and ``P x_c`` into one buffer, ``x − μ`` and its covariance) chunk by chunk, while the chunk
-    is in cache, measured 2× faster than one batched call each. For use inside custom ops (a
-    Python loop over the chunks).
+    is in cache, measured 2× faster than one batched call each. Off the CPU there is no such
+    cache to fit and each product is a kernel launch: chunks of about 64 MiB there. For use
+    inside custom ops (a Python loop over the chunks).
 
     Example:
         >>> [s.stop for s in sample_chunks(torch.empty(128, 4, 16, 256))][:2]
@@ -31,7 +36,7 @@ def sample_chunks(x: Tensor) -> list[slice]:
     """
     p = x.shape[0]
     per = max(x[:1].numel() * x.element_size(), 1)
-    n = max(1, _CHUNK_BYTES // per)
+    n = max(1, (_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES) // per)
     return [slice(i, min(i + n, p)) for i in range(0, p, n)]
 
 
