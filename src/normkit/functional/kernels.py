@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_batch_group import batch_group_standardize
-from .whiten import grouped_matmul
+from .whiten_chunks import chunked_matmuls
 
 __all__ = ["KERNELS", "block_affine", "kernel_accepts", "run_kernel"]
 
@@ -132,8 +132,9 @@ def block_affine(x: Tensor, mat: Tensor, shift: Tensor) -> Tensor:
     """
     g, d, n = mat.shape[0], mat.shape[-1], x.shape[0]
     v = x.reshape(n, g, d, -1)
-    if v.shape[-1] > d:  # many positions: N·G products (d × d)(d × S) into the shift, no copy
-        return grouped_matmul(mat.unsqueeze(0), v, shift.view(1, g, d, 1)).reshape(x.shape)
+    if v.shape[-1] > d:  # many positions: N·G products (d × d)(d × S) into the shift, no copy,
+        # a cache-sized chunk of samples at a time (d = 16: 2.1 → 1.8× one (G, d, N·S) product)
+        return chunked_matmuls([(mat.unsqueeze(0), v)], shift.view(1, g, d, 1)).reshape(x.shape)
     # few positions ((N, C) input: S = 1): N·G tiny products would be ~100× slower than G
     # products (d × d)(d × N·S) on a (G, d, N·S) copy
     y = torch.baddbmm(shift.view(g, d, 1), mat, v.permute(1, 2, 0, 3).reshape(g, d, -1))
