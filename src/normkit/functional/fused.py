@@ -382,12 +382,13 @@ class _EvoB0(torch.autograd.Function):
         x = v.to(dt)
         g = g.to(dt)
         last = (x.dim() - 1,)
-        g_bias = _param_grad(bias, g)
         w = None if weight is None else weight.to(dt)
         vp = vparam.to(dt)
         if torch.compiler.is_compiling():
-            gxd, sum_hn, sum_hbn, hbnx, dx = _evo_b0_sums_inline(x, g, t, big_a, vp, w)
+            g_sum, gxd, sum_hn, sum_hbn, hbnx, dx = _evo_b0_sums_inline(x, g, t, big_a, vp, w)
+            g_bias = _param_grad(bias, g_sum)
         else:
+            g_bias = _param_grad(bias, g)
             z = torch.add(t, big_a)  # den
             gd = torch.div(g, z)  # g/den, becomes dx
             z = torch.div(x, z, out=z)  # x/den

@@ -80,26 +80,30 @@ def apply_saving(fn: Callable[..., Tensor], ops: tuple[Any, ...], *args: Any) ->
 def _evo_b0_sums_inline(x: Tensor, g: Tensor, t: Tensor, big_a: Tensor, vparam: Tensor,
                         w: Tensor | None) -> tuple[Tensor, ...]:
     """EvoNorm-B0's backward sums in the form inductor fuses into two passes over the
-    activations (compiled only): per row ``Σ g x/den`` (``γ``'s gradient), ``Σ h_n``, ``Σ h_{bn}``,
-    ``Σ h_{bn} x``, and the elementwise part of ``dx``, ``g_z/den − v h_{bn}`` (``h_n = g_z
-    x/den²``, ``h_{bn}`` where ``t > 0``, ``g_z = γ g``).
+    activations (compiled only): per row ``Σ g`` (``β``'s gradient), ``Σ g x/den`` (``γ``'s),
+    ``Σ h_n``, ``Σ h_{bn}``, ``Σ h_{bn} x``, and the elementwise part of ``dx``,
+    ``g_z/den − v h_{bn}`` (``h_n = g_z x/den²``, ``h_{bn}`` where ``t > 0``, ``g_z = γ g``).
 
     Inductor writes an elementwise expression to memory when it has several users and reads
     more than four buffers (``realize_reads_threshold``): ``den`` and ``t`` read four (``x, v,
     σ_I, A``) and are shared; every expression that reads ``g`` as well has one user (each sum
-    masks or divides its own product), so none is written: one pass reads ``g, x`` for the
-    sums, one for ``dx``. (Eager makes these products once, in place:
-    :class:`~normkit.functional.fused._EvoB0`.)"""
+    masks or scales its own product), so none is written: one pass reads ``g, x`` for the
+    sums, one for ``dx``. Each pass divides once per value (``1/den``, shared; a division costs
+    several products on CPU), and the plain row sum reads a per-channel 1 (``unit``) so that it
+    runs in the loops (samples, channels | positions) of the others. (Eager makes these
+    products once, in place: :class:`~normkit.functional.fused._EvoB0`.)"""
     last = (x.dim() - 1,)
-    den = t + big_a
-    den2 = den * den
+    r = torch.reciprocal(t + big_a)  # 1/den
+    r2 = r * r
+    unit = vparam * 0.0 + 1.0  # 1 per channel (finite v), read in the loop
     gx = g * x
-    gxd = (gx / den).sum(last, keepdim=True)
-    sum_hn = (gx / den2).sum(last, keepdim=True)
+    g_sum = (g * unit).sum(last, keepdim=True)
+    gxd = (gx * r).sum(last, keepdim=True)
+    sum_hn = (gx * r2).sum(last, keepdim=True)
     tb = torch.ops.aten.threshold_backward  # where t > 0 (the branch B > A)
-    sum_hbn = (tb(gx, t, 0) / den2).sum(last, keepdim=True)
-    hbnx = (tb(gx * x, t, 0) / den2).sum(last, keepdim=True)
-    dx = g / den - tb(g, t, 0) * x * (vparam / den2)
+    sum_hbn = (tb(gx, t, 0) * r2).sum(last, keepdim=True)
+    hbnx = (tb(gx * x, t, 0) * r2).sum(last, keepdim=True)
+    dx = g * r - tb(g, t, 0) * x * (vparam * r2)
     if w is not None:
         sum_hn, sum_hbn, hbnx, dx = sum_hn * w, sum_hbn * w, hbnx * w, dx * w
-    return gxd, sum_hn, sum_hbn, hbnx, dx
+    return g_sum, gxd, sum_hn, sum_hbn, hbnx, dx
