@@ -229,9 +229,13 @@ class _EvoS0(torch.autograd.Function):
         else:
             s = torch.mul(x, vparam.to(dt)).sigmoid_()
         a = d if weight is None else d * weight.to(dt)
-        y = torch.mul(x, s).mul_(a)  # (an addcmul with a broadcast first operand is slower)
-        if bias is not None:
-            y = y.add_(bias.to(dt))
+        if torch.compiler.is_compiling():  # out of place in a checkpointed region (apply_saving)
+            y = x * s * a
+            y = y if bias is None else y + bias.to(dt)
+        else:
+            y = torch.mul(x, s).mul_(a)  # (an addcmul with a broadcast first operand is slower)
+            if bias is not None:
+                y = y.add_(bias.to(dt))
         ctx.save_for_backward(v, s, mean, d, vparam, weight, bias)
         ctx.dims, ctx.eps = dims, eps
         return y
