@@ -34,7 +34,10 @@ and ``\sigma_I``, elsewhere through ``x`` and ``\sigma_B`` (:func:`evo_b0`).
 
 Compiled (``torch.compiler.is_compiling()``), the EvoNorm backwards write the same sums as
 expressions inductor fuses (:mod:`normkit.functional.fused_inductor`): eager's products, made
-once and reused in place, are what inductor would write to memory.
+once and reused in place, are what inductor would write to memory; EvoNorm-S0's gate is made
+once, in the forward, and kept for the backward
+(:func:`~normkit.functional.fused_inductor.apply_saving`: a sigmoid costs more than reading it
+back).
 """
 
 from __future__ import annotations
