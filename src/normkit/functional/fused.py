@@ -34,7 +34,10 @@ and ``\sigma_I``, elsewhere through ``x`` and ``\sigma_B`` (:func:`evo_b0`).
 
 Compiled (``torch.compiler.is_compiling()``), the EvoNorm backwards write the same sums as
 expressions inductor fuses (:mod:`normkit.functional.fused_inductor`): eager's products, made
-once and reused in place, are what inductor would write to memory.
+once and reused in place, are what inductor would write to memory; EvoNorm-S0's gate is made
+once, in the forward, and kept for the backward
+(:func:`~normkit.functional.fused_inductor.apply_saving`: a sigmoid costs more than reading it
+back).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fused_inductor import _evo_b0_sums_inline, _evo_s0_sums_inline
+from .fused_inductor import _evo_b0_sums_inline, _evo_s0_sums_inline, apply_saving
 
 __all__ = ["evo_b0", "evo_b0_plain", "evo_s0", "evo_s0_plain", "frn", "frn_plain"]
 
@@ -222,11 +225,20 @@ class _EvoS0(torch.autograd.Function):
         else:
             mean, var = mean.to(dt), var.to(dt)
         d = torch.rsqrt(var + eps)
-        s = torch.mul(x, vparam.to(dt)).sigmoid_()
+        if torch.compiler.is_compiling():  # out of place: the op apply_saving keeps; the
+            # 1 per sample and group (finite d) puts the gate in the output's loops (samples,
+            # groups, channels | positions), so inductor writes s and y in one pass
+            s = torch.sigmoid(x * vparam.to(dt) * (d * 0.0 + 1.0))
+        else:
+            s = torch.mul(x, vparam.to(dt)).sigmoid_()
         a = d if weight is None else d * weight.to(dt)
-        y = torch.mul(x, s).mul_(a)  # (an addcmul with a broadcast first operand is slower)
-        if bias is not None:
-            y = y.add_(bias.to(dt))
+        if torch.compiler.is_compiling():  # out of place in a checkpointed region (apply_saving)
+            y = x * s * a
+            y = y if bias is None else y + bias.to(dt)
+        else:
+            y = torch.mul(x, s).mul_(a)  # (an addcmul with a broadcast first operand is slower)
+            if bias is not None:
+                y = y.add_(bias.to(dt))
         ctx.save_for_backward(v, s, mean, d, vparam, weight, bias)
         ctx.dims, ctx.eps = dims, eps
         return y
@@ -241,15 +253,16 @@ class _EvoS0(torch.autograd.Function):
         dt = s.dtype
         x = v.to(dt)
         g = g.to(dt)
-        g_bias = _param_grad(bias, g)
         # per sample and channel, over the positions (S, the last axis): every statistic and
         # parameter is constant along them
         w = None if weight is None else weight.to(dt)
         wd = d if w is None else w * d  # γ d, per sample and channel
         vp = vparam.to(dt)
         if torch.compiler.is_compiling():
-            r_sum, gv_sum, dx = _evo_s0_sums_inline(x, g, s, vp, w)
+            g_sum, r_sum, gv_sum, dx = _evo_s0_sums_inline(x, g, s, vp, w)
+            g_bias = _param_grad(bias, g_sum)
         else:
+            g_bias = _param_grad(bias, g)
             gs = torch.mul(g, s)  # becomes dx
             u = torch.mul(gs, x)  # scratch: g s x, then g s x (1 − s), then g s x² (1 − s)
             r_sum = u.sum(-1, keepdim=True)  # Σ_S g s x, per sample and channel
@@ -292,7 +305,9 @@ def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | N
         True
     """
     mean, var = (None, None) if moments is None else (moments[0].detach(), moments[1].detach())
-    return _EvoS0.apply(v, vparam, weight, bias, eps, tuple(dims), mean, var)  # type: ignore[no-any-return]
+    # compiled for inductor: the gate saved for the backward (fused_inductor.apply_saving)
+    return apply_saving(_EvoS0.apply, (torch.ops.aten.sigmoid.default,),
+                        v, vparam, weight, bias, eps, tuple(dims), mean, var)
 
 
 def frn_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, tau: Tensor | None,
@@ -374,12 +389,13 @@ class _EvoB0(torch.autograd.Function):
         x = v.to(dt)
         g = g.to(dt)
         last = (x.dim() - 1,)
-        g_bias = _param_grad(bias, g)
         w = None if weight is None else weight.to(dt)
         vp = vparam.to(dt)
         if torch.compiler.is_compiling():
-            gxd, sum_hn, sum_hbn, hbnx, dx = _evo_b0_sums_inline(x, g, t, big_a, vp, w)
+            g_sum, gxd, sum_hn, sum_hbn, hbnx, dx = _evo_b0_sums_inline(x, g, t, big_a, vp, w)
+            g_bias = _param_grad(bias, g_sum)
         else:
+            g_bias = _param_grad(bias, g)
             z = torch.add(t, big_a)  # den
             gd = torch.div(g, z)  # g/den, becomes dx
             z = torch.div(x, z, out=z)  # x/den

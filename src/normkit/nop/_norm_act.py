@@ -158,10 +158,14 @@ class EvoS0(_EvoNorm):
         params: Stats | None = None,
     ) -> Stats:
         if self.fused:  # statistics once, without autograd: the Function differentiates them
-            with torch.no_grad():  # the mean + vector-norm pass unless the area is special
-                var, mean = (Ff._var_mean(v.to(stats_dtype(v)), nap.dims)
-                             if type(nap).moments is Partition.moments
-                             else nap.moments(v, spatial)[::-1])
+            with torch.no_grad():  # the mean + vector-norm pass unless the area is special;
+                # compiled for inductor, the shifted sums: one pass, not two
+                if type(nap).moments is not Partition.moments:
+                    var, mean = nap.moments(v, spatial)[::-1]
+                elif S.compiling_kernels():
+                    mean, var = S.shifted_moments(v, nap.dims)
+                else:
+                    var, mean = Ff._var_mean(v.to(stats_dtype(v)), nap.dims)
             return {"var": var, "batch_mean": mean, "v": self._v(v, params)}
         return {"var": nap.moments(v, spatial)[1], "v": self._v(v, params)}
 
