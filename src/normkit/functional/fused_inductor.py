@@ -58,7 +58,10 @@ def apply_saving(fn: Callable[..., Tensor], ops: tuple[Any, ...], *args: Any) ->
 
     The partitioner recomputes every pointwise op in the backward whose inputs are saved anyway:
     free for a product, but a sigmoid over the activations costs more than the pass that would
-    read it back on CPU.
+    read it back on CPU. The first such compile in a process logs torch's one-time notice
+    "Detected that context_fn is passed to torch.utils.checkpoint under torch.compile ... does
+    not contain in-place ops": the regions passed here are out of place, so it asks nothing of
+    the caller (torch offers no way to silence it for this region alone).
     """
     from .statistics import compiling_kernels
 
