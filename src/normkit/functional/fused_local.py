@@ -22,7 +22,8 @@ the input and ``s`` (and ``μ`` where it is smaller than the input: LCN), recomp
 shift otherwise — at most one tensor the size of the input beyond it — and its backward makes two
 window sums (three when ``μ`` is recomputed) with
 :func:`~normkit.functional.statistics.box_sum`, which is several times faster than the pooling
-kernels on CPU (under ``torch.compile``, one custom op each). Statistics shared by a channel group
+kernels on CPU (compiled by inductor, sums of shifted windows of a zero-padded copy that it fuses
+with the work around them; exported, one custom op each). Statistics shared by a channel group
 (LCN) make every term but ``Σ g``, ``Σ g x`` and ``∂x`` itself statistics-sized. Where ``v`` was
 clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as the clamp's own gradient gives.
 A second derivative (``create_graph=True``) differentiates the plain composition

@@ -160,12 +160,15 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     A copy per dimension and ``w − 1`` shifted in-place adds: several times faster on CPU than
     an ``avg_pool`` kernel for small windows (not for autograd to record: :func:`box_mean` uses
     the pooling kernels then). ``owned``: ``x`` may be overwritten (its storage takes the next
-    copy: one allocation fewer). Under ``torch.compile`` it is one custom op
-    (``normkit::box_sum``, differentiable: its derivative is the flipped sum), which inductor
-    calls between the kernels it fuses — its own code for shifted windows is several times
-    slower on CPU. Returns ``x`` itself when every window is 1 (a copy under compile).
+    copy: one allocation fewer). Compiled by inductor it is a sum of shifted windows of a
+    zero-padded copy (:func:`_shifted_sum`), which inductor fuses with the pointwise work around
+    it (fwd+bwd vs compiled BN: lrn 2.5x → 1.7x, divisive_norm 7.0x → 4.2x); exported, one custom
+    op (``normkit::box_sum``, differentiable: its derivative is the flipped sum), which runs these
+    eager kernels. Returns ``x`` itself when every window is 1 (a copy when exported).
     """
-    if torch.compiler.is_compiling():  # one opaque node: inductor's own loops are slower
+    if compiling_kernels():  # shifted windows that inductor fuses with the pointwise work
+        return _shifted_sum(x, dims, windows, flip)
+    if torch.compiler.is_compiling():  # exported: one node, the eager kernels
         return _box_sum_op(x, list(dims), list(windows), flip)
     spare = None  # a buffer free to take the next copy
     for d, w in zip(dims, windows, strict=True):
@@ -180,6 +183,55 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
             acc.narrow(d, 0, n - s).add_(x.narrow(d, s, n - s))
         spare = x if owned else None
         x, owned = acc, True
+    return x
+
+
+#: window terms that one read of a zero-padded copy sums over several axes at once (more:
+#: one padded copy per axis)
+_TERMS_AT_ONCE = 16
+
+
+def _shifted_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], flip: bool) -> Tensor:
+    """:func:`box_sum` for inductor: a sum of shifted windows of a zero-padded copy.
+
+    Without a graph the copy is read through ``as_strided`` windows, which makes inductor
+    write it once (its producer, the pointwise work before the sum, runs once per value) and sum
+    unmasked loads from it — the axes at once while the terms are at most
+    ``_TERMS_AT_ONCE``, else axis by axis. Slices inlined instead recompute the producer for
+    every term behind masked loads (lrn fwd+bwd 2.5x → 12.9x compiled BN). Recorded by autograd
+    (the plain composition), slices of the padded copy: their derivative is the flipped sum.
+    """
+    spans = []  # (axis, before, after) of each axis with a window
+    for d, w in zip(dims, windows, strict=True):
+        n = x.shape[d]
+        before, after = ((w - 1) // 2, w // 2) if flip else (w // 2, (w - 1) // 2)
+        before, after = min(before, n - 1), min(after, n - 1)
+        if before + after:
+            spans.append((d, before, after))
+    if x.requires_grad and torch.is_grad_enabled():
+        for d, before, after in spans:
+            n = x.shape[d]
+            xp = F.pad(x, [0] * (2 * (x.dim() - d - 1)) + [before, after])
+            acc = xp.narrow(d, 0, n)
+            for s in range(1, before + after + 1):
+                acc = acc + xp.narrow(d, s, n)
+            x = acc
+        return x
+    terms = math.prod([b + a + 1 for _, b, a in spans])
+    for group in [spans] if terms <= _TERMS_AT_ONCE else [[sp] for sp in spans]:
+        pad = [0] * (2 * x.dim())
+        for d, before, after in group:
+            pad[2 * (x.dim() - 1 - d)] = before
+            pad[2 * (x.dim() - 1 - d) + 1] = after
+        xp = F.pad(x, pad).contiguous()
+        stride = xp.stride()
+        offsets = [0]
+        for d, before, after in group:
+            offsets = [o + s * stride[d] for o in offsets for s in range(before + after + 1)]
+        acc = xp.as_strided(x.shape, stride, offsets[0])
+        for o in offsets[1:]:
+            acc = acc + xp.as_strided(x.shape, stride, o)
+        x = acc
     return x
 
 
