@@ -1,5 +1,5 @@
 """Local normalization (LRN, LCN, divisive normalization) compiled by inductor: the window sums
-take their compiled form there (``statistics._shifted_sum``: shifted windows of a zero-padded
+take their compiled form there (:mod:`normkit.functional.shifted`: shifted windows of a zero-padded
 copy, which inductor fuses with the work around them) in the forward statistics and in the
 Function's backward. Under ``torch.compile(fullgraph=True)`` the output and every gradient must
 equal eager's in float64 — default windows (clipped at the borders of a small input, where the
@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 import normkit as nk
 from normkit.functional import statistics as S
+from normkit.functional.shifted import shifted_moment_sums, shifted_sum
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-9, atol=1e-10)
@@ -71,15 +72,20 @@ def test_shifted_sum_is_box_sum(dims: tuple[int, ...], windows: tuple[int, ...],
                                 flip: bool) -> None:
     """The compiled form (run eagerly) equals the eager window sum — windows longer than the
     axis, one axis and several, at once and axis by axis — without a graph (the padded copy read
-    through ``as_strided``) and with one (slices, whose gradient is the flipped sum)."""
+    through ``as_strided``; the sums of ``x`` and ``x²`` from one copy) and with one (slices,
+    whose gradient is the flipped sum)."""
     x = rand(2, 3, 4, 5, seed=3)
     want = S.box_sum(x, dims, windows, flip=flip)
-    assert_close(S._shifted_sum(x, dims, windows, flip), want, **TIGHT)
+    assert_close(shifted_sum(x, dims, windows, flip), want, **TIGHT)
+    if not flip:  # both moments' sums from one padded copy
+        s1, s2 = shifted_moment_sums(x, dims, windows)
+        assert_close(s1, want, **TIGHT)
+        assert_close(s2, S.box_sum(x * x, dims, windows), **TIGHT)
     xg = x.clone().requires_grad_()
-    y = S._shifted_sum(xg, dims, windows, flip)
+    y = shifted_sum(xg, dims, windows, flip)
     assert_close(y, want, **TIGHT)
     g = rand(2, 3, 4, 5, seed=4)
     (gx,) = torch.autograd.grad(y, xg, g)
     assert_close(gx, S.box_sum(g, dims, windows, flip=not flip), **TIGHT)
-    assert gradcheck(lambda t: S._shifted_sum(t, dims, windows, flip),
+    assert gradcheck(lambda t: shifted_sum(t, dims, windows, flip),
                      (rand(1, 2, 3, 4, seed=5).requires_grad_(),))

@@ -132,7 +132,9 @@ class _LocalDivisive(torch.autograd.Function):
         if bias is not None:
             bt = bias.to(dt)
             y = y.add_(bt) if _fits(bt, y) else y + bt
-        keep_mu = mu is not None and mu.numel() < x.numel()  # LCN's: a fraction of the input
+        # LCN's μ: a fraction of the input; compiled, every μ (inductor's recomputation of the
+        # window mean in the backward costs more than reading it)
+        keep_mu = mu is not None and (mu.numel() < x.numel() or S.compiling_kernels())
         ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
         ctx.center, ctx.in_dtype = mean is not None, v.dtype
@@ -153,6 +155,8 @@ class _LocalDivisive(torch.autograd.Function):
         g = gy if weight is None else gy * weight.to(dt)
         if w.full:
             return _backward_whole_groups(ctx, x, gy, g, r, s, mu, weight, bias)
+        if S.compiling_kernels():
+            return _backward_compiled(ctx, x, gy, g, r, s, mu, weight, bias)
         if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
             shift = x.mean(dim=(2, 3), keepdim=True)
             xs = x - shift
@@ -180,6 +184,36 @@ class _LocalDivisive(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
         return dx, g_w, g_b, None, None, None, None, None, None
+
+
+def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+                       mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
+                       ) -> tuple[Tensor | None, ...]:
+    """The backward of windows without whole channel groups as inductor compiles it best: the
+    saved ``μ`` and one expression per term (``∂x = t + Bᵀb + 2(x − c)Bᵀa``), so that the
+    window sums' padded copies of ``a`` and ``b`` are the only activation-sized tensors it
+    writes besides ``∂x``."""
+    w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
+    if ctx.center:  # around the per-sample shift c, like the eager backward
+        shift = x.mean(dim=(2, 3), keepdim=True)
+        xs, d = x - shift, x - mu
+    else:
+        shift, xs, d = None, x, x
+    t = g * r
+    a = g * d * r / s * (-beta * alpha)  # ∂L/∂v
+    dx = None
+    if ctx.needs_input_grad[0]:
+        b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
+        dx = t + 2.0 * xs * _window_mean_adjoint_(a, w)  # (overwrites a)
+        if b is not None:
+            dx = dx + _window_mean_adjoint_(b, w)
+        dx = dx.to(ctx.in_dtype)
+    g_w = g_b = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        g_w = (d * r * gy).sum_to_size(weight.shape).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+    return dx, g_w, g_b, None, None, None, None, None, None
 
 
 def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,

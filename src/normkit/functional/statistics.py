@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .partition import stats_dtype
+from .shifted import shifted_moment_sums, shifted_sum
 
 __all__ = [
     "compiling_kernels",
@@ -161,13 +162,13 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     an ``avg_pool`` kernel for small windows (not for autograd to record: :func:`box_mean` uses
     the pooling kernels then). ``owned``: ``x`` may be overwritten (its storage takes the next
     copy: one allocation fewer). Compiled by inductor it is a sum of shifted windows of a
-    zero-padded copy (:func:`_shifted_sum`), which inductor fuses with the pointwise work around
+    zero-padded copy (:func:`~normkit.functional.shifted.shifted_sum`), which inductor fuses with the pointwise work around
     it (fwd+bwd vs compiled BN: lrn 2.5x → 1.7x, divisive_norm 7.0x → 4.2x); exported, one custom
     op (``normkit::box_sum``, differentiable: its derivative is the flipped sum), which runs these
     eager kernels. Returns ``x`` itself when every window is 1 (a copy when exported).
     """
     if compiling_kernels():  # shifted windows that inductor fuses with the pointwise work
-        return _shifted_sum(x, dims, windows, flip)
+        return shifted_sum(x, dims, windows, flip)
     if torch.compiler.is_compiling():  # exported: one node, the eager kernels
         return _box_sum_op(x, list(dims), list(windows), flip)
     spare = None  # a buffer free to take the next copy
@@ -183,55 +184,6 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
             acc.narrow(d, 0, n - s).add_(x.narrow(d, s, n - s))
         spare = x if owned else None
         x, owned = acc, True
-    return x
-
-
-#: window terms that one read of a zero-padded copy sums over several axes at once (more:
-#: one padded copy per axis)
-_TERMS_AT_ONCE = 16
-
-
-def _shifted_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], flip: bool) -> Tensor:
-    """:func:`box_sum` for inductor: a sum of shifted windows of a zero-padded copy.
-
-    Without a graph the copy is read through ``as_strided`` windows, which makes inductor
-    write it once (its producer, the pointwise work before the sum, runs once per value) and sum
-    unmasked loads from it — the axes at once while the terms are at most
-    ``_TERMS_AT_ONCE``, else axis by axis. Slices inlined instead recompute the producer for
-    every term behind masked loads (lrn fwd+bwd 2.5x → 12.9x compiled BN). Recorded by autograd
-    (the plain composition), slices of the padded copy: their derivative is the flipped sum.
-    """
-    spans = []  # (axis, before, after) of each axis with a window
-    for d, w in zip(dims, windows, strict=True):
-        n = x.shape[d]
-        before, after = ((w - 1) // 2, w // 2) if flip else (w // 2, (w - 1) // 2)
-        before, after = min(before, n - 1), min(after, n - 1)
-        if before + after:
-            spans.append((d, before, after))
-    if x.requires_grad and torch.is_grad_enabled():
-        for d, before, after in spans:
-            n = x.shape[d]
-            xp = F.pad(x, [0] * (2 * (x.dim() - d - 1)) + [before, after])
-            acc = xp.narrow(d, 0, n)
-            for s in range(1, before + after + 1):
-                acc = acc + xp.narrow(d, s, n)
-            x = acc
-        return x
-    terms = math.prod([b + a + 1 for _, b, a in spans])
-    for group in [spans] if terms <= _TERMS_AT_ONCE else [[sp] for sp in spans]:
-        pad = [0] * (2 * x.dim())
-        for d, before, after in group:
-            pad[2 * (x.dim() - 1 - d)] = before
-            pad[2 * (x.dim() - 1 - d) + 1] = after
-        xp = F.pad(x, pad).contiguous()
-        stride = xp.stride()
-        offsets = [0]
-        for d, before, after in group:
-            offsets = [o + s * stride[d] for o in offsets for s in range(before + after + 1)]
-        acc = xp.as_strided(x.shape, stride, offsets[0])
-        for o in offsets[1:]:
-            acc = acc + xp.as_strided(x.shape, stride, o)
-        x = acc
     return x
 
 
@@ -357,6 +309,11 @@ def _local_moments_in_place(x: Tensor, full: tuple[int, ...], dims: Sequence[int
     allocations (the window sums overwrite their inputs); the mean of ``center=False`` is an
     expanded zero."""
     shift = x.mean(dim=full + tuple(dims), keepdim=True) if center else None
+    if shift is not None and not full and compiling_kernels():  # one padded copy for both
+        s1, s2 = shifted_moment_sums(x - shift, dims, windows)
+        inv = inverse_count(x.shape, dims, windows, include_pad, x)
+        m1 = s1 * inv
+        return m1 + shift, (s2 * inv - m1 * m1).clamp_min(0)
     if full:
         m2 = (x.square() if shift is None else (x - shift).square_()).mean(dim=full, keepdim=True)
         m1 = None if shift is None else x.mean(dim=full, keepdim=True).sub_(shift)
