@@ -229,7 +229,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
     if ctx.center:
         if mu is None:  # one channel per group: μ was not saved (the size of the input)
             mu = _window_mean(x.mean(full, keepdim=True), w, owned=True)
-        shift = x.mean(dim=(2, 3), keepdim=True)
+        shift = mu.mean(dim=(2, 3), keepdim=True)  # any constant is exact: μ's, statistics-sized
         m1 = mu - shift  # μ − c
         sgd = sgx.sub_(shift * sg).sub_(m1 * sg)  # Σ g (x − μ)
     else:
