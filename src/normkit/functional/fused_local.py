@@ -18,9 +18,10 @@ per-sample shift ``c`` (:func:`~normkit.functional.statistics.local_moments`); t
 ``x − c`` and ``μ − c`` too.
 
 The forward takes the statistics ``fit`` computed (under ``torch.no_grad``); the Function saves
-the input and ``s`` (and ``μ`` where it is smaller than the input: LCN), recomputes ``μ`` and the
-shift otherwise — at most one tensor the size of the input beyond it — and its backward makes two
-window sums (three when ``μ`` is recomputed) with
+the input and ``s`` (and ``μ`` where it is smaller than the input: LCN, or where inductor
+compiles it), recomputes ``μ`` and the shift otherwise — at most one tensor the size of the
+input beyond it in eager mode — and its backward makes two window sums (three when ``μ`` is
+recomputed) with
 :func:`~normkit.functional.statistics.box_sum`, which is several times faster than the pooling
 kernels on CPU (compiled by inductor, sums of shifted windows of a zero-padded copy that it fuses
 with the work around them; exported, one custom op each). Statistics shared by a channel group
@@ -189,10 +190,11 @@ class _LocalDivisive(torch.autograd.Function):
 def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
                        mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                        ) -> tuple[Tensor | None, ...]:
-    """The backward of windows without whole channel groups as inductor compiles it best: the
-    saved ``μ`` and one expression per term (``∂x = t + Bᵀb + 2(x − c)Bᵀa``), so that the
-    window sums' padded copies of ``a`` and ``b`` are the only activation-sized tensors it
-    writes besides ``∂x``."""
+    """The backward of windows without whole channel groups where inductor compiles it: the
+    eager formula (``∂x = t + Bᵀb + 2(x − c)Bᵀa``) on the saved ``μ``, one out-of-place
+    expression per term, which inductor fuses into the loops that read it instead of the eager
+    in-place updates' extra passes (with the saved ``μ`` and the moments from one padded copy:
+    divisive_norm fwd+bwd against compiled BN about 4.3x → 3.1x, paired runs)."""
     w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
     if ctx.center:  # around the per-sample shift c, like the eager backward
         shift = x.mean(dim=(2, 3), keepdim=True)

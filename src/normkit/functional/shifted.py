@@ -92,8 +92,9 @@ def shifted_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int],
 
 def shifted_moment_sums(x: Tensor, dims: Sequence[int], windows: Sequence[int]
                         ) -> tuple[Tensor, Tensor]:
-    """``(Σ x, Σ x²)`` over the windows of :func:`shifted_sum` (no graph): from one padded copy
-    of ``x`` where one set of windows covers the axes, else two sums.
+    """``(Σ x, Σ x²)`` over the windows of :func:`shifted_sum` (no graph, ``flip=False``): the
+    squares of the same shifted windows of one padded copy of ``x`` where the axes are summed
+    at once (at most ``TERMS_AT_ONCE`` terms), else two sums.
 
     Example:
         >>> x = torch.tensor([[1., 2., 3.]])
