@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import statistics as S
-from .fused import _compute_dtype, _plain_vjp, _reduced
+from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
 from .standardize import affine_transform, divisive_coefficients
 
 __all__ = ["LocalMoments", "Window", "is_own", "local_divisive", "local_divisive_plain"]
@@ -181,9 +181,9 @@ class _LocalDivisive(torch.autograd.Function):
             dx = t.addcmul_(xs, _window_mean_adjoint_(a, w), value=2.0 / n_full).to(v.dtype)
         g_w = g_b = None
         if weight is not None and ctx.needs_input_grad[1]:
-            g_w = xhat.mul_(gy).sum_to_size(weight.shape).to(weight.dtype)
+            g_w = _sum_to(xhat.mul_(gy), weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+            g_b = _sum_to(gy, bias.shape).to(bias.dtype)
         return dx, g_w, g_b, None, None, None, None, None, None
 
 
@@ -212,9 +212,9 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s:
         dx = dx.to(ctx.in_dtype)
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
-        g_w = (d * r * gy).sum_to_size(weight.shape).to(weight.dtype)
+        g_w = _sum_to(d * r * gy, weight.shape).to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+        g_b = _sum_to(gy, bias.shape).to(bias.dtype)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
@@ -252,9 +252,9 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
         xhat = (x - mu).mul_(r) if ctx.center else x * r
-        g_w = xhat.mul_(gy).sum_to_size(weight.shape).to(weight.dtype)
+        g_w = _sum_to(xhat.mul_(gy), weight.shape).to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = gy.sum_to_size(bias.shape).to(bias.dtype)
+        g_b = _sum_to(gy, bias.shape).to(bias.dtype)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
@@ -300,3 +300,4 @@ def local_divisive_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     scale, shift = divisive_coefficients(mean.reshape(flat) if center else None,
                                          second.reshape(flat), k, alpha, beta)
     return affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
+
