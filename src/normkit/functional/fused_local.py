@@ -198,7 +198,10 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s:
     w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
     if ctx.center:  # around the per-sample shift c, like the eager backward
         shift = x.mean(dim=(2, 3), keepdim=True)
-        xs, d = x - shift, x - mu
+        xs = x - shift
+        # x − μ as (x − c) − (μ − c): not the forward's product, which AOTAutograd would merge
+        # and save (one input-sized tensor fewer saved)
+        d = xs - (mu - shift)
     else:
         shift, xs, d = None, x, x
     t = g * r
@@ -251,8 +254,16 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
         dx = dx.addcmul_(x, ua).to(ctx.in_dtype)
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
-        xhat = (x - mu).mul_(r) if ctx.center else x * r
-        g_w = _sum_to(xhat.mul_(gy), weight.shape).to(weight.dtype)
+        if ctx.center and S.compiling_kernels():
+            # Σ γ'·(x − c)·r − Σ γ'·(μ − c)·r: no product of the forward's (AOTAutograd would
+            # merge it and save the input-sized (x − μ)·r: lcn fwd+bwd 1.31x → 1.17x
+            # compiled BN)
+            gr = r * gy
+            g_w = _sum_to((x - shift) * gr, weight.shape) - _sum_to(m1 * gr, weight.shape)
+        else:
+            xhat = (x - mu).mul_(r) if ctx.center else x * r
+            g_w = _sum_to(xhat.mul_(gy), weight.shape)
+        g_w = g_w.to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
         g_b = _sum_to(gy, bias.shape).to(bias.dtype)
     return dx, g_w, g_b, None, None, None, None, None, None
