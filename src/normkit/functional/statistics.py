@@ -164,7 +164,7 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     copy: one allocation fewer). Compiled by inductor it is a sum of shifted windows of a
     zero-padded copy (:func:`~normkit.functional.shifted.shifted_sum`), which inductor fuses
     with the pointwise work around it (the local methods' fwd+bwd against compiled BN, normkit
-    bench --goals: lrn 2.35x → 1.70x, lcn 1.95x → 1.45x, divisive_norm 6.80x → 2.97x with
+    bench --goals: lrn 2.35x → 1.67x, lcn 1.95x → 1.31x, divisive_norm 6.80x → 2.98x with
     :mod:`~normkit.functional.fused_local`'s compiled backward); exported, one custom op
     (``normkit::box_sum``, differentiable: its derivative is the flipped sum) that runs these
     eager kernels. Returns ``x`` itself when every window is 1 (a copy when exported).
