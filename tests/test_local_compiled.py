@@ -1,10 +1,11 @@
 """Local normalization (LRN, LCN, divisive normalization) compiled by inductor: the window sums
-take their compiled form there (:mod:`normkit.functional.shifted`: shifted windows of a zero-padded
-copy, which inductor fuses with the work around them) in the forward statistics and in the
-Function's backward. Under ``torch.compile(fullgraph=True)`` the output and every gradient must
-equal eager's in float64 — default windows (clipped at the borders of a small input, where the
-count of each window varies) and other sizes; and the compiled form of the window sum must be the
-eager sum, its gradient the flipped sum. Inductor compiles C++: few, tiny cases."""
+take their compiled form there (:mod:`normkit.functional.shifted`: shifted windows of a
+zero-padded copy, which inductor fuses with the work around them) in the forward statistics and
+in the Function's backward; the composition (``native=False``) records the ``box_sum`` custom
+op. Under ``torch.compile(fullgraph=True)`` the output and every gradient must equal eager's in
+float64 — default windows (clipped at the borders of a small input, where the count of each
+window varies) and other sizes; and the compiled form of the window sum must be the eager sum,
+its gradient the flipped sum. Inductor compiles C++: few, tiny cases."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[int, ...], float]] = {
     "divisive_default": ("divisive_norm", {}, (2, 3, 5, 6), 1.0),
     "divisive_3x5x3": ("divisive_norm", {"window": (5, 3), "channel_window": 3},
                        (2, 4, 5, 6), 1.0),
+    "divisive_composition": ("divisive_norm", {"native": False}, (2, 3, 5, 6), 1.0),
 }
 
 
@@ -71,9 +73,8 @@ def test_inductor_equals_eager(case: str, dynamo_reset: None) -> None:
 def test_shifted_sum_is_box_sum(dims: tuple[int, ...], windows: tuple[int, ...],
                                 flip: bool) -> None:
     """The compiled form (run eagerly) equals the eager window sum — windows longer than the
-    axis, one axis and several, at once and axis by axis — without a graph (the padded copy read
-    through ``as_strided``; the sums of ``x`` and ``x²`` from one copy) and with one (slices,
-    whose gradient is the flipped sum)."""
+    axis, one axis and several, at once and axis by axis; the sums of ``x`` and ``x²`` from one
+    padded copy — and autograd through its ``as_strided`` windows gives the flipped sum."""
     x = rand(2, 3, 4, 5, seed=3)
     want = S.box_sum(x, dims, windows, flip=flip)
     assert_close(shifted_sum(x, dims, windows, flip), want, **TIGHT)

@@ -161,17 +161,19 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     A copy per dimension and ``w − 1`` shifted in-place adds: several times faster on CPU than
     an ``avg_pool`` kernel for small windows (not for autograd to record: :func:`box_mean` uses
     the pooling kernels then). ``owned``: ``x`` may be overwritten (its storage takes the next
-    copy: one allocation fewer). Compiled by inductor it is a sum of shifted windows of a
-    zero-padded copy (:func:`~normkit.functional.shifted.shifted_sum`), which inductor fuses
-    with the pointwise work around it (the local methods' fwd+bwd against compiled BN, normkit
-    bench --goals: lrn 2.35x → 1.67x, lcn 1.95x → 1.31x, divisive_norm 6.80x → 2.98x with
-    :mod:`~normkit.functional.fused_local`'s compiled backward); exported, one custom op
-    (``normkit::box_sum``, differentiable: its derivative is the flipped sum) that runs these
-    eager kernels. Returns ``x`` itself when every window is 1 (a copy when exported).
+    copy: one allocation fewer). Compiled by inductor without a graph it is a sum of shifted
+    windows of a zero-padded copy (:func:`~normkit.functional.shifted.shifted_sum`), which
+    inductor fuses with the pointwise work around it (the local methods' fwd+bwd against
+    compiled BN, normkit bench --goals: lrn 2.35x → 1.67x, lcn 1.95x → 1.31x, divisive_norm
+    6.80x → 2.98x with :mod:`~normkit.functional.fused_local`'s compiled backward); exported, or
+    recorded by autograd under ``torch.compile``, one custom op (``normkit::box_sum``,
+    differentiable: its derivative is the flipped sum) that runs these eager kernels. Returns
+    ``x`` itself when every window is 1 (a copy from the custom op).
     """
-    if compiling_kernels():  # shifted windows that inductor fuses with the pointwise work
-        return shifted_sum(x, dims, windows, flip)
-    if torch.compiler.is_compiling():  # exported: one node, the eager kernels
+    if torch.compiler.is_compiling():
+        if compiling_kernels() and not (x.requires_grad and torch.is_grad_enabled()):
+            return shifted_sum(x, dims, windows, flip)  # fused with the pointwise work
+        # exported, or recorded by autograd: one node that runs the eager kernels
         return _box_sum_op(x, list(dims), list(windows), flip)
     spare = None  # a buffer free to take the next copy
     for d, w in zip(dims, windows, strict=True):
