@@ -255,7 +255,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
         if ctx.center and S.compiling_kernels():
-            # Σ γ'·(x − c)·r − Σ γ'·(μ − c)·r: no product of the forward's (AOTAutograd would
+            # Σ ∂y·(x − c)·r − Σ ∂y·(μ − c)·r: no product of the forward's (AOTAutograd would
             # merge it and save the input-sized (x − μ)·r: lcn fwd+bwd 1.31x → 1.17x
             # compiled BN)
             gr = r * gy
