@@ -122,12 +122,13 @@ def layout_x(case: Case, shape: tuple[int, ...], seed: int = 0, dtype: torch.dty
 
 
 def fwd_bwd(m: torch.nn.Module, x: Tensor, seed: int = 7,
-            channel_axis: int = 1) -> tuple[Tensor, Tensor, list[Tensor]]:
+            channel_axis: int = 1, cond: Any = None) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Output, input gradient and parameter gradients (in ``m.parameters()`` order) for a fixed
     random cotangent, drawn in the logical ``(N, C, *)`` layout of ``x`` (so the same logical
-    element gets the same cotangent whatever ``channel_axis``)."""
+    element gets the same cotangent whatever ``channel_axis``); ``cond``: the second forward
+    argument of a conditional method."""
     x = x.detach().clone().requires_grad_(True)
-    y = m(x)
+    y = m(x) if cond is None else m(x, cond)
     logical = from_layout(torch.empty(y.shape, device="meta"), channel_axis).shape
     cot = to_layout(torch.randn(logical, generator=gen(seed), dtype=F64), channel_axis)
     cot = cot.to(y.dtype)
@@ -161,6 +162,15 @@ def assert_buffers_close(a: torch.nn.Module, b: torch.nn.Module, **tol: float) -
     assert ba.keys() == bb.keys()
     for k in ba:
         assert_close(ba[k], bb[k], **tol, msg=lambda s, k=k: f"buffer {k} differs: {s}")
+
+
+def assert_same_step(a: torch.nn.Module, b: torch.nn.Module, x: Tensor, *, seed: int = 7,
+                     cond: Any = None, **tol: float) -> None:
+    """One training step of ``a`` and of ``b`` (e.g. ``torch.compile`` of a copy of ``a``) on
+    ``x``: the same output, input and parameter gradients (:func:`fwd_bwd`, one cotangent) and
+    buffers afterwards (a compiled module's own, not its wrapper's names)."""
+    assert_same_run(fwd_bwd(b, x, seed, cond=cond), fwd_bwd(a, x, seed, cond=cond), **tol)
+    assert_buffers_close(getattr(b, "_orig_mod", b), getattr(a, "_orig_mod", a), **tol)
 
 
 def running(m: torch.nn.Module, case: Case) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch.testing import assert_close
 
 import normkit as nk
+from generic_util import assert_same_step
 from normkit.functional.fused_robust import moments, moments_plain
 
 _INDUCTOR = pytest.mark.filterwarnings(  # torch's own: inductor imports torch.utils.mkldnn
@@ -65,16 +66,7 @@ def test_compiled_conditional_standardization_matches_eager(case: str) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3 + p)
     c = copy.deepcopy(m)
     compiled = torch.compile(c, backend=backend, fullgraph=True)
-    for _ in range(2):
+    for step in range(2):
         x = torch.randn(3, 4, 3, 2, generator=gen, dtype=torch.float64) * 2 + 1
-        g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ye, yc = (m(xe), compiled(xc)) if cond is None else (m(xe, cond), compiled(xc, cond))
-        assert_close(yc, ye)
-        ge = torch.autograd.grad(ye, (xe, *m.parameters()), g)
-        gc = torch.autograd.grad(yc, (xc, *c.parameters()), g)
-        for a, b in zip(gc, ge, strict=True):
-            assert_close(a, b)
-        for name, buf in m.named_buffers():
-            assert_close(dict(c.named_buffers())[name], buf)
+        assert_same_step(m, compiled, x, seed=step, cond=cond)
     torch._dynamo.reset()
