@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the goals of issue 20: every method's eager and compiled fwd+bwd ratio to "
                         "torch BatchNorm2d, to timm's layer and torch LocalResponseNorm where they "
                         "apply, eval ratio, saved memory; a met/missed table (default "
-                        f"{' '.join(GOAL_SHAPES)}, float32, 1 thread; all methods in ~3 min, ~10 with a "
+                        f"{' '.join(GOAL_SHAPES)}, float32, 1 thread; all methods in ~1.5 min, ~10 with a "
                         "cold inductor cache)")
     p.add_argument("--shapes", "--shape", nargs="+",
                    help=f"shapes (default {' '.join(DEFAULT_SHAPES)}; --goals: {' '.join(GOAL_SHAPES)})")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .partition import stats_dtype
+from .partition import stat_count, stats_dtype
 from .shifted import shifted_moment_sums, shifted_sum
 
 __all__ = [
@@ -83,7 +83,7 @@ def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     xf = _up(x)
     if compiling_kernels():  # inductor's; an exported graph runs eager kernels: as eager
         if (xf.device.type == "cpu" and xf.stride(-1) == 1 and xf.dim() - 1 not in dims
-                and -1 not in dims and _count(xf, dims) <= _INDUCTOR_TWO_STEP):
+                and -1 not in dims and stat_count(xf, dims) <= _INDUCTOR_TWO_STEP):
             return shifted_moments(xf, dims)
         var, mean = torch.var_mean(xf, dim=tuple(dims), correction=0, keepdim=True)
         return mean, var
@@ -95,13 +95,6 @@ def moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
 #: inductor's CPU backend computes ``var_mean`` in two passes up to this many values per
 #: statistic (``torch._inductor.config.cpp.use_two_step_variance_threshold``), by Welford above
 _INDUCTOR_TWO_STEP = 1024
-
-
-def _count(x: Tensor, dims: Sequence[int]) -> int:
-    m = 1
-    for d in dims:  # a loop, not a generator: traced by dynamo
-        m *= x.shape[d]
-    return m
 
 
 def shifted_moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -117,7 +110,12 @@ def shifted_moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     in ``d``). For inductor, which fuses both sums into one loop over ``x`` (where ``var_mean``
     would make two: the mean, then the squared deviations); used by :func:`moments` under
     ``torch.compile`` on CPU for statistics of at most 1024 values over outer axes (the
-    innermost axis in memory kept).
+    innermost axis in memory kept), and by EvoNorm-S0's compiled fit (groups of channels and
+    positions, where the two passes would each stream the activations).
+
+    Shape:
+        ``x`` any; ``mean`` and ``var`` have ``x``'s shape with ``dims`` of size 1, in at least
+        float32.
 
     Example:
         >>> x = torch.randn(4, 8, 5, dtype=torch.float64) + 1e4
