@@ -64,3 +64,21 @@ def test_compiled_positional_norm_skips_moved_layer_norm(channel_axis: int,
     xr = x.clone().requires_grad_()
     assert_close(torch.autograd.grad(y, xg, g)[0], torch.autograd.grad(m(xr), xr, g)[0])
     torch._dynamo.reset()
+
+
+def test_presets_compiled_one_by_one_do_not_share_a_recompile_limit() -> None:
+    """Each preset has its own ``forward`` code object (dynamo caches and counts recompiles per
+    code object): compiling more different presets than the recompile limit, each on its own
+    with ``fullgraph=True``, must not raise ``FailOnRecompileLimitHit``, as for torch's layers."""
+    names = ["bn", "ghost_bn", "frn", "rms_norm", "scale_norm"]
+    codes = {id(type(nk.create(n, 4)).forward.__code__) for n in names}  # equal, not the same
+    assert len(codes) == len(names)
+    assert id(nk.Normalization.forward.__code__) not in codes
+    x = torch.randn(3, 4, 5, 5)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in names:
+            layer = nk.create(n, 4)
+            y = torch.compile(layer, backend="eager", fullgraph=True)(x)
+            assert_close(y, layer(x))
+    torch._dynamo.reset()

@@ -7,6 +7,7 @@ this class.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -30,6 +31,34 @@ __all__ = ["Normalization"]
 _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
 
 Native = nop_.Kernel  # the torch kernels an operation may declare (kept for older imports)
+
+
+def _own_forward(cls: type) -> Any:
+    """A copy of :meth:`Normalization.forward` with its own code object, for a subclass that does
+    not define ``forward``.
+
+    ``torch.compile`` caches compiled graphs per code object and recompiles at most
+    ``torch._dynamo.config.recompile_limit`` (8) times per code object; past it, a
+    ``fullgraph=True`` compile raises and any other runs eagerly. Every preset of this class
+    (GhostBatchNorm, EvoNormS0, …) would otherwise share the base ``forward``'s code, so compiling
+    a ninth different preset on its own (``torch.compile(layer)``) in one process would fail,
+    where torch's layers, each with its own ``forward``, do not. With a copy per class the limit
+    counts per class, as for torch's layers (same bytecode, same behaviour, same traceback
+    lines; only the qualified name differs).
+    """
+    base = Normalization.forward
+    code = base.__code__
+    if hasattr(code, "co_qualname"):  # Python 3.11+
+        code = code.replace(co_qualname=f"{cls.__qualname__}.forward")
+    else:  # a fresh code object all the same
+        code = code.replace(co_consts=tuple(code.co_consts))
+    fn = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__,
+                            base.__closure__)
+    fn.__kwdefaults__ = base.__kwdefaults__
+    fn.__doc__, fn.__module__ = base.__doc__, base.__module__
+    fn.__qualname__ = f"{cls.__qualname__}.forward"
+    fn.__annotations__ = dict(base.__annotations__)
+    return fn
 
 
 class Normalization(nn.Module):
@@ -91,6 +120,11 @@ class Normalization(nn.Module):
     """
 
     _version = 2  # torch's BatchNorm version: state_dicts carry num_batches_tracked
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            cls.forward = _own_forward(cls)  # type: ignore[method-assign]
 
     def __init__(
         self,
