@@ -21,44 +21,97 @@ the precision of the eager runs.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from typing import Any
-
 from .fused import _plain_vjp
+from .fused_mixture import _coef, _coef_backward, mixture_plain
 from .mixture import collapsed, gmm_start, normal_quantiles
 from .partition import stats_dtype
 
 __all__ = ["mixture_fit_traced", "mixture_affine_traced"]
 
 
+# z = x − shift as an opaque op: its result is a buffer, so that every per-value expression below
+# reads at most four (z and three coefficients); inductor's CPU backend writes out to memory any
+# reused expression that reads more (or that calls exp/sigmoid), and reduces it in a loop of
+# its own, where reading it inline keeps an EM step one loop
+_LIB = torch.library.Library("normkit", "FRAGMENT")
+_LIB.define("mixture_centre(Tensor x, Tensor shift) -> Tensor",
+            tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.impl("mixture_centre", lambda x, shift: x - shift[:, None], "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("normkit::mixture_centre", lib=_LIB)
+def _(x: Tensor, shift: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+# the per-channel coefficients of a pass, likewise a buffer: computed inline, each would load
+# the several statistics it is made of
+_LIB.define("mixture_pack(Tensor t) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.impl("mixture_pack", lambda t: t.clone(), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("normkit::mixture_pack", lib=_LIB)
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
+def _pack(*rows: Tensor) -> list[Tensor]:
+    """The ``(C,)`` rows as columns ``(C, 1)`` of one buffer."""
+    t = torch.ops.normkit.mixture_pack(torch.stack(rows))
+    return [t[i, :, None] for i in range(len(rows))]
+
+
 def _sum(t: Tensor) -> Tensor:
-    """``Σ`` over the samples and positions of ``t`` ``(…, N, C, S)`` → ``(…, C)``: a sum over
-    the ``S`` positions in ``t``'s dtype, the samples' sums added in float64."""
-    return t.sum(-1).to(torch.float64).sum(-2).to(t.dtype)
+    """``Σ`` over the samples and positions of ``t`` ``(N, C, S)`` → ``(C,)``: a sum over the
+    ``S`` positions in ``t``'s dtype, the samples' sums added in float64 (the runs of the eager
+    code; the loops keep the plane's order, so the E-step's values are computed once)."""
+    return t.sum(-1).to(torch.float64).sum(0).to(t.dtype)
 
 
-def _posterior(z: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor, eps: float
-               ) -> list[Tensor]:
-    """``softmax_k`` of the logits as ``K`` pointwise expressions in ``z`` ``(N, C, S)``
-    (statistics ``(K, C)``), each ``(N, C, S)``, so that inductor fuses them into the reduction
-    that reads them (a softmax over a stacked axis is three passes over ``K`` planes): two
-    components ``sigmoid(±(a_1 − a_0))``, more a max-shifted softmax written out."""
-    k = mean.shape[0]
+_LOG2_E = 1 / math.log(2)
+
+
+def _exp(t: Tensor) -> Tensor:
+    """``exp`` as ``exp2(t·log₂e)``: inductor's CPU backend writes out to memory every reused
+    value whose expression calls ``exp``/``sigmoid`` (and reduces it in a loop of its own), not
+    one written with ``exp2``, which it recomputes in the fused loop instead (an E-step's six
+    sums of ``p_0, p_1``: about 4× faster)."""
+    return torch.exp2(t * _LOG2_E)
+
+
+def _sigmoid(t: Tensor) -> Tensor:
+    """``1 / (1 + exp(−t))`` through :func:`_exp` (0 and 1 at the ends, small values to full
+    relative precision, as ``torch.sigmoid``)."""
+    return 1 / (1 + _exp(-t))
+
+
+def _poly(c: list[Tensor], z: Tensor) -> Tensor:
+    """``c_0 + z(c_1 + c_2 z)`` per channel: ``c`` three ``(C, 1)`` (:func:`_pack`), ``z``
+    ``(N, C, S)``."""
+    return c[0] + z * (c[1] + z * c[2])
+
+
+def _posterior(z: Tensor, coef: Tensor) -> list[Tensor]:
+    """``softmax_k(A_k·[1, z, z²])`` (``coef`` ``(K, C, 3)``, :func:`_coef`) as ``K``
+    pointwise expressions ``(N, C, S)``: two components ``sigmoid(±d)``, ``d = a_1 − a_0``, more
+    a max-shifted softmax written out (a softmax over a stacked axis is three passes)."""
+    k = coef.shape[0]
     if k == 1:
         return [torch.ones_like(z)]
-    s = var + eps
-    half = (-0.5 / s)[..., None]
-    base = (log_prior - 0.5 * torch.log(s))[..., None]
-    logits = [base[i] + half[i] * (z - mean[i, :, None]).square() for i in range(k)]
     if k == 2:
-        d = logits[1] - logits[0]
-        return [torch.sigmoid(-d), torch.sigmoid(d)]
+        d = _poly(_pack(*(coef[1] - coef[0]).unbind(-1)), z)
+        return [_sigmoid(-d), _sigmoid(d)]
+    logits = [_poly(_pack(*coef[i].unbind(-1)), z) for i in range(k)]
     top = logits[0]
     for a in logits[1:]:
         top = torch.maximum(top, a)
-    e = [torch.exp(a - top) for a in logits]
+    e = [_exp(a - top) for a in logits]
     total = e[0]
     for t in e[1:]:
         total = total + t
@@ -70,13 +123,17 @@ def _plane(v: Tensor, dt: torch.dtype) -> Tensor:
     return v.reshape(v.shape[0], v.shape[1], v.shape[3]).to(dt)
 
 
+def _centred(v: Tensor, shift: Tensor) -> Tensor:
+    return torch.ops.normkit.mixture_centre(_plane(v, shift.dtype), shift)
+
+
 @torch.no_grad()
 def mixture_fit_traced(v: Tensor, *, k: int, iterations: int, eps: float,
                        running: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, Tensor]:
     """EM on ``v`` ``(N, C, 1, S)`` without a graph, for :func:`mixture_affine_traced`.
 
     Returns ``mean`` (uncentred), ``var``, ``log_prior`` ``(K, C)`` and what the Function
-    reads: ``traced_shift`` ``(C,)`` (the batch mean), ``traced_trajectory`` ``(T + 1, 4, K,
+    reads: ``traced_centered`` ``(N, C, S)`` (``z``), ``traced_trajectory`` ``(T + 1, 4, K,
     C)`` (centred mean, variance, log weight and raw count of the start and of every step),
     ``traced_same`` (1 where a channel started from the batch) and ``traced_var`` (the batch
     variance, ``(C,)``).
@@ -85,14 +142,14 @@ def mixture_fit_traced(v: Tensor, *, k: int, iterations: int, eps: float,
     m = n * s
     x = _plane(v, stats_dtype(v))
     shift = _sum(x) / m
-    z = x - shift[:, None]
+    z = torch.ops.normkit.mixture_centre(x, shift)
     var_b = _sum(z * z) / m
     mean, var, log_prior = gmm_start(var_b, shift, k, eps, running)
     steps = [torch.stack((mean, var, log_prior, torch.ones_like(mean)))]
     tiny = torch.finfo(z.dtype).tiny
     for _ in range(iterations):
         moments = []
-        for p in _posterior(z, mean, var, log_prior, eps):
+        for p in _posterior(z, _coef(mean, var, log_prior, eps)):
             pz = p * z
             moments.append(torch.stack((_sum(p), _sum(pz), _sum(pz * z))))
         count, s1, s2 = torch.stack(moments, 1).unbind(0)  # (K, C) each
@@ -102,82 +159,84 @@ def mixture_fit_traced(v: Tensor, *, k: int, iterations: int, eps: float,
         log_prior = torch.log(nk / m)
         steps.append(torch.stack((mean, var, log_prior, count)))
     same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
-    out = {"mean": mean + shift, "var": var, "log_prior": log_prior, "traced_shift": shift,
+    out = {"mean": mean + shift, "var": var, "log_prior": log_prior, "traced_centered": z,
            "traced_trajectory": torch.stack(steps), "traced_same": same, "traced_var": var_b}
     if running is not None:
         out["batch_running"] = torch.stack(running)
     return out
 
 
-def _output(v: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
-            traj: Tensor, eps: float) -> Tensor:
+def _output(v: Tensor, z: Tensor, weight: Tensor | None, bias: Tensor | None, traj: Tensor,
+            eps: float) -> Tensor:
     """``γ Σ_k p_k·(z − μ_k)/√(σ²_k + ε) + β`` of the last step of ``traj``, shaped as ``v``."""
-    z = _plane(v, shift.dtype) - shift[:, None]
     mean, var = traj[-1, 0], traj[-1, 1]
     r = torch.rsqrt(var + eps)
-    y = None
-    for i, p in enumerate(_posterior(z, mean, var, traj[-1, 2], eps)):
-        term = p * ((z - mean[i, :, None]) * r[i, :, None])
-        y = term if y is None else y + term
     if weight is not None:
-        y = y * weight.reshape(-1, 1).to(y.dtype)
+        r = r * weight.reshape(1, -1).to(r.dtype)
+    lin = torch.stack((-mean * r, r), -1)  # (K, C, 2): γ x̂_k = lin_k·[1, z]
     if bias is not None:
-        y = y + bias.reshape(-1, 1).to(y.dtype)
-    return y.reshape(v.shape)
+        lin = lin + torch.stack((bias.reshape(-1).to(r.dtype), torch.zeros_like(r[0])), -1)
+    ps = _posterior(z, _coef(mean, var, traj[-1, 2], eps))
+    if len(ps) == 2:  # y = ŷ_0 + p_1·(ŷ_1 − ŷ_0): Σ_k p_k = 1
+        d = lin[1] - lin[0]
+        y = lin[0, :, 0, None] + lin[0, :, 1, None] * z + ps[1] * (d[:, 0, None] + d[:, 1, None] * z)
+    else:
+        y = None
+        for i, p in enumerate(ps):
+            term = p * (lin[i, :, 0, None] + lin[i, :, 1, None] * z)
+            y = term if y is None else y + term
+    return y.reshape(v.shape).to(z.dtype)
 
 
-def _through_logits(z: Tensor, ps: list[Tensor], gp: list[Tensor], mean: Tensor, s: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reverse mode through ``p = softmax_k(a)``, ``a_k = log π_k − ½log s_k − (z − μ_k)²/2s_k``
-    given ``∂L/∂p_k`` (``gp``): ``∂L/∂(μ, s, log π)`` ``(K, C)`` each (three sums per component
-    in the reduction that reads the plane) and the logits' share of ``∂L/∂z``, pointwise."""
+def _through_posterior(z: Tensor, ps: list[Tensor], gp: list[Tensor], coef: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """Reverse mode through ``p = softmax_k(A_k·[1, z, z²])`` given ``∂L/∂p_k`` (``gp``):
+    ``∂L/∂A`` ``(K, C, 3)`` (three sums per component) and the logits' share of ``∂L/∂z``,
+    ``Σ_k ∂L/∂a_k·(A_k1 + 2A_k2 z)``, pointwise."""
     dot = ps[0] * gp[0]
     for p, g in zip(ps[1:], gp[1:], strict=True):
         dot = dot + p * g
     sums, g_z = [], None
     for i, (p, g) in enumerate(zip(ps, gp, strict=True)):
         ga = p * (g - dot)  # ∂L/∂a_i
-        d = z - mean[i, :, None]
-        gad = ga * d
-        sums.append(torch.stack((_sum(ga), _sum(gad), _sum(gad * d))))
-        term = gad * (-1 / s[i, :, None])  # ∂a_i/∂z = −(z − μ_i)/s_i
+        gaz = ga * z
+        sums.append(torch.stack((_sum(ga), _sum(gaz), _sum(gaz * z)), -1))
+        term = ga * (coef[i, :, 1, None] + 2 * coef[i, :, 2, None] * z)
         g_z = term if g_z is None else g_z + term
-    a, b, c = torch.stack(sums, 1).unbind(0)  # (K, C): Σ ga, Σ ga·d, Σ ga·d²
-    return b / s, (c / s - a) / (2 * s), a, g_z
+    return torch.stack(sums), g_z
 
 
-def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
+def _backward(g: Tensor, v: Tensor, z: Tensor, weight: Tensor | None, bias: Tensor | None,
               traj: Tensor, same: Tensor, var_b: Tensor, eps: float
               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``∂L/∂(v, γ, β)`` in traceable ops: one reduction per stage (the output, then each EM
     step, last first), each recomputing its posteriors and adding its share to ``∂L/∂z``."""
     k, iterations, c = traj.shape[2], traj.shape[0] - 1, traj.shape[3]
-    dt = shift.dtype
-    n, sp = v.shape[0], v.shape[3]
-    m = n * sp
-    z = _plane(v, dt) - shift[:, None]
+    dt = z.dtype
+    m = z.shape[0] * z.shape[2]
     gy = _plane(g, dt)
     w = None if weight is None else weight.reshape(c).to(dt)
     # the output y = γ Σ_k p_k (z − μ_k) r_k + β
     mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
-    s = var + eps
-    r = torch.rsqrt(s)
-    ps = _posterior(z, mean, var, log_prior, eps)
-    gw = gy if w is None else gy * w[:, None]
-    xh = [(z - mean[i, :, None]) * r[i, :, None] for i in range(k)]
-    moments = torch.stack([torch.stack((_sum(gy * p), _sum(gy * p * h)))
-                           for p, h in zip(ps, xh, strict=True)], 1)  # (2, K, C)
-    g_weight = None if weight is None else (moments[1].sum(0)).reshape(weight.shape)
+    r = torch.rsqrt(var + eps)
+    coef = _coef(mean, var, log_prior, eps)
+    ps = _posterior(z, coef)
+    moments = torch.stack([torch.stack((_sum(gy * p), _sum(gy * p * z))) for p in ps], 1)
+    moments = torch.stack((moments[0], moments[1] - mean * moments[0]))  # Σ g p_k [1, z − μ_k]
+    g_weight = None if weight is None else (r * moments[1]).sum(0).reshape(weight.shape)
     g_bias = None if bias is None else moments[0].sum(0).reshape(bias.shape)
+    rw = r if w is None else r * w
     if w is not None:
         moments = moments * w
-    g_mean, g_var, g_log_prior, g_z = _through_logits(z, ps, [gw * h for h in xh], mean, s)
+    gp = [gy * (rw[i, :, None] * (z - mean[i, :, None])) for i in range(k)]  # ∂L/∂p_k
+    g_coef, g_z = _through_posterior(z, ps, gp, coef)
+    g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
     g_mean = g_mean - r * moments[0]
-    g_var = g_var - 0.5 * r * r * moments[1]  # ∂r/∂s = −r³/2; moments[1] = r·Σ gw p (z − μ)
-    rsum = ps[0] * r[0, :, None]
+    g_var = g_var - 0.5 * r * r * r * moments[1]
+    rsum = ps[0] * rw[0, :, None]
     for i in range(1, k):
-        rsum = rsum + ps[i] * r[i, :, None]
-    g_z = g_z + gw * rsum
+        rsum = rsum + ps[i] * rw[i, :, None]
+    g_z = g_z + gy * rsum
     # the EM steps, last first: step t maps the statistics of t to those of t + 1
     tiny = torch.finfo(dt).tiny
     for t in range(iterations - 1, -1, -1):
@@ -188,12 +247,15 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
         g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
         g_n = g_n * (count > tiny).to(dt)
         mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
-        ps = _posterior(z, mean, var, log_prior, eps)
-        gp = [g_n[i, :, None] + z * (g_s1[i, :, None] + z * g_s2[i, :, None]) for i in range(k)]
-        g_mean, g_var, g_log_prior, g_zt = _through_logits(z, ps, gp, mean, var + eps)
+        coef = _coef(mean, var, log_prior, eps)
+        ps = _posterior(z, coef)
+        g_r = torch.stack((g_n, g_s1, g_s2), -1)  # (K, C, 3): ∂L/∂p_k = g_r,k·[1, z, z²]
+        gp = [_poly(_pack(*g_r[i].unbind(-1)), z) for i in range(k)]
+        g_coef, g_zt = _through_posterior(z, ps, gp, coef)
         for i, p in enumerate(ps):  # the M-step's own ∂/∂z: p_k·(g_s1 + 2 g_s2 z)
             g_zt = g_zt + p * (g_s1[i, :, None] + 2 * g_s2[i, :, None] * z)
         g_z = g_z + g_zt
+        g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
     # the start: the batch's through σ²_B (where `same`), the running mixture's through the
     # shift (μ_0 = running mean − mean(x)); then z = x − mean(x)
     q = normal_quantiles(k, dtype=dt, device=z.device)
@@ -205,38 +267,29 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     return gx.reshape(v.shape).to(v.dtype), g_weight, g_bias
 
 
-def mixture_plain_args(v: Tensor, weight: Tensor | None, bias: Tensor | None,
-                       running: Tensor | None, traj: Tensor, eps: float) -> tuple[Any, ...]:
-    return (v, weight, bias, running, traj.shape[2], traj.shape[0] - 1, eps)
-
-
 class _MixtureTraced(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
-                shift: Tensor, traj: Tensor, same: Tensor, var_b: Tensor,
-                running: Tensor | None, eps: float) -> Tensor:
-        ctx.save_for_backward(v, weight, bias, shift, traj, same, var_b, running)
+                z: Tensor, traj: Tensor, same: Tensor, var_b: Tensor, running: Tensor | None,
+                eps: float) -> Tensor:
+        ctx.save_for_backward(v, z, weight, bias, traj, same, var_b, running)
         ctx.eps = eps
-        return _output(v, weight, bias, shift, traj, eps)
+        return _output(v, z, weight, bias, traj, eps)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v, weight, bias, shift, traj, same, var_b, running = ctx.saved_tensors
+        v, z, weight, bias, traj, same, var_b, running = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
-            from .fused_mixture import mixture_plain
-
-            return (*_plain_vjp(mixture_plain,
-                                mixture_plain_args(v, weight, bias, running, traj, ctx.eps),
-                                g)[:3], None, None, None, None, None, None)
-        gx, g_weight, g_bias = _backward(g, v, weight, bias, shift, traj, same, var_b, ctx.eps)
+            args = (v, weight, bias, running, traj.shape[2], traj.shape[0] - 1, ctx.eps)
+            return (*_plain_vjp(mixture_plain, args, g)[:3], None, None, None, None, None, None)
+        gx, g_weight, g_bias = _backward(g, v, z, weight, bias, traj, same, var_b, ctx.eps)
         return gx, g_weight, g_bias, None, None, None, None, None, None
 
 
 def mixture_affine_traced(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
                           bias: Tensor | None, *, eps: float) -> Tensor:
     """``γ·Σ_k p(k | z)·(z − μ_k)/√(σ²_k + ε) + β`` of :func:`mixture_fit_traced`'s mixture
-    (per-channel ``γ, β``) with the traceable backward of this module."""
-    running = stats.get("batch_running")
-    return _MixtureTraced.apply(v, weight, bias, stats["traced_shift"],
+    (``γ, β`` per channel or ``None``) with the traceable backward of this module."""
+    return _MixtureTraced.apply(v, weight, bias, stats["traced_centered"],
                                 stats["traced_trajectory"], stats["traced_same"],
-                                stats["traced_var"], running, eps)
+                                stats["traced_var"], stats.get("batch_running"), eps)
