@@ -136,7 +136,7 @@ def mixture_fit_traced(v: Tensor, *, k: int, iterations: int, eps: float,
     reads: ``traced_centered`` ``(N, C, S)`` (``z``), ``traced_trajectory`` ``(T + 1, 4, K,
     C)`` (centred mean, variance, log weight and raw count of the start and of every step),
     ``traced_same`` (1 where a channel started from the batch) and ``traced_var`` (the batch
-    variance, ``(C,)``).
+    variance and ``Σ z``, ``(2, C)``).
     """
     n, s = v.shape[0], v.shape[3]
     m = n * s
@@ -144,6 +144,7 @@ def mixture_fit_traced(v: Tensor, *, k: int, iterations: int, eps: float,
     shift = _sum(x) / m
     z = torch.ops.normkit.mixture_centre(x, shift)
     var_b = _sum(z * z) / m
+    z_sum = _sum(z)  # ≈ 0: for the backward's centring
     mean, var, log_prior = gmm_start(var_b, shift, k, eps, running)
     steps = [torch.stack((mean, var, log_prior, torch.ones_like(mean)))]
     tiny = torch.finfo(z.dtype).tiny
@@ -160,7 +161,8 @@ def mixture_fit_traced(v: Tensor, *, k: int, iterations: int, eps: float,
         steps.append(torch.stack((mean, var, log_prior, count)))
     same = torch.ones_like(var_b) if running is None else collapsed(running).to(var_b.dtype)
     out = {"mean": mean + shift, "var": var, "log_prior": log_prior, "traced_centered": z,
-           "traced_trajectory": torch.stack(steps), "traced_same": same, "traced_var": var_b}
+           "traced_trajectory": torch.stack(steps), "traced_same": same,
+           "traced_var": torch.stack((var_b, z_sum))}
     if running is not None:
         out["batch_running"] = torch.stack(running)
     return out
@@ -206,6 +208,50 @@ def _through_posterior(z: Tensor, ps: list[Tensor], gp: list[Tensor], coef: Tens
     return torch.stack(sums), g_z
 
 
+def _pair_output(gy: Tensor, z: Tensor, coef: Tensor, mean: Tensor, rw: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The output stage of two components (``p_0 = 1 − p_1``): ``Σ g p_k [1, z]`` ``(2, K,
+    C)``, ``∂L/∂A`` ``(K, C, 3)`` of the logits and ``∂L/∂z``, in one loop over the plane.
+
+    Every sum reads the per-channel ``one`` (1): a reused value inductor writes out (``∂L/∂d``
+    here) is otherwise summed in a loop of its own over the flattened plane, a second pass."""
+    ad = coef[1] - coef[0]  # d = a_1 − a_0
+    dr = rw[1] - rw[0]
+    # ∂L/∂p_1 − ∂L/∂p_0 = g·(e_0 + e_1 z), e = rw_1 [−μ_1, 1] − rw_0 [−μ_0, 1]
+    d0, d1, d2, e0, e1, r0, r1, one = _pack(*ad.unbind(-1), rw[0] * mean[0] - rw[1] * mean[1],
+                                            dr, rw[0], dr, torch.ones_like(dr))
+    p1 = _sigmoid(d0 + z * (d1 + z * d2))
+    ga = p1 * (1 - p1) * (gy * (e0 + e1 * z))  # ∂L/∂d
+    gaz = ga * z
+    s = torch.stack((_sum(ga * one), _sum(gaz * one), _sum(gaz * z * one)), -1)
+    gp1 = gy * p1
+    gz = gy * z
+    total = torch.stack((_sum(gy * one), _sum(gz * one)))
+    m1 = torch.stack((_sum(gp1 * one), _sum(gp1 * z * one)))
+    moments = torch.stack((total - m1, m1), 1)
+    g_z = ga * (d1 + 2 * d2 * z) + gy * (r0 + p1 * r1)
+    return moments, torch.stack((-s, s)), g_z
+
+
+def _pair_step(g_z: Tensor, z: Tensor, coef: Tensor, g_r: Tensor, last: bool
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """An EM step of two components in reverse, given ``∂L/∂p_k = g_r,k·[1, z, z²]``:
+    ``∂L/∂A`` ``(K, C, 3)``, ``∂L/∂z`` with this step's share added and, for the ``last``
+    (the first step), ``Σ ∂L/∂z``, in one loop over the plane."""
+    ad = coef[1] - coef[0]
+    dg = g_r[1] - g_r[0]
+    d0, d1, d2, h0, h1, h2, e0, e1, f0, f1, one = _pack(
+        *ad.unbind(-1), *dg.unbind(-1), g_r[0, :, 1], 2 * g_r[0, :, 2], dg[:, 1], 2 * dg[:, 2],
+        torch.ones_like(dg[:, 0]))
+    p1 = _sigmoid(d0 + z * (d1 + z * d2))
+    ga = p1 * (1 - p1) * (h0 + z * (h1 + z * h2))  # ∂L/∂d
+    gaz = ga * z
+    s = torch.stack((_sum(ga * one), _sum(gaz * one), _sum(gaz * z * one)), -1)
+    # the logits' share and the M-step's own Σ_k p_k (g_s1 + 2 g_s2 z), p_0 = 1 − p_1
+    g_z = g_z + ga * (d1 + 2 * d2 * z) + (e0 + e1 * z) + p1 * (f0 + f1 * z)
+    return torch.stack((-s, s)), g_z, _sum(g_z * one) if last else None
+
+
 def _backward(g: Tensor, v: Tensor, z: Tensor, weight: Tensor | None, bias: Tensor | None,
               traj: Tensor, same: Tensor, var_b: Tensor, eps: float
               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -216,29 +262,34 @@ def _backward(g: Tensor, v: Tensor, z: Tensor, weight: Tensor | None, bias: Tens
     m = z.shape[0] * z.shape[2]
     gy = _plane(g, dt)
     w = None if weight is None else weight.reshape(c).to(dt)
+    pair = k == 2
     # the output y = γ Σ_k p_k (z − μ_k) r_k + β
     mean, var, log_prior = traj[-1, 0], traj[-1, 1], traj[-1, 2]
     r = torch.rsqrt(var + eps)
+    rw = r if w is None else r * w
     coef = _coef(mean, var, log_prior, eps)
-    ps = _posterior(z, coef)
-    moments = torch.stack([torch.stack((_sum(gy * p), _sum(gy * p * z))) for p in ps], 1)
+    if pair:
+        moments, g_coef, g_z = _pair_output(gy, z, coef, mean, rw)
+    else:
+        ps = _posterior(z, coef)
+        moments = torch.stack([torch.stack((_sum(gy * p), _sum(gy * p * z))) for p in ps], 1)
+        gp = [gy * (rw[i, :, None] * (z - mean[i, :, None])) for i in range(k)]  # ∂L/∂p_k
+        g_coef, g_z = _through_posterior(z, ps, gp, coef)
+        rsum = ps[0] * rw[0, :, None]
+        for i in range(1, k):
+            rsum = rsum + ps[i] * rw[i, :, None]
+        g_z = g_z + gy * rsum
     moments = torch.stack((moments[0], moments[1] - mean * moments[0]))  # Σ g p_k [1, z − μ_k]
     g_weight = None if weight is None else (r * moments[1]).sum(0).reshape(weight.shape)
     g_bias = None if bias is None else moments[0].sum(0).reshape(bias.shape)
-    rw = r if w is None else r * w
     if w is not None:
         moments = moments * w
-    gp = [gy * (rw[i, :, None] * (z - mean[i, :, None])) for i in range(k)]  # ∂L/∂p_k
-    g_coef, g_z = _through_posterior(z, ps, gp, coef)
     g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
     g_mean = g_mean - r * moments[0]
     g_var = g_var - 0.5 * r * r * r * moments[1]
-    rsum = ps[0] * rw[0, :, None]
-    for i in range(1, k):
-        rsum = rsum + ps[i] * rw[i, :, None]
-    g_z = g_z + gy * rsum
     # the EM steps, last first: step t maps the statistics of t to those of t + 1
     tiny = torch.finfo(dt).tiny
+    g_z_sum = None
     for t in range(iterations - 1, -1, -1):
         mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
         n1 = count.clamp_min(tiny)
@@ -248,23 +299,30 @@ def _backward(g: Tensor, v: Tensor, z: Tensor, weight: Tensor | None, bias: Tens
         g_n = g_n * (count > tiny).to(dt)
         mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
         coef = _coef(mean, var, log_prior, eps)
-        ps = _posterior(z, coef)
         g_r = torch.stack((g_n, g_s1, g_s2), -1)  # (K, C, 3): ∂L/∂p_k = g_r,k·[1, z, z²]
-        gp = [_poly(_pack(*g_r[i].unbind(-1)), z) for i in range(k)]
-        g_coef, g_zt = _through_posterior(z, ps, gp, coef)
-        for i, p in enumerate(ps):  # the M-step's own ∂/∂z: p_k·(g_s1 + 2 g_s2 z)
-            g_zt = g_zt + p * (g_s1[i, :, None] + 2 * g_s2[i, :, None] * z)
-        g_z = g_z + g_zt
+        if pair:
+            g_coef, g_z, g_z_sum = _pair_step(g_z, z, coef, g_r, t == 0)
+        else:
+            ps = _posterior(z, coef)
+            gp = [_poly(_pack(*g_r[i].unbind(-1)), z) for i in range(k)]
+            g_coef, g_zt = _through_posterior(z, ps, gp, coef)
+            for i, p in enumerate(ps):  # the M-step's own ∂/∂z: p_k·(g_s1 + 2 g_s2 z)
+                g_zt = g_zt + p * (g_s1[i, :, None] + 2 * g_s2[i, :, None] * z)
+            g_z = g_z + g_zt
         g_mean, g_var, g_log_prior = _coef_backward(g_coef, mean, var, eps)
+    if g_z_sum is None:
+        g_z_sum = _sum(g_z)
     # the start: the batch's through σ²_B (where `same`), the running mixture's through the
-    # shift (μ_0 = running mean − mean(x)); then z = x − mean(x)
+    # shift (μ_0 = running mean − mean(x)); then z = x − mean(x): ∂L/∂x = ∂L/∂z + a z + b
     q = normal_quantiles(k, dtype=dt, device=z.device)
+    var_b, z_sum = var_b[0], var_b[1]
     g_var_b = same * ((g_mean * q[:, None]).sum(0) / (2 * torch.sqrt(var_b + eps))
                       + g_var.sum(0) * (1 - q.square().mean()))
     g_shift = (same - 1) * g_mean.sum(0)  # (C,)
-    gx = g_z + (2 * g_var_b / m)[:, None] * z
-    gx = gx + ((g_shift - _sum(gx)) / m)[:, None]
-    return gx.reshape(v.shape).to(v.dtype), g_weight, g_bias
+    a = 2 * g_var_b / m
+    b = (g_shift - g_z_sum - a * z_sum) / m
+    a, b = _pack(a, b)
+    return (g_z + (a * z + b)).reshape(v.shape).to(v.dtype), g_weight, g_bias
 
 
 class _MixtureTraced(torch.autograd.Function):
