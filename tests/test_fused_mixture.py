@@ -189,8 +189,9 @@ def test_contractions_in_runs_equal_the_composition(shape: tuple[int, ...], k: i
 @pytest.mark.filterwarnings(  # inductor imports torch's own deprecated jit.script_method
     r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
 def test_compiled_runs_the_custom_ops_as_eager(dynamo_reset: None) -> None:
-    """``torch.compile(fullgraph=True)`` sees the fit and the apply as custom ops running the
-    eager code: the same output, gradients and running estimates (inductor, float64)."""
+    """``torch.compile(fullgraph=True)`` runs the traceable form
+    (:mod:`normkit.functional.fused_mixture_traced`): the same output, gradients and running
+    estimates as the eager Function (inductor, float64)."""
     eager, _ = _pair(num_components=2, iterations=2)
     target, _ = _pair(num_components=2, iterations=2)
     compiled = torch.compile(target, fullgraph=True)

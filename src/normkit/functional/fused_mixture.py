@@ -30,9 +30,9 @@ Reverse mode through a step, given ``∂L/∂R``: ``∂L/∂p = (∂L/∂R)·B``
 + Σ_k ∂_{a_k}(A_{k1} + 2 z A_{k2})``, accumulated over the steps as ``U₀ + U₁ z``. The start
 (the batch's, through ``σ²_B``, or the running mixture's, through the shift) and the centring
 ``z = x − mean(x)`` close the chain. Saved: the centred input (``1×``) and ``(T + 1)·4·C·K``
-statistics; a second derivative differentiates :func:`mixture_plain`. Under ``torch.compile``
-the same code runs as three custom ops (fit, apply, its backward: one opaque node each, first
-order).
+statistics; a second derivative differentiates :func:`mixture_plain`. Compiled by inductor the
+same math runs as traceable ops (:mod:`normkit.functional.fused_mixture_traced`); exported, as
+three custom ops (fit, apply, its backward: one opaque node each, first order).
 """
 
 from __future__ import annotations

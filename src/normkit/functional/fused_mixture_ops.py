@@ -1,9 +1,11 @@
 """Mixture normalization's fused training step: the entry points :func:`mixture_fit` and
-:func:`mixture_affine` (the eager Function of :mod:`normkit.functional.fused_mixture`), and the
-custom ops they run under ``torch.compile``: the fit, the apply and the apply's backward, each one
-opaque node running the eager code (inductor's own lowering of that code is several times slower
-than eager). The apply is first order there: a second derivative raises (use ``native=False``,
-the plain composition). The entry points live here, above the math, so no import runs back up.
+:func:`mixture_affine` (the eager Function of :mod:`normkit.functional.fused_mixture`; compiled
+by inductor, the traceable form of :mod:`normkit.functional.fused_mixture_traced`), and the
+custom ops they run in an exported graph (``torch.export``, which runs eager kernels; see
+:func:`~normkit.functional.statistics.compiling_kernels`): the fit, the apply and the apply's
+backward, each one opaque node running the eager code. The apply
+is first order there: a second derivative raises (use ``native=False``, the plain composition).
+The entry points live here, above the math, so no import runs back up.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def _apply_grad(ctx, g):  # type: ignore[no-untyped-def]
 _apply_op.register_autograd(_apply_grad, setup_context=_apply_setup)
 
 
-# the entry points: the eager Function, or under torch.compile the custom ops above
+# the entry points: the eager Function; compiled, the traceable form; exported, the custom ops
 def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
                 running: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """EM on the canonical view ``v`` ``(N, C, 1, S)`` without a graph, for :func:`mixture_affine`.
@@ -119,10 +121,11 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     L)`` (in runs of :func:`_chunk`), ``batch_same`` (1 where a channel started from the batch),
     ``batch_var`` ``(C,)``, for a running start ``batch_running`` ``(3, K, C)`` and for two
     components ``batch_work``, the posteriors' planes ``(2, C·J, L)``. The Function spends the
-    basis and the planes. Compiled for inductor, traceable differentiable ops
-    (:func:`~normkit.functional.fused_mixture_traced.mixture_fit_traced`, its own keys) that
-    :func:`mixture_affine` hands to a Function with a traceable backward; exported, one custom op (``normkit::mixture_fit``) runs it,
-    without the basis and the planes (the apply op builds its own).
+    basis and the planes. Under ``torch.compile`` the traceable fit
+    (:func:`~normkit.functional.fused_mixture_traced.mixture_fit_traced`, its own keys, which
+    :func:`mixture_affine` hands to a Function with a traceable backward); exported, one custom
+    op (``normkit::mixture_fit``) runs it, without the basis and the planes (the apply op builds
+    its own).
     """
     if compiling_kernels():
         return mixture_fit_traced(v, k=k, iterations=iterations, eps=eps, running=running)
