@@ -114,9 +114,12 @@ def _posterior(z: Tensor, coef: Tensor) -> list[Tensor]:
     k = coef.shape[0]
     if k == 1:
         return [torch.ones_like(z)]
-    if k == 2:
+    if k == 2:  # one exponential: p_1 = 1/(1 + e), p_0 = e·p_1, e = exp(−d) kept finite
         d = _poly(_pack(*(coef[1] - coef[0]).unbind(-1)), z)
-        return [_sigmoid(-d), _sigmoid(d)]
+        cap = math.floor(math.log2(torch.finfo(z.dtype).max)) - 1  # 126 in float32
+        e = torch.exp2((d * -_LOG2_E).clamp_max(cap))
+        p1 = 1 / (1 + e)
+        return [e * p1, p1]
     logits = [_poly(_pack(*coef[i].unbind(-1)), z) for i in range(k)]
     top = logits[0]
     for a in logits[1:]:
