@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .fused import _plain_vjp
-from .fused_mixture import _coef, _coef_backward, mixture_plain
+from .fused_mixture import _coef, _coef_backward, _m_step_backward, mixture_plain
 from .mixture import collapsed, gmm_start, normal_quantiles
 from .partition import stats_dtype
 
@@ -303,12 +303,7 @@ def _backward(g: Tensor, v: Tensor, z: Tensor, weight: Tensor | None, bias: Tens
     tiny = torch.finfo(dt).tiny
     g_z_sum = None
     for t in range(iterations - 1, -1, -1):
-        mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
-        n1 = count.clamp_min(tiny)
-        g_m = g_mean - 2 * mean1 * g_var
-        g_s1, g_s2 = g_m / n1, g_var / n1
-        g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
-        g_n = g_n * (count > tiny).to(dt)
+        g_n, g_s1, g_s2 = _m_step_backward(traj[t + 1], g_mean, g_var, g_log_prior, tiny)
         mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
         coef = _coef(mean, var, log_prior, eps)
         g_r = torch.stack((g_n, g_s1, g_s2), -1)  # (K, C, 3): ∂L/∂p_k = g_r,k·[1, z, z²]
