@@ -1,7 +1,8 @@
 """Mixture normalization's fused training step (``normkit.functional.fused_mixture``) against
 the plain composition (``native=False``: EM unrolled in autograd).
 
-The Function must give the composition's output, every gradient (input, ``γ``, ``β``) and the
+The Function (and, run eagerly, the traceable one ``torch.compile`` runs,
+``normkit.functional.fused_mixture_traced``) must give the composition's output, every gradient (input, ``γ``, ``β``) and the
 same running estimates (float64, tight) for one, two (the sigmoid path) and three components,
 from the batch start and from a running start with a collapsed channel; pass ``gradcheck`` and
 ``gradgradcheck``; leave evaluation as it was; and save no more than the input's size beyond the
@@ -18,55 +19,37 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
 import normkit as nk
+from mixture_util import EPS, F64, TIGHT, rand, running_mixture, two_modes
 from normkit._bench.timing import saved_bytes
 from normkit.functional import fused_mixture
 from normkit.functional.fused_mixture import mixture_plain
 from normkit.functional.fused_mixture_ops import mixture_affine, mixture_fit
+from normkit.functional.fused_mixture_traced import mixture_affine_traced, mixture_fit_traced
 
-F64 = torch.float64
-TIGHT = dict(rtol=1e-10, atol=1e-10)
-EPS = 1e-5
-
-
-def rand(*shape: int, seed: int, scale: float = 1.0, grad: bool = True) -> torch.Tensor:
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
-    return t.requires_grad_(grad)
+# the eager Function and the traceable one torch.compile runs (fused_mixture_traced), run eagerly
+FORMS = {"fused": (mixture_fit, mixture_affine), "traced": (mixture_fit_traced, mixture_affine_traced)}
 
 
-def _two_modes(n: int, c: int, s: int, seed: int) -> torch.Tensor:
-    """Each channel a mixture of two well separated modes (EM has something to fit)."""
-    x = rand(n, c, s, seed=seed, grad=False)
-    sign = torch.where(torch.arange(n)[:, None, None] % 2 == 0, -1.0, 1.0).to(F64)
-    return (x + 3 * sign + torch.arange(c, dtype=F64)[None, :, None]).requires_grad_()
+def _fused(k: int, iterations: int, running: torch.Tensor | None, form: str = "fused") -> Any:
+    fit, affine = FORMS[form]
 
-
-def _running(k: int, c: int, seed: int) -> torch.Tensor:
-    """A running mixture ``(3, K, C)`` whose channel 0 is collapsed (starts from the batch)."""
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(k, c, generator=g, dtype=F64) * 2
-    var = torch.rand(k, c, generator=g, dtype=F64) + 0.5
-    log_prior = torch.randn(k, c, generator=g, dtype=F64) * 0.3
-    mean[:, 0], var[:, 0], log_prior[:, 0] = 0.0, 1.0, 0.0
-    return torch.stack((mean, var, log_prior))
-
-
-def _fused(k: int, iterations: int, running: torch.Tensor | None) -> Any:
     def f(v: torch.Tensor, w: Any, b: Any) -> torch.Tensor:
-        stats = mixture_fit(v, k=k, iterations=iterations, eps=EPS,
-                            running=None if running is None else tuple(running.unbind(0)))
-        return mixture_affine(v, stats, w, b, eps=EPS)
+        stats = fit(v, k=k, iterations=iterations, eps=EPS,
+                    running=None if running is None else tuple(running.unbind(0)))
+        return affine(v, stats, w, b, eps=EPS)
 
     return f
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("start", ["batch", "running"])
 @pytest.mark.parametrize("affine", [True, False])
-def test_function_equals_the_composition(k: int, start: str, affine: bool) -> None:
-    v = _two_modes(6, 3, 5, seed=0).reshape(6, 3, 1, 5).detach().requires_grad_()
+def test_function_equals_the_composition(form: str, k: int, start: str, affine: bool) -> None:
+    v = two_modes(6, 3, 7, seed=0).reshape(6, 3, 1, 7).requires_grad_()
     w, b = (rand(1, 3, 1, 1, seed=1), rand(1, 3, 1, 1, seed=2)) if affine else (None, None)
-    running = _running(k, 3, seed=3) if start == "running" else None
-    y = _fused(k, 3, running)(v, w, b)
+    running = running_mixture(k, 3, seed=3) if start == "running" else None
+    y = _fused(k, 3, running, form)(v, w, b)
     ref = mixture_plain(v, w, b, running, k, 3, EPS)
     assert_close(y, ref, **TIGHT)
     tensors = [t for t in (v, w, b) if t is not None]
@@ -76,10 +59,11 @@ def test_function_equals_the_composition(k: int, start: str, affine: bool) -> No
         assert_close(u, r, **TIGHT)
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("start", ["batch", "running"])
-def test_function_gradcheck_and_second_derivatives(k: int, start: str) -> None:
-    f = _fused(k, 2, _running(k, 2, seed=4) if start == "running" else None)
+def test_function_gradcheck_and_second_derivatives(form: str, k: int, start: str) -> None:
+    f = _fused(k, 2, running_mixture(k, 2, seed=4) if start == "running" else None, form)
     args = (rand(4, 2, 1, 3, seed=0), rand(1, 2, 1, 1, seed=1), rand(1, 2, 1, 1, seed=2))
     assert gradcheck(f, args)
     assert gradgradcheck(f, args)
@@ -124,7 +108,7 @@ def test_module_trains_through_the_function_as_the_composition(k: int) -> None:
     outputs, gradients and running estimates equal the composition's."""
     fused, plain = _pair(num_components=k, iterations=3)
     for step in range(2):
-        x = _two_modes(6, 3, 8, seed=10 + step).reshape(6, 3, 2, 4).detach().requires_grad_()
+        x = two_modes(6, 3, 8, seed=10 + step).reshape(6, 3, 2, 4).detach().requires_grad_()
         x2 = x.detach().requires_grad_()
         y, ref = fused(x), plain(x2)
         if k > 1:
@@ -146,7 +130,7 @@ def test_module_trains_through_the_function_as_the_composition(k: int) -> None:
 def test_float32_close_to_the_composition() -> None:
     """The Function's raw second moments (``Σpz²/n − μ²``) in float32 stay within float32's
     accumulation error of the composition's centred ones on two-mode data."""
-    x = _two_modes(16, 4, 64, seed=0).reshape(16, 4, 8, 8).float().detach().requires_grad_()
+    x = two_modes(16, 4, 64, seed=0).reshape(16, 4, 8, 8).float().detach().requires_grad_()
     fused = nk.create("mixture_norm", 4)
     plain = nk.create("mixture_norm", 4, native=False)
     y, ref = fused(x), plain(x)
@@ -188,19 +172,17 @@ def test_contractions_in_runs_equal_the_composition(shape: tuple[int, ...], k: i
 
 @pytest.mark.filterwarnings(  # inductor imports torch's own deprecated jit.script_method
     r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
-def test_compiled_runs_the_custom_ops_as_eager(dynamo_reset: None) -> None:
-    """``torch.compile(fullgraph=True)`` sees the fit and the apply as custom ops running the
-    eager code: the same output, gradients and running estimates (inductor, float64)."""
+def test_exported_graph_runs_the_custom_ops(dynamo_reset: None) -> None:
+    """``torch.export`` of a training step keeps the fit and the apply as one custom op each
+    (``torch.compile`` runs the traceable form instead: tests/test_fused_mixture_traced.py), with
+    the eager Function's output and running estimates."""
     eager, _ = _pair(num_components=2, iterations=2)
     target, _ = _pair(num_components=2, iterations=2)
-    compiled = torch.compile(target, fullgraph=True)
-    x = _two_modes(4, 3, 16, seed=0).reshape(4, 3, 4, 4).detach().requires_grad_()
-    x2 = x.detach().requires_grad_()
-    y, ref = compiled(x), eager(x2)
-    assert_close(y, ref, **TIGHT)
-    cot = rand(*y.shape, seed=1, grad=False)
-    for u, r in zip(torch.autograd.grad(y, (x, target.weight, target.bias), cot),
-                    torch.autograd.grad(ref, (x2, eager.weight, eager.bias), cot), strict=True):
-        assert_close(u, r, **TIGHT)
-    for (name, a), (_, b) in zip(target.named_buffers(), eager.named_buffers(), strict=True):
+    x = two_modes(4, 3, 16, seed=0).reshape(4, 3, 4, 4)
+    program = torch.export.export(target, (x,))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "normkit.mixture_fit.default" in ops and "normkit.mixture_apply.default" in ops, ops
+    exported = program.module()
+    assert_close(exported(x), eager(x), **TIGHT)
+    for (name, a), (_, b) in zip(exported.named_buffers(), eager.named_buffers(), strict=True):
         assert_close(a, b, **TIGHT, msg=lambda e, name=name: f"{name}: {e}")

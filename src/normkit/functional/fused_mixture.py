@@ -30,9 +30,9 @@ Reverse mode through a step, given ``∂L/∂R``: ``∂L/∂p = (∂L/∂R)·B``
 + Σ_k ∂_{a_k}(A_{k1} + 2 z A_{k2})``, accumulated over the steps as ``U₀ + U₁ z``. The start
 (the batch's, through ``σ²_B``, or the running mixture's, through the shift) and the centring
 ``z = x − mean(x)`` close the chain. Saved: the centred input (``1×``) and ``(T + 1)·4·C·K``
-statistics; a second derivative differentiates :func:`mixture_plain`. Under ``torch.compile``
-the same code runs as three custom ops (fit, apply, its backward: one opaque node each, first
-order).
+statistics; a second derivative differentiates :func:`mixture_plain`. Compiled by inductor the
+same math runs as traceable ops (:mod:`normkit.functional.fused_mixture_traced`); exported, as
+three custom ops (fit, apply, its backward: one opaque node each, first order).
 """
 
 from __future__ import annotations
@@ -116,6 +116,19 @@ def _coef_backward(g: Tensor, mean: Tensor, var: Tensor, eps: float
     g_mean = (gb - ga * mean) / s
     g_var = (-0.5 * ga + (0.5 * ga * mean * mean - gb * mean + 0.5 * gc) / s) / s
     return g_mean, g_var, ga
+
+
+def _m_step_backward(step: Tensor, g_mean: Tensor, g_var: Tensor, g_log_prior: Tensor,
+                     tiny: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Reverse mode through one M-step: ``∂L/∂(n_k, Σ p z, Σ p z²)`` from ``∂L/∂(μ', σ'²,
+    log π')``, given the step's results ``step`` = ``(μ', σ'², log π', n)`` (any layout, stacked
+    on the first axis). A component whose count underflowed (floored at ``tiny``) passes no
+    gradient through its count."""
+    mean1, var1, count = step[0], step[1], step[3]
+    n1 = count.clamp_min(tiny)
+    g_m = g_mean - 2 * mean1 * g_var
+    g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
+    return g_n * (count > tiny).to(g_n.dtype), g_m / n1, g_var / n1
 
 
 def _posterior(coef: Tensor, basis: Tensor, j: int) -> Tensor:
@@ -333,12 +346,7 @@ def _backward(g: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     # the EM steps, last first: step t maps the statistics of t to those of t + 1
     tiny = torch.finfo(dt).tiny
     for t in range(iterations - 1, -1, -1):
-        mean1, var1, count = traj[t + 1, 0], traj[t + 1, 1], traj[t + 1, 3]
-        n1 = count.clamp_min(tiny)
-        g_m = g_mean - 2 * mean1 * g_var
-        g_s1, g_s2 = g_m / n1, g_var / n1
-        g_n = (g_log_prior - g_m * mean1 - g_var * (var1 + mean1 * mean1)) / n1
-        g_n = g_n * (count > tiny).to(dt)
+        g_n, g_s1, g_s2 = _m_step_backward(traj[t + 1], g_mean, g_var, g_log_prior, tiny)
         mean, var, log_prior = traj[t, 0], traj[t, 1], traj[t, 2]
         coef = _coef(mean, var, log_prior, eps)
         g_r = torch.stack((g_n, g_s1, g_s2), -1)  # ∂L/∂p_k = g_r,k·[1, z, z²]

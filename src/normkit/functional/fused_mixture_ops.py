@@ -1,9 +1,11 @@
 """Mixture normalization's fused training step: the entry points :func:`mixture_fit` and
-:func:`mixture_affine` (the eager Function of :mod:`normkit.functional.fused_mixture`), and the
-custom ops they run under ``torch.compile``: the fit, the apply and the apply's backward, each one
-opaque node running the eager code (inductor's own lowering of that code is several times slower
-than eager). The apply is first order there: a second derivative raises (use ``native=False``,
-the plain composition). The entry points live here, above the math, so no import runs back up.
+:func:`mixture_affine` (the eager Function of :mod:`normkit.functional.fused_mixture`; compiled
+by inductor, the traceable form of :mod:`normkit.functional.fused_mixture_traced`), and the
+custom ops they run in an exported graph (``torch.export``, which runs eager kernels; see
+:func:`~normkit.functional.statistics.compiling_kernels`): the fit, the apply and the apply's
+backward, each one opaque node running the eager code. The apply
+is first order there: a second derivative raises (use ``native=False``, the plain composition).
+The entry points live here, above the math, so no import runs back up.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import torch
 from torch import Tensor
 
 from .fused_mixture import _backward, _basis, _chunk, _fit_eager, _forward, _Mixture
+from .fused_mixture_traced import mixture_affine_traced, mixture_fit_traced
 from .partition import stats_dtype
 from .standardize import affine_transform
+from .statistics import compiling_kernels
 from .whiten import _first_order
 
 __all__ = ["mixture_affine", "mixture_fit"]
@@ -105,7 +109,7 @@ def _apply_grad(ctx, g):  # type: ignore[no-untyped-def]
 _apply_op.register_autograd(_apply_grad, setup_context=_apply_setup)
 
 
-# the entry points: the eager Function, or under torch.compile the custom ops above
+# the entry points: the eager Function; compiled, the traceable form; exported, the custom ops
 def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
                 running: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """EM on the canonical view ``v`` ``(N, C, 1, S)`` without a graph, for :func:`mixture_affine`.
@@ -117,9 +121,14 @@ def mixture_fit(v: Tensor, *, k: int, iterations: int, eps: float,
     L)`` (in runs of :func:`_chunk`), ``batch_same`` (1 where a channel started from the batch),
     ``batch_var`` ``(C,)``, for a running start ``batch_running`` ``(3, K, C)`` and for two
     components ``batch_work``, the posteriors' planes ``(2, C·J, L)``. The Function spends the
-    basis and the planes. Under ``torch.compile`` one custom op (``normkit::mixture_fit``) runs
-    it, without the basis and the planes (the apply op builds its own).
+    basis and the planes. Under ``torch.compile`` the traceable fit
+    (:func:`~normkit.functional.fused_mixture_traced.mixture_fit_traced`, its own keys, which
+    :func:`mixture_affine` hands to a Function with a traceable backward); exported, one custom
+    op (``normkit::mixture_fit``) runs it, without the basis and the planes (the apply op builds
+    its own).
     """
+    if compiling_kernels():
+        return mixture_fit_traced(v, k=k, iterations=iterations, eps=eps, running=running)
     if torch.compiler.is_compiling():
         names = ("mean", "var", "log_prior", "batch_trajectory", "batch_centered", "batch_same",
                  "batch_var")
@@ -158,7 +167,10 @@ def mixture_affine(v: Tensor, stats: dict[str, Tensor], weight: Tensor | None,
     c = v.shape[1]
     per_channel = all(t is None or t.numel() == c for t in (weight, bias))
     w, b = (weight, bias) if per_channel else (None, None)
-    if torch.compiler.is_compiling():  # one opaque node (first order)
+    if "traced_trajectory" in stats:  # compiled for inductor: the traceable Function
+        y = mixture_affine_traced(v, stats, w, b, eps=eps)
+        return y if per_channel else affine_transform(y, None, None, weight, bias)
+    if torch.compiler.is_compiling():  # exported: one opaque node (first order)
         y = _apply_op(v, w, b, stats["batch_centered"], stats["batch_trajectory"],
                       stats["batch_same"], stats["batch_var"], eps)
     else:

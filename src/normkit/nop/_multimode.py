@@ -292,7 +292,7 @@ class MixtureStandardize(Operation):
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        if "batch_trajectory" in stats:  # fitted by mixture_fit
+        if "batch_trajectory" in stats or "traced_trajectory" in stats:  # fitted by mixture_fit
             return mixture_affine(v, stats, weight, bias, eps=eps)
         out = mixture_output(stats["centered"], stats["centered_mean"], stats["var"],
                              stats["post"], eps)
