@@ -86,6 +86,35 @@ def _neg_pow(s: Tensor, beta: float) -> Tensor:
     return torch.pow(s, -beta)
 
 
+#: ``β: (m, n)`` with ``s^(−β) = q^m`` and ``s^(−β−1) = q^n`` for the root ``q`` of :func:`_root`
+_ROOT_POWERS = {0.5: (1, 3), 0.75: (3, 7), 1.0: (1, 2)}
+
+
+def _root(s: Tensor, beta: float) -> Tensor:
+    """``q = s^(−1/2), s^(−1/4), s^(−1)`` for ``β = ½, ¾, 1`` (:data:`_ROOT_POWERS`): the
+    compiled backward makes ``s^(−β)`` and ``s^(−β−1)`` from it with products, where ``rsqrt``,
+    ``sqrt`` and a division cost more than a pass over memory each on CPU (vectorized
+    ``sqrt``/division: local response normalization's backward made three and two)."""
+    if beta == 0.5:
+        return torch.rsqrt(s)
+    if beta == 0.75:
+        return torch.rsqrt(torch.sqrt(s))
+    return torch.reciprocal(s)
+
+
+def _int_pow(q: Tensor, m: int) -> Tensor:
+    """``q^m`` by products (``m ≤ 7``)."""
+    q2 = q * q if m > 1 else None
+    if m == 1:
+        return q
+    if m == 2:
+        return q2
+    if m == 3:
+        return q2 * q
+    q4 = q2 * q2
+    return q4 * q2 * q if m == 7 else q4 if m == 4 else _int_pow(q, m - 4) * q4
+
+
 def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
     """``B t`` of a canonical ``(N, A, B', S)`` tensor (window axes on its spatial view);
     ``owned``: ``t`` may be overwritten."""
@@ -121,7 +150,14 @@ class _LocalDivisive(torch.autograd.Function):
         dt = _compute_dtype(v)
         x = v.to(dt)
         s = second.to(dt).mul(alpha).add_(k)
-        r = _neg_pow(s, beta)
+        # compiled sliding windows: the root q of s^(−β) saved instead of s (the backward's
+        # powers of s are products of it)
+        root = beta in _ROOT_POWERS and not w.full and S.compiling_kernels()
+        if root:
+            s = _root(s, beta)
+            r = _int_pow(s, _ROOT_POWERS[beta][0])
+        else:
+            r = _neg_pow(s, beta)
         if mean is not None:
             mu = mean.to(dt)
             y = (x - mu).mul_(r)
@@ -138,7 +174,7 @@ class _LocalDivisive(torch.autograd.Function):
         keep_mu = mu is not None and (mu.numel() < x.numel() or S.compiling_kernels())
         ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
-        ctx.center, ctx.in_dtype = mean is not None, v.dtype
+        ctx.center, ctx.in_dtype, ctx.root = mean is not None, v.dtype, root
         return y
 
     @staticmethod
@@ -152,12 +188,16 @@ class _LocalDivisive(torch.autograd.Function):
         dt = s.dtype
         x = v.to(dt)
         gy = gy.to(dt)
-        r = _neg_pow(s, beta)
         g = gy if weight is None else gy * weight.to(dt)
+        if ctx.root:  # s: the root q (r = q^m, r/s = q^n)
+            m, n = _ROOT_POWERS[beta]
+            return _backward_compiled(ctx, x, gy, g, _int_pow(s, m), _int_pow(s, n), mu,
+                                      weight, bias)
+        r = _neg_pow(s, beta)
         if w.full:
             return _backward_whole_groups(ctx, x, gy, g, r, s, mu, weight, bias)
         if S.compiling_kernels():
-            return _backward_compiled(ctx, x, gy, g, r, s, mu, weight, bias)
+            return _backward_compiled(ctx, x, gy, g, r, r / s, mu, weight, bias)
         if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
             shift = x.mean(dim=(2, 3), keepdim=True)
             xs = x - shift
@@ -187,7 +227,7 @@ class _LocalDivisive(torch.autograd.Function):
         return dx, g_w, g_b, None, None, None, None, None, None
 
 
-def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
                        mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                        ) -> tuple[Tensor | None, ...]:
     """The backward of windows without whole channel groups where inductor compiles it: the
@@ -205,7 +245,7 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s:
     else:
         shift, xs, d = None, x, x
     t = g * r
-    a = g * d * r / s * (-beta * alpha)  # ∂L/∂v
+    a = g * d * rs * (-beta * alpha)  # ∂L/∂v (rs = r/s)
     dx = None
     if ctx.needs_input_grad[0]:
         b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
