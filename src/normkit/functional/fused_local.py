@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
+from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
 __all__ = ["LocalMoments", "Window", "is_own", "local_divisive", "local_divisive_plain"]
@@ -123,11 +124,15 @@ def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
     return S.box_sum(u, w.dims, w.windows, owned=owned).mul_(inv).reshape(t.shape)
 
 
-def _window_mean_adjoint_(t: Tensor, w: Window) -> Tensor:
-    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count (overwrites ``t``)."""
+def _window_mean_adjoint_(t: Tensor, w: Window, inline: bool = False) -> Tensor:
+    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count (overwrites ``t``);
+    ``inline`` (compiled, ``t`` a few products of saved tensors): summed where it is read
+    (:func:`~normkit.functional.shifted.shifted_sum` without a copy) where the windows allow."""
     u = t.reshape(*t.shape[:3], *w.spatial)
-    u = u.mul_(S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u))
-    return S.box_sum(u, w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
+    inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
+    if inline and inlinable(u.shape, w.dims, w.windows):
+        return shifted_sum(u * inv, w.dims, w.windows, flip=True, copy=False).reshape(t.shape)
+    return S.box_sum(u.mul_(inv), w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
 
 
 def _full_sum(t: Tensor, w: Window) -> Tensor:
@@ -249,7 +254,7 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
     dx = None
     if ctx.needs_input_grad[0]:
         b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
-        dx = t + 2.0 * xs * _window_mean_adjoint_(a, w)  # (overwrites a)
+        dx = t + 2.0 * xs * _window_mean_adjoint_(a, w, inline=ctx.root and shift is None)
         if b is not None:
             dx = dx + _window_mean_adjoint_(b, w)
         dx = dx.to(ctx.in_dtype)
