@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
+from .fused_inductor import apply_saving
 from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
@@ -89,6 +90,13 @@ def _neg_pow(s: Tensor, beta: float) -> Tensor:
 
 #: ``β: (m, n)`` with ``s^(−β) = q^m`` and ``s^(−β−1) = q^n`` for the root ``q`` of :func:`_root`
 _ROOT_POWERS = {0.5: (1, 3), 0.75: (3, 7), 1.0: (1, 2)}
+
+
+#: the ops that make :func:`_root`'s ``q`` (kept for the backward by
+#: :func:`~normkit.functional.fused_inductor.apply_saving`: AOTAutograd's partitioner would save
+#: ``s`` and recompute ``q`` in each loop that reads it, a ``sqrt`` and a division per value
+#: where ``s`` is shared by a channel group — LCN's per-position ``s``)
+_ROOT_OPS = (torch.ops.aten.rsqrt.default, torch.ops.aten.reciprocal.default)
 
 
 def _root(s: Tensor, beta: float) -> Tensor:
@@ -157,7 +165,7 @@ class _LocalDivisive(torch.autograd.Function):
         s = second.to(dt).mul(alpha).add_(k)
         # compiled sliding windows: the root q of s^(−β) saved instead of s (the backward's
         # powers of s are products of it)
-        root = beta in _ROOT_POWERS and not w.full and S.compiling_kernels()
+        root = beta in _ROOT_POWERS and S.compiling_kernels()
         if root:
             s = _root(s, beta)
             r = _int_pow(s, _ROOT_POWERS[beta][0])
@@ -196,11 +204,13 @@ class _LocalDivisive(torch.autograd.Function):
         g = gy if weight is None else gy * weight.to(dt)
         if ctx.root:  # s: the root q (r = q^m, r/s = q^n)
             m, n = _ROOT_POWERS[beta]
-            return _backward_compiled(ctx, x, gy, g, _int_pow(s, m), _int_pow(s, n), mu,
-                                      weight, bias)
+            r, rs = _int_pow(s, m), _int_pow(s, n)
+            if w.full:
+                return _backward_whole_groups(ctx, x, gy, g, r, rs, mu, weight, bias)
+            return _backward_compiled(ctx, x, gy, g, r, rs, mu, weight, bias)
         r = _neg_pow(s, beta)
         if w.full:
-            return _backward_whole_groups(ctx, x, gy, g, r, s, mu, weight, bias)
+            return _backward_whole_groups(ctx, x, gy, g, r, r / s, mu, weight, bias)
         if S.compiling_kernels():
             return _backward_compiled(ctx, x, gy, g, r, r / s, mu, weight, bias)
         if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
@@ -230,6 +240,15 @@ class _LocalDivisive(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             g_b = _sum_to(gy, bias.shape).to(bias.dtype)
         return dx, g_w, g_b, None, None, None, None, None, None
+
+
+def _bias_grad(gy: Tensor, bias: Tensor) -> Tensor:
+    """``Σ ∂y`` to ``β``'s shape, compiled: the gradient times a 1 per channel (finite ``β``),
+    so the row sum runs in the loops (samples, channels | positions) of the backward's other
+    row sums, not in a pass over ``∂y`` of its own (a row reduction of a different shape)."""
+    if S.compiling_kernels():
+        gy = gy * (bias.to(gy.dtype) * 0.0 + 1.0)
+    return _sum_to(gy, bias.shape).to(bias.dtype)
 
 
 def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
@@ -262,11 +281,11 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
     if weight is not None and ctx.needs_input_grad[1]:
         g_w = _sum_to(d * r * gy, weight.shape).to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = _sum_to(gy, bias.shape).to(bias.dtype)
+        g_b = _bias_grad(gy, bias)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
-def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
                            mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                            ) -> tuple[Tensor | None, ...]:
     """The backward when the statistics are shared by a whole channel group (LCN): everything
@@ -285,7 +304,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
     else:
         shift = m1 = None
         sgd = sgx
-    a = sgd.mul_(r).div_(s).mul_(-beta * alpha)  # ∂L/∂v
+    a = sgd.mul_(rs).mul_(-beta * alpha)  # ∂L/∂v (rs = r/s)
     dx = None
     if ctx.needs_input_grad[0]:
         ua = _window_mean_adjoint_(a.clone() if ctx.center else a, w).mul_(2.0 / n_full)
@@ -310,7 +329,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
             g_w = _sum_to(xhat.mul_(gy), weight.shape)
         g_w = g_w.to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = _sum_to(gy, bias.shape).to(bias.dtype)
+        g_b = _bias_grad(gy, bias)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
@@ -342,6 +361,9 @@ def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
     """
     mean = stats.get("mean")
     second = stats["var"] if mean is not None else stats["ms"]
+    if beta in _ROOT_POWERS:  # compiled for inductor: the root q saved, never recomputed
+        return apply_saving(_LocalDivisive.apply, _ROOT_OPS, v, weight, bias, mean, second,
+                            stats.window, k, alpha, beta)
     return _LocalDivisive.apply(v, weight, bias, mean, second, stats.window,  # type: ignore[no-any-return]
                                 k, alpha, beta)
 
