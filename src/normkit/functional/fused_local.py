@@ -29,6 +29,14 @@ with the work around them; exported, one custom op each). Statistics shared by a
 clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as the clamp's own gradient gives.
 A second derivative (``create_graph=True``) differentiates the plain composition
 (:func:`local_divisive_plain`).
+
+Compiled by inductor, for ``β = ½, ¾, 1`` the Function saves the root ``q`` of :func:`_root`
+instead of ``s`` (kept by :func:`~normkit.functional.fused_inductor.apply_saving`) and makes
+``s^(−β)`` and ``s^(−β−1)`` from it with products: a vectorized ``sqrt`` or division costs more
+than a pass over memory on CPU. LRN's window sums (``E[x²]`` in the forward, ``Bᵀa`` in the
+backward, ``a`` a few products of saved tensors) are then computed inline where they are read
+(:func:`~normkit.functional.shifted.inlinable`): one pass over the activations forward, one
+backward, besides the reads of the saved tensors.
 """
 
 from __future__ import annotations
