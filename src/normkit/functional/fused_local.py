@@ -120,16 +120,15 @@ def _root(s: Tensor, beta: float) -> Tensor:
 
 
 def _int_pow(q: Tensor, m: int) -> Tensor:
-    """``q^m`` by products (``m ≤ 7``)."""
-    q2 = q * q if m > 1 else None
+    """``q^m`` by products, for the powers of :data:`_ROOT_POWERS` (``m = 1, 2, 3, 7``)."""
     if m == 1:
         return q
+    q2 = q * q
     if m == 2:
         return q2
     if m == 3:
         return q2 * q
-    q4 = q2 * q2
-    return q4 * q2 * q if m == 7 else q4 if m == 4 else _int_pow(q, m - 4) * q4
+    return q2 * q2 * q2 * q
 
 
 def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
