@@ -278,6 +278,10 @@ def inverse_count(shape: Sequence[int], dims: Sequence[int], windows: Sequence[i
         view = [1] * len(shape)
         view[d] = n
         inv = count.reciprocal_().reshape(view) * inv
+    if compiling_kernels() and isinstance(inv, Tensor):
+        # made once: an as_strided view reads a buffer, which inductor writes (inlined, each
+        # value of the loops that read it would recompute the counts' divisions)
+        inv = inv.as_strided(inv.shape, inv.stride())
     return inv
 
 
