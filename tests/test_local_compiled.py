@@ -92,8 +92,12 @@ def test_shifted_sum_is_box_sum(dims: tuple[int, ...], windows: tuple[int, ...],
 
 
 def test_inlinable_leaves_the_innermost_axis() -> None:
-    """Windows are summed inline only off the innermost axis (one mask per vector); unit
-    windows and windows over an axis of length 1 do not count."""
-    assert inlinable((2, 1, 8, 3, 4), (2, 3, 4), (5, 1, 1))  # LRN's channel window
-    assert not inlinable((2, 1, 8, 3, 4), (3, 4), (3, 3))  # a spatial window
-    assert inlinable((2, 1, 8, 3, 1), (2, 4), (3, 3))  # the last axis has one value
+    """Windows are summed inline only off the innermost axis and off the axis contiguous in
+    memory (one mask per vector); unit windows and windows over an axis of length 1 do not
+    count."""
+    x = torch.zeros(2, 1, 8, 3, 4)
+    assert inlinable(x, (2, 3, 4), (5, 1, 1))  # LRN's channel window
+    assert not inlinable(x, (3, 4), (3, 3))  # a spatial window
+    assert inlinable(torch.zeros(2, 1, 8, 3, 1), (2, 4), (3, 3))  # the last axis: one value
+    cl = torch.zeros(2, 8, 3, 4).to(memory_format=torch.channels_last).unsqueeze(1)
+    assert not inlinable(cl, (2,), (5,))  # channels-last: the channels are contiguous

@@ -145,7 +145,7 @@ def _window_mean_adjoint_(t: Tensor, w: Window, inline: bool = False) -> Tensor:
     (:func:`~normkit.functional.shifted.shifted_sum` without a copy) where the windows allow."""
     u = t.reshape(*t.shape[:3], *w.spatial)
     inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
-    if inline and inlinable(u.shape, w.dims, w.windows):
+    if inline and inlinable(u, w.dims, w.windows):
         return shifted_sum(u * inv, w.dims, w.windows, flip=True, copy=False).reshape(t.shape)
     return S.box_sum(u.mul_(inv), w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
 

@@ -77,11 +77,13 @@ def _total(terms: Sequence[Tensor]) -> Tensor:
     return acc
 
 
-def inlinable(shape: Sequence[int], dims: Sequence[int], windows: Sequence[int]) -> bool:
-    """Whether :func:`shifted_sum` may sum these windows without a padded copy (``copy=False``):
-    no window runs along the innermost axis, so each masked load of the inlined terms is one
-    mask per vector (local response normalization's channel window)."""
-    return all(d != len(shape) - 1 for d, _, _ in _spans(shape, dims, windows, False))
+def inlinable(x: Tensor, dims: Sequence[int], windows: Sequence[int]) -> bool:
+    """Whether :func:`shifted_sum` may sum these windows of ``x`` without a padded copy
+    (``copy=False``): no window runs along the innermost axis, nor along the axis contiguous in
+    memory (channels-last), so each masked load of the inlined terms is one mask per vector
+    (local response normalization's channel window)."""
+    last = x.dim() - 1
+    return all(d != last and x.stride(d) != 1 for d, _, _ in _spans(x.shape, dims, windows, False))
 
 
 def shifted_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int],

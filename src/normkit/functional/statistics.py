@@ -378,7 +378,7 @@ def _local_moments_in_place(x: Tensor, full: tuple[int, ...], dims: Sequence[int
         m2 = (x.square() if shift is None else (x - shift).square_()).mean(dim=full, keepdim=True)
         m1 = None if shift is None else x.mean(dim=full, keepdim=True).sub_(shift)
     elif shift is None:
-        if compiling_kernels() and inlinable(x.shape, dims, windows):  # computed where read
+        if compiling_kernels() and inlinable(x, dims, windows):  # computed where read
             m2 = shifted_sum(x.square(), dims, windows, copy=False)
             m2 = m2 * inverse_count(m2.shape, dims, windows, include_pad, m2)
             return m2.new_zeros(()).expand_as(m2), m2
