@@ -19,7 +19,7 @@ from torch.testing import assert_close
 import normkit as nk
 from generic_util import assert_same_step
 from normkit.functional import statistics as S
-from normkit.functional.shifted import shifted_moment_sums, shifted_sum
+from normkit.functional.shifted import inlinable, shifted_moment_sums, shifted_sum
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-9, atol=1e-10)
@@ -36,6 +36,9 @@ def rand(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
 CASES: dict[str, tuple[str, dict[str, Any], tuple[int, ...], float]] = {
     "lrn_default": ("lrn", {}, (2, 7, 3, 4), 30.0),  # α = 1e-4: x large enough to matter
     "lrn_size4": ("lrn", {"size": 4, "alpha": 0.5, "beta": 0.6, "k": 2.0}, (2, 6, 3, 4), 1.0),
+    # the saved root q of s^(−β) for β = ½ and 1 (the default ¾ above): powers by products
+    "lrn_beta_half": ("lrn", {"size": 3, "alpha": 0.5, "beta": 0.5, "k": 1.5}, (2, 5, 3, 4), 1.0),
+    "lrn_beta_one": ("lrn", {"size": 6, "alpha": 0.3, "beta": 1.0, "k": 1.0}, (2, 5, 3, 4), 1.0),
     "lcn_default": ("lcn", {}, (2, 4, 5, 6), 1.0),
     "lcn_groups": ("lcn", {"num_groups": 2, "window": (3, 5)}, (2, 4, 5, 6), 1.0),
     "divisive_default": ("divisive_norm", {}, (2, 3, 5, 6), 1.0),
@@ -64,23 +67,37 @@ def test_inductor_equals_eager(case: str, dynamo_reset: None) -> None:
 @pytest.mark.parametrize(("dims", "windows"), [((2,), (4,)), ((2, 3), (3, 3)),
                                                ((1, 2, 3), (3, 5, 2)), ((3,), (9,)), ((2,), (1,))])
 @pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("copy", [True, False])
 def test_shifted_sum_is_box_sum(dims: tuple[int, ...], windows: tuple[int, ...],
-                                flip: bool) -> None:
+                                flip: bool, copy: bool) -> None:
     """The compiled form (run eagerly) equals the eager window sum — windows longer than the
-    axis, one axis and several, at once and axis by axis; the sums of ``x`` and ``x²`` from one
-    padded copy — and autograd through its ``as_strided`` windows gives the flipped sum."""
+    axis, one axis and several, at once and axis by axis, from a padded copy or from slices of
+    the padding; the sums of ``x`` and ``x²`` from one padded copy — and autograd through its
+    windows gives the flipped sum."""
     x = rand(2, 3, 4, 5, seed=3)
     want = S.box_sum(x, dims, windows, flip=flip)
-    assert_close(shifted_sum(x, dims, windows, flip), want, **TIGHT)
+    assert_close(shifted_sum(x, dims, windows, flip, copy), want, **TIGHT)
     if not flip:  # both moments' sums from one padded copy
         s1, s2 = shifted_moment_sums(x, dims, windows)
         assert_close(s1, want, **TIGHT)
         assert_close(s2, S.box_sum(x * x, dims, windows), **TIGHT)
     xg = x.clone().requires_grad_()
-    y = shifted_sum(xg, dims, windows, flip)
+    y = shifted_sum(xg, dims, windows, flip, copy)
     assert_close(y, want, **TIGHT)
     g = rand(2, 3, 4, 5, seed=4)
     (gx,) = torch.autograd.grad(y, xg, g)
     assert_close(gx, S.box_sum(g, dims, windows, flip=not flip), **TIGHT)
-    assert gradcheck(lambda t: shifted_sum(t, dims, windows, flip),
+    assert gradcheck(lambda t: shifted_sum(t, dims, windows, flip, copy),
                      (rand(1, 2, 3, 4, seed=5).requires_grad_(),))
+
+
+def test_inlinable_leaves_the_innermost_axis() -> None:
+    """Windows are summed inline only off the innermost axis and off the axis contiguous in
+    memory (one mask per vector); unit windows and windows over an axis of length 1 do not
+    count."""
+    x = torch.zeros(2, 1, 8, 3, 4)
+    assert inlinable(x, (2, 3, 4), (5, 1, 1))  # LRN's channel window
+    assert not inlinable(x, (3, 4), (3, 3))  # a spatial window
+    assert inlinable(torch.zeros(2, 1, 8, 3, 1), (2, 4), (3, 3))  # the last axis: one value
+    cl = torch.zeros(2, 8, 3, 4).to(memory_format=torch.channels_last).unsqueeze(1)
+    assert not inlinable(cl, (2,), (5,))  # channels-last: the channels are contiguous

@@ -29,6 +29,14 @@ with the work around them; exported, one custom op each). Statistics shared by a
 clamped at 0 (a constant window) ``x = μ``, so ``a = 0`` there as the clamp's own gradient gives.
 A second derivative (``create_graph=True``) differentiates the plain composition
 (:func:`local_divisive_plain`).
+
+Compiled by inductor, for ``β = ½, ¾, 1`` the Function saves the root ``q`` of :func:`_root`
+instead of ``s`` (kept by :func:`~normkit.functional.fused_inductor.apply_saving`) and makes
+``s^(−β)`` and ``s^(−β−1)`` from it with products: a vectorized ``sqrt`` or division costs more
+than a pass over memory on CPU. LRN's window sums (``E[x²]`` in the forward, ``Bᵀa`` in the
+backward, ``a`` a few products of saved tensors) are then computed inline where they are read
+(:func:`~normkit.functional.shifted.inlinable`): one pass over the activations forward, one
+backward, besides the reads of the saved tensors.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from torch import Tensor
 
 from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
+from .fused_inductor import apply_saving
+from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
 __all__ = ["LocalMoments", "Window", "is_own", "local_divisive", "local_divisive_plain"]
@@ -86,6 +96,41 @@ def _neg_pow(s: Tensor, beta: float) -> Tensor:
     return torch.pow(s, -beta)
 
 
+#: ``β: (m, n)`` with ``s^(−β) = q^m`` and ``s^(−β−1) = q^n`` for the root ``q`` of :func:`_root`
+_ROOT_POWERS = {0.5: (1, 3), 0.75: (3, 7), 1.0: (1, 2)}
+
+
+#: the ops that make :func:`_root`'s ``q`` (kept for the backward by
+#: :func:`~normkit.functional.fused_inductor.apply_saving`: AOTAutograd's partitioner would save
+#: ``s`` and recompute ``q`` in each loop that reads it, a ``sqrt`` and a division per value
+#: where ``s`` is shared by a channel group — LCN's per-position ``s``)
+_ROOT_OPS = (torch.ops.aten.rsqrt.default, torch.ops.aten.reciprocal.default)
+
+
+def _root(s: Tensor, beta: float) -> Tensor:
+    """``q = s^(−1/2), s^(−1/4), s^(−1)`` for ``β = ½, ¾, 1`` (:data:`_ROOT_POWERS`): the
+    compiled backward makes ``s^(−β)`` and ``s^(−β−1)`` from it with products, where ``rsqrt``,
+    ``sqrt`` and a division cost more than a pass over memory each on CPU (vectorized
+    ``sqrt``/division: local response normalization's backward made three and two)."""
+    if beta == 0.5:
+        return torch.rsqrt(s)
+    if beta == 0.75:
+        return torch.rsqrt(torch.sqrt(s))
+    return torch.reciprocal(s)
+
+
+def _int_pow(q: Tensor, m: int) -> Tensor:
+    """``q^m`` by products, for the powers of :data:`_ROOT_POWERS` (``m = 1, 2, 3, 7``)."""
+    if m == 1:
+        return q
+    q2 = q * q
+    if m == 2:
+        return q2
+    if m == 3:
+        return q2 * q
+    return q2 * q2 * q2 * q
+
+
 def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
     """``B t`` of a canonical ``(N, A, B', S)`` tensor (window axes on its spatial view);
     ``owned``: ``t`` may be overwritten."""
@@ -94,11 +139,15 @@ def _window_mean(t: Tensor, w: Window, owned: bool = False) -> Tensor:
     return S.box_sum(u, w.dims, w.windows, owned=owned).mul_(inv).reshape(t.shape)
 
 
-def _window_mean_adjoint_(t: Tensor, w: Window) -> Tensor:
-    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count (overwrites ``t``)."""
+def _window_mean_adjoint_(t: Tensor, w: Window, inline: bool = False) -> Tensor:
+    """``Bᵀ t``: the flipped window sum of ``t`` over each position's count (overwrites ``t``);
+    ``inline`` (compiled, ``t`` a few products of saved tensors): summed where it is read
+    (:func:`~normkit.functional.shifted.shifted_sum` without a copy) where the windows allow."""
     u = t.reshape(*t.shape[:3], *w.spatial)
-    u = u.mul_(S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u))
-    return S.box_sum(u, w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
+    inv = S.inverse_count(u.shape, w.dims, w.windows, w.include_pad, u)
+    if inline and inlinable(u, w.dims, w.windows):
+        return shifted_sum(u * inv, w.dims, w.windows, flip=True, copy=False).reshape(t.shape)
+    return S.box_sum(u.mul_(inv), w.dims, w.windows, flip=True, owned=True).reshape(t.shape)
 
 
 def _full_sum(t: Tensor, w: Window) -> Tensor:
@@ -121,7 +170,14 @@ class _LocalDivisive(torch.autograd.Function):
         dt = _compute_dtype(v)
         x = v.to(dt)
         s = second.to(dt).mul(alpha).add_(k)
-        r = _neg_pow(s, beta)
+        # compiled sliding windows: the root q of s^(−β) saved instead of s (the backward's
+        # powers of s are products of it)
+        root = beta in _ROOT_POWERS and S.compiling_kernels()
+        if root:
+            s = _root(s, beta)
+            r = _int_pow(s, _ROOT_POWERS[beta][0])
+        else:
+            r = _neg_pow(s, beta)
         if mean is not None:
             mu = mean.to(dt)
             y = (x - mu).mul_(r)
@@ -138,7 +194,7 @@ class _LocalDivisive(torch.autograd.Function):
         keep_mu = mu is not None and (mu.numel() < x.numel() or S.compiling_kernels())
         ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
-        ctx.center, ctx.in_dtype = mean is not None, v.dtype
+        ctx.center, ctx.in_dtype, ctx.root = mean is not None, v.dtype, root
         return y
 
     @staticmethod
@@ -152,12 +208,18 @@ class _LocalDivisive(torch.autograd.Function):
         dt = s.dtype
         x = v.to(dt)
         gy = gy.to(dt)
-        r = _neg_pow(s, beta)
         g = gy if weight is None else gy * weight.to(dt)
+        if ctx.root:  # s: the root q (r = q^m, r/s = q^n)
+            m, n = _ROOT_POWERS[beta]
+            r, rs = _int_pow(s, m), _int_pow(s, n)
+            if w.full:
+                return _backward_whole_groups(ctx, x, gy, g, r, rs, mu, weight, bias)
+            return _backward_compiled(ctx, x, gy, g, r, rs, mu, weight, bias)
+        r = _neg_pow(s, beta)
         if w.full:
-            return _backward_whole_groups(ctx, x, gy, g, r, s, mu, weight, bias)
+            return _backward_whole_groups(ctx, x, gy, g, r, r / s, mu, weight, bias)
         if S.compiling_kernels():
-            return _backward_compiled(ctx, x, gy, g, r, s, mu, weight, bias)
+            return _backward_compiled(ctx, x, gy, g, r, r / s, mu, weight, bias)
         if ctx.center:  # around a shift, like the forward statistics (any constant is exact)
             shift = x.mean(dim=(2, 3), keepdim=True)
             xs = x - shift
@@ -187,7 +249,16 @@ class _LocalDivisive(torch.autograd.Function):
         return dx, g_w, g_b, None, None, None, None, None, None
 
 
-def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+def _bias_grad(gy: Tensor, bias: Tensor) -> Tensor:
+    """``Σ ∂y`` to ``β``'s shape, compiled: the gradient times a 1 per channel (finite ``β``),
+    so the row sum runs in the loops (samples, channels | positions) of the backward's other
+    row sums, not in a pass over ``∂y`` of its own (a row reduction of a different shape)."""
+    if S.compiling_kernels():
+        gy = gy * (bias.to(gy.dtype) * 0.0 + 1.0)
+    return _sum_to(gy, bias.shape).to(bias.dtype)
+
+
+def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
                        mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                        ) -> tuple[Tensor | None, ...]:
     """The backward of windows without whole channel groups where inductor compiles it: the
@@ -205,23 +276,26 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s:
     else:
         shift, xs, d = None, x, x
     t = g * r
-    a = g * d * r / s * (-beta * alpha)  # ∂L/∂v
+    a = g * d * rs * (-beta * alpha)  # ∂L/∂v (rs = r/s)
     dx = None
     if ctx.needs_input_grad[0]:
         b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
-        dx = t + 2.0 * xs * _window_mean_adjoint_(a, w)  # (overwrites a)
-        if b is not None:
-            dx = dx + _window_mean_adjoint_(b, w)
+        # Bᵀb + t first: a partial sum that reads at most 12 values, which inductor inlines
+        # (one reading more is written to memory: a pass more for ∂x)
+        dx = t if b is None else _window_mean_adjoint_(b, w) + t
+        dx = dx + 2.0 * xs * _window_mean_adjoint_(a, w, inline=ctx.root and shift is None)
         dx = dx.to(ctx.in_dtype)
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
-        g_w = _sum_to(d * r * gy, weight.shape).to(weight.dtype)
+        # times a 1 per channel (finite γ): the row sum runs in the loops of ∂x's
+        g_w = _sum_to(d * r * gy * (weight.to(gy.dtype) * 0.0 + 1.0), weight.shape)
+        g_w = g_w.to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = _sum_to(gy, bias.shape).to(bias.dtype)
+        g_b = _bias_grad(gy, bias)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
-def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, s: Tensor,
+def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
                            mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                            ) -> tuple[Tensor | None, ...]:
     """The backward when the statistics are shared by a whole channel group (LCN): everything
@@ -240,7 +314,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
     else:
         shift = m1 = None
         sgd = sgx
-    a = sgd.mul_(r).div_(s).mul_(-beta * alpha)  # ∂L/∂v
+    a = sgd.mul_(rs).mul_(-beta * alpha)  # ∂L/∂v (rs = r/s)
     dx = None
     if ctx.needs_input_grad[0]:
         ua = _window_mean_adjoint_(a.clone() if ctx.center else a, w).mul_(2.0 / n_full)
@@ -265,7 +339,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
             g_w = _sum_to(xhat.mul_(gy), weight.shape)
         g_w = g_w.to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = _sum_to(gy, bias.shape).to(bias.dtype)
+        g_b = _bias_grad(gy, bias)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
@@ -297,6 +371,9 @@ def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
     """
     mean = stats.get("mean")
     second = stats["var"] if mean is not None else stats["ms"]
+    if beta in _ROOT_POWERS:  # compiled for inductor: the root q saved, never recomputed
+        return apply_saving(_LocalDivisive.apply, _ROOT_OPS, v, weight, bias, mean, second,
+                            stats.window, k, alpha, beta)
     return _LocalDivisive.apply(v, weight, bias, mean, second, stats.window,  # type: ignore[no-any-return]
                                 k, alpha, beta)
 

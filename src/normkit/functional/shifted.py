@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["shifted_sum", "shifted_moment_sums"]
+__all__ = ["inlinable", "shifted_sum", "shifted_moment_sums"]
 
 #: window terms that one padded copy sums over several axes at once (more: a copy per axis)
 TERMS_AT_ONCE = 16
@@ -40,14 +40,21 @@ def _spans(shape: Sequence[int], dims: Sequence[int], windows: Sequence[int],
     return spans
 
 
-def _windows(x: Tensor, group: Sequence[Span]) -> list[Tensor]:
+def _windows(x: Tensor, group: Sequence[Span], copy: bool = True) -> list[Tensor]:
     """The shifted windows, each of ``x``'s shape, of one zero-padded copy of ``x`` along the
-    axes of ``group`` (``as_strided`` views: inductor writes the copy once)."""
+    axes of ``group`` (``as_strided`` views: inductor writes the copy once); without ``copy``,
+    slices of the padding, which inductor inlines (masked loads of ``x``'s producer)."""
     pad = [0] * (2 * x.dim())
     for d, before, after in group:
         pad[2 * (x.dim() - 1 - d)] = before
         pad[2 * (x.dim() - 1 - d) + 1] = after
-    xp = F.pad(x, pad).contiguous()
+    xp = F.pad(x, pad)
+    if not copy:
+        views = [xp]
+        for d, before, after in group:
+            views = [v.narrow(d, o, x.shape[d]) for v in views for o in range(before + after + 1)]
+        return views
+    xp = xp.contiguous()
     stride = xp.stride()
     offsets = [0]
     for d, before, after in group:
@@ -70,11 +77,26 @@ def _total(terms: Sequence[Tensor]) -> Tensor:
     return acc
 
 
+def inlinable(x: Tensor, dims: Sequence[int], windows: Sequence[int]) -> bool:
+    """Whether :func:`shifted_sum` may sum these windows of ``x`` without a padded copy
+    (``copy=False``): no window runs along the innermost axis, nor along the axis contiguous in
+    memory (channels-last), so each masked load of the inlined terms is one mask per vector
+    (local response normalization's channel window)."""
+    last = x.dim() - 1
+    return all(d != last and x.stride(d) != 1 for d, _, _ in _spans(x.shape, dims, windows, False))
+
+
 def shifted_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int],
-                flip: bool = False) -> Tensor:
+                flip: bool = False, copy: bool = True) -> Tensor:
     """The window sum of :func:`~normkit.functional.statistics.box_sum` (same windows, same
     ``flip``) as shifted windows of a zero-padded copy: the axes at once while the terms are at
     most ``TERMS_AT_ONCE``, else axis by axis. Returns ``x`` itself when no window is longer than 1.
+
+    Without ``copy`` the windows are slices of the padding, which inductor inlines into the
+    loop that reads the sum: masked loads of ``x``'s producer, recomputed per term — fewer
+    passes over memory where the producer is a few products (no ``sqrt``, division or ``exp``)
+    and :func:`inlinable` holds (local response normalization fwd+bwd against compiled BN:
+    about 1.8x → 1.2x with the Function's saved root, paired runs); a padded copy otherwise.
 
     Example:
         >>> import torch
@@ -83,7 +105,7 @@ def shifted_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int],
         tensor([[1., 3., 6., 9., 7.]])
     """
     for group in _groups(_spans(x.shape, dims, windows, flip)):
-        x = _total(_windows(x, group))
+        x = _total(_windows(x, group, copy))
     return x
 
 

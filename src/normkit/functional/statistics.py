@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .partition import stat_count, stats_dtype
-from .shifted import shifted_moment_sums, shifted_sum
+from .shifted import inlinable, shifted_moment_sums, shifted_sum
 
 __all__ = [
     "compiling_kernels",
@@ -278,6 +278,10 @@ def inverse_count(shape: Sequence[int], dims: Sequence[int], windows: Sequence[i
         view = [1] * len(shape)
         view[d] = n
         inv = count.reciprocal_().reshape(view) * inv
+    if compiling_kernels() and isinstance(inv, Tensor):
+        # made once: an as_strided view reads a buffer, which inductor writes (inlined, each
+        # value of the loops that read it would recompute the counts' divisions)
+        inv = inv.as_strided(inv.shape, inv.stride())
     return inv
 
 
@@ -361,7 +365,9 @@ def _local_moments_in_place(x: Tensor, full: tuple[int, ...], dims: Sequence[int
     allocations (the window sums overwrite their inputs); the mean of ``center=False`` is an
     expanded zero. Compiled by inductor, centred sliding windows alone (no averaged axes) take
     both window sums from one padded copy of ``x − c``
-    (:func:`~normkit.functional.shifted.shifted_moment_sums`)."""
+    (:func:`~normkit.functional.shifted.shifted_moment_sums`); uncentred ones off the innermost
+    axis sum ``x²`` inline, in the loop that reads ``E[x²]`` (no copy:
+    :func:`~normkit.functional.shifted.inlinable`)."""
     shift = x.mean(dim=full + tuple(dims), keepdim=True) if center else None
     if shift is not None and not full and compiling_kernels():  # one padded copy for both
         s1, s2 = shifted_moment_sums(x - shift, dims, windows)
@@ -372,6 +378,10 @@ def _local_moments_in_place(x: Tensor, full: tuple[int, ...], dims: Sequence[int
         m2 = (x.square() if shift is None else (x - shift).square_()).mean(dim=full, keepdim=True)
         m1 = None if shift is None else x.mean(dim=full, keepdim=True).sub_(shift)
     elif shift is None:
+        if compiling_kernels() and inlinable(x, dims, windows):  # computed where read
+            m2 = shifted_sum(x.square(), dims, windows, copy=False)
+            m2 = m2 * inverse_count(m2.shape, dims, windows, include_pad, m2)
+            return m2.new_zeros(()).expand_as(m2), m2
         m2, m1 = x.square(), None
     else:
         m1 = x - shift
