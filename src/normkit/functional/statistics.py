@@ -212,8 +212,10 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     copy: one allocation fewer). Compiled by inductor without a graph it is a sum of shifted
     windows of a zero-padded copy (:func:`~normkit.functional.shifted.shifted_sum`), which
     inductor fuses with the pointwise work around it (the local methods' fwd+bwd against
-    compiled BN, normkit bench --goals: lrn 2.35x → 1.67x, lcn 1.95x → 1.31x, divisive_norm
-    6.80x → 2.98x with :mod:`~normkit.functional.fused_local`'s compiled backward); exported, or
+    compiled BN, normkit bench --goals: lrn 2.35x → 1.7x, lcn 1.95x → 1.3x, divisive_norm
+    6.80x → 3.0x with :mod:`~normkit.functional.fused_local`'s compiled backward; with the
+    saved root and the inline sums of :func:`~normkit.functional.shifted.shifted_sum`
+    ``copy=False``, lrn 1.3x, lcn 1.25x, divisive_norm 2.8x); exported, or
     recorded by autograd under ``torch.compile``, one custom op (``normkit::box_sum``,
     differentiable: its derivative is the flipped sum) that runs these eager kernels. Returns
     ``x`` itself when every window is 1 (a copy from the custom op).
