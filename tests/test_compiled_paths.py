@@ -82,3 +82,29 @@ def test_presets_compiled_one_by_one_do_not_share_a_recompile_limit() -> None:
             y = torch.compile(layer, backend="eager", fullgraph=True)(x)
             assert_close(y, layer(x))
     torch._dynamo.reset()
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def test_each_preset_runs_the_forward_its_classes_define() -> None:
+    """The per-class copy replaces only the base ``forward``: a preset whose mixin or parent
+    defines its own (LayerNorm's trailing-dims form, Kalman, online) runs that one."""
+    import normkit.methods  # noqa: F401 - every preset class defined
+
+    classes = _subclasses(nk.Normalization)
+    assert len(classes) > 40
+    base = nk.Normalization.forward.__code__
+
+    def where(f: Any) -> tuple[str, int]:
+        return f.__code__.co_filename, f.__code__.co_firstlineno
+
+    for cls in classes:  # the first forward in the MRO that is not a copy of the base one
+        defined = next(k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__
+                       and (k is nk.Normalization or where(k.__dict__["forward"])
+                            != (base.co_filename, base.co_firstlineno)))
+        assert where(cls.forward) == where(defined), cls

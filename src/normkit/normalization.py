@@ -34,8 +34,8 @@ Native = nop_.Kernel  # the torch kernels an operation may declare (kept for old
 
 
 def _own_forward(cls: type) -> Any:
-    """A copy of :meth:`Normalization.forward` with its own code object, for a subclass that does
-    not define ``forward``.
+    """A copy of :meth:`Normalization.forward` with its own code object, for a subclass that
+    inherits it (defines no ``forward`` and has no mixin or parent that does).
 
     ``torch.compile`` caches compiled graphs per code object and recompiles at most
     ``torch._dynamo.config.recompile_limit`` (8) times per code object; past it, a
@@ -58,6 +58,7 @@ def _own_forward(cls: type) -> Any:
     fn.__doc__, fn.__module__ = base.__doc__, base.__module__
     fn.__qualname__ = f"{cls.__qualname__}.forward"
     fn.__annotations__ = dict(base.__annotations__)
+    fn._normkit_copy = True  # type: ignore[attr-defined]  # a subclass of this class copies again
     return fn
 
 
@@ -123,7 +124,8 @@ class Normalization(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" not in cls.__dict__:
+        inherited = cls.forward  # from the MRO: a mixin's own forward (TrailingDims) is kept
+        if inherited is Normalization.forward or getattr(inherited, "_normkit_copy", False):
             cls.forward = _own_forward(cls)  # type: ignore[method-assign]
 
     def __init__(
