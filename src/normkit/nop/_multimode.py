@@ -47,6 +47,7 @@ from ..functional.mixture import (
     mode_gates,
     mode_moments,
 )
+from ..functional.mixture_eval import mixture_eval
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
@@ -283,9 +284,12 @@ class MixtureStandardize(Operation):
 
     def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
                    num_features: int, eps: float, params: Stats | None = None) -> Stats:
-        x = _samples(v)
-        mean, var, log_prior = (running[k].to(x.dtype) for k in self.stat_names)
+        dt = stats_dtype(v)
+        mean, var, log_prior = (running[k].to(dt) for k in self.stat_names)
         log_prior = torch.log_softmax(log_prior, 0)
+        if self.fused:  # transform() runs mixture_eval: per-channel polynomials, no K-fold planes
+            return {"mean": mean, "var": var, "log_prior": log_prior}
+        x = _samples(v)
         post = gmm_posterior(x, mean, var, log_prior, eps)
         return {"mean": mean, "var": var, "log_prior": log_prior, "post": post,
                 "centered_mean": mean, "centered": x}
@@ -294,6 +298,9 @@ class MixtureStandardize(Operation):
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if "batch_trajectory" in stats or "traced_trajectory" in stats:  # fitted by mixture_fit
             return mixture_affine(v, stats, weight, bias, eps=eps)
+        if "post" not in stats:  # evaluation under the running mixture (eval_stats, fused)
+            return mixture_eval(v, stats["mean"], stats["var"], stats["log_prior"], weight, bias,
+                                eps=eps)
         out = mixture_output(stats["centered"], stats["centered_mean"], stats["var"],
                              stats["post"], eps)
         return Fs.affine_transform(out.reshape(v.shape), None, None, weight, bias)
