@@ -163,3 +163,28 @@ def test_in_place_form_only_without_gradients() -> None:
     assert y.requires_grad
     (g,), (g_ref,) = _grads(y, [fused.weight], 24), _grads(plain(x), [plain.weight], 24)
     assert_close(g, g_ref, **TIGHT)
+
+
+@pytest.mark.filterwarnings(  # inductor imports torch's own deprecated jit.script_method
+    r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("k", [2, 3])
+def test_inductor_eval_equals_the_composition(k: int, dynamo_reset: None) -> None:
+    """``torch.compile(fullgraph=True)`` (inductor) of the evaluation: the composition's output
+    without a graph and its input gradient with one."""
+    fused, plain = _pair(k, seed=25)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = two_modes(4, C, 12, seed=26).reshape(4, C, 3, 4)
+    with torch.no_grad():
+        assert_close(compiled(x), plain(x), **TIGHT)
+    xg = x.clone().requires_grad_()
+    (g,), (g_ref,) = _grads(compiled(xg), [xg], 27), _grads(plain(xg), [xg], 27)
+    assert_close(g, g_ref, **TIGHT)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_export_eval_equals_the_composition(k: int) -> None:
+    fused, plain = _pair(k, seed=28)
+    x = two_modes(4, C, 10, seed=29).reshape(4, C, 2, 5)
+    exported = torch.export.export(fused, (x,)).module()
+    with torch.no_grad():
+        assert_close(exported(x * 1.5), plain(x * 1.5), **TIGHT)
