@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 import normkit as nk
 from mixture_util import EPS, F64, TIGHT, rand, running_mixture, two_modes
+from normkit.functional import mixture_eval as mixture_eval_module
 from normkit.functional.mixture import gmm_posterior, mixture_output
 from normkit.functional.mixture_eval import mixture_eval
 from normkit.functional.standardize import affine_transform
@@ -188,3 +189,15 @@ def test_export_eval_equals_the_composition(k: int) -> None:
     exported = torch.export.export(fused, (x,)).module()
     with torch.no_grad():
         assert_close(exported(x * 1.5), plain(x * 1.5), **TIGHT)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_runs_of_samples(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-place form over several runs of samples, the last one shorter (two samples per
+    run of five), contiguous and channels-last."""
+    monkeypatch.setattr(mixture_eval_module, "CHUNK_BYTES", 2 * C * 15 * 8)
+    fused, plain = _pair(k, seed=30)
+    x = two_modes(5, C, 15, seed=31).reshape(5, C, 3, 5)
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert_close(fused(t), plain(t), **TIGHT)

@@ -27,6 +27,8 @@ place (about 11 passes over the activations for ``K = 2``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,8 @@ from .partition import stats_dtype
 from .standardize import affine_transform
 
 __all__ = ["mixture_eval"]
+
+CHUNK_BYTES = 1 << 21  # a plane's run of samples in the in-place form: ~2 MiB, cache-resident
 
 
 def _in_place(*tensors: Tensor | None) -> bool:
@@ -105,46 +109,69 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
         y = torch.mul(x, scale[0, :, None], out=torch.empty_like(x) if inplace else None)
         y = y.add_(off) if inplace else y + off
     else:
-        z = torch.sub(x, centre[:, None], out=torch.empty_like(x) if inplace else None)
         coef = _coef(mc, var, log_prior, eps)  # (K, C, 3)
-        if k == 2:
-            y = _pair(z, coef, scale, shift, inplace)
-        else:
-            y = _many(z, coef, scale, shift, inplace)
+        form = _pair if k == 2 else _many
+        y = form(x, centre, coef, scale, shift) if not inplace else _chunked(
+            form, x, centre, coef, scale, shift)
     y = y.reshape(v.shape)
     return y if per_channel else affine_transform(y, None, None, weight, bias)
 
 
-def _pair(z: Tensor, coef: Tensor, scale: Tensor, shift: Tensor, inplace: bool) -> Tensor:
-    """Two components: ``y = (o_0 + s_0 z) + sigmoid(a_1 − a_0)·((o_1 − o_0) + (s_1 − s_0) z)``
-    (``z`` is spent when ``inplace``)."""
+def _chunked(form: Callable[..., Tensor], x: Tensor, centre: Tensor, coef: Tensor,
+             scale: Tensor, shift: Tensor) -> Tensor:
+    """``form`` in place over runs of samples of about :data:`CHUNK_BYTES` per plane, into one
+    output: the passes over a run stay in cache, and its work planes are reused."""
+    n, k = x.shape[0], coef.shape[0]
+    y = torch.empty_like(x)
+    size = max(1, CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+    first = x[:size]
+    if k == 2:  # z and the posterior
+        work = [torch.empty_like(first), torch.empty_like(first)]
+    else:  # z, the logits and the posteriors
+        work = [torch.empty_like(first), first.new_empty((k, *first.shape)),
+                first.new_empty((k, *first.shape))]
+    for i in range(0, n, size):
+        j = min(size, n - i)
+        form(x[i:i + j], centre, coef, scale, shift, y[i:i + j],
+             [w[:j] if w.dim() == x.dim() else w[:, :j] for w in work])
+    return y
+
+
+def _pair(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
+          out: Tensor | None = None, work: list[Tensor] | None = None) -> Tensor:
+    """Two components: ``y = (o_0 + s_0 z) + sigmoid(a_1 − a_0)·((o_1 − o_0) + (s_1 − s_0) z)``;
+    in place into ``out`` with the work planes ``work`` (``z``, ``p_1``) when given."""
     o0, s0 = shift[0, :, None], scale[0, :, None]
     do, ds = (shift[1] - shift[0])[:, None], (scale[1] - scale[0])[:, None]
-    d = _quad(coef[1] - coef[0], z, torch.empty_like(z) if inplace else None)
-    if not inplace:
-        return o0 + s0 * z + torch.sigmoid(d) * (do + ds * z)
-    p = d.sigmoid_()
-    y = torch.mul(z, ds, out=torch.empty_like(z)).add_(do).mul_(p)
+    if out is None or work is None:
+        z = x - centre[:, None]
+        return o0 + s0 * z + torch.sigmoid(_quad(coef[1] - coef[0], z)) * (do + ds * z)
+    z = torch.sub(x, centre[:, None], out=work[0])
+    p = _quad(coef[1] - coef[0], z, work[1]).sigmoid_()
+    y = torch.mul(z, ds, out=out).add_(do).mul_(p)
     return y.addcmul_(z, s0).add_(o0)
 
 
-def _many(z: Tensor, coef: Tensor, scale: Tensor, shift: Tensor, inplace: bool) -> Tensor:
-    """More than two components: ``y = Σ_k softmax_k(a)·(o_k + s_k z)``."""
+def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
+          out: Tensor | None = None, work: list[Tensor] | None = None) -> Tensor:
+    """More than two components: ``y = Σ_k softmax_k(a)·(o_k + s_k z)``; in place into ``out``
+    with the work planes ``work`` (``z``, the logits and the posteriors, ``(K, …)``) when
+    given."""
     k = coef.shape[0]
-    if inplace:
-        logits = torch.empty((k, *z.shape), dtype=z.dtype, device=z.device)
-        for i in range(k):
-            _quad(coef[i], z, logits[i])
-    else:
-        logits = torch.stack([_quad(coef[i], z) for i in range(k)])
-    p = torch.softmax(logits, 0)
-    if not inplace:
+    if out is None or work is None:
+        z = x - centre[:, None]
+        p = torch.softmax(torch.stack([_quad(coef[i], z) for i in range(k)]), 0)
         y = p[0] * (shift[0, :, None] + scale[0, :, None] * z)
         for i in range(1, k):
             y = y + p[i] * (shift[i, :, None] + scale[i, :, None] * z)
         return y
+    z = torch.sub(x, centre[:, None], out=work[0])
+    logits = work[1]
+    for i in range(k):
+        _quad(coef[i], z, logits[i])
+    p = torch.softmax(logits, 0, out=work[2])
     # Σ_k p_k o_k + z·Σ_k p_k s_k, the second sum in the spent logits' first plane
-    y = torch.mul(p[0], shift[0, :, None], out=torch.empty_like(z))
+    y = torch.mul(p[0], shift[0, :, None], out=out)
     lin = torch.mul(p[0], scale[0, :, None], out=logits[0])
     for i in range(1, k):
         y.addcmul_(p[i], shift[i, :, None])
