@@ -16,17 +16,19 @@ logits as precise as ``(x − μ_k)²`` under a large common offset):
 * ``K = 1``: ``y = o_0 + s_0 z`` (the posterior is 1), written on ``x`` as torch BN's eval;
   ``K = 2``: ``p_1 = sigmoid(d)``, ``d = a_1 − a_0`` (saturates to 0 or 1: no NaN however far a
   value lies from both components), ``y = (o_0 + s_0 z) + p_1·((o_1 − o_0) + (s_1 − s_0) z)``;
-  more: ``p = softmax_k(a)`` over a stacked axis, ``y = Σ_k p_k (o_k + s_k z)``.
+  more: ``p = softmax_k(a)``, ``y = Σ_k p_k (o_k + s_k z)`` (in place: the softmax written out
+  in base 2, ``e_k = 2^{a_k log₂e − max}``, ``y = Σ_k e_k (o_k + s_k z) / Σ_k e_k``).
 
 Nothing is fitted, so the result is an ordinary function of ``x`` (and of ``γ, β`` and the
 running estimates): when a gradient is asked for, or under ``torch.compile`` / ``torch.export``
 / ``torch.func`` transforms, the same formulas run as plain out-of-place ops autograd
 differentiates; otherwise (``torch.no_grad()``, inference) they write into a few buffers in
-place (about 11 passes over the activations for ``K = 2``).
+place, over runs of samples that stay in cache (ten passes over the activations for ``K = 2``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,6 +40,7 @@ from .standardize import affine_transform
 
 __all__ = ["mixture_eval"]
 
+_LOG2_E = 1 / math.log(2)
 CHUNK_BYTES = 1 << 21  # a plane's run of samples in the in-place form: ~2 MiB, cache-resident
 
 
@@ -127,9 +130,9 @@ def _chunked(form: Callable[..., Tensor], x: Tensor, centre: Tensor, coef: Tenso
     first = x[:size]
     if k == 2:  # z and the posterior
         work = [torch.empty_like(first), torch.empty_like(first)]
-    else:  # z, the logits and the posteriors
+    else:  # z, the exponentials, their maximum and sum
         work = [torch.empty_like(first), first.new_empty((k, *first.shape)),
-                first.new_empty((k, *first.shape))]
+                torch.empty_like(first)]
     for i in range(0, n, size):
         j = min(size, n - i)
         form(x[i:i + j], centre, coef, scale, shift, y[i:i + j],
@@ -155,8 +158,8 @@ def _pair(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
 def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
           out: Tensor | None = None, work: list[Tensor] | None = None) -> Tensor:
     """More than two components: ``y = Σ_k softmax_k(a)·(o_k + s_k z)``; in place into ``out``
-    with the work planes ``work`` (``z``, the logits and the posteriors, ``(K, …)``) when
-    given."""
+    with the work planes ``work`` (``z``, the exponentials ``(K, …)`` and their maximum and sum)
+    when given."""
     k = coef.shape[0]
     if out is None or work is None:
         z = x - centre[:, None]
@@ -165,15 +168,25 @@ def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
         for i in range(1, k):
             y = y + p[i] * (shift[i, :, None] + scale[i, :, None] * z)
         return y
+    # a softmax written out in base 2 (exp2 is ~3x faster than exp here): logits·log₂e
     z = torch.sub(x, centre[:, None], out=work[0])
-    logits = work[1]
+    e, top = work[1], work[2]
+    coef2 = coef * _LOG2_E
     for i in range(k):
-        _quad(coef[i], z, logits[i])
-    p = torch.softmax(logits, 0, out=work[2])
-    # Σ_k p_k o_k + z·Σ_k p_k s_k, the second sum in the spent logits' first plane
-    y = torch.mul(p[0], shift[0, :, None], out=out)
-    lin = torch.mul(p[0], scale[0, :, None], out=logits[0])
+        _quad(coef2[i], z, e[i])
+    torch.maximum(e[0], e[1], out=top)
+    for i in range(2, k):
+        torch.maximum(top, e[i], out=top)
+    for i in range(k):
+        e[i].sub_(top).exp2_()
+    total = torch.add(e[0], e[1], out=top)
+    for i in range(2, k):
+        total.add_(e[i])
+    # (Σ_k e_k o_k + z·Σ_k e_k s_k) / Σ_k e_k, the second sum in e_0's plane
+    y = torch.mul(e[0], shift[0, :, None], out=out)
     for i in range(1, k):
-        y.addcmul_(p[i], shift[i, :, None])
-        lin.addcmul_(p[i], scale[i, :, None])
-    return y.addcmul_(lin, z)
+        y.addcmul_(e[i], shift[i, :, None])
+    lin = e[0].mul_(scale[0, :, None])
+    for i in range(1, k):
+        lin.addcmul_(e[i], scale[i, :, None])
+    return y.addcmul_(lin, z).div_(total)
