@@ -223,7 +223,10 @@ class MixtureStandardize(Operation):
     Running estimates (all ``(K, C)``): ``running_mean``, ``running_var`` (unbiased with BN's
     factor) and ``running_log_prior``, the log mixing weights (initially 0: equal weights;
     averaged in the log domain and renormalized by a softmax at use). Evaluation computes the
-    posteriors of each value under the running mixture. ``K = 1`` is BN.
+    posteriors of each value under the running mixture, as per-channel quadratics of the value
+    (:func:`~normkit.functional.mixture_eval.mixture_eval`: a sigmoid for two components, in
+    place over cache-sized runs when no gradient is asked for; ``fused=False``: the plain
+    :func:`gmm_posterior` and :func:`mixture_output`). ``K = 1`` is BN.
     """
 
     num_components: int = 2
