@@ -153,15 +153,20 @@ def test_torch_func_grad_in_eval(k: int) -> None:
     assert_close(torch.func.grad(loss(fused))(x), torch.func.grad(loss(plain))(x), **TIGHT)
 
 
-def test_in_place_form_only_without_gradients() -> None:
-    """Under ``no_grad`` nothing is recorded; with a gradient asked for only through γ the
-    output still carries γ's graph (the autograd form)."""
+def test_in_place_form_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``no_grad`` the in-place form runs and nothing is recorded; with a gradient asked
+    for only through γ the autograd form runs and the output carries γ's graph."""
+    calls: list[int] = []
+    chunked = mixture_eval_module._chunked
+    monkeypatch.setattr(mixture_eval_module, "_chunked",
+                        lambda *a: calls.append(1) or chunked(*a))
     fused, plain = _pair(2, seed=22)
     x = two_modes(3, C, 6, seed=23)
     with torch.no_grad():
         assert not fused(x).requires_grad
+    assert calls == [1]
     y = fused(x)
-    assert y.requires_grad
+    assert y.requires_grad and calls == [1]
     (g,), (g_ref,) = _grads(y, [fused.weight], 24), _grads(plain(x), [plain.weight], 24)
     assert_close(g, g_ref, **TIGHT)
 
