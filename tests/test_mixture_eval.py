@@ -155,7 +155,8 @@ def test_torch_func_grad_in_eval(k: int) -> None:
 
 def test_in_place_form_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under ``no_grad`` the in-place form runs and nothing is recorded; with a gradient asked
-    for only through γ the autograd form runs and the output carries γ's graph."""
+    for only through γ, β it computes ``x̂`` and the output carries γ's graph; through ``x``
+    the autograd form runs."""
     calls: list[int] = []
     chunked = mixture_eval_module._chunked
     monkeypatch.setattr(mixture_eval_module, "_chunked",
@@ -165,10 +166,14 @@ def test_in_place_form_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -
     with torch.no_grad():
         assert not fused(x).requires_grad
     assert calls == [1]
-    y = fused(x)
-    assert y.requires_grad and calls == [1]
-    (g,), (g_ref,) = _grads(y, [fused.weight], 24), _grads(plain(x), [plain.weight], 24)
-    assert_close(g, g_ref, **TIGHT)
+    y = fused(x)  # x̂ in place, γ x̂ + β by autograd
+    assert y.requires_grad and calls == [1, 1]
+    assert_close(y, plain(x), **TIGHT)
+    got = _grads(y, [fused.weight, fused.bias], 24)
+    for u, r in zip(got, _grads(plain(x), [plain.weight, plain.bias], 24), strict=True):
+        assert_close(u, r, **TIGHT)
+    fused(x.clone().requires_grad_())
+    assert calls == [1, 1]
 
 
 @pytest.mark.filterwarnings(  # inductor imports torch's own deprecated jit.script_method

@@ -24,6 +24,8 @@ running estimates): when a gradient is asked for, or under ``torch.compile`` / `
 / ``torch.func`` transforms, the same formulas run as plain out-of-place ops autograd
 differentiates; otherwise (``torch.no_grad()``, inference) they write into a few buffers in
 place, over runs of samples that stay in cache (ten passes over the activations for ``K = 2``).
+Where a gradient is asked for through ``γ, β`` alone (an evaluation forward outside
+``no_grad``) ``x̂`` is computed in place and ``γ x̂ + β`` by autograd.
 """
 
 from __future__ import annotations
@@ -94,9 +96,12 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
     x = v.reshape(n, c, s).to(stats_dtype(v))
     dt = x.dtype
     mean, var, log_prior = mean.to(dt), var.to(dt), log_prior.to(dt)
-    per_channel = all(t is None or t.numel() == c for t in (weight, bias))
-    w, b = (weight, bias) if per_channel else (None, None)
-    inplace = _in_place(v, mean, var, log_prior, w, b)
+    inplace = _in_place(v, mean, var, log_prior)
+    # γ, β folded into the per-channel coefficients, unless per value or (in place) asked for a
+    # gradient: then applied after, by autograd (x̂ computed in place all the same)
+    fold = all(t is None or t.numel() == c for t in (weight, bias)) and (
+        not inplace or _in_place(weight, bias))
+    w, b = (weight, bias) if fold else (None, None)
     k = mean.shape[0]
     # γ x̂_k + β = o_k + s_k z per channel, z = x − centre
     centre = (log_prior.exp() * mean).sum(0) if k > 1 else mean[0]
@@ -117,7 +122,7 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
         y = form(x, centre, coef, scale, shift) if not inplace else _chunked(
             form, x, centre, coef, scale, shift)
     y = y.reshape(v.shape)
-    return y if per_channel else affine_transform(y, None, None, weight, bias)
+    return y if fold else affine_transform(y, None, None, weight, bias)
 
 
 def _chunked(form: Callable[..., Tensor], x: Tensor, centre: Tensor, coef: Tensor,
