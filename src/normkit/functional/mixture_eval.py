@@ -31,7 +31,6 @@ Where a gradient is asked for through ``γ, β`` alone (an evaluation forward ou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -113,72 +112,103 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
     if b is not None:
         shift = shift + b.reshape(1, c).to(dt)
     if k == 1:  # on x itself, as torch BN's eval: y = s_0 x + (o_0 − s_0 c)
-        off = (shift[0] - scale[0] * centre)[:, None]
-        y = torch.mul(x, scale[0, :, None], out=torch.empty_like(x) if inplace else None)
-        y = y.add_(off) if inplace else y + off
+        off = shift[0] - scale[0] * centre
+        if not inplace:
+            y = x * scale[0, :, None] + off[:, None]
+        else:
+            x4 = x.unsqueeze(2)
+            cols = _columns(torch.stack((scale[0], off), 1), x4)
+            y = torch.mul(x4, cols[:, 0:1], out=torch.empty_like(x4)).add_(cols[:, 1:2])
     else:
         coef = _coef(mc, var, log_prior, eps)  # (K, C, 3)
-        form = _pair if k == 2 else _many
-        y = form(x, centre, coef, scale, shift) if not inplace else _chunked(
-            form, x, centre, coef, scale, shift)
+        if not inplace:
+            y = (_pair if k == 2 else _many)(x, centre, coef, scale, shift)
+        else:
+            y = _chunked(x, centre, coef, scale, shift)
     y = y.reshape(v.shape)
     return y if fold else affine_transform(y, None, None, weight, bias)
 
 
-def _chunked(form: Callable[..., Tensor], x: Tensor, centre: Tensor, coef: Tensor,
-             scale: Tensor, shift: Tensor) -> Tensor:
-    """``form`` in place over runs of samples of about :data:`CHUNK_BYTES` per plane, into one
-    output: the passes over a run stay in cache, and its work planes are reused."""
-    n, k = x.shape[0], coef.shape[0]
-    y = torch.empty_like(x)
-    size = max(1, CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
-    first = x[:size]
-    if k == 2:  # z and the posterior
-        work = [torch.empty_like(first), torch.empty_like(first)]
-    else:  # z, the exponentials, their maximum and sum
-        work = [torch.empty_like(first), first.new_empty((k, *first.shape)),
-                torch.empty_like(first)]
-    for i in range(0, n, size):
-        j = min(size, n - i)
-        form(x[i:i + j], centre, coef, scale, shift, y[i:i + j],
-             [w[:j] if w.dim() == x.dim() else w[:, :j] for w in work])
+def _pair(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Two components: ``y = (o_0 + s_0 z) + sigmoid(a_1 − a_0)·((o_1 − o_0) + (s_1 − s_0) z)``
+    (the autograd form)."""
+    o0, s0 = shift[0, :, None], scale[0, :, None]
+    do, ds = (shift[1] - shift[0])[:, None], (scale[1] - scale[0])[:, None]
+    z = x - centre[:, None]
+    return o0 + s0 * z + torch.sigmoid(_quad(coef[1] - coef[0], z)) * (do + ds * z)
+
+
+def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """More than two components: ``y = Σ_k softmax_k(a)·(o_k + s_k z)`` (the autograd form)."""
+    k = coef.shape[0]
+    z = x - centre[:, None]
+    p = torch.softmax(torch.stack([_quad(coef[i], z) for i in range(k)]), 0)
+    y = p[0] * (shift[0, :, None] + scale[0, :, None] * z)
+    for i in range(1, k):
+        y = y + p[i] * (shift[i, :, None] + scale[i, :, None] * z)
     return y
 
 
-def _pair(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
-          out: Tensor | None = None, work: list[Tensor] | None = None) -> Tensor:
-    """Two components: ``y = (o_0 + s_0 z) + sigmoid(a_1 − a_0)·((o_1 − o_0) + (s_1 − s_0) z)``;
-    in place into ``out`` with the work planes ``work`` (``z``, ``p_1``) when given."""
-    o0, s0 = shift[0, :, None], scale[0, :, None]
-    do, ds = (shift[1] - shift[0])[:, None], (scale[1] - scale[0])[:, None]
-    if out is None or work is None:
-        z = x - centre[:, None]
-        return o0 + s0 * z + torch.sigmoid(_quad(coef[1] - coef[0], z)) * (do + ds * z)
-    z = torch.sub(x, centre[:, None], out=work[0])
-    p = _quad(coef[1] - coef[0], z, work[1]).sigmoid_()
-    y = torch.mul(z, ds, out=out).add_(do).mul_(p)
-    return y.addcmul_(z, s0).add_(o0)
+def _columns(t: Tensor, like: Tensor) -> Tensor:
+    """Per-channel coefficients ``(C, m)`` as operands of runs ``(J, C, 1, S)`` laid out as
+    ``like``: columns ``(C, m, 1)``, or, with the channels innermost in memory (channels-last
+    input), tiles ``(C, m, S)`` in that layout (a column broadcast along the fastest axis keeps
+    torch's loops at ``C`` values each, several times slower; a tile's loops run over a whole
+    sample)."""
+    c, m = t.shape
+    s = like.shape[-1]
+    if s == 1 or like.stride(-1) == 1 or like.stride(1) != 1:
+        return t[:, :, None]
+    return t.t()[:, None, :].expand(m, s, c).contiguous().permute(2, 0, 1)
 
 
-def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
-          out: Tensor | None = None, work: list[Tensor] | None = None) -> Tensor:
-    """More than two components: ``y = Σ_k softmax_k(a)·(o_k + s_k z)``; in place into ``out``
-    with the work planes ``work`` (``z``, the exponentials ``(K, …)`` and their maximum and sum)
-    when given."""
+def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """The in-place form over runs of samples of about :data:`CHUNK_BYTES` per plane, into one
+    output laid out as ``x``: the passes over a run stay in cache, its work planes are reused,
+    and the per-channel coefficients are prepared once (:func:`_columns`)."""
     k = coef.shape[0]
-    if out is None or work is None:
-        z = x - centre[:, None]
-        p = torch.softmax(torch.stack([_quad(coef[i], z) for i in range(k)]), 0)
-        y = p[0] * (shift[0, :, None] + scale[0, :, None] * z)
-        for i in range(1, k):
-            y = y + p[i] * (shift[i, :, None] + scale[i, :, None] * z)
-        return y
-    # a softmax written out in base 2 (exp2 is ~3x faster than exp here): logits·log₂e
-    z = torch.sub(x, centre[:, None], out=work[0])
-    e, top = work[1], work[2]
-    coef2 = coef * _LOG2_E
+    x4 = x.unsqueeze(2)  # (N, C, 1, S): the columns' trailing axes broadcast
+    n, c, _, s = x4.shape
+    y = torch.empty_like(x4)
+    size = max(1, CHUNK_BYTES // max(1, c * s * x.element_size()))
+    first = x4[:size]
+    if k == 2:
+        # z − centre, then y = (z·Δs + Δo)·p_1 + z·s_0 + o_0
+        cols = _columns(torch.stack((centre, scale[1] - scale[0], shift[1] - shift[0], scale[0],
+                                     shift[0]), 1), first)
+        quads = [_columns(coef[1] - coef[0], first)]
+    else:  # the logits in base 2 (exp2 is ~3x faster than exp here)
+        cols = _columns(torch.cat((centre[:, None], shift.t(), scale.t()), 1), first)
+        quads = [_columns(coef[i] * _LOG2_E, first) for i in range(k)]
+    # z and p_1 (K = 2); z, the maximum (then the sum) and the exponentials (more)
+    work = [torch.empty_like(first) for _ in range(2 if k == 2 else k + 2)]
+    for i in range(0, n, size):
+        j = min(size, n - i)
+        into = _pair_into if k == 2 else _many_into
+        into(x4[i:i + j], cols, quads, y[i:i + j], [w[:j] for w in work])
+    return y.squeeze(2)
+
+
+def _pair_into(x: Tensor, cols: Tensor, quads: list[Tensor], out: Tensor, work: list[Tensor]
+               ) -> Tensor:
+    """:func:`_pair` in place into ``out`` (``cols``: centre, ``Δs``, ``Δo``, ``s_0``, ``o_0``;
+    ``quads``: the coefficients of ``d = a_1 − a_0``)."""
+    z = torch.sub(x, cols[:, 0:1], out=work[0])
+    p = _quad(quads[0], z, work[1]).sigmoid_()
+    y = torch.mul(z, cols[:, 1:2], out=out).add_(cols[:, 2:3]).mul_(p)
+    return y.addcmul_(z, cols[:, 3:4]).add_(cols[:, 4:5])
+
+
+def _many_into(x: Tensor, cols: Tensor, quads: list[Tensor], out: Tensor, work: list[Tensor]
+               ) -> Tensor:
+    """:func:`_many` in place into ``out``, the softmax written out in base 2: ``e_k =
+    2^{a_k log₂e − max}``, ``y = (Σ_k e_k o_k + z·Σ_k e_k s_k) / Σ_k e_k`` (``cols``: centre,
+    ``o_k``, ``s_k``; ``quads``: the logits' coefficients times ``log₂e``)."""
+    k = len(quads)
+    z, top, e = work[0], work[1], work[2:]
+    torch.sub(x, cols[:, 0:1], out=z)
     for i in range(k):
-        _quad(coef2[i], z, e[i])
+        _quad(quads[i], z, e[i])
     torch.maximum(e[0], e[1], out=top)
     for i in range(2, k):
         torch.maximum(top, e[i], out=top)
@@ -187,11 +217,9 @@ def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor,
     total = torch.add(e[0], e[1], out=top)
     for i in range(2, k):
         total.add_(e[i])
-    # (Σ_k e_k o_k + z·Σ_k e_k s_k) / Σ_k e_k, the second sum in e_0's plane
-    y = torch.mul(e[0], shift[0, :, None], out=out)
+    y = torch.mul(e[0], cols[:, 1:2], out=out)  # Σ_k e_k o_k
+    lin = e[0].mul_(cols[:, k + 1:k + 2])  # Σ_k e_k s_k, in e_0's plane
     for i in range(1, k):
-        y.addcmul_(e[i], shift[i, :, None])
-    lin = e[0].mul_(scale[0, :, None])
-    for i in range(1, k):
-        lin.addcmul_(e[i], scale[i, :, None])
+        y.addcmul_(e[i], cols[:, 1 + i:2 + i])
+        lin.addcmul_(e[i], cols[:, k + 1 + i:k + 2 + i])
     return y.addcmul_(lin, z).div_(total)
