@@ -213,3 +213,18 @@ def test_runs_of_samples(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
               x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)[..., 1:]):
         with torch.no_grad():
             assert_close(fused(t), plain(t), **TIGHT)
+
+
+def test_one_component_is_bn_eval() -> None:
+    """``K = 1``: the posterior is 1, and evaluation is torch BN's with the running component
+    (one kernel call, gradients included)."""
+    fused, plain = _pair(1, seed=32)
+    x = two_modes(4, C, 10, seed=33).reshape(4, C, 2, 5).requires_grad_()
+    mean, var = fused.running_mean[0], fused.running_var[0]
+    ref = torch.nn.functional.batch_norm(x, mean, var, fused.weight, fused.bias, False, 0.0, EPS)
+    y = fused(x)
+    assert_close(y, ref, **TIGHT)
+    assert_close(y, plain(x), **TIGHT)
+    params = [x, fused.weight, fused.bias]
+    for u, r in zip(_grads(y, params, 34), _grads(ref, params, 34), strict=True):
+        assert_close(u, r, **TIGHT)

@@ -285,6 +285,13 @@ class MixtureStandardize(Operation):
     def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
         return dict(running)
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        """One component: the posterior is 1 and evaluation is BN's with ``(μ_0, σ²_0)`` (one
+        kernel call); more have no such form."""
+        if self.num_components != 1 or not self.fused:
+            return None
+        return running["mean"][0], running["var"][0], eps
+
     def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
                    num_features: int, eps: float, params: Stats | None = None) -> Stats:
         dt = stats_dtype(v)
