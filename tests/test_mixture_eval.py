@@ -141,8 +141,10 @@ def test_gradcheck_through_the_mixture(k: int) -> None:
     assert gradcheck(f, (v, mean, var, log_prior, w, b))
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_torch_func_grad_in_eval(k: int) -> None:
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_torch_func_in_eval(k: int) -> None:
+    """``torch.func.grad`` (through ``functional_call``), ``vmap`` over samples and ``jacrev``
+    of the evaluation give the composition's."""
     fused, plain = _pair(k, seed=19)
     x = two_modes(3, C, 6, seed=20)
     cot = rand(3, C, 6, seed=21, grad=False)
@@ -151,6 +153,12 @@ def test_torch_func_grad_in_eval(k: int) -> None:
         return lambda t: (torch.func.functional_call(m, dict(m.named_parameters()), (t,)) * cot).sum()
 
     assert_close(torch.func.grad(loss(fused))(x), torch.func.grad(loss(plain))(x), **TIGHT)
+
+    def per_sample(m: nk.Normalization):  # type: ignore[no-untyped-def]
+        return torch.func.vmap(lambda t: m(t.unsqueeze(0)).squeeze(0))
+
+    assert_close(per_sample(fused)(x), per_sample(plain)(x), **TIGHT)
+    assert_close(torch.func.jacrev(fused)(x[:1]), torch.func.jacrev(plain)(x[:1]), **TIGHT)
 
 
 def test_in_place_form_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
