@@ -31,6 +31,7 @@ Where a gradient is asked for through ``γ, β`` alone (an evaluation forward ou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -117,8 +118,8 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
             y = x * scale[0, :, None] + off[:, None]
         else:
             x4 = x.unsqueeze(2)
-            cols = _columns(torch.stack((scale[0], off), 1), x4)
-            y = torch.mul(x4, cols[:, 0:1], out=torch.empty_like(x4)).add_(cols[:, 1:2])
+            s0, o0 = _columns(torch.stack((scale[0], off), 1), x4).split(1, 1)
+            y = torch.mul(x4, s0, out=torch.empty_like(x4)).add_(o0)
     else:
         coef = _coef(mc, var, log_prior, eps)  # (K, C, 3)
         if not inplace:
@@ -175,38 +176,39 @@ def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tens
     if k == 2:
         # z − centre, then y = (z·Δs + Δo)·p_1 + z·s_0 + o_0
         cols = _columns(torch.stack((centre, scale[1] - scale[0], shift[1] - shift[0], scale[0],
-                                     shift[0]), 1), first)
+                                     shift[0]), 1), first).split(1, 1)
         quads = [_columns(coef[1] - coef[0], first)]
     else:  # the logits in base 2 (exp2 is ~3x faster than exp here)
-        cols = _columns(torch.cat((centre[:, None], shift.t(), scale.t()), 1), first)
+        cols = _columns(torch.cat((centre[:, None], shift.t(), scale.t()), 1), first).split(1, 1)
         quads = [_columns(coef[i] * _LOG2_E, first) for i in range(k)]
     # z and p_1 (K = 2); z, the maximum (then the sum) and the exponentials (more)
     work = [torch.empty_like(first) for _ in range(2 if k == 2 else k + 2)]
+    into = _pair_into if k == 2 else _many_into
     for i in range(0, n, size):
         j = min(size, n - i)
-        into = _pair_into if k == 2 else _many_into
-        into(x4[i:i + j], cols, quads, y[i:i + j], [w[:j] for w in work])
+        planes = work if j == first.shape[0] else [w[:j] for w in work]
+        into(x4[i:i + j], cols, quads, y[i:i + j], planes)
     return y.squeeze(2)
 
 
-def _pair_into(x: Tensor, cols: Tensor, quads: list[Tensor], out: Tensor, work: list[Tensor]
-               ) -> Tensor:
+def _pair_into(x: Tensor, cols: Sequence[Tensor], quads: list[Tensor], out: Tensor,
+               work: list[Tensor]) -> Tensor:
     """:func:`_pair` in place into ``out`` (``cols``: centre, ``Δs``, ``Δo``, ``s_0``, ``o_0``;
     ``quads``: the coefficients of ``d = a_1 − a_0``)."""
-    z = torch.sub(x, cols[:, 0:1], out=work[0])
+    z = torch.sub(x, cols[0], out=work[0])
     p = _quad(quads[0], z, work[1]).sigmoid_()
-    y = torch.mul(z, cols[:, 1:2], out=out).add_(cols[:, 2:3]).mul_(p)
-    return y.addcmul_(z, cols[:, 3:4]).add_(cols[:, 4:5])
+    y = torch.mul(z, cols[1], out=out).add_(cols[2]).mul_(p)
+    return y.addcmul_(z, cols[3]).add_(cols[4])
 
 
-def _many_into(x: Tensor, cols: Tensor, quads: list[Tensor], out: Tensor, work: list[Tensor]
-               ) -> Tensor:
+def _many_into(x: Tensor, cols: Sequence[Tensor], quads: list[Tensor], out: Tensor,
+               work: list[Tensor]) -> Tensor:
     """:func:`_many` in place into ``out``, the softmax written out in base 2: ``e_k =
     2^{a_k log₂e − max}``, ``y = (Σ_k e_k o_k + z·Σ_k e_k s_k) / Σ_k e_k`` (``cols``: centre,
     ``o_k``, ``s_k``; ``quads``: the logits' coefficients times ``log₂e``)."""
     k = len(quads)
     z, top, e = work[0], work[1], work[2:]
-    torch.sub(x, cols[:, 0:1], out=z)
+    torch.sub(x, cols[0], out=z)
     for i in range(k):
         _quad(quads[i], z, e[i])
     torch.maximum(e[0], e[1], out=top)
@@ -217,9 +219,9 @@ def _many_into(x: Tensor, cols: Tensor, quads: list[Tensor], out: Tensor, work: 
     total = torch.add(e[0], e[1], out=top)
     for i in range(2, k):
         total.add_(e[i])
-    y = torch.mul(e[0], cols[:, 1:2], out=out)  # Σ_k e_k o_k
-    lin = e[0].mul_(cols[:, k + 1:k + 2])  # Σ_k e_k s_k, in e_0's plane
+    y = torch.mul(e[0], cols[1], out=out)  # Σ_k e_k o_k
+    lin = e[0].mul_(cols[k + 1])  # Σ_k e_k s_k, in e_0's plane
     for i in range(1, k):
-        y.addcmul_(e[i], cols[:, 1 + i:2 + i])
-        lin.addcmul_(e[i], cols[:, k + 1 + i:k + 2 + i])
+        y.addcmul_(e[i], cols[1 + i])
+        lin.addcmul_(e[i], cols[k + 1 + i])
     return y.addcmul_(lin, z).div_(total)
