@@ -13,7 +13,8 @@ logits as precise as ``(x − μ_k)²`` under a large common offset):
   (:func:`~normkit.functional.fused_mixture._quad`);
 * ``γ x̂_k + β = o_k + s_k z`` with ``s_k = γ r_k``, ``o_k = β − γ r_k (μ_k − c)``, ``r_k =
   (σ²_k + ε)^{-1/2}``;
-* ``K = 1``: ``y = o_0 + s_0 z`` (the posterior is 1), written on ``x`` as torch BN's eval;
+* ``K = 1``: ``y = o_0 + s_0 z`` (the posterior is 1), written on ``x`` as torch BN's eval (a
+  module runs BN's kernel itself: :meth:`~normkit.nop.MixtureStandardize.eval_moments`);
   ``K = 2``: ``p_1 = sigmoid(d)``, ``d = a_1 − a_0`` (saturates to 0 or 1: no NaN however far a
   value lies from both components), ``y = (o_0 + s_0 z) + p_1·((o_1 − o_0) + (s_1 − s_0) z)``;
   more: ``p = softmax_k(a)``, ``y = Σ_k p_k (o_k + s_k z)`` (in place: the softmax written out
@@ -23,7 +24,9 @@ Nothing is fitted, so the result is an ordinary function of ``x`` (and of ``γ, 
 running estimates): when a gradient is asked for, or under ``torch.compile`` / ``torch.export``
 / ``torch.func`` transforms, the same formulas run as plain out-of-place ops autograd
 differentiates; otherwise (``torch.no_grad()``, inference) they write into a few buffers in
-place, over runs of samples that stay in cache (ten passes over the activations for ``K = 2``).
+place, over runs of samples that stay in cache (ten passes over the activations for ``K = 2``),
+with the per-channel coefficients laid out as the input (:func:`_columns`: tiles for
+channels-last).
 Where a gradient is asked for through ``γ, β`` alone (an evaluation forward outside
 ``no_grad``) ``x̂`` is computed in place and ``γ x̂ + β`` by autograd.
 """
