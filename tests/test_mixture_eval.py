@@ -212,9 +212,9 @@ def test_export_eval_equals_the_composition(k: int) -> None:
 @pytest.mark.parametrize("k", [2, 3])
 def test_runs_of_samples(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The in-place form over several runs of samples, the last one shorter (two samples per
-    run of five, float64), contiguous, channels-last and strided (per-channel columns and
-    tiles)."""
+    run of five, float64), contiguous, channels-last (rows of a few pixels) and strided."""
     monkeypatch.setattr(mixture_eval_module, "CHUNK_BYTES", 2 * C * 30 * 8)
+    monkeypatch.setattr(mixture_eval_module, "TILE", C * 6)  # channels-last rows of 6 pixels
     fused, plain = _pair(k, seed=30)
     x = two_modes(5, C, 30, seed=31).reshape(5, C, 3, 10)
     for t in (x, x.contiguous(memory_format=torch.channels_last), x[..., ::2],

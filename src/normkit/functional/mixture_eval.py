@@ -25,8 +25,8 @@ running estimates): when a gradient is asked for, or under ``torch.compile`` / `
 / ``torch.func`` transforms, the same formulas run as plain out-of-place ops autograd
 differentiates; otherwise (``torch.no_grad()``, inference) they write into a few buffers in
 place, over runs of samples that stay in cache (ten passes over the activations for ``K = 2``),
-with the per-channel coefficients laid out as the input (:func:`_columns`: tiles for
-channels-last).
+with the per-channel coefficients laid out as the input (:func:`_columns`: rows of a few
+pixels for channels-last).
 Where a gradient is asked for through ``γ, β`` alone (an evaluation forward outside
 ``no_grad``) ``x̂`` is computed in place and ``γ x̂ + β`` by autograd.
 """
@@ -120,9 +120,7 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
         if not inplace:
             y = x * scale[0, :, None] + off[:, None]
         else:
-            x4 = x.unsqueeze(2)
-            s0, o0 = _columns(torch.stack((scale[0], off), 1), x4).split(1, 1)
-            y = torch.mul(x4, s0, out=torch.empty_like(x4)).add_(o0)
+            y = torch.mul(x, scale[0, :, None], out=torch.empty_like(x)).add_(off[:, None])
     else:
         coef = _coef(mc, var, log_prior, eps)  # (K, C, 3)
         if not inplace:
@@ -153,17 +151,29 @@ def _many(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor)
     return y
 
 
-def _columns(t: Tensor, like: Tensor) -> Tensor:
-    """Per-channel coefficients ``(C, m)`` as operands of runs ``(J, C, 1, S)`` laid out as
-    ``like``: columns ``(C, m, 1)``, or, with the channels innermost in memory (channels-last
-    input), tiles ``(C, m, S)`` in that layout (a column broadcast along the fastest axis keeps
-    torch's loops at ``C`` values each, several times slower; a tile's loops run over a whole
-    sample)."""
-    c, m = t.shape
-    s = like.shape[-1]
-    if s == 1 or like.stride(-1) == 1 or like.stride(1) != 1:
-        return t[:, :, None]
-    return t.t()[:, None, :].expand(m, s, c).contiguous().permute(2, 0, 1)
+TILE = 2048  # values of a channels-last tile row: r whole pixels of C channels, in L1
+
+
+def _across(x: Tensor) -> int:
+    """For ``x`` ``(N, C, S)`` with the channels innermost and each sample dense (channels-last
+    input): the number ``r`` of positions per tile row (a divisor of ``S``, ``r·C ≤`` :data:`TILE`
+    where it can); else 0 (the positions innermost, or other strides: per-channel columns)."""
+    n, c, s = x.shape
+    if s == 1 or c == 1 or x.stride(1) != 1 or x.stride(2) != c or (n > 1 and x.stride(0) != c * s):
+        return 0
+    r = 1
+    for d in range(2, min(s, TILE // c) + 1):
+        if s % d == 0:
+            r = d
+    return r
+
+
+def _columns(t: Tensor, r: int) -> Tensor:
+    """Per-channel coefficients ``(C, m)`` as operands of the runs: columns ``(C, m, 1)`` of runs
+    ``(J, C, 1, S)`` (``r = 0``), or rows ``(1, m, r·C)`` of channels-last runs ``(J, S/r, 1,
+    r·C)`` (a column broadcast along the fastest axis keeps torch's loops at ``C`` values each,
+    several times slower; a row of ``r`` pixels, in L1, keeps them long)."""
+    return t[:, :, None] if r == 0 else t.t().repeat(1, r)[None]
 
 
 def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -171,27 +181,31 @@ def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tens
     output laid out as ``x``: the passes over a run stay in cache, its work planes are reused,
     and the per-channel coefficients are prepared once (:func:`_columns`)."""
     k = coef.shape[0]
-    x4 = x.unsqueeze(2)  # (N, C, 1, S): the columns' trailing axes broadcast
-    n, c, _, s = x4.shape
-    y = torch.empty_like(x4)
+    n, c, s = x.shape
+    y = torch.empty_like(x)
+    r = _across(x)
+    if r:  # channels-last: (N, S/r, 1, r·C) views of the input and the output
+        xv, yv = (t.transpose(1, 2).reshape(n, s // r, 1, r * c) for t in (x, y))
+    else:  # (N, C, 1, S): the columns' trailing axes broadcast
+        xv, yv = x.unsqueeze(2), y.unsqueeze(2)
     size = max(1, CHUNK_BYTES // max(1, c * s * x.element_size()))
-    first = x4[:size]
+    first = xv[:size]
     if k == 2:
         # z − centre, then y = (z·Δs + Δo)·p_1 + z·s_0 + o_0
         cols = _columns(torch.stack((centre, scale[1] - scale[0], shift[1] - shift[0], scale[0],
-                                     shift[0]), 1), first).split(1, 1)
-        quads = [_columns(coef[1] - coef[0], first)]
+                                     shift[0]), 1), r).split(1, 1)
+        quads = [_columns(coef[1] - coef[0], r)]
     else:  # the logits in base 2 (exp2 is ~3x faster than exp here)
-        cols = _columns(torch.cat((centre[:, None], shift.t(), scale.t()), 1), first).split(1, 1)
-        quads = [_columns(coef[i] * _LOG2_E, first) for i in range(k)]
+        cols = _columns(torch.cat((centre[:, None], shift.t(), scale.t()), 1), r).split(1, 1)
+        quads = [_columns(coef[i] * _LOG2_E, r) for i in range(k)]
     # z and p_1 (K = 2); z, the maximum (then the sum) and the exponentials (more)
     work = [torch.empty_like(first) for _ in range(2 if k == 2 else k + 2)]
     into = _pair_into if k == 2 else _many_into
     for i in range(0, n, size):
         j = min(size, n - i)
         planes = work if j == first.shape[0] else [w[:j] for w in work]
-        into(x4[i:i + j], cols, quads, y[i:i + j], planes)
-    return y.squeeze(2)
+        into(xv[i:i + j], cols, quads, yv[i:i + j], planes)
+    return y
 
 
 def _pair_into(x: Tensor, cols: Sequence[Tensor], quads: list[Tensor], out: Tensor,
