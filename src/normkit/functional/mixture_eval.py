@@ -42,11 +42,14 @@ from torch import Tensor
 from .fused_mixture import _coef, _quad
 from .partition import stats_dtype
 from .standardize import affine_transform
+from .whiten_chunks import _DEVICE_CHUNK_BYTES
 
 __all__ = ["mixture_eval"]
 
 _LOG2_E = 1 / math.log(2)
-CHUNK_BYTES = 1 << 21  # a plane's run of samples in the in-place form: ~2 MiB, cache-resident
+# a plane's run of samples in the in-place form: ~2 MiB on CPU, cache-resident; elsewhere each op
+# on a run is a kernel launch, so runs of batch whitening's device chunk size (64 MiB)
+CHUNK_BYTES = 1 << 21
 
 
 def _in_place(*tensors: Tensor | None) -> bool:
@@ -177,7 +180,8 @@ def _columns(t: Tensor, r: int) -> Tensor:
 
 
 def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """The in-place form over runs of samples of about :data:`CHUNK_BYTES` per plane, into one
+    """The in-place form over runs of samples of about :data:`CHUNK_BYTES` per plane (64 MiB off
+    the CPU), into one
     output laid out as ``x``: the passes over a run stay in cache, its work planes are reused,
     and the per-channel coefficients are prepared once (:func:`_columns`)."""
     k = coef.shape[0]
@@ -188,7 +192,8 @@ def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tens
         xv, yv = (t.transpose(1, 2).reshape(n, s // r, 1, r * c) for t in (x, y))
     else:  # (N, C, 1, S): the columns' trailing axes broadcast
         xv, yv = x.unsqueeze(2), y.unsqueeze(2)
-    size = max(1, CHUNK_BYTES // max(1, c * s * x.element_size()))
+    chunk = CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    size = max(1, chunk // max(1, c * s * x.element_size()))
     first = xv[:size]
     if k == 2:
         # z − centre, then y = (z·Δs + Δo)·p_1 + z·s_0 + o_0
