@@ -136,12 +136,13 @@ def _posterior(coef: Tensor, basis: Tensor, j: int) -> Tensor:
     return torch.softmax(torch.bmm(_rep(coef, j), basis), 1)
 
 
-def _quad(coef: Tensor, zr: Tensor, out: Tensor) -> Tensor:
+def _quad(coef: Tensor, zr: Tensor, out: Tensor | None = None) -> Tensor:
     """``a + z(b + c z)`` per run (coefficients ``(C·J, 3)``) into the contiguous ``out``: three
     passes, faster than a contraction over three basis rows (and than ``addcmul(b, c, z)``, whose
-    two broadcast operands leave torch's vectorized loop)."""
-    torch.mul(zr, coef[:, 2:3], out=out).add_(coef[:, 1:2])
-    return torch.addcmul(coef[:, 0:1], out, zr, out=out)
+    two broadcast operands leave torch's vectorized loop). ``out=None``: a new tensor, through
+    ops autograd differentiates."""
+    t = torch.mul(zr, coef[:, 2:3], out=out).add_(coef[:, 1:2])
+    return torch.addcmul(coef[:, 0:1], t, zr, out=out)
 
 
 def _pair(coef: Tensor, zr: Tensor, j: int, out: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ from ..functional.mixture import (
     mode_gates,
     mode_moments,
 )
+from ..functional.mixture_eval import mixture_eval
 from ..functional.partition import stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
@@ -222,7 +223,10 @@ class MixtureStandardize(Operation):
     Running estimates (all ``(K, C)``): ``running_mean``, ``running_var`` (unbiased with BN's
     factor) and ``running_log_prior``, the log mixing weights (initially 0: equal weights;
     averaged in the log domain and renormalized by a softmax at use). Evaluation computes the
-    posteriors of each value under the running mixture. ``K = 1`` is BN.
+    posteriors of each value under the running mixture, as per-channel quadratics of the value
+    (:func:`~normkit.functional.mixture_eval.mixture_eval`: a sigmoid for two components, in
+    place over cache-sized runs when no gradient is asked for; ``fused=False``: the plain
+    :func:`gmm_posterior` and :func:`mixture_output`). ``K = 1`` is BN.
     """
 
     num_components: int = 2
@@ -281,11 +285,21 @@ class MixtureStandardize(Operation):
     def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
         return dict(running)
 
+    def eval_moments(self, running: Stats, eps: float) -> tuple[Tensor, Tensor, float] | None:
+        """One component: the posterior is 1 and evaluation is BN's with ``(μ_0, σ²_0)`` (one
+        kernel call); more have no such form."""
+        if self.num_components != 1 or not self.fused:
+            return None
+        return running["mean"][0], running["var"][0], eps
+
     def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
                    num_features: int, eps: float, params: Stats | None = None) -> Stats:
-        x = _samples(v)
-        mean, var, log_prior = (running[k].to(x.dtype) for k in self.stat_names)
+        dt = stats_dtype(v)
+        mean, var, log_prior = (running[k].to(dt) for k in self.stat_names)
         log_prior = torch.log_softmax(log_prior, 0)
+        if self.fused:  # transform() runs mixture_eval: per-channel polynomials, no K-fold planes
+            return {"mean": mean, "var": var, "log_prior": log_prior}
+        x = _samples(v)
         post = gmm_posterior(x, mean, var, log_prior, eps)
         return {"mean": mean, "var": var, "log_prior": log_prior, "post": post,
                 "centered_mean": mean, "centered": x}
@@ -294,6 +308,9 @@ class MixtureStandardize(Operation):
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if "batch_trajectory" in stats or "traced_trajectory" in stats:  # fitted by mixture_fit
             return mixture_affine(v, stats, weight, bias, eps=eps)
+        if "post" not in stats:  # evaluation under the running mixture (eval_stats, fused)
+            return mixture_eval(v, stats["mean"], stats["var"], stats["log_prior"], weight, bias,
+                                eps=eps)
         out = mixture_output(stats["centered"], stats["centered_mean"], stats["var"],
                              stats["post"], eps)
         return Fs.affine_transform(out.reshape(v.shape), None, None, weight, bias)
