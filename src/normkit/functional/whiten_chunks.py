@@ -64,7 +64,11 @@ def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = N
                       device=x0.device)
     last = len(pairs) - 1
     buf: Tensor | None = None
-    for sl in sample_chunks(x0):
+    chunks = sample_chunks(x0)
+    # a matrix shared by the samples, expanded to a chunk once (not copied per chunk)
+    full = [mat.reshape(p * g, d, d) if mat.shape[0] == p
+            else mat.expand(chunks[0].stop, g, d, d).reshape(-1, d, d) for mat, _ in pairs]
+    for sl in chunks:
         k = sl.stop - sl.start
         o = out[sl].view(k * g, d, s)
         # the chunk starts as the shift (or 0) and accumulates every product: one pass fewer
@@ -74,7 +78,7 @@ def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = N
         else:
             out[sl].copy_((shift[sl] if shift.shape[0] == p else shift).expand(k, g, d, s))
         for i, (mat, x) in enumerate(pairs):
-            m = (mat[sl] if mat.shape[0] == p else mat.expand(k, g, d, d)).reshape(k * g, d, d)
+            m = full[i][sl.start * g: sl.stop * g] if mat.shape[0] == p else full[i][: k * g]
             if mean is not None and i == last:
                 buf = _centre(x[sl], mean, buf)
                 xs = buf.view(k * g, d, s)
@@ -108,20 +112,20 @@ def chunked_outer(a: Tensor, b: Tensor, *, mean: Tensor | None = None) -> tuple[
         >>> torch.allclose(chunked_outer(a, b, mean=mu)[0], (a @ (b - mu).mT).sum(0, keepdim=True))
         True
     """
-    _, g, d, _ = a.shape
-    outer = a.new_zeros((1, g, d, d))
-    total = a.new_zeros((1, g, d, 1))
+    _, g, d, s = a.shape
+    chunks = sample_chunks(a)
+    acc = a.new_zeros((chunks[0].stop * g, d, d))  # a product per matrix of a chunk, summed last
     buf: Tensor | None = None
-    for sl in sample_chunks(a):
-        ac = a[sl]
+    for sl in chunks:
+        n = (sl.stop - sl.start) * g
         if mean is not None:
             buf = _centre(b[sl], mean, buf)
-            bc = buf.view(b[sl].shape)
+            bc = buf.view(n, d, s)
         else:
-            bc = b[sl]
-        outer += torch.matmul(ac, bc.mT).sum(0, keepdim=True)
-        total += ac.sum((0, 3), keepdim=True)
-    return outer, total
+            bc = b[sl].reshape(n, d, s)
+        acc[:n].baddbmm_(a[sl].reshape(n, d, s), bc.mT)
+    # Σ a in one pass after: a multi-axis sum per chunk measured slower
+    return acc.view(-1, g, d, d).sum(0, keepdim=True), a.sum(3, keepdim=True).sum(0, keepdim=True)
 
 
 def chunked_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,13 +167,17 @@ def _chunked_stats(xf: Tensor, centered: Tensor | None) -> tuple[Tensor, Tensor]
     p, g, d, s = xf.shape
     m = max(p * s, 1)
     mean = xf.sum(3, keepdim=True).sum(0, keepdim=True).div_(m)
-    cov = xf.new_zeros((1, g, d, d))
+    chunks = sample_chunks(xf)
+    # one (D × D) product per matrix of a chunk, accumulated in place and summed once at the end
+    # (no fresh product and reduction per chunk)
+    acc = xf.new_zeros((chunks[0].stop * g, d, d))
     buf: Tensor | None = None
-    for sl in sample_chunks(xf):
+    for sl in chunks:
+        n = (sl.stop - sl.start) * g
         if centered is not None:
-            c = torch.sub(xf[sl], mean, out=centered[sl])
+            c = torch.sub(xf[sl], mean, out=centered[sl]).view(n, d, s)
         else:
             buf = _centre(xf[sl], mean, buf)
-            c = buf.view(xf[sl].shape)
-        cov += torch.matmul(c, c.mT).sum(0, keepdim=True)
-    return mean, cov.div_(m)
+            c = buf.view(n, d, s)
+        acc[:n].baddbmm_(c, c.mT)
+    return mean, acc.view(-1, g, d, d).sum(0, keepdim=True).div_(m)
