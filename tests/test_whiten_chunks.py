@@ -86,3 +86,18 @@ def test_chunk_size_follows_the_device() -> None:
     assert [(s.start, s.stop) for s in cpu[:2]] == [(0, 16), (16, 32)] and len(cpu) == 8
     off = WC.sample_chunks(torch.empty(2048, 4, 16, 256, device="meta"))
     assert [(s.start, s.stop) for s in off] == [(0, 1024), (1024, 2048)]
+
+
+def test_strided_operands_and_per_sample_shifts(chunk_bytes: int) -> None:
+    # operands that cannot be viewed as (k·G, D, S) chunks (a transposed copy's view: each chunk
+    # is copied when read) and a per-sample shift give the one-shot formulas
+    x, a, m1, m2, shift = _data()
+    xs = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not xs.is_contiguous()
+    per_sample = torch.randn(7, 2, 3, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    mean = x.mean((0, 3), keepdim=True)
+    assert_close(WC.chunked_matmuls([(m2.mT, xs), (m1, xs)], per_sample, mean=mean),
+                 m2.mT @ x + m1 @ (x - mean) + per_sample, rtol=1e-12, atol=1e-9)
+    outer, total = WC.chunked_outer(xs, a)
+    assert_close(outer, (x @ a.mT).sum(0, keepdim=True), rtol=1e-12, atol=1e-9)
+    assert_close(total, x.sum((0, 3), keepdim=True), rtol=1e-12, atol=1e-9)
