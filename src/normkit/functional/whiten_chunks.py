@@ -75,7 +75,7 @@ def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = N
     shared_shift = shift is not None and shift.shape[0] != p
     shifts = (shift.expand(k0, g, d, s) if shared_shift
               else None if shift is None else shift.split(k0))
-    centre = None if mean is None else _Centring(x0, pairs[last][1].dtype, mean, k0)
+    centre = None if mean is None else _Centring(pairs[last][1], mean, k0)
     for c, o4 in enumerate(outs):
         k, o = o4.shape[0], outs3[c]
         # the chunk starts as the shift (or 0) and accumulates every product: one pass fewer
@@ -94,12 +94,14 @@ def chunked_matmuls(pairs: list[tuple[Tensor, Tensor]], shift: Tensor | None = N
 
 
 def _chunk_size(x: Tensor) -> int:
-    """The samples in a chunk of :func:`sample_chunks` (all but the last chunk)."""
+    """The samples in a chunk of :func:`sample_chunks` (all but the last chunk; at most all
+    of them, so that chunk-sized buffers are no larger than the samples)."""
     per = max(math.prod(x.shape[1:]) * x.element_size(), 1)
-    return max(1, (_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES) // per)
+    n = (_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES) // per
+    return max(1, min(n, x.shape[0]))
 
 
-def _split3(t: Tensor, k: int) -> tuple[Tensor, ...] | list[Tensor]:
+def _split3(t: Tensor, k: int) -> tuple[Tensor, ...] | _Reshaped:
     """``t`` ``(P, G, D, E)`` as chunks of ``k`` samples viewed as ``(k·G, D, E)`` batches of
     matrices: views of one reshape when ``t`` allows, else each chunk copied when it is used."""
     p, g, d, e = t.shape
@@ -122,13 +124,13 @@ class _Reshaped:
 
 
 class _Centring:
-    """``x − mean`` of a chunk ``(k, G, D, S)`` into one reused buffer of ``k0`` samples (the
-    last chunk may be shorter), returned as ``(k·G, D, S)`` matrices, in the promoted dtype of
-    ``dtype`` (the samples') and ``mean``; ``x``: a tensor of the samples' shape and device."""
+    """``x − mean`` of a chunk ``(k, G, D, S)`` of the samples ``x`` into one reused buffer of
+    ``k0`` samples (the last chunk may be shorter), returned as ``(k·G, D, S)`` matrices, in the
+    promoted dtype of ``x`` and ``mean``."""
 
-    def __init__(self, x: Tensor, dtype: torch.dtype, mean: Tensor, k0: int) -> None:
+    def __init__(self, x: Tensor, mean: Tensor, k0: int) -> None:
         _, g, d, s = x.shape
-        dtype = torch.promote_types(dtype, mean.dtype)
+        dtype = torch.promote_types(x.dtype, mean.dtype)
         self.buf = torch.empty((k0, g, d, s), dtype=dtype, device=x.device)
         self.buf3 = self.buf.view(k0 * g, d, s)
         self.mean, self.k0, self.g = mean, k0, g
@@ -144,8 +146,8 @@ class _Centring:
 
 def chunked_outer(a: Tensor, b: Tensor, *, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(Σ_p a_p b_pᵀ, Σ a)`` over the leading and last axes of ``a, b`` ``(P, G, D, S)``:
-    ``(1, G, D, D)`` and ``(1, G, D, 1)``, a chunk of :func:`sample_chunks` at a time (both
-    reductions of ``a`` while its chunk is in cache). With ``mean`` ``(1, G, D, 1)``, ``b −
+    ``(1, G, D, D)`` and ``(1, G, D, 1)``, the products a chunk of :func:`sample_chunks` at a
+    time (accumulated in place per matrix, summed once at the end), ``Σ a`` in one pass. With ``mean`` ``(1, G, D, 1)``, ``b −
     mean`` in place of ``b`` (centred chunk by chunk, as in :func:`chunked_matmuls`).
 
     Example:
@@ -161,7 +163,7 @@ def chunked_outer(a: Tensor, b: Tensor, *, mean: Tensor | None = None) -> tuple[
     k0 = _chunk_size(a)
     acc = a.new_zeros((k0 * g, d, d))  # a product per matrix of a chunk, summed last
     bs = b.split(k0) if mean is not None else _split3(b, k0)
-    centre = None if mean is None else _Centring(b, b.dtype, mean, k0)
+    centre = None if mean is None else _Centring(b, mean, k0)
     for c, ac in enumerate(_split3(a, k0)):
         n = ac.shape[0]
         bc = centre(bs[c]) if centre is not None else bs[c]
@@ -216,7 +218,7 @@ def _chunked_stats(xf: Tensor, centered: Tensor | None) -> tuple[Tensor, Tensor]
     if centered is not None:
         outs, outs3 = centered.split(k0), _split3(centered, k0)
     else:
-        centre = _Centring(xf, xf.dtype, mean, k0)
+        centre = _Centring(xf, mean, k0)
     for i, xc in enumerate(xf.split(k0)):
         if centered is not None:
             c = outs3[i]
