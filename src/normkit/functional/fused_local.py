@@ -258,6 +258,15 @@ def _bias_grad(gy: Tensor, bias: Tensor) -> Tensor:
     return _sum_to(gy, bias.shape).to(bias.dtype)
 
 
+def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:
+    """Whether the compiled backward sums ``Bᵀa`` inline (:func:`_window_mean_adjoint_`): the
+    saved root, uncentred windows that count the padding (a constant ``1/n``), off the innermost
+    axis (:func:`~normkit.functional.shifted.inlinable`) — local response normalization."""
+    w = ctx.w
+    return (ctx.root and shift is None and w.include_pad
+            and inlinable(x.reshape(*x.shape[:3], *w.spatial), w.dims, w.windows))
+
+
 def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
                        mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                        ) -> tuple[Tensor | None, ...]:
@@ -276,9 +285,16 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
     else:
         shift, xs, d = None, x, x
     t = g * r
-    a = g * d * rs * (-beta * alpha)  # ∂L/∂v (rs = r/s)
     dx = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and _inline_uncentred(ctx, xs, shift):
+        # LRN: Bᵀa = (−βα/n) Σ_flip g x r/s, the constants applied once to the sum, not to
+        # each of its inlined terms
+        u = (g * xs * rs).reshape(*xs.shape[:3], *w.spatial)
+        scale = -2.0 * beta * alpha * S.inverse_count(u.shape, w.dims, w.windows, True, u)
+        sa = shifted_sum(u, w.dims, w.windows, flip=True, copy=False).reshape(xs.shape)
+        dx = (t + scale * xs * sa).to(ctx.in_dtype)
+    elif ctx.needs_input_grad[0]:
+        a = g * d * rs * (-beta * alpha)  # ∂L/∂v (rs = r/s)
         b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
         # Bᵀb + t first: a partial sum that reads at most 12 values, which inductor inlines
         # (one reading more is written to memory: a pass more for ∂x)
@@ -321,7 +337,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
         const = None
         if ctx.center:
             b = (r * sg).neg_().addcmul_(m1, a, value=-2.0)  # ∂L/∂μ (shifted)
-            const = _window_mean_adjoint_(b, w).div_(n_full).addcmul_(shift, ua, value=-1.0)
+            const = _window_mean_adjoint_(b, w).mul_(1.0 / n_full).addcmul_(shift, ua, value=-1.0)
         dx = g * r
         if const is not None:
             dx = dx.add_(const)
