@@ -36,7 +36,11 @@ instead of ``s`` (kept by :func:`~normkit.functional.fused_inductor.apply_saving
 than a pass over memory on CPU. LRN's window sums (``E[x²]`` in the forward, ``Bᵀa`` in the
 backward, ``a`` a few products of saved tensors) are then computed inline where they are read
 (:func:`~normkit.functional.shifted.inlinable`): one pass over the activations forward, one
-backward, besides the reads of the saved tensors.
+backward, besides the reads of the saved tensors; the backward's constants ``−2βα/n`` multiply
+the sum once, not each of its terms. Kernel by kernel this matches compiled BN (fwd 1.4–1.5 ms
+against 1.6–1.8, bwd 2.0–2.4 against 2.0–2.2 at ``(128, 64, 16, 16)``, 1 thread): the rest of
+the gap is outside the kernels timed alone (dynamo's guard check, for one: about 0.18 ms a
+call against BN's 0.06).
 """
 
 from __future__ import annotations
