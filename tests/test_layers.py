@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "_pipeline": 3,  # the forward pipeline: Normalization's steps and the functional form
     "_eval_kernel": 3,  # Normalization's evaluation fast paths (one BN kernel call, one block matmul)
     "_call_cache": 3,  # Normalization's per-call lookups without nn.Module.__getattr__
+    "_forward_copy": 3,  # each preset's own copy of Normalization.forward (dynamo's cache)
     "methods": 4,
     "weight": 5,
     "gradient": 5,

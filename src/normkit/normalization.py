@@ -7,7 +7,6 @@ this class.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from . import _pipeline as P
 from . import nap as nap_
 from . import nop as nop_
 from . import nrr as nrr_
+from ._forward_copy import copied, forward_copy
 from .errors import ConfigError
 from .functional import statistics as S
 from .functional.kernels import block_affine, kernel_accepts, run_kernel
@@ -31,35 +31,6 @@ __all__ = ["Normalization"]
 _AFFINE = nrr_.Affine()  # frozen dataclass: a safe shared default
 
 Native = nop_.Kernel  # the torch kernels an operation may declare (kept for older imports)
-
-
-def _own_forward(cls: type) -> Any:
-    """A copy of :meth:`Normalization.forward` with its own code object, for a subclass that
-    inherits it (defines no ``forward`` and has no mixin or parent that does).
-
-    ``torch.compile`` caches compiled graphs per code object and recompiles at most
-    ``torch._dynamo.config.recompile_limit`` (8) times per code object; past it, a
-    ``fullgraph=True`` compile raises and any other runs eagerly. Every preset of this class
-    (GhostBatchNorm, EvoNormS0, …) would otherwise share the base ``forward``'s code, so compiling
-    a ninth different preset on its own (``torch.compile(layer)``) in one process would fail,
-    where torch's layers, each with its own ``forward``, do not. With a copy per class the limit
-    counts per class, as for torch's layers (same bytecode, same behaviour, same traceback
-    lines; only the qualified name differs).
-    """
-    base = Normalization.forward
-    code = base.__code__
-    if hasattr(code, "co_qualname"):  # Python 3.11+
-        code = code.replace(co_qualname=f"{cls.__qualname__}.forward")
-    else:  # a fresh code object all the same
-        code = code.replace(co_consts=tuple(code.co_consts))
-    fn = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__,
-                            base.__closure__)
-    fn.__kwdefaults__ = base.__kwdefaults__
-    fn.__doc__, fn.__module__ = base.__doc__, base.__module__
-    fn.__qualname__ = f"{cls.__qualname__}.forward"
-    fn.__annotations__ = dict(base.__annotations__)
-    fn._normkit_copy = True  # type: ignore[attr-defined]  # a subclass of this class copies again
-    return fn
 
 
 class Normalization(nn.Module):
@@ -124,9 +95,11 @@ class Normalization(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        inherited = cls.forward  # from the MRO: a mixin's own forward (TrailingDims) is kept
-        if inherited is Normalization.forward or getattr(inherited, "_normkit_copy", False):
-            cls.forward = _own_forward(cls)  # type: ignore[method-assign]
+        # its own code object for dynamo's per-code recompile limit (normkit._forward_copy);
+        # from the MRO, so a mixin's own forward (TrailingDims) is kept
+        inherited = cls.forward
+        if inherited is Normalization.forward or copied(inherited):
+            cls.forward = forward_copy(Normalization.forward, cls)  # type: ignore[method-assign]
 
     def __init__(
         self,

@@ -253,13 +253,14 @@ class _LocalDivisive(torch.autograd.Function):
         return dx, g_w, g_b, None, None, None, None, None, None
 
 
-def _bias_grad(gy: Tensor, bias: Tensor) -> Tensor:
-    """``Σ ∂y`` to ``β``'s shape, compiled: the gradient times a 1 per channel (finite ``β``),
-    so the row sum runs in the loops (samples, channels | positions) of the backward's other
-    row sums, not in a pass over ``∂y`` of its own (a row reduction of a different shape)."""
+def _param_grad(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` summed to the shape of ``param`` (``γ`` or ``β``), compiled: ``t`` times a 1 per
+    channel made from ``param`` (finite), so the row sum runs in the loops (samples, channels |
+    positions) of the backward's other row sums, not in a pass of its own (a row reduction of
+    a different shape)."""
     if S.compiling_kernels():
-        gy = gy * (bias.to(gy.dtype) * 0.0 + 1.0)
-    return _sum_to(gy, bias.shape).to(bias.dtype)
+        t = t * (param.to(t.dtype) * 0.0 + 1.0)
+    return _sum_to(t, param.shape).to(param.dtype)
 
 
 def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:
@@ -307,11 +308,9 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
         dx = dx.to(ctx.in_dtype)
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
-        # times a 1 per channel (finite γ): the row sum runs in the loops of ∂x's
-        g_w = _sum_to(d * r * gy * (weight.to(gy.dtype) * 0.0 + 1.0), weight.shape)
-        g_w = g_w.to(weight.dtype)
+        g_w = _param_grad(d * r * gy, weight)  # its row sum in the loops of ∂x's
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = _bias_grad(gy, bias)
+        g_b = _param_grad(gy, bias)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 
@@ -341,7 +340,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
         const = None
         if ctx.center:
             b = (r * sg).neg_().addcmul_(m1, a, value=-2.0)  # ∂L/∂μ (shifted)
-            const = _window_mean_adjoint_(b, w).mul_(1.0 / n_full).addcmul_(shift, ua, value=-1.0)
+            const = _window_mean_adjoint_(b, w).div_(n_full).addcmul_(shift, ua, value=-1.0)
         dx = g * r
         if const is not None:
             dx = dx.add_(const)
@@ -359,7 +358,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
             g_w = _sum_to(xhat.mul_(gy), weight.shape)
         g_w = g_w.to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
-        g_b = _bias_grad(gy, bias)
+        g_b = _param_grad(gy, bias)
     return dx, g_w, g_b, None, None, None, None, None, None
 
 

@@ -37,6 +37,7 @@ three custom ops (fit, apply, its backward: one opaque node each, first order).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,6 +50,10 @@ from .standardize import affine_transform
 
 __all__ = ["mixture_plain"]
 
+
+# exp(t) = exp2(t·log₂e): exp2 measured ~3× faster than exp on this CPU (mixture_eval), and
+# inductor recomputes it inline where it writes out an exp (fused_mixture_traced)
+LOG2_E = 1 / math.log(2)
 
 RUN = 1024  # the longest run: float32 error ~√RUN·ε per run; longer runs are a little faster
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .fused import _plain_vjp
-from .fused_mixture import _coef, _coef_backward, _m_step_backward, mixture_plain
+from .fused_mixture import LOG2_E, _coef, _coef_backward, _m_step_backward, mixture_plain
 from .mixture import collapsed, gmm_start, normal_quantiles
 from .partition import stats_dtype
 
@@ -84,7 +84,6 @@ def _sum(t: Tensor) -> Tensor:
     return t.sum(-1).to(torch.float64).sum(0).to(t.dtype)
 
 
-_LOG2_E = 1 / math.log(2)
 
 
 def _exp(t: Tensor) -> Tensor:
@@ -92,7 +91,7 @@ def _exp(t: Tensor) -> Tensor:
     value whose expression calls ``exp``/``sigmoid`` (and reduces it in a loop of its own), not
     one written with ``exp2``, which it recomputes in the fused loop instead (an E-step's six
     sums of ``p_0, p_1``: about 4× faster)."""
-    return torch.exp2(t * _LOG2_E)
+    return torch.exp2(t * LOG2_E)
 
 
 def _sigmoid(t: Tensor) -> Tensor:
@@ -120,7 +119,7 @@ def _posterior(z: Tensor, coef: Tensor) -> list[Tensor]:
     if k == 2:
         d = _poly(_pack(*(coef[1] - coef[0]).unbind(-1)), z)
         cap = math.floor(math.log2(torch.finfo(z.dtype).max)) - 1  # 126 in float32
-        e = torch.exp2((d * -_LOG2_E).clamp_max(cap))
+        e = torch.exp2((d * -LOG2_E).clamp_max(cap))
         p1 = 1 / (1 + e)
         return [e * p1, p1]
     logits = [_poly(_pack(*coef[i].unbind(-1)), z) for i in range(k)]

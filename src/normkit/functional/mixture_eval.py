@@ -33,20 +33,18 @@ Where a gradient is asked for through ``γ, β`` alone (an evaluation forward ou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .fused_mixture import _coef, _quad
+from .fused_mixture import LOG2_E, _coef, _quad
 from .partition import stats_dtype
 from .standardize import affine_transform
 from .whiten_chunks import _DEVICE_CHUNK_BYTES
 
 __all__ = ["mixture_eval"]
 
-_LOG2_E = 1 / math.log(2)
 # a plane's run of samples in the in-place form: ~2 MiB on CPU, cache-resident; elsewhere each op
 # on a run is a kernel launch, so runs of batch whitening's device chunk size (64 MiB)
 CHUNK_BYTES = 1 << 21
@@ -202,7 +200,7 @@ def _chunked(x: Tensor, centre: Tensor, coef: Tensor, scale: Tensor, shift: Tens
         quads = [_columns(coef[1] - coef[0], r)]
     else:  # the logits in base 2 (exp2 is ~3x faster than exp here)
         cols = _columns(torch.cat((centre[:, None], shift.t(), scale.t()), 1), r).split(1, 1)
-        quads = [_columns(coef[i] * _LOG2_E, r) for i in range(k)]
+        quads = [_columns(coef[i] * LOG2_E, r) for i in range(k)]
     # z and p_1 (K = 2); z, the maximum (then the sum) and the exponentials (more)
     work = [torch.empty_like(first) for _ in range(2 if k == 2 else k + 2)]
     into = _pair_into if k == 2 else _many_into
