@@ -45,6 +45,7 @@ call against BN's 0.06).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -53,6 +54,7 @@ from torch import Tensor
 from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
 from .fused_inductor import apply_saving
+from .local_windows import window_parts, window_parts_apply
 from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
@@ -111,6 +113,11 @@ _ROOT_POWERS = {0.5: (1, 3), 0.75: (3, 7), 1.0: (1, 2)}
 _ROOT_OPS = (torch.ops.aten.rsqrt.default, torch.ops.aten.reciprocal.default)
 
 
+#: with the parts of :mod:`~normkit.functional.local_windows`: ``c`` and ``μ − c`` saved too
+#: (the partitioner would save ``x − c`` and the padded copy)
+_PARTS_OPS = (*_ROOT_OPS, torch.ops.aten.mean.dim, torch.ops.aten.div.Tensor)
+
+
 def _root(s: Tensor, beta: float) -> Tensor:
     """``q = s^(−1/2), s^(−1/4), s^(−1)`` for ``β = ½, ¾, 1`` (:data:`_ROOT_POWERS`): the
     compiled backward makes ``s^(−β)`` and ``s^(−β−1)`` from it with products, where ``rsqrt``,
@@ -164,14 +171,48 @@ def _fits(p: Tensor, y: Tensor) -> bool:
                                                                        strict=True))
 
 
+#: the gradients of the Function's arguments after ``γ, β``: none
+_NONES = (None,) * 9
+
+
+def _on_window(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """A tensor broadcastable against the canonical ``(N, A, B, S)`` view (``γ, β``) on the
+    window view ``shape`` (``(N, A, B, *spatial)``)."""
+    if t.shape[-1] == 1:
+        return t.reshape(*t.shape[:3], *[1] * (len(shape) - 3))
+    return t.reshape(*t.shape[:3], *shape[3:])
+
+
+def _affine_on_window(y: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      flat: Sequence[int]) -> Tensor:
+    """``γ y + β₀`` computed on the window view of ``y``, returned on the canonical view
+    ``flat``."""
+    if weight is not None:
+        y = y * _on_window(weight.to(y.dtype), y.shape)
+    if bias is not None:
+        y = y + _on_window(bias.to(y.dtype), y.shape)
+    return y.reshape(flat)
+
+
 class _LocalDivisive(torch.autograd.Function):
     """On the canonical view ``(N, A, B, S)``; statistics ``(N, A, B or 1, S)``."""
 
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 mean: Tensor | None, second: Tensor, w: Window, k: float, alpha: float,
-                beta: float) -> Tensor:
+                beta: float, parts: bool = False) -> Tensor:
         dt = _compute_dtype(v)
+        ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
+        ctx.center, ctx.in_dtype, ctx.root, ctx.parts = mean is not None, v.dtype, True, parts
+        if parts:  # compiled centred windows: the moments in parts (local_windows), from v
+            p = window_parts(v.to(dt).reshape(*v.shape[:3], *w.spatial), w.dims, w.windows,
+                             w.include_pad)
+            assert p is not None  # checked by local_divisive
+            q = _root(p.var.mul(alpha).add(k), beta)
+            y = _affine_on_window((p.centre - p.centred) * _int_pow(q, _ROOT_POWERS[beta][0]),
+                                  weight, bias, v.shape)
+            ctx.save_for_backward(v, weight, bias, q, p.centred, p.shift)
+            return y
         x = v.to(dt)
         s = second.to(dt).mul(alpha).add_(k)
         # compiled sliding windows: the root q of s^(−β) saved instead of s (the backward's
@@ -196,20 +237,24 @@ class _LocalDivisive(torch.autograd.Function):
         # LCN's μ: a fraction of the input; compiled, every μ (inductor's recomputation of the
         # window mean in the backward costs more than reading it)
         keep_mu = mu is not None and (mu.numel() < x.numel() or S.compiling_kernels())
-        ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None)
-        ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
-        ctx.center, ctx.in_dtype, ctx.root = mean is not None, v.dtype, root
+        ctx.save_for_backward(v, weight, bias, s, mu if keep_mu else None, None)
+        ctx.root = root
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v, weight, bias, s, mu = ctx.saved_tensors
+        v, weight, bias, s, mu, shift = ctx.saved_tensors
         w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
             args = (v, weight, bias, w, ctx.k, alpha, beta, ctx.center)
-            return (*_plain_vjp(local_divisive_plain, args, gy)[:3],
-                    None, None, None, None, None, None)
+            return (*_plain_vjp(local_divisive_plain, args, gy)[:3], *_NONES)
         dt = s.dtype
+        if ctx.parts:  # on the window view; mu: μ − c
+            x, gy = v.to(dt).reshape(s.shape), gy.to(dt).reshape(s.shape)
+            g = gy if weight is None else gy * _on_window(weight.to(dt), s.shape)
+            m, n = _ROOT_POWERS[beta]
+            return _backward_compiled(ctx, x, gy, g, _int_pow(s, m), _int_pow(s, n), mu,
+                                      weight, bias, shift, v.shape)
         x = v.to(dt)
         gy = gy.to(dt)
         g = gy if weight is None else gy * weight.to(dt)
@@ -250,7 +295,7 @@ class _LocalDivisive(torch.autograd.Function):
             g_w = _sum_to(xhat.mul_(gy), weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             g_b = _sum_to(gy, bias.shape).to(bias.dtype)
-        return dx, g_w, g_b, None, None, None, None, None, None
+        return dx, g_w, g_b, *_NONES
 
 
 def _param_grad(t: Tensor, param: Tensor) -> Tensor:
@@ -273,7 +318,8 @@ def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:
 
 
 def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
-                       mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
+                       mu: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                       saved_shift: Tensor | None = None, flat: Sequence[int] | None = None
                        ) -> tuple[Tensor | None, ...]:
     """The backward of windows without whole channel groups where inductor compiles it: the
     eager formula (``∂x = t + Bᵀb + 2(x − c)Bᵀa``) on the saved ``μ``, one out-of-place
@@ -281,14 +327,18 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
     in-place updates' extra passes (with the saved ``μ`` and the moments from one padded copy:
     divisive_norm fwd+bwd against compiled BN about 4.3x → 3.1x, paired runs)."""
     w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
-    if ctx.center:  # around the per-sample shift c, like the eager backward
+    if saved_shift is not None:  # the forward's parts (window view): mu is μ − c
+        shift, xs, mc = saved_shift, x - saved_shift, mu
+        d = xs - mc
+    elif ctx.center:  # around the per-sample shift c, like the eager backward
         shift = x.mean(dim=(2, 3), keepdim=True)
         xs = x - shift
         # x − μ as (x − c) − (μ − c): not the forward's product, which AOTAutograd would merge
         # and save (one input-sized tensor fewer saved)
-        d = xs - (mu - shift)
+        mc = mu - shift
+        d = xs - mc
     else:
-        shift, xs, d = None, x, x
+        shift, xs, d, mc = None, x, x, None
     t = g * r
     dx = None
     if ctx.needs_input_grad[0] and _inline_uncentred(ctx, xs, shift):
@@ -300,18 +350,21 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
         dx = (t + scale * xs * sa).to(ctx.in_dtype)
     elif ctx.needs_input_grad[0]:
         a = g * d * rs * (-beta * alpha)  # ∂L/∂v (rs = r/s)
-        b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
+        b = None if mc is None else -2.0 * mc * a - t  # ∂L/∂μ (shifted)
         # Bᵀb + t first: a partial sum that reads at most 12 values, which inductor inlines
         # (one reading more is written to memory: a pass more for ∂x)
         dx = t if b is None else _window_mean_adjoint_(b, w) + t
         dx = dx + 2.0 * xs * _window_mean_adjoint_(a, w, inline=ctx.root and shift is None)
         dx = dx.to(ctx.in_dtype)
+    if flat is not None:  # from the window view
+        d, r, gy = d.reshape(flat), r.reshape(flat), gy.reshape(flat)
+        dx = None if dx is None else dx.reshape(flat)
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
         g_w = _param_grad(d * r * gy, weight)  # its row sum in the loops of ∂x's
     if bias is not None and ctx.needs_input_grad[2]:
         g_b = _param_grad(gy, bias)
-    return dx, g_w, g_b, None, None, None, None, None, None
+    return dx, g_w, g_b, *_NONES
 
 
 def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
@@ -359,7 +412,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
         g_w = g_w.to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
         g_b = _param_grad(gy, bias)
-    return dx, g_w, g_b, None, None, None, None, None, None
+    return dx, g_w, g_b, *_NONES
 
 
 def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
@@ -391,8 +444,12 @@ def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
     mean = stats.get("mean")
     second = stats["var"] if mean is not None else stats["ms"]
     if beta in _ROOT_POWERS:  # compiled for inductor: the root q saved, never recomputed
-        return apply_saving(_LocalDivisive.apply, _ROOT_OPS, v, weight, bias, mean, second,
-                            stats.window, k, alpha, beta)
+        w = stats.window
+        parts = (mean is not None and S.compiling_kernels()
+                 and window_parts_apply((*v.shape[:3], *w.spatial), w.full, w.dims, w.windows)
+                 and all(t is None or t.dim() == 4 for t in (weight, bias)))
+        return apply_saving(_LocalDivisive.apply, _PARTS_OPS if parts else _ROOT_OPS, v,
+                            weight, bias, mean, second, stats.window, k, alpha, beta, parts)
     return _LocalDivisive.apply(v, weight, bias, mean, second, stats.window,  # type: ignore[no-any-return]
                                 k, alpha, beta)
 
