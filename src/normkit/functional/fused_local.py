@@ -54,7 +54,12 @@ from torch import Tensor
 from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
 from .fused_inductor import apply_saving
-from .local_windows import window_parts, window_parts_apply
+from .local_windows import (
+    window_parts,
+    window_parts_apply,
+    window_parts_backward,
+    window_rows,
+)
 from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
@@ -115,7 +120,7 @@ _ROOT_OPS = (torch.ops.aten.rsqrt.default, torch.ops.aten.reciprocal.default)
 
 #: with the parts of :mod:`~normkit.functional.local_windows`: ``c`` and ``μ − c`` saved too
 #: (the partitioner would save ``x − c`` and the padded copy)
-_PARTS_OPS = (*_ROOT_OPS, torch.ops.aten.mean.dim, torch.ops.aten.div.Tensor)
+_PARTS_OPS = (*_ROOT_OPS, torch.ops.aten.mean.dim, torch.ops.aten.addcmul.default)
 
 
 def _root(s: Tensor, beta: float) -> Tensor:
@@ -253,8 +258,17 @@ class _LocalDivisive(torch.autograd.Function):
             x, gy = v.to(dt).reshape(s.shape), gy.to(dt).reshape(s.shape)
             g = gy if weight is None else gy * _on_window(weight.to(dt), s.shape)
             m, n = _ROOT_POWERS[beta]
-            return _backward_compiled(ctx, x, gy, g, _int_pow(s, m), _int_pow(s, n), mu,
-                                      weight, bias, shift, v.shape)
+            r = _int_pow(s, m)
+            dx = g_w = g_b = None
+            if ctx.needs_input_grad[0]:
+                dx = window_parts_backward(x, g, r, _int_pow(s, n), mu, shift, w.dims,
+                                           w.windows, w.include_pad, -beta * alpha)
+                dx = dx.reshape(v.shape).to(ctx.in_dtype)
+            if weight is not None and ctx.needs_input_grad[1]:
+                g_w = _param_grad_on_window(((x - shift) - mu) * r * gy, weight, w)
+            if bias is not None and ctx.needs_input_grad[2]:
+                g_b = _param_grad_on_window(gy, bias, w)
+            return dx, g_w, g_b, *_NONES
         x = v.to(dt)
         gy = gy.to(dt)
         g = gy if weight is None else gy * weight.to(dt)
@@ -306,6 +320,17 @@ def _param_grad(t: Tensor, param: Tensor) -> Tensor:
     if S.compiling_kernels():
         t = t * (param.to(t.dtype) * 0.0 + 1.0)
     return _sum_to(t, param.shape).to(param.dtype)
+
+
+def _param_grad_on_window(t: Tensor, param: Tensor, w: Window) -> Tensor:
+    """:func:`_param_grad` of ``t`` on the window view ``(N, A, B, *spatial)``: the row sums
+    over the positions in the loops of the window view (those of ``∂x``), compiled."""
+    if param.shape[-1] != 1:  # per position
+        return _param_grad(t.reshape(*t.shape[:3], -1), param)
+    if S.compiling_kernels():
+        t = t * _on_window(param.to(t.dtype) * 0.0 + 1.0, t.shape)
+    rows = window_rows(t, w.dims, w.windows).unsqueeze(-1)
+    return rows.sum_to_size(param.shape).to(param.dtype)
 
 
 def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:

@@ -23,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from .shifted import _groups, _spans, _total, _windows
+from .shifted import _groups, _spans, _total, _windows, padded, shifted_sum
 from .statistics import inverse_count
 
-__all__ = ["WindowParts", "window_parts", "window_parts_apply"]
+__all__ = ["WindowParts", "window_parts", "window_parts_apply", "window_parts_backward",
+           "window_rows"]
 
 
 class WindowParts(NamedTuple):
@@ -85,7 +87,44 @@ def window_parts(x: Tensor, dims: Sequence[int], windows: Sequence[int],
     for _, before, after in groups[0]:
         centre = centre * (before + after + 1) + before
     inv = inverse_count(x.shape, dims, windows, include_pad, x)
-    m1 = _total(terms) / (1.0 / inv)  # a division: kept for the backward (fused_local)
+    m1 = torch.addcmul(terms[0] * inv, _total(terms[1:]), inv)  # kept for the backward
     var = (_total([t * t for t in terms]) * inv - m1 * m1).clamp_min(0)
     return WindowParts(shift, m1, var, terms[centre])
 
+
+
+def window_parts_backward(x: Tensor, g: Tensor, r: Tensor, rs: Tensor, centred: Tensor,
+                          shift: Tensor, dims: Sequence[int], windows: Sequence[int],
+                          include_pad: bool, scale: float) -> Tensor:
+    r"""``∂L/∂x`` of ``y = (x − μ) s^(−β)`` on the window view, from the parts
+    (:func:`window_parts`: ``μ − c`` and ``c``), with ``scale = −βα``:
+
+    .. math::
+        \partial x = g r + B^\top b + 2 (x - c) B^\top a,\quad
+        a = \text{scale}\, g (x - \mu)\, r/s,\quad b = -2 (\mu - c) a - g r
+
+    (``r = s^(−β)``, ``rs = r/s``, ``g`` the output gradient times ``γ``; ``Bᵀ`` the flipped
+    window sum of the value over each position's count). ``a`` and ``b`` are each one
+    expression, with one user: inductor computes both in the loop that writes their padded
+    copies, and ``∂x`` in the loop that sums those (where it would write ``a``, read by both,
+    in a pass of its own).
+    """
+    inv = inverse_count(x.shape, dims, windows, include_pad, x)
+    xs = x - shift
+    d = xs - centred
+    pa = (g * d) * (rs * inv * scale)  # a / n
+    pb = (g * inv) * (centred * d * rs * (-2.0 * scale) - r)  # b / n
+    sb = shifted_sum(pb, dims, windows, flip=True)
+    sa = shifted_sum(pa, dims, windows, flip=True)
+    return g * r + sb + 2.0 * xs * sa
+
+
+def window_rows(t: Tensor, dims: Sequence[int], windows: Sequence[int]) -> Tensor:
+    """``t`` summed over the positions of the window view, ``(N, A, B)``: over the padding of
+    :func:`window_parts_backward`'s copies (zeros) where the windows run along positions only,
+    so that inductor makes the sums (``γ``'s and ``β``'s gradients) in the loop that writes
+    those copies, not in a pass of their own."""
+    spans = _spans(t.shape, dims, windows, True)
+    if all(d >= 3 for d, _, _ in spans):
+        t = padded(t, spans)
+    return t.sum(tuple(range(3, t.dim())))
