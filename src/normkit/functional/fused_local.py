@@ -180,25 +180,6 @@ def _fits(p: Tensor, y: Tensor) -> bool:
 _NONES = (None,) * 9
 
 
-def _on_window(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """A tensor broadcastable against the canonical ``(N, A, B, S)`` view (``γ, β``) on the
-    window view ``shape`` (``(N, A, B, *spatial)``)."""
-    if t.shape[-1] == 1:
-        return t.reshape(*t.shape[:3], *[1] * (len(shape) - 3))
-    return t.reshape(*t.shape[:3], *shape[3:])
-
-
-def _affine_on_window(y: Tensor, weight: Tensor | None, bias: Tensor | None,
-                      flat: Sequence[int]) -> Tensor:
-    """``γ y + β₀`` computed on the window view of ``y``, returned on the canonical view
-    ``flat``."""
-    if weight is not None:
-        y = y * _on_window(weight.to(y.dtype), y.shape)
-    if bias is not None:
-        y = y + _on_window(bias.to(y.dtype), y.shape)
-    return y.reshape(flat)
-
-
 class _LocalDivisive(torch.autograd.Function):
     """On the canonical view ``(N, A, B, S)``; statistics ``(N, A, B or 1, S)``."""
 
@@ -210,12 +191,13 @@ class _LocalDivisive(torch.autograd.Function):
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
         ctx.center, ctx.in_dtype, ctx.root, ctx.parts = mean is not None, v.dtype, True, parts
         if parts:  # compiled centred windows: the moments in parts (local_windows), from v
-            p = window_parts(v.to(dt).reshape(*v.shape[:3], *w.spatial), w.dims, w.windows,
-                             w.include_pad)
+            x = v.to(dt)
+            p = window_parts(x, (*v.shape[:3], *w.spatial), w.dims, w.windows, w.include_pad)
             assert p is not None  # checked by local_divisive
             q = _root(p.var.mul(alpha).add(k), beta)
-            y = _affine_on_window((p.centre - p.centred) * _int_pow(q, _ROOT_POWERS[beta][0]),
-                                  weight, bias, v.shape)
+            y = (p.centre - p.centred) * _int_pow(q, _ROOT_POWERS[beta][0])
+            y = y if weight is None else y * weight.to(dt)
+            y = y if bias is None else y + bias.to(dt)
             ctx.save_for_backward(v, weight, bias, q, p.centred, p.shift)
             return y
         x = v.to(dt)
@@ -254,20 +236,21 @@ class _LocalDivisive(torch.autograd.Function):
             args = (v, weight, bias, w, ctx.k, alpha, beta, ctx.center)
             return (*_plain_vjp(local_divisive_plain, args, gy)[:3], *_NONES)
         dt = s.dtype
-        if ctx.parts:  # on the window view; mu: μ − c
-            x, gy = v.to(dt).reshape(s.shape), gy.to(dt).reshape(s.shape)
-            g = gy if weight is None else gy * _on_window(weight.to(dt), s.shape)
+        if ctx.parts:  # mu: μ − c, shift: c
+            shape = (*v.shape[:3], *w.spatial)
+            x, gy = v.to(dt), gy.to(dt)
+            g = gy if weight is None else gy * weight.to(dt)
             m, n = _ROOT_POWERS[beta]
             r = _int_pow(s, m)
             dx = g_w = g_b = None
             if ctx.needs_input_grad[0]:
-                dx = window_parts_backward(x, g, r, _int_pow(s, n), mu, shift, w.dims,
-                                           w.windows, w.include_pad, -beta * alpha)
-                dx = dx.reshape(v.shape).to(ctx.in_dtype)
+                dx = window_parts_backward(x, g, r, _int_pow(s, n), mu, shift, shape, w.dims,
+                                           w.windows, w.include_pad,
+                                           -beta * alpha).to(ctx.in_dtype)
             if weight is not None and ctx.needs_input_grad[1]:
-                g_w = _param_grad_on_window(((x - shift) - mu) * r * gy, weight, w)
+                g_w = _param_rows(((x - shift) - mu) * r * gy, weight, shape, w)
             if bias is not None and ctx.needs_input_grad[2]:
-                g_b = _param_grad_on_window(gy, bias, w)
+                g_b = _param_rows(gy, bias, shape, w)
             return dx, g_w, g_b, *_NONES
         x = v.to(dt)
         gy = gy.to(dt)
@@ -322,15 +305,15 @@ def _param_grad(t: Tensor, param: Tensor) -> Tensor:
     return _sum_to(t, param.shape).to(param.dtype)
 
 
-def _param_grad_on_window(t: Tensor, param: Tensor, w: Window) -> Tensor:
-    """:func:`_param_grad` of ``t`` on the window view ``(N, A, B, *spatial)``: the row sums
-    over the positions in the loops of the window view (those of ``∂x``), compiled."""
+def _param_rows(t: Tensor, param: Tensor, shape: Sequence[int], w: Window) -> Tensor:
+    """:func:`_param_grad` with the row sums over the positions of
+    :func:`~normkit.functional.local_windows.window_rows` (in the loop of the backward's
+    padded copies), compiled, where ``param`` is per channel."""
     if param.shape[-1] != 1:  # per position
-        return _param_grad(t.reshape(*t.shape[:3], -1), param)
+        return _param_grad(t, param)
     if S.compiling_kernels():
-        t = t * _on_window(param.to(t.dtype) * 0.0 + 1.0, t.shape)
-    rows = window_rows(t, w.dims, w.windows).unsqueeze(-1)
-    return rows.sum_to_size(param.shape).to(param.dtype)
+        t = t * (param.to(t.dtype) * 0.0 + 1.0)
+    return window_rows(t, shape, w.dims, w.windows).sum_to_size(param.shape).to(param.dtype)
 
 
 def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:
@@ -471,8 +454,7 @@ def local_divisive(v: Tensor, stats: LocalMoments, *, weight: Tensor | None,
     if beta in _ROOT_POWERS:  # compiled for inductor: the root q saved, never recomputed
         w = stats.window
         parts = (mean is not None and S.compiling_kernels()
-                 and window_parts_apply((*v.shape[:3], *w.spatial), w.full, w.dims, w.windows)
-                 and all(t is None or t.dim() == 4 for t in (weight, bias)))
+                 and window_parts_apply((*v.shape[:3], *w.spatial), w.full, w.dims, w.windows))
         return apply_saving(_LocalDivisive.apply, _PARTS_OPS if parts else _ROOT_OPS, v,
                             weight, bias, mean, second, stats.window, k, alpha, beta, parts)
     return _LocalDivisive.apply(v, weight, bias, mean, second, stats.window,  # type: ignore[no-any-return]

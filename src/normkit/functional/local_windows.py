@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .shifted import _groups, _spans, _total, _windows, padded, shifted_sum
+from .shifted import Span, _groups, _spans, _total, _windows
 from .statistics import inverse_count
 
 __all__ = ["WindowParts", "window_parts", "window_parts_apply", "window_parts_backward",
@@ -44,6 +45,109 @@ class WindowParts(NamedTuple):
     centre: Tensor
 
 
+#: the windows of one padded copy grouped by their shift along the innermost axis: ``(0/1 per
+#: position of that axis — those whose neighbour exists — or None, the windows)``
+Columns = list[tuple[Tensor | None, list[Tensor]]]
+
+
+def _flat_pad(shape: Sequence[int], spans: list[Span]) -> tuple[int, int] | None:
+    """The zeros in front of and behind each plane (two innermost axes of the window view
+    ``shape``) of :func:`_flat_copy`; ``None`` for windows along other axes."""
+    last = len(shape) - 1
+    if len(shape) < 2 or any(d < last - 1 for d, _, _ in spans):
+        return None
+    front = back = 0
+    for d, before, after in spans:
+        scale = shape[last] if d == last - 1 else 1
+        front, back = front + before * scale, back + after * scale
+    return front, back
+
+
+def _flat_copy(x: Tensor, spans: list[Span], shape: Sequence[int]) -> Tensor | None:
+    """The zero-padded copy of ``x`` (on the window view ``shape``, or on its planes flattened:
+    the canonical view) for windows along the two innermost axes of ``shape`` at most: each
+    plane flattened and padded as one row, ``before`` rows of zeros and ``before`` values more
+    in front (``after`` behind); ``None`` for windows along other axes. A window along the
+    innermost axis then reads the neighbouring rows' values where it runs past a row
+    (:func:`_columns` weighs them by 0): inductor writes whole rows of the plane, where a copy
+    padded along the innermost axis writes short rows (a masked vector at the end of each: two
+    loop steps per row of 16)."""
+    pad = _flat_pad(shape, spans)
+    if pad is None:
+        return None
+    x = x.expand(*x.shape[:-2], *shape[-2:]) if x.dim() == len(shape) else x
+    return F.pad(x.reshape(*x.shape[:len(shape) - 2], shape[-2] * shape[-1]), pad)
+
+
+def _columns(x: Tensor, spans: list[Span], scale: Tensor | float = 1.0,
+             shape: Sequence[int] | None = None) -> tuple[Columns, Tensor]:
+    """The shifted windows of one zero-padded copy of ``x · scale`` (each of ``x``'s shape),
+    grouped by their shift along the innermost axis (:data:`Columns`), and the centre window.
+    ``x`` is on the window view ``shape`` (default: its own), or on its planes flattened
+    (:func:`_flat_copy`; ``scale`` too). A tensor ``scale`` multiplies the copy padded like it
+    (made once): read at the copy's positions, not at ``x``'s (a remainder in the index, which
+    inductor does not vectorize)."""
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    flat = _flat_copy(x, spans, shape)
+    if flat is None:  # a padded copy along every axis (shifted_sum's)
+        if isinstance(scale, Tensor) and x.dim() != len(shape):
+            scale = scale.reshape(*scale.shape[:-1], *shape[-2:])
+        terms = _windows(x.reshape(shape) * scale, spans)
+        centre = 0
+        for _, before, after in spans:
+            centre = centre * (before + after + 1) + before
+        terms = [t.reshape(x.shape) for t in terms]
+        return [(None, terms)], terms[centre]
+    if isinstance(scale, Tensor):
+        pad = _flat_copy(scale, spans, shape)
+        assert pad is not None
+        flat = flat * pad.as_strided(pad.shape, pad.stride())
+    else:
+        flat = flat * scale
+    last, width = len(shape) - 1, shape[-1]
+    row_span = [(b, a) for d, b, a in spans if d == last - 1] or [(0, 0)]
+    col_span = [(b, a) for d, b, a in spans if d == last] or [(0, 0)]
+    (rb, ra), (cb, ca) = row_span[0], col_span[0]
+    planes = x.dim() != len(shape)  # x on the canonical view: views of it
+    stride = (*flat.stride()[:-1], *((1,) if planes else (width, 1)))
+    cols: Columns = []
+    centre = x
+    for oc in range(cb + ca + 1):
+        views = [flat.as_strided(x.shape, stride, orow * width + oc)
+                 for orow in range(rb + ra + 1)]
+        if oc == cb:
+            centre = views[rb]
+            cols.append((None, views))
+            continue
+        inside = _inside(shape, oc - cb, x)
+        cols.append((inside.reshape(-1) if planes else inside, views))
+    return cols, centre
+
+
+def _inside(shape: Sequence[int], shift: int, like: Tensor) -> Tensor:
+    """1 where ``w + shift`` is a position of the innermost axis (``0 ≤ w + shift < width``),
+    else 0, over the two innermost axes of ``shape`` (float arithmetic, no bool tensor); made
+    once (an ``as_strided`` view). Over both axes, not the innermost alone: the loops that read
+    it then run over the plane's positions as one axis, like those of the other work on the
+    window view (inductor fuses loops of the same ranges only)."""
+    rows, width = shape[-2], shape[-1]
+    i = torch.arange(width, dtype=like.dtype, device=like.device) + shift
+    inside = 1.0 - (i - i.clamp(0, width - 1)).abs().clamp(max=1.0)
+    plane = torch.ones(rows, 1, dtype=like.dtype, device=like.device) * inside
+    return plane.as_strided(plane.shape, plane.stride())
+
+
+def _column_sum(cols: Columns, fn: object = None) -> Tensor:
+    """``Σ`` of the windows (of ``fn(window)`` if ``fn``), each column's sum weighed once."""
+    total = None
+    for weight, views in cols:
+        part = _total([fn(t) for t in views] if callable(fn) else views)
+        part = part if weight is None else part * weight
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
 def window_parts_apply(shape: Sequence[int], full: Sequence[int], dims: Sequence[int],
                        windows: Sequence[int]) -> bool:
     """Whether :func:`window_parts` sums these windows of the window view of ``shape``: no
@@ -51,11 +155,20 @@ def window_parts_apply(shape: Sequence[int], full: Sequence[int], dims: Sequence
     return not full and len(_groups(_spans(shape, dims, windows, False))) == 1
 
 
-def window_parts(x: Tensor, dims: Sequence[int], windows: Sequence[int],
+def _on_planes(t: Tensor | float, shape: Sequence[int]) -> Tensor | float:
+    """A tensor broadcastable against the window view ``shape`` on its canonical view (the
+    planes flattened)."""
+    if not isinstance(t, Tensor):
+        return t
+    return t.expand(*t.shape[:-2], *shape[-2:]).reshape(*t.shape[:-2], -1)
+
+
+def window_parts(x: Tensor, shape: Sequence[int], dims: Sequence[int], windows: Sequence[int],
                  include_pad: bool) -> WindowParts | None:
-    r"""Centred local moments of the window view ``x`` from one zero-padded copy of ``x − c``
-    (``c`` its mean over ``dims``), in parts (:class:`WindowParts`); ``None`` where one copy
-    does not sum every axis at once (more than
+    r"""Centred local moments of ``x`` — on the canonical view ``(N, A, B, S)`` of the window
+    view ``shape`` (``(N, A, B, *spatial)``, the planes flattened) — from one zero-padded copy
+    of ``x − c`` (``c`` its mean over ``dims``), in parts (:class:`WindowParts`), on the
+    canonical view; ``None`` where one copy does not sum every axis at once (more than
     :data:`~normkit.functional.shifted.TERMS_AT_ONCE` terms) or no window is longer than 1.
 
     .. math::
@@ -63,41 +176,60 @@ def window_parts(x: Tensor, dims: Sequence[int], windows: Sequence[int],
         0\big)
 
     (``n`` the count of each window: :func:`~normkit.functional.statistics.inverse_count`).
-    For inductor (no graph): the windows are unmasked loads of the copy.
+    For inductor (no graph): the windows are unmasked loads of the copy; windows along the two
+    innermost axes read a copy whose planes are padded as one row (:func:`_flat_copy`). On the
+    canonical view: the loops that read the copy then index the plane's positions as one axis
+    (on the window view its reshape leaves a remainder in the index, which inductor does not
+    vectorize).
 
     Shape:
-        ``x``: ``(N, A, B, *spatial)`` in at least float32; ``shift`` ``(N, A, 1, …)``, the
-        others ``x``'s shape.
+        ``x``: ``(N, A, B, S)`` in at least float32; ``shift`` ``(N, A, 1, 1)``, the others
+        ``x``'s shape.
 
     Example:
         >>> import torch
         >>> from normkit.functional import statistics as S
         >>> x = torch.randn(2, 1, 3, 5, 4, dtype=torch.float64) + 100
-        >>> p = window_parts(x, (3, 4), (3, 3), False)
+        >>> p = window_parts(x.reshape(2, 1, 3, 20), x.shape, (3, 4), (3, 3), False)
         >>> mean, var = S.local_moments(x, (), (3, 4), (3, 3), False)
-        >>> torch.allclose(p.centred + p.shift, mean), torch.allclose(p.var, var)
-        (True, True)
+        >>> torch.allclose((p.centred + p.shift).reshape(x.shape), mean)
+        True
+        >>> torch.allclose(p.var.reshape(x.shape), var)
+        True
     """
-    groups = _groups(_spans(x.shape, dims, windows, False))
+    groups = _groups(_spans(shape, dims, windows, False))
     if len(groups) != 1:
         return None
-    shift = x.mean(dim=tuple(dims), keepdim=True)
-    terms = _windows(x - shift, groups[0])
-    centre = 0  # the window at offset 0 on every axis: `before` values into the padding
-    for _, before, after in groups[0]:
-        centre = centre * (before + after + 1) + before
-    inv = inverse_count(x.shape, dims, windows, include_pad, x)
-    m1 = torch.addcmul(terms[0] * inv, _total(terms[1:]), inv)  # kept for the backward
-    var = (_total([t * t for t in terms]) * inv - m1 * m1).clamp_min(0)
-    return WindowParts(shift, m1, var, terms[centre])
+    shift = x.reshape(shape).mean(dim=tuple(dims), keepdim=True)
+    shift = shift.reshape(*shift.shape[:3], -1)
+    cols, centre = _columns(x - shift, groups[0], shape=shape)
+    inv = _on_planes(inverse_count(shape, dims, windows, include_pad, x), shape)
+    s1 = _column_sum(cols)
+    inv_t = inv if isinstance(inv, Tensor) else torch.full((), inv, dtype=x.dtype,
+                                                           device=x.device)
+    # μ − c by an addcmul: the op the Function keeps for its backward (fused_local)
+    m1 = torch.addcmul(s1.new_zeros(()), s1, inv_t)
+    var = (_column_sum(cols, lambda t: t * t) * inv - m1 * m1).clamp_min(0)
+    return WindowParts(shift, m1, var, centre)
 
+
+def _flipped_sum(t: Tensor, shape: Sequence[int], dims: Sequence[int],
+                 windows: Sequence[int], scale: Tensor | float) -> Tensor:
+    """The flipped window sum (``box_sum(flip=True)``, the adjoint) of ``t · scale`` (on the
+    window view ``shape`` or its planes flattened: :func:`_columns`) from one padded copy, or
+    axis by axis."""
+    groups = _groups(_spans(shape, dims, windows, True))
+    for i, group in enumerate(groups):
+        t = _column_sum(_columns(t, group, scale if i == 0 else 1.0, shape)[0])
+    return t
 
 
 def window_parts_backward(x: Tensor, g: Tensor, r: Tensor, rs: Tensor, centred: Tensor,
-                          shift: Tensor, dims: Sequence[int], windows: Sequence[int],
-                          include_pad: bool, scale: float) -> Tensor:
-    r"""``∂L/∂x`` of ``y = (x − μ) s^(−β)`` on the window view, from the parts
-    (:func:`window_parts`: ``μ − c`` and ``c``), with ``scale = −βα``:
+                          shift: Tensor, shape: Sequence[int], dims: Sequence[int],
+                          windows: Sequence[int], include_pad: bool, scale: float) -> Tensor:
+    r"""``∂L/∂x`` of ``y = (x − μ) s^(−β)`` from the parts (:func:`window_parts`: ``μ − c``
+    and ``c``), with ``scale = −βα``, on the canonical view of the window view ``shape``
+    (the planes flattened):
 
     .. math::
         \partial x = g r + B^\top b + 2 (x - c) B^\top a,\quad
@@ -107,24 +239,24 @@ def window_parts_backward(x: Tensor, g: Tensor, r: Tensor, rs: Tensor, centred: 
     window sum of the value over each position's count). ``a`` and ``b`` are each one
     expression, with one user: inductor computes both in the loop that writes their padded
     copies, and ``∂x`` in the loop that sums those (where it would write ``a``, read by both,
-    in a pass of its own).
+    in a pass of its own). On the canonical view, not the window view: the copies' loops
+    read the plane's positions as one axis (an index without remainders, vectorized).
     """
-    inv = inverse_count(x.shape, dims, windows, include_pad, x)
+    inv = _on_planes(inverse_count(shape, dims, windows, include_pad, x), shape)
     xs = x - shift
     d = xs - centred
-    pa = (g * d) * (rs * inv * scale)  # a / n
-    pb = (g * inv) * (centred * d * rs * (-2.0 * scale) - r)  # b / n
-    sb = shifted_sum(pb, dims, windows, flip=True)
-    sa = shifted_sum(pa, dims, windows, flip=True)
+    pa = (g * d) * (rs * scale)  # a
+    pb = g * (centred * d * rs * (-2.0 * scale) - r)  # b
+    sb = _flipped_sum(pb, shape, dims, windows, inv)
+    sa = _flipped_sum(pa, shape, dims, windows, inv)
     return g * r + sb + 2.0 * xs * sa
 
 
-def window_rows(t: Tensor, dims: Sequence[int], windows: Sequence[int]) -> Tensor:
-    """``t`` summed over the positions of the window view, ``(N, A, B)``: over the padding of
-    :func:`window_parts_backward`'s copies (zeros) where the windows run along positions only,
-    so that inductor makes the sums (``γ``'s and ``β``'s gradients) in the loop that writes
-    those copies, not in a pass of their own."""
-    spans = _spans(t.shape, dims, windows, True)
-    if all(d >= 3 for d, _, _ in spans):
-        t = padded(t, spans)
-    return t.sum(tuple(range(3, t.dim())))
+def window_rows(t: Tensor, shape: Sequence[int], dims: Sequence[int],
+                windows: Sequence[int]) -> Tensor:
+    """``t`` (on the canonical view of the window view ``shape``) summed over the positions,
+    ``(N, A, B, 1)``: over the padded copy of :func:`window_parts_backward`'s sums (zeros
+    outside) where its planes are one padded row (:func:`_flat_copy`; windows along positions
+    only), so that inductor makes the sums (``γ``'s and ``β``'s gradients) in the loop that
+    writes those copies, not in a pass of their own."""
+    return t.sum(-1, keepdim=True)
