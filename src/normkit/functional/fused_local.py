@@ -45,7 +45,6 @@ call against BN's 0.06).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -54,12 +53,7 @@ from torch import Tensor
 from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
 from .fused_inductor import apply_saving
-from .local_windows import (
-    window_parts,
-    window_parts_apply,
-    window_parts_backward,
-    window_rows,
-)
+from .local_windows import window_parts, window_parts_apply, window_parts_backward
 from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
@@ -248,9 +242,9 @@ class _LocalDivisive(torch.autograd.Function):
                                            w.windows, w.include_pad,
                                            -beta * alpha).to(ctx.in_dtype)
             if weight is not None and ctx.needs_input_grad[1]:
-                g_w = _param_rows(((x - shift) - mu) * r * gy, weight, shape, w)
+                g_w = _param_grad(((x - shift) - mu) * r * gy, weight)
             if bias is not None and ctx.needs_input_grad[2]:
-                g_b = _param_rows(gy, bias, shape, w)
+                g_b = _param_grad(gy, bias)
             return dx, g_w, g_b, *_NONES
         x = v.to(dt)
         gy = gy.to(dt)
@@ -305,17 +299,6 @@ def _param_grad(t: Tensor, param: Tensor) -> Tensor:
     return _sum_to(t, param.shape).to(param.dtype)
 
 
-def _param_rows(t: Tensor, param: Tensor, shape: Sequence[int], w: Window) -> Tensor:
-    """:func:`_param_grad` with the row sums over the positions of
-    :func:`~normkit.functional.local_windows.window_rows` (in the loop of the backward's
-    padded copies), compiled, where ``param`` is per channel."""
-    if param.shape[-1] != 1:  # per position
-        return _param_grad(t, param)
-    if S.compiling_kernels():
-        t = t * (param.to(t.dtype) * 0.0 + 1.0)
-    return window_rows(t, shape, w.dims, w.windows).sum_to_size(param.shape).to(param.dtype)
-
-
 def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:
     """Whether the compiled backward sums ``Bᵀa`` inline (:func:`_window_mean_adjoint_`): the
     saved root, uncentred windows that count the padding (a constant ``1/n``), off the innermost
@@ -326,8 +309,7 @@ def _inline_uncentred(ctx: Any, x: Tensor, shift: Tensor | None) -> bool:
 
 
 def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs: Tensor,
-                       mu: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                       saved_shift: Tensor | None = None, flat: Sequence[int] | None = None
+                       mu: Tensor | None, weight: Tensor | None, bias: Tensor | None
                        ) -> tuple[Tensor | None, ...]:
     """The backward of windows without whole channel groups where inductor compiles it: the
     eager formula (``∂x = t + Bᵀb + 2(x − c)Bᵀa``) on the saved ``μ``, one out-of-place
@@ -335,18 +317,14 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
     in-place updates' extra passes (with the saved ``μ`` and the moments from one padded copy:
     divisive_norm fwd+bwd against compiled BN about 4.3x → 3.1x, paired runs)."""
     w, beta, alpha = ctx.w, ctx.beta, ctx.alpha
-    if saved_shift is not None:  # the forward's parts (window view): mu is μ − c
-        shift, xs, mc = saved_shift, x - saved_shift, mu
-        d = xs - mc
-    elif ctx.center:  # around the per-sample shift c, like the eager backward
+    if ctx.center:  # around the per-sample shift c, like the eager backward
         shift = x.mean(dim=(2, 3), keepdim=True)
         xs = x - shift
         # x − μ as (x − c) − (μ − c): not the forward's product, which AOTAutograd would merge
         # and save (one input-sized tensor fewer saved)
-        mc = mu - shift
-        d = xs - mc
+        d = xs - (mu - shift)
     else:
-        shift, xs, d, mc = None, x, x, None
+        shift, xs, d = None, x, x
     t = g * r
     dx = None
     if ctx.needs_input_grad[0] and _inline_uncentred(ctx, xs, shift):
@@ -358,15 +336,12 @@ def _backward_compiled(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor, rs
         dx = (t + scale * xs * sa).to(ctx.in_dtype)
     elif ctx.needs_input_grad[0]:
         a = g * d * rs * (-beta * alpha)  # ∂L/∂v (rs = r/s)
-        b = None if mc is None else -2.0 * mc * a - t  # ∂L/∂μ (shifted)
+        b = None if shift is None else -2.0 * (mu - shift) * a - t  # ∂L/∂μ (shifted)
         # Bᵀb + t first: a partial sum that reads at most 12 values, which inductor inlines
         # (one reading more is written to memory: a pass more for ∂x)
         dx = t if b is None else _window_mean_adjoint_(b, w) + t
         dx = dx + 2.0 * xs * _window_mean_adjoint_(a, w, inline=ctx.root and shift is None)
         dx = dx.to(ctx.in_dtype)
-    if flat is not None:  # from the window view
-        d, r, gy = d.reshape(flat), r.reshape(flat), gy.reshape(flat)
-        dx = None if dx is None else dx.reshape(flat)
     g_w = g_b = None
     if weight is not None and ctx.needs_input_grad[1]:
         g_w = _param_grad(d * r * gy, weight)  # its row sum in the loops of ∂x's

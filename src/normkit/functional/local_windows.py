@@ -30,8 +30,7 @@ from torch import Tensor
 from .shifted import Span, _groups, _spans, _total, _windows
 from .statistics import inverse_count
 
-__all__ = ["WindowParts", "window_parts", "window_parts_apply", "window_parts_backward",
-           "window_rows"]
+__all__ = ["WindowParts", "window_parts", "window_parts_apply", "window_parts_backward"]
 
 
 class WindowParts(NamedTuple):
@@ -51,52 +50,45 @@ Columns = list[tuple[Tensor | None, list[Tensor]]]
 
 
 def _flat_pad(shape: Sequence[int], spans: list[Span]) -> tuple[int, int] | None:
-    """The zeros in front of and behind each plane (two innermost axes of the window view
-    ``shape``) of :func:`_flat_copy`; ``None`` for windows along other axes."""
-    last = len(shape) - 1
-    if len(shape) < 2 or any(d < last - 1 for d, _, _ in spans):
+    """The zeros in front of and behind each plane of :func:`_flat_copy` for the window view
+    ``shape`` ``(N, A, B, H, W)``; ``None`` for other views or windows along other axes."""
+    if len(shape) != 5 or any(d < 3 for d, _, _ in spans):
         return None
     front = back = 0
     for d, before, after in spans:
-        scale = shape[last] if d == last - 1 else 1
+        scale = shape[4] if d == 3 else 1
         front, back = front + before * scale, back + after * scale
     return front, back
 
 
 def _flat_copy(x: Tensor, spans: list[Span], shape: Sequence[int]) -> Tensor | None:
-    """The zero-padded copy of ``x`` (on the window view ``shape``, or on its planes flattened:
-    the canonical view) for windows along the two innermost axes of ``shape`` at most: each
-    plane flattened and padded as one row, ``before`` rows of zeros and ``before`` values more
-    in front (``after`` behind); ``None`` for windows along other axes. A window along the
-    innermost axis then reads the neighbouring rows' values where it runs past a row
-    (:func:`_columns` weighs them by 0): inductor writes whole rows of the plane, where a copy
-    padded along the innermost axis writes short rows (a masked vector at the end of each: two
-    loop steps per row of 16)."""
+    """The zero-padded copy of ``x`` (on the canonical view ``(N, A, B, H·W)`` of the window
+    view ``shape``) for windows along the positions of a plane: each plane padded as one row,
+    ``before`` rows of zeros and ``before`` values more in front (``after`` behind); ``None``
+    for other windows. A window along the rows then reads the neighbouring rows' values where
+    it runs past a row (:func:`_columns` weighs them by 0): inductor writes whole rows of the
+    plane, where a copy padded along the rows writes short ones (a masked vector at the end of
+    each: two loop steps per row of 16)."""
     pad = _flat_pad(shape, spans)
-    if pad is None:
-        return None
-    x = x.expand(*x.shape[:-2], *shape[-2:]) if x.dim() == len(shape) else x
-    return F.pad(x.reshape(*x.shape[:len(shape) - 2], shape[-2] * shape[-1]), pad)
+    return None if pad is None else F.pad(x, pad)
 
 
-def _columns(x: Tensor, spans: list[Span], scale: Tensor | float = 1.0,
-             shape: Sequence[int] | None = None) -> tuple[Columns, Tensor]:
-    """The shifted windows of one zero-padded copy of ``x · scale`` (each of ``x``'s shape),
-    grouped by their shift along the innermost axis (:data:`Columns`), and the centre window.
-    ``x`` is on the window view ``shape`` (default: its own), or on its planes flattened
-    (:func:`_flat_copy`; ``scale`` too). A tensor ``scale`` multiplies the copy padded like it
-    (made once): read at the copy's positions, not at ``x``'s (a remainder in the index, which
-    inductor does not vectorize)."""
-    shape = tuple(x.shape) if shape is None else tuple(shape)
+def _columns(x: Tensor, spans: list[Span], shape: Sequence[int],
+             scale: Tensor | float = 1.0) -> tuple[Columns, Tensor]:
+    """The shifted windows of one zero-padded copy of ``x · scale`` (``x`` and ``scale`` on the
+    canonical view ``(N, A, B, S)`` of the window view ``shape``; each window of ``x``'s shape),
+    grouped by their shift along the innermost axis of ``shape`` (:data:`Columns`), and the
+    centre window. A tensor ``scale`` multiplies the copy padded like it (made once): read at
+    the copy's positions, not at ``x``'s (a remainder in the index, which inductor does not
+    vectorize)."""
     flat = _flat_copy(x, spans, shape)
-    if flat is None:  # a padded copy along every axis (shifted_sum's)
-        if isinstance(scale, Tensor) and x.dim() != len(shape):
-            scale = scale.reshape(*scale.shape[:-1], *shape[-2:])
-        terms = _windows(x.reshape(shape) * scale, spans)
+    if flat is None:  # a padded copy along every axis (shifted_sum's), on the window view
+        if isinstance(scale, Tensor):
+            scale = scale.reshape(*scale.shape[:3], *shape[3:])
+        terms = [t.reshape(x.shape) for t in _windows(x.reshape(shape) * scale, spans)]
         centre = 0
         for _, before, after in spans:
             centre = centre * (before + after + 1) + before
-        terms = [t.reshape(x.shape) for t in terms]
         return [(None, terms)], terms[centre]
     if isinstance(scale, Tensor):
         pad = _flat_copy(scale, spans, shape)
@@ -104,36 +96,31 @@ def _columns(x: Tensor, spans: list[Span], scale: Tensor | float = 1.0,
         flat = flat * pad.as_strided(pad.shape, pad.stride())
     else:
         flat = flat * scale
-    last, width = len(shape) - 1, shape[-1]
-    row_span = [(b, a) for d, b, a in spans if d == last - 1] or [(0, 0)]
-    col_span = [(b, a) for d, b, a in spans if d == last] or [(0, 0)]
+    width = shape[4]
+    row_span = [(b, a) for d, b, a in spans if d == 3] or [(0, 0)]
+    col_span = [(b, a) for d, b, a in spans if d == 4] or [(0, 0)]
     (rb, ra), (cb, ca) = row_span[0], col_span[0]
-    planes = x.dim() != len(shape)  # x on the canonical view: views of it
-    stride = (*flat.stride()[:-1], *((1,) if planes else (width, 1)))
     cols: Columns = []
     centre = x
     for oc in range(cb + ca + 1):
-        views = [flat.as_strided(x.shape, stride, orow * width + oc)
+        views = [flat.as_strided(x.shape, (*flat.stride()[:-1], 1), orow * width + oc)
                  for orow in range(rb + ra + 1)]
         if oc == cb:
             centre = views[rb]
-            cols.append((None, views))
-            continue
-        inside = _inside(shape, oc - cb, x)
-        cols.append((inside.reshape(-1) if planes else inside, views))
+        cols.append((None if oc == cb else _inside(shape, oc - cb, x), views))
     return cols, centre
 
 
 def _inside(shape: Sequence[int], shift: int, like: Tensor) -> Tensor:
-    """1 where ``w + shift`` is a position of the innermost axis (``0 ≤ w + shift < width``),
-    else 0, over the two innermost axes of ``shape`` (float arithmetic, no bool tensor); made
-    once (an ``as_strided`` view). Over both axes, not the innermost alone: the loops that read
-    it then run over the plane's positions as one axis, like those of the other work on the
-    window view (inductor fuses loops of the same ranges only)."""
+    """1 where ``w + shift`` is a position of a row of the window view ``shape`` (``0 ≤ w +
+    shift < W``), else 0, over the plane's positions (flattened; float arithmetic, no bool
+    tensor); made once (an ``as_strided`` view). Over the plane, not a row: the loops that read
+    it then run over the plane's positions as one axis, like the rest of the work on the
+    canonical view (inductor fuses loops of the same ranges only)."""
     rows, width = shape[-2], shape[-1]
     i = torch.arange(width, dtype=like.dtype, device=like.device) + shift
     inside = 1.0 - (i - i.clamp(0, width - 1)).abs().clamp(max=1.0)
-    plane = torch.ones(rows, 1, dtype=like.dtype, device=like.device) * inside
+    plane = (torch.ones(rows, 1, dtype=like.dtype, device=like.device) * inside).reshape(-1)
     return plane.as_strided(plane.shape, plane.stride())
 
 
@@ -160,7 +147,7 @@ def _on_planes(t: Tensor | float, shape: Sequence[int]) -> Tensor | float:
     planes flattened)."""
     if not isinstance(t, Tensor):
         return t
-    return t.expand(*t.shape[:-2], *shape[-2:]).reshape(*t.shape[:-2], -1)
+    return t.expand(*t.shape[:3], *shape[3:]).reshape(*t.shape[:3], -1)
 
 
 def window_parts(x: Tensor, shape: Sequence[int], dims: Sequence[int], windows: Sequence[int],
@@ -202,7 +189,7 @@ def window_parts(x: Tensor, shape: Sequence[int], dims: Sequence[int], windows: 
         return None
     shift = x.reshape(shape).mean(dim=tuple(dims), keepdim=True)
     shift = shift.reshape(*shift.shape[:3], -1)
-    cols, centre = _columns(x - shift, groups[0], shape=shape)
+    cols, centre = _columns(x - shift, groups[0], shape)
     inv = _on_planes(inverse_count(shape, dims, windows, include_pad, x), shape)
     s1 = _column_sum(cols)
     inv_t = inv if isinstance(inv, Tensor) else torch.full((), inv, dtype=x.dtype,
@@ -220,7 +207,7 @@ def _flipped_sum(t: Tensor, shape: Sequence[int], dims: Sequence[int],
     axis by axis."""
     groups = _groups(_spans(shape, dims, windows, True))
     for i, group in enumerate(groups):
-        t = _column_sum(_columns(t, group, scale if i == 0 else 1.0, shape)[0])
+        t = _column_sum(_columns(t, group, shape, scale if i == 0 else 1.0)[0])
     return t
 
 
@@ -251,12 +238,3 @@ def window_parts_backward(x: Tensor, g: Tensor, r: Tensor, rs: Tensor, centred: 
     sa = _flipped_sum(pa, shape, dims, windows, inv)
     return g * r + sb + 2.0 * xs * sa
 
-
-def window_rows(t: Tensor, shape: Sequence[int], dims: Sequence[int],
-                windows: Sequence[int]) -> Tensor:
-    """``t`` (on the canonical view of the window view ``shape``) summed over the positions,
-    ``(N, A, B, 1)``: over the padded copy of :func:`window_parts_backward`'s sums (zeros
-    outside) where its planes are one padded row (:func:`_flat_copy`; windows along positions
-    only), so that inductor makes the sums (``γ``'s and ``β``'s gradients) in the loop that
-    writes those copies, not in a pass of their own."""
-    return t.sum(-1, keepdim=True)

@@ -40,20 +40,15 @@ def _spans(shape: Sequence[int], dims: Sequence[int], windows: Sequence[int],
     return spans
 
 
-def padded(x: Tensor, group: Sequence[Span]) -> Tensor:
-    """``x`` with ``before`` and ``after`` zeros along the axis of each span of ``group``."""
-    pad = [0] * (2 * x.dim())
-    for d, before, after in group:
-        pad[2 * (x.dim() - 1 - d)] = before
-        pad[2 * (x.dim() - 1 - d) + 1] = after
-    return F.pad(x, pad)
-
-
 def _windows(x: Tensor, group: Sequence[Span], copy: bool = True) -> list[Tensor]:
     """The shifted windows, each of ``x``'s shape, of one zero-padded copy of ``x`` along the
     axes of ``group`` (``as_strided`` views: inductor writes the copy once); without ``copy``,
     slices of the padding, which inductor inlines (masked loads of ``x``'s producer)."""
-    xp = padded(x, group)
+    pad = [0] * (2 * x.dim())
+    for d, before, after in group:
+        pad[2 * (x.dim() - 1 - d)] = before
+        pad[2 * (x.dim() - 1 - d) + 1] = after
+    xp = F.pad(x, pad)
     if not copy:
         views = [xp]
         for d, before, after in group:
