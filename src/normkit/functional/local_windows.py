@@ -70,7 +70,11 @@ def _flat_copy(x: Tensor, spans: list[Span], shape: Sequence[int]) -> Tensor | N
     plane, where a copy padded along the rows writes short ones (a masked vector at the end of
     each: two loop steps per row of 16)."""
     pad = _flat_pad(shape, spans)
-    return None if pad is None else F.pad(x, pad)
+    if pad is None:
+        return None
+    front, back = pad
+    return torch.cat([x.new_zeros(*x.shape[:-1], front), x, x.new_zeros(*x.shape[:-1], back)],
+                     -1)
 
 
 def _columns(x: Tensor, spans: list[Span], shape: Sequence[int],
@@ -81,7 +85,8 @@ def _columns(x: Tensor, spans: list[Span], shape: Sequence[int],
     centre window. A tensor ``scale`` multiplies the copy padded like it (made once): read at
     the copy's positions, not at ``x``'s (a remainder in the index, which inductor does not
     vectorize)."""
-    flat = _flat_copy(x, spans, shape)
+    flat = _flat_copy(x if isinstance(scale, float) and scale == 1.0 else x * scale, spans,
+                      shape)
     if flat is None:  # a padded copy along every axis (shifted_sum's), on the window view
         if isinstance(scale, Tensor):
             scale = scale.reshape(*scale.shape[:3], *shape[3:])
@@ -90,12 +95,6 @@ def _columns(x: Tensor, spans: list[Span], shape: Sequence[int],
         for _, before, after in spans:
             centre = centre * (before + after + 1) + before
         return [(None, terms)], terms[centre]
-    if isinstance(scale, Tensor):
-        pad = _flat_copy(scale, spans, shape)
-        assert pad is not None
-        flat = flat * pad.as_strided(pad.shape, pad.stride())
-    else:
-        flat = flat * scale
     width = shape[4]
     row_span = [(b, a) for d, b, a in spans if d == 3] or [(0, 0)]
     col_span = [(b, a) for d, b, a in spans if d == 4] or [(0, 0)]
