@@ -61,7 +61,8 @@ def _flat_pad(shape: Sequence[int], spans: list[Span]) -> tuple[int, int] | None
     return front, back
 
 
-def _flat_copy(x: Tensor, spans: list[Span], shape: Sequence[int]) -> Tensor | None:
+def _flat_copy(x: Tensor, spans: list[Span], shape: Sequence[int], concat: bool
+               ) -> Tensor | None:
     """The zero-padded copy of ``x`` (on the canonical view ``(N, A, B, H·W)`` of the window
     view ``shape``) for windows along the positions of a plane: each plane padded as one row,
     ``before`` rows of zeros and ``before`` values more in front (``after`` behind); ``None``
@@ -72,13 +73,15 @@ def _flat_copy(x: Tensor, spans: list[Span], shape: Sequence[int]) -> Tensor | N
     pad = _flat_pad(shape, spans)
     if pad is None:
         return None
+    if not concat:
+        return F.pad(x, pad)
     front, back = pad
     return torch.cat([x.new_zeros(*x.shape[:-1], front), x, x.new_zeros(*x.shape[:-1], back)],
                      -1)
 
 
 def _columns(x: Tensor, spans: list[Span], shape: Sequence[int],
-             scale: Tensor | float = 1.0) -> tuple[Columns, Tensor]:
+             scale: Tensor | float = 1.0, concat: bool = False) -> tuple[Columns, Tensor]:
     """The shifted windows of one zero-padded copy of ``x · scale`` (``x`` and ``scale`` on the
     canonical view ``(N, A, B, S)`` of the window view ``shape``; each window of ``x``'s shape),
     grouped by their shift along the innermost axis of ``shape`` (:data:`Columns`), and the
@@ -86,7 +89,7 @@ def _columns(x: Tensor, spans: list[Span], shape: Sequence[int],
     the copy's positions, not at ``x``'s (a remainder in the index, which inductor does not
     vectorize)."""
     flat = _flat_copy(x if isinstance(scale, float) and scale == 1.0 else x * scale, spans,
-                      shape)
+                      shape, concat)
     if flat is None:  # a padded copy along every axis (shifted_sum's), on the window view
         if isinstance(scale, Tensor):
             scale = scale.reshape(*scale.shape[:3], *shape[3:])
@@ -206,7 +209,7 @@ def _flipped_sum(t: Tensor, shape: Sequence[int], dims: Sequence[int],
     axis by axis."""
     groups = _groups(_spans(shape, dims, windows, True))
     for i, group in enumerate(groups):
-        t = _column_sum(_columns(t, group, shape, scale if i == 0 else 1.0)[0])
+        t = _column_sum(_columns(t, group, shape, scale if i == 0 else 1.0, True)[0])
     return t
 
 
