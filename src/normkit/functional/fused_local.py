@@ -179,8 +179,9 @@ def _fits(p: Tensor, y: Tensor) -> bool:
                                                                        strict=True))
 
 
-#: the gradients of the Function's arguments after ``γ, β``: none
-_NONES = (None,) * 9
+#: the gradients of the Function's arguments after ``γ, β`` (``mean, second, w, k, alpha,
+#: beta, parts``): none
+_NONES = (None,) * 7
 
 
 class _LocalDivisive(torch.autograd.Function):
