@@ -215,7 +215,8 @@ def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: boo
     compiled BN, normkit bench --goals: lrn 2.35x → 1.7x, lcn 1.95x → 1.3x, divisive_norm
     6.80x → 3.0x with :mod:`~normkit.functional.fused_local`'s compiled backward; with the
     saved root and the inline sums of :func:`~normkit.functional.shifted.shifted_sum`
-    ``copy=False``, lrn 1.15–1.26x, lcn 1.17–1.29x, divisive_norm 2.8x); exported, or
+    ``copy=False``, lrn 1.15–1.26x, lcn 1.17–1.29x; divisive_norm 2.8x, and 2.0–2.1x with
+    its moments in parts, :mod:`~normkit.functional.local_windows`); exported, or
     recorded by autograd under ``torch.compile``, one custom op (``normkit::box_sum``,
     differentiable: its derivative is the flipped sum) that runs these eager kernels. Returns
     ``x`` itself when every window is 1 (a copy from the custom op).

@@ -60,7 +60,8 @@ def _local_moments(v: Tensor, nap: Local, spatial: Sequence[int], center: bool
     of :func:`~normkit.functional.fused_local.local_divisive` (its backward differentiates them).
     Under ``torch.compile`` too: the composition's autograd graph compiles to slower code than
     the Function's (fwd+bwd vs compiled BN: lrn 5.6x against 1.2x, divisive_norm 8.7x against
-    2.8x)."""
+    2.8x; 2.0–2.1x since divisive_norm's compiled Function takes centred 3×3 moments itself,
+    :mod:`~normkit.functional.local_windows`, and inductor drops these)."""
     full, dims, windows = nap.window_axes(spatial)
     window = Fl.Window(tuple(spatial), full, dims, windows, nap.include_pad)
     with torch.no_grad():
