@@ -320,13 +320,17 @@ def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) 
     after convergence (NaN by T≈40 even in float64) because rounding breaks ``P Σ = Σ P``.
     """
     sigma = _check(sigma, eps)
+    _check_iterations(iterations)
+    z, tr, _ = newton_schulz_steps(sigma + eps * _eye_like(sigma), iterations)
+    return z * tr.rsqrt()[:, None, None]
+
+
+def _check_iterations(iterations: int) -> None:
     if not isinstance(iterations, int) or not 0 < iterations <= MAX_ITERATIONS:
         raise ConfigError(
             f"iterations must be an int in [1, {MAX_ITERATIONS}], got {iterations!r}; "
             f"5 is the paper's default"
         )
-    z, tr, _ = newton_schulz_steps(sigma + eps * _eye_like(sigma), iterations)
-    return z * tr.rsqrt()[:, None, None]
 
 
 def newton_schulz_steps(a: Tensor, iterations: int
@@ -334,7 +338,8 @@ def newton_schulz_steps(a: Tensor, iterations: int
     """The coupled Newton–Schulz iteration of :func:`newton_schulz_matrix` on ``A = Σ + εI``
     ``(G, D, D)``: ``(Z_T, tr A, [(Y_k, Z_k, T_{k+1}) for k < T])`` (``tr A`` clamped at the
     dtype's ``tiny``; ``W = Z_T/√tr A``). The steps are what a hand-derived backward
-    (:mod:`normkit.functional.fused_batch_whiten`) runs in reverse.
+    (:mod:`normkit.functional.fused_newton`) runs in reverse. ``Y_T`` is not formed (``W``
+    does not read it) and ``Z_1 = T_1`` (``Z_0 = I``): 3T − 2 products.
 
     Example:
         >>> a = torch.eye(2).expand(1, 2, 2) * 4.0
@@ -347,10 +352,12 @@ def newton_schulz_steps(a: Tensor, iterations: int
     eye = _eye_like(y)
     z = eye
     steps = []
-    for _ in range(iterations):
+    for k in range(iterations):
         t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)  # ½(3I − Z_k Y_k)
         steps.append((y, z, t))
-        y, z = torch.bmm(y, t), torch.bmm(t, z)
+        if k + 1 < iterations:  # Y_T is not used
+            y = torch.bmm(y, t)
+        z = t if k == 0 else torch.bmm(t, z)  # T_1 Z_0 = T_1 I = T_1 exactly
     return z, tr, steps
 
 
