@@ -20,13 +20,13 @@ difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`
 Cholesky ``∂L/∂Σ = Wᵀ Ψ W`` (:func:`_cholesky_grad`), for Newton–Schulz the iteration run in
 reverse on the forward's saved iterates
 (:func:`~normkit.functional.fused_newton.newton_input_term`), for PCA the masked eigen backward
-(:func:`_pca_grad`), all on the ``D × D`` covariances. The activations are read by three matmuls in the backward
-(``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``). No activation
-is saved beyond the input: ``x − μ`` is formed again chunk by chunk wherever it is read (the
-covariance, the product and the backward; :mod:`normkit.functional.whiten_chunks`), in a reused
-cache-sized buffer: the same values as a centred copy, without an activation-sized tensor (with
-a steady allocator the step time is unchanged; with glibc's defaults its fresh pages cost more
-than the subtractions).
+(:func:`_pca_grad`), all on the ``D × D`` covariances. The activations are read by three
+matmuls in the backward (``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum
+(``Σ g``). No activation is saved beyond the input: ``x − μ`` is formed again chunk by chunk
+wherever it is read (the covariance, the product and the backward;
+:mod:`normkit.functional.whiten_chunks`), in a reused cache-sized buffer: the same values as a
+centred copy, without an activation-sized tensor (with a steady allocator the step time is
+unchanged; with glibc's defaults its fresh pages cost more than the subtractions).
 
 The op computes in at least float32 with autocast off and returns a fresh tensor. A second
 derivative (``create_graph=True``) differentiates the plain composition instead
