@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .whiten import _check, _check_iterations, newton_schulz_steps
+from .whiten import _check, _check_iterations, _newton_iterate
 
 __all__ = ["newton_fit", "newton_input_term"]
 
@@ -61,13 +61,17 @@ def newton_fit(cov: Tensor, eps: float, iterations: int) -> tuple[Tensor, Tensor
     """
     _check_iterations(iterations)
     cov = _check(cov, eps)
-    g = cov.shape[0]
-    a = torch.add(cov, torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device), alpha=eps)
-    z, tr, steps = newton_schulz_steps(a, iterations)
-    # the clamp's gradient (float: no bool tensor math)
-    live = (a.diagonal(dim1=-2, dim2=-1).sum(-1) >= tr).to(tr.dtype)
+    g, d, _ = cov.shape
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    a = torch.add(cov, eye, alpha=eps)
+    # newton_schulz_steps' trace and Y_0 here, to keep the unclamped trace (one trace, one
+    # identity: this runs on the small matrices of every training step)
+    raw = a.diagonal(dim1=-2, dim2=-1).sum(-1).view(g, 1, 1)
+    tr = raw.clamp_min(torch.finfo(a.dtype).tiny)
+    z, steps = _newton_iterate(a / tr, iterations, eye.expand(g, d, d))
+    live = (raw >= tr).to(tr.dtype)  # the clamp's gradient (float: no bool tensor math)
     saved = torch.stack([m for step in steps for m in step])
-    return z * tr.rsqrt()[:, None, None], saved, torch.stack((tr, live)).view(2, g, 1, 1)
+    return z * tr.rsqrt(), saved, torch.stack((tr, live))
 
 
 def newton_input_term(steps: Tensor, scale: Tensor, w: Tensor, gw: Tensor, m: int) -> Tensor:
@@ -108,10 +112,10 @@ def newton_input_term(steps: Tensor, scale: Tensor, w: Tensor, gw: Tensor, m: in
             dy = torch.bmm(dy, t).baddbmm_(z, dt, alpha=-0.5)
             dz = torch.bmm(t, dz).baddbmm_(dt, y, alpha=-0.5)
     assert dy is not None
-    # −c·t = ½⟨G_W, W⟩ + ⟨∂Y_0, Y_0⟩, each inner product one (1 × D²)(D² × 1) product
-    ct = torch.bmm(dy.reshape(g, 1, d * d), seq[0].reshape(g, d * d, 1)).baddbmm_(
+    # s = ½⟨G_W, W⟩ + ⟨∂Y_0, Y_0⟩ (= −c·t unclamped), each inner product one (1 × D²)(D² × 1)
+    # product; P = (∂Y_0 + ∂Y_0ᵀ − 2·live·s·I)/(m t)
+    s = torch.bmm(dy.reshape(g, 1, d * d), seq[0].reshape(g, d * d, 1)).baddbmm_(
         gw.reshape(g, 1, d * d), w.reshape(g, d * d, 1), alpha=0.5)
-    inv = tr.reciprocal().div_(m)  # 1/(m t)
-    out = (dy + dy.mT).mul_(inv)
-    out.diagonal(dim1=-2, dim2=-1).add_(ct.mul_(live).mul_(inv).mul_(-2.0).view(g, 1))
-    return out
+    out = dy + dy.mT
+    out.diagonal(dim1=-2, dim2=-1).add_(s.mul_(live).view(g, 1), alpha=-2.0)
+    return out.mul_(tr.reciprocal().div_(m))

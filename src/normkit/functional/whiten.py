@@ -348,8 +348,15 @@ def newton_schulz_steps(a: Tensor, iterations: int
         (8.0, 8, True)
     """
     tr = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
-    y = a / tr[:, None, None]
-    eye = _eye_like(y)
+    z, steps = _newton_iterate(a / tr[:, None, None], iterations)
+    return z, tr, steps
+
+
+def _newton_iterate(y: Tensor, iterations: int, eye: Tensor | None = None
+                    ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """The steps of :func:`newton_schulz_steps` from ``Y_0 = y``: ``(Z_T, [(Y_k, Z_k, T_{k+1})])``
+    (``eye``: the identity expanded to ``y``'s shape, when the caller has one)."""
+    eye = _eye_like(y) if eye is None else eye
     z = eye
     steps = []
     for k in range(iterations):
@@ -358,7 +365,7 @@ def newton_schulz_steps(a: Tensor, iterations: int
         if k + 1 < iterations:  # Y_T is not used
             y = torch.bmm(y, t)
         z = t if k == 0 else torch.bmm(t, z)  # T_1 Z_0 = T_1 I = T_1 exactly
-    return z, tr, steps
+    return z, steps
 
 
 def whitening_matrix(
