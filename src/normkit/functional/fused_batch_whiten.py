@@ -276,8 +276,8 @@ class _EagerApply(torch.autograd.Function):
     on every call (``fill_defaults`` rebuilds the argument list per argument) and applies a
     generated Function around the op: 0.1-0.3 ms of a (128, 64, 16, 16) training step, 1-4 % of
     it (thread time, interleaved in one process, dbn / cd_bw / pca_bw / iternorm). Compile and
-    export trace the op itself
-    (:func:`batch_whiten_apply`), one node with the registered autograd."""
+    export trace the op itself (:func:`batch_whiten_apply`), one node with the registered
+    autograd."""
 
     @staticmethod
     def forward(ctx, *args):  # type: ignore[no-untyped-def]
