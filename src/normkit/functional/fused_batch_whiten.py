@@ -184,11 +184,12 @@ def _(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
     return x.new_empty(x.shape, dtype=mean.dtype)
 
 
-@torch.library.custom_op("normkit::whiten_batch_apply_backward", mutates_args=())
-def _apply_backward(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None,
-                    f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
-                    eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None,
+                   f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
+                   eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The input, ``γ`` and ``β`` gradients of :func:`_apply` (the body of the backward op
+    ``normkit::whiten_batch_apply_backward``; see the module docstring)."""
     with _full_precision(mean):
         dt = mean.dtype
         p, g, d, s = x.shape
@@ -208,6 +209,12 @@ def _apply_backward(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tenso
         # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer
         dx = chunked_matmuls([(mt, gr), (pmat, x)], torch.matmul(mt, gsum).div_(-m), mean=mean)
         return _fresh(dx.to(dtype)), _fresh(dweight), _fresh(gsum)
+
+
+# the op for compile / export (one node); eager training calls _backward_impl directly
+# (_EagerApply: no dispatcher round trip per step)
+_apply_backward = torch.library.custom_op("normkit::whiten_batch_apply_backward", _backward_impl,
+                                          mutates_args=())
 
 
 @_apply_backward.register_fake
@@ -247,7 +254,7 @@ def batch_whiten_plain(x: Tensor, weight: Tensor | None, bias: Tensor | None, me
     return y if bias is None else y + bias
 
 
-def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
+def _apply_grad(ctx, grad, backward=_apply_backward):  # type: ignore[no-untyped-def]
     x, mean, cov, u, f, matrix, weight, bias = ctx.saved_tensors
     method, eps, iterations, data_dtype, dtype = ctx.meta
     if torch.is_grad_enabled():  # create_graph: differentiate the composition
@@ -259,8 +266,8 @@ def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
         dx, dweight, dbias = (next(grads) if t is not None and t.requires_grad else None
                               for t in args)
         return dx, None, None, None, None, None, dweight, dbias, None, None, None, None
-    dx, dweight, dbias = _apply_backward(grad, x, mean, cov, u, f, matrix, weight, method, eps,
-                                         iterations, data_dtype, dtype)
+    dx, dweight, dbias = backward(grad, x, mean, cov, u, f, matrix, weight, method, eps,
+                                  iterations, data_dtype, dtype)
     pw, pb = ctx.params
     return (dx, None, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb), None,
             None, None, None)
@@ -272,12 +279,12 @@ _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
 class _EagerApply(torch.autograd.Function):
     """Eager mode's autograd of ``normkit::whiten_batch_apply``: the op runs below autograd in
     :meth:`forward`, with the op's own setup and backward (:func:`_apply_setup`,
-    :func:`_apply_grad`). The op's ``torch.library`` autograd binds its 12 arguments to the schema
-    on every call (``fill_defaults`` rebuilds the argument list per argument) and applies a
-    generated Function around the op: 0.1-0.3 ms of a (128, 64, 16, 16) training step, 1-4 % of
-    it (thread time, interleaved in one process, dbn / cd_bw / pca_bw / iternorm). Compile and
-    export trace the op itself (:func:`batch_whiten_apply`), one node with the registered
-    autograd."""
+    :func:`_apply_grad`, its backward op's body called directly). The op's ``torch.library``
+    autograd binds its 12 arguments to the schema on every call (``fill_defaults`` rebuilds the
+    argument list per argument) and applies a generated Function around the op, and the backward
+    op is a dispatcher round trip: 0.1-0.4 ms of a (128, 64, 16, 16) training step, 1-5 % of it
+    (interleaved in one process, dbn / cd_bw / pca_bw / iternorm). Compile and export trace the
+    op itself (:func:`batch_whiten_apply`), one node with the registered autograd."""
 
     @staticmethod
     def forward(ctx, *args):  # type: ignore[no-untyped-def]
@@ -287,7 +294,7 @@ class _EagerApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        return _apply_grad(ctx, grad)
+        return _apply_grad(ctx, grad, _backward_impl)
 
 
 def batch_whiten_apply(
