@@ -18,14 +18,15 @@ with ``M = γ ⊙ W`` (rows), ``m = N·S`` samples per group and ``∂L/∂Σ`` 
 ``P = −(1/m) U (K ∘ Uᵀ(G_W + G_Wᵀ)U) Uᵀ``, ``K_ij = (f_i f_j)²/(f_i + f_j)``: the divided
 difference of ``λ^{-1/2}``, no mask, see :mod:`normkit.functional.fused_whiten`); for
 Cholesky ``∂L/∂Σ = Wᵀ Ψ W`` (:func:`_cholesky_grad`), for Newton–Schulz the iteration run in
-reverse (:func:`_newton_grad`), for PCA the masked eigen backward (:func:`_pca_grad`), all on the
-``D × D`` covariances. The activations are read by three matmuls in the backward
-(``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum (``Σ g``). No activation
-is saved beyond the input: ``x − μ`` is formed again chunk by chunk wherever it is read (the
-covariance, the product and the backward; :mod:`normkit.functional.whiten_chunks`), in a reused
-cache-sized buffer: the same values as a centred copy, without an activation-sized tensor (with
-a steady allocator the step time is unchanged; with glibc's defaults its fresh pages cost more
-than the subtractions).
+reverse on the forward's saved iterates
+(:func:`~normkit.functional.fused_newton.newton_input_term`), for PCA the masked eigen backward
+(:func:`_pca_grad`), all on the ``D × D`` covariances. The activations are read by three
+matmuls in the backward (``G``, ``Mᵀ g``, ``P x_c``, the last two into one buffer) and one sum
+(``Σ g``). No activation is saved beyond the input: ``x − μ`` is formed again chunk by chunk
+wherever it is read (the covariance, the product and the backward;
+:mod:`normkit.functional.whiten_chunks`), in a reused cache-sized buffer: the same values as a
+centred copy, without an activation-sized tensor (with a steady allocator the step time is
+unchanged; with glibc's defaults its fresh pages cost more than the subtractions).
 
 The op computes in at least float32 with autocast off and returns a fresh tensor. A second
 derivative (``create_graph=True``) differentiates the plain composition instead
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .fused_newton import newton_fit, newton_input_term
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
 from .whiten import (
     WhiteningMethod,
@@ -47,7 +49,6 @@ from .whiten import (
     _pca_signs,
     _resolution,
     batch_moments,
-    newton_schulz_steps,
     whitening_matrix,
 )
 from .whiten_chunks import chunked_matmuls, chunked_outer, chunked_stats
@@ -78,13 +79,16 @@ def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *,
     r"""Batch statistics for :func:`batch_whiten_apply`, without autograd: ``(μ, Σ, f, U, W)``
     of the samples ``x`` ``(P, G, D, S)`` (the canonical view; ``P·S`` samples per group, ``Σ``
     biased) with ``W = W(Σ)`` of ``method``; ``f, U`` (:func:`~normkit.functional.fused_whiten.
-    inv_sqrt_eigh`) for ZCA, ``None`` otherwise. The moments are one custom op
+    inv_sqrt_eigh`) for ZCA, the ``scale`` and the stacked iterates ``steps`` of
+    :func:`~normkit.functional.fused_newton.newton_fit` for Newton–Schulz (what the backward
+    reads), ``None`` otherwise. The moments are one custom op
     (``normkit::whiten_batch_stats``). ``data_dtype``: the input's dtype
     (PCA's eigenvalue-gap tolerance, see :func:`~normkit.functional.whiten.pca_matrix`).
 
     Shape:
-        ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(1, G, D)`` or
-        ``None``, ``(1, G, D, D)`` or ``None``, ``(1, G, D, D)``.
+        ``x``: ``(P, G, D, S)``; outputs ``(1, G, D, 1)``, ``(1, G, D, D)``, ``(1, G, D)``
+        (ZCA) or ``(2, G, 1, 1)`` (Newton) or ``None``, ``(1, G, D, D)`` (ZCA) or
+        ``(3T, G, D, D)`` (Newton) or ``None``, ``(1, G, D, D)``.
 
     Example:
         >>> x = torch.randn(8, 2, 3, 5, dtype=torch.float64)
@@ -103,8 +107,10 @@ def batch_whiten_fit(x: Tensor, method: WhiteningMethod, eps: float, *,
         if method not in ("cholesky", "newton", "pca"):
             raise ConfigError(f"whitening method must be 'zca', 'pca', 'cholesky' or 'newton', "
                               f"got {method!r}")
-        w = whitening_matrix(flat, method, eps=eps, iterations=iterations or 5,
-                             data_dtype=data_dtype)
+        if method == "newton":  # the iterates kept for the backward (fused_newton)
+            w, steps, scale = newton_fit(flat, eps, iterations or 5)
+            return mean, cov, scale, steps, w.view(cov.shape)
+        w = whitening_matrix(flat, method, eps=eps, data_dtype=data_dtype)
         return mean, cov, None, None, w.reshape(cov.shape)
 
 
@@ -116,31 +122,6 @@ def _cholesky_grad(w: Tensor, gw: Tensor) -> Tensor:
     t = torch.bmm(gw, w.mT).neg_().tril_()
     psi = t.tril(-1).mT.add_(t).mul_(0.5)
     return torch.bmm(w.mT, torch.bmm(psi, w))
-
-
-def _newton_grad(cov: Tensor, gw: Tensor, eps: float, iterations: int) -> Tensor:
-    r"""``∂L/∂Σ`` of IterNorm's ``W = Z_T/√t`` (``t = tr A``, ``A = Σ + εI``, ``Y_0 = A/t``,
-    ``Z_0 = I``, ``T_k = ½(3I − Z_{k−1}Y_{k−1})``, ``Y_k = Y_{k−1}T_k``, ``Z_k = T_k Z_{k−1}``)
-    for ``∂L/∂W = G_W``, by running the steps in reverse:
-    ``∂T_k = Y_{k−1}ᵀ∂Y_k + ∂Z_k Z_{k−1}ᵀ``, ``∂Y_{k−1} = ∂Y_k T_kᵀ − ½ Z_{k−1}ᵀ ∂T_k``,
-    ``∂Z_{k−1} = T_kᵀ ∂Z_k − ½ ∂T_k Y_{k−1}ᵀ``; then ``∂A = ∂Y_0/t + ∂t·I`` with
-    ``∂t = −½ t^{-3/2}⟨G_W, Z_T⟩ − ⟨∂Y_0, A⟩/t²`` (0 where ``t`` is clamped)."""
-    a = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    z, tr, steps = newton_schulz_steps(a, iterations)
-    tr3 = tr[:, None, None]
-    dz = gw * tr3.rsqrt()
-    dtr = (gw * z).sum((-2, -1)).mul_(tr.pow(-1.5)).mul_(-0.5)
-    dy = torch.zeros_like(gw)
-    for y, zk, t in reversed(steps):
-        dt = torch.bmm(y.mT, dy).add_(torch.bmm(dz, zk.mT))
-        dy = torch.bmm(dy, t.mT).sub_(torch.bmm(zk.mT, dt), alpha=0.5)
-        dz = torch.bmm(t.mT, dz).sub_(torch.bmm(dt, y.mT), alpha=0.5)
-    dtr = dtr.sub_((dy * a).sum((-2, -1)) / tr.square())
-    raw = a.diagonal(dim1=-2, dim2=-1).sum(-1)
-    dtr = dtr * (raw >= tr).to(dtr.dtype)  # the clamp's gradient (float: no bool indexing)
-    dsigma = dy / tr3
-    dsigma.diagonal(dim1=-2, dim2=-1).add_(dtr[:, None])
-    return dsigma
 
 
 def _pca_grad(cov: Tensor, gw: Tensor, eps: float, data_dtype: torch.dtype) -> Tensor:
@@ -174,12 +155,14 @@ def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, mat
     if method == "zca":
         assert u is not None and f is not None
         return zca_input_term(u.reshape(g, d, d), f.reshape(g, d), flat, m).view(gw.shape)
+    if method == "newton":
+        if u is None or f is None:  # statistics without the iterates: run the iteration
+            _, u, f = newton_fit(cov.reshape(g, d, d), eps, iterations)
+        return newton_input_term(u, f, matrix.reshape(g, d, d), flat, m).view(gw.shape)
     if method == "cholesky":
         dsigma = _cholesky_grad(matrix.reshape(g, d, d), flat)
-    elif method == "pca":
-        dsigma = _pca_grad(cov.reshape(g, d, d), flat, eps, data_dtype)
     else:
-        dsigma = _newton_grad(cov.reshape(g, d, d), flat, eps, iterations)
+        dsigma = _pca_grad(cov.reshape(g, d, d), flat, eps, data_dtype)
     return (dsigma + dsigma.mT).div_(m).view(gw.shape)
 
 
@@ -201,11 +184,12 @@ def _(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
     return x.new_empty(x.shape, dtype=mean.dtype)
 
 
-@torch.library.custom_op("normkit::whiten_batch_apply_backward", mutates_args=())
-def _apply_backward(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None,
-                    f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
-                    eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None,
+                   f: Tensor | None, matrix: Tensor, weight: Tensor | None, method: str,
+                   eps: float, iterations: int, data_dtype: torch.dtype, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The input, ``γ`` and ``β`` gradients of :func:`_apply` (the body of the backward op
+    ``normkit::whiten_batch_apply_backward``; see the module docstring)."""
     with _full_precision(mean):
         dt = mean.dtype
         p, g, d, s = x.shape
@@ -225,6 +209,12 @@ def _apply_backward(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tenso
         # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer
         dx = chunked_matmuls([(mt, gr), (pmat, x)], torch.matmul(mt, gsum).div_(-m), mean=mean)
         return _fresh(dx.to(dtype)), _fresh(dweight), _fresh(gsum)
+
+
+# the op for compile / export (one node); eager training calls _backward_impl directly
+# (_EagerApply: no dispatcher round trip per step)
+_apply_backward = torch.library.custom_op("normkit::whiten_batch_apply_backward", _backward_impl,
+                                          mutates_args=())
 
 
 @_apply_backward.register_fake
@@ -264,7 +254,7 @@ def batch_whiten_plain(x: Tensor, weight: Tensor | None, bias: Tensor | None, me
     return y if bias is None else y + bias
 
 
-def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
+def _apply_grad(ctx, grad, backward=_apply_backward):  # type: ignore[no-untyped-def]
     x, mean, cov, u, f, matrix, weight, bias = ctx.saved_tensors
     method, eps, iterations, data_dtype, dtype = ctx.meta
     if torch.is_grad_enabled():  # create_graph: differentiate the composition
@@ -276,14 +266,35 @@ def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
         dx, dweight, dbias = (next(grads) if t is not None and t.requires_grad else None
                               for t in args)
         return dx, None, None, None, None, None, dweight, dbias, None, None, None, None
-    dx, dweight, dbias = _apply_backward(grad, x, mean, cov, u, f, matrix, weight, method, eps,
-                                         iterations, data_dtype, dtype)
+    dx, dweight, dbias = backward(grad, x, mean, cov, u, f, matrix, weight, method, eps,
+                                  iterations, data_dtype, dtype)
     pw, pb = ctx.params
     return (dx, None, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb), None,
             None, None, None)
 
 
 _apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+
+
+class _EagerApply(torch.autograd.Function):
+    """Eager mode's autograd of ``normkit::whiten_batch_apply``: the op runs below autograd in
+    :meth:`forward`, with the op's own setup and backward (:func:`_apply_setup`,
+    :func:`_apply_grad`, its backward op's body called directly). The op's ``torch.library``
+    autograd binds its 12 arguments to the schema on every call (``fill_defaults`` rebuilds the
+    argument list per argument) and applies a generated Function around the op, and the backward
+    op is a dispatcher round trip: 0.1-0.4 ms of a (128, 64, 16, 16) training step, 1-5 % of it
+    (interleaved in one process, dbn / cd_bw / pca_bw / iternorm). Compile and export trace the
+    op itself (:func:`batch_whiten_apply`), one node with the registered autograd."""
+
+    @staticmethod
+    def forward(ctx, *args):  # type: ignore[no-untyped-def]
+        out = _apply(*args)
+        _apply_setup(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        return _apply_grad(ctx, grad, _backward_impl)
 
 
 def batch_whiten_apply(
@@ -298,7 +309,8 @@ def batch_whiten_apply(
 
     Args:
         x: the samples the statistics were computed from.
-        stats: ``(μ, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` with the same
+        stats: ``(μ, Σ, U, f, W)`` of :func:`batch_whiten_fit` of ``x`` (Newton–Schulz: ``U``,
+            ``f`` the iterates and scale, or ``None`` to run the iteration again) with the same
             ``method``, ``eps``, ``iterations`` and ``data_dtype`` (constants to autograd).
 
     Shape:
@@ -318,5 +330,8 @@ def batch_whiten_apply(
         True
     """
     mean, cov, u, f, w = stats
-    return _apply(x, mean, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
-                  data_dtype or x.dtype)
+    args = (x, mean, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
+            data_dtype or x.dtype)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return _apply(*args)
+    return _EagerApply.apply(*args)

@@ -320,13 +320,17 @@ def newton_schulz_matrix(sigma: Tensor, iterations: int = 5, eps: float = 1e-5) 
     after convergence (NaN by T≈40 even in float64) because rounding breaks ``P Σ = Σ P``.
     """
     sigma = _check(sigma, eps)
+    _check_iterations(iterations)
+    z, tr, _ = newton_schulz_steps(sigma + eps * _eye_like(sigma), iterations)
+    return z * tr.rsqrt()[:, None, None]
+
+
+def _check_iterations(iterations: int) -> None:
     if not isinstance(iterations, int) or not 0 < iterations <= MAX_ITERATIONS:
         raise ConfigError(
             f"iterations must be an int in [1, {MAX_ITERATIONS}], got {iterations!r}; "
             f"5 is the paper's default"
         )
-    z, tr, _ = newton_schulz_steps(sigma + eps * _eye_like(sigma), iterations)
-    return z * tr.rsqrt()[:, None, None]
 
 
 def newton_schulz_steps(a: Tensor, iterations: int
@@ -334,7 +338,8 @@ def newton_schulz_steps(a: Tensor, iterations: int
     """The coupled Newton–Schulz iteration of :func:`newton_schulz_matrix` on ``A = Σ + εI``
     ``(G, D, D)``: ``(Z_T, tr A, [(Y_k, Z_k, T_{k+1}) for k < T])`` (``tr A`` clamped at the
     dtype's ``tiny``; ``W = Z_T/√tr A``). The steps are what a hand-derived backward
-    (:mod:`normkit.functional.fused_batch_whiten`) runs in reverse.
+    (:mod:`normkit.functional.fused_newton`) runs in reverse. ``Y_T`` is not formed (``W``
+    does not read it) and ``Z_1 = T_1`` (``Z_0 = I``): 3T − 2 products.
 
     Example:
         >>> a = torch.eye(2).expand(1, 2, 2) * 4.0
@@ -343,15 +348,24 @@ def newton_schulz_steps(a: Tensor, iterations: int
         (8.0, 8, True)
     """
     tr = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
-    y = a / tr[:, None, None]
-    eye = _eye_like(y)
+    z, steps = _newton_iterate(a / tr[:, None, None], iterations)
+    return z, tr, steps
+
+
+def _newton_iterate(y: Tensor, iterations: int, eye: Tensor | None = None
+                    ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """The steps of :func:`newton_schulz_steps` from ``Y_0 = y``: ``(Z_T, [(Y_k, Z_k, T_{k+1})])``
+    (``eye``: the identity expanded to ``y``'s shape, when the caller has one)."""
+    eye = _eye_like(y) if eye is None else eye
     z = eye
     steps = []
-    for _ in range(iterations):
+    for k in range(iterations):
         t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)  # ½(3I − Z_k Y_k)
         steps.append((y, z, t))
-        y, z = torch.bmm(y, t), torch.bmm(t, z)
-    return z, tr, steps
+        if k + 1 < iterations:  # Y_T is not used
+            y = torch.bmm(y, t)
+        z = t if k == 0 else torch.bmm(t, z)  # T_1 Z_0 = T_1 I = T_1 exactly
+    return z, steps
 
 
 def whitening_matrix(
