@@ -82,8 +82,15 @@ class force_ops:  # noqa: N801 (a context manager used like a function)
     module flag.
 
     Example:
+        >>> from normkit.functional.fused_whiten import sample_zca_apply, sample_zca_fit
+        >>> x = torch.randn(3, 1, 2, 6, requires_grad=True)
+        >>> stats = sample_zca_fit(x, ("G", "G", "D", "M"), 1e-5)[2:]
+        >>> type(sample_zca_apply(x, stats, roles=("G", "G", "D", "M")).grad_fn).__name__
+        'Eager_normkit_whiten_sample_applyBackward'
         >>> with force_ops():
-        ...     pass
+        ...     y = sample_zca_apply(x, stats, roles=("G", "G", "D", "M"))
+        >>> type(y.grad_fn).__name__
+        'GeneratedBackwardFor_normkit_whiten_sample_apply_defaultBackward'
     """
 
     def __enter__(self) -> None:
@@ -111,19 +118,20 @@ def eager_op(op: Any, impl: Callable[..., Any], *, setup_context: Callable[..., 
         backward_impl: the backward op's Python implementation, or ``None`` when ``backward``
             calls no op.
 
-    Example:
-        >>> @torch.library.custom_op("normkit_doc::twice", mutates_args=())
-        ... def _twice(x: Tensor) -> Tensor:
-        ...     return x * 2
-        >>> @_twice.register_fake
-        ... def _(x):
-        ...     return torch.empty_like(x)
-        >>> twice = eager_op(_twice, _twice._init_fn, setup_context=lambda ctx, inputs, output: None,
-        ...                  backward=lambda ctx, g: g * 2)
-        >>> x = torch.ones(3, requires_grad=True)
-        >>> twice(x).sum().backward()
-        >>> x.grad
-        tensor([2., 2., 2.])
+    Example (as :mod:`normkit.functional.fused_whiten` declares ``normkit::whiten_sample_apply``)::
+
+        def _apply_impl(x, ...): ...            # the implementation
+        _apply = torch.library.custom_op("normkit::whiten_sample_apply", _apply_impl,
+                                         mutates_args=())
+        def _apply_backward_impl(grad, ...): ...
+        _apply_backward = torch.library.custom_op("normkit::whiten_sample_apply_backward",
+                                                  _apply_backward_impl, mutates_args=())
+        def _apply_grad(ctx, grad, backward=_apply_backward): ...  # calls backward(...)
+        _apply_call = eager_op(_apply, _apply_impl, setup_context=_apply_setup,
+                               backward=_apply_grad, backward_impl=_apply_backward_impl)
+
+    (fake kernels registered on ``_apply`` and ``_apply_backward`` as usual); the public
+    function calls ``_apply_call``. :func:`force_ops` shows both paths.
     """
     op.register_autograd(backward, setup_context=setup_context)
     extra = {} if backward_impl is None else {"backward": backward_impl}
