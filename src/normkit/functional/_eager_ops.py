@@ -158,5 +158,6 @@ def eager_op(op: Any, impl: Callable[..., Any], *, setup_context: Callable[..., 
             return impl(*args)
 
     call.__name__ = call.__qualname__ = name
-    call.__doc__ = f"``{op._qualname}`` in eager mode without the dispatcher (see normkit.functional._eager_ops)."
+    call.__doc__ = (f"``{op._qualname}`` in eager mode without the dispatcher "
+                    "(see normkit.functional._eager_ops).")
     return call

@@ -99,8 +99,8 @@ def switch_whiten_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, ...]
 
 
 def _switch_apply_impl(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
-                  f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
-                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+                       f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
+                       weight: Tensor | None, bias: Tensor | None) -> Tensor:
     with _full_precision(xt):
         dt = xt.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
@@ -122,9 +122,9 @@ def _(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f
 
 
 def _switch_backward_impl(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
-                     f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
-                     weight: Tensor | None, dtype: torch.dtype
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
+                          weight: Tensor | None, dtype: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         xt = _centered(x)[0]
         dt = xt.dtype

@@ -167,8 +167,8 @@ def zca_input_term(u: Tensor, f: Tensor, gw: Tensor, m: int) -> Tensor:
 
 
 def _apply_impl(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-           weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
-           post_bias: Tensor | None, roles: str) -> Tensor:
+                weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
+                post_bias: Tensor | None, roles: str) -> Tensor:
     with _full_precision(centered):
         dt = centered.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
@@ -192,9 +192,9 @@ def _(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
 
 
 def _apply_backward_impl(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-                    weight: Tensor | None, post_weight: Tensor | None, roles: str,
-                    shape: Sequence[int], dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         weight: Tensor | None, post_weight: Tensor | None, roles: str,
+                         shape: Sequence[int], dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         centered = _centered(_samples(x, roles))[0]
         dt = centered.dtype

@@ -94,7 +94,7 @@ def _(x: Tensor, shared: bool, roles: str) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _moments_backward_impl(dcov: Tensor, centered: Tensor, shared: bool, roles: str,
-                      shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+                           shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     with _full_precision(centered):
         m = max(_count(centered, shared), 1)
         dsym = (dcov + dcov.transpose(-1, -2)).to(centered.dtype) / m
@@ -120,7 +120,8 @@ def _moments_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 
 @_first_order(*_FIRST_ORDER)
-def _moments_grad(ctx, dmean, dcov, dcentered, backward=_moments_backward):  # type: ignore[no-untyped-def]
+def _moments_grad(ctx, dmean, dcov, dcentered,  # type: ignore[no-untyped-def]
+                  backward=_moments_backward):
     if dcov is None:
         return None, None, None
     (centered,) = ctx.saved_tensors
@@ -134,7 +135,7 @@ _moments_call = eager_op(_moments, _moments_impl, setup_context=_moments_setup,
 
 # ------------------------------------------------------------------------------ apply
 def _apply_impl(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared: bool,
-           roles: str) -> Tensor:
+                roles: str) -> Tensor:
     with _full_precision(centered):
         return _fresh(grouped_matmul(matrix.to(centered.dtype), centered,
                                      None if shift is None else shift.to(centered.dtype)))
@@ -150,7 +151,7 @@ def _(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared:
 
 
 def _apply_backward_impl(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool, roles: str,
-                    shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                         shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(centered):
         g = grad.to(centered.dtype)
         mat = matrix.to(centered.dtype)
