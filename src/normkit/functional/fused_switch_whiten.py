@@ -5,7 +5,9 @@ a hand-derived backward, built on the per-sample ZCA of :mod:`normkit.functional
 The batch moments are pooled from the per-sample ones (no second pass over the activations), one
 ``eigh`` per sample of the mixed covariance ``Σ_n``, and the backward carries the gradient through
 the mixture weights as well. Both ops compute in at least float32 with autocast off, return fresh
-tensors and are first order (a second derivative raises: use ``native=False``).
+tensors and are first order (a second derivative raises: use ``native=False``). Eager calls
+skip the dispatcher (:func:`~normkit.functional._eager_ops.eager_op`); compiled and exported
+code sees the ops.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .fused_whiten import _centered, _fit_setup, _reduce, inv_sqrt_eigh, zca_input_term
+from ._eager_ops import eager_op
+from .fused_whiten import _centered, _fit_grad, _fit_setup, _reduce, inv_sqrt_eigh, zca_input_term
 from .whiten import _first_order, _full_precision, grouped_matmul
 from .whiten_chunks import chunked_matmuls
 from .whiten_ops import _fresh
@@ -49,15 +52,18 @@ def _mixture(ci: Tensor, cb: Tensor, coef: Tensor) -> Tensor:
     return c[0] * cb + c[1] * _diag(cb) + c[2] * ci + c[3] * _diag(ci)
 
 
-@torch.library.custom_op("normkit::switch_whiten_fit", mutates_args=())
-def _switch_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                Tensor, Tensor, Tensor, Tensor]:
+def _switch_fit_impl(x: Tensor, coef: Tensor, eps: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         p, g, d, _ = x.shape
         xt, ci, delta, mb, cb = _switch_moments(x)
         f, u, w = inv_sqrt_eigh(_mixture(ci, cb, coef).reshape(p * g, d, d), eps)
         return (_fresh(xt), _fresh(ci), _fresh(delta), _fresh(mb), _fresh(cb),
                 _fresh(f.view(p, g, d)), _fresh(u.reshape(p, g, d, d)), _fresh(w.view(p, g, d, d)))
+
+
+_switch_fit = torch.library.custom_op("normkit::switch_whiten_fit", _switch_fit_impl,
+                                      mutates_args=())
 
 
 @_switch_fit.register_fake
@@ -70,7 +76,8 @@ def _(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, ...]:
             e((p, g, d, d), dtype=dt), e((p, g, d, d), dtype=dt))
 
 
-_switch_fit.register_autograd(lambda ctx, *grads: (None, None, None), setup_context=_fit_setup)
+_switch_fit_call = eager_op(_switch_fit, _switch_fit_impl, setup_context=_fit_setup,
+                            backward=_fit_grad)
 
 
 def switch_whiten_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, ...]:
@@ -88,13 +95,12 @@ def switch_whiten_fit(x: Tensor, coef: Tensor, eps: float) -> tuple[Tensor, ...]
         >>> torch.allclose(cb[0, 0], torch.cov(flat, correction=0))
         True
     """
-    return _switch_fit(x, coef, float(eps))
+    return _switch_fit_call(x, coef, float(eps))
 
 
-@torch.library.custom_op("normkit::switch_whiten_apply", mutates_args=())
-def _switch_apply(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
-                  f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
-                  weight: Tensor | None, bias: Tensor | None) -> Tensor:
+def _switch_apply_impl(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
+                       f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
+                       weight: Tensor | None, bias: Tensor | None) -> Tensor:
     with _full_precision(xt):
         dt = xt.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
@@ -104,6 +110,10 @@ def _switch_apply(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, 
         return _fresh(grouped_matmul(mat, xt, shift))
 
 
+_switch_apply = torch.library.custom_op("normkit::switch_whiten_apply", _switch_apply_impl,
+                                        mutates_args=())
+
+
 @_switch_apply.register_fake
 def _(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f: Tensor,
       matrix: Tensor, mean_coef: Tensor, coef: Tensor, weight: Tensor | None,
@@ -111,11 +121,10 @@ def _(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f
     return torch.empty_like(xt, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("normkit::switch_whiten_apply_backward", mutates_args=())
-def _switch_backward(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
-                     f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
-                     weight: Tensor | None, dtype: torch.dtype
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _switch_backward_impl(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor,
+                          f: Tensor, matrix: Tensor, mean_coef: Tensor, coef: Tensor,
+                          weight: Tensor | None, dtype: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         xt = _centered(x)[0]
         dt = xt.dtype
@@ -153,6 +162,10 @@ def _switch_backward(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Ten
                 _fresh(gsum.view(p, g, d, 1)), da, dcoef)
 
 
+_switch_backward = torch.library.custom_op("normkit::switch_whiten_apply_backward",
+                                           _switch_backward_impl, mutates_args=())
+
+
 @_switch_backward.register_fake
 def _(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb: Tensor, u: Tensor, f: Tensor,
       matrix: Tensor, mean_coef: Tensor, coef: Tensor, weight: Tensor | None,
@@ -173,16 +186,17 @@ def _switch_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 @_first_order("the fused switchable-whitening backward",
               "build the module with native=False for the plain autograd composition")
-def _switch_grad(ctx, grad):  # type: ignore[no-untyped-def]
+def _switch_grad(ctx, grad, backward=_switch_backward):  # type: ignore[no-untyped-def]
     x, delta, ci, cb, u, f, matrix, mean_coef, coef, weight = ctx.saved_tensors
-    dx, dweight, dbias, da, dcoef = _switch_backward(grad, x, delta, ci, cb, u, f, matrix,
-                                                     mean_coef, coef, weight, ctx.meta)
+    dx, dweight, dbias, da, dcoef = backward(grad, x, delta, ci, cb, u, f, matrix, mean_coef,
+                                             coef, weight, ctx.meta)
     pw, pb, pa, pc = ctx.params
     return (dx, None, None, None, None, None, None, None, _reduce(da, pa), _reduce(dcoef, pc),
             _reduce(dweight, pw), _reduce(dbias, pb))
 
 
-_switch_apply.register_autograd(_switch_grad, setup_context=_switch_setup)
+_switch_apply_call = eager_op(_switch_apply, _switch_apply_impl, setup_context=_switch_setup,
+                              backward=_switch_grad, backward_impl=_switch_backward_impl)
 
 
 def switch_whiten_apply(x: Tensor, stats: Sequence[Tensor], mean_coef: Tensor, coef: Tensor, *,
@@ -215,4 +229,4 @@ def switch_whiten_apply(x: Tensor, stats: Sequence[Tensor], mean_coef: Tensor, c
         True
     """
     xt, ci, delta, cb, f, u, w = stats
-    return _switch_apply(x, xt, delta, ci, cb, u, f, w, mean_coef, coef, weight, bias)
+    return _switch_apply_call(x, xt, delta, ci, cb, u, f, w, mean_coef, coef, weight, bias)

@@ -23,7 +23,9 @@ activation-sized is saved beyond the input (``x − μ`` is recomputed from it: 
 ``D × D`` factors ``U``, ``W`` and the eigenvalues.
 
 Both ops compute in at least float32 with autocast off, return fresh tensors and are first
-order (a second derivative raises: use ``native=False``, the plain composition).
+order (a second derivative raises: use ``native=False``, the plain composition). Eager calls
+skip the dispatcher (:func:`~normkit.functional._eager_ops.eager_op`); compiled and exported
+code sees the ops.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._eager_ops import eager_op
 from .partition import Role, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, grouped_matmul
 from .whiten_chunks import chunked_matmuls
@@ -81,9 +84,8 @@ def _centered(xs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------- fit
-@torch.library.custom_op("normkit::whiten_sample_fit", mutates_args=())
-def _fit(x: Tensor, roles: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                       Tensor]:
+def _fit_impl(x: Tensor, roles: str, eps: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         centered, mean = _centered(_samples(x, roles))
         p, g, d, s = centered.shape
@@ -91,6 +93,9 @@ def _fit(x: Tensor, roles: str, eps: float) -> tuple[Tensor, Tensor, Tensor, Ten
         f, u, w = inv_sqrt_eigh(cov.view(p * g, d, d), eps)
         return (_fresh(mean), _fresh(cov), _fresh(centered), _fresh(f.view(p, g, d)),
                 _fresh(u.reshape(p, g, d, d)), _fresh(w.view(p, g, d, d)))
+
+
+_fit = torch.library.custom_op("normkit::whiten_sample_fit", _fit_impl, mutates_args=())
 
 
 @_fit.register_fake
@@ -110,7 +115,7 @@ def _fit_grad(ctx, *grads):  # type: ignore[no-untyped-def]
     return None, None, None
 
 
-_fit.register_autograd(_fit_grad, setup_context=_fit_setup)
+_fit_call = eager_op(_fit, _fit_impl, setup_context=_fit_setup, backward=_fit_grad)
 
 
 def sample_zca_fit(x: Tensor, roles: Sequence[Role], eps: float
@@ -131,7 +136,7 @@ def sample_zca_fit(x: Tensor, roles: Sequence[Role], eps: float
         >>> torch.allclose(cov[0, 0], torch.cov(x[0, 0], correction=0))
         True
     """
-    return _fit(x, _roles(roles), float(eps))
+    return _fit_call(x, _roles(roles), float(eps))
 
 
 # ----------------------------------------------------------------------------- apply
@@ -161,10 +166,9 @@ def zca_input_term(u: Tensor, f: Tensor, gw: Tensor, m: int) -> Tensor:
     return torch.bmm(u, torch.bmm(inner, u.mT))
 
 
-@torch.library.custom_op("normkit::whiten_sample_apply", mutates_args=())
-def _apply(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-           weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
-           post_bias: Tensor | None, roles: str) -> Tensor:
+def _apply_impl(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+                weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
+                post_bias: Tensor | None, roles: str) -> Tensor:
     with _full_precision(centered):
         dt = centered.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
@@ -177,6 +181,9 @@ def _apply(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
         return _fresh(y)
 
 
+_apply = torch.library.custom_op("normkit::whiten_sample_apply", _apply_impl, mutates_args=())
+
+
 @_apply.register_fake
 def _(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
       weight: Tensor | None, bias: Tensor | None, post_weight: Tensor | None,
@@ -184,11 +191,10 @@ def _(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
     return torch.empty_like(centered, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("normkit::whiten_sample_apply_backward", mutates_args=())
-def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
-                    weight: Tensor | None, post_weight: Tensor | None, roles: str,
-                    shape: Sequence[int], dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _apply_backward_impl(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
+                         weight: Tensor | None, post_weight: Tensor | None, roles: str,
+                         shape: Sequence[int], dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _full_precision(x):
         centered = _centered(_samples(x, roles))[0]
         dt = centered.dtype
@@ -225,6 +231,10 @@ def _apply_backward(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tenso
                 _fresh(gsum.view(p, g, d, 1)), dpost_w, dpost_b)
 
 
+_apply_backward = torch.library.custom_op("normkit::whiten_sample_apply_backward",
+                                          _apply_backward_impl, mutates_args=())
+
+
 @_apply_backward.register_fake
 def _(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: Tensor,
       weight: Tensor | None, post_weight: Tensor | None, roles: str, shape: Sequence[int],
@@ -254,17 +264,18 @@ def _reduce(t: Tensor, meta: tuple[tuple[int, ...], torch.dtype] | None) -> Tens
 
 
 @_first_order(*_FIRST_ORDER)
-def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
+def _apply_grad(ctx, grad, backward=_apply_backward):  # type: ignore[no-untyped-def]
     x, u, f, matrix, weight, post_weight = ctx.saved_tensors
     roles, shape, dtype = ctx.meta
-    dx, dweight, dbias, dpw, dpb = _apply_backward(grad, x, u, f, matrix, weight, post_weight,
-                                                   roles, shape, dtype)
+    dx, dweight, dbias, dpw, dpb = backward(grad, x, u, f, matrix, weight, post_weight, roles,
+                                            shape, dtype)
     pw, pb, ppw, ppb = ctx.params
     return (dx, None, None, None, None, _reduce(dweight, pw), _reduce(dbias, pb),
             _reduce(dpw, ppw), _reduce(dpb, ppb), None)
 
 
-_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+_apply_call = eager_op(_apply, _apply_impl, setup_context=_apply_setup, backward=_apply_grad,
+                       backward_impl=_apply_backward_impl)
 
 
 def sample_zca_apply(
@@ -308,4 +319,4 @@ def sample_zca_apply(
         True
     """
     centered, f, u, w = stats
-    return _apply(x, centered, u, f, w, weight, bias, post_weight, post_bias, _roles(roles))
+    return _apply_call(x, centered, u, f, w, weight, bias, post_weight, post_bias, _roles(roles))

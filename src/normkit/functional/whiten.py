@@ -80,13 +80,13 @@ def _first_order(what: str, instead: str):  # type: ignore[no-untyped-def]
 
     def decorate(backward):  # type: ignore[no-untyped-def]
         @functools.wraps(backward)
-        def wrapped(ctx, *grads):  # type: ignore[no-untyped-def]
+        def wrapped(ctx, *grads, **kwargs):  # type: ignore[no-untyped-def]
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"{what} is first-order only: second derivatives (backward with "
                     f"create_graph=True) are not implemented; {instead}"
                 )
-            return backward(ctx, *grads)
+            return backward(ctx, *grads, **kwargs)
 
         return wrapped
 

@@ -24,7 +24,10 @@ constants to autograd when both ops are used together, as :func:`whiten_with_gra
 
 Both ops compute in at least float32 with autocast disabled (their statistics and matrices are
 float32 under ``torch.autocast``), return fresh tensors (never views: an in-place op such as
-``ReLU(inplace=True)`` may follow) and are first order: a second derivative raises.
+``ReLU(inplace=True)`` may follow) and are first order: a second derivative raises. Eager
+calls skip the dispatcher (:func:`~normkit.functional._eager_ops.eager_op`: the same
+implementation, setup and backward in an ``autograd.Function``); compiled and exported code
+sees the ops.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._eager_ops import eager_op
 from .partition import Role, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, batch_moments, grouped_matmul
 from .whiten_chunks import chunked_moments
@@ -68,14 +72,16 @@ def _count(centered: Tensor, shared: bool) -> int:
 
 
 # ---------------------------------------------------------------------------- moments
-@torch.library.custom_op("normkit::whiten_moments", mutates_args=())
-def _moments(x: Tensor, shared: bool, roles: str) -> tuple[Tensor, Tensor, Tensor]:
+def _moments_impl(x: Tensor, shared: bool, roles: str) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(x):
         if shared and not roles:  # in place: centring and covariance chunk by chunk
             mean, cov, centered = chunked_moments(x)
         else:
             mean, cov, centered = batch_moments(_samples(x, roles), shared)
         return _fresh(mean), _fresh(cov), _fresh(centered.contiguous())
+
+
+_moments = torch.library.custom_op("normkit::whiten_moments", _moments_impl, mutates_args=())
 
 
 @_moments.register_fake
@@ -87,13 +93,16 @@ def _(x: Tensor, shared: bool, roles: str) -> tuple[Tensor, Tensor, Tensor]:
             x.new_empty((p, g, d, s), dtype=dt))
 
 
-@torch.library.custom_op("normkit::whiten_moments_backward", mutates_args=())
-def _moments_backward(dcov: Tensor, centered: Tensor, shared: bool, roles: str,
-                      shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+def _moments_backward_impl(dcov: Tensor, centered: Tensor, shared: bool, roles: str,
+                           shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     with _full_precision(centered):
         m = max(_count(centered, shared), 1)
         dsym = (dcov + dcov.transpose(-1, -2)).to(centered.dtype) / m
         return _to_input(grouped_matmul(dsym, centered), shape, roles, dtype)
+
+
+_moments_backward = torch.library.custom_op("normkit::whiten_moments_backward",
+                                            _moments_backward_impl, mutates_args=())
 
 
 @_moments_backward.register_fake
@@ -111,24 +120,28 @@ def _moments_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 
 @_first_order(*_FIRST_ORDER)
-def _moments_grad(ctx, dmean, dcov, dcentered):  # type: ignore[no-untyped-def]
+def _moments_grad(ctx, dmean, dcov, dcentered,  # type: ignore[no-untyped-def]
+                  backward=_moments_backward):
     if dcov is None:
         return None, None, None
     (centered,) = ctx.saved_tensors
     shared, roles, shape, dtype = ctx.meta
-    return _moments_backward(dcov, centered, shared, roles, shape, dtype), None, None
+    return backward(dcov, centered, shared, roles, shape, dtype), None, None
 
 
-_moments.register_autograd(_moments_grad, setup_context=_moments_setup)
+_moments_call = eager_op(_moments, _moments_impl, setup_context=_moments_setup,
+                         backward=_moments_grad, backward_impl=_moments_backward_impl)
 
 
 # ------------------------------------------------------------------------------ apply
-@torch.library.custom_op("normkit::whiten_apply", mutates_args=())
-def _apply(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared: bool,
-           roles: str) -> Tensor:
+def _apply_impl(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared: bool,
+                roles: str) -> Tensor:
     with _full_precision(centered):
         return _fresh(grouped_matmul(matrix.to(centered.dtype), centered,
                                      None if shift is None else shift.to(centered.dtype)))
+
+
+_apply = torch.library.custom_op("normkit::whiten_apply", _apply_impl, mutates_args=())
 
 
 @_apply.register_fake
@@ -137,9 +150,8 @@ def _(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared:
     return torch.empty_like(centered, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("normkit::whiten_apply_backward", mutates_args=())
-def _apply_backward(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool, roles: str,
-                    shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _apply_backward_impl(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool, roles: str,
+                         shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(centered):
         g = grad.to(centered.dtype)
         mat = matrix.to(centered.dtype)
@@ -150,6 +162,10 @@ def _apply_backward(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool
         mat_t = mat.transpose(-1, -2)
         dx = grouped_matmul(mat_t, g, torch.matmul(mat_t, gsum).div_(-m))  # Mᵀ (g − ḡ)
         return _to_input(dx, shape, roles, dtype), _fresh(outer.to(matrix.dtype)), _fresh(gsum)
+
+
+_apply_backward = torch.library.custom_op("normkit::whiten_apply_backward", _apply_backward_impl,
+                                          mutates_args=())
 
 
 @_apply_backward.register_fake
@@ -168,10 +184,10 @@ def _apply_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 
 @_first_order(*_FIRST_ORDER)
-def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
+def _apply_grad(ctx, grad, backward=_apply_backward):  # type: ignore[no-untyped-def]
     centered, matrix = ctx.saved_tensors
     shared, roles, shape, dtype, shift_meta = ctx.meta
-    dx, dmat, dshift = _apply_backward(grad, centered, matrix, shared, roles, shape, dtype)
+    dx, dmat, dshift = backward(grad, centered, matrix, shared, roles, shape, dtype)
     if shift_meta is not None:
         lead, sdt = shift_meta[0][0], shift_meta[1]
         dshift = (dshift if dshift.shape[0] == lead else dshift.sum(0, keepdim=True)).to(sdt)
@@ -180,7 +196,8 @@ def _apply_grad(ctx, grad):  # type: ignore[no-untyped-def]
     return dx, None, dmat, dshift, None, None
 
 
-_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
+_apply_call = eager_op(_apply, _apply_impl, setup_context=_apply_setup, backward=_apply_grad,
+                       backward_impl=_apply_backward_impl)
 
 
 # ----------------------------------------------------------------------------- public
@@ -208,7 +225,7 @@ def whiten_moments(x: Tensor, *, shared: bool, roles: Sequence[Role] | None = No
         >>> all(torch.allclose(a, b) for a, b in zip((mean, cov, xc), ref))
         True
     """
-    return _moments(x, shared, _roles(roles))
+    return _moments_call(x, shared, _roles(roles))
 
 
 def whiten_with_gradient(
@@ -257,4 +274,4 @@ def whiten_with_gradient(
         True
     """
     mat = matrix if weight is None else matrix * weight.to(matrix.dtype)
-    return _apply(x, centered, mat, bias, shared, _roles(roles))
+    return _apply_call(x, centered, mat, bias, shared, _roles(roles))
