@@ -1,6 +1,6 @@
 """Eager training applies ``normkit::whiten_batch_apply`` through a plain ``autograd.Function``
-(``fused_batch_whiten._EagerApply``) instead of the op's ``torch.library`` autograd: the same
-setup and backward, so the same values — checked here against the op's registered autograd,
+(``_eager_ops.eager_op``: ``fused_batch_whiten._apply_call``) instead of the op's
+``torch.library`` autograd: the same setup and backward, so the same values — checked here against the op's registered autograd,
 first and second derivatives, float64 (identical operations: ``torch.equal``)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_eager_function_is_the_ops_autograd(method: str) -> None:
                                                     F64)
 
     eager, op = eager_apply(), op_apply()
-    assert type(eager.grad_fn).__name__ == "_EagerApplyBackward"
+    assert type(eager.grad_fn).__name__ == "Eager_normkit_whiten_batch_applyBackward"
     assert "whiten_batch_apply" in type(op.grad_fn).__name__
     assert torch.equal(eager, op)
     for a, c in zip(torch.autograd.grad(eager, (x, w, b), g),

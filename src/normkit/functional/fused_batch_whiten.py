@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ._eager_ops import eager_op
 from .fused_newton import newton_fit, newton_input_term
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
 from .whiten import (
@@ -166,15 +167,18 @@ def _sigma_term(gw: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None, mat
     return (dsigma + dsigma.mT).div_(m).view(gw.shape)
 
 
-@torch.library.custom_op("normkit::whiten_batch_apply", mutates_args=())
-def _apply(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
-           matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str, eps: float,
-           iterations: int, data_dtype: torch.dtype) -> Tensor:
+def _apply_impl(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tensor | None,
+                matrix: Tensor, weight: Tensor | None, bias: Tensor | None, method: str,
+                eps: float, iterations: int, data_dtype: torch.dtype) -> Tensor:
+    """``(γ ⊙ W) x_c + β`` (the body of the op ``normkit::whiten_batch_apply``)."""
     with _full_precision(mean):
         dt = mean.dtype
         mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
         return _fresh(chunked_matmuls([(mat, x)], None if bias is None else bias.to(dt),
                                       mean=mean))
+
+
+_apply = torch.library.custom_op("normkit::whiten_batch_apply", _apply_impl, mutates_args=())
 
 
 @_apply.register_fake
@@ -212,7 +216,7 @@ def _backward_impl(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor
 
 
 # the op for compile / export (one node); eager training calls _backward_impl directly
-# (_EagerApply: no dispatcher round trip per step)
+# (_eager_ops.eager_op: no dispatcher round trip per step)
 _apply_backward = torch.library.custom_op("normkit::whiten_batch_apply_backward", _backward_impl,
                                           mutates_args=())
 
@@ -273,28 +277,11 @@ def _apply_grad(ctx, grad, backward=_apply_backward):  # type: ignore[no-untyped
             None, None, None)
 
 
-_apply.register_autograd(_apply_grad, setup_context=_apply_setup)
-
-
-class _EagerApply(torch.autograd.Function):
-    """Eager mode's autograd of ``normkit::whiten_batch_apply``: the op runs below autograd in
-    :meth:`forward`, with the op's own setup and backward (:func:`_apply_setup`,
-    :func:`_apply_grad`, its backward op's body called directly). The op's ``torch.library``
-    autograd binds its 12 arguments to the schema on every call (``fill_defaults`` rebuilds the
-    argument list per argument) and applies a generated Function around the op, and the backward
-    op is a dispatcher round trip: 0.1-0.4 ms of a (128, 64, 16, 16) training step, 1-5 % of it
-    (interleaved in one process, dbn / cd_bw / pca_bw / iternorm). Compile and export trace the
-    op itself (:func:`batch_whiten_apply`), one node with the registered autograd."""
-
-    @staticmethod
-    def forward(ctx, *args):  # type: ignore[no-untyped-def]
-        out = _apply(*args)
-        _apply_setup(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        return _apply_grad(ctx, grad, _backward_impl)
+# eager training: the same implementation, setup and backward without the dispatcher's per-call
+# binding of the 12 arguments and the backward op's round trip (0.1-0.4 ms of a (128, 64, 16, 16)
+# step: dbn, cd_bw, pca_bw, iternorm); compile and export trace the op
+_apply_call = eager_op(_apply, _apply_impl, setup_context=_apply_setup, backward=_apply_grad,
+                       backward_impl=_backward_impl)
 
 
 def batch_whiten_apply(
@@ -332,6 +319,4 @@ def batch_whiten_apply(
     mean, cov, u, f, w = stats
     args = (x, mean, cov, u, f, w, weight, bias, method, float(eps), iterations or 5,
             data_dtype or x.dtype)
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return _apply(*args)
-    return _EagerApply.apply(*args)
+    return _apply_call(*args)  # type: ignore[no-any-return]
