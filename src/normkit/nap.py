@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import ConfigError
@@ -45,6 +46,10 @@ from .functional.partition import Role, reduce_dims, resolve_groups, stat_count,
 
 __all__ = ["Partition", "Batch", "BatchGroup", "Layer", "Instance", "Group", "Position", "Local",
            "Synced"]
+
+
+# ``roles -> reduce_dims(roles)``: the few role tuples of the partitions
+_DIMS: dict[tuple[str, ...], tuple[int, ...]] = {}
 
 
 class Partition:
@@ -69,7 +74,13 @@ class Partition:
     @property
     def dims(self) -> tuple[int, ...]:
         """The reduced (``M``) axes of the canonical view."""
-        return reduce_dims(self.roles)
+        roles = self.roles
+        if type(roles) is not tuple or torch.compiler.is_compiling():  # traced: no Python state
+            return reduce_dims(roles)
+        dims = _DIMS.get(roles)  # eager: once per roles tuple (read on every call)
+        if dims is None:
+            dims = _DIMS.setdefault(roles, reduce_dims(roles))
+        return dims
 
     def count(self, v: Tensor, spatial: Sequence[int]) -> int:
         """Samples per statistic for the canonical view ``v``."""

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .merging import pool_moments as _pool_moments
+from .partition import as_dtype
 from .statistics import moments as _moments
 
 __all__ = ["OwnMoments", "OwnStats", "batch_channel_rows", "batch_standardize",
@@ -117,8 +118,8 @@ def batch_standardize(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps
         x, _flat(weight, c), _flat(bias, c), None, None, True, 0.0, eps)
     shape = (1, c, 1, 1)
     # the kernel's 1/√(σ² + ε), inverted: σ² to rounding (a relative error of a few ulps of σ²+ε)
-    var = (invstd.to(v.dtype).reshape(shape).pow(-2) - eps).clamp_min(0.0)
-    return h.reshape(v.shape), mean.to(v.dtype).reshape(shape), var
+    var = (as_dtype(invstd, v.dtype).reshape(shape).pow(-2) - eps).clamp_min(0.0)
+    return h.reshape(v.shape), as_dtype(mean, v.dtype).reshape(shape), var
 
 
 def group_standardize(h: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
@@ -227,13 +228,13 @@ class _StandardizeAffine(torch.autograd.Function):
             return (*_plain_vjp(standardize_affine_plain, (v, weight, bias, ctx.eps, dims), g),
                     None, None)
         dt = r.dtype
-        x = v.to(dt)
-        g = g.to(dt)
+        x = as_dtype(v, dt)
+        g = as_dtype(g, dt)
         last = (x.dim() - 1,)
         s1 = g.sum(last, keepdim=True)  # Σ_S g per row
         s2 = _dot(g, x, last)  # Σ_S g x per row
         gx_hat = r * (s2 - mean * s1)  # Σ_S g x̂ per row
-        w = None if weight is None else weight.to(dt)
+        w = None if weight is None else as_dtype(weight, dt)
         g_weight = _param_grad(weight, gx_hat)
         g_bias = _param_grad(bias, s1)
         dx = None

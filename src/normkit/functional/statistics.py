@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .partition import stat_count, stats_dtype
+from .partition import as_dtype, stat_count, stats_dtype
 from .shifted import inlinable, shifted_moment_sums, shifted_sum
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
 
 
 def _up(x: Tensor) -> Tensor:
-    return x.to(stats_dtype(x))
+    return as_dtype(x, stats_dtype(x))
 
 
 def compiling_kernels() -> bool:
