@@ -314,20 +314,20 @@ def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | N
 def frn_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, tau: Tensor | None,
               extra_eps: Tensor | None, eps: float, dims: Sequence[int]) -> Tensor:
     """:func:`frn` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     ms = x.square().mean(tuple(dims), keepdim=True)
     if extra_eps is not None:
         ms = ms + extra_eps
     y = x * torch.rsqrt(ms + eps)
     y = y if weight is None else y * weight
     y = y if bias is None else y + bias
-    return y if tau is None else torch.maximum(y, tau.to(y.dtype))
+    return y if tau is None else torch.maximum(y, as_dtype(tau, y.dtype))
 
 
 def evo_s0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
                  eps: float, dims: Sequence[int]) -> Tensor:
     """:func:`evo_s0` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     var = x.var(tuple(dims), correction=0, keepdim=True)
     y = x * torch.sigmoid(vparam * x) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
@@ -460,7 +460,7 @@ def evo_b0(v: Tensor, *, vparam: Tensor, weight: Tensor | None, bias: Tensor | N
 def evo_b0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
                  batch_var: Tensor | None, eps: float) -> Tensor:
     """:func:`evo_b0` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     vi = x.var(3, correction=0, keepdim=True)
     vb = x.var((0, 3), correction=0, keepdim=True) if batch_var is None else batch_var
     y = x / torch.maximum(torch.sqrt(vb + eps), vparam * x + torch.sqrt(vi + eps))

@@ -306,7 +306,7 @@ def _param_grad(t: Tensor, param: Tensor) -> Tensor:
     positions) of the backward's other row sums, not in a pass of its own (a row reduction of
     a different shape)."""
     if S.compiling_kernels():
-        t = t * (param.to(t.dtype) * 0.0 + 1.0)
+        t = t * (as_dtype(param, t.dtype) * 0.0 + 1.0)
     return _sum_to(t, param.shape).to(param.dtype)
 
 
@@ -403,7 +403,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
         else:
             xhat = (x - mu).mul_(r) if ctx.center else x * r
             g_w = _sum_to(xhat.mul_(gy), weight.shape)
-        g_w = g_w.to(weight.dtype)
+        g_w = as_dtype(g_w, weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
         g_b = _param_grad(gy, bias)
     return dx, g_w, g_b, *_NONES
@@ -456,5 +456,5 @@ def local_divisive_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     flat = (*mean.shape[:3], -1)
     scale, shift = divisive_coefficients(mean.reshape(flat) if center else None,
                                          second.reshape(flat), k, alpha, beta)
-    return affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
+    return affine_transform(as_dtype(v, scale.dtype), scale, shift, weight, bias)
 

@@ -198,7 +198,7 @@ class _RobustScale(torch.autograd.Function):
     def forward(ctx: Any, v: Tensor, mean: Tensor, scale: Tensor,  # type: ignore[override]
                 weight: Tensor | None, bias: Tensor | None, eps: float, dims: tuple[int, ...],
                 kind: str, c: float) -> Tensor:
-        x = v.to(_compute_dtype(v))
+        x = as_dtype(v, _compute_dtype(v))
         r = 1.0 / (as_dtype(scale, x.dtype) + eps)
         mean = as_dtype(mean, x.dtype)
         a = r if weight is None else r * as_dtype(weight, x.dtype)
@@ -271,7 +271,7 @@ def robust_scale(v: Tensor, dims: tuple[int, ...], *, kind: str, mean: Tensor, s
 def robust_scale_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                        dims: tuple[int, ...], kind: str, c: float) -> Tensor:
     """:func:`robust_scale` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     mean = x.mean(dims, keepdim=True)
     rho = ((x - mean).abs().mean(dims, keepdim=True) if kind == "l1"
            else x.amax(dims, keepdim=True) - x.amin(dims, keepdim=True))
@@ -284,7 +284,7 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, dims: tuple[int, ...]  # type: ignore[override]
                 ) -> tuple[Tensor, Tensor]:
-        mean, var = _moments(v.to(_compute_dtype(v)), dims)
+        mean, var = _moments(as_dtype(v, _compute_dtype(v)), dims)
         ctx.save_for_backward(v, mean)
         ctx.dims = dims
         return mean, var
@@ -297,7 +297,7 @@ class _Moments(torch.autograd.Function):
             y = moments_plain(v, ctx.dims)
             (dv,) = torch.autograd.grad(y, v, (g_mean, g_var), create_graph=True)
             return dv, None
-        x = v.to(mean.dtype)
+        x = as_dtype(v, mean.dtype)
         big = _reduced(x, ctx.dims)
         c = g_var * (2.0 / big)  # ∂σ²/∂x = 2(x − μ)/M, ∂μ/∂x = 1/M
         dx = (x * c).add_(g_mean / big - c * mean)
@@ -319,7 +319,7 @@ def moments(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 def moments_plain(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """:func:`moments` as the plain autograd composition."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     mean = x.mean(dims, keepdim=True)
     return mean, (x - mean).square().mean(dims, keepdim=True)
 
@@ -328,7 +328,7 @@ class _StandardizeAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, mean: Tensor, var: Tensor,  # type: ignore[override]
                 weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-        x = v.to(_compute_dtype(v))
+        x = as_dtype(v, _compute_dtype(v))
         s = torch.rsqrt(var + eps)
         a = s if weight is None else s * as_dtype(weight, x.dtype)
         b = -mean * a
@@ -387,7 +387,7 @@ def standardize_affine(v: Tensor, mean: Tensor, var: Tensor, *, weight: Tensor |
 def standardize_affine_plain(v: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
                              bias: Tensor | None, eps: float) -> Tensor:
     """:func:`standardize_affine` as the plain autograd composition."""
-    y = (v.to(_compute_dtype(v)) - mean) * torch.rsqrt(var + eps)
+    y = (as_dtype(v, _compute_dtype(v)) - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias
 

@@ -43,7 +43,7 @@ def channel_mean_square(v: Tensor) -> Tensor:
         >>> torch.allclose(channel_mean_square(x), x.square().mean((1, 2), keepdim=True))
         True
     """
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     n, a, b, s = x.shape
     x3 = x.reshape(n, a * b, s)
     return (torch.linalg.vecdot(x3, x3, dim=1) / (a * b)).reshape(n, 1, 1, s)
@@ -83,7 +83,7 @@ class _RmsScale(torch.autograd.Function):
             gx = buf.reshape(n, c, s)
             # Σ_{n,s} g x r and Σ_c γ g x: batched matrix products on g x
             g_weight = torch.bmm(gx, r.reshape(n, s, 1)).sum(0).reshape(weight.shape)
-            g_weight = g_weight.to(weight.dtype)
+            g_weight = as_dtype(g_weight, weight.dtype)
             acc = torch.bmm(w.reshape(1, 1, c).expand(n, 1, c), gx).reshape(n, 1, 1, s)
             buf = buf.copy_(g).mul_(w)
         else:
@@ -124,7 +124,7 @@ def rms_scale(v: Tensor, *, weight: Tensor | None, bias: Tensor | None, eps: flo
 
 def rms_scale_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """:func:`rms_scale` as the plain autograd composition."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     y = x * torch.rsqrt(x.square().mean(_DIMS, keepdim=True) + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias

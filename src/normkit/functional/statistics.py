@@ -176,8 +176,8 @@ def ema_update(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
     buffer's dtype as a Python float is.
     """
     if isinstance(factor, Tensor):
-        factor = factor.to(running.dtype)
-    running.lerp_(batch.to(running.dtype), factor)
+        factor = as_dtype(factor, running.dtype)
+    running.lerp_(as_dtype(batch, running.dtype), factor)
 
 
 def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
