@@ -473,7 +473,7 @@ class Normalization(nn.Module):
             buffers={k: t if k in live else snapshot(t) for k, t in self._state_buffers().items()},
         )
 
-    @torch.no_grad()
+    @S.no_grad
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:
         factor = self._factor()
         for k, t in self.nop.running(stats, m).items():

@@ -36,12 +36,13 @@ from torch import Tensor
 from .fused import _reduced, _sum_sq
 from .fused_robust import _last_first, _sum_dot
 from .merging import weighted_mean
+from .statistics import no_grad
 from .whiten import _first_order
 
 __all__ = ["moving_average_standardize", "power_scale", "push_history", "with_history"]
 
 
-@torch.no_grad()
+@no_grad
 def push_history(history: Tensor, weight: Tensor, entry: Tensor) -> None:
     """Shift register ``(k, …)``: ``entry`` becomes ``history[0]`` (weight 1), the oldest entry
     drops out; ``weight`` ``(k,)`` moves with it.

@@ -19,8 +19,10 @@ Policy (every normkit method follows it):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,11 @@ from torch import Tensor
 from .partition import as_dtype, stat_count, stats_dtype
 from .shifted import inlinable, shifted_moment_sums, shifted_sum
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 __all__ = [
     "compiling_kernels",
+    "no_grad",
     "moments",
     "shifted_moments",
     "mean_square",
@@ -167,7 +172,31 @@ def unbiased_variance(var: Tensor, m: int) -> Tensor:
     return var * (m / (m - 1)) if m > 1 else var
 
 
-@torch.no_grad()
+def no_grad(fn: _F) -> _F:
+    """``@torch.no_grad()`` for functions called on every forward, often already without
+    gradients (nested in another such function): the call skips the context object torch's
+    decorator makes per call (~1.6 µs) when gradients are already off. Same semantics; traced,
+    the same no-grad region.
+
+    Example:
+        >>> @no_grad
+        ... def double_(t): t.mul_(2)
+        >>> p = torch.ones(2, requires_grad=True)
+        >>> double_(p); p
+        tensor([2., 2.], requires_grad=True)
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+@no_grad
 def ema_update(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
     """``running ← (1 − factor)·running + factor·batch`` in place (torch's momentum meaning).
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
+from ..functional import statistics as S
 from ..functional.fused_robust import constant_standardize, standardize_affine
 from ..functional.fused_robust import moments as fused_moments
 from ..nap import Batch, Local, Partition, Synced
@@ -415,7 +416,7 @@ class MomentumStandardize(_BlendedStandardize):
         stats["var"] = lam * prev_var + (1 - lam) * var
         return stats
 
-    @torch.no_grad()
+    @S.no_grad
     def update_state(self, state: Stats, stats: Stats) -> None:
         if "momentum_mean" in state:
             state["momentum_mean"].copy_(stats["mean"].reshape(-1))
