@@ -207,8 +207,10 @@ def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor |
         >>> torch.allclose(frn(x, (3,), weight=None, bias=None, tau=x.new_zeros(()), eps=1e-6), ref)
         True
     """
-    return _FRN.apply(v, weight, bias, tau, extra_eps, eps, tuple(dims),  # type: ignore[no-any-return]
-                      None if ms is None else ms.detach())
+    if ms is not None and (ms.requires_grad or torch.compiler.is_compiling()):
+        ms = ms.detach()  # (eager: fitted under no_grad, nothing to detach — a ~1 µs call)
+    return _FRN.apply(v, weight, bias, tau, extra_eps,  # type: ignore[no-any-return]
+                      eps, tuple(dims), ms)
 
 
 class _EvoS0(torch.autograd.Function):

@@ -209,6 +209,9 @@ def ema_update(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
     running.lerp_(as_dtype(batch, running.dtype), factor)
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one for every call
+
+
 def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
     """A context with ``torch.autocast`` disabled on ``x``'s device where it is enabled (a no-op
     otherwise): statistics keep the dtypes of the numerics policy (at least float32) instead of
@@ -226,7 +229,7 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: bool = False,
