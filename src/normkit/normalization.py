@@ -227,7 +227,11 @@ class Normalization(nn.Module):
 
     def _state_buffers(self) -> dict[str, Tensor]:
         """The operation's own state buffers (:meth:`~normkit.nop.Operation.state_buffers`)."""
-        return {name: getattr(self, name) for name in getattr(self, "_state_init", {})}
+        names = getattr(self, "_state_init", None)  # (a plain attribute; older pickles lack it)
+        if not names:
+            return {}
+        bufs = self._buffers  # registered buffers without nn.Module.__getattr__
+        return {n: bufs[n] if n in bufs else getattr(self, n) for n in names}
 
     def reset_running_stats(self) -> None:
         """Reset running estimates to mean 0, variance/scale 1, the batch counter to 0 and the
