@@ -42,7 +42,14 @@ from torch import Tensor
 from .errors import ConfigError
 from .functional import statistics as S
 from .functional.collectives import global_count, synced_moments
-from .functional.partition import Role, reduce_dims, resolve_groups, stat_count, stats_dtype
+from .functional.partition import (
+    Role,
+    as_dtype,
+    reduce_dims,
+    resolve_groups,
+    stat_count,
+    stats_dtype,
+)
 
 __all__ = ["Partition", "Batch", "BatchGroup", "Layer", "Instance", "Group", "Position", "Local",
            "Synced"]
@@ -99,7 +106,7 @@ class Partition:
     # -- reductions over the area (``spatial`` is the unflattened S, used by local windows) --
     def mean(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
         """Mean over the area (≥ float32), kept broadcastable against ``v``."""
-        return v.to(stats_dtype(v)).mean(dim=self.dims, keepdim=True)
+        return as_dtype(v, stats_dtype(v)).mean(dim=self.dims, keepdim=True)
 
     def moments(self, v: Tensor, spatial: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Mean and biased variance over the area, kept broadcastable against ``v``."""
