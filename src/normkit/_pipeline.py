@@ -22,6 +22,7 @@ from .errors import ShapeError
 from .functional import statistics as S
 from .functional.normalize import check_eps
 from .functional.partition import (
+    as_dtype,
     canonical_view,
     check_input,
     narrow_channels,
@@ -106,7 +107,7 @@ def check_batch(x: Tensor, groups: tuple[int, int], channel_axis: int, padded: i
 def finish(out: Tensor, x: Tensor, num_features: int, channel_axis: int) -> Tensor:
     """The canonical-view output ``out`` back in ``x``'s layout and dtype, the padded channels
     removed."""
-    y = restore_view(out.to(x.dtype), x.shape, channel_axis)
+    y = restore_view(as_dtype(out, x.dtype), x.shape, channel_axis)
     return narrow_channels(y, num_features, channel_axis)
 
 

@@ -36,15 +36,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import ConfigError
 from .functional import statistics as S
 from .functional.collectives import global_count, synced_moments
-from .functional.partition import Role, reduce_dims, resolve_groups, stat_count, stats_dtype
+from .functional.partition import (
+    Role,
+    as_dtype,
+    reduce_dims,
+    resolve_groups,
+    stat_count,
+    stats_dtype,
+)
 
 __all__ = ["Partition", "Batch", "BatchGroup", "Layer", "Instance", "Group", "Position", "Local",
            "Synced"]
+
+
+# ``roles -> reduce_dims(roles)``: the few role tuples of the partitions
+_DIMS: dict[tuple[str, ...], tuple[int, ...]] = {}
 
 
 class Partition:
@@ -69,7 +81,13 @@ class Partition:
     @property
     def dims(self) -> tuple[int, ...]:
         """The reduced (``M``) axes of the canonical view."""
-        return reduce_dims(self.roles)
+        roles = self.roles
+        if type(roles) is not tuple or torch.compiler.is_compiling():  # traced: no Python state
+            return reduce_dims(roles)
+        dims = _DIMS.get(roles)  # eager: once per roles tuple (read on every call)
+        if dims is None:
+            dims = _DIMS.setdefault(roles, reduce_dims(roles))
+        return dims
 
     def count(self, v: Tensor, spatial: Sequence[int]) -> int:
         """Samples per statistic for the canonical view ``v``."""
@@ -88,7 +106,7 @@ class Partition:
     # -- reductions over the area (``spatial`` is the unflattened S, used by local windows) --
     def mean(self, v: Tensor, spatial: Sequence[int]) -> Tensor:
         """Mean over the area (≥ float32), kept broadcastable against ``v``."""
-        return v.to(stats_dtype(v)).mean(dim=self.dims, keepdim=True)
+        return as_dtype(v, stats_dtype(v)).mean(dim=self.dims, keepdim=True)
 
     def moments(self, v: Tensor, spatial: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Mean and biased variance over the area, kept broadcastable against ``v``."""

@@ -201,14 +201,18 @@ class Normalization(nn.Module):
         return not isinstance(self.nrr, nrr_.Identity)
 
     def _recovery_params(self) -> dict[str, Any]:
-        return {n: getattr(self, n, None) for n in ("weight", "bias", *self._nrr_names)}
+        member = CC.member  # the registered tensors without nn.Module.__getattr__
+        return {n: member(self, n) for n in ("weight", "bias", *self._nrr_names)}
 
-    def _recovery_views(self, x: Tensor | None = None, condition: Any = None
+    def _recovery_views(self, x: Tensor | None = None, condition: Any = None,
+                        params: dict[str, Any] | None = None
                         ) -> tuple[Tensor | None, Tensor | None]:
         """The recovery's ``(γ, β)`` against the canonical view (per-channel parameters padded
         with ``γ = 1, β = 0`` for the zero channels of a smaller last group); conditional
-        recoveries compute them from the input ``x`` and the ``condition``."""
-        params = self._recovery_params()
+        recoveries compute them from the input ``x`` and the ``condition``. ``params``: the
+        :meth:`_recovery_params` of this call, if already read."""
+        if params is None:
+            params = self._recovery_params()
         if self.nrr.conditional:
             return self.nrr.conditional_views(params, self.groups, x=x, condition=condition,
                                               channel_axis=self.channel_axis)
@@ -223,7 +227,11 @@ class Normalization(nn.Module):
 
     def _state_buffers(self) -> dict[str, Tensor]:
         """The operation's own state buffers (:meth:`~normkit.nop.Operation.state_buffers`)."""
-        return {name: getattr(self, name) for name in getattr(self, "_state_init", {})}
+        names = getattr(self, "_state_init", None)  # (a plain attribute; older pickles lack it)
+        if not names:
+            return {}
+        bufs = self._buffers  # registered buffers without nn.Module.__getattr__
+        return {n: bufs[n] if n in bufs else getattr(self, n) for n in names}
 
     def reset_running_stats(self) -> None:
         """Reset running estimates to mean 0, variance/scale 1, the batch counter to 0 and the
@@ -248,7 +256,11 @@ class Normalization(nn.Module):
         self.nop.reset_parameters(self._nop_params())
 
     def _nop_params(self) -> dict[str, Tensor]:
-        return {n: getattr(self, n) for n in self._nop_param_names}
+        names = self._nop_param_names
+        if not names:
+            return {}
+        params = self._parameters  # registered parameters (a replaced one: getattr's fallback)
+        return {n: params[n] if n in params else getattr(self, n) for n in names}
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """The evaluation transform as one affine map, for folding into a neighbouring layer.
@@ -414,11 +426,12 @@ class Normalization(nn.Module):
         nap = self.nap if nap is None else nap
         eps = self.eps if self.eps is not None else default_eps(x.dtype)
         xp, v = P.view_of(x, self.groups, self.channel_axis, self._num_padded)
-        w, b = self._recovery_views(xp, condition)
+        params = self._recovery_params()  # read once: the views and the post step
+        w, b = self._recovery_views(xp, condition, params)
         if x.numel() == 0 and nap is self.nap:
             y = P.empty_output(v, xp, self.num_features, self.channel_axis, w, b,
                                list(self._nop_params().values()))
-            return self.nrr.post(y, self._recovery_params(), self.channel_axis)
+            return self.nrr.post(y, params, self.channel_axis)
         spatial = P.spatial_of(xp, self.channel_axis)
         call = P.Call(x=xp, v=v, spatial=spatial, m=nap.count(v, spatial), eps=eps, nap=nap,
                       use_batch=use_batch, update=update, running=running,
@@ -427,7 +440,7 @@ class Normalization(nn.Module):
             call.stats = self._statistics(call)
             out = self._transform(call, call.stats, w, b)
         y = P.finish(out, xp, self.num_features, self.channel_axis)
-        return self.nrr.post(y, self._recovery_params(), self.channel_axis)
+        return self.nrr.post(y, params, self.channel_axis)
 
     def _statistics(self, call: P.Call) -> nop_.Stats:
         """Hook: the statistics ``call`` normalizes with — fitted on the batch (and the running
@@ -464,7 +477,7 @@ class Normalization(nn.Module):
             buffers={k: t if k in live else snapshot(t) for k, t in self._state_buffers().items()},
         )
 
-    @torch.no_grad()
+    @S.no_grad
     def _update_running(self, running: dict[str, Tensor], stats: dict[str, Tensor], m: int) -> None:
         factor = self._factor()
         for k, t in self.nop.running(stats, m).items():

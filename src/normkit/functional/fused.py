@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .fused_inductor import _evo_b0_sums_inline, _evo_s0_sums_inline, apply_saving
+from .partition import as_dtype
 
 __all__ = ["evo_b0", "evo_b0_plain", "evo_s0", "evo_s0_plain", "frn", "frn_plain"]
 
@@ -131,8 +132,8 @@ def _tlu_margin(x: Tensor, a: Tensor, bias: Tensor | None, tau: Tensor) -> Tenso
     """FRN's TLU margin ``a x + β − τ`` (``a = γ r``; positive where the threshold passes) as
     ``a x − (τ − β)``: one product and one difference with a small term (eager: two passes, not
     three); saved for the backward's mask."""
-    t = tau.to(x.dtype)
-    return torch.mul(x, a).sub_(t if bias is None else t - bias.to(x.dtype))
+    t = as_dtype(tau, x.dtype)
+    return torch.mul(x, a).sub_(t if bias is None else t - as_dtype(bias, x.dtype))
 
 
 class _FRN(torch.autograd.Function):
@@ -141,18 +142,18 @@ class _FRN(torch.autograd.Function):
                 tau: Tensor | None, extra: Tensor | None, eps: float, dims: tuple[int, ...],
                 ms: Tensor | None) -> Tensor:
         dt = _compute_dtype(v)
-        x = v.to(dt)
-        ms = _sum_sq(x, dims) / _reduced(x, dims) if ms is None else ms.to(dt)
+        x = as_dtype(v, dt)
+        ms = _sum_sq(x, dims) / _reduced(x, dims) if ms is None else as_dtype(ms, dt)
         if extra is not None:
-            ms = ms + extra.to(dt)
+            ms = ms + as_dtype(extra, dt)
         r = torch.rsqrt(ms + eps)
-        a = r if weight is None else r * weight.to(dt)
+        a = r if weight is None else r * as_dtype(weight, dt)
         above = None
         if tau is None:
-            y = x * a if bias is None else (x * a).add_(bias.to(dt))
+            y = x * a if bias is None else (x * a).add_(as_dtype(bias, dt))
         else:  # y = τ + relu(γ r x + β − τ); the backward masks with `above`
             above = _tlu_margin(x, a, bias, tau)
-            y = torch.relu(above).add_(tau.to(dt))
+            y = torch.relu(above).add_(as_dtype(tau, dt))
         ctx.save_for_backward(v, r, weight, bias, tau, extra, above)
         ctx.dims, ctx.eps = dims, eps
         return y
@@ -163,8 +164,8 @@ class _FRN(torch.autograd.Function):
         dims = ctx.dims
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
             return (*_plain_vjp(frn_plain, (v, weight, bias, tau, extra, ctx.eps, dims), g), None)
-        x = v.to(r.dtype)
-        g = g.to(r.dtype)
+        x = as_dtype(v, r.dtype)
+        g = as_dtype(g, r.dtype)
         g_tau = None
         # where γ r x + β > τ (relu's backward kernel: no bool tensors, slow on CPU)
         gm = g if above is None else torch.ops.aten.threshold_backward(g, above, 0)
@@ -172,7 +173,7 @@ class _FRN(torch.autograd.Function):
             g_tau = (_sum_to(g, tau.shape) - _sum_to(gm, tau.shape)).to(tau.dtype)
         big = _reduced(x, dims)
         acc = _dot(gm, x, dims)  # Σ g_m x per statistic
-        w = None if weight is None else weight.to(r.dtype)
+        w = None if weight is None else as_dtype(weight, r.dtype)
         c = r if w is None else w * r  # γ r
         dx = None
         if ctx.needs_input_grad[0]:
@@ -182,7 +183,7 @@ class _FRN(torch.autograd.Function):
         g_extra = None
         if extra is not None and extra.requires_grad:  # ∂r/∂ε_l = −r³/2
             g_extra = _param_grad(extra, -0.5 * c * r * r * acc)
-        return (None if dx is None else dx.to(v.dtype), g_weight, g_bias, g_tau, g_extra,
+        return (None if dx is None else as_dtype(dx, v.dtype), g_weight, g_bias, g_tau, g_extra,
                 None, None, None)
 
 
@@ -206,8 +207,10 @@ def frn(v: Tensor, dims: Sequence[int], *, weight: Tensor | None, bias: Tensor |
         >>> torch.allclose(frn(x, (3,), weight=None, bias=None, tau=x.new_zeros(()), eps=1e-6), ref)
         True
     """
-    return _FRN.apply(v, weight, bias, tau, extra_eps, eps, tuple(dims),  # type: ignore[no-any-return]
-                      None if ms is None else ms.detach())
+    if ms is not None and (ms.requires_grad or torch.compiler.is_compiling()):
+        ms = ms.detach()  # (eager: fitted under no_grad, nothing to detach — a ~1 µs call)
+    return _FRN.apply(v, weight, bias, tau, extra_eps,  # type: ignore[no-any-return]
+                      eps, tuple(dims), ms)
 
 
 class _EvoS0(torch.autograd.Function):
@@ -219,26 +222,26 @@ class _EvoS0(torch.autograd.Function):
                 bias: Tensor | None, eps: float, dims: tuple[int, ...],
                 mean: Tensor | None, var: Tensor | None) -> Tensor:
         dt = _compute_dtype(v)
-        x = v.to(dt)
+        x = as_dtype(v, dt)
         if mean is None or var is None:
             var, mean = _var_mean(x, dims)
         else:
-            mean, var = mean.to(dt), var.to(dt)
+            mean, var = as_dtype(mean, dt), as_dtype(var, dt)
         d = torch.rsqrt(var + eps)
         if torch.compiler.is_compiling():  # out of place: the op apply_saving keeps; the
             # 1 per sample and group (finite d) puts the gate in the output's loops (samples,
             # groups, channels | positions), so inductor writes s and y in one pass
-            s = torch.sigmoid(x * vparam.to(dt) * (d * 0.0 + 1.0))
+            s = torch.sigmoid(x * as_dtype(vparam, dt) * (d * 0.0 + 1.0))
         else:
-            s = torch.mul(x, vparam.to(dt)).sigmoid_()
-        a = d if weight is None else d * weight.to(dt)
+            s = torch.mul(x, as_dtype(vparam, dt)).sigmoid_()
+        a = d if weight is None else d * as_dtype(weight, dt)
         if torch.compiler.is_compiling():  # out of place in a checkpointed region (apply_saving)
             y = x * s * a
-            y = y if bias is None else y + bias.to(dt)
+            y = y if bias is None else y + as_dtype(bias, dt)
         else:
             y = torch.mul(x, s).mul_(a)  # (an addcmul with a broadcast first operand is slower)
             if bias is not None:
-                y = y.add_(bias.to(dt))
+                y = y.add_(as_dtype(bias, dt))
         ctx.save_for_backward(v, s, mean, d, vparam, weight, bias)
         ctx.dims, ctx.eps = dims, eps
         return y
@@ -251,13 +254,13 @@ class _EvoS0(torch.autograd.Function):
             return (*_plain_vjp(evo_s0_plain, (v, vparam, weight, bias, ctx.eps, dims), g),
                     None, None)
         dt = s.dtype
-        x = v.to(dt)
-        g = g.to(dt)
+        x = as_dtype(v, dt)
+        g = as_dtype(g, dt)
         # per sample and channel, over the positions (S, the last axis): every statistic and
         # parameter is constant along them
-        w = None if weight is None else weight.to(dt)
+        w = None if weight is None else as_dtype(weight, dt)
         wd = d if w is None else w * d  # γ d, per sample and channel
-        vp = vparam.to(dt)
+        vp = as_dtype(vparam, dt)
         if torch.compiler.is_compiling():
             g_sum, r_sum, gv_sum, dx = _evo_s0_sums_inline(x, g, s, vp, w)
             g_bias = _param_grad(bias, g_sum)
@@ -313,20 +316,20 @@ def evo_s0(v: Tensor, dims: Sequence[int], *, vparam: Tensor, weight: Tensor | N
 def frn_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, tau: Tensor | None,
               extra_eps: Tensor | None, eps: float, dims: Sequence[int]) -> Tensor:
     """:func:`frn` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     ms = x.square().mean(tuple(dims), keepdim=True)
     if extra_eps is not None:
         ms = ms + extra_eps
     y = x * torch.rsqrt(ms + eps)
     y = y if weight is None else y * weight
     y = y if bias is None else y + bias
-    return y if tau is None else torch.maximum(y, tau.to(y.dtype))
+    return y if tau is None else torch.maximum(y, as_dtype(tau, y.dtype))
 
 
 def evo_s0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
                  eps: float, dims: Sequence[int]) -> Tensor:
     """:func:`evo_s0` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     var = x.var(tuple(dims), correction=0, keepdim=True)
     y = x * torch.sigmoid(vparam * x) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
@@ -356,25 +359,25 @@ class _EvoB0(torch.autograd.Function):
                 mi: Tensor | None, vi: Tensor | None, mb: Tensor | None, vb: Tensor | None
                 ) -> Tensor:
         dt = _compute_dtype(v)
-        x = v.to(dt)
+        x = as_dtype(v, dt)
         if mi is None or vi is None:
             mi, vi, mb, vb = _instance_and_batch(x, batch_var is None)
         else:
-            mi, vi = mi.to(dt), vi.to(dt)
-            mb = None if mb is None else mb.to(dt)
-            vb = None if vb is None else vb.to(dt)
-        big_a = torch.sqrt((vb if batch_var is None else batch_var.to(dt)) + eps)
+            mi, vi = as_dtype(mi, dt), as_dtype(vi, dt)
+            mb = None if mb is None else as_dtype(mb, dt)
+            vb = None if vb is None else as_dtype(vb, dt)
+        big_a = torch.sqrt((vb if batch_var is None else as_dtype(batch_var, dt)) + eps)
         sigma_i = torch.sqrt(vi + eps)
         # relu(B − A) (mul + add: an addcmul with a broadcast first operand is slower on CPU)
-        t = torch.mul(x, vparam.to(dt)).add_(sigma_i - big_a).relu_()
+        t = torch.mul(x, as_dtype(vparam, dt)).add_(sigma_i - big_a).relu_()
         y = torch.add(t, big_a)  # max(A, B)
         # into the fresh max (eager: no second activation-sized allocation); dynamo traces no
         # out= into a non-contiguous tensor (channels-last input), inductor plans the memory
         y = torch.div(x, y) if torch.compiler.is_compiling() else torch.div(x, y, out=y)
         if weight is not None:
-            y = y.mul_(weight.to(dt))
+            y = y.mul_(as_dtype(weight, dt))
         if bias is not None:
-            y = y.add_(bias.to(dt))
+            y = y.add_(as_dtype(bias, dt))
         ctx.save_for_backward(v, t, big_a, sigma_i, mi, mb, vparam, weight, bias, batch_var)
         ctx.eps = eps
         return y
@@ -386,11 +389,11 @@ class _EvoB0(torch.autograd.Function):
             return (*_plain_vjp(evo_b0_plain, (v, vparam, weight, bias, batch_var, ctx.eps), g),
                     None, None, None, None)
         dt = t.dtype
-        x = v.to(dt)
-        g = g.to(dt)
+        x = as_dtype(v, dt)
+        g = as_dtype(g, dt)
         last = (x.dim() - 1,)
-        w = None if weight is None else weight.to(dt)
-        vp = vparam.to(dt)
+        w = None if weight is None else as_dtype(weight, dt)
+        vp = as_dtype(vparam, dt)
         if torch.compiler.is_compiling():
             g_sum, gxd, sum_hn, sum_hbn, hbnx, dx = _evo_b0_sums_inline(x, g, t, big_a, vp, w)
             g_bias = _param_grad(bias, g_sum)
@@ -459,7 +462,7 @@ def evo_b0(v: Tensor, *, vparam: Tensor, weight: Tensor | None, bias: Tensor | N
 def evo_b0_plain(v: Tensor, vparam: Tensor, weight: Tensor | None, bias: Tensor | None,
                  batch_var: Tensor | None, eps: float) -> Tensor:
     """:func:`evo_b0` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     vi = x.var(3, correction=0, keepdim=True)
     vb = x.var((0, 3), correction=0, keepdim=True) if batch_var is None else batch_var
     y = x / torch.maximum(torch.sqrt(vb + eps), vparam * x + torch.sqrt(vi + eps))

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ._eager_ops import eager_op
 from .fused_newton import newton_fit, newton_input_term
 from .fused_whiten import inv_sqrt_eigh, zca_input_term
+from .partition import as_dtype
 from .whiten import (
     WhiteningMethod,
     _eigh_vjp,
@@ -173,8 +174,9 @@ def _apply_impl(x: Tensor, mean: Tensor, cov: Tensor, u: Tensor | None, f: Tenso
     """``(γ ⊙ W) x_c + β`` (the body of the op ``normkit::whiten_batch_apply``)."""
     with _full_precision(mean):
         dt = mean.dtype
-        mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
-        return _fresh(chunked_matmuls([(mat, x)], None if bias is None else bias.to(dt),
+        mat = as_dtype(matrix, dt)
+        mat = mat if weight is None else mat * as_dtype(weight, dt)
+        return _fresh(chunked_matmuls([(mat, x)], None if bias is None else as_dtype(bias, dt),
                                       mean=mean))
 
 
@@ -198,21 +200,21 @@ def _backward_impl(grad: Tensor, x: Tensor, mean: Tensor, cov: Tensor, u: Tensor
         dt = mean.dtype
         p, g, d, s = x.shape
         m = max(p * s, 1)
-        gr = grad.to(dt)
+        gr = as_dtype(grad, dt)
         outer, gsum = chunked_outer(gr, x, mean=mean)  # G = Σ_n g_n x_cnᵀ, Σ g
-        w = matrix.to(dt)
+        w = as_dtype(matrix, dt)
         if weight is None:
             dweight = gsum.new_zeros(())
             gw, mat = outer, w
         else:
-            gam = weight.to(dt)
+            gam = as_dtype(weight, dt)
             dweight = (outer * w).sum(-1, keepdim=True)  # ∂γ_i = Σ_j G_ij W_ij
             gw, mat = outer.mul_(gam), w * gam
-        pmat = _sigma_term(gw, cov.to(dt), u, f, w, method, eps, iterations, data_dtype, m)
+        pmat = _sigma_term(gw, as_dtype(cov, dt), u, f, w, method, eps, iterations, data_dtype, m)
         mt = mat.mT
         # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer
         dx = chunked_matmuls([(mt, gr), (pmat, x)], torch.matmul(mt, gsum).div_(-m), mean=mean)
-        return _fresh(dx.to(dtype)), _fresh(dweight), _fresh(gsum)
+        return _fresh(as_dtype(dx, dtype)), _fresh(dweight), _fresh(gsum)
 
 
 # the op for compile / export (one node); eager training calls _backward_impl directly

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .merging import pool_moments as _pool_moments
+from .partition import as_dtype
 from .statistics import moments as _moments
 
 __all__ = ["OwnMoments", "OwnStats", "batch_channel_rows", "batch_standardize",
@@ -117,8 +118,8 @@ def batch_standardize(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps
         x, _flat(weight, c), _flat(bias, c), None, None, True, 0.0, eps)
     shape = (1, c, 1, 1)
     # the kernel's 1/√(σ² + ε), inverted: σ² to rounding (a relative error of a few ulps of σ²+ε)
-    var = (invstd.to(v.dtype).reshape(shape).pow(-2) - eps).clamp_min(0.0)
-    return h.reshape(v.shape), mean.to(v.dtype).reshape(shape), var
+    var = (as_dtype(invstd, v.dtype).reshape(shape).pow(-2) - eps).clamp_min(0.0)
+    return h.reshape(v.shape), as_dtype(mean, v.dtype).reshape(shape), var
 
 
 def group_standardize(h: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
@@ -210,11 +211,11 @@ class _StandardizeAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 eps: float, dims: tuple[int, ...], mean: Tensor, var: Tensor) -> Tensor:
-        x = v.to(mean.dtype)
+        x = as_dtype(v, mean.dtype)
         r = torch.rsqrt(var + eps)
-        a = r if weight is None else r * weight.to(mean.dtype)
+        a = r if weight is None else r * as_dtype(weight, mean.dtype)
         shift = -mean * a
-        y = torch.addcmul(shift if bias is None else shift + bias.to(mean.dtype), x, a)
+        y = torch.addcmul(shift if bias is None else shift + as_dtype(bias, mean.dtype), x, a)
         ctx.save_for_backward(v, mean, r, weight, bias)
         ctx.dims, ctx.eps = dims, eps
         return y
@@ -227,13 +228,13 @@ class _StandardizeAffine(torch.autograd.Function):
             return (*_plain_vjp(standardize_affine_plain, (v, weight, bias, ctx.eps, dims), g),
                     None, None)
         dt = r.dtype
-        x = v.to(dt)
-        g = g.to(dt)
+        x = as_dtype(v, dt)
+        g = as_dtype(g, dt)
         last = (x.dim() - 1,)
         s1 = g.sum(last, keepdim=True)  # Σ_S g per row
         s2 = _dot(g, x, last)  # Σ_S g x per row
         gx_hat = r * (s2 - mean * s1)  # Σ_S g x̂ per row
-        w = None if weight is None else weight.to(dt)
+        w = None if weight is None else as_dtype(weight, dt)
         g_weight = _param_grad(weight, gx_hat)
         g_bias = _param_grad(bias, s1)
         dx = None
@@ -276,15 +277,16 @@ def standardize_affine(v: Tensor, dims: Sequence[int], *, weight: Tensor | None,
             mean, var = _moments(v, tuple(dims))
     else:
         mean, var = moments[0].detach(), moments[1].detach()
+    dt = _compute_dtype(v)
     return _StandardizeAffine.apply(v, weight, bias, eps, tuple(dims),  # type: ignore[no-any-return]
-                                    mean.to(_compute_dtype(v)), var.to(_compute_dtype(v)))
+                                    as_dtype(mean, dt), as_dtype(var, dt))
 
 
 def standardize_affine_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                              dims: Sequence[int]) -> Tensor:
     """:func:`standardize_affine` as the plain autograd composition of its formula."""
     mean, var = _moments(v, tuple(dims))
-    y = (v.to(mean.dtype) - mean) * torch.rsqrt(var + eps)
+    y = (as_dtype(v, mean.dtype) - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias
 
@@ -293,7 +295,7 @@ def standardize_affine_plain(v: Tensor, weight: Tensor | None, bias: Tensor | No
 class _RowMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor) -> Tensor:  # type: ignore[override]
-        x = v.to(_compute_dtype(v))
+        x = as_dtype(v, _compute_dtype(v))
         last = (x.dim() - 1,)
         mean = x.mean(last, keepdim=True)
         var = torch.linalg.vector_norm(x - mean, 2, last, keepdim=True).square_() / x.shape[-1]
@@ -308,7 +310,7 @@ class _RowMoments(torch.autograd.Function):
         s = v.shape[-1]
         c1 = g[1] * (2.0 / s)  # ∂σ²/∂x = 2(x − μ)/S, ∂μ/∂x = 1/S
         c0 = g[0] / s - c1 * mean
-        return torch.addcmul(c0, v.to(mean.dtype), c1).to(v.dtype)
+        return torch.addcmul(c0, as_dtype(v, mean.dtype), c1).to(v.dtype)
 
 
 def row_moments(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -335,15 +337,15 @@ class _RowAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(v, scale, shift)
-        return torch.addcmul(shift, v.to(scale.dtype), scale)
+        return torch.addcmul(shift, as_dtype(v, scale.dtype), scale)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         v, scale, shift = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the composition
             return _plain_vjp(row_affine_plain, (v, scale, shift), g)
-        x = v.to(scale.dtype)
-        g = g.to(scale.dtype)
+        x = as_dtype(v, scale.dtype)
+        g = as_dtype(g, scale.dtype)
         last = (x.dim() - 1,)
         need = ctx.needs_input_grad
         dx = (g * scale).to(v.dtype) if need[0] else None
@@ -367,4 +369,4 @@ def row_affine(v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 def row_affine_plain(v: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """:func:`row_affine` as the plain composition."""
-    return torch.addcmul(shift, v.to(scale.dtype), scale)
+    return torch.addcmul(shift, as_dtype(v, scale.dtype), scale)

@@ -63,6 +63,7 @@ from . import statistics as S
 from .fused import _compute_dtype, _plain_vjp, _reduced, _sum_to
 from .fused_inductor import apply_saving
 from .local_windows import window_parts, window_parts_apply, window_parts_backward
+from .partition import as_dtype
 from .shifted import inlinable, shifted_sum
 from .standardize import affine_transform, divisive_coefficients
 
@@ -195,17 +196,17 @@ class _LocalDivisive(torch.autograd.Function):
         ctx.w, ctx.k, ctx.alpha, ctx.beta = w, k, alpha, beta
         ctx.center, ctx.in_dtype, ctx.root, ctx.parts = mean is not None, v.dtype, True, parts
         if parts:  # compiled centred windows: the moments in parts (local_windows), from v
-            x = v.to(dt)
+            x = as_dtype(v, dt)
             p = window_parts(x, (*v.shape[:3], *w.spatial), w.dims, w.windows, w.include_pad)
             assert p is not None  # checked by local_divisive
             q = _root(p.var.mul(alpha).add(k), beta)
             y = (p.centre - p.centred) * _int_pow(q, _ROOT_POWERS[beta][0])
-            y = y if weight is None else y * weight.to(dt)
-            y = y if bias is None else y + bias.to(dt)
+            y = y if weight is None else y * as_dtype(weight, dt)
+            y = y if bias is None else y + as_dtype(bias, dt)
             ctx.save_for_backward(v, weight, bias, q, p.centred, p.shift)
             return y
-        x = v.to(dt)
-        s = second.to(dt).mul(alpha).add_(k)
+        x = as_dtype(v, dt)
+        s = as_dtype(second, dt).mul(alpha).add_(k)
         # compiled sliding windows: the root q of s^(−β) saved instead of s (the backward's
         # powers of s are products of it)
         root = beta in _ROOT_POWERS and S.compiling_kernels()
@@ -215,15 +216,15 @@ class _LocalDivisive(torch.autograd.Function):
         else:
             r = _neg_pow(s, beta)
         if mean is not None:
-            mu = mean.to(dt)
+            mu = as_dtype(mean, dt)
             y = (x - mu).mul_(r)
         else:
             mu, y = None, x * r
         if weight is not None:
-            wt = weight.to(dt)
+            wt = as_dtype(weight, dt)
             y = y.mul_(wt) if _fits(wt, y) else y * wt
         if bias is not None:
-            bt = bias.to(dt)
+            bt = as_dtype(bias, dt)
             y = y.add_(bt) if _fits(bt, y) else y + bt
         # LCN's μ: a fraction of the input; compiled, every μ (inductor's recomputation of the
         # window mean in the backward costs more than reading it)
@@ -242,8 +243,8 @@ class _LocalDivisive(torch.autograd.Function):
         dt = s.dtype
         if ctx.parts:  # mu: μ − c, shift: c
             shape = (*v.shape[:3], *w.spatial)
-            x, gy = v.to(dt), gy.to(dt)
-            g = gy if weight is None else gy * weight.to(dt)
+            x, gy = as_dtype(v, dt), as_dtype(gy, dt)
+            g = gy if weight is None else gy * as_dtype(weight, dt)
             m, n = _ROOT_POWERS[beta]
             r = _int_pow(s, m)
             dx = g_w = g_b = None
@@ -256,9 +257,9 @@ class _LocalDivisive(torch.autograd.Function):
             if bias is not None and ctx.needs_input_grad[2]:
                 g_b = _param_grad(gy, bias)
             return dx, g_w, g_b, *_NONES
-        x = v.to(dt)
-        gy = gy.to(dt)
-        g = gy if weight is None else gy * weight.to(dt)
+        x = as_dtype(v, dt)
+        gy = as_dtype(gy, dt)
+        g = gy if weight is None else gy * as_dtype(weight, dt)
         if ctx.root:  # s: the root q (r = q^m, r/s = q^n)
             m, n = _ROOT_POWERS[beta]
             r, rs = _int_pow(s, m), _int_pow(s, n)
@@ -305,7 +306,7 @@ def _param_grad(t: Tensor, param: Tensor) -> Tensor:
     positions) of the backward's other row sums, not in a pass of its own (a row reduction of
     a different shape)."""
     if S.compiling_kernels():
-        t = t * (param.to(t.dtype) * 0.0 + 1.0)
+        t = t * (as_dtype(param, t.dtype) * 0.0 + 1.0)
     return _sum_to(t, param.shape).to(param.dtype)
 
 
@@ -402,7 +403,7 @@ def _backward_whole_groups(ctx: Any, x: Tensor, gy: Tensor, g: Tensor, r: Tensor
         else:
             xhat = (x - mu).mul_(r) if ctx.center else x * r
             g_w = _sum_to(xhat.mul_(gy), weight.shape)
-        g_w = g_w.to(weight.dtype)
+        g_w = as_dtype(g_w, weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
         g_b = _param_grad(gy, bias)
     return dx, g_w, g_b, *_NONES
@@ -455,5 +456,5 @@ def local_divisive_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, 
     flat = (*mean.shape[:3], -1)
     scale, shift = divisive_coefficients(mean.reshape(flat) if center else None,
                                          second.reshape(flat), k, alpha, beta)
-    return affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
+    return affine_transform(as_dtype(v, scale.dtype), scale, shift, weight, bias)
 

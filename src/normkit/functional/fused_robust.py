@@ -40,6 +40,7 @@ from torch import Tensor
 from .fused import _compute_dtype, _dot, _param_grad, _plain_vjp, _reduced
 from .fused_online import linear_scan
 from .merging import pool_moments
+from .partition import as_dtype
 from .statistics import compiling_kernels
 from .whiten import _first_order
 
@@ -117,11 +118,11 @@ class _OnlineAffine(torch.autograd.Function):
         x, mean, s, sm, sv, weight, bias = ctx.saved_tensors
         grad_mean, grad_proj = ctx.buffers
         k, size = ctx.k, x.shape[-1]
-        g = g.to(x.dtype)
+        g = as_dtype(g, x.dtype)
         last = (x.dim() - 1,)
         g_sum = g.sum(last, keepdim=True)  # Σ g per sample and channel
         gxh = s * (_dot(g, x, last) - mean * g_sum)  # Σ g x̂
-        w = None if weight is None else weight.to(x.dtype)
+        w = None if weight is None else as_dtype(weight, x.dtype)
         ws = s if w is None else s * w  # γ s
         gy = (gxh if w is None else gxh * w) / size  # ⟨g' x̂⟩
         s2 = s * s
@@ -197,12 +198,12 @@ class _RobustScale(torch.autograd.Function):
     def forward(ctx: Any, v: Tensor, mean: Tensor, scale: Tensor,  # type: ignore[override]
                 weight: Tensor | None, bias: Tensor | None, eps: float, dims: tuple[int, ...],
                 kind: str, c: float) -> Tensor:
-        x = v.to(_compute_dtype(v))
-        r = 1.0 / (scale.to(x.dtype) + eps)
-        mean = mean.to(x.dtype)
-        a = r if weight is None else r * weight.to(x.dtype)
+        x = as_dtype(v, _compute_dtype(v))
+        r = 1.0 / (as_dtype(scale, x.dtype) + eps)
+        mean = as_dtype(mean, x.dtype)
+        a = r if weight is None else r * as_dtype(weight, x.dtype)
         b = -mean * a
-        b = b if bias is None else b + bias.to(x.dtype)
+        b = b if bias is None else b + as_dtype(bias, x.dtype)
         ctx.save_for_backward(v, mean, r, weight, bias)
         ctx.eps, ctx.dims, ctx.kind, ctx.c = eps, dims, kind, c
         return (x * a).add_(b)
@@ -215,15 +216,15 @@ class _RobustScale(torch.autograd.Function):
             dv, dw, db = _plain_vjp(robust_scale_plain, (v, weight, bias, ctx.eps, dims, kind, c),
                                     g)[:3]
             return dv, None, None, dw, db, None, None, None, None
-        x = v.to(r.dtype)
-        g = g.to(r.dtype)
+        x = as_dtype(v, r.dtype)
+        g = as_dtype(g, r.dtype)
         g_sum = _last_first(g, dims)
         k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
         g_weight = _param_grad(weight, r * k) if weight is not None else None
         g_bias = _param_grad(bias, g_sum)
         dx = None
         if ctx.needs_input_grad[0]:
-            w = r if weight is None else r * weight.to(r.dtype)  # γ r
+            w = r if weight is None else r * as_dtype(weight, r.dtype)  # γ r
             big = _reduced(x, dims)
             q = c * r * w * k  # c γ r² Σ g (x − μ): the factor of ∂ρ/∂x
             if kind == "l1":  # ∂ρ/∂x = (sign(x − μ) − ⟨sign⟩)/M
@@ -236,7 +237,7 @@ class _RobustScale(torch.autograd.Function):
                 e_min, n_min = _mask(x, _last_first(x, dims, torch.amin), dims)
                 dx = (g * w).add_(-w * g_sum / big)
                 dx = dx.addcmul_(e_max, q / n_max, value=-1).addcmul_(e_min, q / n_min)
-            dx = dx.to(v.dtype)
+            dx = as_dtype(dx, v.dtype)
         return dx, None, None, g_weight, g_bias, None, None, None, None
 
 
@@ -270,7 +271,7 @@ def robust_scale(v: Tensor, dims: tuple[int, ...], *, kind: str, mean: Tensor, s
 def robust_scale_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                        dims: tuple[int, ...], kind: str, c: float) -> Tensor:
     """:func:`robust_scale` as the plain autograd composition of its formula."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     mean = x.mean(dims, keepdim=True)
     rho = ((x - mean).abs().mean(dims, keepdim=True) if kind == "l1"
            else x.amax(dims, keepdim=True) - x.amin(dims, keepdim=True))
@@ -283,7 +284,7 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, dims: tuple[int, ...]  # type: ignore[override]
                 ) -> tuple[Tensor, Tensor]:
-        mean, var = _moments(v.to(_compute_dtype(v)), dims)
+        mean, var = _moments(as_dtype(v, _compute_dtype(v)), dims)
         ctx.save_for_backward(v, mean)
         ctx.dims = dims
         return mean, var
@@ -296,11 +297,11 @@ class _Moments(torch.autograd.Function):
             y = moments_plain(v, ctx.dims)
             (dv,) = torch.autograd.grad(y, v, (g_mean, g_var), create_graph=True)
             return dv, None
-        x = v.to(mean.dtype)
+        x = as_dtype(v, mean.dtype)
         big = _reduced(x, ctx.dims)
         c = g_var * (2.0 / big)  # ∂σ²/∂x = 2(x − μ)/M, ∂μ/∂x = 1/M
         dx = (x * c).add_(g_mean / big - c * mean)
-        return dx.to(v.dtype), None
+        return as_dtype(dx, v.dtype), None
 
 
 def moments(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -318,7 +319,7 @@ def moments(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 def moments_plain(v: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """:func:`moments` as the plain autograd composition."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     mean = x.mean(dims, keepdim=True)
     return mean, (x - mean).square().mean(dims, keepdim=True)
 
@@ -327,11 +328,11 @@ class _StandardizeAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, mean: Tensor, var: Tensor,  # type: ignore[override]
                 weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-        x = v.to(_compute_dtype(v))
+        x = as_dtype(v, _compute_dtype(v))
         s = torch.rsqrt(var + eps)
-        a = s if weight is None else s * weight.to(x.dtype)
+        a = s if weight is None else s * as_dtype(weight, x.dtype)
         b = -mean * a
-        b = b if bias is None else b + bias.to(x.dtype)
+        b = b if bias is None else b + as_dtype(bias, x.dtype)
         ctx.save_for_backward(v, mean, var, s, weight, bias)
         ctx.eps = eps
         return (x * a).add_(b)  # mul + add: a broadcasting addcmul is slower on CPU
@@ -346,11 +347,11 @@ class _StandardizeAffine(torch.autograd.Function):
             with torch.enable_grad():
                 return (*_plain_vjp(standardize_affine_plain,
                                     (v, mean, var, weight, bias, ctx.eps), g)[:5], None)
-        x = v.to(s.dtype)
-        g = g.to(s.dtype)
+        x = as_dtype(v, s.dtype)
+        g = as_dtype(g, s.dtype)
         g_sum = _last_first(g, dims)
         k = _sum_dot(g, x, dims) - mean * g_sum  # Σ g (x − μ)
-        w = s if weight is None else s * weight.to(s.dtype)  # γ s
+        w = s if weight is None else s * as_dtype(weight, s.dtype)  # γ s
         need = ctx.needs_input_grad
         dx = (g * w).to(v.dtype) if need[0] else None
         g_mean = -(w * g_sum) if need[1] else None
@@ -386,7 +387,7 @@ def standardize_affine(v: Tensor, mean: Tensor, var: Tensor, *, weight: Tensor |
 def standardize_affine_plain(v: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
                              bias: Tensor | None, eps: float) -> Tensor:
     """:func:`standardize_affine` as the plain autograd composition."""
-    y = (v.to(_compute_dtype(v)) - mean) * torch.rsqrt(var + eps)
+    y = (as_dtype(v, _compute_dtype(v)) - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias
 

@@ -36,12 +36,14 @@ from torch import Tensor
 from .fused import _reduced, _sum_sq
 from .fused_robust import _last_first, _sum_dot
 from .merging import weighted_mean
+from .partition import as_dtype
+from .statistics import no_grad
 from .whiten import _first_order
 
 __all__ = ["moving_average_standardize", "power_scale", "push_history", "with_history"]
 
 
-@torch.no_grad()
+@no_grad
 def push_history(history: Tensor, weight: Tensor, entry: Tensor) -> None:
     """Shift register ``(k, …)``: ``entry`` becomes ``history[0]`` (weight 1), the oldest entry
     drops out; ``weight`` ``(k,)`` moves with it.
@@ -68,7 +70,7 @@ def with_history(current: Tensor, history: Tensor, weight: Tensor) -> tuple[Tens
         >>> tuple(rows.shape), tuple(w.shape), w.flatten().tolist()
         ((5, 2, 3), (5, 1, 1), [1.0, 0.0, 0.0, 0.0, 0.0])
     """
-    rows = torch.cat([current.unsqueeze(0), history.to(current.dtype)])
+    rows = torch.cat([current.unsqueeze(0), as_dtype(history, current.dtype)])
     w = torch.cat([weight.new_ones(1), weight]).to(current.dtype)
     return rows, w.reshape(-1, 1, 1)
 
@@ -79,9 +81,9 @@ def _fold(v: Tensor, gy: Tensor, weight: Tensor | None, dims: tuple[int, ...],
     constant along the reduced ``dims``, when it folds into the per-channel sums instead) and
     whether it folds."""
     folded = weight is None or all(weight.shape[d] == 1 for d in dims)
-    gy = gy.to(dtype)
+    gy = as_dtype(gy, dtype)
     g = gy if folded or weight is None else gy * weight
-    return v.to(dtype), gy, g, folded
+    return as_dtype(v, dtype), gy, g, folded
 
 
 class _MovingAverageBackward(torch.autograd.Function):
@@ -95,7 +97,7 @@ class _MovingAverageBackward(torch.autograd.Function):
         ctx.dims, ctx.in_dtype = dims, v.dtype
         ctx.history, ctx.hweight, ctx.gate, ctx.record = history, hweight, gate, record
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        return (v.to(mean.dtype) * a).add_(b)  # mul + add: a broadcasting addcmul is slower
+        return (as_dtype(v, mean.dtype) * a).add_(b)  # mul + add: a broadcasting addcmul is slower
 
     @staticmethod
     @_first_order("MABN's moving-average backward",
@@ -164,7 +166,7 @@ class _PowerBackward(torch.autograd.Function):
     def forward(ctx, v, ms, weight, bias, eps, dims, nu, gate, alpha, record,  # type: ignore[override]
                 batch_ms=None):
         inv = torch.rsqrt(ms + eps)
-        x = v.to(ms.dtype)
+        x = as_dtype(v, ms.dtype)
         a = inv if weight is None else inv * weight
         y = x * a
         y = y if bias is None else y.add_(bias)  # mul + add: a broadcasting addcmul is slower
@@ -192,7 +194,7 @@ class _PowerBackward(torch.autograd.Function):
         gx = (g * wi).addcmul_(x, c * inv * inv, value=-1).to(ctx.in_dtype)
         if ctx.record:
             k = 1 - ctx.alpha
-            gamma = inv * inv * batch_ms.to(inv.dtype).reshape(lam.shape)  # Γ = E[x̂²]
+            gamma = inv * inv * as_dtype(batch_ms, inv.dtype).reshape(lam.shape)  # Γ = E[x̂²]
             ctx.nu.copy_((nu * (1 - k * gamma) + k * lam).reshape(-1))
         gw = gb = None
         if weight is not None:

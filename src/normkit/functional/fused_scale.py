@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .fused import _compute_dtype, _param_grad, _plain_vjp
+from .partition import as_dtype
 
 __all__ = ["channel_mean_square", "rms_scale", "rms_scale_plain"]
 
@@ -42,7 +43,7 @@ def channel_mean_square(v: Tensor) -> Tensor:
         >>> torch.allclose(channel_mean_square(x), x.square().mean((1, 2), keepdim=True))
         True
     """
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     n, a, b, s = x.shape
     x3 = x.reshape(n, a * b, s)
     return (torch.linalg.vecdot(x3, x3, dim=1) / (a * b)).reshape(n, 1, 1, s)
@@ -53,14 +54,14 @@ class _RmsScale(torch.autograd.Function):
     def forward(ctx: Any, v: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 eps: float, ms: Tensor | None) -> Tensor:
         dt = _compute_dtype(v)
-        x = v.to(dt)
-        ms = channel_mean_square(x) if ms is None else ms.to(dt)
+        x = as_dtype(v, dt)
+        ms = channel_mean_square(x) if ms is None else as_dtype(ms, dt)
         r = torch.rsqrt(ms + eps)
         y = x * r  # the one activation-sized allocation of the forward; the rest in place
         if weight is not None:
-            y = y.mul_(weight.to(dt))
+            y = y.mul_(as_dtype(weight, dt))
         if bias is not None:
-            y = y.add_(bias.to(dt))
+            y = y.add_(as_dtype(bias, dt))
         ctx.save_for_backward(v, r, weight, bias)
         ctx.eps = eps
         return y
@@ -72,9 +73,9 @@ class _RmsScale(torch.autograd.Function):
             return (*_plain_vjp(rms_scale_plain, (v, weight, bias, ctx.eps), g), None)
         n, a, b, s = v.shape
         c = a * b
-        x = v.to(r.dtype)
-        g = g.to(r.dtype)
-        w = None if weight is None else weight.to(r.dtype)
+        x = as_dtype(v, r.dtype)
+        g = as_dtype(g, r.dtype)
+        w = None if weight is None else as_dtype(weight, r.dtype)
         g_weight = None
         if weight is not None and weight.requires_grad:
             # one buffer: g x for the sums, then ∂L/∂x in place
@@ -82,7 +83,7 @@ class _RmsScale(torch.autograd.Function):
             gx = buf.reshape(n, c, s)
             # Σ_{n,s} g x r and Σ_c γ g x: batched matrix products on g x
             g_weight = torch.bmm(gx, r.reshape(n, s, 1)).sum(0).reshape(weight.shape)
-            g_weight = g_weight.to(weight.dtype)
+            g_weight = as_dtype(g_weight, weight.dtype)
             acc = torch.bmm(w.reshape(1, 1, c).expand(n, 1, c), gx).reshape(n, 1, 1, s)
             buf = buf.copy_(g).mul_(w)
         else:
@@ -123,7 +124,7 @@ def rms_scale(v: Tensor, *, weight: Tensor | None, bias: Tensor | None, eps: flo
 
 def rms_scale_plain(v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """:func:`rms_scale` as the plain autograd composition."""
-    x = v.to(_compute_dtype(v))
+    x = as_dtype(v, _compute_dtype(v))
     y = x * torch.rsqrt(x.square().mean(_DIMS, keepdim=True) + eps)
     y = y if weight is None else y * weight
     return y if bias is None else y + bias

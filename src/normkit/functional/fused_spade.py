@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .fused import _plain_vjp, _reduced, _row_dot
+from .partition import as_dtype
 
 __all__ = ["modulated", "modulated_standardize", "modulated_standardize_plain"]
 
@@ -44,12 +45,12 @@ class _ModulatedStandardize(torch.autograd.Function):
     def forward(ctx: Any, v: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
                 eps: float, dims: tuple[int, ...], mean: Tensor, var: Tensor) -> Tensor:
         dt = mean.dtype
-        x = v.to(dt)
+        x = as_dtype(v, dt)
         r = torch.rsqrt(var + eps)
         # x̂ = x r − μ r, then x̂ A + B: the roundings of the generic path (one FMA each)
         y = torch.addcmul(-mean * r, x, r)
-        a = weight.to(dt)
-        y = y.mul_(a) if bias is None else torch.addcmul(bias.to(dt), y, a, out=y)
+        a = as_dtype(weight, dt)
+        y = y.mul_(a) if bias is None else torch.addcmul(as_dtype(bias, dt), y, a, out=y)
         ctx.save_for_backward(v, weight, mean, r)  # not B: its gradient is g
         ctx.dims, ctx.eps = dims, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -65,9 +66,9 @@ class _ModulatedStandardize(torch.autograd.Function):
                                   g)[:2]
             return g_x, g_w, g_bias, None, None, None, None
         dt = r.dtype
-        x = v.to(dt)
-        g = g.to(dt)
-        a = weight.to(dt)
+        x = as_dtype(v, dt)
+        g = as_dtype(g, dt)
+        a = as_dtype(weight, dt)
         need = ctx.needs_input_grad
         g_bias = g.to(ctx.bias_dtype) if need[2] else None
         g_a = torch.sub(x, mean).mul_(r).mul_(g)  # g x̂
@@ -81,7 +82,7 @@ class _ModulatedStandardize(torch.autograd.Function):
             c1 = -r * r * s2 / big  # dx = r g' + c1 x + c0
             c0 = r * (r * s2 * mean - s1) / big
             dx = gp.mul_(r).addcmul_(x, c1).add_(c0).to(v.dtype)
-        g_weight = g_a.to(weight.dtype) if need[1] else None
+        g_weight = as_dtype(g_a, weight.dtype) if need[1] else None
         return dx, g_weight, g_bias, None, None, None, None
 
 
@@ -112,8 +113,8 @@ def modulated_standardize(v: Tensor, dims: Sequence[int], *, weight: Tensor,
     dt = torch.promote_types(v.dtype, torch.float32)
     if moments is None:
         with torch.no_grad():
-            mean = v.to(dt).mean(dims, keepdim=True)
-            var = (v.to(dt) - mean).square().mean(dims, keepdim=True)
+            mean = as_dtype(v, dt).mean(dims, keepdim=True)
+            var = (as_dtype(v, dt) - mean).square().mean(dims, keepdim=True)
     else:
         mean, var = moments[0].detach().to(dt), moments[1].detach().to(dt)
     return _ModulatedStandardize.apply(v, weight, bias, eps, dims,  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._eager_ops import eager_op
 from .fused_whiten import _centered, _fit_grad, _fit_setup, _reduce, inv_sqrt_eigh, zca_input_term
+from .partition import as_dtype
 from .whiten import _first_order, _full_precision, grouped_matmul
 from .whiten_chunks import chunked_matmuls
 from .whiten_ops import _fresh
@@ -48,7 +49,7 @@ def _diag(a: Tensor) -> Tensor:
 
 def _mixture(ci: Tensor, cb: Tensor, coef: Tensor) -> Tensor:
     """``Σ_n`` of the coefficients ``coef = (c_bw, c_bn, c_iw, c_in)``."""
-    c = coef.to(ci.dtype)
+    c = as_dtype(coef, ci.dtype)
     return c[0] * cb + c[1] * _diag(cb) + c[2] * ci + c[3] * _diag(ci)
 
 
@@ -103,10 +104,11 @@ def _switch_apply_impl(x: Tensor, xt: Tensor, delta: Tensor, ci: Tensor, cb: Ten
                        weight: Tensor | None, bias: Tensor | None) -> Tensor:
     with _full_precision(xt):
         dt = xt.dtype
-        mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
-        shift = torch.matmul(mat, delta * mean_coef.to(dt))  # M a_B δ, (P, G, D, 1)
+        mat = as_dtype(matrix, dt)
+        mat = mat if weight is None else mat * as_dtype(weight, dt)
+        shift = torch.matmul(mat, delta * as_dtype(mean_coef, dt))  # M a_B δ, (P, G, D, 1)
         if bias is not None:
-            shift = shift + bias.to(dt)
+            shift = shift + as_dtype(bias, dt)
         return _fresh(grouped_matmul(mat, xt, shift))
 
 
@@ -130,21 +132,21 @@ def _switch_backward_impl(grad: Tensor, x: Tensor, delta: Tensor, ci: Tensor, cb
         dt = xt.dtype
         p, g, d, s = xt.shape
         b = p * g
-        gf = grad.to(dt).reshape(b, d, s)
+        gf = as_dtype(grad, dt).reshape(b, d, s)
         xc = xt.view(b, d, s)
-        w = matrix.to(dt).reshape(b, d, d)
-        uu = u.to(dt).reshape(b, d, d)
-        a_b = mean_coef.to(dt)
-        c = coef.to(dt)
+        w = as_dtype(matrix, dt).reshape(b, d, d)
+        uu = as_dtype(u, dt).reshape(b, d, d)
+        a_b = as_dtype(mean_coef, dt)
+        c = as_dtype(coef, dt)
         dlt = delta.reshape(b, d, 1)
         gsum = gf.sum(-1, keepdim=True)  # ĝ
         outer = torch.baddbmm(torch.bmm(gsum * a_b, dlt.mT), gf, xc.mT)  # ∂L/∂M
-        gam = None if weight is None else weight.to(dt).expand(p, g, d, 1).reshape(b, d, 1)
+        gam = None if weight is None else as_dtype(weight, dt).expand(p, g, d, 1).reshape(b, d, 1)
         mt = w if gam is None else w * gam.mT  # Mᵀ (W symmetric)
         dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)
         gw = outer if gam is None else outer.mul_(gam)
         # m = 2: (2/m)·sym(∂L/∂Σ_n) = ∂L/∂Σ_n (symmetric)
-        pn = zca_input_term(uu, f.to(dt).view(b, d), gw, 2).view(p, g, d, d)
+        pn = zca_input_term(uu, as_dtype(f, dt).view(b, d), gw, 2).view(p, g, d, d)
         pbar = pn.sum(0, keepdim=True)
         qb = c[0] * pbar + c[1] * _diag(pbar)  # ∂L/∂Σ_B
         pi = (c[2] * pn + c[3] * _diag(pn)).add_(qb / p)  # ∂L/∂Σ_I

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ._eager_ops import eager_op
-from .partition import Role, matrix_view, unmatrix_view
+from .partition import Role, as_dtype, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, grouped_matmul
 from .whiten_chunks import chunked_matmuls
 from .whiten_ops import _fresh, _roles, _samples, _to_input
@@ -171,13 +171,14 @@ def _apply_impl(x: Tensor, centered: Tensor, u: Tensor, f: Tensor, matrix: Tenso
                 post_bias: Tensor | None, roles: str) -> Tensor:
     with _full_precision(centered):
         dt = centered.dtype
-        mat = matrix.to(dt) if weight is None else matrix.to(dt) * weight.to(dt)
-        y = grouped_matmul(mat, centered, None if bias is None else bias.to(dt))
+        mat = as_dtype(matrix, dt)
+        mat = mat if weight is None else mat * as_dtype(weight, dt)
+        y = grouped_matmul(mat, centered, None if bias is None else as_dtype(bias, dt))
         yc = unmatrix_view(y, x.shape, tuple(roles))  # type: ignore[arg-type]  # a view of y
         if post_weight is not None:
-            yc.mul_(post_weight.to(dt))
+            yc.mul_(as_dtype(post_weight, dt))
         if post_bias is not None:
-            yc.add_(post_bias.to(dt))
+            yc.add_(as_dtype(post_bias, dt))
         return _fresh(y)
 
 
@@ -201,27 +202,28 @@ def _apply_backward_impl(grad: Tensor, x: Tensor, u: Tensor, f: Tensor, matrix: 
         p, g, d, s = centered.shape
         b = p * g
         xc = centered.view(b, d, s)
-        w = matrix.to(dt).reshape(b, d, d)
-        grad = grad.to(dt)
+        w = as_dtype(matrix, dt).reshape(b, d, d)
+        grad = as_dtype(grad, dt)
         gc = unmatrix_view(grad, shape, tuple(roles))  # type: ignore[arg-type]
         dpost_b = gc.sum((0, 3), keepdim=True)  # ∂β of a per-channel recovery after W
         dpost_w = dpost_b.new_zeros(())
         if post_weight is not None:  # y = γ ⊙ y₀ + β: ∂γ = Σ g y₀ (y₀ = W x_c recomputed)
             y0 = unmatrix_view(torch.bmm(w, xc).view(p, g, d, s), shape, tuple(roles))  # type: ignore[arg-type]
             dpost_w = (gc * y0).sum((0, 3), keepdim=True)
-            grad = matrix_view(gc * post_weight.to(dt), tuple(roles))  # type: ignore[arg-type]
+            grad = matrix_view(gc * as_dtype(post_weight, dt),
+                               tuple(roles))  # type: ignore[arg-type]
         gf = grad.reshape(b, d, s)
-        uu = u.to(dt).reshape(b, d, d)
+        uu = as_dtype(u, dt).reshape(b, d, d)
         outer = torch.bmm(gf, xc.mT)  # G = g x_cᵀ = ∂L/∂M
         gsum = gf.sum(-1, keepdim=True)
         if weight is None:
             dweight = gsum.new_zeros(())
             gw, mt = outer, w  # W is symmetric: Mᵀ = W
         else:
-            gam = weight.to(dt).expand(p, g, d, 1).reshape(b, d, 1)
+            gam = as_dtype(weight, dt).expand(p, g, d, 1).reshape(b, d, 1)
             dweight = (outer * w).sum(-1, keepdim=True).view(p, g, d, 1)  # ∂γ_i = Σ_j G_ij W_ij
             gw, mt = outer.mul_(gam), w * gam.mT  # G_W = γ ⊙ G, Mᵀ = W diag(γ)
-        pmat = zca_input_term(uu, f.to(dt).view(b, d), gw, s)  # P: the gradient through Σ
+        pmat = zca_input_term(uu, as_dtype(f, dt).view(b, d), gw, s)  # P: the gradient through Σ
         # Mᵀ g + P x_c − Mᵀ ḡ (the gradient through μ) into one buffer, chunk by chunk
         four = (p, g, d, d)
         dx = chunked_matmuls([(mt.reshape(four), gf.view(p, g, d, s)),

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .partition import as_dtype
+
 __all__ = [
     "mix_moments",
     "weighted_mean",
@@ -96,7 +98,7 @@ def _shares(weight: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``w / Σw`` over ``dims`` in ``x``'s dtype, the sum over the extent ``w`` broadcasts to
     against ``x`` and floored at the smallest normal number (computed once per pooling, on the
     weights alone where they span ``dims`` themselves)."""
-    w = weight.to(x.dtype)
+    w = as_dtype(weight, x.dtype)
     if w.dim() != x.dim() or any(w.shape[d] < x.shape[d] for d in dims):
         w = w.expand(torch.broadcast_shapes(w.shape, x.shape))
     return w / w.sum(dims, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .merging import pool_moments
+from .partition import as_dtype
 
 __all__ = [
     "mode_gates",
@@ -35,7 +36,7 @@ def mode_gates(pooled: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         pooled ``(N, C)`` (each sample's spatially averaged features), weight ``(K, C)``, bias
         ``(K,)`` → ``(N, K)``, rows summing to 1.
     """
-    w, b = weight.to(pooled.dtype), bias.to(pooled.dtype)
+    w, b = as_dtype(weight, pooled.dtype), as_dtype(bias, pooled.dtype)
     return torch.softmax(torch.addmm(b, pooled, w.t()), dim=-1)
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .fused_mixture import LOG2_E, _coef, _quad
-from .partition import stats_dtype
+from .partition import as_dtype, stats_dtype
 from .standardize import affine_transform
 from .whiten_chunks import _DEVICE_CHUNK_BYTES
 
@@ -99,7 +99,7 @@ def mixture_eval(v: Tensor, mean: Tensor, var: Tensor, log_prior: Tensor,
     n, c, s = v.shape[0], v.shape[1], v.shape[3]
     x = v.reshape(n, c, s).to(stats_dtype(v))
     dt = x.dtype
-    mean, var, log_prior = mean.to(dt), var.to(dt), log_prior.to(dt)
+    mean, var, log_prior = as_dtype(mean, dt), as_dtype(var, dt), as_dtype(log_prior, dt)
     inplace = _in_place(v, mean, var, log_prior)
     # γ, β folded into the per-channel coefficients, unless per value or (in place) asked for a
     # gradient: then applied after, by autograd (x̂ computed in place all the same)

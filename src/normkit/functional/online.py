@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from . import statistics as S
 from .merging import mix_moments
-from .partition import canonical_view, check_input, restore_view, stats_dtype
+from .partition import as_dtype, canonical_view, check_input, restore_view, stats_dtype
 
 __all__ = [
     "check_weight",
@@ -170,10 +170,11 @@ def online_normalize(
     check_input(x, mean.shape[0], channel_axis)
     c = mean.shape[0]
     v = canonical_view(x, (c, 1), channel_axis)
-    vf = v.to(stats_dtype(v))
+    vf = as_dtype(v, stats_dtype(v))
     sm, sv = S.moments(vf, (3,))
     mb, vb, mean_after, var_after = stream_moments(
         sm, sv, mean.reshape(c, 1, 1).to(vf.dtype), var.reshape(c, 1, 1).to(vf.dtype),
         [momentum] * x.shape[0])
     y = (vf - mb) * torch.rsqrt(vb + eps)
-    return restore_view(y.to(x.dtype), x.shape, channel_axis), mean_after.reshape(c), var_after.reshape(c)
+    return (restore_view(as_dtype(y, x.dtype), x.shape, channel_axis), mean_after.reshape(c),
+            var_after.reshape(c))

@@ -23,6 +23,7 @@ from ..errors import ConfigError, DTypeError, ShapeError
 
 __all__ = [
     "Role",
+    "as_dtype",
     "resolve_groups",
     "pad_channels",
     "narrow_channels",
@@ -179,6 +180,19 @@ def param_view(t: Tensor, groups: tuple[int, int]) -> Tensor:
 def stats_dtype(x: Tensor) -> torch.dtype:
     """Accumulation dtype: at least float32 (float64 stays float64)."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when ``t`` already has it (``to`` then returns ``t``
+    itself too, but its dispatch costs ~1 µs per call: per-call overhead at small shapes).
+    Traced, the check is a constant: the graph is the same.
+
+    Example:
+        >>> t = torch.ones(2)
+        >>> as_dtype(t, torch.float32) is t, as_dtype(t, torch.float64).dtype
+        (True, torch.float64)
+    """
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _matrix_perm(roles: Sequence[Role]) -> tuple[list[int], list[int], list[int]]:

@@ -19,18 +19,23 @@ Policy (every normkit method follows it):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .partition import stat_count, stats_dtype
+from .partition import as_dtype, stat_count, stats_dtype
 from .shifted import inlinable, shifted_moment_sums, shifted_sum
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = [
     "compiling_kernels",
+    "no_grad",
     "moments",
     "shifted_moments",
     "mean_square",
@@ -48,7 +53,7 @@ __all__ = [
 
 
 def _up(x: Tensor) -> Tensor:
-    return x.to(stats_dtype(x))
+    return as_dtype(x, stats_dtype(x))
 
 
 def compiling_kernels() -> bool:
@@ -167,7 +172,31 @@ def unbiased_variance(var: Tensor, m: int) -> Tensor:
     return var * (m / (m - 1)) if m > 1 else var
 
 
-@torch.no_grad()
+def no_grad(fn: _F) -> _F:
+    """``@torch.no_grad()`` for functions called on every forward, often already without
+    gradients (nested in another such function): the call skips the context object torch's
+    decorator makes per call (~1.6 µs) when gradients are already off. Same semantics; traced,
+    the same no-grad region.
+
+    Example:
+        >>> @no_grad
+        ... def double_(t): t.mul_(2)
+        >>> p = torch.ones(2, requires_grad=True)
+        >>> double_(p); p
+        tensor([2., 2.], requires_grad=True)
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+@no_grad
 def ema_update(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
     """``running ← (1 − factor)·running + factor·batch`` in place (torch's momentum meaning).
 
@@ -176,8 +205,11 @@ def ema_update(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
     buffer's dtype as a Python float is.
     """
     if isinstance(factor, Tensor):
-        factor = factor.to(running.dtype)
-    running.lerp_(batch.to(running.dtype), factor)
+        factor = as_dtype(factor, running.dtype)
+    running.lerp_(as_dtype(batch, running.dtype), factor)
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # stateless and reentrant: one for every call
 
 
 def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
@@ -197,7 +229,7 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[None]:
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def box_sum(x: Tensor, dims: Sequence[int], windows: Sequence[int], *, flip: bool = False,

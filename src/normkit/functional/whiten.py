@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ._apply import apply_bound
 
 __all__ = [
     "WhiteningMethod",
@@ -225,7 +226,7 @@ def zca_matrix(sigma: Tensor, eps: float = 1e-5) -> Tensor:
         >>> torch.allclose(covariance(w @ xc), torch.eye(3, dtype=torch.float64).expand(1, 3, 3))
         True
     """
-    return _InvSqrtEigh.apply(_check(sigma, eps), eps)[0]
+    return apply_bound(_InvSqrtEigh, _check(sigma, eps), eps)[0]
 
 
 @_finite_guard
@@ -252,7 +253,7 @@ def pca_matrix(sigma: Tensor, eps: float = 1e-5, *, data_dtype: torch.dtype | No
     sigma_dtype = sigma.dtype
     sigma = _check(sigma, eps)
     rel = _resolution(sigma.dtype, data_dtype or sigma_dtype, sigma.shape[-1])
-    lam, u = _SafeEigh.apply(sigma + eps * _eye_like(sigma), rel)
+    lam, u = apply_bound(_SafeEigh, sigma + eps * _eye_like(sigma), rel)
     u = u * _pca_signs(u)
     floor = eps if eps > 0 else torch.finfo(lam.dtype).tiny  # rounding can push λ below ε
     return lam.clamp_min(floor).rsqrt().unsqueeze(-1) * u.transpose(-1, -2)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._eager_ops import eager_op
-from .partition import Role, matrix_view, unmatrix_view
+from .partition import Role, as_dtype, matrix_view, unmatrix_view
 from .whiten import _first_order, _full_precision, batch_moments, grouped_matmul
 from .whiten_chunks import chunked_moments
 
@@ -64,7 +64,7 @@ def _fresh(t: Tensor) -> Tensor:
 def _to_input(dx: Tensor, shape: Sequence[int], roles: str, dtype: torch.dtype) -> Tensor:
     """A gradient in the ``(P, G, D, S)`` layout back to the input's ``(N, A, B, S)``, contiguous."""
     dx = dx if not roles else unmatrix_view(dx, shape, tuple(roles))  # type: ignore[arg-type]
-    return _fresh(dx.to(dtype).contiguous())
+    return _fresh(as_dtype(dx, dtype).contiguous())
 
 
 def _count(centered: Tensor, shared: bool) -> int:
@@ -137,8 +137,8 @@ _moments_call = eager_op(_moments, _moments_impl, setup_context=_moments_setup,
 def _apply_impl(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared: bool,
                 roles: str) -> Tensor:
     with _full_precision(centered):
-        return _fresh(grouped_matmul(matrix.to(centered.dtype), centered,
-                                     None if shift is None else shift.to(centered.dtype)))
+        return _fresh(grouped_matmul(as_dtype(matrix, centered.dtype), centered,
+                                     None if shift is None else as_dtype(shift, centered.dtype)))
 
 
 _apply = torch.library.custom_op("normkit::whiten_apply", _apply_impl, mutates_args=())
@@ -153,15 +153,16 @@ def _(x: Tensor, centered: Tensor, matrix: Tensor, shift: Tensor | None, shared:
 def _apply_backward_impl(grad: Tensor, centered: Tensor, matrix: Tensor, shared: bool, roles: str,
                          shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     with _full_precision(centered):
-        g = grad.to(centered.dtype)
-        mat = matrix.to(centered.dtype)
+        g = as_dtype(grad, centered.dtype)
+        mat = as_dtype(matrix, centered.dtype)
         m = max(_count(centered, shared), 1)
         gsum = g.sum((0, 3) if shared else (3,), keepdim=True)
         outer = torch.matmul(g, centered.transpose(-1, -2))  # Ĝ = Σ g x_cᵀ
         outer = outer.sum(0, keepdim=True) if outer.shape[0] != mat.shape[0] else outer
         mat_t = mat.transpose(-1, -2)
         dx = grouped_matmul(mat_t, g, torch.matmul(mat_t, gsum).div_(-m))  # Mᵀ (g − ḡ)
-        return _to_input(dx, shape, roles, dtype), _fresh(outer.to(matrix.dtype)), _fresh(gsum)
+        return (_to_input(dx, shape, roles, dtype), _fresh(as_dtype(outer, matrix.dtype)),
+                _fresh(gsum))
 
 
 _apply_backward = torch.library.custom_op("normkit::whiten_apply_backward", _apply_backward_impl,
@@ -273,5 +274,5 @@ def whiten_with_gradient(
         >>> torch.allclose(a, b)
         True
     """
-    mat = matrix if weight is None else matrix * weight.to(matrix.dtype)
+    mat = matrix if weight is None else matrix * as_dtype(weight, matrix.dtype)
     return _apply_call(x, centered, mat, bias, shared, _roles(roles))

@@ -160,9 +160,14 @@ class Operation(ABC):
         (``N`` a ``G`` axis, e.g. IN) are averaged over the batch, as torch's InstanceNorm.
         """
         out = {}
+        traced = torch.compiler.is_compiling()
         for k, t in stats.items():
             t = S.unbiased_variance(t, m) if k == "var" else t
-            out[k] = (t.mean(0) if t.shape[0] > 1 else t[0]).reshape(-1)
+            if t.shape[0] > 1:
+                t = t.mean(0)
+            elif traced:  # (eager: one sample's reshape is the same values, without the index)
+                t = t[0]
+            out[k] = t.reshape(-1)
         return out
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:

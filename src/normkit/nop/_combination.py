@@ -41,7 +41,7 @@ from ..functional import fused_combination as Fc
 from ..functional import standardize as Fs
 from ..functional.merging import pool_moments
 from ..functional.merging import pool_moments as pooled_moments  # noqa: F401 - the old name
-from ..functional.partition import stats_dtype
+from ..functional.partition import as_dtype, stats_dtype
 from ..functional.simplex import sparsemax
 from ..nap import Partition
 from ._base import Coefficients, Stats
@@ -160,9 +160,12 @@ class SwitchableStandardize(_RowFused):
         parts = {"in": inst, "bn": batch}
         if "ln" in self.modes:
             parts["ln"] = pool_moments(mi, vi, (1, 2))
-        uniform = torch.zeros(len(self.modes), dtype=mi.dtype, device=mi.device)
-        wm = self.mixture(params.get("mean_weight", uniform).to(mi.dtype))
-        wv = self.mixture(params.get("var_weight", uniform).to(mi.dtype))
+        lm, lv = params.get("mean_weight"), params.get("var_weight")
+        if lm is None or lv is None:  # no learned weights (functional use): uniform
+            uniform = torch.zeros(len(self.modes), dtype=mi.dtype, device=mi.device)
+            lm, lv = uniform if lm is None else lm, uniform if lv is None else lv
+        wm = self.mixture(as_dtype(lm, mi.dtype))
+        wv = self.mixture(as_dtype(lv, mi.dtype))
         # Σ w_k μ_k as μ_0 + Σ w_k (μ_k − μ_0): equal on the simplex (also its gradients, whose
         # Jacobian columns sum to 0), but weights summing to 1 only up to rounding no longer
         # shift a large common mean (constant input: every μ_k − μ_0 is exactly 0).
@@ -186,7 +189,7 @@ class SwitchableStandardize(_RowFused):
         num_features: int, eps: float, params: Stats | None = None,
     ) -> Stats:
         r = self.from_running(running, nap, num_features)
-        batch = (r["mean"].to(stats_dtype(v)), r["var"].to(stats_dtype(v)))
+        batch = (as_dtype(r["mean"], stats_dtype(v)), as_dtype(r["var"], stats_dtype(v)))
         return self._mix(self._instance(v), batch, params or {})
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
@@ -257,8 +260,8 @@ class BatchInstanceStandardize(_RowFused):
     ) -> Stats:
         r = self.from_running(running, nap, num_features)
         mi, vi = self._instance(v)
-        return {"mean": r["mean"].to(mi.dtype), "var": r["var"].to(mi.dtype), "inst_mean": mi,
-                "inst_var": vi, "gate": self._gate(v, params)}
+        return {"mean": as_dtype(r["mean"], mi.dtype), "var": as_dtype(r["var"], mi.dtype),
+                "inst_mean": mi, "inst_var": vi, "gate": self._gate(v, params)}
 
     def coefficients(self, stats: Stats, eps: float, m: int) -> Coefficients:
         a_b, b_b = Fs.standardize_coefficients(stats["mean"], stats["var"], eps)

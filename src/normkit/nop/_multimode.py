@@ -48,7 +48,7 @@ from ..functional.mixture import (
     mode_moments,
 )
 from ..functional.mixture_eval import mixture_eval
-from ..functional.partition import stats_dtype
+from ..functional.partition import as_dtype, stats_dtype
 from ..nap import Partition
 from ._base import Coefficients, Operation, State, Stats
 from ._combination import _RowFused
@@ -413,7 +413,7 @@ class TaskStandardize(Operation):
     def eval_stats(self, v: Tensor, running: Stats, *, nap: Partition, spatial: Sequence[int],
                    num_features: int, eps: float, params: Stats | None = None) -> Stats:
         stats = self.from_running(running, nap, num_features)
-        size = stats["size"].to(stats_dtype(v))
+        size = as_dtype(stats["size"], stats_dtype(v))
         mean, var = self._blend(v, stats["mean"], stats["var"], size, params)
         return {**stats, "mix_mean": mean, "mix_var": var}
 

@@ -41,7 +41,7 @@ from ..functional import fused_combination as Fc
 from ..functional import standardize as Fs
 from ..functional import statistics as S
 from ..functional.merging import pool_moments
-from ..functional.partition import resolve_groups, stats_dtype
+from ..functional.partition import as_dtype, resolve_groups, stats_dtype
 from ..nap import Batch, Partition
 from ._base import Coefficients, Stats
 from ._owned import _channel_view, _OwnsParameters, _per_channel_split, instance_moments
@@ -110,7 +110,7 @@ class EvoB0(_EvoNorm):
     ) -> Stats:
         if self.fused:  # statistics once, without autograd: the Function differentiates them
             with torch.no_grad():
-                mi, vi, mb, vb = Ff._instance_and_batch(v.to(stats_dtype(v)), True)
+                mi, vi, mb, vb = Ff._instance_and_batch(as_dtype(v, stats_dtype(v)), True)
             return {"var": vb, "inst_var": vi, "inst_mean": mi, "batch_mean": mb,
                     "v": self._v(v, params)}
         mi, vi = instance_moments(v)
@@ -165,7 +165,7 @@ class EvoS0(_EvoNorm):
                 elif S.compiling_kernels():
                     mean, var = S.shifted_moments(v, nap.dims)
                 else:
-                    var, mean = Ff._var_mean(v.to(stats_dtype(v)), nap.dims)
+                    var, mean = Ff._var_mean(as_dtype(v, stats_dtype(v)), nap.dims)
             return {"var": var, "batch_mean": mean, "v": self._v(v, params)}
         return {"var": nap.moments(v, spatial)[1], "v": self._v(v, params)}
 
@@ -272,7 +272,7 @@ class FilterResponse(_OwnsParameters, Scale):
                           extra_eps=stats.get("learned_eps"), ms=stats["batch_ms"])
         scale, _ = self.coefficients(stats, eps, m)
         out = Fs.affine_transform(v, scale, None, weight, bias)
-        return torch.maximum(out, stats["tau"].to(out.dtype)) if self.tlu else out
+        return torch.maximum(out, as_dtype(stats["tau"], out.dtype)) if self.tlu else out
 
 
 # ----------------------------------------------------------------------- batch-channel
@@ -351,7 +351,7 @@ class BatchChannelStandardize(_NotAffine):
             return {"mean": mean, "var": var, "row_mean": row_mean, "row_var": row_var, **aff}
         if self.fused and type(nap) is Batch:  # BN's kernel: h, and μ_B, σ²_B for the running
             h, mean, var = Fc.batch_standardize(  # estimates (its backward differentiates them)
-                v.to(stats_dtype(v)), aff.get("bn_weight"), aff.get("bn_bias"), eps)
+                as_dtype(v, stats_dtype(v)), aff.get("bn_weight"), aff.get("bn_bias"), eps)
             return {"mean": mean, "var": var, "batch_h": h}
         mean, var = nap.moments(v, spatial)
         return {"mean": mean, "var": var, **aff}
@@ -362,7 +362,8 @@ class BatchChannelStandardize(_NotAffine):
     ) -> Stats:
         r = self.from_running(running, nap, num_features)
         dt = stats_dtype(v)
-        return {"mean": r["mean"].to(dt), "var": r["var"].to(dt), **self._affine(v, params)}
+        return {"mean": as_dtype(r["mean"], dt), "var": as_dtype(r["var"], dt),
+                **self._affine(v, params)}
 
     def transform(self, v: Tensor, stats: Stats, *, nap: Partition, eps: float, m: int,
                   weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -371,13 +372,13 @@ class BatchChannelStandardize(_NotAffine):
             scale, shift = Fc.batch_channel_rows(
                 stats["row_mean"], stats["row_var"], stats["mean"], stats["var"], self._groups(c),
                 stats.get("bn_weight"), stats.get("bn_bias"), eps)
-            return Fs.affine_transform(v.to(scale.dtype), scale, shift, weight, bias)
+            return Fs.affine_transform(as_dtype(v, scale.dtype), scale, shift, weight, bias)
         if "batch_h" in stats:  # fused: GN's kernel on BN's output
             return Fc.group_standardize(stats["batch_h"], self._groups(c), weight, bias, eps)
         scale, shift = Fs.standardize_coefficients(stats["mean"], stats["var"], eps)
         if "bn_weight" in stats:
             scale, shift = scale * stats["bn_weight"], shift * stats["bn_weight"] + stats["bn_bias"]
-        h = torch.addcmul(shift, v.to(scale.dtype), scale)  # (N, C, 1, S)
+        h = torch.addcmul(shift, as_dtype(v, scale.dtype), scale)  # (N, C, 1, S)
         hg = h.reshape(h.shape[0], self._groups(c), -1)
         mg, vg = S.moments(hg, (2,))
         out = ((hg - mg) * torch.rsqrt(vg + eps)).reshape(h.shape)

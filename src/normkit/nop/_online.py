@@ -41,6 +41,7 @@ from ..functional.merging import mix_moments
 from ..functional.online import check_weight as _check_weight
 from ..functional.online import online_control_backward, stream_moments
 from ..functional.online import online_normalize as online_normalize  # noqa: F401 - old path
+from ..functional.partition import as_dtype
 from ..functional.snapshot import snapshot
 from ..functional.whiten import _first_order
 from ..nap import Partition
@@ -139,7 +140,7 @@ class _OnlineControl(torch.autograd.Function):
         n, a, b, _ = y.shape
         shape = (a, b, 1)
         u, v = (t.reshape(shape).to(y.dtype) for t in (grad_mean, grad_proj))
-        dx, u, v = online_control_backward(grad.to(y.dtype), y, scale, u, v, ctx.k)
+        dx, u, v = online_control_backward(as_dtype(grad, y.dtype), y, scale, u, v, ctx.k)
         grad_mean.copy_(u.reshape(-1))
         grad_proj.copy_(v.reshape(-1))
         return dx, None, None, None, None, None
@@ -212,7 +213,7 @@ class OnlineStandardize(Operation):
         mean, var = (snapshot(running[k]).reshape(shape).to(dtype) for k in ("mean", "var"))
         stream = stream_moments_scan if self.fused else stream_moments
         m_before, v_before, mean, var = stream(
-            samples["mean"].to(dtype), samples["var"].to(dtype), mean, var, factors)
+            as_dtype(samples["mean"], dtype), as_dtype(samples["var"], dtype), mean, var, factors)
         running["mean"].copy_(mean.reshape(-1))
         running["var"].copy_(var.reshape(-1))
         # each sample's own moments go along: the fused backward's ⟨x̂²⟩ (normalize)
@@ -225,13 +226,13 @@ class OnlineStandardize(Operation):
         backward; ``fused`` (and ``stats`` from :meth:`stream`): one Function, recovery
         included."""
         scale, shift = self.coefficients(stats, eps, 1)
-        vf = v.to(scale.dtype)
+        vf = as_dtype(v, scale.dtype)
         if self.backward_momentum == 0:  # no control: the gradient with constant statistics
             return Fs.affine_transform(torch.addcmul(shift, vf, scale), None, None, weight, bias)
         if self.fused and "sample_mean" in stats:
-            return online_affine(vf, stats["mean"].to(scale.dtype), scale,
-                                 sample_mean=stats["sample_mean"].to(scale.dtype),
-                                 sample_var=stats["sample_var"].to(scale.dtype),
+            return online_affine(vf, as_dtype(stats["mean"], scale.dtype), scale,
+                                 sample_mean=as_dtype(stats["sample_mean"], scale.dtype),
+                                 sample_var=as_dtype(stats["sample_var"], scale.dtype),
                                  weight=weight, bias=bias, grad_mean=running["grad_mean"],
                                  grad_proj=running["grad_proj"], k=self.backward_momentum)
         xhat = _OnlineControl.apply(vf, scale, shift, running["grad_mean"], running["grad_proj"],

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..functional import statistics as S
 from ..functional.merging import pool_moments
-from ..functional.partition import stats_dtype
+from ..functional.partition import as_dtype, stats_dtype
 from ..nap import Batch, Instance, Partition, Synced
 from ._base import Operation, Stats
 
@@ -35,7 +35,7 @@ def _batch_moments(v: Tensor, nap: Partition, spatial: Sequence[int],
 
 def _channel_view(p: Tensor, v: Tensor) -> Tensor:
     """A per-channel parameter ``(C,)`` as ``(1, A, B, 1)`` against the view ``v``, in ≥ float32."""
-    return p.reshape(1, v.shape[1], v.shape[2], 1).to(stats_dtype(v))
+    return as_dtype(p.reshape(1, v.shape[1], v.shape[2], 1), stats_dtype(v))
 
 
 def _per_channel_split(nap: Partition, num_features: int, what: str) -> None:

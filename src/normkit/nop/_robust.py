@@ -41,8 +41,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..functional import standardize as Fs
+from ..functional import statistics as S
 from ..functional.fused_robust import constant_standardize, standardize_affine
 from ..functional.fused_robust import moments as fused_moments
+from ..functional.partition import as_dtype
 from ..nap import Batch, Local, Partition, Synced
 from ._base import Coefficients, Operation, State, StateSpec, Stats
 from ._standard import Standardize
@@ -159,7 +161,7 @@ class Renormalize(RobustStandardize):
 
     def limits(self, step: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """``(r_max(t), d_max(t))`` at training step ``t`` (a tensor, e.g. ``num_batches_tracked``)."""
-        t = step.to(dtype)
+        t = as_dtype(step, dtype)
         return (1 + (self.r_max - 1) * self._ramp(t, self.r_max_steps),
                 self.d_max * self._ramp(t, self.d_max_steps))
 
@@ -388,7 +390,7 @@ class MomentumStandardize(_BlendedStandardize):
     def momentum_weight(self, batch_size: int, step: Tensor,
                         dtype: torch.dtype = torch.float32) -> Tensor:
         """``λ`` at training step ``step`` (a tensor) for a batch of ``batch_size`` samples."""
-        t = step.to(dtype)
+        t = as_dtype(step, dtype)
         if self.lambda_ is not None:
             lam = torch.full_like(t, float(self.lambda_))
         else:
@@ -415,7 +417,7 @@ class MomentumStandardize(_BlendedStandardize):
         stats["var"] = lam * prev_var + (1 - lam) * var
         return stats
 
-    @torch.no_grad()
+    @S.no_grad
     def update_state(self, state: Stats, stats: Stats) -> None:
         if "momentum_mean" in state:
             state["momentum_mean"].copy_(stats["mean"].reshape(-1))

@@ -20,7 +20,7 @@ from ..functional.fused import _reduced
 from ..functional.fused_robust import _last_first, constant_standardize, robust_scale
 from ..functional.fused_robust import moments as fused_moments
 from ..functional.fused_scale import channel_mean_square, rms_scale
-from ..functional.partition import stats_dtype
+from ..functional.partition import as_dtype, stats_dtype
 from ..nap import Batch, BatchGroup, Group, Instance, Layer, Local, Partition, Position, Synced
 from ._base import Coefficients, Kernel, Layout, Operation, Stats
 
@@ -278,7 +278,7 @@ class L1(_ScaleStandardize):
         params: Stats | None = None,
     ) -> Stats:
         if self.fused and not isinstance(nap, (Synced, Local)):  # reductions last axis first
-            x, dims = v.to(stats_dtype(v)), nap.dims
+            x, dims = as_dtype(v, stats_dtype(v)), nap.dims
             mean = _last_first(x, dims) / _reduced(x, dims)
             mad = _last_first((x - mean).abs(), dims) / _reduced(x, dims)
             return {"mean": mean, "scale": mad * _L1_CONSTANT}
@@ -313,7 +313,7 @@ class Range(_ScaleStandardize):
     ) -> Stats:
         c = S.range_constant(nap.count(v, spatial))
         if self.fused and not isinstance(nap, (Synced, Local)):  # reductions last axis first
-            x, dims = v.to(stats_dtype(v)), nap.dims
+            x, dims = as_dtype(v, stats_dtype(v)), nap.dims
             rng = _last_first(x, dims, torch.amax) - _last_first(x, dims, torch.amin)
             return {"mean": _last_first(x, dims) / _reduced(x, dims), "scale": rng * c}
         mean = nap.mean(v, spatial)

@@ -18,7 +18,7 @@ from ..functional import statistics as S
 from ..functional import whiten as W
 from ..functional import whiten_ops as WO
 from ..functional.collectives import synced_covariance
-from ..functional.partition import matrix_sizes, matrix_view, unmatrix_view
+from ..functional.partition import as_dtype, matrix_sizes, matrix_view, unmatrix_view
 from ..nap import Partition, Synced
 from ._base import Coefficients, Operation, Stats
 
@@ -238,7 +238,7 @@ class Whiten(Operation):
     def from_running(self, running: Stats, nap: Partition, num_features: int) -> Stats:
         gc, d = matrix_sizes(nap.groups(num_features), nap.roles)
         dtype = torch.promote_types(running["mean"].dtype, torch.float32)  # half buffers
-        mean = torch.nn.functional.pad(running["mean"].to(dtype), (0, self._num_padded(d)))
+        mean = torch.nn.functional.pad(as_dtype(running["mean"], dtype), (0, self._num_padded(d)))
         out = {"mean": mean.reshape(1, gc, d, 1)}
         key = self.stat_names[1]
         return {**out, key: running[key].to(dtype).unsqueeze(0)}
@@ -267,7 +267,7 @@ class Whiten(Operation):
         if (centered is not None or "inplace_mean" in stats) and self._use_fused(nap):
             return self._fused_transform(v, stats, w, nap, eps, weight, bias)
         if self._layout(v, nap)[0]:  # (N, A, B, S) in place, see fit()
-            x = v.to(w.dtype) if centered is None else centered
+            x = as_dtype(v, w.dtype) if centered is None else centered
             folded = self._fold(w, None if centered is not None else stats["mean"], weight, bias, nap)
             if folded is None:  # cannot happen for per-channel recoveries; kept for safety
                 out = torch.matmul(w, x if centered is not None else x - stats["mean"])
@@ -333,10 +333,10 @@ class Whiten(Operation):
         if any(r is not None and r.shape[-1] != 1 for r in rows):
             return None
         g, b = rows
-        mat = w if g is None else w * g.to(w.dtype)
+        mat = w if g is None else w * as_dtype(g, w.dtype)
         shift = None if mean is None else -torch.matmul(mat, mean)
         if b is not None:
-            shift = b.to(w.dtype) if shift is None else shift + b.to(w.dtype)
+            shift = as_dtype(b, w.dtype) if shift is None else shift + as_dtype(b, w.dtype)
         return mat, shift
 
     @_float32

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..functional import statistics as S
 from ..functional.fused_running import moving_average_standardize, push_history, with_history
 from ..functional.merging import pool_moments
 from ..nap import Partition
@@ -84,7 +85,7 @@ class WindowStandardize(_BlendedStandardize):
         mbar, vbar = self.window_moments(mean, var, state)
         return {"mean": mbar, "var": vbar, "batch_mean": mean, "batch_var": var}
 
-    @torch.no_grad()
+    @S.no_grad
     def update_state(self, state: Stats, stats: Stats) -> None:
         if "history" in state:
             entry = torch.stack([stats["batch_mean"].reshape(-1), stats["batch_var"].reshape(-1)])

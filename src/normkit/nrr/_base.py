@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..functional.partition import canonical_view, resolve_groups, restore_view
+from ..functional.partition import as_dtype, canonical_view, resolve_groups, restore_view
 from ..functional.whiten import grouped_matmul
 
 __all__ = ["Recovery", "Identity", "Affine", "Scalar", "Coloring"]
@@ -212,9 +212,9 @@ class Coloring(Recovery):
         a, d = w.shape[0], w.shape[-1]
         dtype = torch.promote_types(y.dtype, w.dtype)
         v = canonical_view(y, (a, d), channel_axis).to(dtype)
-        shift = None if b is None else b.to(dtype).reshape(1, a, d, 1)
-        out = grouped_matmul(w.to(dtype).unsqueeze(0), v, shift)
-        return restore_view(out.to(y.dtype), y.shape, channel_axis)
+        shift = None if b is None else as_dtype(b, dtype).reshape(1, a, d, 1)
+        out = grouped_matmul(as_dtype(w, dtype).unsqueeze(0), v, shift)
+        return restore_view(as_dtype(out, y.dtype), y.shape, channel_axis)
 
     def compose(
         self, folded: tuple[Tensor, Tensor], params: dict[str, Tensor | None]
@@ -222,7 +222,7 @@ class Coloring(Recovery):
         w, b = params["weight"], params.get("bias")
         a, d = w.shape[0], w.shape[-1]
         mat, shift = folded
-        w = w.to(mat.dtype)
+        w = as_dtype(w, mat.dtype)
         if mat.dim() == 1:  # per-channel scale: Γ diag(a)
             mat = w * mat.reshape(a, 1, d)
         elif mat.shape == w.shape:  # blocks of the same size: Γ M
@@ -232,5 +232,5 @@ class Coloring(Recovery):
                 f"cannot fold Coloring(group_size={d}) after blocks of shape {tuple(mat.shape)}; "
                 f"use the operation's group size"
             )
-        shift = (w @ shift.to(w.dtype).reshape(a, d, 1)).reshape(-1)
-        return mat, shift if b is None else shift + b.to(shift.dtype)
+        shift = (w @ as_dtype(shift, w.dtype).reshape(a, d, 1)).reshape(-1)
+        return mat, shift if b is None else shift + as_dtype(b, shift.dtype)
