@@ -10,6 +10,7 @@ input shape that passed the spread check, keyed on everything the check reads.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,16 +24,22 @@ __all__ = ["check_batch_once", "member", "running_buffers"]
 _RUNNING_NAMES: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
 
 
-def member(module: nn.Module, name: str) -> Any:
-    """``getattr(module, name, None)``, reading a registered parameter or buffer straight from
-    its dict (``nn.Module.__getattr__`` is the slow fallback of attribute lookup)."""
+def member(module: nn.Module, name: str, strict: bool = False) -> Any:
+    """``getattr(module, name, None)`` (``strict``: ``getattr(module, name)``), reading a
+    registered parameter or buffer straight from its dict (``nn.Module.__getattr__`` is the slow
+    fallback of attribute lookup)."""
     params = module._parameters
     if name in params:
         return params[name]
     buffers = module._buffers
     if name in buffers:
         return buffers[name]
-    return getattr(module, name, None)
+    return getattr(module, name) if strict else getattr(module, name, None)
+
+
+def members(module: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, Any]:
+    """``{name: member(module, name, strict)}`` for ``names`` (:func:`member`)."""
+    return {n: member(module, n, strict) for n in names}
 
 
 def running_buffers(module: nn.Module, stat_names: tuple[str, ...]) -> dict[str, Tensor] | None:

@@ -201,8 +201,7 @@ class Normalization(nn.Module):
         return not isinstance(self.nrr, nrr_.Identity)
 
     def _recovery_params(self) -> dict[str, Any]:
-        member = CC.member  # the registered tensors without nn.Module.__getattr__
-        return {n: member(self, n) for n in ("weight", "bias", *self._nrr_names)}
+        return CC.members(self, ("weight", "bias", *self._nrr_names), strict=False)
 
     def _recovery_views(self, x: Tensor | None = None, condition: Any = None,
                         params: dict[str, Any] | None = None
@@ -227,11 +226,7 @@ class Normalization(nn.Module):
 
     def _state_buffers(self) -> dict[str, Tensor]:
         """The operation's own state buffers (:meth:`~normkit.nop.Operation.state_buffers`)."""
-        names = getattr(self, "_state_init", None)  # (a plain attribute; older pickles lack it)
-        if not names:
-            return {}
-        bufs = self._buffers  # registered buffers without nn.Module.__getattr__
-        return {n: bufs[n] if n in bufs else getattr(self, n) for n in names}
+        return CC.members(self, getattr(self, "_state_init", ()))  # (older pickles lack it)
 
     def reset_running_stats(self) -> None:
         """Reset running estimates to mean 0, variance/scale 1, the batch counter to 0 and the
@@ -256,11 +251,7 @@ class Normalization(nn.Module):
         self.nop.reset_parameters(self._nop_params())
 
     def _nop_params(self) -> dict[str, Tensor]:
-        names = self._nop_param_names
-        if not names:
-            return {}
-        params = self._parameters  # registered parameters (a replaced one: getattr's fallback)
-        return {n: params[n] if n in params else getattr(self, n) for n in names}
+        return CC.members(self, self._nop_param_names)
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """The evaluation transform as one affine map, for folding into a neighbouring layer.
