@@ -30,6 +30,7 @@ op's; only the dispatcher's bookkeeping is skipped.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -44,9 +45,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _force_ops = False
 
 
+@functools.cache
 def _default_tls() -> tuple[int, int]:
     """The dispatcher's thread-local include and exclude key sets of a fresh thread (autocast off,
-    no mode, no functorch layer, autograd on), as raw bits."""
+    no mode, no functorch layer, autograd on), as raw bits; read once, at the first eager call
+    (not at import: no thread started by importing normkit)."""
     out: list[int] = []
 
     def read() -> None:
@@ -59,16 +62,13 @@ def _default_tls() -> tuple[int, int]:
     return out[0], out[1]
 
 
-_INCLUDE, _EXCLUDE = _default_tls()
-
-
 def _needs_dispatcher(args: tuple[Any, ...]) -> bool:
     """Whether a call with ``args`` must go through the op (see the module docstring)."""
     if (_force_ops or torch.compiler.is_compiling() or _C._is_tracing()
             or _C._are_functorch_transforms_active() or _C._len_torch_dispatch_stack() > 0
             or _C._has_torch_function(args)
-            or _C._dispatch_tls_local_include_set().raw_repr() != _INCLUDE
-            or _C._dispatch_tls_local_exclude_set().raw_repr() != _EXCLUDE):
+            or (_C._dispatch_tls_local_include_set().raw_repr(),
+                _C._dispatch_tls_local_exclude_set().raw_repr()) != _default_tls()):
         return True
     for a in args:
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
