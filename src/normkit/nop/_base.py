@@ -160,14 +160,10 @@ class Operation(ABC):
         (``N`` a ``G`` axis, e.g. IN) are averaged over the batch, as torch's InstanceNorm.
         """
         out = {}
-        traced = torch.compiler.is_compiling()
         for k, t in stats.items():
             t = S.unbiased_variance(t, m) if k == "var" else t
-            if t.shape[0] > 1:
-                t = t.mean(0)
-            elif traced:  # (eager: one sample's reshape is the same values, without the index)
-                t = t[0]
-            out[k] = t.reshape(-1)
+            # one sample: its reshape is the same values as indexing it, one call fewer
+            out[k] = (t.mean(0) if t.shape[0] > 1 else t).reshape(-1)
         return out
 
     def count(self, v: Tensor, nap: Partition, spatial: Sequence[int]) -> int:
